@@ -1,0 +1,134 @@
+"""The composition root: ``build_app(settings)`` wires store, plugins, registries, engine,
+queue and service. Nothing is built at import time; nothing global is shared between Apps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from bot import db
+from bot.events import EventBus
+from bot.i18n import Translator, default_translator
+from bot.plugins import Registry, build_plugin_manager, call_collect, collect
+from bot.service import Service, core_commands
+from bot.settings import Settings
+from bot.types import Command
+from models.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StyleEntry:
+    name: str
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class PresetEntry:
+    name: str
+    negative_prompt: str
+
+
+@dataclass
+class App:
+    settings: Settings
+    pm: pluggy.PluginManager
+    store: Store
+    translator: Translator
+    library: Any  # pipeline.checkpoints.CheckpointLibrary
+    engines: list[Any]  # one pipeline.engine.Engine per device
+    bus: EventBus = field(default_factory=EventBus)
+    commands: Registry[Command] = field(default_factory=lambda: Registry("command"))
+    styles: Registry[StyleEntry] = field(default_factory=lambda: Registry("style"))
+    presets: Registry[PresetEntry] = field(default_factory=lambda: Registry("negative preset"))
+    queue: Any = None
+    service: Service = field(init=False)
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        from pipeline.queue import LocalQueue
+
+        self.service = Service(self)
+        if self.queue is None:
+            self.queue = LocalQueue(self.engines, self.service)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.settings.bot.images_path
+
+    async def start(self, *, recover: bool = True) -> int:
+        """Migrate (if configured), start plugins and workers, queue unfinished jobs again.
+
+        Returns the number of recovered jobs.
+        """
+        if self.settings.database.auto_upgrade:
+            await asyncio.to_thread(db.upgrade, self.settings.database_url)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        await self.queue.start()
+        self.started = True
+        await call_collect(self.pm.hook.startup, app=self)
+        return await self.service.recover() if recover else 0
+
+    async def stop(self, *, wait: bool = True) -> None:
+        if self.started:
+            await self.queue.stop(wait=wait)
+            await call_collect(self.pm.hook.shutdown, app=self)
+            self.started = False
+        await self.store.close()
+
+    async def idle(self) -> None:
+        await self.queue.join()
+
+
+def build_app(
+    settings: Settings, *, engines: list[Any] | None = None, library: Any = None, plugins: tuple[Any, ...] = ()
+) -> App:
+    """Build everything. ``engines``/``library`` let several Apps share loaded checkpoints;
+    ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones."""
+    pm = build_plugin_manager(settings.plugins.disabled)
+    for plugin in plugins:
+        pm.register(plugin)
+    if library is None:
+        from pipeline.checkpoints import CheckpointLibrary
+
+        library = CheckpointLibrary(settings.engine.models_dir)
+    if engines is None:
+        engines = [make_engine(settings, library)]
+    app = App(
+        settings=settings,
+        pm=pm,
+        store=Store.from_url(settings.database_url, echo=settings.database.echo),
+        translator=default_translator(),
+        library=library,
+        engines=engines,
+    )
+    for command in core_commands(app.service):
+        app.commands.add(command.name, command, "core")
+    collect(pm, "register_commands", app.commands)
+    collect(pm, "register_styles", app.styles, StyleEntry)
+    collect(pm, "register_negative_presets", app.presets, PresetEntry)
+    return app
+
+
+def make_engine(settings: Settings, library: Any) -> Any:
+    import torch
+
+    from pipeline.engine import Engine
+
+    device = settings.engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = settings.engine.precision
+    if precision == "auto":
+        precision = "fp16" if device.startswith("cuda") else "fp32"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    log.info("engine: device %s, precision %s, attention: PyTorch SDPA", device, precision)
+    return Engine(library, device=device, dtype=dtype)

@@ -1,0 +1,207 @@
+"""``atelier run | console | generate | worker | db upgrade | plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from bot.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("atelier")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atelier", description="A Stable Diffusion bot for chat communities."
+    )
+    parser.add_argument("--config", type=Path, help="config file (default: $ATELIER_CONFIG or ./config.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="start the bot: Discord/Telegram when tokens are set, else the console")
+    run.set_defaults(func=cmd_run)
+    _console_options(run)
+
+    console = sub.add_parser("console", help="read commands on stdin, print replies and job events")
+    _console_options(console)
+    console.set_defaults(func=cmd_console)
+
+    generate = sub.add_parser(
+        "generate",
+        help="one image request, written to a PNG file",
+        description="Options are those of /draw, e.g. --steps 4 --size 64x64 --seed 1.",
+    )
+    generate.add_argument(
+        "words", nargs=argparse.REMAINDER, help="PROMPT [--option value ...] -o FILE (the first image's PNG)"
+    )
+    generate.set_defaults(func=cmd_generate)
+
+    dbp = sub.add_parser("db", help="database maintenance")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(
+        func=cmd_db_upgrade
+    )
+
+    sub.add_parser("plugins", help="list plugins and the hooks each implements").set_defaults(
+        func=cmd_plugins
+    )
+    sub.add_parser("worker", help="run a queue worker (for a shared queue backend)").set_defaults(
+        func=cmd_worker
+    )
+    return parser
+
+
+def _console_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON object per reply and event")
+    parser.add_argument("--user", default="console", help="the user name to act as")
+    parser.add_argument("--locale", default=None, help="en or zh-CN (default: the config's bot.locale)")
+
+
+def _console_actor(args: argparse.Namespace, settings: Settings):  # -> Actor
+    from bot.i18n import normalize_locale
+    from bot.types import Actor
+
+    locale = normalize_locale(args.locale or settings.bot.locale)
+    return Actor(platform="console", user_id=args.user, name=args.user, locale=locale, chat_id="console")
+
+
+def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.adapters.console import ConsoleAdapter
+    from bot.app import build_app
+
+    async def go() -> None:
+        app = build_app(settings)
+        await ConsoleAdapter(app, _console_actor(args, settings), json_mode=args.json).run()
+
+    asyncio.run(go())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    secrets = settings.secrets
+    chat = (secrets.discord_token and settings.discord.enabled) or (
+        secrets.telegram_token and settings.telegram.enabled
+    )
+    if chat:
+        print(
+            "atelier: the Discord and Telegram adapters are not part of this version; "
+            "starting the console instead",
+            file=sys.stderr,
+        )
+    return cmd_console(args, settings)
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.app import build_app
+    from bot.events import reply_text
+    from bot.types import Actor, Failed, Finished, JobEvent
+
+    words, output = _split_output(args.words)
+    if output is None:
+        print("atelier generate: -o FILE is required", file=sys.stderr)
+        return 2
+    text = shlex.join(words) if len(words) > 1 else " ".join(words)
+    actor = Actor(platform="console", user_id="cli", name="cli", locale=settings.bot.locale, chat_id="cli")
+
+    async def go() -> int:
+        app = build_app(settings)
+        done: list[JobEvent] = []
+        unsubscribe = app.bus.subscribe(
+            lambda e: done.append(e) if isinstance(e, Finished | Failed) else None
+        )
+        try:
+            await app.start(recover=False)
+            replies = await app.service.handle_line("/draw " + text, actor, {"cli": True})
+            for reply in replies:
+                if reply.error:
+                    print(f"atelier: {reply_text(reply, app.translator, actor.locale)}", file=sys.stderr)
+                    return 2
+            await app.idle()
+        finally:
+            unsubscribe()
+            await app.stop()
+        failed = [e for e in done if isinstance(e, Failed)]
+        if failed:
+            event = failed[0]
+            print(f"atelier: {app.translator.t(actor.locale, event.key, **event.params)}", file=sys.stderr)
+            return 1
+        finished = [e for e in done if isinstance(e, Finished)]
+        first = finished[0].images[0].path
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first, output)
+        print(output)
+        return 0
+
+    return asyncio.run(go())
+
+
+def _split_output(words: list[str]) -> tuple[list[str], Path | None]:
+    """Take ``-o FILE`` / ``--output FILE`` out of the /draw words, wherever it stands."""
+    rest: list[str] = []
+    output: Path | None = None
+    items = iter(words)
+    for word in items:
+        if word in ("-o", "--output"):
+            value = next(items, None)
+            output = Path(value) if value else None
+        elif word.startswith(("-o=", "--output=")):
+            output = Path(word.split("=", 1)[1])
+        else:
+            rest.append(word)
+    return rest, output
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from bot import db
+
+    db.upgrade(settings.database_url)
+    print(f"database at revision {db.current_revision(settings.database_url)}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.plugins import build_plugin_manager, plugin_hooks
+
+    pm = build_plugin_manager(settings.plugins.disabled)
+    for name, hooks in plugin_hooks(pm):
+        print(f"{name}: {', '.join(hooks) or '(no hooks)'}")
+    for name in settings.plugins.disabled:
+        print(f"{name}: disabled")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    print(
+        "atelier: the local queue runs inside `atelier run`; a separate worker needs a shared queue "
+        "backend, which this version does not have",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""From /draw options to a validated ``DrawRequest``, and back (for rerolls and re-runs).
+
+The order of DESIGN.md §2: defaults fill the draft, ``modify_request`` hooks edit it, and
+only then is it frozen and range-checked, so a style cannot smuggle in a value the
+limits forbid.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from bot.errors import OptionValueError, UserError
+from bot.options import MAX_SEED, check_prompt_length
+from bot.settings import Settings
+from bot.types import Actor, DrawRequest, RequestDraft
+from pipeline.request import GenerationRequest
+
+A1111_RANDOM_SEED_LIMIT = 4294967294  # random.randrange bound A1111 uses for seed -1
+
+
+def random_seed() -> int:
+    return random.randrange(A1111_RANDOM_SEED_LIMIT)
+
+
+def new_draft(
+    prompt: str, options: dict[str, Any], settings: Settings, parent_id: str | None = None
+) -> RequestDraft:
+    """The draft with config defaults under the user's options."""
+    d = settings.defaults
+    filled: dict[str, Any] = {
+        "steps": d.steps,
+        "cfg": d.cfg_scale,
+        "size": (d.width, d.height),
+        "seed": -1,
+        "subseed": -1,
+        "subseed-strength": 0.0,
+        "sampler": d.sampler,
+        "scheduler": d.scheduler,
+        "batch": d.batch_size,
+        "count": d.count,
+        "checkpoint": settings.engine.default_checkpoint,
+        "clip-skip": d.clip_skip,
+        "rng": d.rng,
+        "ensd": d.ensd,
+    }
+    filled.update(options)
+    negative = filled.pop("negative", None)
+    return RequestDraft(
+        prompt=prompt,
+        negative_prompt=d.negative_prompt if negative is None else negative,
+        options=filled,
+        parent_id=parent_id,
+    )
+
+
+def join_parts(base: str, parts: list[tuple[int, str]]) -> str:
+    texts = [base] if base else []
+    texts += [text for _, text in sorted(parts, key=lambda part: part[0]) if text]
+    return ", ".join(texts)
+
+
+def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) -> DrawRequest:
+    """Validate the draft and resolve everything (seeds, sampler, checkpoint) into a request."""
+    limits = settings.limits
+    opts = draft.options
+    prompt = join_parts(draft.prompt, draft.prompt_parts)
+    negative = join_parts(draft.negative_prompt, draft.negative_parts)
+    check_prompt_length("prompt", prompt, limits)
+    check_prompt_length("negative prompt", negative, limits)
+    _check_prompt_syntax(prompt)
+    _check_prompt_syntax(negative)
+    width, height = opts["size"]
+    batch, count = opts["batch"], opts["count"]
+    seed = opts["seed"] if opts["seed"] != -1 else random_seed()
+    subseed = opts["subseed"] if opts["subseed"] != -1 else random_seed()
+    images = batch * count
+    for name, value in (("seed", seed), ("subseed", subseed)):
+        if value + images - 1 > MAX_SEED:
+            raise OptionValueError("error.seed_range", name=name, value=value, max=MAX_SEED - images + 1)
+    sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
+    checkpoint = resolve_checkpoint(library, opts["checkpoint"])
+    generation = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        num_inference_steps=opts["steps"],
+        guidance_scale=opts["cfg"],
+        width=width,
+        height=height,
+        seed=seed,
+        subseed=subseed,
+        subseed_strength=float(opts["subseed-strength"]),
+        num_images_per_prompt=batch,
+        sampler_name=sampler,
+        scheduler=scheduler,
+        checkpoint=checkpoint,
+        clip_skip=opts["clip-skip"],
+        rng=opts["rng"],
+        ensd=opts["ensd"],
+    )
+    extra = {k: v for k, v in opts.items() if k not in _CORE_OPTIONS}
+    return DrawRequest(
+        generation=generation, count=count, actor=actor, options=extra, parent_id=draft.parent_id
+    )
+
+
+_CORE_OPTIONS = frozenset(
+    {
+        "steps",
+        "cfg",
+        "size",
+        "seed",
+        "subseed",
+        "subseed-strength",
+        "sampler",
+        "scheduler",
+        "batch",
+        "count",
+        "checkpoint",
+        "clip-skip",
+        "rng",
+        "ensd",
+    }
+)
+
+
+def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str, Any]:
+    """The options that rebuild ``request`` through /draw (rerolls, infotext re-runs)."""
+    return {
+        "negative": request.negative_prompt,
+        "steps": request.num_inference_steps,
+        "cfg": request.guidance_scale,
+        "size": (request.width, request.height),
+        "seed": request.seed,
+        "subseed": request.subseed,
+        "subseed-strength": request.subseed_strength,
+        "sampler": request.sampler_name,
+        "scheduler": request.scheduler,
+        "batch": request.num_images_per_prompt,
+        "count": count,
+        "checkpoint": request.checkpoint,
+        "clip-skip": request.clip_skip,
+        "rng": request.rng,
+        "ensd": request.ensd,
+    }
+
+
+def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
+    """A sampler by name or alias (any case), or a legacy "<sampler> <schedule>" name.
+
+    Unlike A1111's silent fallback to DPM++ 2M, the bot refuses a name it does not know:
+    a typo should not quietly change the picture.
+    """
+    from pipeline import samplers
+
+    names = [info.name for info in samplers.list_samplers()]
+    try:
+        info = samplers.get_sampler(name.strip())
+        sampler = info.name
+    except samplers.UnknownSampler:
+        sampler, legacy_scheduler = samplers.resolve(name.strip())
+        if not name.strip().casefold().startswith(sampler.casefold() + " "):
+            raise UserError("error.unknown_sampler", name=name, available=", ".join(names)) from None
+        if scheduler.casefold() == "automatic":
+            scheduler = legacy_scheduler
+    return sampler, resolve_scheduler(scheduler)
+
+
+def resolve_scheduler(name: str) -> str:
+    from pipeline import samplers
+
+    folded = name.strip().casefold()
+    for info in samplers.list_schedulers():
+        if folded in (info.label.casefold(), info.name.casefold(), *(a.casefold() for a in info.aliases)):
+            return info.label
+    labels = [info.label for info in samplers.list_schedulers()]
+    raise UserError("error.unknown_scheduler", name=name, available=", ".join(labels))
+
+
+def resolve_checkpoint(library: Any, name: str) -> str:
+    from pipeline.errors import UnknownCheckpoint
+
+    try:
+        return library.resolve(name).name
+    except UnknownCheckpoint as exc:
+        raise UserError(exc.key, **exc.params) from None
+
+
+def _check_prompt_syntax(text: str) -> None:
+    from pipeline.errors import PromptSyntaxError
+    from pipeline.prompts import parse_attention
+
+    try:
+        parse_attention(text)
+    except PromptSyntaxError as exc:
+        raise UserError("error.prompt_syntax", detail=str(exc)) from None

@@ -1,0 +1,85 @@
+"""The plugin contract. Markers and empty specs only.
+
+Hooks are called by keyword. Collect hooks return a list of every plugin's result;
+``firstresult`` hooks stop at the first non-None result and are plain ``def``. Hooks
+marked "may be async" may return an awaitable, which the core awaits. No hook receives
+a Discord or Telegram object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("atelier")
+hookimpl = pluggy.HookimplMarker("atelier")
+
+
+@hookspec
+def register_commands(register: Any) -> None:
+    """Called once at startup. Call ``register(Command(...))`` for each command the plugin
+    adds (its name, handler and options). A name registered twice fails at startup naming
+    both plugins. Actions on results (buttons) are commands too: ``Action.id`` is
+    ``<command>:<argument>``."""
+
+
+@hookspec
+def register_styles(register: Any) -> None:
+    """Called once at startup. Call ``register(name, prompt, negative_prompt)`` for each
+    global style. Per-user and per-guild styles live in the store, not here."""
+
+
+@hookspec
+def register_negative_presets(register: Any) -> None:
+    """Called once at startup. Call ``register(name, negative_prompt)`` for each preset."""
+
+
+@hookspec
+def modify_request(draft: Any, actor: Any, app: Any) -> None:
+    """Called for every /draw before validation, synchronously. Edit ``draft`` (a
+    ``RequestDraft``) in place: add ordered prompt parts, apply styles or presets, fill
+    defaults. The return value is ignored."""
+
+
+@hookspec
+def check_request(request: Any, actor: Any, app: Any) -> Any:
+    """Called for every validated request (a ``DrawRequest``) before anything is stored.
+    Return a ``Denial`` to refuse it, or None. May be async. The first Denial (in hook
+    call order) wins and nothing is queued."""
+
+
+@hookspec(firstresult=True)
+def plan_generation(request: Any, app: Any) -> Any:
+    """Turn a ``DrawRequest`` into a ``Plan`` (the jobs to store and queue).
+    First non-None result wins; the built-in ``generate`` plugin is the trylast default,
+    and the core plans one job per batch if no plugin answers. Synchronous."""
+
+
+@hookspec
+def result_actions(record: Any, actor: Any, app: Any) -> Any:
+    """Called when a job finished, with its ``GenerationRecord``. Return a list of
+    ``Action`` (buttons) to offer on the result, or None. Lists are concatenated in hook
+    call order."""
+
+
+@hookspec
+def generation_finished(record: Any, app: Any) -> Any:
+    """Called once per job that finished (status "finished"), after its images are stored.
+    May be async. Errors are logged and never reach the user or other plugins."""
+
+
+@hookspec(firstresult=True)
+def handle_error(exception: BaseException, actor: Any, app: Any) -> Any:
+    """Called for an exception that is not a ``UserError``. Return a ``Reply`` to show
+    instead of the generic "something went wrong (ref ...)", or None. Synchronous."""
+
+
+@hookspec
+def startup(app: Any) -> Any:
+    """Called once when the App starts, after the store and queue are ready. May be async."""
+
+
+@hookspec
+def shutdown(app: Any) -> Any:
+    """Called once when the App stops, before the store closes. May be async."""

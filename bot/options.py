@@ -1,0 +1,187 @@
+"""The options of /draw: names, conversion and range checks.
+
+Every error names the allowed range or values, in the user's language, and nothing is
+clamped silently. Limits come from ``[limits]`` in the settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.commands import ParsedArgs
+from bot.errors import CommandSyntaxError, OptionValueError
+from bot.i18n import Msg
+from bot.settings import LimitsSettings
+
+MAX_SEED = 2**63 - 1
+RNG_CHOICES = ("CPU", "GPU", "NV")
+_INT = re.compile(r"^[+-]?\d+$")
+_SIZE = re.compile(r"^(\d+)\s*[xX×*]\s*(\d+)$")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    kind: str  # "int", "number", "size", "str", "choice", "flag", "seed"
+    aliases: tuple[str, ...] = ()
+    bounds: Callable[[LimitsSettings], tuple[Any, Any]] | None = None
+    choices: Callable[[], list[str]] | None = None
+    help: str = ""
+
+
+@dataclass
+class OptionTable:
+    specs: list[OptionSpec] = field(default_factory=list)
+
+    def add(self, spec: OptionSpec) -> None:
+        self.specs.append(spec)
+
+    def lookup(self) -> dict[str, OptionSpec]:
+        table: dict[str, OptionSpec] = {}
+        for spec in self.specs:
+            for name in (spec.name, *spec.aliases):
+                table[name] = spec
+        return table
+
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def convert(self, parsed: ParsedArgs, limits: LimitsSettings) -> dict[str, Any]:
+        """Typed values by canonical name; raises UserError on unknown or bad options."""
+        lookup = self.lookup()
+        values: dict[str, Any] = {}
+        for raw_name, raw in parsed.options:
+            spec = lookup.get(raw_name)
+            if spec is None:
+                raise _unknown_option(raw_name, self.names(), list(lookup))
+            if spec.name in values:
+                raise CommandSyntaxError("error.duplicate_option", name=spec.name)
+            values[spec.name] = convert_value(spec, raw, limits)
+        return values
+
+
+def _unknown_option(name: str, canonical: list[str], every: list[str]) -> CommandSyntaxError:
+    close = difflib.get_close_matches(name, every, n=1)
+    suggestion = Msg("error.unknown_option.suggestion", {"match": close[0]}) if close else ""
+    return CommandSyntaxError(
+        "error.unknown_option",
+        name=name,
+        suggestion=suggestion,
+        allowed=", ".join("--" + n for n in canonical),
+    )
+
+
+def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> Any:
+    if spec.kind == "flag":
+        if raw is not None:
+            raise CommandSyntaxError("error.unexpected_value", name=spec.name, value=raw)
+        return True
+    if raw is None:
+        raise CommandSyntaxError("error.missing_value", name=spec.name)
+    low, high = spec.bounds(limits) if spec.bounds else (None, None)
+    if spec.kind == "int":
+        return _int_in_range(spec.name, raw, low, high)
+    if spec.kind == "seed":
+        return _seed(spec.name, raw)
+    if spec.kind == "number":
+        return _number_in_range(spec.name, raw, low, high)
+    if spec.kind == "size":
+        return parse_size(raw, limits)
+    if spec.kind == "choice":
+        assert spec.choices is not None
+        return _choice(spec.name, raw, spec.choices())
+    return raw
+
+
+def _int_in_range(name: str, raw: str, low: int, high: int) -> int:
+    if not _INT.match(raw.strip()):
+        raise OptionValueError("error.not_an_integer", name=name, value=raw, min=low, max=high)
+    value = int(raw)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise OptionValueError("error.out_of_range", name=name, value=value, min=low, max=high)
+    return value
+
+
+def _seed(name: str, raw: str) -> int:
+    if not _INT.match(raw.strip()):
+        raise OptionValueError("error.seed_range", name=name, value=raw, max=MAX_SEED)
+    value = int(raw)
+    if value == -1:
+        return -1
+    if not 0 <= value <= MAX_SEED:
+        raise OptionValueError("error.seed_range", name=name, value=raw, max=MAX_SEED)
+    return value
+
+
+def _number_in_range(name: str, raw: str, low: float, high: float) -> int | float:
+    """Keeps the type the user typed: "7" is 7, "7.0" is 7.0 (A1111 prints them differently)."""
+    text = raw.strip()
+    try:
+        value: int | float = int(text) if _INT.match(text) else float(text)
+    except ValueError:
+        raise OptionValueError("error.not_a_number", name=name, value=raw, min=low, max=high) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionValueError("error.not_a_number", name=name, value=raw, min=low, max=high)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise OptionValueError("error.out_of_range", name=name, value=value, min=low, max=high)
+    return value
+
+
+def parse_size(raw: str, limits: LimitsSettings) -> tuple[int, int]:
+    match = _SIZE.match(raw.strip())
+    bad = OptionValueError("error.bad_size", value=raw, min=limits.min_size, max=limits.max_size)
+    if not match:
+        raise bad
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if side % 8 or not limits.min_size <= side <= limits.max_size:
+            raise bad
+    if width * height > limits.max_pixels:
+        raise OptionValueError("error.too_many_pixels", value=raw, max=limits.max_pixels)
+    return width, height
+
+
+def _choice(name: str, raw: str, allowed: list[str]) -> str:
+    folded = {choice.casefold(): choice for choice in allowed}
+    value = folded.get(raw.strip().casefold())
+    if value is None:
+        raise OptionValueError("error.invalid_choice", name=name, value=raw, allowed=", ".join(allowed))
+    return value
+
+
+def check_prompt_length(what: str, text: str, limits: LimitsSettings) -> None:
+    if len(text) > limits.max_prompt_length:
+        raise OptionValueError(
+            "error.prompt_too_long", what=what, length=len(text), max=limits.max_prompt_length
+        )
+
+
+def draw_options() -> OptionTable:
+    """The built-in /draw options; plugins add theirs through ``register_commands``."""
+    table = OptionTable()
+    for spec in (
+        OptionSpec("negative", "str", ("neg", "negative-prompt"), help="negative prompt"),
+        OptionSpec("steps", "int", bounds=lambda lim: (lim.min_steps, lim.max_steps)),
+        OptionSpec("cfg", "number", ("cfg-scale", "guidance"), bounds=lambda lim: (lim.min_cfg, lim.max_cfg)),
+        OptionSpec("size", "size", ("wxh",)),
+        OptionSpec("seed", "seed"),
+        OptionSpec("subseed", "seed", ("variation-seed", "var-seed")),
+        OptionSpec(
+            "subseed-strength", "number", ("variation-strength", "var-strength"), bounds=lambda _: (0, 1)
+        ),
+        OptionSpec("sampler", "str"),
+        OptionSpec("scheduler", "str", ("schedule", "schedule-type")),
+        OptionSpec("batch", "int", ("batch-size",), bounds=lambda lim: (1, lim.max_batch_size)),
+        OptionSpec("count", "int", ("n-iter", "batch-count"), bounds=lambda lim: (1, lim.max_count)),
+        OptionSpec("checkpoint", "str", ("model", "ckpt")),
+        OptionSpec("clip-skip", "int", ("clipskip",), bounds=lambda lim: (1, lim.max_clip_skip)),
+        OptionSpec("rng", "choice", choices=lambda: list(RNG_CHOICES)),
+        OptionSpec("ensd", "int", ("eta-noise-seed-delta",), bounds=lambda _: (0, 2**31 - 1)),
+    ):
+        table.add(spec)
+    return table

@@ -1,0 +1,354 @@
+"""The core: commands in, replies and job events out.
+
+``handle(invocation)`` dispatches a command; ``draw(...)`` is the path of DESIGN.md §2
+(draft -> modify_request -> freeze -> check_request -> plan_generation -> store ->
+queue). The service is also the queue's ``JobListener``: it records every state change
+in the store first and then publishes the event, so what users see is what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ulid import ULID
+
+from bot.commands import parse_args, split_command
+from bot.draw import freeze, new_draft
+from bot.errors import NotFound, UserError
+from bot.options import draw_options
+from bot.plugins import call_collect
+from bot.types import (
+    Action,
+    Actor,
+    Cancelled,
+    Command,
+    CommandContext,
+    Denial,
+    DrawRequest,
+    Failed,
+    Finished,
+    ImageOut,
+    Invocation,
+    Plan,
+    PlannedJob,
+    Progress,
+    Queued,
+    Reply,
+    Started,
+)
+from models.records import GenerationRecord
+from models.store import NewImage, NewJob
+from pipeline.errors import EngineError
+from pipeline.queue import Job
+from pipeline.request import GenerationResult
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger(__name__)
+
+
+def new_id() -> str:
+    return str(ULID())
+
+
+def default_plan(request: DrawRequest) -> Plan:
+    """One job per batch; A1111's seeds: batch k starts at seed + k*batch (subseed likewise)."""
+    base = request.generation
+    size = base.num_images_per_prompt
+    jobs = []
+    for k in range(request.count):
+        seed = base.seed if base.subseed_strength else base.seed + k * size
+        jobs.append(PlannedJob(base.replace(seed=seed, subseed=base.subseed + k * size)))
+    return Plan(tuple(jobs))
+
+
+class Service:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.options = draw_options()
+        self._routes: dict[str, tuple[Actor, dict[str, Any]]] = {}  # job id -> who to tell
+
+    # commands ---------------------------------------------------------------------------------
+
+    async def handle(self, invocation: Invocation) -> list[Reply]:
+        """Run one command; errors become replies (translated by the adapter)."""
+        try:
+            command = self.app.commands.get(invocation.command)
+            if command is None:
+                visible = sorted(c.name for c in self.app.commands.items.values() if not c.hidden)
+                raise UserError(
+                    "error.unknown_command",
+                    name=invocation.command,
+                    allowed=", ".join("/" + n for n in visible),
+                )
+            result = await command.handler(CommandContext(invocation, self.app))
+        except UserError as exc:
+            return [Reply(exc.key, exc.params, error=True)]
+        except Exception as exc:
+            return [self.error_reply(exc, invocation.actor)]
+        if result is None:
+            return []
+        return result if isinstance(result, list) else [result]
+
+    async def handle_line(
+        self, line: str, actor: Actor, reply_to: dict[str, Any] | None = None
+    ) -> list[Reply]:
+        """A command typed as text (console, Telegram): "/draw a cat --steps 4"."""
+        split = split_command(line)
+        if split is None:
+            split = ("draw", line)
+        name, text = split
+        return await self.handle(Invocation(name, text, actor, reply_to or {}))
+
+    async def run_action(
+        self, action_id: str, actor: Actor, reply_to: dict[str, Any] | None = None
+    ) -> list[Reply]:
+        """A button press: ``<command>:<argument>`` runs that command with the argument."""
+        name, _, argument = action_id.partition(":")
+        return await self.handle(Invocation(name, argument, actor, reply_to or {}))
+
+    def error_reply(self, exc: BaseException, actor: Actor) -> Reply:
+        if isinstance(exc, UserError):
+            return Reply(exc.key, exc.params, error=True)
+        if isinstance(exc, EngineError):
+            return Reply(exc.key, exc.params, error=True)
+        custom = self.app.pm.hook.handle_error(exception=exc, actor=actor, app=self.app)
+        if custom is not None:
+            return custom
+        ref = new_id()[-8:]
+        log.error("unexpected error (ref %s)", ref, exc_info=exc)
+        return Reply("error.internal", {"ref": ref}, error=True)
+
+    # the /draw path ----------------------------------------------------------------------------
+
+    async def draw_command(self, ctx: CommandContext) -> list[Reply]:
+        parsed = parse_args(ctx.text)
+        options = self.options.convert(parsed, self.app.settings.limits)
+        return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.reply_to)
+
+    async def draw(
+        self,
+        actor: Actor,
+        prompt: str,
+        options: dict[str, Any],
+        reply_to: dict[str, Any],
+        *,
+        parent_id: str | None = None,
+    ) -> list[Reply]:
+        app = self.app
+        draft = new_draft(prompt, options, app.settings, parent_id)
+        app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
+        request = freeze(draft, actor, app.settings, app.library)
+        for result in await call_collect(app.pm.hook.check_request, request=request, actor=actor, app=app):
+            if isinstance(result, Denial):
+                return [Reply(result.key, result.params, error=True)]
+        plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
+        ids = await self.submit(plan, request, reply_to)
+        return [Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})]
+
+    async def submit(self, plan: Plan, request: DrawRequest, reply_to: dict[str, Any]) -> list[str]:
+        """Store every job (one transaction), then queue them; a job is a row before it runs."""
+        actor = request.actor
+        user = await self.app.store.ensure_user(actor.platform, actor.user_id, actor.name, actor.locale)
+        group = new_id()
+        jobs = [
+            NewJob(
+                id=new_id(),
+                request=planned.request,
+                group_id=group,
+                group_index=index,
+                kind=planned.kind,
+                plan=plan.kind,
+                label=planned.label,
+                parent_id=request.parent_id,
+            )
+            for index, planned in enumerate(plan.jobs)
+        ]
+        await self.app.store.add_jobs(
+            user.id,
+            jobs,
+            chat_id=actor.chat_id,
+            guild_id=actor.guild_id,
+            reply_to=reply_to,
+            roles=sorted(actor.roles),
+        )
+        for job in jobs:
+            self._enqueue(Job(job.id, actor.key, job.request, job.priority), actor, reply_to)
+        return [job.id for job in jobs]
+
+    def _enqueue(self, job: Job, actor: Actor, reply_to: dict[str, Any]) -> None:
+        self._routes[job.id] = (actor, reply_to)
+        position = self.app.queue.put(job)
+        self.app.bus.publish(Queued(job.id, actor, reply_to, position=position))
+
+    async def recover(self) -> int:
+        """Queue again what a previous process left queued or running. Returns how many."""
+        count = 0
+        max_attempts = self.app.settings.queue.max_attempts
+        for record in await self.app.store.list_open():
+            actor = actor_of(record, self.app.settings.bot.locale)
+            if record.status == "running":
+                if record.attempts >= max_attempts:
+                    await self._fail(
+                        record.id,
+                        actor,
+                        record.reply_to,
+                        UserError("error.interrupted", attempts=record.attempts),
+                    )
+                    continue
+                await self.app.store.requeue_interrupted(record.id)
+            self._enqueue(Job(record.id, actor.key, record.request, record.priority), actor, record.reply_to)
+            count += 1
+        return count
+
+    async def cancel(self, generation_id: str, actor: Actor) -> Reply:
+        record = await self.app.store.get(generation_id)
+        if record is None or not _may_touch(record, actor):
+            raise NotFound("error.not_found", id=generation_id)
+        outcome = self.app.queue.cancel(generation_id)
+        if outcome == "running":
+            return Reply("cancel.done", {"id": generation_id})
+        if await self.app.store.mark_cancelled(generation_id):
+            route = self._routes.pop(generation_id, (actor_of(record, actor.locale), record.reply_to))
+            self.app.bus.publish(Cancelled(generation_id, *route))
+            return Reply("cancel.done", {"id": generation_id})
+        return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
+
+    # JobListener ------------------------------------------------------------------------------
+
+    async def job_started(self, job: Job) -> bool:
+        if not await self.app.store.mark_running(job.id):
+            self._routes.pop(job.id, None)
+            return False
+        actor, reply_to = self._routes[job.id]
+        self.app.bus.publish(Started(job.id, actor, reply_to))
+        return True
+
+    def job_progress(self, job: Job, step: int, total: int) -> None:
+        route = self._routes.get(job.id)
+        if route is not None:
+            self.app.bus.publish(Progress(job.id, *route, step=step, total=total))
+
+    async def job_finished(self, job: Job, result: GenerationResult) -> None:
+        actor, reply_to = self._routes[job.id]
+        images = await asyncio.to_thread(self._save_images, job.id, result)
+        stored = await self.app.store.finish(
+            job.id,
+            [image for image, _ in images],
+            model_hash=result.model_hash,
+            device_seconds=result.device_seconds,
+        )
+        self._routes.pop(job.id, None)
+        if not stored:  # cancelled or failed meanwhile: the row already says how it ended
+            return
+        record = await self.app.store.get(job.id)
+        assert record is not None
+        actions: list[Action] = []
+        for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
+            actions.extend(found or [])
+        out = tuple(
+            ImageOut(image.id, path, image.seed, image.width, image.height, image.infotext)
+            for image, path in images
+        )
+        self.app.bus.publish(Finished(job.id, actor, reply_to, images=out, actions=tuple(actions)))
+        await self._after_finish(record)
+
+    async def _after_finish(self, record: GenerationRecord) -> None:
+        for impl in self.app.pm.hook.generation_finished.get_hookimpls():
+            try:
+                result = impl.function(record=record, app=self.app)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("generation_finished of plugin %s failed", impl.plugin_name)
+
+    async def job_failed(self, job: Job, error: BaseException) -> None:
+        actor, reply_to = self._routes.pop(job.id)
+        await self._fail(job.id, actor, reply_to, error)
+
+    async def job_stopped(self, job: Job) -> None:
+        actor, reply_to = self._routes.pop(job.id)
+        if job.stop_reason == "shutdown":
+            await self.app.store.requeue_interrupted(job.id)
+            return
+        if await self.app.store.mark_cancelled(job.id):
+            self.app.bus.publish(Cancelled(job.id, actor, reply_to))
+
+    async def _fail(
+        self, generation_id: str, actor: Actor, reply_to: dict[str, Any], error: BaseException
+    ) -> None:
+        reply = self.error_reply(error, actor)
+        message = self.app.translator.t("en", reply.key, **reply.params)
+        if await self.app.store.mark_failed(generation_id, reply.key, message):
+            self.app.bus.publish(Failed(generation_id, actor, reply_to, key=reply.key, params=reply.params))
+
+    def _save_images(self, generation_id: str, result: GenerationResult) -> list[tuple[NewImage, Path]]:
+        """On a worker thread: PNGs named by generation id and index, so a re-run overwrites them."""
+        from pipeline.images import save_png
+
+        root = self.app.images_dir
+        folder = Path(datetime.now(UTC).strftime("%Y-%m-%d"))
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        saved = []
+        for index, image in enumerate(result.images):
+            relative = folder / f"{generation_id}-{index}-{image.seed}.png"
+            started = time.perf_counter()
+            save_png(image.image, root / relative, image.infotext)
+            log.debug("saved %s in %.3fs", relative, time.perf_counter() - started)
+            width, height = image.image.size
+            new = NewImage(
+                new_id(), index, relative.as_posix(), width, height, image.seed, image.subseed, image.infotext
+            )
+            saved.append((new, root / relative))
+        return saved
+
+
+def actor_of(record: GenerationRecord, default_locale: str) -> Actor:
+    """Rebuild who asked from a stored job (restart recovery, cancels from other processes)."""
+    user = record.user
+    return Actor(
+        platform=user.platform,
+        user_id=user.platform_user_id,
+        name=user.display_name,
+        locale=user.locale or default_locale,
+        chat_id=record.chat_id,
+        guild_id=record.guild_id,
+        roles=frozenset(record.actor_roles),
+    )
+
+
+def _may_touch(record: GenerationRecord, actor: Actor) -> bool:
+    owner = record.user
+    return (owner.platform, owner.platform_user_id) == (actor.platform, actor.user_id) or actor.is_moderator
+
+
+async def cancel_command(ctx: CommandContext) -> Reply:
+    generation_id = ctx.text.strip()
+    if not generation_id:
+        raise UserError("error.missing_argument", name="cancel", what="ID")
+    return await ctx.app.service.cancel(generation_id, ctx.actor)
+
+
+async def help_command(ctx: CommandContext) -> list[Reply]:
+    app = ctx.app
+    replies = [Reply("help.header")]
+    for command in sorted(app.commands.items.values(), key=lambda c: c.name):
+        if command.hidden or not command.help_key:
+            continue
+        params = {"options": ", ".join("--" + n for n in app.service.options.names())}
+        replies.append(Reply(command.help_key, params))
+    return replies
+
+
+def core_commands(service: Service) -> list[Command]:
+    return [
+        Command("draw", service.draw_command, "help.draw"),
+        Command("cancel", cancel_command, "help.cancel"),
+        Command("help", help_command, "help.help"),
+    ]

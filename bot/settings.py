@@ -1,0 +1,206 @@
+"""Typed, validated settings.
+
+``config.toml`` holds every setting with its default; the models below mirror it (a
+test keeps the two in step). Loading fails at startup with a ``ConfigError`` that names
+the table and key. Secrets never come from the file: they are read from ``ATELIER_*``
+environment variables by ``load_settings`` (the only place that reads the environment).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LOCALES = ("en", "zh-CN")
+ENV_PREFIX = "ATELIER_"
+
+
+class ConfigError(Exception):
+    """A bad configuration file or value; the message names the table and key."""
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BotSettings(_Table):
+    locale: Literal["en", "zh-CN"] = "en"
+    data_dir: Path = Path("data")
+    images_dir: str = ""
+
+    @property
+    def images_path(self) -> Path:
+        return Path(self.images_dir) if self.images_dir else self.data_dir / "images"
+
+
+class DatabaseSettings(_Table):
+    url: str = ""
+    auto_upgrade: bool = True
+    echo: bool = False
+
+
+class EngineSettings(_Table):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    models_dir: Path = Path("data/models")
+    default_checkpoint: str = "tiny"
+
+
+class DefaultsSettings(_Table):
+    sampler: str = "Euler a"
+    scheduler: str = "Automatic"
+    steps: int = 20
+    cfg_scale: int | float = 7
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+    clip_skip: int = 1
+    rng: Literal["CPU", "GPU", "NV"] = "CPU"
+    ensd: int = 0
+    batch_size: int = 1
+    count: int = 1
+
+
+class LimitsSettings(_Table):
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(150, ge=1)
+    min_cfg: float = 1.0
+    max_cfg: float = 30.0
+    min_size: int = Field(64, ge=8)
+    max_size: int = Field(2048, ge=8)
+    max_pixels: int = Field(1048576, ge=64)
+    max_batch_size: int = Field(8, ge=1)
+    max_count: int = Field(8, ge=1)
+    max_prompt_length: int = Field(2000, ge=1)
+    max_clip_skip: int = Field(12, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsSettings:
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must not exceed max_steps")
+        if self.min_cfg > self.max_cfg:
+            raise ValueError("min_cfg must not exceed max_cfg")
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+
+class QueueSettings(_Table):
+    backend: Literal["local"] = "local"
+    max_attempts: int = Field(3, ge=1)
+
+
+class PluginsSettings(BaseModel):
+    """``disabled`` plus one ``[plugins.<name>]`` table per plugin, validated by that plugin."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    disabled: tuple[str, ...] = ()
+
+    def table(self, name: str) -> dict[str, Any]:
+        value = (self.model_extra or {}).get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"[plugins.{name}] must be a table")
+        return value
+
+
+class ChatSettings(_Table):
+    enabled: bool = True
+
+
+class Secrets(BaseModel):
+    """Read from the environment only; never printed."""
+
+    model_config = ConfigDict(frozen=True)
+    discord_token: str | None = Field(None, repr=False)
+    telegram_token: str | None = Field(None, repr=False)
+    database_url: str | None = Field(None, repr=False)
+
+
+class Settings(_Table):
+    bot: BotSettings = BotSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    engine: EngineSettings = EngineSettings()
+    defaults: DefaultsSettings = DefaultsSettings()
+    limits: LimitsSettings = LimitsSettings()
+    queue: QueueSettings = QueueSettings()
+    plugins: PluginsSettings = PluginsSettings()
+    discord: ChatSettings = ChatSettings()
+    telegram: ChatSettings = ChatSettings()
+    secrets: Secrets = Field(Secrets(), exclude=True)
+
+    @property
+    def database_url(self) -> str:
+        """The effective URL: the environment's, else the file's, else SQLite in the data dir."""
+        url = self.secrets.database_url or self.database.url
+        if url:
+            return url
+        return f"sqlite+aiosqlite:///{(self.bot.data_dir / 'atelier.db').resolve()}"
+
+    def plugin_config(self, name: str, model: type[BaseModel]) -> BaseModel:
+        """Validate ``[plugins.<name>]`` with the plugin's own model (extra keys forbidden)."""
+        try:
+            return model.model_validate(self.plugins.table(name))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, prefix=f"plugins.{name}")) from None
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        if prefix:
+            loc = prefix.split(".") + loc
+        table, key = (".".join(loc[:-1]), loc[-1]) if len(loc) > 1 else ("", loc[0] if loc else "")
+        where = f"[{table}] {key}" if table else key
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {message}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def secrets_from_env(environ: dict[str, str] | os._Environ[str]) -> Secrets:
+    def get(name: str) -> str | None:
+        return environ.get(ENV_PREFIX + name) or None
+
+    return Secrets(
+        discord_token=get("DISCORD_TOKEN"),
+        telegram_token=get("TELEGRAM_TOKEN"),
+        database_url=get("DATABASE_URL"),
+    )
+
+
+def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Settings:
+    """Validate a parsed TOML document; raises ConfigError naming the table and key."""
+    for forbidden in ("token", "discord_token", "telegram_token"):
+        for table in ("discord", "telegram", "bot"):
+            if forbidden in data.get(table, {}):
+                raise ConfigError(
+                    f"[{table}] {forbidden}: secrets are not read from the file; "
+                    f"set {ENV_PREFIX}{table.upper()}_TOKEN in the environment"
+                )
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    return settings.model_copy(update={"secrets": secrets or Secrets()})
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the config file (``ATELIER_CONFIG``, else ./config.toml if present) and the environment."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    if path is None and Path("config.toml").is_file():
+        path = Path("config.toml")
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(data, secrets_from_env(env))

@@ -1,0 +1,213 @@
+"""Neutral data exchanged between adapters, the core and plugins.
+
+Nothing here refers to Discord or Telegram objects: an adapter turns its platform's
+event into an ``Invocation`` and renders ``Reply`` and ``JobEvent`` values back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking, where. ``roles`` are neutral ("moderator", tier names ...)."""
+
+    platform: str  # "console", "discord", "telegram"
+    user_id: str
+    name: str
+    locale: str = "en"
+    chat_id: str | None = None  # channel (Discord) or chat (Telegram)
+    guild_id: str | None = None
+    roles: frozenset[str] = frozenset()
+    nsfw_allowed: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}:{self.user_id}"
+
+    @property
+    def is_moderator(self) -> bool:
+        return "moderator" in self.roles
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    data: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One command from a user: ``/draw a cat --steps 20`` is command "draw" and the rest as text."""
+
+    command: str
+    text: str
+    actor: Actor
+    reply_to: dict[str, Any] = field(default_factory=dict)  # adapter routing data, stored with jobs
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class Action:
+    """A button on a result. ``id`` is ``<command>:<argument>`` and fits Discord custom_id."""
+
+    id: str
+    label_key: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return self.id.split(":", 1)[0]
+
+
+@dataclass
+class Reply:
+    """What the core answers to a command, before translation (``key`` + ``params``)."""
+
+    key: str
+    params: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # machine-readable extras (json console)
+    error: bool = False
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Returned by ``check_request`` to refuse a request; rendered from the catalogs."""
+
+    key: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestDraft:
+    """A /draw request before it is frozen: plugins edit it in ``modify_request``."""
+
+    prompt: str
+    negative_prompt: str
+    options: dict[str, Any]  # parsed option values by name, defaults filled in
+    parent_id: str | None = None
+    prompt_parts: list[tuple[int, str]] = field(default_factory=list)
+    negative_parts: list[tuple[int, str]] = field(default_factory=list)
+
+    def add_prompt(self, text: str, order: int = 100) -> None:
+        """Append ``text`` to the prompt; parts are joined after all hooks ran, by ``order``."""
+        self.prompt_parts.append((order, text))
+
+    def add_negative(self, text: str, order: int = 100) -> None:
+        self.negative_parts.append((order, text))
+
+
+@dataclass(frozen=True)
+class DrawRequest:
+    """A validated request: the first batch's effective parameters plus how many batches."""
+
+    generation: GenerationRequest
+    count: int
+    actor: Actor
+    options: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    request: GenerationRequest
+    kind: str = "txt2img"
+    label: str | None = None  # e.g. a grid cell's axis values
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``plan_generation`` returns: the jobs to store and queue, in order."""
+
+    jobs: tuple[PlannedJob, ...]
+    kind: str = "draw"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    generation_id: str
+    actor: Actor
+    reply_to: dict[str, Any]
+    # set by subclasses
+    kind: str = field(init=False, default="event")
+
+
+@dataclass(frozen=True)
+class Queued(JobEvent):
+    position: int = 1
+    kind: str = field(init=False, default="queued")
+
+
+@dataclass(frozen=True)
+class Started(JobEvent):
+    kind: str = field(init=False, default="started")
+
+
+@dataclass(frozen=True)
+class Progress(JobEvent):
+    step: int = 0
+    total: int = 0
+    kind: str = field(init=False, default="progress")
+
+
+@dataclass(frozen=True)
+class ImageOut:
+    id: str
+    path: Path
+    seed: int
+    width: int
+    height: int
+    infotext: str
+
+
+@dataclass(frozen=True)
+class Finished(JobEvent):
+    images: tuple[ImageOut, ...] = ()
+    actions: tuple[Action, ...] = ()
+    kind: str = field(init=False, default="finished")
+
+
+@dataclass(frozen=True)
+class Failed(JobEvent):
+    key: str = "error.internal"
+    params: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(init=False, default="failed")
+
+
+@dataclass(frozen=True)
+class Cancelled(JobEvent):
+    kind: str = field(init=False, default="cancelled")
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """What a command handler gets: the invocation and the App (the core's public surface)."""
+
+    invocation: Invocation
+    app: Any
+
+    @property
+    def actor(self) -> Actor:
+        return self.invocation.actor
+
+    @property
+    def text(self) -> str:
+        return self.invocation.text
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command (or an action's target). ``handler(ctx)`` returns replies (list, one, or None)."""
+
+    name: str
+    handler: Any  # async (CommandContext) -> list[Reply] | Reply | None
+    help_key: str | None = None
+    hidden: bool = False  # actions' targets that need not appear in /help

@@ -1,0 +1,1 @@
+"""Alembic's folder, shipped as a package so ``atelier db upgrade`` finds it when installed."""

@@ -1,0 +1,60 @@
+"""What repositories hand out: plain dataclasses, safe to pass to adapters and plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pipeline.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    id: int
+    platform: str
+    platform_user_id: str
+    display_name: str
+    locale: str | None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    generation_id: str
+    index: int
+    path: str
+    width: int
+    height: int
+    seed: int
+    subseed: int
+    infotext: str
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    id: str
+    user: UserRecord
+    request: GenerationRequest
+    status: str
+    group_id: str
+    group_index: int
+    kind: str
+    plan: str
+    label: str | None
+    parent_id: str | None
+    chat_id: str | None
+    guild_id: str | None
+    reply_to: dict[str, Any]
+    actor_roles: tuple[str, ...]
+    private: bool
+    priority: int
+    attempts: int
+    error_key: str | None
+    error: str | None
+    model_hash: str | None
+    device_seconds: float | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    images: tuple[ImageRecord, ...] = field(default_factory=tuple)

@@ -1,0 +1,103 @@
+"""Tables. Every schema change is an Alembic revision in ``migrations/versions``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, JSONType, UTCDateTime, utcnow
+
+STATUSES = ("queued", "running", "finished", "failed", "cancelled")
+OPEN_STATUSES = ("queued", "running")
+
+
+class User(Base):
+    """One identity on one platform; the same person on Discord and Telegram is two rows."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    platform_user_id: Mapped[str] = mapped_column(String(64))
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    locale: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    generations: Mapped[list[Generation]] = relationship(back_populates="user", lazy="raise")
+
+
+class Generation(Base):
+    """One job: one batch of images with every effective parameter.
+
+    ``params`` is the whole ``GenerationRequest`` (lossless: 7 and 7.0 stay apart); the
+    columns beside it repeat the fields people search and sort by.
+    """
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        Index("ix_generations_status_created", "status", "created_at"),
+        Index("ix_generations_user_created", "user_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)  # ULID
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("generations.id", ondelete="SET NULL"))
+    group_id: Mapped[str] = mapped_column(String(26), index=True)  # the invocation that made it
+    group_index: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(16), default="txt2img")
+    plan: Mapped[str] = mapped_column(String(16), default="draw")
+    label: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12), default="queued")
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    checkpoint: Mapped[str] = mapped_column(String(255))
+    sampler_name: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    model_hash: Mapped[str | None] = mapped_column(String(64))
+    chat_id: Mapped[str | None] = mapped_column(String(64))
+    guild_id: Mapped[str | None] = mapped_column(String(64))
+    reply_to: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    actor_roles: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_key: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    device_seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    user: Mapped[User] = relationship(back_populates="generations", lazy="raise")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="generation", lazy="raise", order_by="Image.index", cascade="all, delete-orphan"
+    )
+
+
+class Image(Base):
+    """One image of a generation; the PNG carries the same infotext."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("generation_id", "index"),)
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)  # ULID
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)  # relative to the images directory
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    subseed: Mapped[int] = mapped_column(BigInteger, default=0)
+    infotext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    generation: Mapped[Generation] = relationship(back_populates="images", lazy="raise")

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pipeline.request import GenerationRequest, GenerationResult
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    owner: str  # fairness key: one user
+    request: GenerationRequest
+    priority: int = 0  # higher runs first (moderator-set)
+    seq: int = 0  # arrival order, set by the queue
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None  # "cancel" (user) or "shutdown" (run it again later)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.stop.set()
+
+
+class JobListener(Protocol):
+    """What the queue reports; implemented by the bot's service. Called on the event loop."""
+
+    async def job_started(self, job: Job) -> bool:
+        """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is skipped."""
+        ...
+
+    def job_progress(self, job: Job, step: int, total: int) -> None: ...
+
+    async def job_finished(self, job: Job, result: GenerationResult) -> None: ...
+
+    async def job_failed(self, job: Job, error: BaseException) -> None: ...
+
+    async def job_stopped(self, job: Job) -> None:
+        """The job stopped early: ``job.stop_reason`` says whether it was cancelled or interrupted."""
+        ...
+
+
+class Runner(Protocol):
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult: ...
+
+
+class JobQueue(Protocol):
+    def put(self, job: Job) -> int:
+        """Add a job; returns its 1-based position (1 = next to run)."""
+        ...
+
+    def position(self, job_id: str) -> int | None: ...
+
+    def cancel(self, job_id: str) -> str:
+        """'queued' (removed), 'running' (stops at the next step) or 'unknown'."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, *, wait: bool = True) -> None: ...
+
+    async def join(self) -> None:
+        """Wait until nothing is queued or running."""
+        ...

@@ -1,0 +1,164 @@
+"""In-process queue: fair ordering, one worker per device, engine work on device threads.
+
+Ordering: higher priority first; then rounds, then arrival. A job's round is how many
+jobs its owner already had waiting or running when it arrived, so a user's first job
+outranks everyone's second, and a burst from one user cannot starve a newcomer. Rounds
+are fixed at arrival, so the position a user is told stays true as others join. Each worker is
+an asyncio task that hands the engine call to its own single-thread executor, so torch
+never runs on the event loop; progress crosses back with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline.errors import GenerationCancelled
+from pipeline.queue.base import Job, JobListener, Runner
+
+log = logging.getLogger(__name__)
+
+
+class LocalQueue:
+    def __init__(self, runners: Sequence[Runner], listener: JobListener) -> None:
+        if not runners:
+            raise ValueError("LocalQueue needs at least one runner (device)")
+        self.runners = list(runners)
+        self.listener = listener
+        self._waiting: list[Job] = []
+        self._rounds: dict[str, int] = {}
+        self._running: dict[str, Job] = {}
+        self._seq = itertools.count()
+        self._changed: asyncio.Condition | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._executors: list[ThreadPoolExecutor] = []
+        self._stopping = False
+
+    # the JobQueue protocol ------------------------------------------------------------------
+
+    def put(self, job: Job) -> int:
+        job.seq = next(self._seq)
+        open_jobs = [*self._waiting, *self._running.values()]
+        self._rounds[job.id] = sum(1 for other in open_jobs if other.owner == job.owner)
+        self._waiting.append(job)
+        self._notify()
+        return self.position(job.id) or 1
+
+    def position(self, job_id: str) -> int | None:
+        if job_id in self._running:
+            return 0
+        for index, job in enumerate(self._ordered()):
+            if job.id == job_id:
+                return index + 1
+        return None
+
+    def cancel(self, job_id: str) -> str:
+        for job in self._waiting:
+            if job.id == job_id:
+                self._waiting.remove(job)
+                self._rounds.pop(job_id, None)
+                self._notify()
+                return "queued"
+        job = self._running.get(job_id)
+        if job is not None:
+            job.request_stop("cancel")
+            return "running"
+        return "unknown"
+
+    async def start(self) -> None:
+        self._changed = asyncio.Condition()
+        self._stopping = False
+        for index, runner in enumerate(self.runners):
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"atelier-device-{index}")
+            self._executors.append(executor)
+            self._workers.append(asyncio.create_task(self._work(runner, executor), name=f"worker-{index}"))
+
+    async def stop(self, *, wait: bool = True) -> None:
+        """Stop taking jobs. Without ``wait``, running jobs stop at their next step as interrupted."""
+        self._stopping = True
+        if not wait:
+            for job in self._running.values():
+                job.request_stop("shutdown")
+        self._notify()
+        if self._workers:
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
+
+    async def join(self) -> None:
+        assert self._changed is not None, "start() the queue first"
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._waiting and not self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # internals ----------------------------------------------------------------------------------
+
+    def _ordered(self) -> list[Job]:
+        return sorted(self._waiting, key=lambda job: (-job.priority, self._rounds.get(job.id, 0), job.seq))
+
+    def _notify(self) -> None:
+        if self._changed is None:
+            return
+        asyncio.get_running_loop().create_task(self._notify_async())
+
+    async def _notify_async(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _next(self) -> Job | None:
+        assert self._changed is not None
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._stopping or bool(self._waiting))
+            if self._stopping:
+                return None
+            job = self._ordered()[0]
+            self._waiting.remove(job)
+            self._running[job.id] = job
+            return job
+
+    async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
+        while True:
+            job = await self._next()
+            if job is None:
+                return
+            try:
+                await self._run(job, runner, executor)
+            except Exception:  # a listener bug must not kill the worker
+                log.exception("job %s: unexpected error in the queue", job.id)
+            finally:
+                self._running.pop(job.id, None)
+                self._rounds.pop(job.id, None)
+                await self._notify_async()
+
+    async def _run(self, job: Job, runner: Runner, executor: ThreadPoolExecutor) -> None:
+        if not await self.listener.job_started(job):
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_progress(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(self.listener.job_progress, job, step, total)
+
+        def call() -> object:
+            return runner.generate(job.request, on_progress=on_progress, should_stop=job.stop.is_set)
+
+        try:
+            result = await loop.run_in_executor(executor, call)
+        except GenerationCancelled:
+            await self.listener.job_stopped(job)
+        except Exception as exc:
+            await self.listener.job_failed(job, exc)
+        else:
+            await self.listener.job_finished(job, result)  # type: ignore[arg-type]

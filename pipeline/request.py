@@ -1,0 +1,83 @@
+"""The contract between the bot and the engine.
+
+A ``GenerationRequest`` is one job: one batch of ``num_images_per_prompt`` images with
+every effective parameter resolved (no ``-1`` seeds, no defaults left to fill). It is
+stored as is, so a job re-run after a restart produces the same pixels.
+
+Field names mirror diffusers' ``__call__`` arguments where diffusers has one; the rest
+use A1111's names (``sampler_name``, ``subseed``, ``ensd`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+RNG_SOURCES = ("GPU", "CPU", "NV")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: int | float = 7  # kept as the user typed it: 7 -> "7", 7.0 -> "7.0"
+    width: int = 512
+    height: int = 512
+    seed: int  # seed of image 0 of this batch
+    subseed: int = 0  # variation seed of image 0 of this batch
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    num_images_per_prompt: int = 1  # A1111's batch size
+    sampler_name: str = "Euler a"
+    scheduler: str = "Automatic"
+    checkpoint: str = "tiny"
+    clip_skip: int = 1
+    rng: str = "CPU"
+    ensd: int = 0
+    eta: float | None = None
+    styles: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # extra infotext fields, in order
+
+    def image_seeds(self) -> list[int]:
+        """Per-image seeds: ``seed + i``, or ``seed`` for all when a variation is on (A1111 §1)."""
+        if self.subseed_strength:
+            return [self.seed] * self.num_images_per_prompt
+        return [self.seed + i for i in range(self.num_images_per_prompt)]
+
+    def image_subseeds(self) -> list[int]:
+        return [self.subseed + i for i in range(self.num_images_per_prompt)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe and lossless (ints stay ints, floats stay floats)."""
+        data = dataclasses.asdict(self)
+        data["styles"] = list(self.styles)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["styles"] = tuple(values.get("styles", ()))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    seed: int
+    subseed: int
+    infotext: str
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    model_name: str
+    model_hash: str | None
+    device_seconds: float  # time spent on the device for this batch (billing, stats)

@@ -1,0 +1,233 @@
+"""Every hook of bot/hookspecs.py, exercised through a real App; and the meta-test."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from bot import hookspecs
+from bot.app import build_app
+from bot.hookspecs import hookimpl
+from bot.plugins import PluginError
+from bot.types import Action, Actor, Command, Denial, Plan, PlannedJob, Reply
+from tests.conftest import EventLog, make_settings
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
+
+
+def _hook_names() -> list[str]:
+    return [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "atelier_spec")]
+
+
+def test_every_hook_has_a_test() -> None:
+    """Like datasette's test_plugin_hooks_have_tests: a hook without a test_hook_<name> fails."""
+    tests = {
+        node.name
+        for path in Path(__file__).parents[1].rglob("test_*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    hooks = _hook_names()
+    assert len(hooks) == 11
+    missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
+    assert not missing, f"hooks without a test: {missing}"
+
+
+async def _draw(app, line: str, actor: Actor = ALICE):
+    return await app.service.handle_line(line, actor, {"console": True})
+
+
+async def test_hook_register_commands(make_app) -> None:
+    class Ping:
+        @hookimpl
+        def register_commands(self, register):
+            async def ping(ctx):
+                return Reply("draw.accepted", {"count": 0, "ids": ctx.text})
+
+            register(Command("ping", ping, None))
+
+    app = await make_app(extra_plugins=(Ping(),))
+    replies = await _draw(app, "/ping hello")
+    assert replies[0].params == {"count": 0, "ids": "hello"}
+    assert app.commands.owners["ping"] != "core"
+
+
+def test_hook_register_commands_duplicate_names_fail_naming_both(tmp_path: Path) -> None:
+    class Dup:
+        @hookimpl
+        def register_commands(self, register):
+            register(Command("reroll", None))
+
+    with pytest.raises(PluginError, match="registered twice: by plugin 'generate' and by"):
+        build_app(make_settings(tmp_path), plugins=(Dup(),), engines=[object()], library=object())
+
+
+async def test_hook_register_styles_and_register_negative_presets(make_app) -> None:
+    class Lib:
+        @hookimpl
+        def register_styles(self, register):
+            register("anime", "anime style, {prompt}", "photo")
+
+        @hookimpl
+        def register_negative_presets(self, register):
+            register("nai", "lowres, bad anatomy")
+
+    app = await make_app(extra_plugins=(Lib(),))
+    assert app.styles.get("Anime").prompt == "anime style, {prompt}"
+    assert app.presets.get("nai").negative_prompt == "lowres, bad anatomy"
+    assert app.styles.owners["anime"] == app.presets.owners["nai"]
+
+
+async def test_hook_modify_request(make_app) -> None:
+    class Quality:
+        @hookimpl
+        def modify_request(self, draft, actor, app):
+            draft.add_prompt("masterpiece", order=10)
+            draft.add_negative("lowres")
+            draft.options["steps"] = 3
+
+    app = await make_app(extra_plugins=(Quality(),))
+    log = EventLog(app)
+    (job_id,) = (await _draw(app, "/draw a cat --negative blurry"))[0].data["jobs"]
+    record = await app.store.get(job_id)
+    assert record.request.prompt == "a cat, masterpiece"
+    assert record.request.negative_prompt == "blurry, lowres"
+    assert record.request.num_inference_steps == 3
+    await log.wait_for(lambda: log.of("finished", job_id))
+
+
+async def test_hook_check_request_first_denial_wins_and_may_be_async(make_app) -> None:
+    calls = []
+
+    class Quota:
+        @hookimpl
+        async def check_request(self, request, actor, app):
+            calls.append("quota")
+            await asyncio.sleep(0)
+            return Denial("denied") if "dog" in request.generation.prompt else None
+
+    class Words:
+        @hookimpl(tryfirst=True)
+        def check_request(self, request, actor, app):
+            calls.append("words")
+            return Denial("error.not_found", {"id": "x"}) if "cat" in request.generation.prompt else None
+
+    app = await make_app(extra_plugins=(Quota(), Words()))
+    replies = await _draw(app, "/draw a cat and a dog")
+    assert replies[0].error and replies[0].key == "error.not_found"
+    replies = await _draw(app, "/draw a dog")
+    assert replies[0].key == "denied"
+    assert await app.store.count_by_status() == {}
+    assert calls[:2] == ["words", "quota"]
+
+
+async def test_hook_plan_generation(make_app) -> None:
+    class Sweep:
+        @hookimpl
+        def plan_generation(self, request, app):
+            base = request.generation
+            jobs = tuple(PlannedJob(base.replace(guidance_scale=c), label=f"CFG {c}") for c in (3, 9))
+            return Plan(jobs, kind="sweep")
+
+    app = await make_app(extra_plugins=(Sweep(),))
+    log = EventLog(app)
+    ids = (await _draw(app, "/draw a cat --count 5"))[0].data["jobs"]
+    assert len(ids) == 2
+    records = [await app.store.get(i) for i in ids]
+    assert [r.request.guidance_scale for r in records] == [3, 9]
+    assert [r.label for r in records] == ["CFG 3", "CFG 9"]
+    assert {r.plan for r in records} == {"sweep"} and records[0].group_id == records[1].group_id
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+
+
+async def test_hook_plan_generation_core_fallback_with_every_builtin_disabled(make_app) -> None:
+    app = await make_app(plugins={"disabled": ["generate"]})
+    assert app.pm.get_plugin("generate") is None
+    log = EventLog(app)
+    ids = (await _draw(app, "/draw a cat --count 2 --seed 1"))[0].data["jobs"]
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+    assert all(e.actions == () for e in log.of("finished"))
+    assert [(await app.store.get(i)).request.seed for i in ids] == [1, 2]
+
+
+async def test_hook_result_actions(make_app) -> None:
+    class Buttons:
+        @hookimpl
+        def result_actions(self, record, actor, app):
+            return [Action(f"upscale:{record.id}", "action.cancel")]
+
+    app = await make_app(extra_plugins=(Buttons(),))
+    log = EventLog(app)
+    (job_id,) = (await _draw(app, "/draw a cat"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job_id))
+    ids = [a.id for a in log.of("finished", job_id)[0].actions]
+    assert set(ids) == {f"reroll:{job_id}", f"upscale:{job_id}"}
+
+
+async def test_hook_generation_finished_errors_are_logged(make_app, caplog) -> None:
+    seen = []
+
+    class Billing:
+        @hookimpl
+        async def generation_finished(self, record, app):
+            seen.append((record.id, record.status, len(record.images)))
+
+    class Broken:
+        @hookimpl
+        def generation_finished(self, record, app):
+            raise RuntimeError("plugin bug")
+
+    app = await make_app(extra_plugins=(Billing(), Broken()))
+    log = EventLog(app)
+    with caplog.at_level(logging.ERROR):
+        (job_id,) = (await _draw(app, "/draw a cat --batch 2"))[0].data["jobs"]
+        await log.wait_for(lambda: log.of("finished", job_id))
+        await app.idle()
+    assert seen == [(job_id, "finished", 2)]
+    assert "generation_finished of plugin" in caplog.text
+
+
+async def test_hook_handle_error(make_app) -> None:
+    class Oops:
+        @hookimpl
+        def register_commands(self, register):
+            async def crash(ctx):
+                raise MemoryError("boom")
+
+            register(Command("crash", crash))
+
+    class Advice:
+        @hookimpl
+        def handle_error(self, exception, actor, app):
+            if isinstance(exception, MemoryError):
+                return Reply("error.out_of_memory", {"detail": str(exception)}, error=True)
+            return None
+
+    app = await make_app(extra_plugins=(Oops(), Advice()))
+    replies = await _draw(app, "/crash")
+    assert replies[0].key == "error.out_of_memory" and replies[0].params == {"detail": "boom"}
+    app.pm.unregister(name=app.pm.get_name(next(p for p in app.pm.get_plugins() if isinstance(p, Advice))))
+    replies = await _draw(app, "/crash")
+    assert replies[0].key == "error.internal" and len(replies[0].params["ref"]) == 8
+
+
+async def test_hook_startup_and_shutdown(make_app) -> None:
+    events = []
+
+    class Life:
+        @hookimpl
+        async def startup(self, app):
+            events.append("startup")
+
+        @hookimpl
+        def shutdown(self, app):
+            events.append("shutdown")
+
+    app = await make_app(extra_plugins=(Life(),))
+    assert events == ["startup"]
+    await app.stop()
+    assert events == ["startup", "shutdown"]

@@ -1,0 +1,204 @@
+"""/draw through the core with the real tiny engine, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.types import Actor
+from pipeline.images import read_infotext
+from pipeline.infotext import parse
+from tests.conftest import EventLog
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
+BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
+
+
+async def draw(app, line: str, actor: Actor = ALICE):
+    return await app.service.handle_line(line, actor, {"console": True})
+
+
+async def test_draw_queues_progresses_and_finishes_with_infotext(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    replies = await draw(app, "/draw a cat, masterpiece --steps 4 --seed 5 --size 64x64 --cfg 7 --batch 2")
+    assert not replies[0].error, replies
+    (job_id,) = replies[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job_id))
+    kinds = [e.kind for e in log.events if e.generation_id == job_id]
+    assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "finished"
+    steps = [(e.step, e.total) for e in log.of("progress", job_id)]
+    assert steps[-1] == (4, 4) and all(total == 4 for _, total in steps)
+    finished = log.of("finished", job_id)[0]
+    assert [i.seed for i in finished.images] == [5, 6]
+    assert [a.id for a in finished.actions] == [f"reroll:{job_id}"]
+    for image in finished.images:
+        data = Path(image.path).read_bytes()
+        assert Image.open(image.path).size == (64, 64)
+        fields = parse(read_infotext(data))
+        assert fields["Prompt"] == "a cat, masterpiece"
+        assert fields["Seed"] == str(image.seed)
+        assert (fields["Steps"], fields["Size-1"], fields["Size-2"], fields["CFG scale"]) == ("4", "64", "64", "7")
+        assert fields["Sampler"] == "Euler a"
+    record = await app.store.get(job_id)
+    assert record.status == "finished"
+    req = record.request
+    assert (req.prompt, req.num_inference_steps, req.seed, req.width, req.height) == ("a cat, masterpiece", 4, 5, 64, 64)
+    assert (req.guidance_scale, req.sampler_name, req.scheduler, req.checkpoint) == (7, "Euler a", "Automatic", "tiny")
+    assert (req.num_images_per_prompt, req.clip_skip, req.rng, req.ensd) == (2, 1, "CPU", 0)
+    assert record.device_seconds > 0 and record.started_at and record.finished_at
+    assert [i.seed for i in record.images] == [5, 6]
+    assert record.images[0].infotext == finished.images[0].infotext
+
+
+async def test_count_makes_one_job_per_batch_with_a1111_seeds(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    replies = await draw(app, "/draw a cat --seed 100 --batch 2 --count 3")
+    jobs = replies[0].data["jobs"]
+    assert len(jobs) == 3
+    await log.wait_for(lambda: len(log.of("finished")) == 3)
+    seeds = {e.generation_id: [i.seed for i in e.images] for e in log.of("finished")}
+    assert [seeds[j] for j in jobs] == [[100, 101], [102, 103], [104, 105]]
+
+
+async def test_a_random_seed_is_resolved_and_stored(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    (job_id,) = (await draw(app, "/draw a cat"))[0].data["jobs"]
+    record = await app.store.get(job_id)
+    assert 0 <= record.request.seed < 4294967294
+    await log.wait_for(lambda: log.of("finished", job_id))
+
+
+async def test_reroll_is_a_child_with_a_new_seed(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    (first,) = (await draw(app, "/draw a cat --seed 3 --cfg 7.5"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", first))
+    replies = await app.service.run_action(f"reroll:{first}", ALICE, {"console": True})
+    (second,) = replies[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", second))
+    child = await app.store.get(second)
+    assert child.parent_id == first
+    assert child.request.guidance_scale == 7.5 and child.request.prompt == "a cat"
+
+
+async def test_cancel_a_queued_job_and_refuse_others_jobs(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    ids = (await draw(app, "/draw a cat --count 3"))[0].data["jobs"]
+    refused = await app.service.handle_line(f"/cancel {ids[2]}", BOB)
+    assert refused[0].error and refused[0].key == "error.not_found"
+    done = await app.service.handle_line(f"/cancel {ids[2]}", ALICE)
+    assert done[0].key == "cancel.done"
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+    await app.idle()
+    assert (await app.store.get(ids[2])).status == "cancelled"
+    assert log.of("cancelled", ids[2])
+    again = await app.service.handle_line(f"/cancel {ids[2]}", ALICE)
+    assert again[0].key == "cancel.too_late"
+
+
+async def test_cancel_a_running_job_stops_at_the_next_step(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    (job_id,) = (await draw(app, "/draw a cat --steps 150 --size 128x128"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("progress", job_id))
+    await app.service.cancel(job_id, ALICE)
+    await log.wait_for(lambda: log.of("cancelled", job_id))
+    assert len(log.of("progress", job_id)) < 150
+    assert (await app.store.get(job_id)).status == "cancelled"
+
+
+async def test_restart_runs_queued_and_interrupted_jobs_once(make_app) -> None:
+    first = await make_app()
+    await first.queue.stop()  # nothing runs: jobs stay queued, as after a crash
+    ids = (await draw(first, "/draw a cat --count 3"))[0].data["jobs"]
+    await first.store.mark_running(ids[0])  # this one was running when the process died
+    second = await make_app(start=False)
+    log = EventLog(second)
+    assert await second.start() == 3
+    await log.wait_for(lambda: len(log.of("finished")) == 3)
+    await second.idle()
+    assert sorted(e.generation_id for e in log.of("finished")) == sorted(ids)
+    for job_id in ids:
+        record = await second.store.get(job_id)
+        assert record.status == "finished" and len(record.images) == 1
+    assert (await second.store.get(ids[0])).attempts == 2
+
+
+async def test_a_job_interrupted_too_often_fails_with_a_message(make_app) -> None:
+    first = await make_app()
+    await first.queue.stop()
+    (job_id,) = (await draw(first, "/draw a cat"))[0].data["jobs"]
+    for _ in range(3):
+        await first.store.mark_running(job_id)
+        await first.store.requeue_interrupted(job_id)
+    await first.store.mark_running(job_id)
+    second = await make_app(start=False)
+    log = EventLog(second)
+    assert await second.start() == 0
+    failed = log.of("failed", job_id)
+    assert failed and failed[0].key == "error.interrupted"
+    assert (await second.store.get(job_id)).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "english", "chinese"),
+    [
+        ("/draw a cat --steps 0", "error.out_of_range", "--steps must be from 1 to 150, got 0", "--steps 必须在 1 到 150 之间"),
+        ("/draw a cat --size 10x10", "error.bad_size", "each from 64 to 2048 in multiples of 8", "每边 64 到 2048"),
+        ("/draw a cat --cfg abc", "error.not_a_number", '--cfg must be a number from 1.0 to 30.0, got "abc"', "--cfg 必须是 1.0 到 30.0 之间的数字"),
+        ("/draw a cat --stesp 4", "error.unknown_option", "Unknown option --stesp (did you mean --steps?)", "未知选项 --stesp（是否想用 --steps？）"),
+        ('/draw a cat --negative "lowres', "error.unclosed_quote", "Unclosed quote", "引号"),
+        ("/draw " + "a" * 10_000, "error.prompt_too_long", "10000 characters long; at most 2000", "最多允许 2000 个"),
+        ("/draw a cat --checkpoint nope", "error.unknown_checkpoint", 'Unknown checkpoint "nope". Available: tiny', "未知模型“nope”。可用模型：tiny"),
+        ("/draw a cat --sampler Eulr", "error.unknown_sampler", "Available: DPM++ 2M,", "可用采样器：DPM++ 2M"),
+        ("/draw a cat --size 2048x2048", "error.too_many_pixels", "at most 1048576 pixels", "最多 1048576 像素"),
+        ("/draw a cat --seed -5", "error.seed_range", "-1 (random) or a whole number from 0 to", "-1（随机）"),
+        ("/draw (a:1.2.3)", "error.prompt_syntax", "could not be read", "无法解析"),
+        ("/paint a cat", "error.unknown_command", "Unknown command /paint. Commands: /cancel, /draw", "未知命令 /paint"),
+    ],
+)
+async def test_bad_input_is_refused_in_both_languages_and_nothing_is_stored(
+    make_app, line: str, key: str, english: str, chinese: str
+) -> None:
+    app = await make_app()
+    for actor, expected in ((ALICE, english), (BOB, chinese)):
+        replies = await draw(app, line, actor)
+        assert len(replies) == 1 and replies[0].error
+        assert replies[0].key == key
+        text = app.translator.t(actor.locale, replies[0].key, **replies[0].params)
+        assert expected in text, text
+    assert await app.store.count_by_status() == {}
+
+
+async def test_legacy_sampler_names_and_schedulers(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    (job_id,) = (await draw(app, '/draw a cat --sampler "DPM++ 2M Karras"'))[0].data["jobs"]
+    record = await app.store.get(job_id)
+    assert (record.request.sampler_name, record.request.scheduler) == ("DPM++ 2M", "Karras")
+    (other,) = (await draw(app, "/draw a cat --sampler euler --scheduler karras"))[0].data["jobs"]
+    record = await app.store.get(other)
+    assert (record.request.sampler_name, record.request.scheduler) == ("Euler", "Karras")
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+
+
+async def test_progress_never_blocks_the_event_loop(make_app) -> None:
+    """While a job runs on the device thread, the loop keeps answering within a few ms."""
+    app = await make_app()
+    log = EventLog(app)
+    (job_id,) = (await draw(app, "/draw a cat --steps 20 --size 128x128"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("started", job_id))
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while not log.of("finished", job_id):
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        worst = max(worst, loop.time() - before - 0.01)
+    assert worst < 0.5, worst

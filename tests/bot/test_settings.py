@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bot.settings import ConfigError, Settings, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_config_toml_lists_every_setting_with_its_default() -> None:
+    data = tomllib.loads((ROOT / "config.toml").read_text(encoding="utf-8"))
+    from_file = parse_settings(data).model_dump(mode="json")
+    defaults = Settings().model_dump(mode="json")
+    assert from_file == defaults
+    for table, values in defaults.items():
+        if table == "plugins":
+            continue
+        assert set(data[table]) == set(values), table
+
+
+def test_every_setting_has_a_comment() -> None:
+    for line in (ROOT / "config.toml").read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.startswith("#"):
+            assert "#" in line.split("=", 1)[1], line
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"limits": {"max_steps": "abc"}}, "[limits] max_steps"),
+        ({"limits": {"max_stepz": 3}}, "[limits] max_stepz: unknown key"),
+        ({"engine": {"device": "tpu"}}, "[engine] device"),
+        ({"bot": {"locale": "fr"}}, "[bot] locale"),
+        ({"nonsense": {"a": 1}}, "nonsense: unknown key"),
+        ({"limits": {"min_steps": 10, "max_steps": 5}}, "min_steps must not exceed max_steps"),
+    ],
+)
+def test_bad_values_fail_naming_table_and_key(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data)
+    assert expected in str(info.value)
+
+
+def test_secrets_come_from_the_environment_only(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[discord]\ntoken = "abc"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="ATELIER_DISCORD_TOKEN"):
+        load_settings(path, environ={})
+    path.write_text('[bot]\nlocale = "zh-CN"\n', encoding="utf-8")
+    env = {"ATELIER_DISCORD_TOKEN": "d", "ATELIER_DATABASE_URL": "postgresql+asyncpg://u:p@h/db"}
+    settings = load_settings(path, environ=env)
+    assert settings.bot.locale == "zh-CN"
+    assert settings.secrets.discord_token == "d"
+    assert settings.database_url == "postgresql+asyncpg://u:p@h/db"
+    assert "d" not in repr(settings.secrets).replace("discord", "").replace("database", "")
+
+
+def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    settings = parse_settings({"bot": {"data_dir": str(tmp_path)}})
+    assert settings.database_url == f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}"
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[defaults]\nsteps = 9\n", encoding="utf-8")
+    assert load_settings(environ={"ATELIER_CONFIG": str(path)}).defaults.steps == 9
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml", environ={})
+    path.write_text("[defaults\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path, environ={})

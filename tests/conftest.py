@@ -1,0 +1,133 @@
+"""Shared fixtures: settings in a temp dir, SQLite and PostgreSQL stores, one tiny engine."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.settings import Settings, parse_settings
+
+POSTGRES_URL = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
+BACKENDS = ["sqlite", "postgres"]
+
+
+def make_settings(tmp_path: Path, database_url: str = "", **tables: dict[str, Any]) -> Settings:
+    data: dict[str, Any] = {
+        "bot": {"data_dir": str(tmp_path / "data")},
+        "database": {"url": database_url},
+        "engine": {"models_dir": str(tmp_path / "models"), "device": "cpu"},
+        "defaults": {"steps": 4, "width": 64, "height": 64},
+    }
+    for table, values in tables.items():
+        data.setdefault(table, {}).update(values)
+    return parse_settings(data)
+
+
+async def _fresh_postgres_database() -> str:
+    """A new, empty database per test: isolation without cleaning up after others."""
+    import asyncpg
+
+    base = POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"atelier_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(base)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+
+
+async def _drop_postgres_database(url: str) -> None:
+    import asyncpg
+
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The same test on SQLite and on PostgreSQL (required under CI, else skipped if absent)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}"
+        return
+    if not POSTGRES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
+        pytest.skip("PostgreSQL not configured (ATELIER_TEST_POSTGRES_URL)")
+    url = await _fresh_postgres_database()
+    try:
+        yield url
+    finally:
+        await _drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def tiny_library() -> Any:
+    from pipeline.checkpoints import CheckpointLibrary
+
+    return CheckpointLibrary(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_library: Any) -> Any:
+    from pipeline.engine import Engine
+
+    return Engine(tiny_library, device="cpu")
+
+
+@pytest.fixture
+async def make_app(tmp_path: Path, database_url: str, tiny_library: Any, tiny_engine: Any
+                   ) -> AsyncIterator[Callable[..., Any]]:
+    """Build and start Apps on this test's database; all are stopped at the end."""
+    from bot.app import build_app
+
+    apps = []
+
+    async def factory(*, extra_plugins: tuple[Any, ...] = (), start: bool = True, **tables: dict[str, Any]) -> Any:
+        settings = make_settings(tmp_path, database_url, **tables)
+        app = build_app(settings, engines=[tiny_engine], library=tiny_library, plugins=extra_plugins)
+        apps.append(app)
+        if start:
+            await app.start()
+        return app
+
+    yield factory
+    for app in apps:
+        await app.stop(wait=False)
+
+
+class EventLog:
+    """Collects bus events; ``wait_for`` awaits a condition on them with a timeout."""
+
+    def __init__(self, app: Any) -> None:
+        self.events: list[Any] = []
+        self._changed = asyncio.Event()
+        app.bus.subscribe(self._on_event)
+
+    def _on_event(self, event: Any) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, kind: str, generation_id: str | None = None) -> list[Any]:
+        return [e for e in self.events if e.kind == kind and (generation_id is None or e.generation_id == generation_id)]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)

@@ -1,0 +1,143 @@
+"""The local queue: fair order, positions, cancel, and never running torch on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from pipeline.errors import GenerationCancelled
+from pipeline.queue import Job, LocalQueue
+from pipeline.request import GenerationRequest, GenerationResult
+
+
+class GatedRunner:
+    """Runs one job at a time when the test opens the gate; records the order and thread."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.gate = threading.Semaphore(0)
+        self.threads: set[str] = set()
+
+    def generate(self, request, *, on_progress=None, should_stop=None) -> GenerationResult:
+        self.threads.add(threading.current_thread().name)
+        self.gate.acquire()
+        for step in range(1, 3):
+            if should_stop and should_stop():
+                raise GenerationCancelled()
+            if on_progress:
+                on_progress(step, 2)
+        self.order.append(request.seed)
+        return GenerationResult(images=[], model_name="t", model_hash=None, device_seconds=0.0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        self.refuse: set[str] = set()
+
+    async def job_started(self, job: Job) -> bool:
+        self.log.append(("started", job.id))
+        return job.id not in self.refuse
+
+    def job_progress(self, job: Job, step: int, total: int) -> None:
+        self.log.append((f"progress {step}/{total}", job.id))
+
+    async def job_finished(self, job: Job, result) -> None:
+        self.log.append(("finished", job.id))
+
+    async def job_failed(self, job: Job, error) -> None:
+        self.log.append(("failed", job.id))
+
+    async def job_stopped(self, job: Job) -> None:
+        self.log.append((f"stopped:{job.stop_reason}", job.id))
+
+
+def _job(owner: str, seed: int, priority: int = 0) -> Job:
+    return Job(f"{owner}{seed}", owner, GenerationRequest(prompt="x", seed=seed), priority)
+
+
+async def _drain(runner: GatedRunner, queue: LocalQueue, n: int) -> None:
+    for _ in range(n):
+        runner.gate.release()
+    await asyncio.wait_for(queue.join(), 10)
+
+
+async def test_a_users_first_job_outranks_everyones_second() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    try:
+        queue.put(_job("a", 1))  # starts at once and waits at the gate
+        await asyncio.sleep(0.05)
+        positions = [queue.put(_job("a", 2)), queue.put(_job("a", 3)), queue.put(_job("b", 4)),
+                     queue.put(_job("c", 5, priority=5))]
+        assert positions == [1, 2, 1, 1]
+        assert [queue.position(i) for i in ("a1", "c5", "b4", "a2", "a3")] == [0, 1, 2, 3, 4]
+        await _drain(runner, queue, 5)
+        assert runner.order == [1, 5, 4, 2, 3]
+        assert all(name.startswith("atelier-device-0") for name in runner.threads)
+        assert ("progress 2/2", "a1") in recorder.log
+    finally:
+        await queue.stop()
+
+
+async def test_cancel_queued_and_running() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    try:
+        queue.put(_job("a", 1))
+        queue.put(_job("a", 2))
+        await asyncio.sleep(0.05)
+        assert queue.cancel("a2") == "queued"
+        assert queue.cancel("a1") == "running"
+        assert queue.cancel("zz") == "unknown"
+        await _drain(runner, queue, 1)
+        assert ("stopped:cancel", "a1") in recorder.log
+        assert runner.order == []
+    finally:
+        await queue.stop()
+
+
+async def test_a_job_the_listener_refuses_is_skipped() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    recorder.refuse.add("a1")
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    try:
+        queue.put(_job("a", 1))
+        queue.put(_job("a", 2))
+        await _drain(runner, queue, 1)
+        assert runner.order == [2]
+    finally:
+        await queue.stop()
+
+
+async def test_stop_without_wait_interrupts_the_running_job() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    queue.put(_job("a", 1))
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(queue.stop(wait=False))
+    await asyncio.sleep(0.05)
+    runner.gate.release()
+    await asyncio.wait_for(stopping, 10)
+    assert ("stopped:shutdown", "a1") in recorder.log
+
+
+async def test_two_devices_run_two_jobs_at_once() -> None:
+    first, second, recorder = GatedRunner(), GatedRunner(), Recorder()
+    queue = LocalQueue([first, second], recorder)
+    await queue.start()
+    try:
+        queue.put(_job("a", 1))
+        queue.put(_job("b", 2))
+        await asyncio.sleep(0.05)
+        assert queue.running == 2
+        first.gate.release()
+        second.gate.release()
+        await asyncio.wait_for(queue.join(), 10)
+        assert sorted(first.order + second.order) == [1, 2]
+    finally:
+        await queue.stop()
