@@ -1,0 +1,561 @@
+"""A1111's sampler and schedule tables, name resolution and σ/timestep schedules (§9).
+
+The bot accepts sampler names the way A1111 v1.10.1 does, so an infotext pasted from the
+webui reproduces the same image: exact names only, legacy "DPM++ 2M Karras"-style suffixes,
+a silent fallback to DPM++ 2M (§9.1). The schedules are computed here rather than taken
+from diffusers because diffusers' schedulers interpolate σ linearly and compute β in
+float32, which is close to A1111 but not equal (§9.2).
+
+Everything is derived from the model's discrete noise table with A1111's default
+settings. Not modelled: the "Downcast alphas_cumprod" back-compat option (which casts ᾱ
+to float16 before σ is computed; it is off by default and only set by pre-v1.7.0-225
+infotexts), the sigma min/max/rho and "old karras sigmas" overrides, "Always discard
+next-to-last sigma", and quantized k-diffusion timesteps. The sampling loops themselves
+live elsewhere; this module only says which σ's and timesteps they visit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import UnknownSampler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLER = "DPM++ 2M"
+
+# The SD1/SD2/SDXL training schedule ("scaled_linear" in diffusers' words).
+_BETA_START = 0.00085
+_BETA_END = 0.012
+_TRAIN_TIMESTEPS = 1000
+
+# LCM runs on 50 of the 1000 training timesteps (every 20th, ending at 999).
+_LCM_ORIGINAL_STEPS = 50
+
+# "Beta scheduler - alpha/beta" settings at their A1111 defaults.
+_BETA_DIST_ALPHA = 0.6
+_BETA_DIST_BETA = 0.6
+
+# Align Your Steps σ tables, descending (§9.2).
+_AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+_AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+
+# Samplers that A1111 drives with integer UNet timesteps instead of a σ schedule (§9.4).
+_TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS", "UniPC")
+_DDIM_LIKE_LOOPS = ("DDIM", "DDIM CFG++")
+
+
+# --------------------------------------------------------------------------------------
+# Registration tables (§9.1)
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One A1111 sampler as registered: its name, aliases and option flags."""
+
+    name: str
+    aliases: tuple[str, ...]
+    default_scheduler: str | None
+    second_order: bool
+    uses_ensd: bool
+    discard_penultimate_sigma: bool
+    brownian_noise: bool
+    solver_type: str | None
+
+    @property
+    def total_steps_multiplier(self) -> int:
+        """Factor on the prompt-schedule step count: 2nd-order samplers call the UNet twice per step."""
+        return 2 if self.second_order else 1
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """One "Schedule type": internal name, UI/infotext label, suffix aliases and default ρ."""
+
+    name: str
+    label: str
+    aliases: tuple[str, ...]
+    default_rho: float | None
+
+
+def _sampler(
+    name: str,
+    aliases: tuple[str, ...],
+    scheduler: str | None = None,
+    *,
+    second_order: bool = False,
+    uses_ensd: bool = False,
+    discard: bool = False,
+    brownian: bool = False,
+    solver_type: str | None = None,
+) -> SamplerInfo:
+    """Absent options are false/None, as in A1111's registration dicts."""
+    return SamplerInfo(
+        name=name,
+        aliases=aliases,
+        default_scheduler=scheduler,
+        second_order=second_order,
+        uses_ensd=uses_ensd,
+        discard_penultimate_sigma=discard,
+        brownian_noise=brownian,
+        solver_type=solver_type,
+    )
+
+
+# UI order: the 15 k-diffusion samplers, the 4 timestep samplers, then LCM.
+_SAMPLERS: tuple[SamplerInfo, ...] = (
+    _sampler("DPM++ 2M", ("k_dpmpp_2m",), "karras"),
+    _sampler("DPM++ SDE", ("k_dpmpp_sde",), "karras", second_order=True, brownian=True),
+    _sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "exponential", brownian=True),
+    _sampler("DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), "exponential", brownian=True, solver_type="heun"),
+    _sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), "karras", second_order=True, uses_ensd=True),
+    _sampler("DPM++ 3M SDE", ("k_dpmpp_3m_sde",), "exponential", discard=True, brownian=True),
+    _sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), uses_ensd=True),
+    _sampler("Euler", ("k_euler",)),
+    _sampler("LMS", ("k_lms",)),
+    _sampler("Heun", ("k_heun",), second_order=True),
+    _sampler("DPM2", ("k_dpm_2",), "karras", second_order=True, discard=True),
+    _sampler("DPM2 a", ("k_dpm_2_a",), "karras", second_order=True, uses_ensd=True, discard=True),
+    _sampler("DPM fast", ("k_dpm_fast",), uses_ensd=True),
+    _sampler("DPM adaptive", ("k_dpm_ad",), uses_ensd=True),
+    _sampler("Restart", ("restart",), "karras", second_order=True),
+    _sampler("DDIM", ("ddim",)),
+    _sampler("DDIM CFG++", ("ddim_cfgpp",)),
+    _sampler("PLMS", ("plms",)),
+    _sampler("UniPC", ("unipc",)),
+    _sampler("LCM", ("k_lcm",)),
+)
+
+# List order matters: it is also the order of the legacy-suffix scan in `resolve`.
+_SCHEDULERS: tuple[SchedulerInfo, ...] = (
+    SchedulerInfo("automatic", "Automatic", (), None),
+    SchedulerInfo("uniform", "Uniform", (), None),
+    SchedulerInfo("karras", "Karras", (), 7.0),
+    SchedulerInfo("exponential", "Exponential", (), None),
+    SchedulerInfo("polyexponential", "Polyexponential", (), 1.0),
+    SchedulerInfo("sgm_uniform", "SGM Uniform", ("SGMUniform",), None),
+    SchedulerInfo("kl_optimal", "KL Optimal", (), None),
+    SchedulerInfo("align_your_steps", "Align Your Steps", (), None),
+    SchedulerInfo("simple", "Simple", (), None),
+    SchedulerInfo("normal", "Normal", (), None),
+    SchedulerInfo("ddim", "DDIM", (), None),
+    SchedulerInfo("beta", "Beta", (), None),
+)
+
+_AUTOMATIC = _SCHEDULERS[0]
+_SAMPLERS_BY_NAME = {s.name: s for s in _SAMPLERS}
+_SCHEDULERS_BY_NAME = {s.name: s for s in _SCHEDULERS}
+# A1111's explicit "Schedule type" lookup: internal names and labels, never aliases.
+_SCHEDULERS_BY_KEY = {**_SCHEDULERS_BY_NAME, **{s.label: s for s in _SCHEDULERS}}
+
+
+def list_samplers() -> list[SamplerInfo]:
+    """A1111's 20 samplers in UI order; the first is the default and the fallback."""
+    return list(_SAMPLERS)
+
+
+def list_schedulers() -> list[SchedulerInfo]:
+    """A1111's 12 schedule types in list order (also the legacy-suffix scan order)."""
+    return list(_SCHEDULERS)
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    """The engine's lookup: an exact sampler name, or a name/alias in any case.
+
+    Meant to be called on the sampler half of :func:`resolve`'s result, which is always an
+    exact name. Accepting aliases and other cases mirrors A1111's lenient lookups (X/Y/Z,
+    "Prompts from file"); generation itself must go through :func:`resolve`, where an
+    alias means DPM++ 2M. Anything else raises :class:`~pipeline.errors.UnknownSampler`
+    rather than silently running another sampler.
+    """
+    if isinstance(name, str):
+        found = _SAMPLERS_BY_NAME.get(name)
+        if found is not None:
+            return found
+        lowered = name.lower()
+        for info in _SAMPLERS:
+            if lowered == info.name.lower() or lowered in info.aliases:
+                return info
+    raise UnknownSampler(str(name), [s.name for s in _SAMPLERS])
+
+
+# --------------------------------------------------------------------------------------
+# Name resolution (§9.1)
+
+
+def _cut_legacy_suffixes(name: str) -> tuple[str, SchedulerInfo | None]:
+    """Strip "<sampler> <schedule>" suffixes the way pre-v1.9 names are read.
+
+    Each scheduler gets one chance, in list order, to cut its label, internal name or an
+    alias off the end; the last scheduler that cut wins. That order is why
+    "Euler SGM Uniform" loses " Uniform" first and ends up unknown.
+    """
+    found: SchedulerInfo | None = None
+    for scheduler in _SCHEDULERS:
+        for option in (scheduler.label, scheduler.name, *scheduler.aliases):
+            suffix = " " + option
+            if name.endswith(suffix):
+                found = scheduler
+                name = name[: -len(suffix)]
+                break
+    return name, found
+
+
+def _explicit_scheduler(scheduler: object) -> SchedulerInfo:
+    """An explicit Schedule type: label or internal name, anything else means Automatic."""
+    if isinstance(scheduler, str):
+        return _SCHEDULERS_BY_KEY.get(scheduler, _AUTOMATIC)
+    return _AUTOMATIC
+
+
+def _resolve_infos(sampler_name: object, scheduler: object) -> tuple[SamplerInfo, SchedulerInfo]:
+    """Sampler and requested scheduler as generation sees them (Automatic left unexpanded)."""
+    chosen = _explicit_scheduler(scheduler)
+    name = sampler_name if isinstance(sampler_name, str) and sampler_name else DEFAULT_SAMPLER
+    base, cut = _cut_legacy_suffixes(name)
+    if cut is not None:
+        chosen = cut
+    info = _SAMPLERS_BY_NAME.get(base)
+    if info is None:
+        logger.debug("unknown sampler %r: using %s", sampler_name, DEFAULT_SAMPLER)
+        info = _SAMPLERS_BY_NAME[DEFAULT_SAMPLER]
+    return info, chosen
+
+
+def resolve(
+    sampler_name: str | None, scheduler: str | None = None, *, convert_automatic: bool = False
+) -> tuple[str, str]:
+    """``(sampler name, scheduler label)`` by A1111's rules; never raises.
+
+    ``convert_automatic=True`` is what pasting an infotext does: a schedule equal to the
+    sampler's own default is shown as "Automatic" so the UI stays on the default.
+    """
+    info, chosen = _resolve_infos(sampler_name, scheduler)
+    if convert_automatic and info.default_scheduler == chosen.name:
+        chosen = _AUTOMATIC
+    return info.name, chosen.label
+
+
+def effective_scheduler(sampler_name: str | None, scheduler: str | None = None) -> SchedulerInfo:
+    """The schedule generation actually computes: Automatic expanded to the sampler's default.
+
+    Returns the Automatic entry only when the sampler has no default, i.e. when the
+    k-diffusion default schedule is used (and no "Schedule type" is written). Never raises.
+    """
+    return _expand_automatic(*_resolve_infos(sampler_name, scheduler))
+
+
+def _expand_automatic(info: SamplerInfo, chosen: SchedulerInfo) -> SchedulerInfo:
+    if chosen is _AUTOMATIC and info.default_scheduler is not None:
+        return _SCHEDULERS_BY_NAME[info.default_scheduler]
+    return chosen
+
+
+def ensd_in_infotext(sampler_name: str, eta: float | None = None) -> bool:
+    """Whether a non-zero ENSD is written (§8.5): ``uses_ensd`` and an effective eta ≠ 0.
+
+    The flag is not the same as "ENSD changes the image" (Restart, LCM, DDIM with eta are
+    affected but never show it); the infotext only follows the flag.
+    """
+    info, _ = _resolve_infos(sampler_name, None)
+    if eta is None:
+        eta = _default_eta(info)
+    if eta == 0:
+        return False
+    return info.uses_ensd
+
+
+def _default_eta(info: SamplerInfo) -> float:
+    """The eta settings' defaults: "Eta for DDIM" 0, "Eta for k-diffusion samplers" 1."""
+    return 0.0 if info.name in _TIMESTEP_SAMPLERS else 1.0
+
+
+# --------------------------------------------------------------------------------------
+# The model's discrete noise table (§9.2, §9.3)
+
+
+@dataclass(frozen=True)
+class _NoiseTable:
+    """σ of each training timestep, ascending, with k-diffusion's log-σ interpolation."""
+
+    sigmas: torch.Tensor
+    log_sigmas: torch.Tensor
+
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor) -> _NoiseTable:
+        return cls(sigmas=sigmas, log_sigmas=sigmas.log())
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ(t): geometric interpolation between the two neighbouring table entries."""
+        t = t.float()
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return log_sigma.exp()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t(σ): the inverse of :meth:`t_to_sigma`, clamped to the table's ends."""
+        log_sigma = sigma.log()
+        dtype = torch.promote_types(log_sigma.dtype, self.log_sigmas.dtype)
+        log_sigma = log_sigma.to(dtype)
+        table = self.log_sigmas.to(dtype)
+        flat = log_sigma.reshape(-1)
+        # Index of the last entry <= log σ, kept inside [0, len-2] so there is always a
+        # right neighbour; below the table this is 0 and w clamps to 0, above it w clamps to 1.
+        count = torch.searchsorted(table, flat, right=True)
+        low = (count - 1).clamp(0, table.shape[0] - 2)
+        high = low + 1
+        low_value, high_value = table[low], table[high]
+        w = ((low_value - flat) / (low_value - high_value)).clamp(0, 1)
+        t = (1 - w) * low.to(dtype) + w * high.to(dtype)
+        return t.reshape(sigma.shape)
+
+    def default_sigmas(self, n: int) -> torch.Tensor:
+        """k-diffusion's own schedule: n timesteps evenly spaced from the top of the table to 0."""
+        t = torch.linspace(self.sigmas.shape[0] - 1, 0, n, dtype=torch.float32)
+        return _append_zero(self.t_to_sigma(t))
+
+
+def _sd_table() -> _NoiseTable:
+    """The SD1/SD2/SDXL table: β and ᾱ in float64, ᾱ stored as float32, σ in float32.
+
+    Rebuilt per call (it takes microseconds) so no module-level tensor can be mutated.
+    """
+    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    return _NoiseTable.from_sigmas(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+
+
+def _lcm_table() -> _NoiseTable:
+    """LCM's denoiser only knows the 50 timesteps 19, 39, …, 999 of the full table."""
+    skip = _TRAIN_TIMESTEPS // _LCM_ORIGINAL_STEPS
+    return _NoiseTable.from_sigmas(_sd_table().sigmas[skip - 1 :: skip].clone())
+
+
+def _table_for(info: SamplerInfo) -> _NoiseTable:
+    return _lcm_table() if info.name == "LCM" else _sd_table()
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def sigma_to_timestep(sigmas: torch.Tensor) -> torch.Tensor:
+    """The continuous UNet timestep t(σ) of the SD table, elementwise (§9.3).
+
+    Fractional, because k-diffusion samplers visit σ's between the training timesteps.
+    t(σ_max) = 999, t(σ_min) = 0, and σ's outside the table clamp to those ends (σ = 0 → 0).
+    """
+    return _sd_table().sigma_to_t(torch.as_tensor(sigmas))
+
+
+# --------------------------------------------------------------------------------------
+# Schedules (§9.2)
+
+
+@dataclass(frozen=True)
+class _ScheduleInput:
+    n: int
+    table: _NoiseTable
+    sigma_lo: float
+    sigma_hi: float
+    sdxl: bool
+
+
+def _uniform(p: _ScheduleInput) -> torch.Tensor:
+    return p.table.default_sigmas(p.n)
+
+
+def _karras(p: _ScheduleInput, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, p.n, dtype=torch.float32)
+    lo_root = p.sigma_lo ** (1 / rho)
+    hi_root = p.sigma_hi ** (1 / rho)
+    return _append_zero((hi_root + ramp * (lo_root - hi_root)) ** rho)
+
+
+def _exponential(p: _ScheduleInput) -> torch.Tensor:
+    return _append_zero(
+        torch.linspace(math.log(p.sigma_hi), math.log(p.sigma_lo), p.n, dtype=torch.float32).exp()
+    )
+
+
+def _polyexponential(p: _ScheduleInput, rho: float = 1.0) -> torch.Tensor:
+    ramp = torch.linspace(1, 0, p.n, dtype=torch.float32) ** rho
+    log_lo = math.log(p.sigma_lo)
+    return _append_zero(torch.exp(ramp * (math.log(p.sigma_hi) - log_lo) + log_lo))
+
+
+def _timestep_range(p: _ScheduleInput) -> tuple[float, float]:
+    """t(σ_hi), t(σ_lo) as float32 values, the way the table-walking schedules start and end."""
+    ends = torch.tensor([p.sigma_hi, p.sigma_lo], dtype=torch.float32)
+    start, end = p.table.sigma_to_t(ends).tolist()
+    return start, end
+
+
+def _sgm_uniform(p: _ScheduleInput) -> torch.Tensor:
+    start, end = _timestep_range(p)
+    t = torch.linspace(start, end, p.n + 1, dtype=torch.float32)[:-1]
+    return _append_zero(p.table.t_to_sigma(t))
+
+
+def _normal(p: _ScheduleInput) -> torch.Tensor:
+    start, end = _timestep_range(p)
+    return _append_zero(p.table.t_to_sigma(torch.linspace(start, end, p.n, dtype=torch.float32)))
+
+
+def _kl_optimal(p: _ScheduleInput) -> torch.Tensor:
+    """n + 1 entries from σ_hi to σ_lo, deliberately without a trailing 0."""
+    atan_lo = torch.atan(torch.tensor(p.sigma_lo, dtype=torch.float32))
+    atan_hi = torch.atan(torch.tensor(p.sigma_hi, dtype=torch.float32))
+    frac = torch.arange(p.n + 1, dtype=torch.float32) / p.n
+    return torch.tan(frac * atan_lo + (1.0 - frac) * atan_hi)
+
+
+def _align_your_steps(p: _ScheduleInput) -> torch.Tensor:
+    table = _AYS_SDXL if p.sdxl else _AYS_SD15
+    if p.n == len(table):
+        return torch.tensor([*table, 0.0], dtype=torch.float32)
+    xs = np.linspace(0, 1, len(table))
+    log_ascending = np.log(np.array(table[::-1], dtype=np.float64))
+    interpolated = np.exp(np.interp(np.linspace(0, 1, p.n), xs, log_ascending))[::-1]
+    return torch.tensor(np.append(interpolated, [0.0]), dtype=torch.float32)
+
+
+def _simple(p: _ScheduleInput) -> torch.Tensor:
+    descending = p.table.sigmas.flip(0)
+    stride = descending.shape[0] / p.n
+    picked = descending[[int(i * stride) for i in range(p.n)]]
+    return _append_zero(picked)
+
+
+def _ddim(p: _ScheduleInput) -> torch.Tensor:
+    """Every ``size // n``-th table entry from index 1: can give more than n + 1 entries."""
+    size = p.table.sigmas.shape[0]
+    stride = max(size // p.n, 1)
+    return _append_zero(p.table.sigmas[1:size:stride].flip(0))
+
+
+def _beta(p: _ScheduleInput) -> torch.Tensor:
+    """Linear in σ between the ends, spaced by the Beta(0.6, 0.6) quantiles (double precision)."""
+    from scipy import stats  # imported here: scipy.stats is slow to import and rarely needed
+
+    u = 1 - np.linspace(0, 1, p.n)
+    q = stats.beta.ppf(u, _BETA_DIST_ALPHA, _BETA_DIST_BETA)
+    sigmas = p.sigma_lo + q * (p.sigma_hi - p.sigma_lo)
+    return torch.tensor(np.append(sigmas, [0.0]), dtype=torch.float32)
+
+
+_SCHEDULE_FUNCTIONS = {
+    "uniform": _uniform,
+    "karras": _karras,
+    "exponential": _exponential,
+    "polyexponential": _polyexponential,
+    "sgm_uniform": _sgm_uniform,
+    "kl_optimal": _kl_optimal,
+    "align_your_steps": _align_your_steps,
+    "simple": _simple,
+    "normal": _normal,
+    "ddim": _ddim,
+    "beta": _beta,
+}
+
+
+@dataclass
+class SigmaSchedule:
+    """The σ's a k-diffusion sampler visits, and the infotext fields choosing them adds."""
+
+    sigmas: torch.Tensor
+    infotext_fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_steps(steps: int) -> int:
+    value = operator.index(steps)
+    if value < 1:
+        raise ValueError(f"steps must be >= 1, got {value}")
+    return value
+
+
+def sigma_schedule(sampler: str, scheduler: str, steps: int, *, sdxl: bool = False) -> SigmaSchedule:
+    """A1111's ``get_sigmas`` with default settings for one sampler and Schedule type.
+
+    Names resolve as in generation (:func:`resolve`), so unknown text means Automatic and
+    an unknown sampler means DPM++ 2M. Discarding samplers get the schedule for
+    ``steps + 1`` with the next-to-last σ removed. The timestep samplers (DDIM, PLMS, …)
+    never ask A1111 for σ's; for them this is the schedule of a sampler with no default.
+    Raises ``ValueError`` for ``steps < 1`` (``TypeError`` if it is not an integer).
+    """
+    steps = _check_steps(steps)
+    info, requested = _resolve_infos(sampler, scheduler)
+    chosen = _expand_automatic(info, requested)
+    n = steps + 1 if info.discard_penultimate_sigma else steps
+    table = _table_for(info)
+    fields: dict[str, Any] = {}
+    if chosen is _AUTOMATIC:
+        sigmas = table.default_sigmas(n)
+    else:
+        fields["Schedule type"] = chosen.label
+        if chosen.name == "beta":
+            fields["Beta schedule alpha"] = _BETA_DIST_ALPHA
+            fields["Beta schedule beta"] = _BETA_DIST_BETA
+        inputs = _ScheduleInput(n, table, table.sigma_min, table.sigma_max, bool(sdxl))
+        sigmas = _SCHEDULE_FUNCTIONS[chosen.name](inputs)
+    if info.discard_penultimate_sigma:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return SigmaSchedule(sigmas=sigmas, infotext_fields=fields)
+
+
+# --------------------------------------------------------------------------------------
+# Timestep samplers (§9.4)
+
+
+def _timestep_sampler(sampler: str, allowed: tuple[str, ...]) -> str:
+    if sampler not in allowed:
+        raise ValueError(f"{sampler!r} is not one of the timestep samplers {', '.join(allowed)}")
+    return sampler
+
+
+def timesteps(sampler: str, steps: int) -> list[int]:
+    """Ascending UNet timesteps of DDIM, DDIM CFG++, PLMS and UniPC.
+
+    Spacing ``1000 // steps`` from 1, so there are more than ``steps`` of them when 1000 is
+    not divisible (30 → 31); at 501+ steps the last one is clipped to 999 and repeats.
+    Raises ``ValueError`` for other samplers and for ``steps`` outside 1 … 1000 (A1111's
+    spacing is 0 above 1000).
+    """
+    _timestep_sampler(sampler, _TIMESTEP_SAMPLERS)
+    steps = _check_steps(steps)
+    stride = _TRAIN_TIMESTEPS // steps
+    if stride == 0:
+        raise ValueError(f"steps must be <= {_TRAIN_TIMESTEPS} for {sampler}, got {steps}")
+    return [min(t + 1, _TRAIN_TIMESTEPS - 1) for t in range(0, _TRAIN_TIMESTEPS, stride)]
+
+
+def unet_call_timesteps(sampler: str, steps: int) -> list[int]:
+    """The timestep of every UNet call of A1111's DDIM, DDIM CFG++ and PLMS loops, in order.
+
+    The loops stop above the lowest timestep, which only serves as the last update's
+    target: DDIM makes ``len(timesteps) - 1`` calls. PLMS adds one call in its first
+    iteration, at the next lower timestep. UniPC picks its own times → ``ValueError``.
+    """
+    _timestep_sampler(sampler, ("DDIM", "DDIM CFG++", "PLMS"))
+    ts = timesteps(sampler, steps)
+    descending = ts[:0:-1]
+    if sampler in _DDIM_LIKE_LOOPS or not descending:
+        return descending
+    return [descending[0], ts[-2], *descending[1:]]
