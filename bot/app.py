@@ -89,7 +89,11 @@ class App:
 
 
 def build_app(
-    settings: Settings, *, engines: list[Any] | None = None, library: Any = None, plugins: tuple[Any, ...] = ()
+    settings: Settings,
+    *,
+    engines: list[Any] | None = None,
+    library: Any = None,
+    plugins: tuple[Any, ...] = (),
 ) -> App:
     """Build everything. ``engines``/``library`` let several Apps share loaded checkpoints;
     ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -117,6 +116,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from bot.app import build_app
+    from bot.commands import join_words
     from bot.events import reply_text
     from bot.types import Actor, Failed, Finished, JobEvent
 
@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if output is None:
         print("atelier generate: -o FILE is required", file=sys.stderr)
         return 2
-    text = shlex.join(words) if len(words) > 1 else " ".join(words)
+    text = join_words(words)
     actor = Actor(platform="console", user_id="cli", name="cli", locale=settings.bot.locale, chat_id="cli")
 
     async def go() -> int:

@@ -128,3 +128,15 @@ def _unquote_whole(text: str) -> str:
         if end == len(text):
             return value
     return text
+
+
+def quote_value(word: str) -> str:
+    """Quote one word for this grammar (used to rebuild a command line from argv)."""
+    if word and not any(ch.isspace() or ch in QUOTES or ch == "\\" for ch in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def join_words(words: list[str]) -> str:
+    """argv-style words -> one command text: every word quoted as needed, options left bare."""
+    return " ".join(word if _OPTION.fullmatch(word) else quote_value(word) for word in words)

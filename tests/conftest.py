@@ -89,14 +89,17 @@ def tiny_engine(tiny_library: Any) -> Any:
 
 
 @pytest.fixture
-async def make_app(tmp_path: Path, database_url: str, tiny_library: Any, tiny_engine: Any
-                   ) -> AsyncIterator[Callable[..., Any]]:
+async def make_app(
+    tmp_path: Path, database_url: str, tiny_library: Any, tiny_engine: Any
+) -> AsyncIterator[Callable[..., Any]]:
     """Build and start Apps on this test's database; all are stopped at the end."""
     from bot.app import build_app
 
     apps = []
 
-    async def factory(*, extra_plugins: tuple[Any, ...] = (), start: bool = True, **tables: dict[str, Any]) -> Any:
+    async def factory(
+        *, extra_plugins: tuple[Any, ...] = (), start: bool = True, **tables: dict[str, Any]
+    ) -> Any:
         settings = make_settings(tmp_path, database_url, **tables)
         app = build_app(settings, engines=[tiny_engine], library=tiny_library, plugins=extra_plugins)
         apps.append(app)
@@ -122,7 +125,11 @@ class EventLog:
         self._changed.set()
 
     def of(self, kind: str, generation_id: str | None = None) -> list[Any]:
-        return [e for e in self.events if e.kind == kind and (generation_id is None or e.generation_id == generation_id)]
+        return [
+            e
+            for e in self.events
+            if e.kind == kind and (generation_id is None or e.generation_id == generation_id)
+        ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
         async def loop() -> None:

@@ -13,8 +13,15 @@ def test_the_full_example() -> None:
     )
     assert parsed.text == "a cat, masterpiece"
     assert parsed.options == [
-        ("negative", "lowres"), ("steps", "28"), ("cfg", "7"), ("size", "512x768"), ("seed", "5"),
-        ("sampler", "Euler a"), ("batch", "2"), ("count", "2"), ("checkpoint", "tiny"),
+        ("negative", "lowres"),
+        ("steps", "28"),
+        ("cfg", "7"),
+        ("size", "512x768"),
+        ("seed", "5"),
+        ("sampler", "Euler a"),
+        ("batch", "2"),
+        ("count", "2"),
+        ("checkpoint", "tiny"),
     ]
 
 
@@ -27,7 +34,11 @@ def test_the_full_example() -> None:
         ("a cat --neg lowres, bad hands --seed -1", "a cat", [("neg", "lowres, bad hands"), ("seed", "-1")]),
         ("a cat --seed=7", "a cat", [("seed", "7")]),
         ('a --negative "say \\"hi\\"" --steps 3', "a", [("negative", 'say "hi"'), ("steps", "3")]),
-        ("一只猫 --negative “低质量, 水印” --steps 4", "一只猫", [("negative", "低质量, 水印"), ("steps", "4")]),
+        (
+            "一只猫 --negative “低质量, 水印” --steps 4",
+            "一只猫",
+            [("negative", "低质量, 水印"), ("steps", "4")],
+        ),
         ("a cat --private", "a cat", [("private", None)]),
         ("well-known --x", "well-known", [("x", None)]),
         ("", "", []),
@@ -57,3 +68,12 @@ def test_split_command() -> None:
     assert split_command("/Draw@AtelierBot a cat") == ("draw", "a cat")
     assert split_command("/help") == ("help", "")
     assert split_command("a cat") is None
+
+
+def test_argv_words_round_trip_through_the_grammar() -> None:
+    from bot.commands import join_words
+
+    words = ['a "cute" cat, (x:1.2)', "--negative", "low res\\", "--steps", "4", "--sampler", "Euler a"]
+    parsed = parse_args(join_words(words))
+    assert parsed.text == 'a "cute" cat, (x:1.2)'
+    assert parsed.options == [("negative", "low res\\"), ("steps", "4"), ("sampler", "Euler a")]

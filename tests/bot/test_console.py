@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from PIL import Image
 
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
+from tests.conftest import _drop_postgres_database, _fresh_postgres_database
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +48,20 @@ def test_generate_writes_a_png_whose_infotext_parses_back_and_repeats(tmp_path: 
     outputs = []
     for name in ("x.png", "y.png"):
         out = tmp_path / name
-        cmd = _atelier("generate", "a cat", "--checkpoint", "tiny", "--seed", "1", "--steps", "4",
-                       "--size", "64x64", "-o", str(out))
+        cmd = _atelier(
+            "generate",
+            "a cat",
+            "--checkpoint",
+            "tiny",
+            "--seed",
+            "1",
+            "--steps",
+            "4",
+            "--size",
+            "64x64",
+            "-o",
+            str(out),
+        )
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         outputs.append(out)
@@ -62,7 +76,9 @@ def test_generate_writes_a_png_whose_infotext_parses_back_and_repeats(tmp_path: 
 
 def test_generate_reports_bad_input(tmp_path: Path) -> None:
     cmd = _atelier("generate", "a cat", "--steps", "0", "-o", str(tmp_path / "x.png"))
-    result = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    result = subprocess.run(
+        cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "--steps must be from 1 to 150, got 0" in result.stderr
     assert not (tmp_path / "x.png").exists()
@@ -70,19 +86,36 @@ def test_generate_reports_bad_input(tmp_path: Path) -> None:
 
 def test_console_draw_prints_queued_progress_finished(tmp_path: Path) -> None:
     result = subprocess.run(
-        _atelier("console", "--json", "--user", "alice"), input="/draw a cat --checkpoint tiny --steps 4 --size 64x64\n",
-        env=_env(tmp_path), capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        _atelier("console", "--json", "--user", "alice"),
+        input="/draw a cat --checkpoint tiny --steps 4 --size 64x64\n",
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     events = _events(result.stdout)
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "reply" and kinds[1] == "queued" and kinds[2] == "started"
-    assert kinds.count("progress") == 4 and kinds[-1] == "finished"
+    assert kinds[0] == "queued" and "reply" in kinds
+    job_kinds = [k for k in kinds if k != "reply"]
+    assert job_kinds == ["queued", "started", "progress", "progress", "progress", "progress", "finished"]
+    assert [(e["step"], e["total"]) for e in events if e["event"] == "progress"] == [
+        (1, 4),
+        (2, 4),
+        (3, 4),
+        (4, 4),
+    ]
     path = Path(events[-1]["images"][0]["path"])
     assert path.is_file() and parse(read_infotext(path.read_bytes()))["Steps"] == "4"
     text = subprocess.run(
-        _atelier("console", "--locale", "zh-CN"), input="/draw a cat --steps 0\n/draw a cat --steps 2 --size 64x64\n",
-        env=_env(tmp_path), capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        _atelier("console", "--locale", "zh-CN"),
+        input="/draw a cat --steps 0\n/draw a cat --steps 2 --size 64x64\n",
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
     )
     assert "--steps 必须在 1 到 150 之间，收到 0。" in text.stdout
     assert "已排队" in text.stdout and "完成：" in text.stdout and ".png" in text.stdout
@@ -100,24 +133,45 @@ def test_plugins_and_db_upgrade_commands(tmp_path: Path) -> None:
 
 def test_bad_config_fails_at_startup_naming_the_key(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[limits]\nmax_steps = -3\n", encoding="utf-8")
-    result = subprocess.run(_atelier("plugins"), env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        _atelier("plugins"), env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "[limits] max_steps" in result.stderr
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_sigkill_with_jobs_queued_loses_nothing_and_runs_nothing_twice(tmp_path: Path, backend: str) -> None:
-    database_url = None
-    if backend == "postgres":
-        database_url = _postgres_database(tmp_path)
-    env = _env(tmp_path, database_url)
+@pytest.fixture(params=["sqlite", "postgres"])
+def process_database(request: pytest.FixtureRequest, tmp_path: Path):
+    """None (SQLite in the data dir) or a fresh PostgreSQL database, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
+        pytest.skip("PostgreSQL not configured")
+    database = asyncio.run(_fresh_postgres_database())
+    yield database
+    asyncio.run(_drop_postgres_database(database))
+
+
+def test_sigkill_with_jobs_queued_loses_nothing_and_runs_nothing_twice(
+    tmp_path: Path, process_database
+) -> None:
+    env = _env(tmp_path, process_database)
     proc = subprocess.Popen(
-        _atelier("console", "--json"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, text=True, cwd=tmp_path,
+        _atelier("console", "--json"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.stdin and proc.stdout
     # one slow job occupies the device; three more wait behind it
-    proc.stdin.write("/draw slow --steps 150 --size 256x256 --seed 1\n")
+    proc.stdin.write("/draw slow --steps 30 --size 128x128 --seed 1\n")
     for seed in (2, 3, 4):
         proc.stdin.write(f"/draw a cat --steps 4 --size 64x64 --seed {seed}\n")
     proc.stdin.flush()
@@ -135,23 +189,17 @@ def test_sigkill_with_jobs_queued_loses_nothing_and_runs_nothing_twice(tmp_path:
     jobs = [e["id"] for e in seen if e["event"] == "queued"]
     assert len(jobs) == 4
 
-    rerun = subprocess.run(_atelier("console", "--json"), input="", env=env, capture_output=True, text=True,
-                           timeout=400, cwd=tmp_path)
+    rerun = subprocess.run(
+        _atelier("console", "--json"),
+        input="",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
     assert rerun.returncode == 0, rerun.stderr
     events = _events(rerun.stdout)
     finished = [e["id"] for e in events if e["event"] == "finished"]
     assert sorted(finished) == sorted(jobs)  # all finish, each exactly once
     assert all(Path(e["images"][0]["path"]).is_file() for e in events if e["event"] == "finished")
-
-
-def _postgres_database(tmp_path: Path) -> str:
-    url = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
-        pytest.skip("PostgreSQL not configured")
-    import asyncio
-
-    from tests.conftest import _fresh_postgres_database
-
-    return asyncio.run(_fresh_postgres_database())

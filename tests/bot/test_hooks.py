@@ -66,20 +66,31 @@ def test_hook_register_commands_duplicate_names_fail_naming_both(tmp_path: Path)
         build_app(make_settings(tmp_path), plugins=(Dup(),), engines=[object()], library=object())
 
 
-async def test_hook_register_styles_and_register_negative_presets(make_app) -> None:
+async def test_hook_register_styles(make_app) -> None:
     class Lib:
         @hookimpl
         def register_styles(self, register):
             register("anime", "anime style, {prompt}", "photo")
 
+    app = await make_app(extra_plugins=(Lib(),))
+    assert app.styles.get("Anime").prompt == "anime style, {prompt}"
+    assert app.styles.get("anime").negative_prompt == "photo"
+    assert app.styles.owners["anime"] == app.pm.get_name(_plugin(app, Lib))
+
+
+async def test_hook_register_negative_presets(make_app) -> None:
+    class Presets:
         @hookimpl
         def register_negative_presets(self, register):
             register("nai", "lowres, bad anatomy")
 
-    app = await make_app(extra_plugins=(Lib(),))
-    assert app.styles.get("Anime").prompt == "anime style, {prompt}"
-    assert app.presets.get("nai").negative_prompt == "lowres, bad anatomy"
-    assert app.styles.owners["anime"] == app.presets.owners["nai"]
+    app = await make_app(extra_plugins=(Presets(),))
+    assert app.presets.get("NAI").negative_prompt == "lowres, bad anatomy"
+    assert app.presets.owners["nai"] == app.pm.get_name(_plugin(app, Presets))
+
+
+def _plugin(app, cls):
+    return next(p for p in app.pm.get_plugins() if isinstance(p, cls))
 
 
 async def test_hook_modify_request(make_app) -> None:
@@ -210,24 +221,32 @@ async def test_hook_handle_error(make_app) -> None:
     app = await make_app(extra_plugins=(Oops(), Advice()))
     replies = await _draw(app, "/crash")
     assert replies[0].key == "error.out_of_memory" and replies[0].params == {"detail": "boom"}
-    app.pm.unregister(name=app.pm.get_name(next(p for p in app.pm.get_plugins() if isinstance(p, Advice))))
+    app.pm.unregister(_plugin(app, Advice))
     replies = await _draw(app, "/crash")
     assert replies[0].key == "error.internal" and len(replies[0].params["ref"]) == 8
 
 
-async def test_hook_startup_and_shutdown(make_app) -> None:
+async def test_hook_startup(make_app) -> None:
     events = []
 
     class Life:
         @hookimpl
         async def startup(self, app):
-            events.append("startup")
+            events.append(("startup", app.started))
 
+    await make_app(extra_plugins=(Life(),))
+    assert events == [("startup", True)]
+
+
+async def test_hook_shutdown(make_app) -> None:
+    events = []
+
+    class Life:
         @hookimpl
         def shutdown(self, app):
             events.append("shutdown")
 
     app = await make_app(extra_plugins=(Life(),))
-    assert events == ["startup"]
+    assert events == []
     await app.stop()
-    assert events == ["startup", "shutdown"]
+    assert events == ["shutdown"]

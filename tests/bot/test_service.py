@@ -41,13 +41,29 @@ async def test_draw_queues_progresses_and_finishes_with_infotext(make_app) -> No
         fields = parse(read_infotext(data))
         assert fields["Prompt"] == "a cat, masterpiece"
         assert fields["Seed"] == str(image.seed)
-        assert (fields["Steps"], fields["Size-1"], fields["Size-2"], fields["CFG scale"]) == ("4", "64", "64", "7")
+        assert (fields["Steps"], fields["Size-1"], fields["Size-2"], fields["CFG scale"]) == (
+            "4",
+            "64",
+            "64",
+            "7",
+        )
         assert fields["Sampler"] == "Euler a"
     record = await app.store.get(job_id)
     assert record.status == "finished"
     req = record.request
-    assert (req.prompt, req.num_inference_steps, req.seed, req.width, req.height) == ("a cat, masterpiece", 4, 5, 64, 64)
-    assert (req.guidance_scale, req.sampler_name, req.scheduler, req.checkpoint) == (7, "Euler a", "Automatic", "tiny")
+    assert (req.prompt, req.num_inference_steps, req.seed, req.width, req.height) == (
+        "a cat, masterpiece",
+        4,
+        5,
+        64,
+        64,
+    )
+    assert (req.guidance_scale, req.sampler_name, req.scheduler, req.checkpoint) == (
+        7,
+        "Euler a",
+        "Automatic",
+        "tiny",
+    )
     assert (req.num_images_per_prompt, req.clip_skip, req.rng, req.ensd) == (2, 1, "CPU", 0)
     assert record.device_seconds > 0 and record.started_at and record.finished_at
     assert [i.seed for i in record.images] == [5, 6]
@@ -150,18 +166,68 @@ async def test_a_job_interrupted_too_often_fails_with_a_message(make_app) -> Non
 @pytest.mark.parametrize(
     ("line", "key", "english", "chinese"),
     [
-        ("/draw a cat --steps 0", "error.out_of_range", "--steps must be from 1 to 150, got 0", "--steps 必须在 1 到 150 之间"),
-        ("/draw a cat --size 10x10", "error.bad_size", "each from 64 to 2048 in multiples of 8", "每边 64 到 2048"),
-        ("/draw a cat --cfg abc", "error.not_a_number", '--cfg must be a number from 1.0 to 30.0, got "abc"', "--cfg 必须是 1.0 到 30.0 之间的数字"),
-        ("/draw a cat --stesp 4", "error.unknown_option", "Unknown option --stesp (did you mean --steps?)", "未知选项 --stesp（是否想用 --steps？）"),
+        (
+            "/draw a cat --steps 0",
+            "error.out_of_range",
+            "--steps must be from 1 to 150, got 0",
+            "--steps 必须在 1 到 150 之间",
+        ),
+        (
+            "/draw a cat --size 10x10",
+            "error.bad_size",
+            "each from 64 to 2048 in multiples of 8",
+            "每边 64 到 2048",
+        ),
+        (
+            "/draw a cat --cfg abc",
+            "error.not_a_number",
+            '--cfg must be a number from 1.0 to 30.0, got "abc"',
+            "--cfg 必须是 1.0 到 30.0 之间的数字",
+        ),
+        (
+            "/draw a cat --stesp 4",
+            "error.unknown_option",
+            "Unknown option --stesp (did you mean --steps?)",
+            "未知选项 --stesp（是否想用 --steps？）",
+        ),
         ('/draw a cat --negative "lowres', "error.unclosed_quote", "Unclosed quote", "引号"),
-        ("/draw " + "a" * 10_000, "error.prompt_too_long", "10000 characters long; at most 2000", "最多允许 2000 个"),
-        ("/draw a cat --checkpoint nope", "error.unknown_checkpoint", 'Unknown checkpoint "nope". Available: tiny', "未知模型“nope”。可用模型：tiny"),
-        ("/draw a cat --sampler Eulr", "error.unknown_sampler", "Available: DPM++ 2M,", "可用采样器：DPM++ 2M"),
-        ("/draw a cat --size 2048x2048", "error.too_many_pixels", "at most 1048576 pixels", "最多 1048576 像素"),
-        ("/draw a cat --seed -5", "error.seed_range", "-1 (random) or a whole number from 0 to", "-1（随机）"),
+        (
+            "/draw " + "a" * 10_000,
+            "error.prompt_too_long",
+            "10000 characters long; at most 2000",
+            "最多允许 2000 个",
+        ),
+        (
+            "/draw a cat --checkpoint nope",
+            "error.unknown_checkpoint",
+            'Unknown checkpoint "nope". Available: tiny',
+            "未知模型“nope”。可用模型：tiny",
+        ),
+        (
+            "/draw a cat --sampler Eulr",
+            "error.unknown_sampler",
+            "Available: DPM++ 2M,",
+            "可用采样器：DPM++ 2M",
+        ),
+        (
+            "/draw a cat --size 2048x2048",
+            "error.too_many_pixels",
+            "at most 1048576 pixels",
+            "最多 1048576 像素",
+        ),
+        (
+            "/draw a cat --seed -5",
+            "error.seed_range",
+            "-1 (random) or a whole number from 0 to",
+            "-1（随机）",
+        ),
         ("/draw (a:1.2.3)", "error.prompt_syntax", "could not be read", "无法解析"),
-        ("/paint a cat", "error.unknown_command", "Unknown command /paint. Commands: /cancel, /draw", "未知命令 /paint"),
+        (
+            "/paint a cat",
+            "error.unknown_command",
+            "Unknown command /paint. Commands: /cancel, /draw",
+            "未知命令 /paint",
+        ),
     ],
 )
 async def test_bad_input_is_refused_in_both_languages_and_nothing_is_stored(

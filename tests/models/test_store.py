@@ -22,14 +22,21 @@ async def store(database_url: str):
 
 
 def _request(**changes) -> GenerationRequest:
-    base = GenerationRequest(prompt="a cat", seed=5, guidance_scale=7, num_inference_steps=4, width=64, height=64)
+    base = GenerationRequest(
+        prompt="a cat", seed=5, guidance_scale=7, num_inference_steps=4, width=64, height=64
+    )
     return base.replace(**changes)
 
 
 async def _add(store: Store, *ids: str, request: GenerationRequest | None = None) -> int:
     user = await store.ensure_user("console", "alice", "Alice", "en")
-    jobs = [NewJob(id=i, request=request or _request(), group_id="G" + ids[0], group_index=n) for n, i in enumerate(ids)]
-    await store.add_jobs(user.id, jobs, chat_id="c1", guild_id=None, reply_to={"console": True}, roles=["moderator"])
+    jobs = [
+        NewJob(id=i, request=request or _request(), group_id="G" + ids[0], group_index=n)
+        for n, i in enumerate(ids)
+    ]
+    await store.add_jobs(
+        user.id, jobs, chat_id="c1", guild_id=None, reply_to={"console": True}, roles=["moderator"]
+    )
     return user.id
 
 
@@ -48,8 +55,16 @@ async def test_migrations_match_the_models(store: Store) -> None:
 
 
 async def test_a_job_keeps_every_parameter_losslessly(store: Store) -> None:
-    request = _request(guidance_scale=7.0, subseed=99, subseed_strength=0.25, clip_skip=2, ensd=31337, rng="NV",
-                       styles=("anime",), extra={"Hires upscale": 2})
+    request = _request(
+        guidance_scale=7.0,
+        subseed=99,
+        subseed_strength=0.25,
+        clip_skip=2,
+        ensd=31337,
+        rng="NV",
+        styles=("anime",),
+        extra={"Hires upscale": 2},
+    )
     await _add(store, "J1", request=request)
     record = await store.get("J1")
     assert record is not None
