@@ -99,7 +99,7 @@ def build_app(
     ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones."""
     pm = build_plugin_manager(settings.plugins.disabled)
     for plugin in plugins:
-        pm.register(plugin)
+        pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
     if library is None:
         from pipeline.checkpoints import CheckpointLibrary
 

@@ -69,8 +69,12 @@ async def test_a_users_first_job_outranks_everyones_second() -> None:
     try:
         queue.put(_job("a", 1))  # starts at once and waits at the gate
         await asyncio.sleep(0.05)
-        positions = [queue.put(_job("a", 2)), queue.put(_job("a", 3)), queue.put(_job("b", 4)),
-                     queue.put(_job("c", 5, priority=5))]
+        positions = [
+            queue.put(_job("a", 2)),
+            queue.put(_job("a", 3)),
+            queue.put(_job("b", 4)),
+            queue.put(_job("c", 5, priority=5)),
+        ]
         assert positions == [1, 2, 1, 1]
         assert [queue.position(i) for i in ("a1", "c5", "b4", "a2", "a3")] == [0, 1, 2, 3, 4]
         await _drain(runner, queue, 5)
