@@ -153,17 +153,11 @@ def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
     """
     from pipeline import samplers
 
-    names = [info.name for info in samplers.list_samplers()]
     try:
-        info = samplers.get_sampler(name.strip())
-        sampler = info.name
-    except samplers.UnknownSampler:
-        sampler, legacy_scheduler = samplers.resolve(name.strip())
-        if not name.strip().casefold().startswith(sampler.casefold() + " "):
-            raise UserError("error.unknown_sampler", name=name, available=", ".join(names)) from None
-        if scheduler.casefold() == "automatic":
-            scheduler = legacy_scheduler
-    return sampler, resolve_scheduler(scheduler)
+        selection = samplers.select_sampler(name.strip(), resolve_scheduler(scheduler))
+    except samplers.UnknownSampler as exc:
+        raise UserError(exc.key, **exc.params) from None
+    return selection.name, selection.schedule
 
 
 def resolve_scheduler(name: str) -> str:

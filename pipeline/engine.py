@@ -122,48 +122,11 @@ _SCHEDULE_OPTIONS: dict[str, tuple[tuple[str, Any], ...]] = {
 _TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 
 
-def sampler_names() -> list[str]:
-    return [info.name for info in samplers.list_samplers()]
-
-
-@dataclass(frozen=True)
-class SamplerSelection:
-    """A request's sampler as generation uses it.
-
-    ``schedule`` is the Schedule type as requested (after a legacy name suffix such as
-    " Karras" is applied), what the infotext shows; ``effective_schedule`` is the one that
-    runs, "Automatic" expanded to the sampler's default (DPM++ 2M -> Karras).
-    """
-
-    name: str
-    schedule: str
-    effective_schedule: str
-
-
-def select_sampler(sampler_name: str, scheduler: str = "Automatic") -> SamplerSelection:
-    """Accept an A1111 sampler name or alias in any case, or a legacy name with a schedule
-    suffix ("DPM++ 2M Karras").
-
-    A1111 silently runs DPM++ 2M for a name it does not know; a bot should say so instead,
-    hence ``UnknownSampler`` listing the real names.
-    """
-    try:
-        lookup = samplers.get_sampler(sampler_name).name
-    except UnknownSampler:
-        resolved, _label = samplers.resolve(sampler_name, scheduler)
-        if not sampler_name.startswith(resolved + " "):
-            raise UnknownSampler(sampler_name, sampler_names()) from None
-        lookup = sampler_name
-    name, schedule = samplers.resolve(lookup, scheduler)
-    effective = samplers.effective_scheduler(lookup, scheduler).label
-    return SamplerSelection(name=name, schedule=schedule, effective_schedule=effective)
-
-
 def scheduler_choice(sampler_name: str, schedule_label: str) -> SchedulerChoice:
     """The diffusers scheduler for a canonical sampler name and a resolved schedule label."""
     base = _SAMPLER_SCHEDULERS.get(sampler_name)
     if base is None:
-        raise UnknownSampler(sampler_name, sampler_names())
+        raise UnknownSampler(sampler_name, samplers.sampler_names())
     if sampler_name in _TIMESTEP_SAMPLERS:
         return base
     options = dict(base.options)
@@ -352,7 +315,7 @@ class Engine:
         ``device_seconds`` covers the whole call on this thread, a model load included.
         """
         started = time.perf_counter()
-        sampler = select_sampler(request.sampler_name, request.scheduler)
+        sampler = samplers.select_sampler(request.sampler_name, request.scheduler)
         tracker = _StepTracker(request.num_inference_steps, on_progress, should_stop)
         with self._lock:
             model = self._model(request.checkpoint)
@@ -400,7 +363,7 @@ class Engine:
         self,
         model: _LoadedModel,
         request: GenerationRequest,
-        sampler: SamplerSelection,
+        sampler: samplers.SamplerSelection,
         tracker: _StepTracker,
     ) -> _Batch:
         oom_detail = None
@@ -423,7 +386,7 @@ class Engine:
         self,
         model: _LoadedModel,
         request: GenerationRequest,
-        sampler: SamplerSelection,
+        sampler: samplers.SamplerSelection,
         tracker: _StepTracker,
     ) -> _Batch:
         pipe = model.pipe
@@ -501,7 +464,11 @@ class Engine:
     # -- infotext ------------------------------------------------------------------------
 
     def _infotexts(
-        self, request: GenerationRequest, info: CheckpointInfo, sampler: SamplerSelection, batch_extra: dict
+        self,
+        request: GenerationRequest,
+        info: CheckpointInfo,
+        sampler: samplers.SamplerSelection,
+        batch_extra: dict,
     ) -> list[str]:
         extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
         extra.update(_eta_fields(sampler.name, request.eta))

@@ -2,15 +2,17 @@
 
 Everything here is a pure function of its arguments (A1111-SEMANTICS.md §2-§4): the
 infotext reader and the conditioning code call these on every prompt, so they keep no
-state and run in time linear in the prompt (the schedule renderer adds a factor of the
-number of boundary steps).
+state and, but for the rare prompts described below, run in time linear in the prompt
+(rendering a schedule adds a factor of its number of boundary steps).
 
 Prompt editing is parsed by a hand-written scanner instead of lark, with the grammar of
 §3.1. That grammar is ambiguous at the top level: a bracket may open a construct or be a
 stray character. Lark resolves such ties by the order of its Earley forest; the lark that
 A1111 pins (1.1.2) orders ties by Python's hash seed, so a construct followed directly by
 stray characters (``[a:b:5]]``) can go either way from one process to the next. We follow
-lark 1.3.1, whose ordered sets make the choice stable (see ``_kept_constructs``).
+lark 1.3.1, whose ordered sets make the choice stable: such prompts are settled by
+replaying lark's Earley loop (``_Replay``), quadratic in bracket depth, up to 1000
+characters.
 """
 
 from __future__ import annotations
@@ -160,13 +162,12 @@ class _Alternate:
     options: tuple[tuple, ...]
 
 
-# The lexer's NUMBER (lark's SIGNED_NUMBER) with its first-alternative-wins matching made
-# explicit by the atomic group, then the optional whitespace and the closing bracket.
-_NUMBER_CLOSE = re.compile(
-    r"\s*(?P<number>(?>[+-]?(?:[0-9]+[eE][+-]?[0-9]+"
-    r"|(?:[0-9]+\.(?:[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-    r"|[0-9]+)))\s*\]"
-)
+# The lexer's NUMBER (lark's SIGNED_NUMBER). Alternatives are tried in order and the
+# lexer takes the first match, never a shorter one.
+_SIGNED_NUMBER = r"[+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.(?:[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+)"
+# The end of ``[… : N]``: optional whitespace, the number (atomic, as the lexer does not
+# backtrack into a token), optional whitespace and the closing bracket.
+_NUMBER_CLOSE = re.compile(rf"\s*(?P<number>(?>{_SIGNED_NUMBER}))\s*\]")
 # Plain text: anything but the syntax characters, or a backslash escaping any character
 # except a newline (lark's ``.`` does not match one).
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
@@ -426,7 +427,6 @@ def _kept_by_replay(text: str, constructs: dict[int, tuple[list, int]]) -> list[
 
 _REPLAY_LIMIT = 1000  # characters; the replay is quadratic in bracket depth (0.4 s at worst)
 
-_SIGNED_NUMBER = r"[+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.(?:[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+)"
 _TERMINAL_PATTERNS = {
     "STRAY": re.compile(r"[\[\]():]"),
     "PLAIN": _PLAIN,

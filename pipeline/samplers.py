@@ -252,6 +252,43 @@ def effective_scheduler(sampler_name: str | None, scheduler: str | None = None) 
     return _expand_automatic(*_resolve_infos(sampler_name, scheduler))
 
 
+def sampler_names() -> list[str]:
+    return [info.name for info in _SAMPLERS]
+
+
+@dataclass(frozen=True)
+class SamplerSelection:
+    """A request's sampler as generation uses it.
+
+    ``schedule`` is the Schedule type as requested (after a legacy name suffix such as
+    " Karras" is applied), what the infotext shows; ``effective_schedule`` is the one that
+    runs, "Automatic" expanded to the sampler's default (DPM++ 2M -> Karras).
+    """
+
+    name: str
+    schedule: str
+    effective_schedule: str
+
+
+def select_sampler(sampler_name: str, scheduler: str = "Automatic") -> SamplerSelection:
+    """Accept an A1111 sampler name or alias in any case, or a legacy name with a schedule
+    suffix ("DPM++ 2M Karras").
+
+    A1111 silently runs DPM++ 2M for a name it does not know; a bot should say so instead,
+    hence ``UnknownSampler`` listing the real names.
+    """
+    try:
+        lookup = get_sampler(sampler_name).name
+    except UnknownSampler:
+        resolved, _label = resolve(sampler_name, scheduler)
+        if not sampler_name.startswith(resolved + " "):
+            raise UnknownSampler(sampler_name, sampler_names()) from None
+        lookup = sampler_name
+    name, schedule = resolve(lookup, scheduler)
+    effective = effective_scheduler(lookup, scheduler).label
+    return SamplerSelection(name=name, schedule=schedule, effective_schedule=effective)
+
+
 def _expand_automatic(info: SamplerInfo, chosen: SchedulerInfo) -> SchedulerInfo:
     if chosen is _AUTOMATIC and info.default_scheduler is not None:
         return _SCHEDULERS_BY_NAME[info.default_scheduler]

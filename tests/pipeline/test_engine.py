@@ -6,9 +6,10 @@ import torch
 
 from pipeline import infotext
 from pipeline.checkpoints import CheckpointLibrary
-from pipeline.engine import Engine, scheduler_choice, select_sampler
+from pipeline.engine import Engine, scheduler_choice
 from pipeline.errors import GenerationCancelled, OutOfMemory, UnknownCheckpoint, UnknownSampler
 from pipeline.request import GenerationRequest
+from pipeline.samplers import select_sampler
 from pipeline.tiny import build_tiny_pipeline
 
 SIZE = 64

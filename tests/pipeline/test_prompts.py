@@ -6,6 +6,8 @@ corner cases, from running the §3.1 grammar under lark (recorded here as litera
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -252,9 +254,23 @@ class TestPromptSchedules:
     ) -> None:
         assert _one(prompt, steps) == expected
 
-    def test_long_ambiguous_prompt_stays_fast(self) -> None:
-        prompt = "(masterpiece:1.2), [cat:dog:0.5], " * 60 + "[a:b:5]]]"
-        assert _one(prompt, 10)[-1][0] == 10
+    @pytest.mark.parametrize("repeat", [3, 60])  # replayed, and past the replay's length limit
+    def test_long_ambiguous_prompt(self, repeat: int) -> None:
+        prompt = "(masterpiece:1.2), [cat:dog:0.5], " * repeat + "[a:b:5]]]"
+        tail = "[a:b:5]]]"
+        started = time.perf_counter()
+        assert _one(prompt, 10) == [
+            (5, "(masterpiece:1.2), cat, " * repeat + tail),
+            (10, "(masterpiece:1.2), dog, " * repeat + tail),
+        ]
+        assert time.perf_counter() - started < 1.0
+
+    def test_ambiguous_emphasis_around_editing(self) -> None:
+        prompt = "(x [cat:dog:0.5]) " * 3 + "(y [a:b:5]))"
+        assert _one(prompt, 10) == [
+            (5, "(x cat) " * 3 + "(y [a:b:5]))"),
+            (10, "(x dog) " * 3 + "(y [a:b:5]))"),
+        ]
 
     @pytest.mark.parametrize(
         "prompt",
