@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ log = logging.getLogger("atelier")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import that torchvision is absent; Atelier never needs it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
