@@ -39,6 +39,20 @@ class GenerationRequest:
     ensd: int = 0
     eta: float | None = None
     styles: tuple[str, ...] = ()
+    # img2img: a PNG/JPEG/WebP file path and A1111's denoising strength (§9.6)
+    init_image: str | None = None
+    denoising_strength: float | None = None
+    # hires fix (§9.6): a second pass at hr_scale (or hr_resize_x/y) with its own steps
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0  # 0 = the first pass's steps
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_prompt: str = ""  # "" = the prompt
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str | None = None  # None = "Use same sampler"
+    hr_scheduler: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # extra infotext fields, in order
 
     def image_seeds(self) -> list[int]:
