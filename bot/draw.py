@@ -28,22 +28,13 @@ def new_draft(
 ) -> RequestDraft:
     """The draft with config defaults under the user's options."""
     d = settings.defaults
-    filled: dict[str, Any] = {
-        "steps": d.steps,
-        "cfg": d.cfg_scale,
-        "size": (d.width, d.height),
-        "seed": -1,
-        "subseed": -1,
-        "subseed-strength": 0.0,
-        "sampler": d.sampler,
-        "scheduler": d.scheduler,
-        "batch": d.batch_size,
-        "count": d.count,
-        "checkpoint": settings.engine.default_checkpoint,
-        "clip-skip": d.clip_skip,
-        "rng": d.rng,
-        "ensd": d.ensd,
-    }
+    defaults = GenerationRequest(
+        prompt="", negative_prompt=d.negative_prompt, seed=-1, subseed=-1, num_inference_steps=d.steps,
+        guidance_scale=d.cfg_scale, width=d.width, height=d.height, sampler_name=d.sampler, scheduler=d.scheduler,
+        num_images_per_prompt=d.batch_size, checkpoint=settings.engine.default_checkpoint, clip_skip=d.clip_skip,
+        rng=d.rng, ensd=d.ensd,
+    )  # fmt: skip
+    filled = options_from_request(defaults, count=d.count)
     filled.update(options)
     negative = filled.pop("negative", None)
     return RequestDraft(
@@ -80,69 +71,71 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
             raise OptionValueError("error.seed_range", name=name, value=value, max=MAX_SEED - images + 1)
     sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
     checkpoint = resolve_checkpoint(library, opts["checkpoint"])
+    hr_sampler = hr_scheduler = None
+    if opts["hr-sampler"]:
+        hr_sampler, hr_scheduler = resolve_sampler(opts["hr-sampler"], opts["hr-scheduler"] or "Automatic")
+    elif opts["hr-scheduler"]:
+        hr_scheduler = resolve_scheduler(opts["hr-scheduler"])
+    if opts["hires"]:
+        _check_hires_size(width, height, opts, limits)
+    denoise = opts["denoise"]
+    if denoise is None and (opts["hires"] or opts["init-image"]):
+        denoise = 0.7 if opts["hires"] else 0.75  # A1111's defaults for hires fix and img2img
+    resize_w, resize_h = opts["seed-resize-from"]
+    hr_x, hr_y = opts["hr-resize"]
     generation = GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative,
-        num_inference_steps=opts["steps"],
-        guidance_scale=opts["cfg"],
-        width=width,
-        height=height,
-        seed=seed,
-        subseed=subseed,
-        subseed_strength=float(opts["subseed-strength"]),
-        num_images_per_prompt=batch,
-        sampler_name=sampler,
-        scheduler=scheduler,
-        checkpoint=checkpoint,
-        clip_skip=opts["clip-skip"],
-        rng=opts["rng"],
-        ensd=opts["ensd"],
-    )
-    extra = {k: v for k, v in opts.items() if k not in _CORE_OPTIONS}
+        prompt=prompt, negative_prompt=negative, num_inference_steps=opts["steps"], guidance_scale=opts["cfg"],
+        width=width, height=height, seed=seed, subseed=subseed, subseed_strength=float(opts["subseed-strength"]),
+        num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint,
+        clip_skip=opts["clip-skip"], rng=opts["rng"], ensd=opts["ensd"],
+        eta=None if opts["eta"] is None else float(opts["eta"]),
+        seed_resize_from_w=resize_w, seed_resize_from_h=resize_h, init_image=opts["init-image"],
+        denoising_strength=None if denoise is None else float(denoise), enable_hr=bool(opts["hires"]),
+        hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
+        hr_resize_x=hr_x, hr_resize_y=hr_y, hr_prompt=opts["hr-prompt"], hr_negative_prompt=opts["hr-negative"],
+        hr_sampler_name=hr_sampler, hr_scheduler=hr_scheduler,
+    )  # fmt: skip
+    extra = {k: v for k, v in opts.items() if k not in _OPTION_FIELDS}
     return DrawRequest(
         generation=generation, count=count, actor=actor, options=extra, parent_id=draft.parent_id
     )
 
 
-_CORE_OPTIONS = frozenset(
-    {
-        "steps",
-        "cfg",
-        "size",
-        "seed",
-        "subseed",
-        "subseed-strength",
-        "sampler",
-        "scheduler",
-        "batch",
-        "count",
-        "checkpoint",
-        "clip-skip",
-        "rng",
-        "ensd",
-    }
-)
-
-
 def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str, Any]:
     """The options that rebuild ``request`` through /draw (rerolls, infotext re-runs)."""
     return {
-        "negative": request.negative_prompt,
-        "steps": request.num_inference_steps,
-        "cfg": request.guidance_scale,
-        "size": (request.width, request.height),
-        "seed": request.seed,
-        "subseed": request.subseed,
-        "subseed-strength": request.subseed_strength,
-        "sampler": request.sampler_name,
-        "scheduler": request.scheduler,
-        "batch": request.num_images_per_prompt,
-        "count": count,
-        "checkpoint": request.checkpoint,
-        "clip-skip": request.clip_skip,
-        "rng": request.rng,
-        "ensd": request.ensd,
-    }
+        "negative": request.negative_prompt, "steps": request.num_inference_steps, "cfg": request.guidance_scale,
+        "size": (request.width, request.height), "seed": request.seed, "subseed": request.subseed,
+        "subseed-strength": request.subseed_strength, "sampler": request.sampler_name,
+        "scheduler": request.scheduler, "batch": request.num_images_per_prompt, "count": count,
+        "checkpoint": request.checkpoint, "clip-skip": request.clip_skip, "rng": request.rng, "ensd": request.ensd,
+        "eta": request.eta, "seed-resize-from": (request.seed_resize_from_w, request.seed_resize_from_h),
+        "denoise": request.denoising_strength, "hires": request.enable_hr, "hr-scale": request.hr_scale,
+        "hr-steps": request.hr_second_pass_steps, "hr-upscaler": request.hr_upscaler,
+        "hr-resize": (request.hr_resize_x, request.hr_resize_y), "hr-prompt": request.hr_prompt,
+        "hr-negative": request.hr_negative_prompt, "hr-sampler": request.hr_sampler_name,
+        "hr-scheduler": request.hr_scheduler, "init-image": request.init_image,
+    }  # fmt: skip
+
+
+# options that become GenerationRequest fields; the rest stay in DrawRequest.options for plugins
+_OPTION_FIELDS = frozenset(options_from_request(GenerationRequest(prompt="", seed=0))) - {"negative"}
+
+
+def _check_hires_size(width: int, height: int, opts: dict[str, Any], limits: Any) -> None:
+    """The second pass's size (A1111 §9.6: resize values win over the scale) within the limits."""
+    rx, ry = opts["hr-resize"]
+    if rx and ry:
+        target = (rx, ry)
+    elif rx or ry:
+        target = (rx, round(rx * height / width)) if rx else (round(ry * width / height), ry)
+    else:
+        target = (int(width * opts["hr-scale"]), int(height * opts["hr-scale"]))
+    if max(target) > limits.max_size or target[0] * target[1] > limits.max_hires_pixels:
+        raise OptionValueError(
+            "error.hires_too_large", width=target[0], height=target[1], max_size=limits.max_size,
+            max_pixels=limits.max_hires_pixels,
+        )  # fmt: skip
 
 
 def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:

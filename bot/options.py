@@ -17,6 +17,7 @@ from bot.commands import ParsedArgs
 from bot.errors import CommandSyntaxError, OptionValueError
 from bot.i18n import Msg
 from bot.settings import LimitsSettings
+from pipeline.request import HIRES_UPSCALERS
 
 MAX_SEED = 2**63 - 1
 RNG_CHOICES = ("CPU", "GPU", "NV")
@@ -92,6 +93,8 @@ def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> 
         return _number_in_range(spec.name, raw, low, high)
     if spec.kind == "size":
         return parse_size(raw, limits)
+    if spec.kind == "pair":
+        return parse_pair(spec.name, raw, limits)
     if spec.kind == "choice":
         assert spec.choices is not None
         return _choice(spec.name, raw, spec.choices())
@@ -146,6 +149,14 @@ def parse_size(raw: str, limits: LimitsSettings) -> tuple[int, int]:
     return width, height
 
 
+def parse_pair(name: str, raw: str, limits: LimitsSettings) -> tuple[int, int]:
+    """A WxH pair of pixels where 0 means "unset" (seed resize from, hires resize)."""
+    match = _SIZE.match(raw.strip())
+    if not match or any(int(v) > limits.max_size for v in match.groups()):
+        raise OptionValueError("error.bad_pair", name=name, value=raw, max=limits.max_size)
+    return int(match.group(1)), int(match.group(2))
+
+
 def _choice(name: str, raw: str, allowed: list[str]) -> str:
     folded = {choice.casefold(): choice for choice in allowed}
     value = folded.get(raw.strip().casefold())
@@ -182,6 +193,20 @@ def draw_options() -> OptionTable:
         OptionSpec("clip-skip", "int", ("clipskip",), bounds=lambda lim: (1, lim.max_clip_skip)),
         OptionSpec("rng", "choice", choices=lambda: list(RNG_CHOICES)),
         OptionSpec("ensd", "int", ("eta-noise-seed-delta",), bounds=lambda _: (0, 2**31 - 1)),
+        OptionSpec("eta", "number", bounds=lambda _: (0, 1)),
+        OptionSpec("seed-resize-from", "pair"),
+        OptionSpec("denoise", "number", ("denoising-strength", "strength"), bounds=lambda _: (0, 1)),
+        OptionSpec("hires", "flag", ("hr", "hires-fix")),
+        OptionSpec("hr-scale", "number", ("hires-scale", "upscale"), bounds=lambda _: (1, 4)),
+        OptionSpec("hr-steps", "int", ("hires-steps",), bounds=lambda lim: (0, lim.max_steps)),
+        OptionSpec(
+            "hr-upscaler", "choice", ("hires-upscaler", "upscaler"), choices=lambda: list(HIRES_UPSCALERS)
+        ),
+        OptionSpec("hr-resize", "pair", ("hires-resize",)),
+        OptionSpec("hr-prompt", "str", ("hires-prompt",)),
+        OptionSpec("hr-negative", "str", ("hires-negative",)),
+        OptionSpec("hr-sampler", "str", ("hires-sampler",)),
+        OptionSpec("hr-scheduler", "str", ("hires-scheduler",)),
     ):
         table.add(spec)
     return table

@@ -20,11 +20,14 @@ from ulid import ULID
 from bot.commands import parse_args, split_command
 from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
+from bot.inputs import store_input_image
 from bot.options import draw_options
 from bot.plugins import call_collect
+from bot.reruns import draw_line, options_from_infotext, split_infotext
 from bot.types import (
     Action,
     Actor,
+    Attachment,
     Cancelled,
     Command,
     CommandContext,
@@ -97,14 +100,18 @@ class Service:
         return result if isinstance(result, list) else [result]
 
     async def handle_line(
-        self, line: str, actor: Actor, reply_to: dict[str, Any] | None = None
+        self,
+        line: str,
+        actor: Actor,
+        reply_to: dict[str, Any] | None = None,
+        attachments: tuple[Attachment, ...] = (),
     ) -> list[Reply]:
         """A command typed as text (console, Telegram): "/draw a cat --steps 4"."""
         split = split_command(line)
         if split is None:
             split = ("draw", line)
         name, text = split
-        return await self.handle(Invocation(name, text, actor, reply_to or {}))
+        return await self.handle(Invocation(name, text, actor, reply_to or {}, attachments))
 
     async def run_action(
         self, action_id: str, actor: Actor, reply_to: dict[str, Any] | None = None
@@ -128,8 +135,22 @@ class Service:
     # the /draw path ----------------------------------------------------------------------------
 
     async def draw_command(self, ctx: CommandContext) -> list[Reply]:
-        parsed = parse_args(ctx.text)
+        text = ctx.text
+        pasted = split_infotext(text) if "\n" in text.strip() else None
+        if pasted is not None:
+            # a pasted A1111 infotext: its fields become options, then the normal checks apply
+            body, overrides = pasted
+            with_model = not any(
+                name in ("checkpoint", "model", "ckpt") for name, _ in parse_args(overrides).options
+            )
+            prompt, fields = options_from_infotext(body, self.app.library, with_model=with_model)
+            text = draw_line(prompt, fields).removeprefix("/draw ") + " " + overrides
+        parsed = parse_args(text)
         options = self.options.convert(parsed, self.app.settings.limits)
+        if ctx.invocation.attachments:
+            options["init-image"] = await asyncio.to_thread(
+                store_input_image, ctx.invocation.attachments[0], self.app.images_dir / "inputs"
+            )
         return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.reply_to)
 
     async def draw(

@@ -73,6 +73,7 @@ class LimitsSettings(_Table):
     min_size: int = Field(64, ge=8)
     max_size: int = Field(2048, ge=8)
     max_pixels: int = Field(1048576, ge=64)
+    max_hires_pixels: int = Field(4194304, ge=64)
     max_batch_size: int = Field(8, ge=1)
     max_count: int = Field(8, ge=1)
     max_prompt_length: int = Field(2000, ge=1)

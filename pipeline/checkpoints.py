@@ -80,6 +80,22 @@ class CheckpointLibrary:
                 return info
         raise UnknownCheckpoint(name, list(catalog))
 
+    def lookup(self, text: str) -> CheckpointInfo | None:
+        """A checkpoint by an infotext's ``Model`` or ``Model hash`` text (A1111 §13): an exact
+        name, hash (old 8-hex, short, full sha256) or ``name [hash]`` title first, then the
+        shortest name containing the text; None when nothing matches."""
+        text = text.strip()
+        if not text:
+            return None
+        catalog = self._catalog()
+        bare = text.rsplit(" [", 1)[0] if text.endswith("]") else text
+        for candidate in (text, bare):
+            for info in catalog.values():
+                if candidate in _aliases(info):
+                    return info
+        containing = [info for info in catalog.values() if bare.casefold() in info.name.casefold()]
+        return min(containing, key=lambda info: len(info.name)) if containing else None
+
     def load(self, name: str) -> StableDiffusionPipeline:
         """The loaded pipeline for ``name``, from the cache when possible."""
         info = self.resolve(name)
@@ -135,6 +151,15 @@ class CheckpointLibrary:
         except Exception as exc:  # any failure inside diffusers/transformers is a bad checkpoint
             raise CheckpointLoadError(info.name, f"{type(exc).__name__}: {exc}") from exc
         return pipe
+
+
+def _aliases(info: CheckpointInfo) -> set[str]:
+    names = {info.name, f"{info.name} [{info.sha256}]" if info.sha256 else info.name}
+    if info.path is not None:
+        names |= {info.path.name, info.path.stem}
+    if info.sha256:
+        names.add(info.sha256)
+    return names
 
 
 def _load_diffusers_folder(info: CheckpointInfo) -> StableDiffusionPipeline:

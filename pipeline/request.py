@@ -15,6 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RNG_SOURCES = ("GPU", "CPU", "NV")
+# Hires-fix upscalers: A1111's latent interpolation modes and PIL's pixel resamplers.
+HIRES_UPSCALERS = (
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+    "Lanczos",
+    "Nearest",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

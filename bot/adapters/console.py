@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from bot.events import event_json, event_text, reply_json, reply_text
-from bot.types import Actor, JobEvent, Reply
+from bot.types import Actor, Attachment, JobEvent, Reply
 
 
 class ConsoleAdapter:
@@ -42,12 +43,24 @@ class ConsoleAdapter:
             )
 
     async def run_lines(self, lines: Any) -> None:
-        """Handle each line of an async iterable, then wait for the queue to drain."""
-        async for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
+        """Handle each command, then wait for the queue to drain.
+
+        A line ending in a backslash continues on the next one (a pasted multi-line
+        infotext); ``--attach PATH`` at the end of a command attaches that file, the
+        console's equivalent of a Discord attachment or a Telegram photo.
+        """
+        pending: list[str] = []
+        async for raw in lines:
+            line = raw.rstrip("\r\n")
+            if line.endswith("\\"):
+                pending.append(line[:-1])
                 continue
-            self.show(await self.app.service.handle_line(line, self.actor, {"console": True}))
+            text = "\n".join([*pending, line]).strip()
+            pending = []
+            if not text or text.startswith("#"):
+                continue
+            text, attachments = _attachments(text)
+            self.show(await self.app.service.handle_line(text, self.actor, {"console": True}, attachments))
         await self.app.idle()
 
     async def run(self, stdin: TextIO | None = None) -> None:
@@ -64,6 +77,15 @@ class ConsoleAdapter:
         finally:
             unsubscribe()
             await self.app.stop()
+
+
+def _attachments(text: str) -> tuple[str, tuple[Attachment, ...]]:
+    head, sep, path = text.rpartition(" --attach ")
+    if not sep:
+        return text, ()
+    file = Path(path.strip().strip('"'))
+    data = file.read_bytes() if file.is_file() else b""
+    return head, (Attachment(file.name, data),)
 
 
 async def _read_lines(stream: TextIO) -> Any:

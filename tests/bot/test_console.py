@@ -129,6 +129,7 @@ def test_plugins_and_db_upgrade_commands(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "atelier.db").is_file()
     listing = subprocess.run(_atelier("plugins"), env=env, capture_output=True, text=True, timeout=120)
     assert "generate: plan_generation, register_commands, result_actions" in listing.stdout
+    assert "pnginfo: register_commands" in listing.stdout
 
 
 def test_bad_config_fails_at_startup_naming_the_key(tmp_path: Path) -> None:

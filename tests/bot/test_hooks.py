@@ -12,7 +12,7 @@ import pytest
 from bot import hookspecs
 from bot.app import build_app
 from bot.hookspecs import hookimpl
-from bot.plugins import PluginError
+from bot.plugins import DEFAULT_PLUGINS, PluginError, builtin_name
 from bot.types import Action, Actor, Command, Denial, Plan, PlannedJob, Reply
 from tests.conftest import EventLog, make_settings
 
@@ -159,8 +159,10 @@ async def test_hook_plan_generation(make_app) -> None:
 
 
 async def test_hook_plan_generation_core_fallback_with_every_builtin_disabled(make_app) -> None:
-    app = await make_app(plugins={"disabled": ["generate"]})
-    assert app.pm.get_plugin("generate") is None
+    every_builtin = [builtin_name(module) for module in DEFAULT_PLUGINS]
+    app = await make_app(plugins={"disabled": every_builtin})
+    assert all(app.pm.get_plugin(name) is None for name in every_builtin)
+    assert app.pm.get_plugins() == set()
     log = EventLog(app)
     ids = (await _draw(app, "/draw a cat --count 2 --seed 1"))[0].data["jobs"]
     await log.wait_for(lambda: len(log.of("finished")) == 2)

@@ -1,0 +1,126 @@
+"""Requests from A1111 infotexts: pasted into /draw or /pnginfo, or read from a PNG."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from bot.adapters.console import ConsoleAdapter
+from bot.types import Actor, Attachment
+from tests.conftest import EventLog
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
+BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
+
+SEED_EXAMPLE = (
+    "masterpiece, best quality, 1girl, (cat ears:1.1), looking at viewer\n"
+    "Negative prompt: lowres, bad anatomy, bad hands, text, error, missing fingers\n"
+    "Steps: 28, Sampler: Euler, CFG scale: 12, Seed: 42, Size: 512x512, Model hash: 925997e9, "
+    "Clip skip: 2, ENSD: 31337"
+)
+
+
+async def test_the_seed_example_reports_the_missing_model_in_both_languages(make_app) -> None:
+    app = await make_app()
+    for actor, expected in (
+        (ALICE, "hash 925997e9) is not in the models folder. Available: tiny"),
+        (BOB, "哈希 925997e9）不在模型文件夹中"),
+    ):
+        replies = await app.service.handle_line("/draw " + SEED_EXAMPLE, actor)
+        assert replies[0].error and replies[0].key == "error.model_missing"
+        assert expected in app.translator.t(actor.locale, replies[0].key, **replies[0].params)
+    assert await app.store.count_by_status() == {}
+
+
+async def test_the_seed_example_runs_with_exactly_its_settings(make_app) -> None:
+    app = await make_app()
+    replies = await app.service.handle_line("/draw " + SEED_EXAMPLE + "\n--checkpoint tiny", ALICE)
+    (job_id,) = replies[0].data["jobs"]
+    await app.service.cancel(job_id, ALICE)  # a 512x512, 28-step run is not needed to check the row
+    req = (await app.store.get(job_id)).request
+    assert req.prompt == "masterpiece, best quality, 1girl, (cat ears:1.1), looking at viewer"
+    assert req.negative_prompt == "lowres, bad anatomy, bad hands, text, error, missing fingers"
+    assert (req.num_inference_steps, req.sampler_name, req.scheduler) == (28, "Euler", "Automatic")
+    assert req.guidance_scale == 12 and isinstance(req.guidance_scale, int)
+    assert (req.seed, req.width, req.height, req.clip_skip, req.ensd) == (42, 512, 512, 2, 31337)
+    assert req.rng == "GPU" and req.checkpoint == "tiny"  # no RNG field means A1111's GPU source
+
+
+async def test_pnginfo_shows_the_settings_and_the_command(make_app) -> None:
+    app = await make_app()
+    (reply,) = await app.service.handle_line("/pnginfo " + SEED_EXAMPLE, ALICE)
+    command = reply.data["command"]
+    assert command.startswith('/draw "masterpiece, best quality, 1girl, (cat ears:1.1), looking at viewer"')
+    for part in (
+        "--steps 28",
+        "--sampler Euler",
+        "--cfg 12",
+        "--seed 42",
+        "--size 512x512",
+        "--clip-skip 2",
+        "--ensd 31337",
+        "--rng GPU",
+    ):
+        assert part in command
+    text = app.translator.t("zh-CN", reply.key, **reply.params)
+    assert text.startswith("参数：") and "重新生成：/draw" in text
+
+
+@pytest.mark.parametrize("how", ["pasted", "png"])
+async def test_an_image_reproduces_from_its_own_infotext(make_app, how: str) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    line = (
+        '/draw a (cat:1.2) [sitting|standing], BREAK watercolour --negative "blurry" --steps 5 --cfg 6.5 '
+        "--seed 9 --sampler DPM++ 2M --scheduler Karras --clip-skip 2 --subseed 4 --subseed-strength 0.3"
+    )
+    (first,) = (await app.service.handle_line(line, ALICE))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", first))
+    image = log.of("finished", first)[0].images[0]
+    if how == "pasted":
+        replies = await app.service.handle_line("/draw " + image.infotext, ALICE)
+    else:
+        data = Path(image.path).read_bytes()
+        (info,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(Attachment("x.png", data),))
+        replies = await app.service.handle_line(info.data["command"], ALICE)
+    (second,) = replies[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", second))
+    again = log.of("finished", second)[0].images[0]
+    assert again.infotext == image.infotext
+    assert Path(again.path).read_bytes() == Path(image.path).read_bytes()
+
+
+async def test_pnginfo_on_an_image_without_parameters(make_app) -> None:
+    from PIL import Image
+
+    app = await make_app()
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    (reply,) = await app.service.handle_line(
+        "/pnginfo", ALICE, attachments=(Attachment("a.png", buffer.getvalue()),)
+    )
+    assert reply.key == "pnginfo.none"
+    (reply,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(Attachment("a.txt", b"hello"),))
+    assert reply.error and reply.key == "error.init_image"
+
+
+async def test_console_joins_continued_lines_and_attaches_files(make_app, tmp_path: Path) -> None:
+    app = await make_app()
+    out = io.StringIO()
+    console = ConsoleAdapter(app, ALICE, json_mode=True, out=out)
+    pasted = SEED_EXAMPLE.replace("\n", "\\\n").split("\n")
+
+    async def lines():
+        for line in [
+            "/pnginfo " + pasted[0],
+            *pasted[1:],
+            "/pnginfo --attach " + str(tmp_path / "missing.png"),
+        ]:
+            yield line + "\n"
+
+    await console.run_lines(lines())
+    printed = out.getvalue()
+    assert "--clip-skip 2" in printed and "--ensd 31337" in printed
+    assert "error.init_image" in printed
