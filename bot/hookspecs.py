@@ -43,10 +43,21 @@ def modify_request(draft: Any, actor: Any, app: Any) -> None:
 
 
 @hookspec
+def actor_roles(actor: Any, app: Any) -> Any:
+    """Called for every command before it runs, synchronously. Return role names (an
+    iterable of str) to add to ``actor.roles`` (e.g. "moderator" for a configured user id),
+    or None. Roles only ever grow: adapters' roles stay. The result is what every later
+    hook, the stored job and ``Actor.is_moderator`` see."""
+
+
+@hookspec
 def check_request(request: Any, actor: Any, app: Any) -> Any:
     """Called for every validated request (a ``DrawRequest``) before anything is stored.
-    Return a ``Denial`` to refuse it, or None. May be async. The first Denial (in hook
-    call order) wins and nothing is queued."""
+    Return a ``Denial`` to refuse it, an ``Admission`` to let it in with a lower priority
+    and a note to the user, or None. May be async. Results are taken in hook call order
+    and the first Denial wins: nothing is queued, and async implementations after it are
+    never awaited. So a check that reserves something (quotas) runs ``trylast`` and its
+    reservation is only made when every earlier check admitted the request."""
 
 
 @hookspec(firstresult=True)
@@ -67,6 +78,14 @@ def result_actions(record: Any, actor: Any, app: Any) -> Any:
 def generation_finished(record: Any, app: Any) -> Any:
     """Called once per job that finished (status "finished"), after its images are stored.
     May be async. Errors are logged and never reach the user or other plugins."""
+
+
+@hookspec
+def generation_ended(record: Any, app: Any) -> Any:
+    """Called once per job that ended without finishing (status "failed" or "cancelled"),
+    after the status is stored, with its ``GenerationRecord``. Never called for a job that
+    is only interrupted and queued again, nor for one that finished. May be async. Errors
+    are logged and never reach the user or other plugins (quotas release reservations)."""
 
 
 @hookspec(firstresult=True)

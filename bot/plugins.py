@@ -20,7 +20,7 @@ from bot import hookspecs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS = ("plugins.generate", "plugins.pnginfo")
+DEFAULT_PLUGINS = ("plugins.generate", "plugins.pnginfo", "plugins.moderation", "plugins.quotas")
 ENTRY_POINT_GROUP = "atelier"
 
 T = TypeVar("T")

@@ -9,8 +9,10 @@ in the store first and then publishes the event, so what users see is what is st
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +24,12 @@ from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
 from bot.inputs import store_input_image
 from bot.options import draw_options
-from bot.plugins import call_collect
+from bot.plugins import maybe_await
 from bot.reruns import draw_line, options_from_infotext, split_infotext
 from bot.types import (
     Action,
     Actor,
+    Admission,
     Attachment,
     Cancelled,
     Command,
@@ -82,6 +85,7 @@ class Service:
     async def handle(self, invocation: Invocation) -> list[Reply]:
         """Run one command; errors become replies (translated by the adapter)."""
         try:
+            invocation = self._with_roles(invocation)
             command = self.app.commands.get(invocation.command)
             if command is None:
                 visible = sorted(c.name for c in self.app.commands.items.values() if not c.hidden)
@@ -98,6 +102,16 @@ class Service:
         if result is None:
             return []
         return result if isinstance(result, list) else [result]
+
+    def _with_roles(self, invocation: Invocation) -> Invocation:
+        """Add the roles plugins grant (``actor_roles``) before anything looks at the actor."""
+        actor = invocation.actor
+        extra: set[str] = set()
+        for found in self.app.pm.hook.actor_roles(actor=actor, app=self.app):
+            extra.update(found or ())
+        if extra <= actor.roles:
+            return invocation
+        return replace(invocation, actor=replace(actor, roles=actor.roles | frozenset(extra)))
 
     async def handle_line(
         self,
@@ -166,14 +180,37 @@ class Service:
         draft = new_draft(prompt, options, app.settings, parent_id)
         app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
         request = freeze(draft, actor, app.settings, app.library)
-        for result in await call_collect(app.pm.hook.check_request, request=request, actor=actor, app=app):
-            if isinstance(result, Denial):
-                return [Reply(result.key, result.params, error=True)]
+        checked = await self._check(request)
+        if isinstance(checked, Denial):
+            return [Reply(checked.key, checked.params, error=True)]
         plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
-        ids = await self.submit(plan, request, reply_to)
-        return [Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})]
+        priority = min((a.priority for a in checked), default=0)
+        ids = await self.submit(plan, request, reply_to, priority=priority)
+        accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
+        return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
-    async def submit(self, plan: Plan, request: DrawRequest, reply_to: dict[str, Any]) -> list[str]:
+    async def _check(self, request: DrawRequest) -> Denial | list[Admission]:
+        """``check_request`` in call order; after the first Denial nothing more is awaited,
+        so a trylast check that reserves (quotas) only runs when all others admitted."""
+        app = self.app
+        results = list(app.pm.hook.check_request(request=request, actor=request.actor, app=app))
+        admissions: list[Admission] = []
+        try:
+            while results:
+                result = await maybe_await(results.pop(0))
+                if isinstance(result, Denial):
+                    return result
+                if isinstance(result, Admission):
+                    admissions.append(result)
+        finally:
+            for rest in results:
+                if inspect.iscoroutine(rest):
+                    rest.close()
+        return admissions
+
+    async def submit(
+        self, plan: Plan, request: DrawRequest, reply_to: dict[str, Any], *, priority: int = 0
+    ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
         user = await self.app.store.ensure_user(actor.platform, actor.user_id, actor.name, actor.locale)
@@ -188,6 +225,7 @@ class Service:
                 plan=plan.kind,
                 label=planned.label,
                 parent_id=request.parent_id,
+                priority=priority,
             )
             for index, planned in enumerate(plan.jobs)
         ]
@@ -238,6 +276,7 @@ class Service:
         if await self.app.store.mark_cancelled(generation_id):
             route = self._routes.pop(generation_id, (actor_of(record, actor.locale), record.reply_to))
             self.app.bus.publish(Cancelled(generation_id, *route))
+            await self._ended(generation_id)
             return Reply("cancel.done", {"id": generation_id})
         return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
 
@@ -278,16 +317,23 @@ class Service:
             for image, path in images
         )
         self.app.bus.publish(Finished(job.id, actor, reply_to, images=out, actions=tuple(actions)))
-        await self._after_finish(record)
+        await self._notify("generation_finished", record)
 
-    async def _after_finish(self, record: GenerationRecord) -> None:
-        for impl in self.app.pm.hook.generation_finished.get_hookimpls():
+    async def _ended(self, generation_id: str) -> None:
+        """A job failed or was cancelled (its status is stored): tell ``generation_ended``."""
+        record = await self.app.store.get(generation_id)
+        if record is not None:
+            await self._notify("generation_ended", record)
+
+    async def _notify(self, hook_name: str, record: GenerationRecord) -> None:
+        """Call a per-job hook plugin by plugin: one plugin's error never stops the others."""
+        for impl in getattr(self.app.pm.hook, hook_name).get_hookimpls():
             try:
                 result = impl.function(record=record, app=self.app)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:
-                log.exception("generation_finished of plugin %s failed", impl.plugin_name)
+                log.exception("%s of plugin %s failed", hook_name, impl.plugin_name)
 
     async def job_failed(self, job: Job, error: BaseException) -> None:
         actor, reply_to = self._routes.pop(job.id)
@@ -300,6 +346,7 @@ class Service:
             return
         if await self.app.store.mark_cancelled(job.id):
             self.app.bus.publish(Cancelled(job.id, actor, reply_to))
+            await self._ended(job.id)
 
     async def _fail(
         self, generation_id: str, actor: Actor, reply_to: dict[str, Any], error: BaseException
@@ -308,6 +355,7 @@ class Service:
         message = self.app.translator.t("en", reply.key, **reply.params)
         if await self.app.store.mark_failed(generation_id, reply.key, message):
             self.app.bus.publish(Failed(generation_id, actor, reply_to, key=reply.key, params=reply.params))
+            await self._ended(generation_id)
 
     def _save_images(self, generation_id: str, result: GenerationResult) -> list[tuple[NewImage, Path]]:
         """On a worker thread: PNGs named by generation id and index, so a re-run overwrites them."""

@@ -86,6 +86,16 @@ class Denial:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Returned by ``check_request`` to admit a request at a lower priority (e.g. quotas'
+    relaxed mode); ``key``/``params`` are a note shown beside the accepted reply."""
+
+    priority: int
+    key: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class RequestDraft:
     """A /draw request before it is frozen: plugins edit it in ``modify_request``."""

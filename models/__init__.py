@@ -4,6 +4,18 @@ Repositories return plain dataclasses (``models.records``), never ORM rows.
 """
 
 from models.base import Base
+from models.governance import AuditEntry, Ban, QuotaLedger, QuotaOverride, QuotaUsage, WordRule
 from models.tables import Generation, Image, User
 
-__all__ = ["Base", "Generation", "Image", "User"]
+__all__ = [
+    "AuditEntry",
+    "Ban",
+    "Base",
+    "Generation",
+    "Image",
+    "QuotaLedger",
+    "QuotaOverride",
+    "QuotaUsage",
+    "User",
+    "WordRule",
+]

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
@@ -236,6 +236,21 @@ class Store:
             for image in images:
                 session.add(Image(generation_id=generation_id, **image.__dict__))
             return True
+
+    async def delete(self, generation_id: str) -> list[str] | None:
+        """Delete an ended job and its image rows; returns the image paths (to remove the
+        files), or None when there is no such job or it is still queued or running."""
+        async with self.session() as session:
+            row = await session.get(Generation, generation_id, options=_LOAD)
+            if row is None or row.status in OPEN_STATUSES:
+                return None
+            paths = [image.path for image in row.images]
+            result = await session.execute(  # images go with it (ON DELETE CASCADE)
+                delete(Generation).where(
+                    Generation.id == generation_id, Generation.status.not_in(OPEN_STATUSES)
+                )
+            )
+            return paths if result.rowcount == 1 else None
 
     async def count_by_status(self) -> dict[str, int]:
         async with self.session() as session:

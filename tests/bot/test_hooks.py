@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from bot import hookspecs
 from bot.app import build_app
 from bot.hookspecs import hookimpl
 from bot.plugins import DEFAULT_PLUGINS, PluginError, builtin_name
-from bot.types import Action, Actor, Command, Denial, Plan, PlannedJob, Reply
+from bot.types import Action, Actor, Admission, Command, Denial, Plan, PlannedJob, Reply
 from tests.conftest import EventLog, make_settings
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
@@ -32,7 +33,7 @@ def test_every_hook_has_a_test() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     hooks = _hook_names()
-    assert len(hooks) == 11
+    assert len(hooks) == 13
     missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
     assert not missing, f"hooks without a test: {missing}"
 
@@ -133,10 +134,24 @@ async def test_hook_check_request_first_denial_wins_and_may_be_async(make_app) -
     app = await make_app(extra_plugins=(Quota(), Words()))
     replies = await _draw(app, "/draw a cat and a dog")
     assert replies[0].error and replies[0].key == "error.not_found"
+    assert calls == ["words"]  # after the first Denial no async check is awaited
     replies = await _draw(app, "/draw a dog")
     assert replies[0].key == "denied"
     assert await app.store.count_by_status() == {}
-    assert calls[:2] == ["words", "quota"]
+    assert calls == ["words", "words", "quota"]
+
+
+async def test_hook_check_request_admission_lowers_priority_and_adds_a_note(make_app) -> None:
+    class Relax:
+        @hookimpl
+        def check_request(self, request, actor, app):
+            return Admission(-5, "quota.relaxed", {"refill": "soon"})
+
+    app = await make_app(extra_plugins=(Relax(),))
+    await app.queue.stop()
+    replies = await _draw(app, "/draw a cat")
+    assert [r.key for r in replies] == ["draw.accepted", "quota.relaxed"]
+    assert (await app.store.get(replies[0].data["jobs"][0])).priority == -5
 
 
 async def test_hook_plan_generation(make_app) -> None:
@@ -205,6 +220,78 @@ async def test_hook_generation_finished_errors_are_logged(make_app, caplog) -> N
         await app.idle()
     assert seen == [(job_id, "finished", 2)]
     assert "generation_finished of plugin" in caplog.text
+
+
+async def test_hook_generation_ended_once_for_failed_and_cancelled_jobs(make_app, caplog) -> None:
+    from pipeline.queue import Job
+
+    seen = []
+
+    class Release:
+        @hookimpl
+        async def generation_ended(self, record, app):
+            seen.append((record.id, record.status))
+
+    class Broken:
+        @hookimpl
+        def generation_ended(self, record, app):
+            raise RuntimeError("plugin bug")
+
+    app = await make_app(extra_plugins=(Release(), Broken()))
+    await app.queue.stop()  # nothing runs: the test plays the queue's part
+    log = EventLog(app)
+    cancelled, failed, finished = (await _draw(app, "/draw a cat --count 3"))[0].data["jobs"]
+    with caplog.at_level(logging.ERROR):
+        await app.service.cancel(cancelled, ALICE)
+        await app.service.cancel(cancelled, ALICE)  # too late: no second call
+        record = await app.store.get(failed)
+        job = Job(failed, ALICE.key, record.request)
+        assert await app.service.job_started(job)
+        await app.service.job_failed(job, RuntimeError("device lost"))
+    assert seen == [(cancelled, "cancelled"), (failed, "failed")]
+    assert "generation_ended of plugin" in caplog.text
+    assert log.of("failed", failed) and log.of("cancelled", cancelled)
+    assert (await app.store.get(finished)).status == "queued"  # untouched: no call for it
+
+
+async def test_hook_generation_ended_not_called_for_interrupted_jobs(make_app) -> None:
+    from pipeline.queue import Job
+
+    seen = []
+
+    class Release:
+        @hookimpl
+        def generation_ended(self, record, app):
+            seen.append(record.id)
+
+    app = await make_app(extra_plugins=(Release(),))
+    await app.queue.stop()
+    (job_id,) = (await _draw(app, "/draw a cat"))[0].data["jobs"]
+    record = await app.store.get(job_id)
+    job = Job(job_id, ALICE.key, record.request)
+    assert await app.service.job_started(job)
+    job.request_stop("shutdown")
+    await app.service.job_stopped(job)
+    assert seen == [] and (await app.store.get(job_id)).status == "queued"
+
+
+async def test_hook_actor_roles_grow_the_actor_everywhere(make_app) -> None:
+    seen = []
+
+    class Tiers:
+        @hookimpl
+        def actor_roles(self, actor, app):
+            return {"patron"} if actor.user_id == "alice" else None
+
+        @hookimpl
+        def check_request(self, request, actor, app):
+            seen.append(actor.roles)
+
+    app = await make_app(extra_plugins=(Tiers(),))
+    await app.queue.stop()
+    (job_id,) = (await _draw(app, "/draw a cat", replace(ALICE, roles=frozenset({"admin"}))))[0].data["jobs"]
+    assert seen == [frozenset({"admin", "patron", "moderator"})]  # moderation maps "admin"
+    assert set((await app.store.get(job_id)).actor_roles) == {"admin", "patron", "moderator"}
 
 
 async def test_hook_handle_error(make_app) -> None:

@@ -225,7 +225,7 @@ async def test_a_job_interrupted_too_often_fails_with_a_message(make_app) -> Non
         (
             "/paint a cat",
             "error.unknown_command",
-            "Unknown command /paint. Commands: /cancel, /draw",
+            "Unknown command /paint. Commands: /audit, /ban, /bans, /cancel, /delete, /draw",
             "未知命令 /paint",
         ),
     ],

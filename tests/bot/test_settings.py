@@ -14,11 +14,49 @@ def test_config_toml_lists_every_setting_with_its_default() -> None:
     data = tomllib.loads((ROOT / "config.toml").read_text(encoding="utf-8"))
     from_file = parse_settings(data).model_dump(mode="json")
     defaults = Settings().model_dump(mode="json")
+    # [plugins.<name>] tables are the plugins' own: the test below checks them
+    plugin_tables = {k for k in from_file["plugins"] if k != "disabled"}
+    from_file["plugins"] = {k: v for k, v in from_file["plugins"].items() if k not in plugin_tables}
     assert from_file == defaults
     for table, values in defaults.items():
         if table == "plugins":
             continue
         assert set(data[table]) == set(values), table
+
+
+def test_config_toml_lists_every_builtin_plugin_setting_with_its_default() -> None:
+    from plugins.moderation import ModerationConfig
+    from plugins.quotas import QuotasConfig
+
+    settings = parse_settings(tomllib.loads((ROOT / "config.toml").read_text(encoding="utf-8")))
+    for name, model in (("quotas", QuotasConfig), ("moderation", ModerationConfig)):
+        table = settings.plugins.table(name)
+        assert set(table) == set(model.model_fields), name
+        assert settings.plugin_config(name, model) == model(), name
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"quotas": {"images": -1}}, "[plugins.quotas] images"),
+        ({"quotas": {"period": "yearly"}}, "[plugins.quotas] period"),
+        (
+            {"quotas": {"roles": {"patron": {"imagez": 5}}}},
+            "[plugins.quotas.roles.patron] imagez: unknown key",
+        ),
+        ({"moderation": {"blocked_patterns": ["(unclosed"]}}, "[plugins.moderation] blocked_patterns"),
+        ({"moderation": {"nsfw": "sometimes"}}, "[plugins.moderation] nsfw"),
+    ],
+)
+def test_bad_plugin_values_fail_naming_table_and_key(table: dict, expected: str) -> None:
+    from plugins.moderation import ModerationConfig
+    from plugins.quotas import QuotasConfig
+
+    settings = parse_settings({"plugins": table})
+    name = next(iter(table))
+    with pytest.raises(ConfigError) as info:
+        settings.plugin_config(name, QuotasConfig if name == "quotas" else ModerationConfig)
+    assert expected in str(info.value)
 
 
 def test_every_setting_has_a_comment() -> None:

@@ -1,0 +1,141 @@
+"""The moderation repository: bans, runtime word rules and the audit log."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, or_, select
+
+from models.base import utcnow
+from models.governance import AuditEntry, Ban, WordRule
+from models.sql import insert_ignore
+from models.store import Store
+
+
+@dataclass(frozen=True)
+class BanRecord:
+    user_key: str
+    scope: str
+    reason: str
+    expires_at: datetime | None
+    banned_by: str
+
+
+@dataclass(frozen=True)
+class WordRuleRecord:
+    scope: str
+    kind: str
+    pattern: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    actor_key: str
+    action: str
+    target: str | None
+    scope: str
+    allowed: bool
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+class ModerationStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # bans -------------------------------------------------------------------------------------
+
+    async def ban(
+        self, user_key: str, scope: str, *, reason: str, expires_at: datetime | None, banned_by: str
+    ) -> None:
+        """Ban, or replace the ban in that scope (a new expiry or reason)."""
+        async with self.store.session() as session:
+            await session.execute(delete(Ban).where(Ban.user_key == user_key, Ban.scope == scope))
+            session.add(
+                Ban(user_key=user_key, scope=scope, reason=reason, expires_at=expires_at, banned_by=banned_by)
+            )
+
+    async def unban(self, user_key: str, scope: str) -> bool:
+        async with self.store.session() as session:
+            result = await session.execute(delete(Ban).where(Ban.user_key == user_key, Ban.scope == scope))
+            return result.rowcount > 0
+
+    async def bans(self, scopes: Sequence[str], user_key: str | None = None) -> list[BanRecord]:
+        """Bans in force now in these scopes, the longest first (permanent ones lead)."""
+        query = select(Ban).where(
+            Ban.scope.in_(scopes), or_(Ban.expires_at.is_(None), Ban.expires_at > utcnow())
+        )
+        if user_key is not None:
+            query = query.where(Ban.user_key == user_key)
+        async with self.store.session() as session:
+            rows = list(await session.scalars(query.order_by(Ban.created_at)))
+        rows.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at or utcnow()).timestamp()))
+        return [BanRecord(b.user_key, b.scope, b.reason, b.expires_at, b.banned_by) for b in rows]
+
+    # word rules -------------------------------------------------------------------------------
+
+    async def add_rule(self, scope: str, kind: str, pattern: str, added_by: str) -> bool:
+        async with self.store.session() as session:
+            result = await session.execute(
+                insert_ignore(session, WordRule).values(
+                    scope=scope, kind=kind, pattern=pattern, added_by=added_by, created_at=utcnow()
+                )
+            )
+            return result.rowcount == 1
+
+    async def remove_rule(self, scope: str, kind: str, pattern: str) -> bool:
+        async with self.store.session() as session:
+            result = await session.execute(
+                delete(WordRule).where(
+                    WordRule.scope == scope, WordRule.kind == kind, WordRule.pattern == pattern
+                )
+            )
+            return result.rowcount > 0
+
+    async def rules(self, scopes: Sequence[str]) -> list[WordRuleRecord]:
+        async with self.store.session() as session:
+            rows = await session.scalars(
+                select(WordRule).where(WordRule.scope.in_(scopes)).order_by(WordRule.id)
+            )
+            return [WordRuleRecord(r.scope, r.kind, r.pattern) for r in rows]
+
+    # audit log --------------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        actor_key: str,
+        action: str,
+        *,
+        scope: str,
+        allowed: bool,
+        target: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        async with self.store.session() as session:
+            session.add(
+                AuditEntry(
+                    actor_key=actor_key,
+                    action=action,
+                    target=target,
+                    scope=scope,
+                    allowed=allowed,
+                    detail=detail or {},
+                )
+            )
+
+    async def audit_log(self, scopes: Sequence[str], *, limit: int = 20) -> list[AuditRecord]:
+        """Newest first."""
+        async with self.store.session() as session:
+            rows = await session.scalars(
+                select(AuditEntry)
+                .where(AuditEntry.scope.in_(scopes))
+                .order_by(AuditEntry.id.desc())
+                .limit(limit)
+            )
+            return [
+                AuditRecord(r.actor_key, r.action, r.target, r.scope, r.allowed, dict(r.detail), r.created_at)
+                for r in rows
+            ]

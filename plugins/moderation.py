@@ -1,0 +1,335 @@
+"""Moderation: moderator roles, bans, word lists and regexes, NSFW rules, /delete, audit log.
+
+Moderators are the user ids in config (global moderators: they may also act on the
+``global`` scope), plus anyone whose adapter-given roles include one of
+``moderator_roles`` (Discord "Manage Server" or a configured role, Telegram chat
+admins: adapters put "moderator"/"admin" on ``Actor.roles``). Checks run ``tryfirst``,
+so a banned user or a blocked word is refused before quotas reserve anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bot.commands import parse_args
+from bot.errors import NotFound, PermissionDenied, UserError
+from bot.governance import (
+    GLOBAL,
+    audit,
+    format_time,
+    options_of,
+    parse_duration,
+    require_moderator,
+    scope_of,
+    user_key,
+    whole_number,
+)
+from bot.hookspecs import hookimpl
+from bot.i18n import Msg
+from bot.types import Actor, Command, CommandContext, Denial, Reply
+from models.moderation_store import ModerationStore
+
+GLOBAL_MODERATOR = "global_moderator"
+NsfwRule = Literal["channel", "never", "always"]
+
+
+def _check_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression {pattern!r}: {exc}") from None
+    return patterns
+
+
+class ScopeRules(BaseModel):
+    """One guild/chat's additions: its own moderators and words; its NSFW rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    moderators: tuple[str, ...] = ()
+    blocked_words: tuple[str, ...] = ()
+    blocked_patterns: tuple[str, ...] = ()
+    nsfw: NsfwRule | None = None
+
+    _patterns = field_validator("blocked_patterns")(_check_patterns)
+
+
+class ModerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    moderators: tuple[str, ...] = ()
+    moderator_roles: tuple[str, ...] = ("moderator", "admin")
+    blocked_words: tuple[str, ...] = ()
+    blocked_patterns: tuple[str, ...] = ()
+    nsfw: NsfwRule = "channel"
+    nsfw_words: tuple[str, ...] = ("nsfw", "nude", "naked", "explicit")
+    audit_limit: int = Field(20, ge=1, le=200)
+    scopes: dict[str, ScopeRules] = {}
+
+    _patterns = field_validator("blocked_patterns")(_check_patterns)
+
+
+def config(app: Any) -> ModerationConfig:
+    return app.settings.plugin_config("moderation", ModerationConfig)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=1024)
+def _word_regex(word: str) -> re.Pattern[str]:
+    return re.compile(r"(?<!\w)" + re.escape(word) + r"(?!\w)", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def find_blocked(text: str, words: list[str], patterns: list[str]) -> str | None:
+    """The first blocked word (or the text a pattern matched) in ``text``, else None."""
+    for word in words:
+        if _word_regex(word).search(text):
+            return word
+    for pattern in patterns:
+        match = _regex(pattern).search(text)
+        if match:
+            return match.group(0)
+    return None
+
+
+# hooks -----------------------------------------------------------------------------------------
+
+
+@hookimpl
+def startup(app: Any) -> None:
+    config(app)  # a bad [plugins.moderation] table fails at startup, naming the key
+
+
+@hookimpl
+def actor_roles(actor: Any, app: Any) -> set[str]:
+    cfg = config(app)
+    roles: set[str] = set()
+    if actor.key in cfg.moderators:
+        roles |= {"moderator", GLOBAL_MODERATOR}
+    scope = cfg.scopes.get(scope_of(actor))
+    if scope is not None and actor.key in scope.moderators:
+        roles.add("moderator")
+    if actor.roles & set(cfg.moderator_roles):
+        roles.add("moderator")
+    return roles
+
+
+@hookimpl(tryfirst=True)
+async def check_request(request: Any, actor: Any, app: Any) -> Any:
+    cfg = config(app)
+    scope = scope_of(actor)
+    store = ModerationStore(app.store)
+    bans = await store.bans([scope, GLOBAL], user_key=actor.key)
+    if bans and not actor.is_moderator:
+        ban = bans[0]
+        reason = ban.reason or Msg("moderation.no_reason")
+        if ban.expires_at is None:
+            return Denial("moderation.banned_forever", {"reason": reason})
+        return Denial("moderation.banned", {"until": format_time(ban.expires_at), "reason": reason})
+    rules = cfg.scopes.get(scope, ScopeRules())
+    words = [*cfg.blocked_words, *rules.blocked_words]
+    patterns = [*cfg.blocked_patterns, *rules.blocked_patterns]
+    for rule in await store.rules([scope, GLOBAL]):
+        (words if rule.kind == "word" else patterns).append(rule.pattern)
+    generation = request.generation
+    for field, text in (("prompt", generation.prompt), ("negative", generation.negative_prompt)):
+        found = find_blocked(text, words, patterns)
+        if found is not None:
+            return Denial("moderation.blocked", {"field": Msg(f"moderation.field.{field}"), "word": found})
+    nsfw = rules.nsfw or cfg.nsfw
+    if nsfw == "always" or (nsfw == "channel" and actor.nsfw_allowed):
+        return None
+    found = find_blocked(generation.prompt, list(cfg.nsfw_words), [])
+    if found is not None:
+        return Denial(f"moderation.nsfw_{nsfw}", {"word": found})
+    return None
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("ban", ban_command, "help.ban"))
+    register(Command("unban", unban_command, "help.unban"))
+    register(Command("bans", bans_command, "help.bans"))
+    register(Command("words", words_command, "help.words"))
+    register(Command("audit", audit_command, "help.audit"))
+    register(Command("delete", delete_command, "help.delete"))
+
+
+# commands --------------------------------------------------------------------------------------
+
+
+def _target_scope(ctx: CommandContext, options: dict[str, Any]) -> str:
+    if not options.get("global"):
+        return scope_of(ctx.actor)
+    if GLOBAL_MODERATOR not in ctx.actor.roles:
+        raise PermissionDenied("error.global_moderators_only", command=ctx.invocation.command)
+    return GLOBAL
+
+
+def _where(scope: str) -> Any:
+    return Msg("moderation.everywhere") if scope == GLOBAL else Msg("moderation.here")
+
+
+async def ban_command(ctx: CommandContext) -> Reply:
+    parsed = parse_args(ctx.text)
+    target = user_key(parsed.text, ctx.actor) if parsed.text else None
+    await require_moderator(ctx, "ban", target)
+    if target is None:
+        raise UserError(
+            "error.missing_argument", name="ban", what="@USER [--for 1d] [--reason TEXT] [--global]"
+        )
+    options = options_of(parsed.options, {"for": True, "reason": True, "global": False})
+    scope = _target_scope(ctx, options)
+    expires = datetime.now(UTC) + parse_duration(options["for"]) if "for" in options else None
+    reason = options.get("reason", "")
+    await ModerationStore(ctx.app.store).ban(
+        target, scope, reason=reason, expires_at=expires, banned_by=ctx.actor.key
+    )
+    until = format_time(expires) if expires else None
+    await audit(ctx, "ban", target=target, scope=scope, until=until, reason=reason)
+    return Reply(
+        "moderation.ban_done",
+        {
+            "user": target,
+            "where": _where(scope),
+            "until": until or Msg("moderation.forever"),
+            "reason": reason or Msg("moderation.no_reason"),
+        },
+    )
+
+
+async def unban_command(ctx: CommandContext) -> Reply:
+    parsed = parse_args(ctx.text)
+    target = user_key(parsed.text, ctx.actor) if parsed.text else None
+    await require_moderator(ctx, "unban", target)
+    if target is None:
+        raise UserError("error.missing_argument", name="unban", what="@USER [--global]")
+    scope = _target_scope(ctx, options_of(parsed.options, {"global": False}))
+    removed = await ModerationStore(ctx.app.store).unban(target, scope)
+    await audit(ctx, "unban", target=target, scope=scope, removed=removed)
+    if not removed:
+        raise NotFound("moderation.not_banned", user=target, where=_where(scope))
+    return Reply("moderation.unban_done", {"user": target, "where": _where(scope)})
+
+
+async def bans_command(ctx: CommandContext) -> Reply:
+    await require_moderator(ctx, "bans")
+    bans = await ModerationStore(ctx.app.store).bans([scope_of(ctx.actor), GLOBAL])
+    if not bans:
+        return Reply("moderation.no_bans")
+    lines = [
+        f"{b.user_key} ({'global' if b.scope == GLOBAL else b.scope}) "
+        f"{format_time(b.expires_at) if b.expires_at else '-'} {b.reason}".rstrip()
+        for b in bans
+    ]
+    data = {"bans": [{"user": b.user_key, "scope": b.scope, "reason": b.reason} for b in bans]}
+    return Reply("moderation.bans", {"count": len(bans), "list": "\n".join(lines)}, data=data)
+
+
+async def words_command(ctx: CommandContext) -> Reply:
+    words = ctx.text.split(maxsplit=1)
+    sub = words[0].lower() if words else "list"
+    if sub not in ("list", "add", "remove"):
+        raise UserError("moderation.words_usage", value=sub)
+    await require_moderator(ctx, f"words.{sub}")
+    parsed = parse_args(words[1] if len(words) > 1 else "")
+    options = options_of(parsed.options, {"regex": True, "global": False})
+    scope = _target_scope(ctx, options)
+    store = ModerationStore(ctx.app.store)
+    if sub == "list":
+        rules = await store.rules([scope_of(ctx.actor), GLOBAL])
+        cfg = config(ctx.app)
+        listed = [f"{r.kind}: {r.pattern}" for r in rules]
+        listed += [f"word: {w} (config)" for w in cfg.blocked_words]
+        listed += [f"regex: {p} (config)" for p in cfg.blocked_patterns]
+        return Reply("moderation.words", {"list": "\n".join(listed) or "-"})
+    kind = "regex" if "regex" in options else "word"
+    pattern = (options["regex"] if kind == "regex" else parsed.text).strip()
+    if not pattern or (kind == "regex" and parsed.text.strip()):
+        raise UserError("error.missing_argument", name=f"words {sub}", what="WORD (or --regex PATTERN)")
+    if kind == "regex":
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError("moderation.bad_regex", pattern=pattern, detail=str(exc)) from None
+    if sub == "add":
+        changed = await store.add_rule(scope, kind, pattern, ctx.actor.key)
+    else:
+        changed = await store.remove_rule(scope, kind, pattern)
+    await audit(ctx, f"words.{sub}", target=pattern, scope=scope, kind=kind, changed=changed)
+    if sub == "remove" and not changed:
+        raise NotFound("moderation.no_such_word", word=pattern)
+    return Reply(f"moderation.word_{sub}ed", {"word": pattern, "where": _where(scope)})
+
+
+async def audit_command(ctx: CommandContext) -> Reply:
+    await require_moderator(ctx, "audit")
+    parsed = parse_args(ctx.text)
+    options = options_of(parsed.options, {"limit": True})
+    cfg = config(ctx.app)
+    limit = (
+        whole_number("limit", options["limit"], minimum=1, maximum=200)
+        if "limit" in options
+        else cfg.audit_limit
+    )
+    scopes = [scope_of(ctx.actor)]
+    if GLOBAL_MODERATOR in ctx.actor.roles:
+        scopes.append(GLOBAL)
+    entries = await ModerationStore(ctx.app.store).audit_log(scopes, limit=limit)
+    lines = [
+        f"{format_time(e.created_at)} {e.actor_key} {e.action} {e.target or ''} "
+        f"{'ok' if e.allowed else 'REFUSED'}".replace("  ", " ")
+        for e in entries
+    ]
+    data = {
+        "entries": [
+            {"actor": e.actor_key, "action": e.action, "target": e.target, "allowed": e.allowed}
+            for e in entries
+        ]
+    }
+    return Reply("moderation.audit", {"count": len(entries), "list": "\n".join(lines) or "-"}, data=data)
+
+
+async def delete_command(ctx: CommandContext) -> Reply:
+    generation_id = ctx.text.strip()
+    if not generation_id:
+        raise UserError("error.missing_argument", name="delete", what="ID")
+    app = ctx.app
+    record = await app.store.get(generation_id)
+    owner = record is not None and (record.user.platform, record.user.platform_user_id) == (
+        ctx.actor.platform,
+        ctx.actor.user_id,
+    )
+    if record is None or (not owner and not _may_see(record, ctx.actor)):
+        raise NotFound("error.not_found", id=generation_id)
+    if not owner:
+        await require_moderator(ctx, "delete", generation_id)
+    if record.status in ("queued", "running"):
+        raise UserError("moderation.delete_open", id=generation_id, status=record.status)
+    paths = await app.store.delete(generation_id)
+    if paths is None:
+        raise UserError("moderation.delete_open", id=generation_id, status=record.status)
+    await asyncio.to_thread(_remove_files, app.images_dir, paths)
+    if not owner:
+        owner_key = f"{record.user.platform}:{record.user.platform_user_id}"
+        await audit(ctx, "delete", target=generation_id, owner=owner_key, prompt=record.request.prompt[:200])
+    return Reply("moderation.deleted", {"id": generation_id})
+
+
+def _may_see(record: Any, actor: Actor) -> bool:
+    """Others' private jobs are hidden from non-moderators, as if they did not exist."""
+    return actor.is_moderator or not record.private
+
+
+def _remove_files(root: Path, paths: list[str]) -> None:
+    for relative in paths:
+        (root / relative).unlink(missing_ok=True)

@@ -1,0 +1,347 @@
+"""Quotas: image and GPU-time budgets per user and period, caps, relaxed mode, /quota.
+
+Admission reserves the request's images in the current period with one conditional
+UPDATE (``models.quota_store``), so concurrent requests never admit more than the budget
+on SQLite or PostgreSQL. A job that finishes moves its reservation to "used" (images and
+its GPU-seconds); one that fails or is cancelled releases it. Both go through a ledger
+keyed by generation id, so a job that is retried or reported twice is billed once.
+
+Ordering: ``check_request`` is ``trylast`` and the core awaits no check after the first
+Denial, so quotas reserve only when every other check (bans, word lists) admitted the
+request; the number of images is taken from the request's plan, which runs before the
+reservation, so a plan that fails reserves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bot.commands import parse_args
+from bot.errors import UserError
+from bot.governance import (
+    GLOBAL,
+    audit,
+    format_time,
+    number,
+    options_of,
+    require_moderator,
+    scope_key,
+    scope_of,
+    user_key,
+    whole_number,
+)
+from bot.hookspecs import hookimpl
+from bot.i18n import Msg
+from bot.service import default_plan
+from bot.types import Admission, Command, CommandContext, Denial, DrawRequest, Reply
+from models.quota_store import Limits, QuotaStore, Usage
+
+log = logging.getLogger(__name__)
+
+Period = Literal["hourly", "daily", "weekly", "monthly"]
+
+
+class BudgetOverride(BaseModel):
+    """Per role/tier or per guild/chat: only the keys given replace the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    images: int | None = Field(None, ge=0)
+    gpu_seconds: float | None = Field(None, ge=0)
+    max_queued: int | None = Field(None, ge=0)
+    max_cost: int | None = Field(None, ge=0)
+    relaxed: bool | None = None
+
+
+class ScopeOverride(BudgetOverride):
+    period: Period | None = None
+
+
+class QuotasConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    period: Period = "daily"
+    images: int = Field(100, ge=0)
+    gpu_seconds: float = Field(0, ge=0)
+    max_queued: int = Field(8, ge=0)
+    max_cost: int = Field(0, ge=0)
+    per_scope: bool = True
+    relaxed: bool = False
+    relaxed_priority: int = -100
+    roles: dict[str, BudgetOverride] = {}
+    scopes: dict[str, ScopeOverride] = {}
+
+
+class Budget(BaseModel):
+    """The effective limits of one user in one scope (0 = unlimited)."""
+
+    model_config = ConfigDict(frozen=True)
+    period: Period
+    images: int
+    gpu_seconds: float
+    max_queued: int
+    max_cost: int
+    relaxed: bool
+
+
+def config(app: Any) -> QuotasConfig:
+    return app.settings.plugin_config("quotas", QuotasConfig)  # type: ignore[return-value]
+
+
+def budget_for(cfg: QuotasConfig, scope: str, roles: frozenset[str] | tuple[str, ...] = ()) -> Budget:
+    """Defaults, then the guild/chat's values, then the most generous of the actor's roles."""
+    values: dict[str, Any] = {
+        "period": cfg.period,
+        "images": cfg.images,
+        "gpu_seconds": cfg.gpu_seconds,
+        "max_queued": cfg.max_queued,
+        "max_cost": cfg.max_cost,
+        "relaxed": cfg.relaxed,
+    }
+    if scope in cfg.scopes:
+        values.update(cfg.scopes[scope].model_dump(exclude_none=True))
+    role_values = [cfg.roles[role] for role in sorted(roles) if role in cfg.roles]
+    for name in ("images", "gpu_seconds", "max_queued", "max_cost"):
+        given = [getattr(r, name) for r in role_values if getattr(r, name) is not None]
+        if given:
+            values[name] = 0 if 0 in given else max(given)
+    if any(r.relaxed for r in role_values):
+        values["relaxed"] = True
+    return Budget(**values)
+
+
+def period_of(kind: str, moment: datetime) -> tuple[str, datetime]:
+    """The period's key (the usage row it counts in) and when the next one starts (UTC)."""
+    now = moment.astimezone(UTC)
+    if kind == "hourly":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return "h:" + start.strftime("%Y-%m-%dT%H"), start + timedelta(hours=1)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == "daily":
+        return "d:" + day.strftime("%Y-%m-%d"), day + timedelta(days=1)
+    if kind == "weekly":
+        monday = day - timedelta(days=day.weekday())
+        return "w:" + monday.strftime("%Y-%m-%d"), monday + timedelta(weeks=1)
+    first = day.replace(day=1)
+    following = (
+        first.replace(year=first.year + 1, month=1)
+        if first.month == 12
+        else first.replace(month=first.month + 1)
+    )
+    return "m:" + first.strftime("%Y-%m"), following
+
+
+def usage_scope(cfg: QuotasConfig, scope: str) -> str:
+    return scope if cfg.per_scope else GLOBAL
+
+
+async def effective_budget(app: Any, who: str, scope: str, roles: Any) -> Budget:
+    cfg = config(app)
+    budget = budget_for(cfg, scope, roles)
+    override = await QuotaStore(app.store).override(who, usage_scope(cfg, scope))
+    if override is not None:
+        changes = {
+            k: v
+            for k, v in (("images", override.images), ("gpu_seconds", override.gpu_seconds))
+            if v is not None
+        }
+        budget = budget.model_copy(update=changes)
+    return budget
+
+
+def request_cost(request: DrawRequest, app: Any) -> tuple[int, int, int]:
+    """(images, jobs, width x height x steps x images) of what the plan will run."""
+    plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
+    images = sum(job.request.num_images_per_prompt for job in plan.jobs)
+    cost = sum(
+        job.request.width
+        * job.request.height
+        * job.request.num_inference_steps
+        * job.request.num_images_per_prompt
+        for job in plan.jobs
+    )
+    return images, len(plan.jobs), cost
+
+
+# hooks -----------------------------------------------------------------------------------------
+
+
+@hookimpl
+def startup(app: Any) -> None:
+    config(app)  # a bad [plugins.quotas] table fails at startup, naming the key
+
+
+@hookimpl(trylast=True)
+async def check_request(request: Any, actor: Any, app: Any) -> Any:
+    cfg = config(app)
+    scope = scope_of(actor)
+    budget = await effective_budget(app, actor.key, scope, actor.roles)
+    images, jobs, cost = request_cost(request, app)
+    if budget.max_cost and cost > budget.max_cost:
+        return Denial("quota.too_costly", {"cost": cost, "max": budget.max_cost})
+    period, refill = period_of(budget.period, datetime.now(UTC))
+    where = usage_scope(cfg, scope)
+    quotas = QuotaStore(app.store)
+    limits = Limits(
+        images=budget.images or None,
+        gpu_seconds=budget.gpu_seconds or None,
+        open_jobs=budget.max_queued or None,
+    )
+    if await quotas.reserve(actor.key, where, period, images=images, jobs=jobs, limits=limits):
+        return None
+    usage = await quotas.usage(actor.key, where, period)
+    if budget.max_queued and usage.jobs_open + jobs > budget.max_queued:
+        return Denial(
+            "quota.too_many_open", {"open": usage.jobs_open, "max": budget.max_queued, "needed": jobs}
+        )
+    if budget.relaxed:
+        # spent, but relaxed mode admits it after everyone else's jobs, reserving no images
+        relaxed = Limits(open_jobs=limits.open_jobs)
+        if await quotas.reserve(actor.key, where, period, images=0, jobs=jobs, limits=relaxed):
+            return Admission(cfg.relaxed_priority, "quota.relaxed", {"refill": format_time(refill)})
+        return Denial(
+            "quota.too_many_open", {"open": usage.jobs_open, "max": budget.max_queued, "needed": jobs}
+        )
+    if budget.gpu_seconds and usage.seconds_used >= budget.gpu_seconds + usage.bonus_seconds:
+        return Denial(
+            "quota.seconds_spent",
+            {
+                "used": round(usage.seconds_used, 1),
+                "budget": round(budget.gpu_seconds + usage.bonus_seconds, 1),
+                "period": Msg(f"quota.period.{budget.period}"),
+                "refill": format_time(refill),
+            },
+        )
+    return Denial(
+        "quota.images_spent",
+        {
+            "budget": budget.images + usage.bonus_images,
+            "left": _images_left(budget, usage),
+            "needed": images,
+            "period": Msg(f"quota.period.{budget.period}"),
+            "refill": format_time(refill),
+        },
+    )
+
+
+@hookimpl
+async def generation_finished(record: Any, app: Any) -> None:
+    await _settle(record, app, "finished")
+
+
+@hookimpl
+async def generation_ended(record: Any, app: Any) -> None:
+    await _settle(record, app, record.status)
+
+
+async def _settle(record: Any, app: Any, outcome: str) -> None:
+    """Bill or release the job's reservation in the period and scope it was admitted in."""
+    cfg = config(app)
+    scope = scope_key(record.user.platform, record.guild_id, record.chat_id)
+    who = f"{record.user.platform}:{record.user.platform_user_id}"
+    budget = budget_for(cfg, scope, tuple(record.actor_roles))
+    period, _ = period_of(budget.period, record.created_at)
+    images = record.request.num_images_per_prompt
+    relaxed = record.priority <= cfg.relaxed_priority
+    await QuotaStore(app.store).settle(
+        record.id,
+        who,
+        usage_scope(cfg, scope),
+        period,
+        outcome=outcome,
+        images=images if outcome == "finished" else 0,
+        seconds=float(record.device_seconds or 0.0) if outcome == "finished" else 0.0,
+        reserved_images=0 if relaxed else images,
+    )
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("quota", quota_command, "help.quota"))
+
+
+# /quota ----------------------------------------------------------------------------------------
+
+_SUBCOMMANDS = ("set", "reset", "grant")
+
+
+async def quota_command(ctx: CommandContext) -> Reply:
+    words = ctx.text.split(maxsplit=1)
+    if words and words[0].lower() in _SUBCOMMANDS:
+        sub, rest = words[0].lower(), (words[1] if len(words) > 1 else "")
+        return await _moderate(ctx, sub, rest)
+    text = ctx.text.strip()
+    if not text:
+        return await _status(ctx, ctx.actor.key, ctx.actor.roles)
+    who = user_key(text, ctx.actor)
+    if who != ctx.actor.key:
+        await require_moderator(ctx, "quota.view", who)
+    return await _status(ctx, who, ctx.actor.roles if who == ctx.actor.key else ())
+
+
+async def _status(ctx: CommandContext, who: str, roles: Any) -> Reply:
+    app = ctx.app
+    scope = scope_of(ctx.actor)
+    budget = await effective_budget(app, who, scope, roles)
+    period, refill = period_of(budget.period, datetime.now(UTC))
+    usage = await QuotaStore(app.store).usage(who, usage_scope(config(app), scope), period)
+    left = _images_left(budget, usage)
+    params = {
+        "user": who,
+        "period": Msg(f"quota.period.{budget.period}"),
+        "left": left if budget.images else Msg("quota.unlimited"),
+        "budget": budget.images + usage.bonus_images if budget.images else Msg("quota.unlimited"),
+        "used": usage.images_used,
+        "reserved": usage.images_reserved,
+        "seconds_used": round(usage.seconds_used, 1),
+        "seconds_budget": round(budget.gpu_seconds + usage.bonus_seconds, 1)
+        if budget.gpu_seconds
+        else Msg("quota.unlimited"),
+        "refill": format_time(refill),
+    }
+    data = {
+        "images_left": left if budget.images else None,
+        "images_used": usage.images_used,
+        "images_reserved": usage.images_reserved,
+        "seconds_used": usage.seconds_used,
+        "refill": refill.isoformat(),
+    }
+    return Reply("quota.status", params, data=data)
+
+
+def _images_left(budget: Budget, usage: Usage) -> int:
+    return max(budget.images + usage.bonus_images - usage.images_used - usage.images_reserved, 0)
+
+
+async def _moderate(ctx: CommandContext, sub: str, rest: str) -> Reply:
+    parsed = parse_args(rest)
+    target = user_key(parsed.text, ctx.actor) if parsed.text else None
+    await require_moderator(ctx, f"quota.{sub}", target)
+    if target is None:
+        raise UserError("error.missing_argument", name=f"quota {sub}", what="@USER")
+    allowed = {} if sub == "reset" else {"images": True, "gpu-seconds": True}
+    options = options_of(parsed.options, allowed)
+    if sub != "reset" and not options:
+        raise UserError("error.missing_argument", name=f"quota {sub}", what="--images N / --gpu-seconds S")
+    images = whole_number("images", options["images"]) if "images" in options else None
+    seconds = number("gpu-seconds", options["gpu-seconds"]) if "gpu-seconds" in options else None
+    app, scope = ctx.app, scope_of(ctx.actor)
+    where = usage_scope(config(app), scope)
+    quotas = QuotaStore(app.store)
+    if sub == "set":
+        current = await quotas.override(target, where)
+        if current is not None:  # keep what this /quota set does not name
+            images = current.images if images is None else images
+            seconds = current.gpu_seconds if seconds is None else seconds
+        await quotas.set_override(target, where, images=images, gpu_seconds=seconds, set_by=ctx.actor.key)
+    else:
+        budget = await effective_budget(app, target, scope, ())
+        period, _ = period_of(budget.period, datetime.now(UTC))
+        if sub == "reset":
+            await quotas.reset(target, where, period)
+        else:
+            await quotas.grant(target, where, period, images=images or 0, seconds=seconds or 0.0)
+    await audit(ctx, f"quota.{sub}", target=target, images=images, gpu_seconds=seconds)
+    return Reply(f"quota.{sub}_done", {"user": target})

@@ -1,0 +1,153 @@
+"""Quotas through the service, on SQLite and PostgreSQL: atomic admission, billing once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot.plugins import call_collect
+from bot.types import Actor
+from pipeline.queue import Job
+from tests.conftest import EventLog
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
+MOD = Actor(platform="console", user_id="mod", name="Mod", chat_id="c")
+MODERATORS = {"moderators": ["console:mod"]}
+
+
+async def draw(app, line: str, actor: Actor = ALICE):
+    return await app.service.handle_line(line, actor, {"console": True})
+
+
+async def quota(app, actor: Actor = ALICE, text: str = ""):
+    (reply,) = await app.service.handle_line(f"/quota {text}".strip(), actor, {"console": True})
+    assert not reply.error, reply
+    return reply
+
+
+async def test_200_concurrent_requests_admit_exactly_the_budget(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"images": 10, "max_queued": 0}})
+    await app.queue.stop()  # nothing runs: every admitted job stays reserved
+    replies = await asyncio.gather(*(draw(app, "/draw a cat") for _ in range(200)))
+    keys = [r[0].key for r in replies]
+    assert keys.count("draw.accepted") == 10
+    assert keys.count("quota.images_spent") == 190
+    assert await app.store.count_by_status() == {"queued": 10}
+    status = await quota(app)
+    assert status.data["images_left"] == 0 and status.data["images_reserved"] == 10
+
+
+async def test_quota_after_finished_failed_and_cancelled_jobs(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"images": 10}})
+    log = EventLog(app)
+    await app.queue.stop()
+    ids = (await draw(app, "/draw a cat --count 3 --batch 2 --steps 2"))[0].data["jobs"]
+    status = await quota(app)
+    assert (status.data["images_left"], status.data["images_reserved"]) == (4, 6)
+    refused = await draw(app, "/draw a cat --batch 5")
+    assert refused[0].key == "quota.images_spent" and refused[0].params["left"] == 4
+
+    await app.service.cancel(ids[0], ALICE)
+    record = await app.store.get(ids[1])
+    job = Job(ids[1], ALICE.key, record.request)
+    assert await app.service.job_started(job)
+    await app.service.job_failed(job, RuntimeError("device lost"))
+    await app.queue.start()
+    await log.wait_for(lambda: len(log.of("finished")) == 1)
+    await app.idle()
+
+    status = await quota(app)
+    assert status.data["images_used"] == 2  # the finished job only
+    assert status.data["images_reserved"] == 0
+    assert status.data["images_left"] == 8
+    assert status.data["seconds_used"] > 0
+    text = app.translator.t("en", status.key, **status.params)
+    assert "8 of 10 images left (2 used, 0 in progress)" in text and "Refills" in text
+    assert "剩余 8 / 10 张图" in app.translator.t("zh-CN", status.key, **status.params)
+
+
+async def test_a_retried_job_is_billed_once(make_app) -> None:
+    tables = {"plugins": {"quotas": {"images": 5}}}
+    first = await make_app(**tables)
+    await first.queue.stop()
+    (job_id,) = (await draw(first, "/draw a cat --batch 2"))[0].data["jobs"]
+    await first.store.mark_running(job_id)  # interrupted: the process died while it ran
+    second = await make_app(start=False, **tables)
+    log = EventLog(second)
+    assert await second.start() == 1
+    await log.wait_for(lambda: log.of("finished", job_id))
+    await second.idle()
+    record = await second.store.get(job_id)
+    assert record.attempts == 2
+    # a second report of the same job (another worker, a redelivered event) bills nothing
+    await call_collect(second.pm.hook.generation_finished, record=record, app=second)
+    status = await quota(second)
+    assert status.data["images_used"] == 2 and status.data["images_reserved"] == 0
+    assert status.data["images_left"] == 3
+
+
+async def test_caps_on_open_jobs_and_cost_name_what_is_allowed(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"max_queued": 2, "max_cost": 64 * 64 * 4 * 2}})
+    await app.queue.stop()
+    too_costly = await draw(app, "/draw a cat --batch 3 --steps 4")
+    assert too_costly[0].key == "quota.too_costly" and too_costly[0].params["max"] == 32768
+    assert not (await draw(app, "/draw a cat --count 2 --steps 2"))[0].error
+    too_many = await draw(app, "/draw a cat --steps 2")
+    assert too_many[0].key == "quota.too_many_open"
+    assert too_many[0].params == {"open": 2, "max": 2, "needed": 1}
+    text = app.translator.t("en", too_many[0].key, **too_many[0].params)
+    assert "at most 2 are allowed at once" in text
+    assert await app.store.count_by_status() == {"queued": 2}
+
+
+async def test_relaxed_mode_admits_at_the_lowest_priority(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"images": 1, "relaxed": True, "relaxed_priority": -50}})
+    await app.queue.stop()
+    first = await draw(app, "/draw a cat")
+    assert [r.key for r in first] == ["draw.accepted"]
+    second = await draw(app, "/draw a cat")
+    assert [r.key for r in second] == ["draw.accepted", "quota.relaxed"]
+    record = await app.store.get(second[0].data["jobs"][0])
+    assert record.priority == -50
+    assert (await quota(app)).data["images_reserved"] == 1  # relaxed jobs reserve nothing
+
+
+async def test_gpu_seconds_are_billed_on_completion(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"images": 0, "gpu_seconds": 0.0001, "period": "hourly"}})
+    log = EventLog(app)
+    (job_id,) = (await draw(app, "/draw a cat --steps 2"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job_id))
+    await app.idle()
+    refused = await draw(app, "/draw a cat --steps 2")
+    assert refused[0].key == "quota.seconds_spent"
+    text = app.translator.t("en", refused[0].key, **refused[0].params)
+    assert "GPU time for this hour is spent" in text
+
+
+async def test_moderators_set_grant_and_reset_budgets(make_app) -> None:
+    app = await make_app(
+        plugins={"quotas": {"images": 2, "roles": {"patron": {"images": 4}}}, "moderation": MODERATORS}
+    )
+    await app.queue.stop()
+    assert (await quota(app, MOD, "@alice")).data["images_left"] == 2
+    patron = Actor(platform="console", user_id="pat", name="Pat", chat_id="c", roles=frozenset({"patron"}))
+    assert (await quota(app, patron)).data["images_left"] == 4
+
+    await quota(app, MOD, "set @alice --images 3")
+    assert (await quota(app, MOD, "@alice")).data["images_left"] == 3
+    assert not (await draw(app, "/draw a cat --count 3"))[0].error
+    assert (await draw(app, "/draw a cat"))[0].key == "quota.images_spent"
+    await quota(app, MOD, "grant @alice --images 1")
+    assert not (await draw(app, "/draw a cat"))[0].error
+    await quota(app, MOD, "reset @alice")
+    status = await quota(app)
+    assert status.data["images_left"] == 0 and status.data["images_reserved"] == 4
+
+    refused = await app.service.handle_line("/quota @mod", ALICE)
+    assert refused[0].key == "error.moderators_only"
+    audit = (await app.service.handle_line("/audit", MOD))[0].data["entries"]
+    assert [(e["action"], e["allowed"]) for e in audit] == [
+        ("quota.view", False),
+        ("quota.reset", True),
+        ("quota.grant", True),
+        ("quota.set", True),
+    ]
