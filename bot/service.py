@@ -185,7 +185,8 @@ class Service:
             return [Reply(checked.key, checked.params, error=True)]
         plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
         priority = min((a.priority for a in checked), default=0)
-        ids = await self.submit(plan, request, reply_to, priority=priority)
+        max_running = min((a.max_running for a in checked if a.max_running), default=None)
+        ids = await self.submit(plan, request, reply_to, priority=priority, max_running=max_running)
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
@@ -209,7 +210,13 @@ class Service:
         return admissions
 
     async def submit(
-        self, plan: Plan, request: DrawRequest, reply_to: dict[str, Any], *, priority: int = 0
+        self,
+        plan: Plan,
+        request: DrawRequest,
+        reply_to: dict[str, Any],
+        *,
+        priority: int = 0,
+        max_running: int | None = None,
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
@@ -238,7 +245,7 @@ class Service:
             roles=sorted(actor.roles),
         )
         for job in jobs:
-            self._enqueue(Job(job.id, actor.key, job.request, job.priority), actor, reply_to)
+            self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), actor, reply_to)
         return [job.id for job in jobs]
 
     def _enqueue(self, job: Job, actor: Actor, reply_to: dict[str, Any]) -> None:

@@ -91,9 +91,10 @@ class Admission:
     """Returned by ``check_request`` to admit a request at a lower priority (e.g. quotas'
     relaxed mode); ``key``/``params`` are a note shown beside the accepted reply."""
 
-    priority: int
+    priority: int = 0
     key: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    max_running: int | None = None  # most of this user's jobs that may run at once
 
 
 @dataclass

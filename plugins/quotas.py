@@ -52,6 +52,7 @@ class BudgetOverride(BaseModel):
     images: int | None = Field(None, ge=0)
     gpu_seconds: float | None = Field(None, ge=0)
     max_queued: int | None = Field(None, ge=0)
+    max_running: int | None = Field(None, ge=0)
     max_cost: int | None = Field(None, ge=0)
     relaxed: bool | None = None
 
@@ -66,6 +67,7 @@ class QuotasConfig(BaseModel):
     images: int = Field(100, ge=0)
     gpu_seconds: float = Field(0, ge=0)
     max_queued: int = Field(8, ge=0)
+    max_running: int = Field(0, ge=0)
     max_cost: int = Field(0, ge=0)
     per_scope: bool = True
     relaxed: bool = False
@@ -82,6 +84,7 @@ class Budget(BaseModel):
     images: int
     gpu_seconds: float
     max_queued: int
+    max_running: int
     max_cost: int
     relaxed: bool
 
@@ -97,13 +100,14 @@ def budget_for(cfg: QuotasConfig, scope: str, roles: frozenset[str] | tuple[str,
         "images": cfg.images,
         "gpu_seconds": cfg.gpu_seconds,
         "max_queued": cfg.max_queued,
+        "max_running": cfg.max_running,
         "max_cost": cfg.max_cost,
         "relaxed": cfg.relaxed,
     }
     if scope in cfg.scopes:
         values.update(cfg.scopes[scope].model_dump(exclude_none=True))
     role_values = [cfg.roles[role] for role in sorted(roles) if role in cfg.roles]
-    for name in ("images", "gpu_seconds", "max_queued", "max_cost"):
+    for name in ("images", "gpu_seconds", "max_queued", "max_running", "max_cost"):
         given = [getattr(r, name) for r in role_values if getattr(r, name) is not None]
         if given:
             values[name] = 0 if 0 in given else max(given)
@@ -190,7 +194,7 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         open_jobs=budget.max_queued or None,
     )
     if await quotas.reserve(actor.key, where, period, images=images, jobs=jobs, limits=limits):
-        return None
+        return Admission(0, max_running=budget.max_running) if budget.max_running else None
     usage = await quotas.usage(actor.key, where, period)
     if budget.max_queued and usage.jobs_open + jobs > budget.max_queued:
         return Denial(
@@ -200,7 +204,10 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         # spent, but relaxed mode admits it after everyone else's jobs, reserving no images
         relaxed = Limits(open_jobs=limits.open_jobs)
         if await quotas.reserve(actor.key, where, period, images=0, jobs=jobs, limits=relaxed):
-            return Admission(cfg.relaxed_priority, "quota.relaxed", {"refill": format_time(refill)})
+            return Admission(
+                cfg.relaxed_priority, "quota.relaxed", {"refill": format_time(refill)},
+                max_running=budget.max_running or None,
+            )  # fmt: skip
         return Denial(
             "quota.too_many_open", {"open": usage.jobs_open, "max": budget.max_queued, "needed": jobs}
         )

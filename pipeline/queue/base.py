@@ -14,6 +14,7 @@ class Job:
     owner: str  # fairness key: one user
     request: GenerationRequest
     priority: int = 0  # higher runs first (moderator-set)
+    max_running: int | None = None  # at most this many of the owner's jobs run at once
     seq: int = 0  # arrival order, set by the queue
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # "cancel" (user) or "shutdown" (run it again later)

@@ -108,6 +108,17 @@ class LocalQueue:
     def _ordered(self) -> list[Job]:
         return sorted(self._waiting, key=lambda job: (-job.priority, self._rounds.get(job.id, 0), job.seq))
 
+    def _runnable(self) -> list[Job]:
+        """Waiting jobs in order, less those whose owner is at their ``max_running`` cap."""
+        running: dict[str, int] = {}
+        for job in self._running.values():
+            running[job.owner] = running.get(job.owner, 0) + 1
+        return [
+            job
+            for job in self._ordered()
+            if job.max_running is None or running.get(job.owner, 0) < job.max_running
+        ]
+
     def _notify(self) -> None:
         if self._changed is None:
             return
@@ -121,10 +132,10 @@ class LocalQueue:
     async def _next(self) -> Job | None:
         assert self._changed is not None
         async with self._changed:
-            await self._changed.wait_for(lambda: self._stopping or bool(self._waiting))
+            await self._changed.wait_for(lambda: self._stopping or bool(self._runnable()))
             if self._stopping:
                 return None
-            job = self._ordered()[0]
+            job = self._runnable()[0]
             self._waiting.remove(job)
             self._running[job.id] = job
             return job

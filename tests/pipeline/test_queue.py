@@ -145,3 +145,25 @@ async def test_two_devices_run_two_jobs_at_once() -> None:
         assert sorted(first.order + second.order) == [1, 2]
     finally:
         await queue.stop()
+
+
+async def test_max_running_keeps_an_owners_extra_jobs_waiting_for_others() -> None:
+    first, second, recorder = GatedRunner(), GatedRunner(), Recorder()
+    queue = LocalQueue([first, second], recorder)
+    await queue.start()
+    try:
+        for seed in (1, 2):
+            job = _job("a", seed)
+            job.max_running = 1
+            queue.put(job)
+        await asyncio.sleep(0.05)
+        assert queue.running == 1  # two devices, but a's cap is one
+        queue.put(_job("b", 3))
+        await asyncio.sleep(0.05)
+        assert queue.running == 2 and queue.position("a2") == 1
+        for runner in (first, second, first, second):
+            runner.gate.release()
+        await asyncio.wait_for(queue.join(), 10)
+        assert sorted(first.order + second.order) == [1, 2, 3]
+    finally:
+        await queue.stop()

@@ -151,3 +151,13 @@ async def test_moderators_set_grant_and_reset_budgets(make_app) -> None:
         ("quota.grant", True),
         ("quota.set", True),
     ]
+
+
+async def test_max_running_caps_how_many_of_a_users_jobs_run_at_once(make_app) -> None:
+    app = await make_app(plugins={"quotas": {"max_running": 1, "roles": {"patron": {"max_running": 2}}}})
+    await app.queue.stop()  # keep the jobs waiting so their queue entries can be read
+    await draw(app, "/draw a cat --count 2")
+    patron = Actor(platform="console", user_id="pat", name="Pat", chat_id="c", roles=frozenset({"patron"}))
+    await draw(app, "/draw a dog", patron)
+    caps = {job.owner: job.max_running for job in app.queue._waiting}
+    assert caps == {"console:alice": 1, "console:pat": 2}
