@@ -77,6 +77,10 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
     elif opts["hr-scheduler"]:
         hr_scheduler = resolve_scheduler(opts["hr-scheduler"])
     if opts["hires"]:
+        if opts["init-image"]:
+            raise OptionValueError("error.hires_img2img")
+        if opts["denoise"] == 0:
+            raise OptionValueError("error.out_of_range", name="denoise", value=0, min=0.01, max=1)
         _check_hires_size(width, height, opts, limits)
     denoise = opts["denoise"]
     if denoise is None and (opts["hires"] or opts["init-image"]):

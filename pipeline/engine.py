@@ -1,14 +1,16 @@
-"""The txt2img engine: one ``GenerationRequest`` in, one batch of images out.
+"""The engine: one ``GenerationRequest`` in, one batch of images out.
 
-A thin diffusers wrapper (STYLE.md §8): diffusers runs the UNet loop, while the parts
-where A1111 parity lives are ours: the prompt conditioning (A1111's 75-token chunks,
-emphasis and clip skip, ``pipeline.clip``), the initial noise (A1111's per-image seeds,
-variations and RNG sources, ``pipeline.rng``) and the infotext (``pipeline.infotext``).
+diffusers provides the models (tokenizer, text encoder, UNet, VAE); the generation itself
+follows A1111 (A1111-SEMANTICS.md §1): our conditioning (chunks, emphasis, clip skip,
+prompt editing, ``AND``; ``pipeline.conditioning``), A1111's per-image noise
+(``pipeline.rng``), its σ schedules and timesteps (``pipeline.samplers``), its sampling
+loops (``pipeline.kdiffusion``, ``pipeline.timestep_samplers``) driven through its CFG
+denoiser (``pipeline.denoiser``), img2img and the hires fix with A1111's step arithmetic
+(``pipeline.latents``, ``pipeline.hires``) and the infotext (``pipeline.infotext``).
 
-Samplers map to "the closest diffusers scheduler" of A1111-SEMANTICS.md §9.1/§9.2; the
-images are therefore the same family as A1111's, not bit-identical (an exact sampling loop
-is separate work). What *is* exact: the same request always gives the same pixels, and
-image ``i`` of a batch equals a solo run with that image's seed.
+Guarantees: the same request always gives the same pixels, and image ``i`` of a batch
+equals a solo run with that image's seed (every image's conds are evaluated alike; only
+float rounding of batched UNet calls differs).
 
 ``Engine.generate`` is synchronous and meant for the device thread; it must never run on
 the event loop.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 import logging
 import threading
 import time
@@ -29,10 +30,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline import clip, extra_networks, infotext, rng, samplers
+from pipeline import (
+    clip,
+    conditioning,
+    hires,
+    infotext,
+    kdiffusion,
+    latents,
+    rng,
+    samplers,
+    timestep_samplers,
+)
 from pipeline.checkpoints import CheckpointInfo, CheckpointLibrary
-from pipeline.errors import GenerationCancelled, OutOfMemory, UnknownSampler
+from pipeline.denoiser import CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
+from pipeline.errors import GenerationCancelled, OutOfMemory
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
+from pipeline.sampling import SamplingContext, StepCallback
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -43,153 +56,35 @@ VERSION = "v1.10.1"
 LATENT_CHANNELS = 4
 # A1111 hard-codes the VAE's 8x factor for latent sizes (§1 step 5).
 LATENT_FACTOR = 8
+# A1111's img2img UI default.
+DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
+SamplerLoop = Callable[..., torch.Tensor]
 
 _OOM_MARKERS = ("out of memory", "Unable to find a valid cuDNN algorithm", "can't allocate memory")
-
-
-# --------------------------------------------------------------------------------------
-# Sampler -> diffusers scheduler (A1111-SEMANTICS.md §9.1 "closest diffusers", §9.2)
-
-
-@dataclass(frozen=True)
-class SchedulerChoice:
-    """A diffusers scheduler class and the config overrides that approximate one A1111
-    sampler + schedule; ``approximate`` marks the samplers diffusers has no equivalent for."""
-
-    class_name: str
-    options: tuple[tuple[str, Any], ...] = ()
-    approximate: bool = False
-
-
-_KDIFF = (("timestep_spacing", "linspace"),)
-_TIMESTEP = (("timestep_spacing", "leading"), ("steps_offset", 1))
-
-# Samplers without a diffusers counterpart use the nearest family (logged as approximate).
-_SAMPLER_SCHEDULERS: dict[str, SchedulerChoice] = {
-    "DPM++ 2M": SchedulerChoice("DPMSolverMultistepScheduler", _KDIFF),
-    "DPM++ SDE": SchedulerChoice("DPMSolverSDEScheduler", _KDIFF),
-    "DPM++ 2M SDE": SchedulerChoice(
-        "DPMSolverMultistepScheduler", (*_KDIFF, ("algorithm_type", "sde-dpmsolver++"))
-    ),
-    "DPM++ 2M SDE Heun": SchedulerChoice(
-        "DPMSolverMultistepScheduler",
-        (*_KDIFF, ("algorithm_type", "sde-dpmsolver++"), ("solver_type", "heun")),
-        approximate=True,
-    ),
-    "DPM++ 2S a": SchedulerChoice(
-        "DPMSolverSinglestepScheduler", (*_KDIFF, ("solver_order", 2)), approximate=True
-    ),
-    "DPM++ 3M SDE": SchedulerChoice(
-        "DPMSolverMultistepScheduler",
-        (*_KDIFF, ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3)),
-        approximate=True,
-    ),
-    "Euler a": SchedulerChoice("EulerAncestralDiscreteScheduler", _KDIFF),
-    "Euler": SchedulerChoice("EulerDiscreteScheduler", _KDIFF),
-    "LMS": SchedulerChoice("LMSDiscreteScheduler", _KDIFF),
-    "Heun": SchedulerChoice("HeunDiscreteScheduler", _KDIFF),
-    "DPM2": SchedulerChoice("KDPM2DiscreteScheduler", _KDIFF),
-    "DPM2 a": SchedulerChoice("KDPM2AncestralDiscreteScheduler", _KDIFF),
-    "DPM fast": SchedulerChoice("DPMSolverSinglestepScheduler", _KDIFF, approximate=True),
-    "DPM adaptive": SchedulerChoice("DPMSolverSinglestepScheduler", _KDIFF, approximate=True),
-    "Restart": SchedulerChoice("HeunDiscreteScheduler", _KDIFF, approximate=True),
-    "DDIM": SchedulerChoice("DDIMScheduler", _TIMESTEP),
-    "DDIM CFG++": SchedulerChoice("DDIMScheduler", _TIMESTEP, approximate=True),
-    "PLMS": SchedulerChoice("PNDMScheduler", (*_TIMESTEP, ("skip_prk_steps", True)), approximate=True),
-    "UniPC": SchedulerChoice("UniPCMultistepScheduler", _TIMESTEP, approximate=True),
-    "LCM": SchedulerChoice("LCMScheduler"),
-}
-
-# Schedule type label -> config overrides (§9.2's table). Polyexponential with its default
-# rho 1 is Exponential up to rounding; KL Optimal, Align Your Steps and DDIM need explicit
-# sigmas, which most diffusers schedulers cannot take, so they keep the sampler's spacing.
-_SCHEDULE_OPTIONS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "Automatic": (),
-    "Uniform": (("timestep_spacing", "linspace"),),
-    "Normal": (("timestep_spacing", "linspace"),),
-    "Karras": (("use_karras_sigmas", True),),
-    "Exponential": (("timestep_spacing", "linspace"), ("use_exponential_sigmas", True)),
-    "Polyexponential": (("timestep_spacing", "linspace"), ("use_exponential_sigmas", True)),
-    "SGM Uniform": (("timestep_spacing", "trailing"),),
-    "Simple": (("timestep_spacing", "trailing"),),
-    "Beta": (("timestep_spacing", "linspace"), ("use_beta_sigmas", True)),
-}
-
-# Samplers that ignore the Schedule type (A1111's timestep samplers).
 _TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 
 
-def scheduler_choice(sampler_name: str, schedule_label: str) -> SchedulerChoice:
-    """The diffusers scheduler for a canonical sampler name and a resolved schedule label."""
-    base = _SAMPLER_SCHEDULERS.get(sampler_name)
-    if base is None:
-        raise UnknownSampler(sampler_name, samplers.sampler_names())
-    if sampler_name in _TIMESTEP_SAMPLERS:
-        return base
-    options = dict(base.options)
-    options.update(_SCHEDULE_OPTIONS.get(schedule_label, ()))
-    return SchedulerChoice(base.class_name, tuple(options.items()), base.approximate)
-
-
-def build_scheduler(choice: SchedulerChoice, base_config: Any) -> Any:
-    """Instantiate ``choice`` from a checkpoint's scheduler config (betas, prediction type).
-
-    Options the class does not take are dropped rather than passed, so one table serves
-    every scheduler; ``final_sigmas_type="zero"`` is set wherever it exists (§9.2).
-    """
-    choice = _available(choice)
-    cls = _scheduler_class(choice.class_name)
-    known = _init_keys(cls)
-    options = {k: v for k, v in choice.options if k in known}
-    if "final_sigmas_type" in known:
-        options["final_sigmas_type"] = "zero"
-        if "lower_order_final" in known:
-            # diffusers forces this for a zero final sigma anyway, with a warning each time.
-            options["lower_order_final"] = True
-    if choice.approximate:
-        logger.info("sampler approximated by diffusers %s %s", choice.class_name, options)
-    # Keys of another scheduler class (PNDM's skip_prk_steps ...) would only produce warnings.
-    config = {k: v for k, v in dict(base_config).items() if k in known or k.startswith("_")}
-    return cls.from_config(config, **options)
-
-
-def _available(choice: SchedulerChoice) -> SchedulerChoice:
-    """diffusers' DPM++ SDE needs torchsde, an optional extra; without it the multistep SDE
-    solver is the nearest family."""
-    if choice.class_name != "DPMSolverSDEScheduler":
-        return choice
-    from diffusers.utils import is_torchsde_available
-
-    if is_torchsde_available():
-        return choice
-    logger.warning("torchsde is not installed; DPM++ SDE runs as diffusers' multistep SDE solver")
-    options = (*choice.options, ("algorithm_type", "sde-dpmsolver++"))
-    return SchedulerChoice("DPMSolverMultistepScheduler", options, approximate=True)
-
-
-def _init_keys(cls: type) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
-
-
-def _scheduler_class(class_name: str) -> type:
-    import diffusers
-
-    return getattr(diffusers, class_name)
+def sampler_loop(name: str) -> SamplerLoop:
+    """The A1111 sampling loop of a canonical sampler name (all 20 have one)."""
+    if name in _TIMESTEP_SAMPLERS:
+        return timestep_samplers.SAMPLERS[name]
+    return kdiffusion.SAMPLERS[name]
 
 
 # --------------------------------------------------------------------------------------
 # Progress and cancellation
 
 
-class _StepTracker:
-    """Turns diffusers' step callbacks into the user's step count.
+class _Progress:
+    """Maps each pass's sampler steps onto the user's steps and checks for cancellation.
 
-    diffusers calls back ``pipe.num_timesteps`` times, which is not the step count for
-    every scheduler (PNDM calls n+1 times, Heun 2n-1); the user asked for ``total`` steps,
-    so callbacks are scaled onto 1..total and only increases are reported.
+    ``total`` is what the user asked for: the steps, plus the hires steps when the hires
+    fix runs. A pass covering user steps ``offset+1 … offset+length`` reports its sampler
+    step ``index`` of ``count`` as ``offset + (index+1)·length // count``; only increases
+    are reported.
     """
 
     def __init__(self, total: int, on_progress: ProgressCallback | None, should_stop: StopCheck | None):
@@ -200,6 +95,10 @@ class _StepTracker:
 
     def stop_requested(self) -> bool:
         return self.should_stop is not None and bool(self.should_stop())
+
+    def check(self) -> None:
+        if self.stop_requested():
+            raise GenerationCancelled()
 
     def report(self, step: int) -> None:
         step = min(step, self.total)
@@ -212,15 +111,13 @@ class _StepTracker:
     def finish(self) -> None:
         self.report(self.total)
 
-    def callback(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        calls = max(int(getattr(pipe, "num_timesteps", 0) or 0), index + 1)
-        self.report((index + 1) * self.total // calls)
-        if index + 1 < calls and self.stop_requested():
-            # Raising here (rather than only setting pipe._interrupt) also skips the VAE
-            # decode of an image nobody will see.
-            pipe._interrupt = True
-            raise GenerationCancelled()
-        return {}
+    def span(self, offset: int, length: int) -> StepCallback:
+        def on_step(index: int, count: int) -> None:
+            self.report(offset + (index + 1) * length // max(count, 1))
+            if self.reported < self.total:
+                self.check()
+
+        return on_step
 
 
 # --------------------------------------------------------------------------------------
@@ -233,22 +130,17 @@ _CHUNK_CACHE_SIZE = 64
 @dataclass
 class _LoadedModel:
     """A checkpoint prepared for this engine's device, with what is worth keeping per model:
-    one scheduler instance per sampler choice and the chunked token ids of recent prompts
-    (rerolls and batches repeat prompts; the encoder output is not cached, since networks
-    applied later may change the text encoder)."""
+    the chunked token ids of recent prompts (rerolls and batches repeat prompts; encoder
+    outputs are not cached, since networks applied later may change the text encoder)."""
 
     info: CheckpointInfo
     pipe: StableDiffusionPipeline
     base_scheduler_config: Any
-    schedulers: dict[SchedulerChoice, Any] = field(default_factory=dict)
     chunks: OrderedDict[str, list[clip.PromptChunk]] = field(default_factory=OrderedDict)
 
-    def scheduler(self, choice: SchedulerChoice) -> Any:
-        cached = self.schedulers.get(choice)
-        if cached is None:
-            cached = build_scheduler(choice, self.base_scheduler_config)
-            self.schedulers[choice] = cached
-        return cached
+    @property
+    def prediction_type(self) -> str:
+        return dict(self.base_scheduler_config).get("prediction_type", "epsilon")
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.pipe.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
@@ -264,10 +156,11 @@ class _LoadedModel:
             self.chunks.popitem(last=False)
         return chunks
 
-    def encode(self, text: str, clip_skip: int) -> torch.Tensor:
-        """``(1, 77*k, C)`` conditioning for ``text`` (A1111 chunking, emphasis, clip skip)."""
+    def encode_raw(self, chunks: list[clip.PromptChunk], clip_skip: int) -> torch.Tensor:
+        """``(1, 77*k, C)`` unweighted encoder output; emphasis is normalised by the caller
+        over every text encoded together (``pipeline.conditioning``)."""
         return clip.encode_chunks(
-            self.pipe.text_encoder, self.chunk(text), clip_skip=clip_skip, pad_id=self.pad_id
+            self.pipe.text_encoder, chunks, clip_skip=clip_skip, emphasis="Ignore", pad_id=self.pad_id
         )
 
     @property
@@ -289,11 +182,109 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# What one request runs
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampling pass: its sampler, steps, prompts and where in the schedule it starts.
+
+    ``base_steps`` is set for the hires pass only: the first pass's denoiser-call total,
+    which the hires prompt-editing timeline continues from (§3.2, §3.4).
+    """
+
+    selection: samplers.SamplerSelection
+    steps: int
+    plan: latents.StepPlan
+    prompt: str
+    negative_prompt: str
+    base_steps: int | None = None
+
+    @property
+    def info(self) -> samplers.SamplerInfo:
+        return samplers.get_sampler(self.selection.name)
+
+    @property
+    def call_steps(self) -> int:
+        return self.steps * self.info.total_steps_multiplier
+
+
+@dataclass(frozen=True)
+class _Job:
+    first: _Pass
+    second: _Pass | None
+    target: hires.HiresTarget | None
+    fields: dict[str, Any]  # infotext fields img2img / hires add
+
+    @property
+    def total_steps(self) -> int:
+        return self.first.steps + (self.second.steps if self.second is not None else 0)
+
+
+def _plan(request: GenerationRequest) -> _Job:
+    """Validate what the request asks for and lay out its passes (§9.6)."""
+    selection = samplers.select_sampler(request.sampler_name, request.scheduler)
+    steps = request.num_inference_steps
+    if request.init_image is not None:
+        if request.enable_hr:
+            raise ValueError("the hires fix is for txt2img; it cannot be combined with an init image")
+        strength = _strength(request, DEFAULT_IMG2IMG_STRENGTH)
+        plan = latents.img2img_plan(steps, strength)
+        first = _Pass(selection, steps, plan, request.prompt, request.negative_prompt)
+        return _Job(first, None, None, {"Denoising strength": strength})
+    first = _Pass(selection, steps, latents.StepPlan(steps, steps), request.prompt, request.negative_prompt)
+    if not request.enable_hr:
+        return _Job(first, None, None, {})
+    return _plan_hires(request, first)
+
+
+def _plan_hires(request: GenerationRequest, first: _Pass) -> _Job:
+    hires.check_upscaler(request.hr_upscaler)
+    strength = _strength(request, hires.DEFAULT_DENOISING_STRENGTH)
+    hr_selection = samplers.select_sampler(
+        request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
+    )
+    hr_steps = request.hr_second_pass_steps or first.steps
+    second = _Pass(
+        hr_selection,
+        hr_steps,
+        latents.hires_plan(hr_steps, strength),
+        request.hr_prompt or request.prompt,
+        request.hr_negative_prompt or request.negative_prompt,
+        base_steps=first.call_steps,
+    )
+    target = hires.hires_target(
+        request.width, request.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y
+    )
+    if target.width < LATENT_FACTOR or target.height < LATENT_FACTOR:
+        raise ValueError(f"hires target {target.width}x{target.height} is too small")
+    fields = hires.infotext_fields(
+        denoising_strength=strength,
+        scale=request.hr_scale,
+        resize_x=request.hr_resize_x,
+        resize_y=request.hr_resize_y,
+        second_pass_steps=request.hr_second_pass_steps,
+        upscaler=request.hr_upscaler,
+        prompt=request.prompt,
+        hr_prompt=request.hr_prompt,
+        negative_prompt=request.negative_prompt,
+        hr_negative_prompt=request.hr_negative_prompt,
+        sampler=hr_selection.name if request.hr_sampler_name else None,
+        schedule=request.hr_scheduler,
+    )
+    return _Job(first, second, target, fields)
+
+
+def _strength(request: GenerationRequest, default: float) -> float:
+    return default if request.denoising_strength is None else request.denoising_strength
+
+
+# --------------------------------------------------------------------------------------
 # The engine
 
 
 class Engine:
-    """Runs txt2img requests on one device, one at a time."""
+    """Runs txt2img, img2img and hires-fix requests on one device, one at a time."""
 
     def __init__(self, library: CheckpointLibrary, *, device: str = "cpu", dtype: torch.dtype | None = None):
         self.library = library
@@ -310,27 +301,26 @@ class Engine:
         should_stop: StopCheck | None = None,
     ) -> GenerationResult:
         """Generate one batch. Raises ``UnknownCheckpoint``, ``UnknownSampler``,
-        ``CheckpointLoadError``, ``OutOfMemory`` or ``GenerationCancelled``.
+        ``CheckpointLoadError``, ``OutOfMemory``, ``GenerationCancelled``, or ``ValueError``
+        for img2img/hires settings out of range.
 
         ``device_seconds`` covers the whole call on this thread, a model load included.
         """
         started = time.perf_counter()
-        sampler = samplers.select_sampler(request.sampler_name, request.scheduler)
-        tracker = _StepTracker(request.num_inference_steps, on_progress, should_stop)
+        job = _plan(request)
+        progress = _Progress(job.total_steps, on_progress, should_stop)
         with self._lock:
             model = self._model(request.checkpoint)
-            if tracker.stop_requested():
-                raise GenerationCancelled()
-            batch = self._run_guarded(model, request, sampler, tracker)
-        tracker.finish()
-        texts = self._infotexts(request, model.info, sampler, batch.extra)
+            progress.check()
+            images = self._run_guarded(model, request, job, progress)
+        progress.finish()
+        texts = self._infotexts(request, model.info, job)
         seeds, subseeds = request.image_seeds(), request.image_subseeds()
-        images = [
-            GeneratedImage(image=image, seed=seed, subseed=subseed, infotext=text)
-            for image, seed, subseed, text in zip(batch.images, seeds, subseeds, texts, strict=True)
-        ]
         return GenerationResult(
-            images=images,
+            images=[
+                GeneratedImage(image=image, seed=seed, subseed=subseed, infotext=text)
+                for image, seed, subseed, text in zip(images, seeds, subseeds, texts, strict=True)
+            ],
             model_name=model.info.name,
             model_hash=model.info.sha256,
             device_seconds=time.perf_counter() - started,
@@ -360,15 +350,12 @@ class Engine:
     # -- one batch -----------------------------------------------------------------------
 
     def _run_guarded(
-        self,
-        model: _LoadedModel,
-        request: GenerationRequest,
-        sampler: samplers.SamplerSelection,
-        tracker: _StepTracker,
-    ) -> _Batch:
+        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress
+    ) -> list[Any]:
         oom_detail = None
         try:
-            return self._run(model, request, sampler, tracker)
+            with torch.inference_mode():
+                return self._run(model, request, job, progress)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -383,96 +370,129 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _run(
-        self,
-        model: _LoadedModel,
-        request: GenerationRequest,
-        sampler: samplers.SamplerSelection,
-        tracker: _StepTracker,
-    ) -> _Batch:
-        pipe = model.pipe
-        scheduler = model.scheduler(scheduler_choice(sampler.name, sampler.effective_schedule))
-        if pipe.scheduler is not scheduler:
-            pipe.scheduler = scheduler
-        extra: dict[str, Any] = {}
-        with torch.inference_mode():
-            cond, uncond, padded = self._conditioning(model, request)
-            if padded:
-                extra["Pad conds"] = True
-            latents, generators = self._noise(request)
-            output = pipe(
-                prompt_embeds=cond,
-                negative_prompt_embeds=uncond,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=float(request.guidance_scale),
-                width=request.width,
-                height=request.height,
-                eta=0.0 if request.eta is None else float(request.eta),
-                latents=latents,
-                generator=generators,
-                callback_on_step_end=tracker.callback,
-            )
-        return _Batch(images=list(output.images), extra=extra)
-
-    def _conditioning(
-        self, model: _LoadedModel, request: GenerationRequest
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(prompt_embeds, negative_prompt_embeds, padded)`` for the whole batch.
-
-        Every image of a request shares its prompt, so the text is encoded once. Extra-network
-        tags are cut from the positive prompt (§1 step 3, §5); the networks themselves are
-        applied elsewhere.
-        """
-        prompt, _networks = extra_networks.parse(request.prompt)
-        cond = model.encode(prompt, request.clip_skip)
-        uncond = model.encode(request.negative_prompt, request.clip_skip)
-        padded = cond.shape[1] != uncond.shape[1]
-        if padded:
-            # diffusers runs cond and uncond in one UNet call, which needs equal lengths;
-            # A1111 pads with the empty prompt's encoding when asked to (§7.2 "Pad conds").
-            cond, uncond = clip.match_lengths(cond, uncond, model.encode("", request.clip_skip))
-        batch = request.num_images_per_prompt
-        dtype = model.pipe.unet.dtype
-        cond = cond.to(self.device, dtype).expand(batch, -1, -1)
-        uncond = uncond.to(self.device, dtype).expand(batch, -1, -1)
-        return cond, uncond, padded
-
-    def _noise(self, request: GenerationRequest) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Initial latents from A1111's ImageRNG and one generator per image for step noise.
-
-        The step generators continue each image's own stream as A1111 does (§8.3): with ENSD
-        they start fresh at ``seed + ENSD``; without it they skip the draw the initial noise
-        took, so step noise is not a copy of the starting noise.
-        """
+        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress
+    ) -> list[Any]:
         shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
-        seeds = request.image_seeds()
-        source = rng.effective_source(request.rng, self.device)
-        image_rng = rng.ImageRNG(
+        init = None if request.init_image is None else self._init_latents(model, request)
+        x = self._sample(model, request, job.first, shape, init, progress, 0)
+        if job.second is not None and job.target is not None:
+            x = self._hires_pass(model, request, job, x, progress)
+        return self._decode(model, x)
+
+    def _hires_pass(
+        self, model: _LoadedModel, request: GenerationRequest, job: _Job, x: torch.Tensor, progress: _Progress
+    ) -> torch.Tensor:
+        """Upscale the first pass, crop it to the target and denoise it again (§9.6)."""
+        assert job.second is not None and job.target is not None
+        progress.check()
+        if request.hr_upscaler in hires.LATENT_UPSCALERS:
+            upscaled = hires.upscale_latents(x, request.hr_upscaler, job.target)
+        else:
+            images = hires.upscale_images(self._decode(model, x), request.hr_upscaler, job.target)
+            upscaled = latents.encode(model.pipe.vae, latents.images_to_tensor(images))
+        start = hires.crop_latents(upscaled, job.target).to(self.device, torch.float32)
+        return self._sample(
+            model, request, job.second, tuple(start.shape[1:]), start, progress, job.first.steps
+        )
+
+    def _init_latents(self, model: _LoadedModel, request: GenerationRequest) -> torch.Tensor:
+        """The init image's latents, one copy per image of the batch."""
+        assert request.init_image is not None
+        image = latents.load_init_image(request.init_image, request.width, request.height)
+        encoded = latents.encode(model.pipe.vae, latents.images_to_tensor([image]))
+        return encoded.to(self.device).expand(request.num_images_per_prompt, -1, -1, -1)
+
+    def _decode(self, model: _LoadedModel, x: torch.Tensor) -> list[Any]:
+        return latents.to_pil(latents.decode(model.pipe.vae, x))
+
+    def _image_rng(self, request: GenerationRequest, shape: tuple[int, ...]) -> rng.ImageRNG:
+        """Per-image noise at ``shape``; the hires pass gets a fresh one with the same seeds (§8.6)."""
+        return rng.ImageRNG(
             shape,
-            seeds,
+            request.image_seeds(),
             subseeds=request.image_subseeds(),
             subseed_strength=request.subseed_strength,
             seed_resize_from_h=request.seed_resize_from_h,
             seed_resize_from_w=request.seed_resize_from_w,
-            source=source,
+            source=rng.effective_source(request.rng, self.device),
             ensd=request.ensd,
         )
-        latents = image_rng.next().to(self.device, self.dtype)
-        generator_device = self.device if source == "GPU" else torch.device("cpu")
-        generators = [_step_generator(seed, request.ensd, shape, generator_device) for seed in seeds]
-        return latents, generators
+
+    def _sample(
+        self,
+        model: _LoadedModel,
+        request: GenerationRequest,
+        step_pass: _Pass,
+        shape: tuple[int, ...],
+        start: torch.Tensor | None,
+        progress: _Progress,
+        offset: int,
+    ) -> torch.Tensor:
+        """One pass: noise, conds, denoiser and the sampler's loop; returns the latents.
+
+        ``start`` is the clean latent img2img and hires continue from (None for txt2img);
+        the pass reports user steps ``offset+1 …`` and the denoiser checks for a stop
+        before every UNet call (DPM adaptive makes many between its step callbacks).
+        """
+        name = step_pass.selection.name
+        loop = sampler_loop(name)
+        image_rng = self._image_rng(request, shape)
+        noise = image_rng.next().to(self.device)
+        denoiser = CFGDenoiser(
+            model.pipe.unet,
+            self._conds(model, request, step_pass),
+            request.guidance_scale,
+            prediction_type=model.prediction_type,
+            sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
+            before_call=progress.check,
+        )
+        ctx = SamplingContext(
+            model=denoiser,
+            eps_model=denoiser.eps_at_timestep,
+            alphas_cumprod=sd_alphas_cumprod(),
+            noise=lambda: image_rng.next().to(self.device),
+            seeds=request.image_seeds(),
+            rng_source=rng.effective_source(request.rng, self.device),
+            eta=request.eta,
+            solver_type=step_pass.info.solver_type,
+            callback=progress.span(offset, step_pass.steps),
+            extra={"eps_model_cfgpp": denoiser.eps_cfgpp, "is_img2img": start is not None},
+        )
+        plan = step_pass.plan
+        if name in _TIMESTEP_SAMPLERS:
+            timesteps = samplers.timesteps(name, plan.schedule_steps)
+            timesteps = timesteps[: len(timesteps) - plan.start_index]
+            x = (
+                noise
+                if start is None
+                else _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
+            )
+            return loop(x, timesteps, ctx)
+        schedule = samplers.sigma_schedule(name, step_pass.selection.schedule, plan.schedule_steps)
+        sigmas = schedule.sigmas[plan.start_index :].to(self.device)
+        x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
+        return loop(x, sigmas, ctx)
+
+    def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: _Pass) -> Any:
+        first_pass = step_pass.base_steps is None
+        return conditioning.build_conds(
+            step_pass.prompt,
+            step_pass.negative_prompt,
+            step_pass.call_steps if first_pass else step_pass.base_steps,
+            chunk=model.chunk,
+            encode=functools.partial(model.encode_raw, clip_skip=request.clip_skip),
+            device=self.device,
+            dtype=model.pipe.unet.dtype,
+            hires_steps=None if first_pass else step_pass.call_steps,
+        )
 
     # -- infotext ------------------------------------------------------------------------
 
-    def _infotexts(
-        self,
-        request: GenerationRequest,
-        info: CheckpointInfo,
-        sampler: samplers.SamplerSelection,
-        batch_extra: dict,
-    ) -> list[str]:
+    def _infotexts(self, request: GenerationRequest, info: CheckpointInfo, job: _Job) -> list[str]:
+        sampler = job.first.selection
         extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
+        extra.update(job.fields)
         extra.update(_eta_fields(sampler.name, request.eta))
-        extra.update(batch_extra)
         extra.update(request.extra)
         texts = []
         for seed, subseed in zip(request.image_seeds(), request.image_subseeds(), strict=True):
@@ -503,17 +523,12 @@ class Engine:
         return texts
 
 
-@dataclass
-class _Batch:
-    images: list[Any]
-    extra: dict[str, Any]
-
-
-def _step_generator(seed: int, ensd: int, shape: tuple[int, ...], device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device).manual_seed((seed + ensd) % 2**64)
-    if ensd == 0:
-        torch.randn((1, *shape), generator=generator, device=device)
-    return generator
+def _noised_at_timestep(
+    start: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int
+) -> torch.Tensor:
+    """The timestep samplers' equivalent of ``x0 + noise·σ``: ``√ᾱ·x0 + √(1−ᾱ)·noise``."""
+    alpha = float(alphas_cumprod[timestep])
+    return start * alpha**0.5 + noise * (1 - alpha) ** 0.5
 
 
 @functools.lru_cache(maxsize=256)

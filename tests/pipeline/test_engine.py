@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import infotext
+from pipeline import engine as engine_module
+from pipeline import infotext, samplers
 from pipeline.checkpoints import CheckpointLibrary
-from pipeline.engine import Engine, scheduler_choice
+from pipeline.engine import Engine
 from pipeline.errors import GenerationCancelled, OutOfMemory, UnknownCheckpoint, UnknownSampler
 from pipeline.request import GenerationRequest
 from pipeline.samplers import select_sampler
@@ -109,33 +110,50 @@ def test_extra_network_tags_are_removed_before_encoding(engine, baseline):
     assert infotext.parse(tagged.images[0].infotext)["Prompt"] == "a cat <lora:foo:0.7>"
 
 
-def test_long_prompt_with_short_negative(engine):
+def test_long_prompt_with_short_negative_runs_separate_unet_passes(engine, tiny_library):
+    """A1111's default: cond and uncond of different lengths are evaluated separately, not
+    padded, so no "Pad conds" field (§7.2, §10)."""
     long_prompt = ", ".join(["a red cat"] * 20)  # 199 characters: three 75-token chunks
-    result = engine.generate(_request(prompt=long_prompt, negative_prompt="blurry"))
+    calls = []
+    handle = tiny_library.load("tiny").unet.register_forward_hook(
+        lambda module, args, kwargs_out: calls.append(args[0].shape[0])
+    )
+    try:
+        result = engine.generate(_request(prompt=long_prompt, negative_prompt="blurry", sampler_name="Euler"))
+    finally:
+        handle.remove()
+    assert calls == [1, 1] * STEPS
     parsed = infotext.parse(result.images[0].infotext)
     assert parsed["Prompt"] == long_prompt
-    assert parsed["Pad conds"] == "True"
+    assert "Pad conds" not in parsed
 
 
-def test_plain_prompt_matches_diffusers_own_encoding(engine, tiny_library):
-    """Without emphasis, chunking or clip skip, our conditioning is diffusers' own, and the
-    engine is a diffusers call with A1111's initial noise."""
+def test_plain_euler_matches_diffusers_euler(engine, tiny_library):
+    """Without emphasis, chunking or clip skip, our conditioning is diffusers' own; our Euler
+    loop then differs from diffusers' only by its log-σ interpolation (§9.2)."""
+    from diffusers import EulerDiscreteScheduler
+
     from pipeline.rng import ImageRNG
 
     request = _request(sampler_name="Euler", prompt="a cat", negative_prompt="ugly")
     ours = engine.generate(request)
-    pipe = tiny_library.load("tiny")  # now holding the engine's Euler scheduler
-    noise = ImageRNG((4, SIZE // 8, SIZE // 8), [1], source="CPU").next()
-    theirs = pipe(
-        "a cat",
-        negative_prompt="ugly",
-        num_inference_steps=STEPS,
-        guidance_scale=7,
-        width=SIZE,
-        height=SIZE,
-        latents=noise,
-    ).images[0]
-    assert np.array_equal(_pixels(ours), np.asarray(theirs).astype(np.int16))
+    pipe = tiny_library.load("tiny")
+    scheduler = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="linspace")
+    try:
+        noise = ImageRNG((4, SIZE // 8, SIZE // 8), [1], source="CPU").next()
+        theirs = pipe(
+            "a cat",
+            negative_prompt="ugly",
+            num_inference_steps=STEPS,
+            guidance_scale=7,
+            width=SIZE,
+            height=SIZE,
+            latents=noise,
+        ).images[0]
+    finally:
+        pipe.scheduler = scheduler
+    assert np.abs(_pixels(ours) - np.asarray(theirs).astype(np.int16)).max() <= 1
 
 
 def test_generate_leaves_global_rng_untouched(engine):
@@ -160,29 +178,6 @@ def test_samplers_run_and_report_every_step(engine, sampler):
     parsed = infotext.parse(result.images[0].infotext)
     assert parsed["Sampler"] == sampler
     assert np.asarray(result.images[0].image).std() > 0
-
-
-def test_sampler_maps_to_closest_diffusers_scheduler():
-    assert scheduler_choice("Euler a", "Automatic").class_name == "EulerAncestralDiscreteScheduler"
-    karras = dict(scheduler_choice("DPM++ 2M", "Karras").options)
-    assert karras["use_karras_sigmas"] is True
-    assert dict(scheduler_choice("DDIM", "Karras").options) == {
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-    }
-    exponential = dict(scheduler_choice("DPM++ 2M SDE", "Exponential").options)
-    assert exponential["algorithm_type"] == "sde-dpmsolver++"
-    assert exponential["use_exponential_sigmas"] is True
-
-
-def test_scheduler_is_built_from_the_checkpoint_config(engine, tiny_library):
-    engine.generate(_request(sampler_name="DPM++ 2M"))
-    scheduler = tiny_library.load("tiny").scheduler
-    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
-    assert scheduler.config.use_karras_sigmas is True
-    assert scheduler.config.final_sigmas_type == "zero"
-    assert scheduler.config.beta_schedule == "scaled_linear"
-    assert scheduler.config.beta_start == 0.00085
 
 
 def test_select_sampler_accepts_aliases_case_and_legacy_names():
@@ -275,7 +270,7 @@ def test_out_of_memory_is_translated(tiny_library, monkeypatch, error):
     def explode(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(type(tiny_library.load("tiny")), "__call__", explode)
+    monkeypatch.setattr(type(tiny_library.load("tiny").unet), "forward", explode)
     with pytest.raises(OutOfMemory) as info:
         engine.generate(_request())
     assert info.value.__cause__ is None
@@ -288,7 +283,7 @@ def test_other_runtime_errors_pass_through(tiny_library, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("shapes do not match")
 
-    monkeypatch.setattr(type(tiny_library.load("tiny")), "__call__", explode)
+    monkeypatch.setattr(type(tiny_library.load("tiny").unet), "forward", explode)
     with pytest.raises(RuntimeError, match="shapes"):
         engine.generate(_request())
 
@@ -361,3 +356,138 @@ def test_saved_diffusers_folder_generates_the_same_pixels_as_tiny(tmp_path, base
     assert np.array_equal(_pixels(result), _pixels(baseline))
     assert result.model_name == "foo"
     assert infotext.parse(result.images[0].infotext)["Model"] == "foo"
+
+
+# -- our sampling loops -------------------------------------------------------------------
+
+
+ROUND_TRIP_SIZE = 32
+SCHEDULES = [info.label for info in samplers.list_schedulers()]
+ENSD_SAMPLERS = {info.name for info in samplers.list_samplers() if info.uses_ensd}
+
+
+def _round_trip_request(sampler: str, schedule: str, case: int) -> GenerationRequest:
+    """Varied settings; ENSD only where the infotext shows it (Restart/LCM use it silently, §8.5)."""
+    varied = case % 3 == 0
+    return GenerationRequest(
+        prompt="a [red:blue:0.5] (cat:1.2)",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=6.5 if case % 2 else 7,
+        width=ROUND_TRIP_SIZE,
+        height=ROUND_TRIP_SIZE if case % 4 else ROUND_TRIP_SIZE + 16,
+        seed=1000 + case,
+        subseed=77 + case if varied else 0,
+        subseed_strength=0.3 if varied else 0.0,
+        sampler_name=sampler,
+        scheduler=schedule,
+        clip_skip=1 + case % 2,
+        rng=("CPU", "NV", "GPU")[case % 3],
+        ensd=31337 if sampler in ENSD_SAMPLERS else 0,
+    )
+
+
+def _request_from_infotext(parsed: dict) -> GenerationRequest:
+    cfg = parsed["CFG scale"]
+    return GenerationRequest(
+        prompt=parsed["Prompt"],
+        negative_prompt=parsed["Negative prompt"],
+        num_inference_steps=int(parsed["Steps"]),
+        guidance_scale=float(cfg) if "." in cfg else int(cfg),
+        width=int(parsed["Size-1"]),
+        height=int(parsed["Size-2"]),
+        seed=int(parsed["Seed"]),
+        subseed=int(parsed.get("Variation seed", 0)),
+        subseed_strength=float(parsed.get("Variation seed strength", 0.0)),
+        sampler_name=parsed["Sampler"],
+        scheduler=parsed["Schedule type"],
+        clip_skip=int(parsed["Clip skip"]),
+        rng=parsed["RNG"],
+        ensd=int(parsed.get("ENSD", 0)),
+        checkpoint=parsed["Model"],
+    )
+
+
+@pytest.fixture
+def finite_latents(monkeypatch):
+    """Asserts that every latent the engine decodes is finite."""
+    decode = engine_module.latents.decode
+    seen = []
+
+    def checked(vae, x):
+        assert torch.isfinite(x).all()
+        seen.append(x.shape)
+        return decode(vae, x)
+
+    monkeypatch.setattr(engine_module.latents, "decode", checked)
+    return seen
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("sampler", samplers.sampler_names())
+def test_infotext_round_trip_reproduces_pixels(engine, finite_latents, sampler, schedule):
+    """Every sampler × schedule type: generate, write the infotext, read it back, rebuild the
+    request from it and get the same pixels (which also proves runs are repeatable)."""
+    case = samplers.sampler_names().index(sampler) * len(SCHEDULES) + SCHEDULES.index(schedule)
+    request = _round_trip_request(sampler, schedule, case)
+    first = engine.generate(request)
+    parsed = infotext.parse(first.images[0].infotext)
+    rebuilt = _request_from_infotext(parsed)
+    assert parsed["Sampler"] == sampler
+    second = engine.generate(rebuilt)
+    assert np.array_equal(_pixels(first), _pixels(second))
+    assert first.images[0].infotext == second.images[0].infotext
+    assert len(finite_latents) == 2
+
+
+def test_second_order_samplers_schedule_prompts_over_twice_the_steps(engine, monkeypatch):
+    seen = []
+    build = engine_module.conditioning.build_conds
+
+    def spy(prompt, negative, steps, **kwargs):
+        seen.append(steps)
+        return build(prompt, negative, steps, **kwargs)
+
+    monkeypatch.setattr(engine_module.conditioning, "build_conds", spy)
+    engine.generate(_request(sampler_name="Heun", num_inference_steps=4))
+    engine.generate(_request(sampler_name="Euler", num_inference_steps=4))
+    assert seen == [8, 4]
+
+
+def test_prompt_editing_and_composition_change_the_image(engine, baseline):
+    cat = _pixels(baseline)
+    # "dog" for calls 0-1 (where the image is decided), "cat" only at the last, tiny σ.
+    edited = _pixels(engine.generate(_request(prompt="a [dog:cat:1]")))
+    composed = _pixels(engine.generate(_request(prompt="a cat AND a dog:0.5")))
+    assert not np.array_equal(edited, cat)
+    assert not np.array_equal(composed, cat)
+    # An editing step past the end never switches: the plain prompt's image.
+    never = _pixels(engine.generate(_request(prompt="a [cat:dog:10]")))
+    assert np.array_equal(never, cat)
+
+
+def test_ddim_eta_draws_step_noise(engine):
+    plain = _pixels(engine.generate(_request(sampler_name="DDIM")))
+    with_eta = _pixels(engine.generate(_request(sampler_name="DDIM", eta=0.5)))
+    assert not np.array_equal(plain, with_eta)
+
+
+def test_cancel_is_checked_before_every_unet_call(engine, tiny_library):
+    """DPM adaptive makes many UNet calls between its step callbacks; a stop still lands."""
+    calls = []
+    handle = tiny_library.load("tiny").unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(GenerationCancelled):
+            engine.generate(_request(sampler_name="DPM adaptive"), should_stop=lambda: len(calls) >= 2)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+
+
+def test_batch_equals_solo_with_composition_and_editing(engine):
+    request = _request(
+        prompt="a [cat:dog:1] AND red:0.7", negative_prompt="[ugly|blurry]", sampler_name="Heun"
+    )
+    batch = engine.generate(request.replace(num_images_per_prompt=2))
+    solo = engine.generate(request.replace(seed=2))
+    assert np.abs(_pixels(batch, 1) - _pixels(solo)).max() <= 1

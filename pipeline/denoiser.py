@@ -1,0 +1,229 @@
+"""A1111's CFG denoiser over a diffusers UNet (A1111-SEMANTICS.md §9.3, §10).
+
+The sampling loops (``pipeline.kdiffusion``, ``pipeline.timestep_samplers``) only see a
+denoiser ``(x, σ) -> x0`` or an eps model ``(x, t) -> eps``; everything that makes the
+images A1111's lives here: k-diffusion's eps/v scalings with the *continuous* UNet
+timestep t(σ), classifier-free guidance over composable (``AND``) prompts, and the call
+counter ``k`` that picks the scheduled conditioning of prompt editing and alternation
+(§3.4), for the negative prompt too.
+
+One denoiser serves one sampling pass: the counter starts at 0, so the hires pass gets a
+fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import clip, samplers
+from pipeline.prompts import scheduled_at
+
+logger = logging.getLogger(__name__)
+
+# An encoded prompt schedule: ``[(end_at_call, cond (T, C)), …]`` as ``scheduled_at`` reads it.
+Schedule = Sequence[tuple[int, torch.Tensor]]
+SigmaToTimestep = Callable[[torch.Tensor], torch.Tensor]
+
+# DDIM CFG++ guides with cfg / 12.5 (§9.1).
+CFGPP_DIVISOR = 12.5
+
+_BETA_START = 0.00085
+_BETA_END = 0.012
+_TRAIN_TIMESTEPS = 1000
+_LCM_SKIP = 20  # LCM's 50 original timesteps are 19, 39, …, 999
+
+
+@dataclass(frozen=True)
+class PromptConds:
+    """A request's conditioning for one pass: the positive prompt's ``AND`` parts with
+    their weights, and the negative prompt (never split, §1 step 4)."""
+
+    parts: tuple[tuple[Schedule, float], ...]
+    uncond: Schedule
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """The SD1/SD2/SDXL ᾱ table as A1111 keeps it: β and the product in float64, stored as float32."""
+    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+def lcm_sigma_to_timestep() -> SigmaToTimestep:
+    """t(σ) for LCM: the continuous index τ in LCM's 50-entry σ table, as UNet timestep 20τ + 19.
+
+    The table's own σ's land exactly on the original timesteps (σ of 19, 39, …, 999); σ's
+    between them interpolate in log σ like the full table does.
+    """
+    alphas = sd_alphas_cumprod()
+    log_sigmas = (((1 - alphas) / alphas) ** 0.5)[_LCM_SKIP - 1 :: _LCM_SKIP].log()
+
+    def convert(sigma: torch.Tensor) -> torch.Tensor:
+        log_sigma = sigma.float().log().reshape(-1)
+        count = torch.searchsorted(log_sigmas, log_sigma, right=True)
+        low = (count - 1).clamp(0, log_sigmas.shape[0] - 2)
+        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+        tau = low.float() + w
+        return (tau * _LCM_SKIP + (_LCM_SKIP - 1)).reshape(sigma.shape)
+
+    return convert
+
+
+@dataclass
+class _Prepared:
+    """The embeddings for one choice of scheduled conds, expanded to the batch."""
+
+    cond: torch.Tensor  # (B*J, T, C), image-major: image i's parts are rows i*J … i*J+J-1
+    uncond: torch.Tensor  # (B, T', C)
+    joint: torch.Tensor | None  # (B*J + B, T, C) when T == T', for one UNet call
+
+
+class CFGDenoiser:
+    """Classifier-free guidance as A1111 does it, over a diffusers ``UNet2DConditionModel``.
+
+    ``before_call`` runs before every UNet evaluation (the engine checks for cancellation
+    there); ``calls`` is the counter ``k`` of §3.4.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        conds: PromptConds,
+        cfg_scale: float,
+        *,
+        prediction_type: str = "epsilon",
+        sigma_to_timestep: SigmaToTimestep = samplers.sigma_to_timestep,
+        before_call: Callable[[], None] | None = None,
+    ) -> None:
+        if not conds.parts:
+            raise ValueError("the positive prompt needs at least one part")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {prediction_type!r}")
+        self.unet = unet
+        self.conds = conds
+        self.cfg_scale = float(cfg_scale)
+        self.v_prediction = prediction_type == "v_prediction"
+        self.sigma_to_timestep = sigma_to_timestep
+        self.before_call = before_call
+        self.calls = 0
+        self._weights = [float(weight) for _, weight in conds.parts]
+        self._prepared: dict[tuple, _Prepared] = {}
+        self._alphas: torch.Tensor | None = None
+
+    # -- k-diffusion view ------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Denoised x0 for latents ``x`` (B, C, H, W) at noise levels ``sigma`` (B,)."""
+        sigma = _per_image(sigma, x).to(device=x.device, dtype=torch.float32)
+        t = self.sigma_to_timestep(sigma.detach().cpu()).to(x.device)
+        c_in = _view(torch.rsqrt(sigma * sigma + 1.0), x)
+        cond_out, uncond_out = self._evaluate(x * c_in, t)
+        cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
+        uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
+        return self._combine(cond_x0, uncond_x0, self.cfg_scale)
+
+    def _denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """k-diffusion's eps scalings (c_skip 1, c_out −σ), or the v ones with σ_data 1."""
+        if not self.v_prediction:
+            return x - sigma * out
+        scale = sigma * sigma + 1.0
+        return x / scale - out * sigma * torch.rsqrt(scale)
+
+    # -- timestep view ---------------------------------------------------------------------
+
+    def eps_at_timestep(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Guided eps for the timestep samplers: ``x`` is at ᾱ scale, ``t`` a UNet timestep."""
+        cond_eps, uncond_eps = self._eps(x, t)
+        return self._combine(cond_eps, uncond_eps, self.cfg_scale)
+
+    def eps_cfgpp(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM CFG++'s pair: eps guided with cfg / 12.5, and the unconditional eps."""
+        cond_eps, uncond_eps = self._eps(x, t)
+        return self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR), uncond_eps
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _per_image(torch.as_tensor(t), x).to(x.device)
+        cond_out, uncond_out = self._evaluate(x, t)
+        if not self.v_prediction:
+            return cond_out, uncond_out
+        # eps = √ᾱ·v + √(1−ᾱ)·x for a v-prediction at ᾱ scale.
+        alpha = self._alphas_at(t, x)
+        root, root_1m = alpha.sqrt(), (1 - alpha).sqrt()
+        cond_eps = root.unsqueeze(1) * cond_out + (root_1m * x).unsqueeze(1)
+        return cond_eps, root * uncond_out + root_1m * x
+
+    def _alphas_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._alphas is None:
+            self._alphas = sd_alphas_cumprod()
+        return _view(self._alphas[t.detach().cpu().round().long()].to(x.device), x)
+
+    # -- guidance ----------------------------------------------------------------------------
+
+    def _combine(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """``uncond + Σ_j (cond_j − uncond)·(w_j·scale)`` per image; ``cond`` is (B, J, …)."""
+        result = uncond
+        for j, weight in enumerate(self._weights):
+            result = result + (cond[:, j] - uncond) * (weight * scale)
+        return result
+
+    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw UNet outputs for call ``k``: conds (B, J, C, H, W) and uncond (B, C, H, W), float32.
+
+        Cond and uncond share one UNet call when their token lengths are equal (§10).
+        """
+        if self.before_call is not None:
+            self.before_call()
+        k = self.calls
+        self.calls += 1
+        batch, parts = x_in.shape[0], len(self._weights)
+        prepared = self._prepare(k, batch)
+        dtype = prepared.cond.dtype
+        x_cond, t_cond = x_in, t
+        if parts > 1:
+            x_cond, t_cond = x_in.repeat_interleave(parts, 0), t.repeat_interleave(parts)
+        if prepared.joint is not None:
+            out = self._unet(torch.cat([x_cond, x_in]), torch.cat([t_cond, t]), prepared.joint, dtype)
+            cond_out, uncond_out = out[: batch * parts], out[batch * parts :]
+        else:
+            cond_out = self._unet(x_cond, t_cond, prepared.cond, dtype)
+            uncond_out = self._unet(x_in, t, prepared.uncond, dtype)
+        return cond_out.unflatten(0, (batch, parts)), uncond_out
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = self.unet(x.to(dtype), t.float(), encoder_hidden_states=emb, return_dict=False)[0]
+        return out.float()
+
+    def _prepare(self, k: int, batch: int) -> _Prepared:
+        chosen = [scheduled_at(schedule, k) for schedule, _ in self.conds.parts]
+        uncond = scheduled_at(self.conds.uncond, k)
+        key = (*(id(c) for c in chosen), id(uncond), batch)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self._prepared[key] = _expand(chosen, uncond, batch)
+        return prepared
+
+
+def _expand(chosen: list[torch.Tensor], uncond: torch.Tensor, batch: int) -> _Prepared:
+    """AND parts of unequal length are padded by repeating their last vector (§7.2)."""
+    parts = torch.stack(clip.pad_repeating_last(chosen))  # (J, T, C)
+    cond = parts.repeat(batch, 1, 1)
+    uncond_batch = uncond.unsqueeze(0).expand(batch, -1, -1)
+    joint = None
+    if cond.shape[1] == uncond_batch.shape[1]:
+        joint = torch.cat([cond, uncond_batch])
+    return _Prepared(cond=cond, uncond=uncond_batch, joint=joint)
+
+
+def _per_image(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar σ or t broadcast to one value per image."""
+    if value.dim() == 0:
+        return value.expand(x.shape[0])
+    return value.reshape(-1)
+
+
+def _view(per_image: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) for broadcasting against ``x``."""
+    return per_image.reshape(-1, *([1] * (x.dim() - 1)))
