@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CheckpointKind = Literal["builtin", "diffusers"]
 
 CHECKPOINT_SUBDIR = "Stable-diffusion"
+EMBEDDINGS_SUBDIR = "embeddings"
 # A real CLIP tokenizer has 49408 entries and tiny's 514; an offline load that silently
 # produced an empty tokenizer has 2 (TESTING-NOTES §2.4).
 _MIN_TOKENIZER_SIZE = 258

@@ -33,6 +33,7 @@ import torch
 from pipeline import (
     clip,
     conditioning,
+    extra_networks,
     hires,
     infotext,
     kdiffusion,
@@ -41,8 +42,9 @@ from pipeline import (
     samplers,
     timestep_samplers,
 )
-from pipeline.checkpoints import CheckpointInfo, CheckpointLibrary
+from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
 from pipeline.denoiser import CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
+from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import GenerationCancelled, OutOfMemory
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
@@ -136,7 +138,9 @@ class _LoadedModel:
     info: CheckpointInfo
     pipe: StableDiffusionPipeline
     base_scheduler_config: Any
-    chunks: OrderedDict[str, list[clip.PromptChunk]] = field(default_factory=OrderedDict)
+    embeddings: EmbeddingDatabase | None = None
+    chunks: OrderedDict[tuple[int, str], list[clip.PromptChunk]] = field(default_factory=OrderedDict)
+    _lookup: tuple[int, Any] | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -145,13 +149,24 @@ class _LoadedModel:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.pipe.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
 
+    def embedding_lookup(self) -> Any:
+        """Textual-inversion matching for this model's tokenizer and width (None: no embeddings)."""
+        if self.embeddings is None:
+            return None
+        version = self.embeddings.version
+        if self._lookup is None or self._lookup[0] != version:
+            width = self.pipe.text_encoder.config.hidden_size
+            self._lookup = (version, self.embeddings.lookup(self.tokenize, hidden_size=width))
+        return self._lookup[1]
+
     def chunk(self, text: str) -> list[clip.PromptChunk]:
-        cached = self.chunks.get(text)
+        key = (self.embeddings.version if self.embeddings is not None else 0, text)
+        cached = self.chunks.get(key)
         if cached is not None:
-            self.chunks.move_to_end(text)
+            self.chunks.move_to_end(key)
             return cached
-        chunks, _count = clip.chunk_prompt(text, self.tokenize)
-        self.chunks[text] = chunks
+        chunks, _count = clip.chunk_prompt(text, self.tokenize, embeddings=self.embedding_lookup())
+        self.chunks[key] = chunks
         if len(self.chunks) > _CHUNK_CACHE_SIZE:
             self.chunks.popitem(last=False)
         return chunks
@@ -292,6 +307,8 @@ class Engine:
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
         self._lock = threading.Lock()
         self._models: dict[str, _LoadedModel] = {}
+        folder = library.models_dir / EMBEDDINGS_SUBDIR if library.models_dir is not None else None
+        self.embeddings = EmbeddingDatabase(folder)
 
     def generate(
         self,
@@ -314,7 +331,7 @@ class Engine:
             progress.check()
             images = self._run_guarded(model, request, job, progress)
         progress.finish()
-        texts = self._infotexts(request, model.info, job)
+        texts = self._infotexts(request, model, job)
         seeds, subseeds = request.image_seeds(), request.image_subseeds()
         return GenerationResult(
             images=[
@@ -337,7 +354,10 @@ class Engine:
         # Forget models the library has dropped so their weights can be freed.
         loaded = set(self.library.loaded_names())
         self._models = {k: v for k, v in self._models.items() if k in loaded}
-        model = _LoadedModel(info=info, pipe=self._prepare(pipe), base_scheduler_config=pipe.scheduler.config)
+        model = _LoadedModel(
+            info=info, pipe=self._prepare(pipe), base_scheduler_config=pipe.scheduler.config,
+            embeddings=self.embeddings,
+        )  # fmt: skip
         self._models[info.name] = model
         return model
 
@@ -488,9 +508,15 @@ class Engine:
 
     # -- infotext ------------------------------------------------------------------------
 
-    def _infotexts(self, request: GenerationRequest, info: CheckpointInfo, job: _Job) -> list[str]:
+    def _infotexts(self, request: GenerationRequest, model: _LoadedModel, job: _Job) -> list[str]:
+        info = model.info
         sampler = job.first.selection
         extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
+        used = self.embeddings.used(
+            [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
+        )
+        if used:
+            extra["TI hashes"] = ti_hashes_field(used)
         extra.update(job.fields)
         extra.update(_eta_fields(sampler.name, request.eta))
         extra.update(request.extra)
