@@ -9,6 +9,7 @@ import pytest
 
 from bot.adapters.console import ConsoleAdapter
 from bot.types import Actor, Attachment
+from pipeline.infotext import parse
 from tests.conftest import EventLog
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
@@ -124,3 +125,32 @@ async def test_console_joins_continued_lines_and_attaches_files(make_app, tmp_pa
     printed = out.getvalue()
     assert "--clip-skip 2" in printed and "--ensd 31337" in printed
     assert "error.init_image" in printed
+
+
+async def test_hires_and_img2img_through_draw_and_back_from_their_infotext(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    (first,) = (
+        await app.service.handle_line("/draw a lighthouse --steps 3 --seed 2 --hires --hr-scale 2", ALICE)
+    )[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", first))
+    image = log.of("finished", first)[0].images[0]
+    assert (image.width, image.height) == (128, 128)
+    fields = parse(image.infotext)
+    assert fields["Denoising strength"] == "0.7" and fields["Hires upscale"] == "2.0"
+    assert fields["Size-1"] == "64"  # the first pass's size, as A1111 writes it
+    (again,) = (await app.service.handle_line("/draw " + image.infotext, ALICE))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", again))
+    assert Path(log.of("finished", again)[0].images[0].path).read_bytes() == Path(image.path).read_bytes()
+
+    upload = (Attachment("in.png", Path(image.path).read_bytes()),)
+    replies = await app.service.handle_line(
+        "/draw a painting --steps 4 --seed 3 --size 64x64", ALICE, attachments=upload
+    )
+    (refined,) = replies[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", refined))
+    out = log.of("finished", refined)[0].images[0]
+    assert "Denoising strength: 0.75" in out.infotext
+    assert (await app.store.get(refined)).request.init_image.endswith(".png")
+    refused = await app.service.handle_line("/draw x --hires", ALICE, attachments=upload)
+    assert refused[0].error and refused[0].key == "error.hires_img2img"
