@@ -80,6 +80,7 @@ def event_json(event: JobEvent, translator: Translator) -> dict[str, Any]:
         data["actions"] = [
             {"id": a.id, "label": translator.t(event.actor.locale, a.label_key)} for a in event.actions
         ]
+        data["spoiler"] = event.spoiler
     elif isinstance(event, Failed):
         data["key"] = event.key
     return data

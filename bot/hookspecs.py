@@ -60,6 +60,13 @@ def check_request(request: Any, actor: Any, app: Any) -> Any:
     reservation is only made when every earlier check admitted the request."""
 
 
+@hookspec
+def request_dropped(request: Any, app: Any) -> Any:
+    """Called when a request that every ``check_request`` admitted could not be stored
+    (a database error): undo what ``check_request`` reserved for it. May be async; errors
+    are logged. Not called for denied requests."""
+
+
 @hookspec(firstresult=True)
 def plan_generation(request: Any, app: Any) -> Any:
     """Turn a ``DrawRequest`` into a ``Plan`` (the jobs to store and queue).

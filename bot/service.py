@@ -186,7 +186,18 @@ class Service:
         plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
         priority = min((a.priority for a in checked), default=0)
         max_running = min((a.max_running for a in checked if a.max_running), default=None)
-        ids = await self.submit(plan, request, reply_to, priority=priority, max_running=max_running)
+        spoiler = any(a.spoiler for a in checked)
+        try:
+            ids = await self.submit(
+                plan, request, reply_to, priority=priority, max_running=max_running, spoiler=spoiler
+            )
+        except Exception:
+            for impl in app.pm.hook.request_dropped.get_hookimpls():
+                try:
+                    await maybe_await(impl.function(request=request, app=app))
+                except Exception:
+                    log.exception("request_dropped of plugin %s failed", impl.plugin_name)
+            raise
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
@@ -217,6 +228,7 @@ class Service:
         *,
         priority: int = 0,
         max_running: int | None = None,
+        spoiler: bool = False,
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
@@ -233,6 +245,7 @@ class Service:
                 label=planned.label,
                 parent_id=request.parent_id,
                 priority=priority,
+                spoiler=spoiler,
             )
             for index, planned in enumerate(plan.jobs)
         ]
@@ -323,7 +336,9 @@ class Service:
             ImageOut(image.id, path, image.seed, image.width, image.height, image.infotext)
             for image, path in images
         )
-        self.app.bus.publish(Finished(job.id, actor, reply_to, images=out, actions=tuple(actions)))
+        self.app.bus.publish(
+            Finished(job.id, actor, reply_to, images=out, actions=tuple(actions), spoiler=record.spoiler)
+        )
         await self._notify("generation_finished", record)
 
     async def _ended(self, generation_id: str) -> None:

@@ -95,6 +95,7 @@ class Admission:
     key: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     max_running: int | None = None  # most of this user's jobs that may run at once
+    spoiler: bool = False  # show the results as spoilers (blurred until clicked)
 
 
 @dataclass
@@ -183,6 +184,7 @@ class ImageOut:
 class Finished(JobEvent):
     images: tuple[ImageOut, ...] = ()
     actions: tuple[Action, ...] = ()
+    spoiler: bool = False
     kind: str = field(init=False, default="finished")
 
 

@@ -112,6 +112,19 @@ class QuotaStore:
             await session.execute(update(row).where(*_key(user_key, scope, period)).values(**values))
             return True
 
+    async def release(self, user_key: str, scope: str, period: str, *, images: int, jobs: int) -> None:
+        """Undo a reservation whose request was never stored (no job exists to settle)."""
+        row = QuotaUsage
+        async with self.store.session() as session:
+            await session.execute(
+                update(row)
+                .where(*_key(user_key, scope, period))
+                .values(
+                    images_reserved=_floor_zero(row.images_reserved, images),
+                    jobs_open=_floor_zero(row.jobs_open, jobs),
+                )
+            )
+
     async def usage(self, user_key: str, scope: str, period: str) -> Usage:
         async with self.store.session() as session:
             found = await session.scalar(select(QuotaUsage).where(*_key(user_key, scope, period)))

@@ -58,3 +58,4 @@ class GenerationRecord:
     started_at: datetime | None
     finished_at: datetime | None
     images: tuple[ImageRecord, ...] = field(default_factory=tuple)
+    spoiler: bool = False

@@ -39,6 +39,7 @@ class NewJob:
     parent_id: str | None = None
     private: bool = False
     priority: int = 0
+    spoiler: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Store:
                         actor_roles=list(roles),
                         private=job.private,
                         priority=job.priority,
+                        spoiler=job.spoiler,
                     )
                 )
 
@@ -297,6 +299,7 @@ def _record(row: Generation) -> GenerationRecord:
         reply_to=dict(row.reply_to or {}),
         actor_roles=tuple(row.actor_roles or ()),
         private=row.private,
+        spoiler=row.spoiler,
         priority=row.priority,
         attempts=row.attempts,
         error_key=row.error_key,

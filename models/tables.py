@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false as sa_false
 
 from models.base import Base, JSONType, UTCDateTime, utcnow
 
@@ -68,6 +69,7 @@ class Generation(Base):
     reply_to: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     actor_roles: Mapped[list[str]] = mapped_column(JSONType, default=list)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
+    spoiler: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_key: Mapped[str | None] = mapped_column(String(64))

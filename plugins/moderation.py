@@ -33,7 +33,7 @@ from bot.governance import (
 )
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
-from bot.types import Actor, Command, CommandContext, Denial, Reply
+from bot.types import Actor, Admission, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
 GLOBAL_MODERATOR = "global_moderator"
@@ -68,6 +68,7 @@ class ModerationConfig(BaseModel):
     blocked_words: tuple[str, ...] = ()
     blocked_patterns: tuple[str, ...] = ()
     nsfw: NsfwRule = "channel"
+    nsfw_spoiler: bool = True
     nsfw_words: tuple[str, ...] = ("nsfw", "nude", "naked", "explicit")
     audit_limit: int = Field(20, ge=1, le=200)
     scopes: dict[str, ScopeRules] = {}
@@ -146,12 +147,13 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         if found is not None:
             return Denial("moderation.blocked", {"field": Msg(f"moderation.field.{field}"), "word": found})
     nsfw = rules.nsfw or cfg.nsfw
-    if nsfw == "always" or (nsfw == "channel" and actor.nsfw_allowed):
-        return None
     found = find_blocked(generation.prompt, list(cfg.nsfw_words), [])
-    if found is not None:
-        return Denial(f"moderation.nsfw_{nsfw}", {"word": found})
-    return None
+    if found is None:
+        return None
+    if nsfw == "always" or (nsfw == "channel" and actor.nsfw_allowed):
+        # allowed here; the adapters blur the result until clicked (Discord/Telegram spoilers)
+        return Admission(spoiler=True) if cfg.nsfw_spoiler else None
+    return Denial(f"moderation.nsfw_{nsfw}", {"word": found})
 
 
 @hookimpl

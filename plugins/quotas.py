@@ -43,6 +43,7 @@ from models.quota_store import Limits, QuotaStore, Usage
 log = logging.getLogger(__name__)
 
 Period = Literal["hourly", "daily", "weekly", "monthly"]
+RESERVED = "quotas.reserved"  # on DrawRequest.options: what check_request reserved, for request_dropped
 
 
 class BudgetOverride(BaseModel):
@@ -194,6 +195,7 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         open_jobs=budget.max_queued or None,
     )
     if await quotas.reserve(actor.key, where, period, images=images, jobs=jobs, limits=limits):
+        request.options[RESERVED] = (actor.key, where, period, images, jobs)
         return Admission(0, max_running=budget.max_running) if budget.max_running else None
     usage = await quotas.usage(actor.key, where, period)
     if budget.max_queued and usage.jobs_open + jobs > budget.max_queued:
@@ -204,6 +206,7 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         # spent, but relaxed mode admits it after everyone else's jobs, reserving no images
         relaxed = Limits(open_jobs=limits.open_jobs)
         if await quotas.reserve(actor.key, where, period, images=0, jobs=jobs, limits=relaxed):
+            request.options[RESERVED] = (actor.key, where, period, 0, jobs)
             return Admission(
                 cfg.relaxed_priority, "quota.relaxed", {"refill": format_time(refill)},
                 max_running=budget.max_running or None,
@@ -231,6 +234,15 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
             "refill": format_time(refill),
         },
     )
+
+
+@hookimpl
+async def request_dropped(request: Any, app: Any) -> None:
+    """The admitted request was never stored: give its reservation back."""
+    reserved = request.options.pop(RESERVED, None)
+    if reserved is not None:
+        who, where, period, images, jobs = reserved
+        await QuotaStore(app.store).release(who, where, period, images=images, jobs=jobs)
 
 
 @hookimpl

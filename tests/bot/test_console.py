@@ -125,13 +125,15 @@ def test_plugins_and_db_upgrade_commands(tmp_path: Path) -> None:
     env = _env(tmp_path)
     upgrade = subprocess.run(_atelier("db", "upgrade"), env=env, capture_output=True, text=True, timeout=120)
     assert upgrade.returncode == 0, upgrade.stderr
-    assert "database at revision 0002" in upgrade.stdout
+    from bot import db
+
+    assert f"database at revision {db.current_revision('sqlite+aiosqlite://')}" in upgrade.stdout
     assert (tmp_path / "data" / "atelier.db").is_file()
     listing = subprocess.run(_atelier("plugins"), env=env, capture_output=True, text=True, timeout=120)
     assert "generate: plan_generation, register_commands, result_actions" in listing.stdout
     assert "pnginfo: register_commands" in listing.stdout
     assert (
-        "quotas: check_request, generation_ended, generation_finished, register_commands, startup"
+        "quotas: check_request, generation_ended, generation_finished, register_commands, request_dropped, startup"
         in listing.stdout
     )
     assert "moderation: actor_roles, check_request, register_commands, startup" in listing.stdout

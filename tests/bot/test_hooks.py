@@ -33,7 +33,7 @@ def test_every_hook_has_a_test() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     hooks = _hook_names()
-    assert len(hooks) == 13
+    assert len(hooks) == 14
     missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
     assert not missing, f"hooks without a test: {missing}"
 
@@ -342,3 +342,32 @@ async def test_hook_shutdown(make_app) -> None:
     assert events == []
     await app.stop()
     assert events == ["shutdown"]
+
+
+async def test_hook_request_dropped_when_admitted_jobs_cannot_be_stored(make_app, monkeypatch) -> None:
+    dropped = []
+
+    class Reserver:
+        @hookimpl
+        def check_request(self, request, actor, app):
+            request.options["reserved"] = True
+            return None
+
+        @hookimpl
+        async def request_dropped(self, request, app):
+            dropped.append(request.options.get("reserved"))
+
+    app = await make_app(extra_plugins=(Reserver(),))
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(app.store, "add_jobs", broken)
+    replies = await _draw(app, "/draw a cat")
+    assert replies[0].key == "error.internal"
+    assert dropped == [True]
+    denied_app = await make_app(
+        extra_plugins=(Reserver(),), plugins={"moderation": {"blocked_words": ["cat"]}}
+    )
+    assert (await _draw(denied_app, "/draw a cat"))[0].key == "moderation.blocked"
+    assert dropped == [True]  # a denied request reserved nothing to give back

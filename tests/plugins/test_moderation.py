@@ -153,3 +153,19 @@ async def test_delete_by_owner_or_moderator_only(make_app) -> None:
         ("console:mod", "delete", cancelled, True),
         ("console:bob", "delete", done, False),
     ]
+
+
+async def test_allowed_nsfw_results_are_spoilers(make_app) -> None:
+    app = await make_app(plugins={"moderation": CONFIG})
+    log = EventLog(app)
+    nsfw_channel = replace(ALICE, nsfw_allowed=True)
+    (nude,) = (await run(app, "/draw a nude statue", nsfw_channel))[0].data["jobs"]
+    (cat,) = (await run(app, "/draw a cat", nsfw_channel))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", nude) and log.of("finished", cat))
+    assert log.of("finished", nude)[0].spoiler and not log.of("finished", cat)[0].spoiler
+    assert (await app.store.get(nude)).spoiler
+    plain = await make_app(plugins={"moderation": {**CONFIG, "nsfw_spoiler": False}})
+    plain_log = EventLog(plain)
+    (again,) = (await run(plain, "/draw a nude statue", nsfw_channel))[0].data["jobs"]
+    await plain_log.wait_for(lambda: plain_log.of("finished", again))
+    assert not plain_log.of("finished", again)[0].spoiler

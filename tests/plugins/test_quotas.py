@@ -161,3 +161,15 @@ async def test_max_running_caps_how_many_of_a_users_jobs_run_at_once(make_app) -
     await draw(app, "/draw a dog", patron)
     caps = {job.owner: job.max_running for job in app.queue._waiting}
     assert caps == {"console:alice": 1, "console:pat": 2}
+
+
+async def test_a_request_that_cannot_be_stored_gives_its_reservation_back(make_app, monkeypatch) -> None:
+    app = await make_app(plugins={"quotas": {"images": 10}})
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(app.store, "add_jobs", broken)
+    assert (await draw(app, "/draw a cat --batch 3"))[0].key == "error.internal"
+    status = await quota(app)
+    assert status.data["images_left"] == 10 and status.data["images_reserved"] == 0
