@@ -103,7 +103,12 @@ def build_app(
     if library is None:
         from pipeline.checkpoints import CheckpointLibrary
 
-        library = CheckpointLibrary(settings.engine.models_dir)
+        library = CheckpointLibrary(
+            settings.engine.models_dir,
+            max_loaded=settings.engine.max_loaded,
+            tokenizer_dir=settings.engine.tokenizer_dir or None,
+            hash_cache=settings.bot.data_dir / "cache" / "hashes.json",
+        )
     if engines is None:
         engines = [make_engine(settings, library)]
     app = App(

@@ -48,6 +48,8 @@ class EngineSettings(_Table):
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     models_dir: Path = Path("data/models")
     default_checkpoint: str = "tiny"
+    tokenizer_dir: str = ""
+    max_loaded: int = Field(2, ge=1)
 
 
 class DefaultsSettings(_Table):

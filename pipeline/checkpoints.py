@@ -1,9 +1,31 @@
 """The checkpoint library: which models exist and how to load them.
 
 Names are what users type and what infotexts record as ``Model``: the built-in ``tiny``
-first, then every diffusers folder under ``<models_dir>/Stable-diffusion/`` (a folder
-holding ``model_index.json``), named by its folder. Loaded pipelines are cached in this
-process so that a model is read from disk once, not per job.
+first, then every diffusers folder directly under ``<models_dir>/Stable-diffusion/`` (a
+folder holding ``model_index.json``), named by its folder, then every single-file
+checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) anywhere below that folder, named as
+A1111 names them: the path relative to ``Stable-diffusion/`` without its extension.
+Loaded pipelines are cached in this process so that a model is read from disk once.
+
+Single files are read through :mod:`pipeline.safe_load` (nothing in a pickle runs) and
+assembled from diffusers configs of their family: SD 1.x / SD 2.x configs ship in
+``pipeline/configs/``; ``config_dirs`` overrides them per family. Real SD checkpoints
+carry no tokenizer, and the CLIP vocabulary is not available offline, so a family's
+config folder must hold a ``tokenizer/`` folder or ``tokenizer_dir`` must name one.
+
+Family and prediction type (A1111 detects both from the weights and the ``.yaml``):
+
+* SDXL: any ``conditioner.embedders.*`` key; SD 2.x: OpenCLIP text-encoder keys
+  (``cond_stage_model.model.*``); SD 1.x: CLIP keys (``cond_stage_model.transformer.*``);
+  otherwise the UNet's cross-attention width decides (768 → SD1, 1024 → SD2, 2048 → SDXL).
+* v-prediction: a ``<name>.yaml`` beside the file with ``model.params.parameterization: v``,
+  else a safetensors ``__metadata__`` entry ``modelspec.prediction_type`` of ``v``/
+  ``v_prediction``; else epsilon. (A1111 also probes SD 2.x UNets with a test input when
+  there is no yaml; that probe is not implemented, so a v-model SD 2.x file needs its yaml.)
+
+Hashes (A1111-SEMANTICS.md §13) are computed for single files only, on first
+``resolve``/``load`` (or by ``lookup`` when asked for a hash), through a persistent
+:class:`~pipeline.hashing.HashCache`, so a multi-gigabyte file is read once per change.
 
 Loading is meant to run on the device thread; the lock only guards against two threads
 loading at once (and the cache being changed under a reader), so a second caller waits
@@ -12,52 +34,115 @@ for the first load and then gets the cached object.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.errors import CheckpointLoadError, UnknownCheckpoint
+from pipeline import safe_load
+from pipeline.errors import CheckpointLoadError, EngineError, UnknownCheckpoint
+from pipeline.hashing import HashCache
 from pipeline.tiny import TINY_NAME, build_tiny_pipeline
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
-CheckpointKind = Literal["builtin", "diffusers"]
+CheckpointKind = Literal["builtin", "diffusers", "single_file"]
+Family = Literal["sd1", "sd2", "sdxl"]
 
 CHECKPOINT_SUBDIR = "Stable-diffusion"
+VAE_SUBDIR = "VAE"
+LORA_SUBDIR = "Lora"
+HYPERNETWORK_SUBDIR = "hypernetworks"
 EMBEDDINGS_SUBDIR = "embeddings"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+# A1111's search order for a checkpoint's own VAE.
+VAE_SUFFIXES = (".vae.pt", ".vae.ckpt", ".vae.safetensors")
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 # A real CLIP tokenizer has 49408 entries and tiny's 514; an offline load that silently
 # produced an empty tokenizer has 2 (TESTING-NOTES §2.4).
 _MIN_TOKENIZER_SIZE = 258
+_HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$|^[0-9a-fA-F]{64}$")
+_CROSS_ATTENTION_WIDTH: dict[int, Family] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """One checkpoint the library knows; ``sha256`` is the short (10 hex) model hash, if known."""
+    """One checkpoint the library knows.
+
+    ``sha256`` is the short (10 hex) model hash infotexts write, ``full_sha256`` the whole
+    digest and ``old_hash`` the pre-2023 8-hex hash; all three are None until computed
+    (single files only). ``vae_path`` is a ``<name>.vae.*`` file beside the checkpoint,
+    ``config_path`` its ``<name>.yaml``; ``family`` is None where not yet known (a
+    ``.ckpt`` is only inspected when loaded).
+    """
 
     name: str
     path: Path | None
     kind: CheckpointKind
     sha256: str | None = None
+    family: Family | None = None
+    prediction_type: str | None = None
+    vae_path: Path | None = None
+    config_path: Path | None = None
+    full_sha256: str | None = None
+    old_hash: str | None = None
+    use_ema: bool | None = None
+
+    @property
+    def model_name(self) -> str:
+        """What A1111 writes as ``Model``: a single file's stem without its folders."""
+        return self.path.stem if self.kind == "single_file" and self.path is not None else self.name
+
+    @property
+    def title(self) -> str:
+        """A1111's dropdown title: the file's relative name with extension, and its short hash."""
+        base = self.name if self.path is None or self.kind != "single_file" else self.name + self.path.suffix
+        return f"{base} [{self.sha256}]" if self.sha256 else base
 
 
 class CheckpointLibrary:
     """Lists, resolves and loads checkpoints.
 
     ``max_loaded`` bounds how many pipelines stay cached; the least recently used one is
-    dropped first, since a real checkpoint holds gigabytes.
+    dropped first, since a real checkpoint holds gigabytes. ``hash_cache`` is a
+    :class:`HashCache` or the JSON path for one (default ``<models_dir>/../cache/hashes.json``).
+    ``config_dirs`` maps a family (``"sd1"``, ``"sd2"``) to a diffusers folder whose configs
+    (and ``tokenizer/``) single files of that family are assembled with; ``tokenizer_dir``
+    is a CLIP tokenizer folder for families whose config folder has none.
     """
 
-    def __init__(self, models_dir: Path | None, *, max_loaded: int = 2) -> None:
+    def __init__(
+        self,
+        models_dir: Path | None,
+        *,
+        max_loaded: int = 2,
+        hash_cache: HashCache | Path | str | None = None,
+        config_dirs: Mapping[str, Path | str] | None = None,
+        tokenizer_dir: Path | str | None = None,
+    ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self.max_loaded = max_loaded
+        if isinstance(hash_cache, HashCache):
+            self.hashes = hash_cache
+        elif hash_cache is not None:
+            self.hashes = HashCache(hash_cache)
+        elif self.models_dir is not None:
+            self.hashes = HashCache(self.models_dir.parent / "cache" / "hashes.json")
+        else:
+            self.hashes = HashCache()
+        self.config_dirs = {k: Path(v) for k, v in (config_dirs or {}).items()}
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._lock = threading.RLock()
         self._infos: dict[str, CheckpointInfo] | None = None
         self._loaded: OrderedDict[str, Any] = OrderedDict()
@@ -70,32 +155,41 @@ class CheckpointLibrary:
     def names(self) -> list[str]:
         return list(self._catalog())
 
+    def infos(self) -> list[CheckpointInfo]:
+        return list(self._catalog().values())
+
     def resolve(self, name: str) -> CheckpointInfo:
-        """The checkpoint called ``name``: an exact match first, then a case-insensitive one."""
+        """The checkpoint called ``name`` (an exact match first, then a case-insensitive
+        one), with its hashes filled in."""
         catalog = self._catalog()
-        if name in catalog:
-            return catalog[name]
-        folded = name.casefold()
-        for info in catalog.values():
-            if info.name.casefold() == folded:
-                return info
-        raise UnknownCheckpoint(name, list(catalog))
+        info = catalog.get(name)
+        if info is None:
+            folded = name.casefold()
+            info = next((i for i in catalog.values() if i.name.casefold() == folded), None)
+        if info is None:
+            raise UnknownCheckpoint(name, list(catalog))
+        return self._with_hashes(info)
 
     def lookup(self, text: str) -> CheckpointInfo | None:
         """A checkpoint by an infotext's ``Model`` or ``Model hash`` text (A1111 §13): an exact
-        name, hash (old 8-hex, short, full sha256) or ``name [hash]`` title first, then the
-        shortest name containing the text; None when nothing matches."""
+        name, hash (old 8-hex, short, full sha256), file name, stem or ``name [hash]`` title
+        first, then the shortest name containing the text; None when nothing matches.
+
+        Hashes are computed only when the text looks like one and no name matched."""
         text = text.strip()
         if not text:
             return None
-        catalog = self._catalog()
         bare = text.rsplit(" [", 1)[0] if text.endswith("]") else text
-        for candidate in (text, bare):
-            for info in catalog.values():
-                if candidate in _aliases(info):
-                    return info
+        found = self._exact(text, bare)
+        if found is None and (_HEX.match(text) or text != bare):
+            for info in list(self._catalog().values()):
+                self._with_hashes(info)
+            found = self._exact(text, bare)
+        if found is not None:
+            return self._with_hashes(found)
+        catalog = self._catalog()
         containing = [info for info in catalog.values() if bare.casefold() in info.name.casefold()]
-        return min(containing, key=lambda info: len(info.name)) if containing else None
+        return self._with_hashes(min(containing, key=lambda info: len(info.name))) if containing else None
 
     def load(self, name: str) -> StableDiffusionPipeline:
         """The loaded pipeline for ``name``, from the cache when possible."""
@@ -116,51 +210,276 @@ class CheckpointLibrary:
         with self._lock:
             return list(self._loaded)
 
+    # -- catalog -------------------------------------------------------------------------
+
+    def _exact(self, text: str, bare: str) -> CheckpointInfo | None:
+        catalog = self._catalog()
+        for candidate in (text, bare):
+            for info in catalog.values():
+                if candidate in _aliases(info):
+                    return info
+        return None
+
     def _catalog(self) -> dict[str, CheckpointInfo]:
         with self._lock:
             if self._infos is None:
                 self._infos = self._scan()
             return self._infos
 
+    def _update(self, info: CheckpointInfo) -> CheckpointInfo:
+        with self._lock:
+            catalog = self._catalog()
+            if catalog.get(info.name) is not None and catalog[info.name].path == info.path:
+                catalog[info.name] = info
+        return info
+
+    def _with_hashes(self, info: CheckpointInfo) -> CheckpointInfo:
+        """``info`` with its hashes, computed once per file version through the cache."""
+        if info.kind != "single_file" or info.sha256 is not None or info.path is None:
+            return info
+        try:
+            full = self.hashes.get(info.path, "sha256")
+            old = self.hashes.get(info.path, "old")
+        except OSError as exc:
+            raise CheckpointLoadError(info.name, f"cannot read {info.path}: {exc}") from exc
+        return self._update(dataclasses.replace(info, sha256=full[:10], full_sha256=full, old_hash=old))
+
     def _scan(self) -> dict[str, CheckpointInfo]:
-        infos = {TINY_NAME: CheckpointInfo(name=TINY_NAME, path=None, kind="builtin")}
-        for folder in self._diffusers_folders():
-            if folder.name.casefold() == TINY_NAME:
+        infos = {TINY_NAME: CheckpointInfo(name=TINY_NAME, path=None, kind="builtin", family="sd1",
+                                           prediction_type="epsilon")}  # fmt: skip
+        root = self.models_dir / CHECKPOINT_SUBDIR if self.models_dir is not None else None
+        if root is None or not root.is_dir():
+            return infos
+        for info in [*self._diffusers_infos(root), *self._single_file_infos(root)]:
+            if info.name.casefold() == TINY_NAME:
                 logger.warning(
-                    "ignoring %s: the name %r is reserved for the built-in model", folder, TINY_NAME
+                    "ignoring %s: the name %r is reserved for the built-in model", info.path, TINY_NAME
                 )
-                continue
-            infos[folder.name] = CheckpointInfo(name=folder.name, path=folder, kind="diffusers")
+            elif info.name in infos:
+                logger.warning("ignoring %s: %r is already %s", info.path, info.name, infos[info.name].path)
+            else:
+                infos[info.name] = info
         return infos
 
-    def _diffusers_folders(self) -> list[Path]:
-        if self.models_dir is None:
-            return []
-        root = self.models_dir / CHECKPOINT_SUBDIR
-        if not root.is_dir():
-            return []
-        return sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
+    def _diffusers_infos(self, root: Path) -> list[CheckpointInfo]:
+        folders = sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
+        return [
+            CheckpointInfo(name=f.name, path=f, kind="diffusers", prediction_type=_folder_prediction(f))
+            for f in folders
+        ]
+
+    def _single_file_infos(self, root: Path) -> list[CheckpointInfo]:
+        infos = []
+        for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix().casefold()):
+            if not _is_checkpoint_file(path, root):
+                continue
+            try:
+                infos.append(_single_file_info(path, root))
+            except (OSError, EngineError) as exc:
+                # Listed anyway: loading it gives the user the reason.
+                logger.warning("cannot inspect %s: %s", path, exc)
+                name = path.relative_to(root).with_suffix("").as_posix()
+                infos.append(CheckpointInfo(name=name, path=path, kind="single_file"))
+        return infos
+
+    # -- loading -------------------------------------------------------------------------
 
     def _load_uncached(self, info: CheckpointInfo) -> StableDiffusionPipeline:
         if info.kind == "builtin":
             return build_tiny_pipeline()
         logger.info("loading checkpoint %s from %s", info.name, info.path)
         try:
-            pipe = _load_diffusers_folder(info)
-        except CheckpointLoadError:
+            if info.kind == "single_file":
+                return self._load_single_file(info)
+            return _load_diffusers_folder(info)
+        except EngineError:
             raise
         except Exception as exc:  # any failure inside diffusers/transformers is a bad checkpoint
             raise CheckpointLoadError(info.name, f"{type(exc).__name__}: {exc}") from exc
-        return pipe
+
+    def _load_single_file(self, info: CheckpointInfo) -> StableDiffusionPipeline:
+        assert info.path is not None
+        state = safe_load.load_state_dict(info.path)
+        family = info.family or detect_family(state.keys(), {k: tuple(v.shape) for k, v in state.items()})
+        if family is None:
+            raise CheckpointLoadError(
+                info.name, "it is not a Stable Diffusion checkpoint (no known key layout)"
+            )
+        info = self._update(
+            dataclasses.replace(info, family=family, prediction_type=info.prediction_type or "epsilon")
+        )
+        if family == "sdxl":
+            raise CheckpointLoadError(
+                info.name, "SDXL checkpoints are listed but this engine runs SD 1.x/2.x only"
+            )
+        config = self.config_dirs.get(family, PACKAGED_CONFIGS / family)
+        return _assemble_single_file(info, state, config, self._tokenizer(info, config))
+
+    def _tokenizer(self, info: CheckpointInfo, config: Path) -> Any:
+        from transformers import CLIPTokenizer
+
+        folder = config / "tokenizer"
+        if not folder.is_dir():
+            folder = self.tokenizer_dir
+        if folder is None or not folder.is_dir():
+            raise CheckpointLoadError(
+                info.name,
+                f"no CLIP tokenizer for {info.family}: set a tokenizer folder (engine.tokenizer_dir)",
+            )
+        # OpenCLIP (SD 2.x) pads with "!" (id 0), not with the end token.
+        extra = {"pad_token": "!"} if info.family == "sd2" and folder == self.tokenizer_dir else {}
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+        _check_tokenizer(info, tokenizer)
+        return tokenizer
+
+
+def detect_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> Family | None:
+    """SD 1.x, 2.x or SDXL from an A1111-layout state dict's keys (and shapes)."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    for key in keys:
+        if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight"):
+            return _CROSS_ATTENTION_WIDTH.get(shapes.get(key, (0, 0))[-1])
+    return None
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    model = data.get("model", {}) if isinstance(data, dict) else {}
+    params = model.get("params", {}) if isinstance(model, dict) else {}
+    params = params if isinstance(params, dict) else {}
+    found: dict[str, Any] = {}
+    if "parameterization" in params:
+        found["prediction_type"] = "v_prediction" if params["parameterization"] == "v" else "epsilon"
+    if "use_ema" in params:
+        found["use_ema"] = bool(params["use_ema"])
+    target = str(model.get("target", "")) if isinstance(model, dict) else ""
+    cond = params.get("cond_stage_config", {})
+    cond_target = str(cond.get("target", "")) if isinstance(cond, dict) else ""
+    if target.startswith("sgm."):
+        found["family"] = "sdxl"
+    elif "OpenCLIP" in cond_target:
+        found["family"] = "sd2"
+    elif "FrozenCLIPEmbedder" in cond_target:
+        found["family"] = "sd1"
+    return found
+
+
+def _is_checkpoint_file(path: Path, root: Path) -> bool:
+    lower = path.name.lower()
+    if not lower.endswith(CHECKPOINT_SUFFIXES) or any(lower.endswith(s) for s in VAE_SUFFIXES):
+        return False
+    if not path.is_file():
+        return False
+    # Weights inside a diffusers folder belong to that folder, not to the list.
+    inside = path.relative_to(root).parents
+    return not any((root / parent / "model_index.json").is_file() for parent in inside if parent != Path("."))
+
+
+def _single_file_info(path: Path, root: Path) -> CheckpointInfo:
+    name = path.relative_to(root).with_suffix("").as_posix()
+    stem = path.with_suffix("")
+    vae = next((v for s in VAE_SUFFIXES if (v := stem.with_name(stem.name + s)).is_file()), None)
+    yaml_path = stem.with_name(stem.name + ".yaml")
+    settings = read_yaml_config(yaml_path) if yaml_path.is_file() else {}
+    family, prediction = None, settings.get("prediction_type")
+    if path.suffix.lower() == ".safetensors":
+        header = safe_load.read_safetensors_header(path)
+        shapes = {
+            k: tuple(v.get("shape", ()))
+            for k, v in header.items()
+            if isinstance(v, dict) and k != "__metadata__"
+        }
+        family = detect_family(shapes, shapes)
+        if prediction is None:
+            prediction = _metadata_prediction(header.get("__metadata__"))
+    return CheckpointInfo(
+        name=name,
+        path=path,
+        kind="single_file",
+        family=family or settings.get("family"),
+        prediction_type=prediction,
+        vae_path=vae,
+        config_path=yaml_path if yaml_path.is_file() else None,
+        use_ema=settings.get("use_ema"),
+    )
+
+
+def _metadata_prediction(metadata: Any) -> str | None:
+    value = metadata.get("modelspec.prediction_type") if isinstance(metadata, dict) else None
+    if value in ("v", "v_prediction"):
+        return "v_prediction"
+    return "epsilon" if value == "epsilon" else None
+
+
+def _folder_prediction(folder: Path) -> str | None:
+    import json
+
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("prediction_type", "epsilon") if isinstance(config, dict) else None
 
 
 def _aliases(info: CheckpointInfo) -> set[str]:
-    names = {info.name, f"{info.name} [{info.sha256}]" if info.sha256 else info.name}
+    names = {info.name, info.title}
+    if info.sha256:
+        names |= {f"{info.name} [{info.sha256}]", info.sha256}
+    if info.full_sha256:
+        names.add(info.full_sha256)
+    if info.old_hash:
+        names.add(info.old_hash)
     if info.path is not None:
         names |= {info.path.name, info.path.stem}
-    if info.sha256:
-        names.add(info.sha256)
     return names
+
+
+def _check_tokenizer(info: CheckpointInfo, tokenizer: Any) -> None:
+    if tokenizer is None or len(tokenizer) < _MIN_TOKENIZER_SIZE:
+        size = 0 if tokenizer is None else len(tokenizer)
+        raise CheckpointLoadError(info.name, f"its tokenizer is missing or empty ({size} tokens)")
+
+
+def _assemble_single_file(
+    info: CheckpointInfo, state: dict[str, torch.Tensor], config: Path, tokenizer: Any
+) -> StableDiffusionPipeline:
+    """The pipeline from an already safely loaded state dict and a family's configs.
+
+    The components are converted one by one from the dict, so diffusers never opens the
+    file itself (its own ``.ckpt`` reader is not the allow-list one)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    common: dict[str, Any] = {"config": str(config), "local_files_only": True}
+    unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+    vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+    text_encoder = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, state, subfolder="text_encoder", **common
+    )
+    scheduler = PNDMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True)
+    scheduler = PNDMScheduler.from_config(scheduler.config, prediction_type=info.prediction_type or "epsilon")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _load_diffusers_folder(info: CheckpointInfo) -> StableDiffusionPipeline:
@@ -174,9 +493,6 @@ def _load_diffusers_folder(info: CheckpointInfo) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None or len(tokenizer) < _MIN_TOKENIZER_SIZE:
-        size = 0 if tokenizer is None else len(tokenizer)
-        raise CheckpointLoadError(info.name, f"its tokenizer is missing or empty ({size} tokens)")
+    _check_tokenizer(info, getattr(pipe, "tokenizer", None))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -19,7 +19,6 @@ the event loop.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import threading
 import time
@@ -38,14 +37,17 @@ from pipeline import (
     infotext,
     kdiffusion,
     latents,
+    oom,
     rng,
     samplers,
     timestep_samplers,
+    vae,
 )
 from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
 from pipeline.denoiser import CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
-from pipeline.errors import GenerationCancelled, OutOfMemory
+from pipeline.errors import GenerationCancelled
+from pipeline.networks import ActiveNetworks, NetworkLibrary
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
 
@@ -309,6 +311,7 @@ class Engine:
         self._models: dict[str, _LoadedModel] = {}
         folder = library.models_dir / EMBEDDINGS_SUBDIR if library.models_dir is not None else None
         self.embeddings = EmbeddingDatabase(folder)
+        self.networks = NetworkLibrary(library.models_dir)
 
     def generate(
         self,
@@ -318,20 +321,21 @@ class Engine:
         should_stop: StopCheck | None = None,
     ) -> GenerationResult:
         """Generate one batch. Raises ``UnknownCheckpoint``, ``UnknownSampler``,
-        ``CheckpointLoadError``, ``OutOfMemory``, ``GenerationCancelled``, or ``ValueError``
-        for img2img/hires settings out of range.
+        ``CheckpointLoadError``, ``UnknownNetwork``, ``OutOfMemory``, ``GenerationCancelled``,
+        or ``ValueError`` for img2img/hires settings out of range or a malformed network tag.
 
         ``device_seconds`` covers the whole call on this thread, a model load included.
         """
         started = time.perf_counter()
         job = _plan(request)
+        active = self.networks.for_prompt(request.prompt)
         progress = _Progress(job.total_steps, on_progress, should_stop)
         with self._lock:
             model = self._model(request.checkpoint)
             progress.check()
-            images = self._run_guarded(model, request, job, progress)
+            images = self._run_guarded(model, request, job, progress, active)
         progress.finish()
-        texts = self._infotexts(request, model, job)
+        texts = self._infotexts(request, model, job, active)
         seeds, subseeds = request.image_seeds(), request.image_subseeds()
         return GenerationResult(
             images=[
@@ -370,24 +374,22 @@ class Engine:
     # -- one batch -----------------------------------------------------------------------
 
     def _run_guarded(
-        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress
-    ) -> list[Any]:
+        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress,
+        active: ActiveNetworks,
+    ) -> list[Any]:  # fmt: skip
+        """Run with the request's networks applied (removed again however the run ends)."""
         oom_detail = None
         try:
-            with torch.inference_mode():
+            with active.applied(model.pipe), torch.inference_mode():
                 return self._run(model, request, job, progress)
         except Exception as exc:
             if not _is_oom(exc):
                 raise
             oom_detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         # Outside the except block, so the traceback's frames (and their tensors) are gone.
-        self._release_memory()
-        raise OutOfMemory(oom_detail)
-
-    def _release_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        oom.release_memory(self.device)
+        target = (job.target.width, job.target.height) if job.target is not None else None
+        raise oom.out_of_memory(oom_detail, request, target)
 
     def _run(
         self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress
@@ -423,7 +425,7 @@ class Engine:
         return encoded.to(self.device).expand(request.num_images_per_prompt, -1, -1, -1)
 
     def _decode(self, model: _LoadedModel, x: torch.Tensor) -> list[Any]:
-        return latents.to_pil(latents.decode(model.pipe.vae, x))
+        return latents.to_pil(vae.decode_with_fallback(model.pipe.vae, x, latents.decode))
 
     def _image_rng(self, request: GenerationRequest, shape: tuple[int, ...]) -> rng.ImageRNG:
         """Per-image noise at ``shape``; the hires pass gets a fresh one with the same seeds (§8.6)."""
@@ -508,16 +510,19 @@ class Engine:
 
     # -- infotext ------------------------------------------------------------------------
 
-    def _infotexts(self, request: GenerationRequest, model: _LoadedModel, job: _Job) -> list[str]:
+    def _infotexts(
+        self, request: GenerationRequest, model: _LoadedModel, job: _Job, active: ActiveNetworks
+    ) -> list[str]:
         info = model.info
         sampler = job.first.selection
         extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
         used = self.embeddings.used(
             [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
         )
+        extra.update(job.fields)
+        extra.update(active.infotext_fields())  # A1111 order: Hires *, Lora hashes, TI hashes
         if used:
             extra["TI hashes"] = ti_hashes_field(used)
-        extra.update(job.fields)
         extra.update(_eta_fields(sampler.name, request.eta))
         extra.update(request.extra)
         texts = []
@@ -537,7 +542,7 @@ class Engine:
                 width=request.width,
                 height=request.height,
                 model_hash=info.sha256,
-                model_name=info.name,
+                model_name=info.model_name,
                 clip_skip=request.clip_skip,
                 ensd=request.ensd,
                 eta=request.eta,

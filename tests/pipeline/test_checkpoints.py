@@ -3,13 +3,19 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import pipeline.checkpoints as checkpoints
+from pipeline import hashing, safe_load
 from pipeline.checkpoints import CheckpointInfo, CheckpointLibrary
+from pipeline.engine import Engine
 from pipeline.errors import CheckpointLoadError, UnknownCheckpoint
+from pipeline.request import GenerationRequest
+from pipeline.safe_load import UnsafeCheckpoint
 from pipeline.tiny import build_tiny_pipeline
+from tests.pipeline.a1111_layout import pipeline_to_a1111, vae_to_ldm
 
 
 def _fake_folder(root, name: str) -> None:
@@ -29,7 +35,9 @@ def saved_models_dir(tmp_path_factory):
 def test_without_models_dir_only_tiny():
     library = CheckpointLibrary(None)
     assert library.names() == ["tiny"]
-    assert library.resolve("tiny") == CheckpointInfo(name="tiny", path=None, kind="builtin", sha256=None)
+    assert library.resolve("tiny") == CheckpointInfo(
+        name="tiny", path=None, kind="builtin", sha256=None, family="sd1", prediction_type="epsilon"
+    )
 
 
 def test_missing_models_folder_is_not_an_error(tmp_path):
@@ -42,7 +50,8 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     (tmp_path / "Stable-diffusion" / "not-a-model").mkdir()
     (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
     library = CheckpointLibrary(tmp_path)
-    assert library.names() == ["tiny", "Alpha", "beta", "zeta"]
+    # A broken single file is still listed (loading it says why).
+    assert library.names() == ["tiny", "Alpha", "beta", "zeta", "single"]
     info = library.resolve("beta")
     assert info.kind == "diffusers"
     assert info.path == tmp_path / "Stable-diffusion" / "beta"
@@ -153,3 +162,203 @@ def test_empty_tokenizer_is_rejected(saved_models_dir, monkeypatch):
     library = CheckpointLibrary(saved_models_dir)
     with pytest.raises(CheckpointLoadError, match="tokenizer"):
         library.load("foo")
+
+
+# --------------------------------------------------------------------------------------
+# A1111 layout: single files, hashes, side files
+
+
+@pytest.fixture(scope="module")
+def a1111_dir(tmp_path_factory):
+    """An A1111 models folder: a diffusers folder, a ``.safetensors`` and a ``.ckpt`` (in a
+    subfolder), each single file with a ``.vae.pt`` and ``.yaml`` beside it; plus ``cfg``,
+    the tiny diffusers folder single files are assembled with."""
+    from safetensors.torch import save_file
+
+    base = tmp_path_factory.mktemp("a1111")
+    models = base / "models"
+    sd_dir = models / "Stable-diffusion"
+    (sd_dir / "sub").mkdir(parents=True)
+    for sub in ("VAE", "Lora", "hypernetworks", "embeddings"):
+        (models / sub).mkdir()
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(base / "cfg")
+    pipe.save_pretrained(sd_dir / "folder")
+    state = pipeline_to_a1111(pipe)
+    vae = {"state_dict": vae_to_ldm(pipe.vae.state_dict())}
+    save_file(state, sd_dir / "single.safetensors")
+    torch.save(vae, sd_dir / "single.vae.pt")
+    (sd_dir / "single.yaml").write_text("model:\n  params:\n    parameterization: eps\n    use_ema: false\n")
+    torch.save({"state_dict": state, "global_step": 7}, sd_dir / "sub" / "pickled.ckpt")
+    torch.save(vae, sd_dir / "sub" / "pickled.vae.pt")
+    (sd_dir / "sub" / "pickled.yaml").write_text("model:\n  params:\n    use_ema: true\n")
+    return base
+
+
+def _library(base, **kwargs):
+    kwargs.setdefault("config_dirs", {"sd1": base / "cfg"})
+    return CheckpointLibrary(base / "models", **kwargs)
+
+
+def _pixels(library, name):
+    request = GenerationRequest(
+        prompt="a cat", seed=1, num_inference_steps=2, width=64, height=64, checkpoint=name
+    )
+    result = Engine(library, device="cpu").generate(request)
+    return result, np.asarray(result.images[0].image)
+
+
+def test_single_files_are_listed_with_side_files(a1111_dir):
+    library = _library(a1111_dir)
+    assert library.names() == ["tiny", "folder", "single", "sub/pickled"]
+    sd_dir = a1111_dir / "models" / "Stable-diffusion"
+    single = library.infos()[2]
+    assert (single.kind, single.family, single.prediction_type, single.use_ema) == (
+        "single_file",
+        "sd1",
+        "epsilon",
+        False,
+    )
+    assert single.vae_path == sd_dir / "single.vae.pt"
+    assert single.config_path == sd_dir / "single.yaml"
+    assert single.sha256 is None  # nothing hashed until asked for
+    pickled = library.resolve("sub/pickled")
+    assert pickled.family is None  # a pickle is only opened when loaded
+    assert pickled.use_ema is True and pickled.prediction_type is None
+    assert pickled.vae_path == sd_dir / "sub" / "pickled.vae.pt"
+    assert pickled.model_name == "pickled"
+
+
+def test_single_files_generate_the_same_pixels_as_tiny(a1111_dir):
+    library = _library(a1111_dir)
+    _, want = _pixels(library, "tiny")
+    for name in ("folder", "single", "sub/pickled"):
+        result, got = _pixels(library, name)
+        assert np.array_equal(got, want), name
+    result, _ = _pixels(library, "single")
+    digest = hashing.sha256(a1111_dir / "models" / "Stable-diffusion" / "single.safetensors")
+    assert result.model_hash == digest[:10]
+    assert f"Model hash: {digest[:10]}" in result.images[0].infotext
+    assert library.resolve("sub/pickled").family == "sd1"  # learnt while loading
+
+
+def test_hashes_and_lookup_aliases(a1111_dir):
+    library = _library(a1111_dir, hash_cache=a1111_dir / "cache.json")
+    path = a1111_dir / "models" / "Stable-diffusion" / "single.safetensors"
+    full, old = hashing.sha256(path), hashing.old_model_hash(path)
+    info = library.resolve("single")
+    assert (info.sha256, info.full_sha256, info.old_hash) == (full[:10], full, old)
+    assert info.title == f"single.safetensors [{full[:10]}]"
+    fresh = _library(a1111_dir, hash_cache=a1111_dir / "cache-2.json")
+    for text in (full[:10], full, old, "single.safetensors", "single", f"single [{full[:10]}]", info.title):
+        assert fresh.lookup(text).name == "single", text
+    assert fresh.lookup("pickl").name == "sub/pickled"
+    assert fresh.lookup("0123456789") is None
+
+
+def test_hash_cache_is_persisted_and_reused(a1111_dir, monkeypatch):
+    cache = a1111_dir / "persist.json"
+    first = _library(a1111_dir, hash_cache=cache).resolve("single").sha256
+    assert cache.is_file()
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(hashing, "_full_hash", no_hashing)
+    assert _library(a1111_dir, hash_cache=cache).resolve("single").sha256 == first
+
+
+def test_default_hash_cache_lives_beside_the_models_folder(tmp_path):
+    library = CheckpointLibrary(tmp_path / "models")
+    assert library.hashes._path == tmp_path / "cache" / "hashes.json"
+
+
+def test_v_prediction_from_yaml_and_metadata(a1111_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    sd_dir = tmp_path / "models" / "Stable-diffusion"
+    sd_dir.mkdir(parents=True)
+    state = safe_load.load_state_dict(a1111_dir / "models" / "Stable-diffusion" / "single.safetensors")
+    save_file(state, sd_dir / "vyaml.safetensors")
+    (sd_dir / "vyaml.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    save_file(state, sd_dir / "vmeta.safetensors", metadata={"modelspec.prediction_type": "v"})
+    library = CheckpointLibrary(tmp_path / "models", config_dirs={"sd1": a1111_dir / "cfg"})
+    assert library.resolve("vyaml").prediction_type == "v_prediction"
+    assert library.resolve("vmeta").prediction_type == "v_prediction"
+    assert library.load("vyaml").scheduler.config.prediction_type == "v_prediction"
+
+
+def test_detect_family_from_keys_and_shapes():
+    assert checkpoints.detect_family(["conditioner.embedders.0.transformer.x"], {}) == "sdxl"
+    assert checkpoints.detect_family(["cond_stage_model.model.ln_final.weight"], {}) == "sd2"
+    assert checkpoints.detect_family(["cond_stage_model.transformer.text_model.x"], {}) == "sd1"
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert checkpoints.detect_family([key], {key: (320, 1024)}) == "sd2"
+    assert checkpoints.detect_family([key], {key: (320, 768)}) == "sd1"
+    assert checkpoints.detect_family(["something.else"], {}) is None
+
+
+def test_read_yaml_config(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(
+        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: v\n"
+        "    use_ema: False\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n"
+    )
+    assert checkpoints.read_yaml_config(path) == {
+        "prediction_type": "v_prediction",
+        "use_ema": False,
+        "family": "sd2",
+    }
+
+
+def test_sdxl_is_listed_but_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    sd_dir = tmp_path / "Stable-diffusion"
+    sd_dir.mkdir()
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, sd_dir / "xl.safetensors")
+    library = CheckpointLibrary(tmp_path)
+    assert library.resolve("xl").family == "sdxl"
+    with pytest.raises(CheckpointLoadError, match="SDXL"):
+        library.load("xl")
+
+
+def test_bad_files_give_clear_errors_and_others_keep_working(a1111_dir, tmp_path):
+    sd_dir = tmp_path / "models" / "Stable-diffusion"
+    sd_dir.mkdir(parents=True)
+    (sd_dir / "corrupt.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    (sd_dir / "garbage.ckpt").write_bytes(b"not a pickle at all")
+    (sd_dir / "good.safetensors").write_bytes(
+        (a1111_dir / "models" / "Stable-diffusion" / "single.safetensors").read_bytes()
+    )
+    library = CheckpointLibrary(tmp_path / "models", config_dirs={"sd1": a1111_dir / "cfg"})
+    assert library.names() == ["tiny", "corrupt", "garbage", "good"]
+    with pytest.raises(UnsafeCheckpoint, match="corrupt.safetensors") as info:
+        library.load("corrupt")
+    assert isinstance(info.value, CheckpointLoadError) and info.value.key == "error.unsafe_checkpoint"
+    with pytest.raises(CheckpointLoadError, match="garbage"):
+        library.load("garbage")
+    with pytest.raises(UnknownCheckpoint):
+        library.load("missing")
+    assert library.load("good") is library.load("good")
+    assert library.loaded_names() == ["good"]
+
+
+def test_single_file_without_tokenizer_says_so(a1111_dir):
+    library = _library(a1111_dir, config_dirs={})  # the packaged SD1 configs carry no vocabulary
+    with pytest.raises(CheckpointLoadError, match="tokenizer"):
+        library.load("single")
+
+
+def test_packaged_configs_describe_sd1_and_sd2():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    for family, width, layers in (("sd1", 768, 12), ("sd2", 1024, 23)):
+        folder = checkpoints.PACKAGED_CONFIGS / family
+        assert (
+            json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        )
+        assert UNet2DConditionModel.load_config(folder, subfolder="unet")["cross_attention_dim"] == width
+        text = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        assert (text.hidden_size, text.num_hidden_layers) == (width, layers)

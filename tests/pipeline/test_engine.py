@@ -105,9 +105,9 @@ def test_prompt_changes_output(engine, baseline):
 
 
 def test_extra_network_tags_are_removed_before_encoding(engine, baseline):
-    tagged = engine.generate(_request(prompt="a cat <lora:foo:0.7>"))
+    tagged = engine.generate(_request(prompt="a cat <othernet:foo:0.7>"))
     assert np.array_equal(_pixels(tagged), _pixels(baseline))
-    assert infotext.parse(tagged.images[0].infotext)["Prompt"] == "a cat <lora:foo:0.7>"
+    assert infotext.parse(tagged.images[0].infotext)["Prompt"] == "a cat <othernet:foo:0.7>"
 
 
 def test_long_prompt_with_short_negative_runs_separate_unet_passes(engine, tiny_library):
@@ -293,7 +293,7 @@ def test_other_runtime_errors_pass_through(tiny_library, monkeypatch):
 
 def test_infotext_parses_back_for_every_image(engine):
     request = _request(
-        prompt="a (cat:1.2), <lora:x:1>",
+        prompt="a (cat:1.2), <othernet:x:1>",
         negative_prompt="lowres, blurry",
         seed=40,
         guidance_scale=6.5,

@@ -1,0 +1,455 @@
+"""LoRA and hypernetworks from ``<lora:…>`` / ``<hypernet:…>`` prompt tags (A1111 §5, §11, §13).
+
+LoRAs are applied by patching the weights they touch for the duration of one generate
+call: ``W + multiplier · (alpha/rank) · up @ down``, summed in float32 over every tagged
+LoRA and added once per module. The original tensors are kept aside and copied back
+afterwards, so the model is bit-for-bit the base model again (and a strength of 0 never
+touches a weight). This avoids ``peft`` and works the same for Linear and Conv2d layers.
+
+Hypernetworks transform the context that enters the k and v projections of every UNet
+attention block (self- and cross-attention, §11, §16.12) through forward pre-hooks on
+``to_k``/``to_v``; the hooks are removed when the call ends.
+
+Files: ``<models_dir>/Lora/**/*.safetensors|.pt|.ckpt`` and
+``<models_dir>/hypernetworks/**/*.pt``, named by their file stem. ``.pt``/``.ckpt`` files
+are read with ``torch.load(weights_only=True)`` only, so nothing in them is executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import extra_networks
+from pipeline.errors import EngineError
+from pipeline.hashing import HashCache
+from pipeline.hypernetwork import Hypernetwork, apply_hypernetworks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HYPERNETWORK_SUBDIR",
+    "LORA_SUBDIR",
+    "ActiveNetworks",
+    "HypernetTag",
+    "LoraTag",
+    "NetworkLibrary",
+    "UnknownNetwork",
+    "kohya_targets",
+    "lora_deltas",
+    "network_tags",
+]
+
+LORA_SUBDIR = "Lora"
+HYPERNETWORK_SUBDIR = "hypernetworks"
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+HYPERNETWORK_EXTENSIONS = (".pt",)
+
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+class UnknownNetwork(EngineError):
+    """A prompt tagged a LoRA / hypernetwork (``kind``) that is not in the models folder."""
+
+    key = "error.unknown_network"
+
+    def __init__(self, name: str, kind: str, available: list[str]) -> None:
+        super().__init__(
+            f"unknown {kind} {name!r}; available: {', '.join(available) or '(none)'}",
+            name=name,
+            kind=kind,
+            available=", ".join(available) or "-",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Tags
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    name: str
+    te: float
+    unet: float
+
+
+@dataclass(frozen=True)
+class HypernetTag:
+    name: str
+    multiplier: float
+
+
+def _float(value: str, tag: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"<{tag}:…> multiplier {value!r} is not a number") from None
+
+
+def _lora_tag(params: extra_networks.ExtraNetworkParams) -> LoraTag:
+    """§5: name, te multiplier (1), unet multiplier (= te); ``te=``/``unet=`` override.
+
+    The unet default is the *positional* te, computed before the named overrides, so
+    ``<lora:x:te=0.5>`` keeps unet at 1.
+    """
+    if not params.positional:
+        raise ValueError(f"<lora:{':'.join(params.items)}> has no network name")
+    pos = params.positional
+    te = _float(pos[1], "lora") if len(pos) > 1 else 1.0
+    unet = _float(pos[2], "lora") if len(pos) > 2 else te
+    te = _float(params.named["te"], "lora") if "te" in params.named else te
+    unet = _float(params.named["unet"], "lora") if "unet" in params.named else unet
+    return LoraTag(pos[0], te, unet)
+
+
+def _hypernet_tag(params: extra_networks.ExtraNetworkParams) -> HypernetTag:
+    if not params.positional:
+        raise ValueError(f"<hypernet:{':'.join(params.items)}> has no network name")
+    pos = params.positional
+    return HypernetTag(pos[0], _float(pos[1], "hypernet") if len(pos) > 1 else 1.0)
+
+
+def network_tags(prompt: str) -> tuple[list[LoraTag], list[HypernetTag]]:
+    """The LoRA and hypernetwork tags of ``prompt``, in prompt order (other tags are ignored)."""
+    _text, found = extra_networks.parse(prompt)
+    loras = [_lora_tag(params) for params in found.get("lora", [])]
+    hypernets = [_hypernet_tag(params) for params in found.get("hypernet", [])]
+    return loras, hypernets
+
+
+# --------------------------------------------------------------------------------------
+# Files
+
+
+def _scan(folder: Path | None, extensions: tuple[str, ...]) -> dict[str, Path]:
+    """Name (file stem) → file, recursive, sorted case-insensitively like A1111's lists."""
+    if folder is None or not folder.is_dir():
+        return {}
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions]
+    found: dict[str, Path] = {}
+    for path in sorted(files, key=lambda p: str(p).casefold()):
+        found.setdefault(path.stem, path)
+    return found
+
+
+def _resolve(name: str, files: Mapping[str, Path], kind: str) -> tuple[str, Path]:
+    """An exact name first, then a case-insensitive one (chat users rarely match case)."""
+    if name in files:
+        return name, files[name]
+    folded = name.casefold()
+    for candidate, path in files.items():
+        if candidate.casefold() == folded:
+            return candidate, path
+    raise UnknownNetwork(name, kind, sorted(files, key=str.casefold))
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """A safetensors file, or a torch pickle read with ``weights_only=True`` (never executed)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path), device="cpu"))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected a dict of tensors, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# LoRA weights
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One patched module's low-rank factors (kohya layout)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None
+
+    def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """``(alpha/rank) · up @ down`` in float32 and ``shape``; None when the shapes don't fit.
+
+        Linear and 1x1/3x3 Conv2d downs work with a 1x1 (or 2-D) up; the kernel comes from
+        the down projection.
+        """
+        if self.up.dim() == 4 and self.up.shape[2:] != (1, 1):
+            return None
+        rank = self.down.shape[0]
+        down = self.down.to(device, torch.float32).reshape(rank, -1)
+        up = self.up.to(device, torch.float32).reshape(self.up.shape[0], rank)
+        product = up @ down
+        if product.numel() != shape.numel():
+            return None
+        scale = 1.0 if self.alpha is None else self.alpha / rank
+        return product.reshape(shape) * scale
+
+
+def lora_pairs(state: Mapping[str, Any]) -> dict[str, LoraPair]:
+    """Group ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` by module key."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        for suffix in _LORA_SUFFIXES:
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[suffix] = value
+                break
+    pairs: dict[str, LoraPair] = {}
+    for module, found in parts.items():
+        down, up = found.get(".lora_down.weight"), found.get(".lora_up.weight")
+        if down is None or up is None:
+            logger.warning("LoRA module %s lacks its down or up weight; skipped", module)
+            continue
+        alpha = found.get(".alpha")
+        pairs[module] = LoraPair(down, up, None if alpha is None else float(alpha))
+    return pairs
+
+
+def _ldm_unet_name(key: str, layers_per_block: int) -> str:
+    """A1111/LDM UNet attention names (``input_blocks_4_1_…``) as diffusers names."""
+    step = layers_per_block + 1
+
+    def down(match: re.Match[str]) -> str:
+        index = int(match.group(1)) - 1
+        return f"down_blocks_{index // step}_attentions_{index % step}_"
+
+    def up(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return f"up_blocks_{index // step}_attentions_{index % step}_"
+
+    key = re.sub(r"^lora_unet_input_blocks_(\d+)_1_", lambda m: "lora_unet_" + down(m), key)
+    key = re.sub(r"^lora_unet_output_blocks_(\d+)_1_", lambda m: "lora_unet_" + up(m), key)
+    return re.sub(r"^lora_unet_middle_block_1_", "lora_unet_mid_block_attentions_0_", key)
+
+
+def kohya_targets(pipe: Any) -> dict[str, tuple[torch.nn.Module, str]]:
+    """kohya key (``lora_unet_…`` / ``lora_te_…``) → (module, ``"unet"`` or ``"te"``).
+
+    kohya names a module by its diffusers path with ``.`` → ``_``; text-encoder paths are
+    written under ``text_model.``, which newer transformers no longer has, so it is added.
+    """
+    targets: dict[str, tuple[torch.nn.Module, str]] = {}
+    encoders = [("lora_te_", getattr(pipe, "text_encoder", None))]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders = [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)]
+    for prefix, encoder in encoders:
+        if encoder is None:
+            continue
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                path = name if name.startswith("text_model.") else f"text_model.{name}"
+                targets[prefix + path.replace(".", "_")] = (module, "te")
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            targets["lora_unet_" + name.replace(".", "_")] = (module, "unet")
+    return targets
+
+
+def lora_deltas(
+    pipe: Any, loras: list[tuple[LoraTag, dict[str, LoraPair]]]
+) -> dict[torch.nn.Module, torch.Tensor]:
+    """The summed float32 weight change per module for all ``loras`` at their multipliers."""
+    targets = kohya_targets(pipe)
+    layers = int(getattr(pipe.unet.config, "layers_per_block", 2))
+    totals: dict[torch.nn.Module, torch.Tensor] = {}
+    for tag, pairs in loras:
+        unmatched = 0
+        for key, pair in pairs.items():
+            target = targets.get(key) or targets.get(_ldm_unet_name(key, layers))
+            if target is None:
+                unmatched += 1
+                continue
+            module, part = target
+            multiplier = tag.te if part == "te" else tag.unet
+            if multiplier == 0:
+                continue
+            delta = pair.delta(module.weight.shape, module.weight.device)
+            if delta is None:
+                unmatched += 1
+                continue
+            total = totals.get(module)
+            totals[module] = delta * multiplier if total is None else total + delta * multiplier
+        if unmatched:
+            logger.warning(
+                "LoRA %s: %d of %d modules did not match the model", tag.name, unmatched, len(pairs)
+            )
+    return totals
+
+
+@contextmanager
+def patched_weights(deltas: Mapping[torch.nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Add each delta to its module's weight; copy the saved originals back on exit."""
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                weight = module.weight
+                backups.append((weight, weight.detach().clone()))
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in backups:
+                weight.copy_(original)
+
+
+# --------------------------------------------------------------------------------------
+# Hypernetwork hooks
+
+
+@contextmanager
+def hypernetwork_hooks(unet: torch.nn.Module, hypernets: list[Hypernetwork]) -> Iterator[None]:
+    """Feed ``hn_k(context)`` to every attention's ``to_k`` and ``hn_v(context)`` to ``to_v``.
+
+    diffusers calls ``to_k`` then ``to_v`` on the same context tensor, so the k hook
+    computes both chains once and the v hook reuses the v result for that tensor.
+    """
+    if not hypernets:
+        yield
+        return
+    handles = []
+    for module in unet.modules():
+        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
+        if isinstance(to_k, torch.nn.Linear) and isinstance(to_v, torch.nn.Linear):
+            pending: dict[str, Any] = {}
+            handles.append(to_k.register_forward_pre_hook(_k_hook(hypernets, pending)))
+            handles.append(to_v.register_forward_pre_hook(_v_hook(hypernets, pending)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _k_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        context_k, context_v = apply_hypernetworks(hypernets, args[0])
+        pending["for"], pending["v"] = args[0], context_v
+        return (context_k, *args[1:])
+
+    return hook
+
+
+def _v_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if pending.get("for") is args[0]:
+            context_v = pending.pop("v")
+        else:
+            context_v = apply_hypernetworks(hypernets, args[0])[1]
+        pending.clear()
+        return (context_v, *args[1:])
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------
+# One request's networks
+
+
+@dataclass
+class ActiveNetworks:
+    """The networks one request's prompt tags, loaded and ready to apply."""
+
+    loras: list[tuple[LoraTag, dict[str, LoraPair]]] = field(default_factory=list)
+    hypernets: list[Hypernetwork] = field(default_factory=list)
+    lora_hashes: list[tuple[str, str]] = field(default_factory=list)
+
+    def infotext_fields(self) -> dict[str, str]:
+        """``Lora hashes: "name: hash, …"`` with ``:`` and ``,`` removed from names (§13).
+
+        The tags themselves stay in the prompt (§5); hypernetworks add no field.
+        """
+        if not self.lora_hashes:
+            return {}
+        entries: dict[str, str] = {}
+        for name, short in self.lora_hashes:
+            entries.setdefault(name.replace(":", "").replace(",", ""), short)
+        return {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in entries.items())}
+
+    @contextmanager
+    def applied(self, pipe: Any) -> Iterator[None]:
+        """The pipeline with these networks on; exactly the base model again afterwards."""
+        if not self.loras and not self.hypernets:
+            yield
+            return
+        unet = pipe.unet
+        for network in self.hypernets:
+            network.to(unet.device, unet.dtype)
+        with patched_weights(lora_deltas(pipe, self.loras)), hypernetwork_hooks(unet, self.hypernets):
+            yield
+
+
+class NetworkLibrary:
+    """Finds, loads and caches LoRA and hypernetwork files under ``models_dir``.
+
+    Loaded files are cached by (path, size, mtime), so a replaced file is read again.
+    """
+
+    def __init__(self, models_dir: Path | None, *, hashes: HashCache | None = None) -> None:
+        self.models_dir = Path(models_dir) if models_dir is not None else None
+        self.hashes = hashes if hashes is not None else HashCache()
+        self._loras: dict[Path, tuple[tuple[int, int], dict[str, LoraPair]]] = {}
+        self._hypernets: dict[Path, tuple[tuple[int, int], Hypernetwork]] = {}
+
+    def _folder(self, subdir: str) -> Path | None:
+        return self.models_dir / subdir if self.models_dir is not None else None
+
+    def lora_names(self) -> list[str]:
+        return list(_scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS))
+
+    def hypernetwork_names(self) -> list[str]:
+        return list(_scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS))
+
+    def for_prompt(self, prompt: str) -> ActiveNetworks:
+        """Load what ``prompt`` tags. Raises ``UnknownNetwork`` or ``ValueError`` (bad tag)."""
+        lora_tags, hypernet_tags = network_tags(prompt)
+        active = ActiveNetworks()
+        if lora_tags:
+            files = _scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS)
+            for tag in lora_tags:
+                _name, path = _resolve(tag.name, files, "lora")
+                active.loras.append((tag, self._lora(path)))
+                active.lora_hashes.append((tag.name, self.hashes.get(path, "lora")))
+        if hypernet_tags:
+            files = _scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS)
+            for tag in hypernet_tags:
+                _name, path = _resolve(tag.name, files, "hypernetwork")
+                network = self._hypernet(path)
+                # A1111 keeps one object per name: a repeated tag's last strength wins.
+                network.set_multiplier(tag.multiplier)
+                active.hypernets.append(network)
+        return active
+
+    def _lora(self, path: Path) -> dict[str, LoraPair]:
+        stamp = _stamp(path)
+        cached = self._loras.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        pairs = lora_pairs(load_tensors(path))
+        if not pairs:
+            raise ValueError(f"{path.name} holds no kohya-format LoRA weights")
+        self._loras[path] = (stamp, pairs)
+        return pairs
+
+    def _hypernet(self, path: Path) -> Hypernetwork:
+        stamp = _stamp(path)
+        cached = self._hypernets.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        # Building the modules draws init weights; keep the caller's global RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            network = Hypernetwork.from_state_dict(load_tensors(path))
+        network.name = network.name or path.stem
+        self._hypernets[path] = (stamp, network)
+        return network
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
