@@ -71,6 +71,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
             raise OptionValueError("error.seed_range", name=name, value=value, max=MAX_SEED - images + 1)
     sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
     checkpoint = resolve_checkpoint(library, opts["checkpoint"])
+    vae = resolve_vae(library, opts["vae"])
     hr_sampler = hr_scheduler = None
     if opts["hr-sampler"]:
         hr_sampler, hr_scheduler = resolve_sampler(opts["hr-sampler"], opts["hr-scheduler"] or "Automatic")
@@ -90,7 +91,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
     generation = GenerationRequest(
         prompt=prompt, negative_prompt=negative, num_inference_steps=opts["steps"], guidance_scale=opts["cfg"],
         width=width, height=height, seed=seed, subseed=subseed, subseed_strength=float(opts["subseed-strength"]),
-        num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint,
+        num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint, vae=vae,
         clip_skip=opts["clip-skip"], rng=opts["rng"], ensd=opts["ensd"],
         eta=None if opts["eta"] is None else float(opts["eta"]),
         seed_resize_from_w=resize_w, seed_resize_from_h=resize_h, init_image=opts["init-image"],
@@ -112,7 +113,7 @@ def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str
         "size": (request.width, request.height), "seed": request.seed, "subseed": request.subseed,
         "subseed-strength": request.subseed_strength, "sampler": request.sampler_name,
         "scheduler": request.scheduler, "batch": request.num_images_per_prompt, "count": count,
-        "checkpoint": request.checkpoint, "clip-skip": request.clip_skip, "rng": request.rng, "ensd": request.ensd,
+        "checkpoint": request.checkpoint, "vae": request.vae, "clip-skip": request.clip_skip, "rng": request.rng, "ensd": request.ensd,
         "eta": request.eta, "seed-resize-from": (request.seed_resize_from_w, request.seed_resize_from_h),
         "denoise": request.denoising_strength, "hires": request.enable_hr, "hr-scale": request.hr_scale,
         "hr-steps": request.hr_second_pass_steps, "hr-upscaler": request.hr_upscaler,
@@ -175,6 +176,23 @@ def resolve_checkpoint(library: Any, name: str) -> str:
         return library.resolve(name).name
     except UnknownCheckpoint as exc:
         raise UserError(exc.key, **exc.params) from None
+
+
+def resolve_vae(library: Any, name: str | None) -> str | None:
+    """A VAE file's name in ``<models_dir>/VAE`` (any case, with or without its extension);
+    refused here rather than when the job runs, so the user learns at once what exists."""
+    from pipeline.networks import UnknownNetwork
+    from pipeline.vae import find_vae, vae_names
+
+    if not name:
+        return None
+    models_dir = getattr(library, "models_dir", None)
+    try:
+        path = find_vae(models_dir, name.strip())
+    except UnknownNetwork:
+        available = ", ".join(vae_names(models_dir)) or "-"
+        raise UserError("error.unknown_network", kind="VAE", name=name, available=available) from None
+    return next(stem for stem, found in vae_names(models_dir).items() if found == path)
 
 
 def _check_prompt_syntax(text: str) -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.errors import OptionValueError, PermissionDenied, UserError
+from bot.options import int_in_range, number_in_range
 from bot.types import Actor, CommandContext
 from models.moderation_store import ModerationStore
 
@@ -62,27 +63,11 @@ def format_time(moment: datetime) -> str:
 
 
 def whole_number(name: str, raw: str | None, *, minimum: int = 0, maximum: int = 10**9) -> int:
-    try:
-        value = int(raw or "")
-    except ValueError:
-        raise OptionValueError(
-            "error.not_an_integer", name=name, min=minimum, max=maximum, value=raw or ""
-        ) from None
-    if not minimum <= value <= maximum:
-        raise OptionValueError("error.out_of_range", name=name, min=minimum, max=maximum, value=value)
-    return value
+    return int_in_range(name, raw or "", minimum, maximum)
 
 
 def number(name: str, raw: str | None, *, minimum: float = 0, maximum: float = 1e9) -> float:
-    try:
-        value = float(raw or "")
-    except ValueError:
-        raise OptionValueError(
-            "error.not_a_number", name=name, min=minimum, max=maximum, value=raw or ""
-        ) from None
-    if not minimum <= value <= maximum:
-        raise OptionValueError("error.out_of_range", name=name, min=minimum, max=maximum, value=raw)
-    return value
+    return float(number_in_range(name, raw or "", minimum, maximum))
 
 
 def options_of(parsed_options: list[tuple[str, str | None]], allowed: dict[str, bool]) -> dict[str, Any]:

@@ -86,11 +86,11 @@ def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> 
         raise CommandSyntaxError("error.missing_value", name=spec.name)
     low, high = spec.bounds(limits) if spec.bounds else (None, None)
     if spec.kind == "int":
-        return _int_in_range(spec.name, raw, low, high)
+        return int_in_range(spec.name, raw, low, high)
     if spec.kind == "seed":
         return _seed(spec.name, raw)
     if spec.kind == "number":
-        return _number_in_range(spec.name, raw, low, high)
+        return number_in_range(spec.name, raw, low, high)
     if spec.kind == "size":
         return parse_size(raw, limits)
     if spec.kind == "pair":
@@ -101,7 +101,7 @@ def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> 
     return raw
 
 
-def _int_in_range(name: str, raw: str, low: int, high: int) -> int:
+def int_in_range(name: str, raw: str, low: int, high: int) -> int:
     if not _INT.match(raw.strip()):
         raise OptionValueError("error.not_an_integer", name=name, value=raw, min=low, max=high)
     value = int(raw)
@@ -121,7 +121,7 @@ def _seed(name: str, raw: str) -> int:
     return value
 
 
-def _number_in_range(name: str, raw: str, low: float, high: float) -> int | float:
+def number_in_range(name: str, raw: str, low: float, high: float) -> int | float:
     """Keeps the type the user typed: "7" is 7, "7.0" is 7.0 (A1111 prints them differently)."""
     text = raw.strip()
     try:
@@ -190,6 +190,7 @@ def draw_options() -> OptionTable:
         OptionSpec("batch", "int", ("batch-size",), bounds=lambda lim: (1, lim.max_batch_size)),
         OptionSpec("count", "int", ("n-iter", "batch-count"), bounds=lambda lim: (1, lim.max_count)),
         OptionSpec("checkpoint", "str", ("model", "ckpt")),
+        OptionSpec("vae", "str", ("sd-vae",)),
         OptionSpec("clip-skip", "int", ("clipskip",), bounds=lambda lim: (1, lim.max_clip_skip)),
         OptionSpec("rng", "choice", choices=lambda: list(RNG_CHOICES)),
         OptionSpec("ensd", "int", ("eta-noise-seed-delta",), bounds=lambda _: (0, 2**31 - 1)),

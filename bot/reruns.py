@@ -69,12 +69,26 @@ def options_from_infotext(text: str, library: Any, *, with_model: bool = True) -
                 options["hr-resize"] = (int(fields["Hires resize-1"]), int(fields["Hires resize-2"]))
     except ValueError as exc:
         raise UserError("error.infotext", detail=str(exc)) from None
+    if "vae" in options and not _vae_exists(library, options["vae"]):
+        # e.g. a checkpoint's own "<name>.vae.pt": it applies again without an override
+        del options["vae"]
     sampler, scheduler = resolve(fields.get("Sampler"), fields.get("Schedule type"))
     options["sampler"], options["scheduler"] = sampler, scheduler
     checkpoint = _checkpoint(fields, library) if with_model else None
     if checkpoint is not None:
         options["checkpoint"] = checkpoint
     return str(fields.get("Prompt", "")), options
+
+
+def _vae_exists(library: Any, name: str) -> bool:
+    from pipeline.errors import EngineError
+    from pipeline.vae import find_vae
+
+    try:
+        find_vae(getattr(library, "models_dir", None), name)
+    except EngineError:
+        return False
+    return True
 
 
 def _checkpoint(fields: dict[str, Any], library: Any) -> str | None:
@@ -125,4 +139,5 @@ _FIELDS = (
     ("Hires upscaler", "hr-upscaler", str),
     ("Hires prompt", "hr-prompt", str),
     ("Hires negative prompt", "hr-negative", str),
+    ("VAE", "vae", str),
 )

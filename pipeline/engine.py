@@ -18,13 +18,15 @@ the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +49,7 @@ from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLi
 from pipeline.denoiser import CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import GenerationCancelled
+from pipeline.hashing import short_hash
 from pipeline.networks import ActiveNetworks, NetworkLibrary
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
@@ -129,6 +132,21 @@ class _Progress:
 
 
 _CHUNK_CACHE_SIZE = 64
+# Separate VAEs kept loaded (each is ~160 MB for SD); an override is usually reused.
+_VAE_CACHE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class _SeparateVae:
+    """A VAE file loaded for this engine's device, with what the infotext says about it."""
+
+    path: Path
+    model: Any  # diffusers AutoencoderKL
+    short_hash: str
+
+    @property
+    def infotext_fields(self) -> dict[str, str]:
+        return {"vae_hash": self.short_hash, "vae_name": self.path.name}
 
 
 @dataclass
@@ -312,6 +330,7 @@ class Engine:
         folder = library.models_dir / EMBEDDINGS_SUBDIR if library.models_dir is not None else None
         self.embeddings = EmbeddingDatabase(folder)
         self.networks = NetworkLibrary(library.models_dir)
+        self._vaes: OrderedDict[tuple[str, str], _SeparateVae] = OrderedDict()
 
     def generate(
         self,
@@ -332,10 +351,12 @@ class Engine:
         progress = _Progress(job.total_steps, on_progress, should_stop)
         with self._lock:
             model = self._model(request.checkpoint)
+            separate = self._separate_vae(model, request.vae)
             progress.check()
-            images = self._run_guarded(model, request, job, progress, active)
+            with _vae_swapped(model.pipe, separate):
+                images = self._run_guarded(model, request, job, progress, active)
         progress.finish()
-        texts = self._infotexts(request, model, job, active)
+        texts = self._infotexts(request, model, job, active, separate)
         seeds, subseeds = request.image_seeds(), request.image_subseeds()
         return GenerationResult(
             images=[
@@ -364,6 +385,29 @@ class Engine:
         )  # fmt: skip
         self._models[info.name] = model
         return model
+
+    def _separate_vae(self, model: _LoadedModel, name: str | None) -> _SeparateVae | None:
+        """The VAE file a request runs with: ``name`` from ``<models_dir>/VAE``, else the
+        checkpoint's ``<name>.vae.*`` file; None keeps the checkpoint's own VAE.
+
+        Raises ``UnknownNetwork`` (kind ``vae``) for a name not in the folder and
+        ``ValueError`` for a file whose weights do not fit the model's VAE."""
+        path = vae.find_vae(self.library.models_dir, name) if name else model.info.vae_path
+        if path is None:
+            return None
+        config = dict(model.pipe.vae.config)
+        key = (str(Path(path).resolve()), repr(sorted(config.items())))
+        cached = self._vaes.get(key)
+        if cached is not None:
+            self._vaes.move_to_end(key)
+            return cached
+        loaded = vae.load_vae(path, config=config).to(self.device, model.pipe.vae.dtype)
+        cached = _SeparateVae(path=Path(path), model=loaded, short_hash=short_hash(path, "vae"))
+        self._vaes[key] = cached
+        while len(self._vaes) > _VAE_CACHE_SIZE:
+            self._vaes.popitem(last=False)
+        logger.info("loaded VAE %s", path)
+        return cached
 
     def _prepare(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         if pipe.device != self.device or pipe.dtype != self.dtype:
@@ -511,8 +555,9 @@ class Engine:
     # -- infotext ------------------------------------------------------------------------
 
     def _infotexts(
-        self, request: GenerationRequest, model: _LoadedModel, job: _Job, active: ActiveNetworks
-    ) -> list[str]:
+        self, request: GenerationRequest, model: _LoadedModel, job: _Job, active: ActiveNetworks,
+        separate: _SeparateVae | None = None,
+    ) -> list[str]:  # fmt: skip
         info = model.info
         sampler = job.first.selection
         extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
@@ -525,6 +570,7 @@ class Engine:
             extra["TI hashes"] = ti_hashes_field(used)
         extra.update(_eta_fields(sampler.name, request.eta))
         extra.update(request.extra)
+        vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []
         for seed, subseed in zip(request.image_seeds(), request.image_subseeds(), strict=True):
             params = infotext.InfotextParams(
@@ -549,9 +595,25 @@ class Engine:
                 rng=request.rng,
                 extra=extra,
                 version=VERSION,
+                **vae_fields,
             )
             texts.append(infotext.format(params))
         return texts
+
+
+@contextlib.contextmanager
+def _vae_swapped(pipe: StableDiffusionPipeline, separate: _SeparateVae | None) -> Iterator[None]:
+    """``pipe`` decodes and encodes with ``separate`` inside the block; its own VAE is put
+    back however the block ends, so the next request without an override is unaffected."""
+    if separate is None:
+        yield
+        return
+    original = pipe.vae
+    pipe.vae = separate.model
+    try:
+        yield
+    finally:
+        pipe.vae = original
 
 
 def _noised_at_timestep(

@@ -45,6 +45,8 @@ class GenerationRequest:
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"
     checkpoint: str = "tiny"
+    # a VAE file in <models_dir>/VAE by name; None = the checkpoint's own (or its <name>.vae.*)
+    vae: str | None = None
     clip_skip: int = 1
     rng: str = "CPU"
     ensd: int = 0

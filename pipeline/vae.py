@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.networks import UnknownNetwork, load_tensors
+from pipeline.networks import UnknownNetwork
+from pipeline.safe_load import load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def load_vae(path: str | Path, *, config: dict[str, Any] | None = None) -> Any:
 
     path = Path(path)
     config = dict(SD_VAE_CONFIG if config is None else config)
-    state = _strip_prefix(load_tensors(path))
+    state = _strip_prefix(load_state_dict(path))
     if not _is_diffusers_layout(state):
         state = convert_ldm_vae_checkpoint(state, config)
     # diffusers' mid-block attention is Linear; LDM stores 1x1 conv weights.

@@ -6,6 +6,7 @@ falls back to the same one-job-per-batch plan) and results simply have no button
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bot.draw import options_from_request
@@ -29,6 +30,7 @@ def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
 def register_commands(register: Any) -> None:
     register(Command("reroll", reroll, "help.reroll"))
     register(Command("samplers", samplers, "help.samplers"))
+    register(Command("models", models, "help.models"))
 
 
 async def reroll(ctx: CommandContext) -> list[Reply]:
@@ -54,4 +56,63 @@ async def samplers(ctx: CommandContext) -> Reply:
             "samplers": ", ".join(s.name for s in list_samplers()),
             "schedulers": ", ".join(s.label for s in list_schedulers()),
         },
+    )
+
+
+def _models_dir(app: Any) -> Path | None:
+    """The library's folder; the configured one when the library was built without one."""
+    found = getattr(app.library, "models_dir", None)
+    return found if found is not None else app.settings.engine.models_dir
+
+
+def model_lists(app: Any) -> dict[str, Any]:
+    """Everything a prompt or /draw option can name, by kind (also the reply's ``data``,
+    so clients can autocomplete). Hashes are shown only when already computed: listing
+    must not read gigabytes of checkpoints."""
+    from pipeline.embeddings import embedding_files
+    from pipeline.networks import NetworkLibrary
+    from pipeline.vae import vae_names
+
+    folder = _models_dir(app)
+    infos = app.library.infos()
+    networks = NetworkLibrary(folder)
+    embeddings_dir = folder / "embeddings" if folder is not None else None
+    embeddings = (
+        embedding_files(embeddings_dir) if embeddings_dir is not None and embeddings_dir.is_dir() else []
+    )
+    default = app.settings.engine.default_checkpoint
+    return {
+        "checkpoints": [info.name for info in infos],
+        "checkpoint_hashes": {info.name: info.sha256 for info in infos if info.sha256},
+        "default_checkpoint": default,
+        "vaes": list(vae_names(folder)),
+        "loras": networks.lora_names(),
+        "hypernetworks": networks.hypernetwork_names(),
+        "embeddings": list(dict.fromkeys(path.stem for path in embeddings)),
+    }
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names) or "-"
+
+
+async def models(ctx: CommandContext) -> Reply:
+    """The checkpoints (short hash when known, the default marked) and the other model files."""
+    data = model_lists(ctx.app)
+    hashes, default = data["checkpoint_hashes"], data["default_checkpoint"]
+    checkpoints = [
+        (f"{name} [{hashes[name]}]" if name in hashes else name) + (" *" if name == default else "")
+        for name in data["checkpoints"]
+    ]
+    return Reply(
+        "models.list",
+        {
+            "checkpoints": _listed(checkpoints),
+            "default": default,
+            "vaes": _listed(data["vaes"]),
+            "loras": _listed(data["loras"]),
+            "hypernetworks": _listed(data["hypernetworks"]),
+            "embeddings": _listed(data["embeddings"]),
+        },
+        data=data,
     )

@@ -1,0 +1,117 @@
+"""/models lists what the models folder holds; /draw --vae picks a VAE file from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.commands import parse_args
+from bot.draw import freeze, new_draft, options_from_request
+from bot.errors import UserError
+from bot.options import draw_options
+from bot.types import Actor
+from pipeline.checkpoints import CheckpointLibrary
+from tests.conftest import make_settings
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
+LORAS = ["detail", "style"]  # a LoRA in a subfolder is listed by its file name, as tags name it
+LI = Actor(platform="console", user_id="li", name="Li", locale="zh-CN", chat_id="c")
+
+
+def _populate(models: Path) -> None:
+    for relative in (
+        "VAE/b-vae.safetensors",
+        "VAE/A.vae.pt",
+        "Lora/style.safetensors",
+        "Lora/sub/detail.pt",
+        "hypernetworks/anime.pt",
+        "embeddings/bad-hands.pt",
+        "embeddings/easy2.safetensors",
+        "embeddings/easy10.safetensors",
+    ):
+        path = models / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not read by a listing")
+
+
+async def test_models_lists_every_kind(make_app, tmp_path):
+    _populate(tmp_path / "models")
+    app = await make_app()
+    [reply] = await app.service.handle_line("/models", ALICE)
+    assert not reply.error
+    data = reply.data
+    assert data["checkpoints"] == ["tiny"]
+    assert data["default_checkpoint"] == "tiny"
+    assert data["vaes"] == ["A.vae", "b-vae"]
+    assert sorted(data["loras"]) == LORAS
+    assert data["hypernetworks"] == ["anime"]
+    assert data["embeddings"] == ["bad-hands", "easy2", "easy10"]
+    text = app.translator.t("en", reply.key, **reply.params)
+    assert "tiny *" in text
+    assert "VAEs: A.vae, b-vae" in text
+    assert "Hypernetworks: anime" in text
+    assert "Embeddings: bad-hands, easy2, easy10" in text
+    zh = app.translator.t("zh-CN", reply.key, **reply.params)
+    assert "超网络：anime" in zh
+
+
+async def test_models_on_an_empty_folder(make_app):
+    app = await make_app()
+    [reply] = await app.service.handle_line("/models", LI)
+    assert reply.data["vaes"] == [] and reply.data["loras"] == [] and reply.data["embeddings"] == []
+    text = app.translator.t(LI.locale, reply.key, **reply.params)
+    assert "VAE：-" in text
+
+
+async def test_models_shows_known_hashes(make_app, tmp_path):
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    (models / "junk.safetensors").write_bytes(b"x" * 64)
+    app = await make_app()
+    library = CheckpointLibrary(tmp_path / "models")
+    library.lookup("deadbeef00")  # a hash-looking text makes it hash every checkpoint
+    app.library = library
+    [reply] = await app.service.handle_line("/models", ALICE)
+    hashes = reply.data["checkpoint_hashes"]
+    assert set(hashes) == {"junk"} and len(hashes["junk"]) == 10
+    assert f"junk [{hashes['junk']}]" in reply.params["checkpoints"]
+
+
+async def test_draw_refuses_an_unknown_vae(make_app):
+    app = await make_app()
+    [reply] = await app.service.handle_line("/draw a cat --vae nope", ALICE)
+    assert reply.error and reply.key == "error.unknown_network"
+    assert reply.params["kind"] == "VAE" and reply.params["name"] == "nope"
+    assert app.translator.t("en", reply.key, **reply.params) == 'Unknown VAE "nope". Available: -'
+
+
+def _freeze_options(tmp_path: Path, prompt: str, options: dict):
+    settings = make_settings(tmp_path)
+    draft = new_draft(prompt, options, settings)
+    return freeze(draft, ALICE, settings, CheckpointLibrary(tmp_path / "models"))
+
+
+def _freeze(tmp_path: Path, line: str):
+    parsed = parse_args(line)
+    options = draw_options().convert(parsed, make_settings(tmp_path).limits)
+    return _freeze_options(tmp_path, parsed.text, options)
+
+
+def test_draw_vae_goes_into_the_request_and_round_trips(tmp_path):
+    _populate(tmp_path / "models")
+    request = _freeze(tmp_path, "a cat --vae a.VAE.pt").generation
+    assert request.vae == "A.vae"  # the canonical name, whatever case or extension was typed
+    options = options_from_request(request)
+    assert options["vae"] == "A.vae"
+    assert _freeze_options(tmp_path, request.prompt, options).generation == request
+    assert _freeze(tmp_path, "a cat --sd-vae b-vae.safetensors").generation.vae == "b-vae"
+    assert _freeze(tmp_path, "a cat").generation.vae is None
+
+
+def test_draw_unknown_vae_names_the_available_ones(tmp_path):
+    _populate(tmp_path / "models")
+    with pytest.raises(UserError) as info:
+        _freeze(tmp_path, "a cat --vae missing")
+    assert info.value.key == "error.unknown_network"
+    assert info.value.params == {"kind": "VAE", "name": "missing", "available": "A.vae, b-vae"}
