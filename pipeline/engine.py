@@ -51,6 +51,15 @@ from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import GenerationCancelled
 from pipeline.hashing import short_hash
 from pipeline.networks import ActiveNetworks, NetworkLibrary
+from pipeline.passes import (
+    LATENT_FACTOR,
+    TIMESTEP_SAMPLERS,
+    PassPlan,
+    SamplingPass,
+    eta_fields,
+    plan_passes,
+    schedule_fields,
+)
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
 
@@ -61,22 +70,17 @@ logger = logging.getLogger(__name__)
 
 VERSION = "v1.10.1"
 LATENT_CHANNELS = 4
-# A1111 hard-codes the VAE's 8x factor for latent sizes (§1 step 5).
-LATENT_FACTOR = 8
-# A1111's img2img UI default.
-DEFAULT_IMG2IMG_STRENGTH = 0.75
 
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 SamplerLoop = Callable[..., torch.Tensor]
 
 _OOM_MARKERS = ("out of memory", "Unable to find a valid cuDNN algorithm", "can't allocate memory")
-_TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 
 
 def sampler_loop(name: str) -> SamplerLoop:
     """The A1111 sampling loop of a canonical sampler name (all 20 have one)."""
-    if name in _TIMESTEP_SAMPLERS:
+    if name in TIMESTEP_SAMPLERS:
         return timestep_samplers.SAMPLERS[name]
     return kdiffusion.SAMPLERS[name]
 
@@ -217,104 +221,6 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# What one request runs
-
-
-@dataclass(frozen=True)
-class _Pass:
-    """One sampling pass: its sampler, steps, prompts and where in the schedule it starts.
-
-    ``base_steps`` is set for the hires pass only: the first pass's denoiser-call total,
-    which the hires prompt-editing timeline continues from (§3.2, §3.4).
-    """
-
-    selection: samplers.SamplerSelection
-    steps: int
-    plan: latents.StepPlan
-    prompt: str
-    negative_prompt: str
-    base_steps: int | None = None
-
-    @property
-    def info(self) -> samplers.SamplerInfo:
-        return samplers.get_sampler(self.selection.name)
-
-    @property
-    def call_steps(self) -> int:
-        return self.steps * self.info.total_steps_multiplier
-
-
-@dataclass(frozen=True)
-class _Job:
-    first: _Pass
-    second: _Pass | None
-    target: hires.HiresTarget | None
-    fields: dict[str, Any]  # infotext fields img2img / hires add
-
-    @property
-    def total_steps(self) -> int:
-        return self.first.steps + (self.second.steps if self.second is not None else 0)
-
-
-def _plan(request: GenerationRequest) -> _Job:
-    """Validate what the request asks for and lay out its passes (§9.6)."""
-    selection = samplers.select_sampler(request.sampler_name, request.scheduler)
-    steps = request.num_inference_steps
-    if request.init_image is not None:
-        if request.enable_hr:
-            raise ValueError("the hires fix is for txt2img; it cannot be combined with an init image")
-        strength = _strength(request, DEFAULT_IMG2IMG_STRENGTH)
-        plan = latents.img2img_plan(steps, strength)
-        first = _Pass(selection, steps, plan, request.prompt, request.negative_prompt)
-        return _Job(first, None, None, {"Denoising strength": strength})
-    first = _Pass(selection, steps, latents.StepPlan(steps, steps), request.prompt, request.negative_prompt)
-    if not request.enable_hr:
-        return _Job(first, None, None, {})
-    return _plan_hires(request, first)
-
-
-def _plan_hires(request: GenerationRequest, first: _Pass) -> _Job:
-    hires.check_upscaler(request.hr_upscaler)
-    strength = _strength(request, hires.DEFAULT_DENOISING_STRENGTH)
-    hr_selection = samplers.select_sampler(
-        request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
-    )
-    hr_steps = request.hr_second_pass_steps or first.steps
-    second = _Pass(
-        hr_selection,
-        hr_steps,
-        latents.hires_plan(hr_steps, strength),
-        request.hr_prompt or request.prompt,
-        request.hr_negative_prompt or request.negative_prompt,
-        base_steps=first.call_steps,
-    )
-    target = hires.hires_target(
-        request.width, request.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y
-    )
-    if target.width < LATENT_FACTOR or target.height < LATENT_FACTOR:
-        raise ValueError(f"hires target {target.width}x{target.height} is too small")
-    fields = hires.infotext_fields(
-        denoising_strength=strength,
-        scale=request.hr_scale,
-        resize_x=request.hr_resize_x,
-        resize_y=request.hr_resize_y,
-        second_pass_steps=request.hr_second_pass_steps,
-        upscaler=request.hr_upscaler,
-        prompt=request.prompt,
-        hr_prompt=request.hr_prompt,
-        negative_prompt=request.negative_prompt,
-        hr_negative_prompt=request.hr_negative_prompt,
-        sampler=hr_selection.name if request.hr_sampler_name else None,
-        schedule=request.hr_scheduler,
-    )
-    return _Job(first, second, target, fields)
-
-
-def _strength(request: GenerationRequest, default: float) -> float:
-    return default if request.denoising_strength is None else request.denoising_strength
-
-
-# --------------------------------------------------------------------------------------
 # The engine
 
 
@@ -346,7 +252,7 @@ class Engine:
         ``device_seconds`` covers the whole call on this thread, a model load included.
         """
         started = time.perf_counter()
-        job = _plan(request)
+        job = plan_passes(request)
         active = self.networks.for_prompt(request.prompt)
         progress = _Progress(job.total_steps, on_progress, should_stop)
         with self._lock:
@@ -418,7 +324,7 @@ class Engine:
     # -- one batch -----------------------------------------------------------------------
 
     def _run_guarded(
-        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress,
+        self, model: _LoadedModel, request: GenerationRequest, job: PassPlan, progress: _Progress,
         active: ActiveNetworks,
     ) -> list[Any]:  # fmt: skip
         """Run with the request's networks applied (removed again however the run ends)."""
@@ -436,7 +342,7 @@ class Engine:
         raise oom.out_of_memory(oom_detail, request, target)
 
     def _run(
-        self, model: _LoadedModel, request: GenerationRequest, job: _Job, progress: _Progress
+        self, model: _LoadedModel, request: GenerationRequest, job: PassPlan, progress: _Progress
     ) -> list[Any]:
         shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
         init = None if request.init_image is None else self._init_latents(model, request)
@@ -446,7 +352,12 @@ class Engine:
         return self._decode(model, x)
 
     def _hires_pass(
-        self, model: _LoadedModel, request: GenerationRequest, job: _Job, x: torch.Tensor, progress: _Progress
+        self,
+        model: _LoadedModel,
+        request: GenerationRequest,
+        job: PassPlan,
+        x: torch.Tensor,
+        progress: _Progress,
     ) -> torch.Tensor:
         """Upscale the first pass, crop it to the target and denoise it again (§9.6)."""
         assert job.second is not None and job.target is not None
@@ -488,7 +399,7 @@ class Engine:
         self,
         model: _LoadedModel,
         request: GenerationRequest,
-        step_pass: _Pass,
+        step_pass: SamplingPass,
         shape: tuple[int, ...],
         start: torch.Tensor | None,
         progress: _Progress,
@@ -525,7 +436,7 @@ class Engine:
             extra={"eps_model_cfgpp": denoiser.eps_cfgpp, "is_img2img": start is not None},
         )
         plan = step_pass.plan
-        if name in _TIMESTEP_SAMPLERS:
+        if name in TIMESTEP_SAMPLERS:
             timesteps = samplers.timesteps(name, plan.schedule_steps)
             timesteps = timesteps[: len(timesteps) - plan.start_index]
             x = (
@@ -539,7 +450,7 @@ class Engine:
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
         return loop(x, sigmas, ctx)
 
-    def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: _Pass) -> Any:
+    def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: SamplingPass) -> Any:
         first_pass = step_pass.base_steps is None
         return conditioning.build_conds(
             step_pass.prompt,
@@ -555,12 +466,12 @@ class Engine:
     # -- infotext ------------------------------------------------------------------------
 
     def _infotexts(
-        self, request: GenerationRequest, model: _LoadedModel, job: _Job, active: ActiveNetworks,
+        self, request: GenerationRequest, model: _LoadedModel, job: PassPlan, active: ActiveNetworks,
         separate: _SeparateVae | None = None,
     ) -> list[str]:  # fmt: skip
         info = model.info
         sampler = job.first.selection
-        extra = _schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
+        extra = schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
         used = self.embeddings.used(
             [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
         )
@@ -568,7 +479,7 @@ class Engine:
         extra.update(active.infotext_fields())  # A1111 order: Hires *, Lora hashes, TI hashes
         if used:
             extra["TI hashes"] = ti_hashes_field(used)
-        extra.update(_eta_fields(sampler.name, request.eta))
+        extra.update(eta_fields(sampler.name, request.eta))
         extra.update(request.extra)
         vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []
@@ -622,35 +533,3 @@ def _noised_at_timestep(
     """The timestep samplers' equivalent of ``x0 + noise·σ``: ``√ᾱ·x0 + √(1−ᾱ)·noise``."""
     alpha = float(alphas_cumprod[timestep])
     return start * alpha**0.5 + noise * (1 - alpha) ** 0.5
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_schedule_fields(sampler: str, schedule: str, steps: int) -> tuple[tuple[str, Any], ...]:
-    return tuple(samplers.sigma_schedule(sampler, schedule, steps).infotext_fields.items())
-
-
-def _schedule_fields(sampler: str, schedule: str, steps: int) -> dict[str, Any]:
-    """What A1111's σ schedule adds to the infotext: the resolved ``Schedule type`` (Karras for
-    DPM++ 2M on Automatic) and Beta's alpha/beta. Timestep samplers compute no σ's."""
-    if sampler in _TIMESTEP_SAMPLERS:
-        return {}
-    return dict(_cached_schedule_fields(sampler, schedule, steps))
-
-
-# k-diffusion samplers whose function takes eta (A1111 writes ``Eta`` when it is not 1).
-_ETA_SAMPLERS = frozenset(
-    {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
-    | {"DPM fast", "DPM adaptive"}
-)
-_DDIM_ETA_SAMPLERS = frozenset({"DDIM", "DDIM CFG++"})
-
-
-def _eta_fields(sampler: str, eta: float | None) -> dict[str, Any]:
-    """``Eta`` / ``Eta DDIM`` when the request's eta differs from the setting's default (§9.3)."""
-    if eta is None:
-        return {}
-    if sampler in _DDIM_ETA_SAMPLERS and eta != 0:
-        return {"Eta DDIM": eta}
-    if sampler in _ETA_SAMPLERS and eta != 1:
-        return {"Eta": eta}
-    return {}
