@@ -49,6 +49,8 @@ class App:
     commands: Registry[Command] = field(default_factory=lambda: Registry("command"))
     styles: Registry[StyleEntry] = field(default_factory=lambda: Registry("style"))
     presets: Registry[PresetEntry] = field(default_factory=lambda: Registry("negative preset"))
+    options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
+    grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # plugins.xy_grid.GridAxis
     queue: Any = None
     service: Service = field(init=False)
     started: bool = False
@@ -124,7 +126,24 @@ def build_app(
     collect(pm, "register_commands", app.commands)
     collect(pm, "register_styles", app.styles, StyleEntry)
     collect(pm, "register_negative_presets", app.presets, PresetEntry)
+    register_plugin_options(app)
+    collect(pm, "register_grid_axes", app.grid_axes)
     return app
+
+
+def register_plugin_options(app: App) -> None:
+    """Plugins' /draw options join the core table; a name or alias taken twice fails at
+    startup naming both owners (the core included)."""
+    taken = Registry[Any]("/draw option")
+    for spec in app.service.options.specs:
+        for name in (spec.name, *spec.aliases):
+            taken.add(name, spec, "core")
+    collect(app.pm, "register_options", app.options)
+    for spec in app.options.items.values():
+        owner = app.options.owners[spec.name.casefold()]
+        for name in (spec.name, *spec.aliases):
+            taken.add(name, spec, owner)
+        app.service.options.add(spec)
 
 
 def make_engine(settings: Settings, library: Any) -> Any:

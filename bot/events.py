@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bot.i18n import Translator
-from bot.types import Cancelled, Failed, Finished, JobEvent, Progress, Queued, Reply, Started
+from bot.types import Cancelled, Failed, Finished, JobEvent, Notice, Progress, Queued, Reply, Started
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ def event_text(event: JobEvent, translator: Translator) -> str:
         return translator.t(locale, "event.failed", id=short, reason=reason)
     if isinstance(event, Cancelled):
         return translator.t(locale, "event.cancelled", id=short)
+    if isinstance(event, Notice):
+        text = reply_text(event.reply, translator, locale)
+        files = " ".join(str(path) for path in event.reply.files)
+        return f"[{short}] {text}" + (f" {files}" if files else "")
     return f"[{short}] {event.kind}"
 
 
@@ -83,6 +87,9 @@ def event_json(event: JobEvent, translator: Translator) -> dict[str, Any]:
         data["spoiler"] = event.spoiler
     elif isinstance(event, Failed):
         data["key"] = event.key
+    elif isinstance(event, Notice):
+        data.update(reply_json(event.reply, translator, event.actor.locale))
+        data.update(event="notice", id=event.generation_id, error=event.reply.error)
     return data
 
 

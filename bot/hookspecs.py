@@ -109,3 +109,19 @@ def startup(app: Any) -> Any:
 @hookspec
 def shutdown(app: Any) -> Any:
     """Called once when the App stops, before the store closes. May be async."""
+
+
+@hookspec
+def register_options(register: Any) -> None:
+    """Called once at startup. Call ``register(OptionSpec(...))`` (``bot.options``) for each
+    option the plugin adds to /draw (``--style``, ``--preset`` ...). The parsed value is in
+    ``draft.options`` / ``request.options`` under the option's name. A name (or alias)
+    taken by the core or another plugin fails at startup naming both."""
+
+
+@hookspec
+def register_grid_axes(register: Any) -> None:
+    """Called once at startup. Call ``register(axis)`` for each X/Y/Z grid axis the plugin
+    adds; ``axis`` is a ``plugins.xy_grid.GridAxis`` (its name, value kind and how a value
+    changes a cell's request). Read by the xy_grid plugin; a duplicate name fails at
+    startup naming both plugins."""

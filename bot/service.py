@@ -40,6 +40,7 @@ from bot.types import (
     Finished,
     ImageOut,
     Invocation,
+    Notice,
     Plan,
     PlannedJob,
     Progress,
@@ -133,6 +134,10 @@ class Service:
         """A button press: ``<command>:<argument>`` runs that command with the argument."""
         name, _, argument = action_id.partition(":")
         return await self.handle(Invocation(name, argument, actor, reply_to or {}))
+
+    def post(self, generation_id: str, actor: Actor, reply_to: dict[str, Any], reply: Reply) -> None:
+        """Tell a job's user something later (a plugin's finished grid, a stopped run)."""
+        self.app.bus.publish(Notice(generation_id, actor, reply_to, reply=reply))
 
     def error_reply(self, exc: BaseException, actor: Actor) -> Reply:
         if isinstance(exc, UserError):

@@ -201,6 +201,15 @@ class Cancelled(JobEvent):
 
 
 @dataclass(frozen=True)
+class Notice(JobEvent):
+    """A message a plugin posts later about a job or a group of jobs (a finished grid, a
+    stopped run): rendered like a ``Reply`` (text, files, actions), routed like the job."""
+
+    reply: Reply = field(default_factory=lambda: Reply(""))
+    kind: str = field(init=False, default="notice")
+
+
+@dataclass(frozen=True)
 class CommandContext:
     """What a command handler gets: the invocation and the App (the core's public surface)."""
 

@@ -5,6 +5,7 @@ Repositories return plain dataclasses (``models.records``), never ORM rows.
 
 from models.base import Base
 from models.governance import AuditEntry, Ban, QuotaLedger, QuotaOverride, QuotaUsage, WordRule
+from models.preferences import Preference
 from models.tables import Generation, Image, User
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Base",
     "Generation",
     "Image",
+    "Preference",
     "QuotaLedger",
     "QuotaOverride",
     "QuotaUsage",

@@ -33,7 +33,7 @@ def test_every_hook_has_a_test() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     hooks = _hook_names()
-    assert len(hooks) == 14
+    assert len(hooks) == 16
     missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
     assert not missing, f"hooks without a test: {missing}"
 
@@ -91,6 +91,57 @@ async def test_hook_register_negative_presets(make_app) -> None:
     app = await make_app(extra_plugins=(Presets(),))
     assert app.presets.get("NAI").negative_prompt == "lowres, bad anatomy"
     assert app.presets.owners["nai"] == app.pm.get_name(_plugin(app, Presets))
+
+
+async def test_hook_register_options(make_app) -> None:
+    from bot.options import OptionSpec
+
+    class Mood:
+        @hookimpl
+        def register_options(self, register):
+            register(OptionSpec("mood", "choice", aliases=("m",), choices=lambda: ["calm", "wild"]))
+
+        @hookimpl
+        def modify_request(self, draft, actor, app):
+            if draft.options.get("mood"):
+                draft.add_prompt(f"{draft.options['mood']} mood")
+
+    app = await make_app(extra_plugins=(Mood(),))
+    log = EventLog(app)
+    (job_id,) = (await _draw(app, "/draw a cat --m wild --steps 2"))[0].data["jobs"]
+    assert (await app.store.get(job_id)).request.prompt == "a cat, wild mood"
+    bad = await _draw(app, "/draw a cat --mood sad")
+    assert bad[0].error and "calm" in app.translator.t("en", bad[0].key, **bad[0].params)
+    await log.wait_for(lambda: log.of("finished", job_id))
+
+
+def test_hook_register_options_names_taken_by_the_core_fail_naming_both(tmp_path: Path) -> None:
+    from bot.options import OptionSpec
+
+    class Steps:
+        @hookimpl
+        def register_options(self, register):
+            register(OptionSpec("pace", "int", aliases=("steps",)))
+
+    with pytest.raises(PluginError, match="'steps' is registered twice: by plugin 'core' and by 'Steps'"):
+        build_app(make_settings(tmp_path), plugins=(Steps(),), engines=[object()], library=object())
+
+
+async def test_hook_register_grid_axes(make_app) -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Axis:
+        name: str
+
+    class Axes:
+        @hookimpl
+        def register_grid_axes(self, register):
+            register(Axis("Mood"))
+
+    app = await make_app(extra_plugins=(Axes(),))
+    assert app.grid_axes.get("mood") == Axis("Mood")
+    assert app.grid_axes.owners["mood"] == app.pm.get_name(_plugin(app, Axes))
 
 
 def _plugin(app, cls):
