@@ -50,7 +50,7 @@ class App:
     styles: Registry[StyleEntry] = field(default_factory=lambda: Registry("style"))
     presets: Registry[PresetEntry] = field(default_factory=lambda: Registry("negative preset"))
     options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
-    grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # plugins.xy_grid.GridAxis
+    grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # xy_grid.GridAxis
     queue: Any = None
     service: Service = field(init=False)
     started: bool = False

@@ -12,7 +12,10 @@ from bot.types import Action, Actor, Notice, Reply
 def test_a_notice_renders_text_files_and_actions_in_the_actors_language() -> None:
     translator = default_translator()
     reply = Reply(
-        "cancel.done", {"id": "01J"}, files=[Path("grid.png")], actions=[Action("reroll:01J", "action.reroll")]
+        "cancel.done",
+        {"id": "01J"},
+        files=[Path("grid.png")],
+        actions=[Action("reroll:01J", "action.reroll")],
     )
     for locale in ("en", "zh-CN"):
         actor = Actor("console", "alice", "Alice", locale=locale)
