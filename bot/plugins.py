@@ -20,7 +20,19 @@ from bot import hookspecs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGINS = ("plugins.generate", "plugins.pnginfo", "plugins.moderation", "plugins.quotas")
+DEFAULT_PLUGINS = (
+    "plugins.generate",
+    "plugins.pnginfo",
+    "plugins.moderation",
+    "plugins.quotas",
+    "plugins.styles",
+    "plugins.negative_presets",
+    "plugins.xy_grid",
+    "plugins.variations",
+    "plugins.img2img",
+    "plugins.forever",
+    "plugins.history",
+)
 ENTRY_POINT_GROUP = "atelier"
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.plugins import PluginError, build_plugin_manager, plugin_hooks
+from bot.plugins import DEFAULT_PLUGINS, PluginError, build_plugin_manager, builtin_name, plugin_hooks
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_builtin_and_entry_point_plugins_are_listed_with_their_hooks(third_party
 
 
 def test_plugins_are_disabled_by_name(third_party: str) -> None:
-    pm = build_plugin_manager(disabled=["hello", "generate", "pnginfo", "moderation", "quotas"])
+    pm = build_plugin_manager(disabled=["hello", *(builtin_name(m) for m in DEFAULT_PLUGINS)])
     assert pm.get_plugin("hello") is None and pm.get_plugin("generate") is None
     assert plugin_hooks(pm) == []
 
