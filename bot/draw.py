@@ -72,6 +72,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
     sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
     checkpoint = resolve_checkpoint(library, opts["checkpoint"])
     vae = resolve_vae(library, opts["vae"])
+    check_networks(library, prompt, opts["hr-prompt"])
     hr_sampler = hr_scheduler = None
     if opts["hr-sampler"]:
         hr_sampler, hr_scheduler = resolve_sampler(opts["hr-sampler"], opts["hr-scheduler"] or "Automatic")
@@ -193,6 +194,23 @@ def resolve_vae(library: Any, name: str | None) -> str | None:
         available = ", ".join(vae_names(models_dir)) or "-"
         raise UserError("error.unknown_network", kind="VAE", name=name, available=available) from None
     return next(stem for stem, found in vae_names(models_dir).items() if found == path)
+
+
+def check_networks(library: Any, *prompts: str) -> None:
+    """Every ``<lora:...>``/``<hypernet:...>`` a prompt tags exists in the models folder and
+    is well formed; refused before anything is queued, with the names that exist."""
+    from pipeline.networks import NetworkLibrary, UnknownNetwork
+
+    networks = NetworkLibrary(getattr(library, "models_dir", None))
+    for text in prompts:
+        if not text or "<" not in text:
+            continue
+        try:
+            networks.check_prompt(text)
+        except UnknownNetwork as exc:
+            raise UserError(exc.key, **exc.params) from None
+        except ValueError as exc:
+            raise UserError("error.network_tag", detail=str(exc)) from None
 
 
 def _check_prompt_syntax(text: str) -> None:

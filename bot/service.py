@@ -144,6 +144,10 @@ class Service:
             return Reply(exc.key, exc.params, error=True)
         if isinstance(exc, EngineError):
             return Reply(exc.key, exc.params, error=True)
+        if isinstance(exc, ValueError) and _raised_in_pipeline(exc):
+            # the engine refused a value no check caught before: say what, in the user's words
+            log.warning("engine refused a request: %s", exc, exc_info=exc)
+            return Reply("error.invalid_request", {"detail": str(exc)}, error=True)
         custom = self.app.pm.hook.handle_error(exception=exc, actor=actor, app=self.app)
         if custom is not None:
             return custom
@@ -249,6 +253,7 @@ class Service:
                 plan=plan.kind,
                 label=planned.label,
                 parent_id=request.parent_id,
+                private=bool(request.options.get("private")),  # the history plugin's --private
                 priority=priority,
                 spoiler=spoiler,
             )
@@ -334,9 +339,7 @@ class Service:
             return
         record = await self.app.store.get(job.id)
         assert record is not None
-        actions: list[Action] = []
-        for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
-            actions.extend(found or [])
+        actions = self.result_actions(record, actor)
         out = tuple(
             ImageOut(image.id, path, image.seed, image.width, image.height, image.infotext)
             for image, path in images
@@ -345,6 +348,14 @@ class Service:
             Finished(job.id, actor, reply_to, images=out, actions=tuple(actions), spoiler=record.spoiler)
         )
         await self._notify("generation_finished", record)
+
+    def result_actions(self, record: GenerationRecord, actor: Actor) -> list[Action]:
+        """The buttons plugins offer on a finished job (``result_actions``), in hook order;
+        the same for a fresh result and for one shown again later (/show)."""
+        actions: list[Action] = []
+        for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
+            actions.extend(found or [])
+        return actions
 
     async def _ended(self, generation_id: str) -> None:
         """A job failed or was cancelled (its status is stored): tell ``generation_ended``."""
@@ -417,6 +428,14 @@ def actor_of(record: GenerationRecord, default_locale: str) -> Actor:
         guild_id=record.guild_id,
         roles=frozenset(record.actor_roles),
     )
+
+
+def _raised_in_pipeline(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is in the engine package (``pipeline``)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("pipeline.")
 
 
 def _may_touch(record: GenerationRecord, actor: Actor) -> bool:

@@ -150,15 +150,28 @@ def _resolve(name: str, files: Mapping[str, Path], kind: str) -> tuple[str, Path
     raise UnknownNetwork(name, kind, sorted(files, key=str.casefold))
 
 
-def load_tensors(path: Path) -> dict[str, Any]:
-    """A safetensors file, or a torch pickle read with ``weights_only=True`` (never executed)."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
+class NetworkLoadError(EngineError):
+    """A LoRA or hypernetwork file exists but is not one (wrong layout, shapes that do not fit)."""
 
-        return dict(load_file(str(path), device="cpu"))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    key = "error.network_load"
+
+    def __init__(self, path: Path, kind: str, reason: str) -> None:
+        super().__init__(
+            f"could not load {kind} {path.name}: {reason}", name=path.name, kind=kind, reason=reason
+        )
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """A network file's dict: safetensors after the header checks, or a torch pickle read
+    through the allow-list unpickler (``pipeline.safe_load``; nothing in it is executed).
+    Hypernetwork dicts keep their non-tensor metadata (layer structure, activation ...)."""
+    from pipeline.safe_load import load_pickle_checkpoint, load_safetensors
+
+    if path.suffix.lower() == ".safetensors":
+        return dict(load_safetensors(path))
+    data = load_pickle_checkpoint(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path.name}: expected a dict of tensors, got {type(data).__name__}")
+        raise NetworkLoadError(path, "network", f"it holds a {type(data).__name__}, not a dict of weights")
     return data
 
 
@@ -406,6 +419,19 @@ class NetworkLibrary:
     def hypernetwork_names(self) -> list[str]:
         return list(_scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS))
 
+    def check_prompt(self, prompt: str) -> None:
+        """Resolve every network ``prompt`` tags without loading anything: raises
+        ``UnknownNetwork`` (with the available names) or ``ValueError`` (a malformed tag)."""
+        lora_tags, hypernet_tags = network_tags(prompt)
+        for tags, subdir, extensions, kind in (
+            (lora_tags, LORA_SUBDIR, LORA_EXTENSIONS, "lora"),
+            (hypernet_tags, HYPERNETWORK_SUBDIR, HYPERNETWORK_EXTENSIONS, "hypernetwork"),
+        ):
+            if tags:
+                files = _scan(self._folder(subdir), extensions)
+                for tag in tags:
+                    _resolve(tag.name, files, kind)
+
     def for_prompt(self, prompt: str) -> ActiveNetworks:
         """Load what ``prompt`` tags. Raises ``UnknownNetwork`` or ``ValueError`` (bad tag)."""
         lora_tags, hypernet_tags = network_tags(prompt)
@@ -433,7 +459,7 @@ class NetworkLibrary:
             return cached[1]
         pairs = lora_pairs(load_tensors(path))
         if not pairs:
-            raise ValueError(f"{path.name} holds no kohya-format LoRA weights")
+            raise NetworkLoadError(path, "lora", "it holds no kohya-format LoRA weights")
         self._loras[path] = (stamp, pairs)
         return pairs
 
@@ -444,7 +470,10 @@ class NetworkLibrary:
             return cached[1]
         # Building the modules draws init weights; keep the caller's global RNG untouched.
         with torch.random.fork_rng(devices=[]):
-            network = Hypernetwork.from_state_dict(load_tensors(path))
+            try:
+                network = Hypernetwork.from_state_dict(load_tensors(path))
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise NetworkLoadError(path, "hypernetwork", str(exc)) from exc
         network.name = network.name or path.stem
         self._hypernets[path] = (stamp, network)
         return network

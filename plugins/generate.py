@@ -11,6 +11,7 @@ from typing import Any
 
 from bot.draw import options_from_request
 from bot.errors import NotFound, UserError
+from bot.governance import require_moderator
 from bot.hookspecs import hookimpl
 from bot.service import default_plan
 from bot.types import Action, Command, CommandContext, Reply
@@ -96,15 +97,27 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names) or "-"
 
 
-async def models(ctx: CommandContext) -> Reply:
-    """The checkpoints (short hash when known, the default marked) and the other model files."""
-    data = model_lists(ctx.app)
+async def models(ctx: CommandContext) -> list[Reply]:
+    """The checkpoints (short hash when known, the default marked) and the other model files;
+    ``/models refresh`` (moderators) rescans the folder after files were added or removed."""
+    import asyncio
+
+    argument = ctx.text.strip().casefold()
+    if argument == "refresh":
+        await require_moderator(ctx, "models.refresh")
+        await asyncio.to_thread(ctx.app.library.refresh)
+        data = await asyncio.to_thread(model_lists, ctx.app)
+        counts = {kind: len(data[kind]) for kind in ("checkpoints", "vaes", "loras", "hypernetworks")}
+        return [Reply("models.refreshed", {**counts, "embeddings": len(data["embeddings"])}, data=data)]
+    if argument:
+        raise UserError("error.unknown_subcommand", name="models", value=ctx.text.strip(), allowed="refresh")
+    data = await asyncio.to_thread(model_lists, ctx.app)
     hashes, default = data["checkpoint_hashes"], data["default_checkpoint"]
     checkpoints = [
         (f"{name} [{hashes[name]}]" if name in hashes else name) + (" *" if name == default else "")
         for name in data["checkpoints"]
     ]
-    return Reply(
+    listing = Reply(
         "models.list",
         {
             "checkpoints": _listed(checkpoints),
@@ -116,3 +129,7 @@ async def models(ctx: CommandContext) -> Reply:
         },
         data=data,
     )
+    folder = _models_dir(ctx.app)
+    if folder is not None and not folder.is_dir():
+        return [listing, Reply("models.folder_missing", {"path": str(folder)})]
+    return [listing]

@@ -98,10 +98,23 @@ async def make_app(
     apps = []
 
     async def factory(
-        *, extra_plugins: tuple[Any, ...] = (), start: bool = True, **tables: dict[str, Any]
+        *,
+        extra_plugins: tuple[Any, ...] = (),
+        start: bool = True,
+        models_dir: Path | None = None,
+        **tables: dict[str, Any],
     ) -> Any:
+        """``models_dir``: a library (and engine) of its own over that folder instead of the
+        shared tiny one."""
         settings = make_settings(tmp_path, database_url, **tables)
-        app = build_app(settings, engines=[tiny_engine], library=tiny_library, plugins=extra_plugins)
+        library, engine = tiny_library, tiny_engine
+        if models_dir is not None:
+            from pipeline.checkpoints import CheckpointLibrary
+            from pipeline.engine import Engine
+
+            library = CheckpointLibrary(models_dir)
+            engine = Engine(library, device="cpu")
+        app = build_app(settings, engines=[engine], library=library, plugins=extra_plugins)
         apps.append(app)
         if start:
             await app.start()

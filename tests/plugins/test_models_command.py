@@ -58,7 +58,7 @@ async def test_models_lists_every_kind(make_app, tmp_path):
 
 async def test_models_on_an_empty_folder(make_app):
     app = await make_app()
-    [reply] = await app.service.handle_line("/models", LI)
+    reply, _missing = await app.service.handle_line("/models", LI)
     assert reply.data["vaes"] == [] and reply.data["loras"] == [] and reply.data["embeddings"] == []
     text = app.translator.t(LI.locale, reply.key, **reply.params)
     assert "VAE：-" in text
