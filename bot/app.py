@@ -74,6 +74,11 @@ class App:
         if self.settings.database.auto_upgrade:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        models_dir = getattr(self.library, "models_dir", None)
+        if models_dir is not None and not Path(models_dir).is_dir():
+            log.warning(
+                "models folder %s does not exist: only the built-in checkpoints are available", models_dir
+            )
         await self.queue.start()
         self.started = True
         await call_collect(self.pm.hook.startup, app=self)

@@ -116,11 +116,14 @@ async def test_corrupt_checkpoint_and_network_files_fail_their_job_and_the_next_
     await _finishes(app, log, "/draw a cat --steps 2")
 
 
-async def test_a_missing_models_folder_is_reported_and_the_builtin_model_still_draws(make_app) -> None:
-    app = await make_app()
+async def test_a_missing_models_folder_is_reported_and_the_builtin_model_still_draws(
+    make_app, tmp_path, caplog
+) -> None:
+    app = await make_app(models_dir=tmp_path / "nowhere")
+    assert f"models folder {tmp_path / 'nowhere'} does not exist" in caplog.text
     listing, missing = await app.service.handle_line("/models", ALICE)
     assert listing.data["checkpoints"] == ["tiny"]
-    assert missing.key == "models.folder_missing" and missing.params["path"].endswith("models")
+    assert missing.key == "models.folder_missing" and missing.params["path"] == str(tmp_path / "nowhere")
     assert "does not exist" in _text(app, missing) and "不存在" in _text(app, missing, "zh-CN")
     await _finishes(app, EventLog(app), "/draw a cat --steps 2")
 
