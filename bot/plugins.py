@@ -131,4 +131,13 @@ async def maybe_await(value: Any) -> Any:
 
 async def call_collect(hook: Any, **kwargs: Any) -> list[Any]:
     """Call a collect hook whose implementations may be async; results in call order."""
-    return [await maybe_await(result) for result in hook(**kwargs)]
+    pending = list(hook(**kwargs))
+    results = []
+    try:
+        while pending:
+            results.append(await maybe_await(pending.pop(0)))
+    finally:
+        for rest in pending:  # one raised: the others never run, and say nothing about it
+            if inspect.iscoroutine(rest):
+                rest.close()
+    return results

@@ -6,6 +6,7 @@ Repositories return plain dataclasses (``models.records``), never ORM rows.
 from models.base import Base
 from models.governance import AuditEntry, Ban, QuotaLedger, QuotaOverride, QuotaUsage, WordRule
 from models.preferences import Preference
+from models.styles import SavedPreset, SavedStyle
 from models.tables import Generation, Image, User
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "QuotaLedger",
     "QuotaOverride",
     "QuotaUsage",
+    "SavedPreset",
+    "SavedStyle",
     "User",
     "WordRule",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.draw import options_from_request
-from bot.errors import NotFound, UserError
+from bot.errors import UserError
 from bot.governance import require_moderator
 from bot.hookspecs import hookimpl
 from bot.service import default_plan
@@ -39,9 +39,7 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     generation_id = ctx.text.strip()
     if not generation_id:
         raise UserError("error.missing_argument", name="reroll", what="ID")
-    record = await ctx.app.store.get(generation_id)
-    if record is None or (record.private and record.user.platform_user_id != ctx.actor.user_id):
-        raise NotFound("error.not_found", id=generation_id)
+    record = await ctx.app.service.visible(generation_id, ctx.actor)
     options = {**options_from_request(record.request), "seed": -1}
     return await ctx.app.service.draw(
         ctx.actor, record.request.prompt, options, ctx.invocation.reply_to, parent_id=record.id

@@ -1,3 +1,323 @@
-"""History: /history, /show, /export of one's own generations; private generations."""
+"""History: /history, /show and /export of one's generations; ``--private`` generations.
+
+Who sees what. A user sees all of their own generations. Moderators see everyone's,
+private ones included: they must be able to look at and /delete what was made with the
+bot. Anyone else sees a generation only when it is not private: a result posted in a
+community channel is public already, so /show of someone else's public result is
+allowed (its buttons act for the viewer: a reroll becomes the viewer's own job). A
+private generation of someone else answers exactly as an id that does not exist
+("not found"), so not even its existence leaks. Children of a private generation
+(rerolls, variations) are private too.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import re
+import zipfile
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ulid import ULID
+
+from bot.commands import parse_args
+from bot.errors import UserError
+from bot.governance import format_time, options_of, parse_duration, require_moderator, user_key, whole_number
+from bot.hookspecs import hookimpl
+from bot.i18n import Msg
+from bot.options import OptionSpec
+from bot.service import may_see
+from bot.types import Actor, Command, CommandContext, Reply
+from models.records import GenerationRecord
+
+_PAGE = re.compile(r"^[+-]?\d+$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+PROMPT_CHARS = 48  # of the prompt shown on a /history line
+
+
+class HistoryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    page_size: int = Field(10, ge=1, le=50)
+    export_limit: int = Field(200, ge=1, le=5000)
+
+
+def config(app: Any) -> HistoryConfig:
+    return app.settings.plugin_config("history", HistoryConfig)  # type: ignore[return-value]
+
+
+# who sees what -------------------------------------------------------------------------------
+
+
+async def visible_record(app: Any, generation_id: str, actor: Actor) -> GenerationRecord:
+    return await app.service.visible(generation_id, actor)
+
+
+# hooks -----------------------------------------------------------------------------------------
+
+
+@hookimpl
+def startup(app: Any) -> None:
+    config(app)  # a bad [plugins.history] table fails at startup, naming the key
+
+
+@hookimpl
+def register_options(register: Any) -> None:
+    register(OptionSpec("private", "flag", help="only you and moderators can see the result"))
+
+
+@hookimpl
+async def check_request(request: Any, actor: Any, app: Any) -> None:
+    """A reroll or variation of a private generation stays private."""
+    if request.parent_id and not request.options.get("private"):
+        parent = await app.store.get(request.parent_id)
+        if parent is not None and parent.private:
+            request.options["private"] = True
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("history", history_command, "help.history"))
+    register(Command("show", show_command, "help.show"))
+    register(Command("export", export_command, "help.export"))
+
+
+# /history --------------------------------------------------------------------------------------
+
+
+def _history_args(ctx: CommandContext) -> tuple[str | None, str | None]:
+    """``[@user] [page]`` in any order: a whole number is the page, anything else the user."""
+    who = page = None
+    for word in ctx.text.split():
+        if _PAGE.match(word) and page is None:
+            page = word
+        elif not _PAGE.match(word) and who is None:
+            who = user_key(word, ctx.actor)
+        else:
+            raise UserError("history.usage", value=ctx.text.strip())
+    return who, page
+
+
+def _summary(record: GenerationRecord) -> dict[str, Any]:
+    request = record.request
+    return {
+        "id": record.id,
+        "status": record.status,
+        "private": record.private,
+        "parent_id": record.parent_id,
+        "prompt": request.prompt,
+        "seed": request.seed,
+        "width": request.width,
+        "height": request.height,
+        "checkpoint": request.checkpoint,
+        "created": record.created_at.isoformat(),
+    }
+
+
+def _short(text: str, limit: int = PROMPT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _line(ctx: CommandContext, record: GenerationRecord) -> str:
+    request = record.request
+    return ctx.app.translator.t(
+        ctx.actor.locale,
+        "history.line",
+        id=record.id,
+        status=Msg(f"history.status.{record.status}"),
+        private=Msg("history.private") if record.private else "",
+        prompt=_short(request.prompt) or '""',
+        seed=request.seed,
+        size=f"{request.width}x{request.height}",
+        checkpoint=request.checkpoint,
+        created=format_time(record.created_at),
+    )
+
+
+async def history_command(ctx: CommandContext) -> Reply:
+    """``/history [page]``; moderators: ``/history @user [page]``. Newest first."""
+    app = ctx.app
+    who, page_text = _history_args(ctx)
+    if who is not None and who != ctx.actor.key:
+        await require_moderator(ctx, "history", who)
+    key = who or ctx.actor.key
+    platform, _, platform_user_id = key.partition(":")
+    user = await app.store.find_user(platform, platform_user_id)
+    total = await app.store.count_for_user(user.id) if user else 0
+    size = config(app).page_size
+    pages = -(-total // size)
+    data: dict[str, Any] = {"user": key, "page": 1, "pages": pages, "total": total, "ids": [], "items": []}
+    if user is None or total == 0:
+        return Reply("history.empty", {"user": key}, data=data)
+    page = int(page_text) if page_text else 1
+    if not 1 <= page <= pages:
+        raise UserError("history.bad_page", value=page_text, pages=pages)
+    records = await app.store.list_for_user(user.id, limit=size, offset=(page - 1) * size)
+    data.update(page=page, ids=[r.id for r in records], items=[_summary(r) for r in records])
+    lines = "\n".join(_line(ctx, record) for record in records)
+    params = {"user": key, "page": page, "pages": pages, "total": total, "list": lines}
+    return Reply("history.page", params, data=data)
+
+
+# /show -----------------------------------------------------------------------------------------
+
+
+def _existing(root: Path, record: GenerationRecord) -> list[Path]:
+    return [root / image.path for image in record.images if (root / image.path).is_file()]
+
+
+async def show_command(ctx: CommandContext) -> Reply:
+    """A generation again: its images, parameters, buttons and lineage (parent, children)."""
+    app, actor = ctx.app, ctx.actor
+    generation_id = ctx.text.strip()
+    if not generation_id:
+        raise UserError("error.missing_argument", name="show", what="ID")
+    record = await visible_record(app, generation_id, actor)
+    parent = await app.store.get(record.parent_id) if record.parent_id else None
+    parent_id = parent.id if parent is not None and may_see(parent, actor) else None
+    children = [child.id for child in await app.store.children(record.id) if may_see(child, actor)]
+    files = await asyncio.to_thread(_existing, app.images_dir, record)
+    data = {
+        **_summary(record),
+        "parent_id": parent_id,
+        "children": children,
+        "spoiler": record.spoiler,
+        "params": record.request.to_dict(),
+        "images": [
+            {
+                "id": image.id,
+                "path": str(app.images_dir / image.path),
+                "seed": image.seed,
+                "width": image.width,
+                "height": image.height,
+                "infotext": image.infotext,
+            }
+            for image in record.images
+        ],
+    }
+    lineage = Msg("show.lineage", {"parent": parent_id or "-", "children": ", ".join(children) or "-"})
+    if record.status != "finished" or not record.images:
+        params = {
+            "id": record.id,
+            "status": Msg(f"history.status.{record.status}"),
+            "prompt": record.request.prompt,
+            "lineage": lineage,
+        }
+        return Reply("show.unfinished", params, data=data)
+    actions = app.service.result_actions(record, actor)
+    params = {"id": record.id, "infotext": record.images[0].infotext, "lineage": lineage}
+    return Reply("show.result", params, files=files, actions=actions, data=data)
+
+
+# /export ---------------------------------------------------------------------------------------
+
+
+def _since(text: str) -> datetime:
+    """``2024-05-01`` (a UTC date) or a duration back from now (``7d``, ``12h``)."""
+    value = text.strip()
+    if _DATE.match(value):
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise UserError("history.bad_since", value=text) from None
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    try:
+        return datetime.now(UTC) - parse_duration(value)
+    except UserError:
+        raise UserError("history.bad_since", value=text) from None
+
+
+async def _newest(app: Any, user_id: int, limit: int, since: datetime | None) -> list[GenerationRecord]:
+    """Up to ``limit`` of the user's generations, newest first, none older than ``since``."""
+    found: list[GenerationRecord] = []
+    while len(found) < limit:
+        batch = await app.store.list_for_user(user_id, limit=min(100, limit - len(found)), offset=len(found))
+        for record in batch:
+            if since is not None and record.created_at < since:
+                return found
+            found.append(record)
+        if not batch:
+            break
+    return found
+
+
+def export_index(records: list[GenerationRecord]) -> list[dict[str, Any]]:
+    """What index.json holds, one entry per generation (the image files by their zip names)."""
+    return [
+        {
+            "id": record.id,
+            "created": record.created_at.isoformat(),
+            "finished": record.finished_at.isoformat() if record.finished_at else None,
+            "status": record.status,
+            "private": record.private,
+            "parent": record.parent_id,
+            "prompt": record.request.prompt,
+            "negative_prompt": record.request.negative_prompt,
+            "seed": record.request.seed,
+            "params": record.request.to_dict(),
+            "images": [
+                {
+                    "file": Path(image.path).name,
+                    "index": image.index,
+                    "seed": image.seed,
+                    "subseed": image.subseed,
+                    "width": image.width,
+                    "height": image.height,
+                    "infotext": image.infotext,
+                }
+                for image in record.images
+            ],
+        }
+        for record in records
+    ]
+
+
+def write_export(images_dir: Path, folder: Path, owner: str, records: list[GenerationRecord]) -> Path:
+    """On a worker thread: the PNG files byte for byte (their infotext intact) and index.json.
+    The user's earlier exports are removed: only the newest is kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = _UNSAFE.sub("_", owner) + "-"
+    for old in folder.glob(prefix + "*.zip"):
+        old.unlink(missing_ok=True)
+    path = folder / f"{prefix}{ULID()}.zip"
+    index = export_index(records)
+    partial = path.with_suffix(".part")
+    with zipfile.ZipFile(partial, "w") as archive:
+        for record, entry in zip(records, index, strict=True):
+            for image, listed in zip(record.images, entry["images"], strict=True):
+                source = images_dir / image.path
+                if source.is_file():  # PNG is compressed already: stored as is
+                    archive.write(source, listed["file"], compress_type=zipfile.ZIP_STORED)
+                else:
+                    listed["file"] = None  # removed from disk since
+        text = json.dumps(index, ensure_ascii=False, indent=1)
+        archive.writestr("index.json", text, compress_type=zipfile.ZIP_DEFLATED)
+    partial.replace(path)
+    return path
+
+
+async def export_command(ctx: CommandContext) -> Reply:
+    """``/export [--since 7d|YYYY-MM-DD] [--limit N]``: one's own generations as a zip."""
+    app, actor = ctx.app, ctx.actor
+    cfg = config(app)
+    parsed = parse_args(ctx.text)
+    if parsed.text:
+        raise UserError("history.export_usage", value=parsed.text, max=cfg.export_limit)
+    options = options_of(parsed.options, {"since": True, "limit": True})
+    limit = cfg.export_limit
+    if "limit" in options:
+        limit = whole_number("limit", options["limit"], minimum=1, maximum=cfg.export_limit)
+    since = _since(options["since"]) if "since" in options else None
+    user = await app.store.find_user(actor.platform, actor.user_id)
+    records = await _newest(app, user.id, limit, since) if user else []
+    if not records:
+        return Reply("history.empty", {"user": actor.key}, data={"user": actor.key, "total": 0, "ids": []})
+    folder = app.settings.bot.data_dir / "exports"
+    path = await asyncio.to_thread(write_export, app.images_dir, folder, actor.key, records)
+    images = sum(len(record.images) for record in records)
+    data = {"path": str(path), "ids": [r.id for r in records], "count": len(records), "images": images}
+    return Reply("export.done", {"count": len(records), "images": images}, files=[path], data=data)

@@ -33,7 +33,8 @@ from bot.governance import (
 )
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
-from bot.types import Actor, Admission, Command, CommandContext, Denial, Reply
+from bot.service import is_owner
+from bot.types import Admission, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
 GLOBAL_MODERATOR = "global_moderator"
@@ -306,13 +307,8 @@ async def delete_command(ctx: CommandContext) -> Reply:
     if not generation_id:
         raise UserError("error.missing_argument", name="delete", what="ID")
     app = ctx.app
-    record = await app.store.get(generation_id)
-    owner = record is not None and (record.user.platform, record.user.platform_user_id) == (
-        ctx.actor.platform,
-        ctx.actor.user_id,
-    )
-    if record is None or (not owner and not _may_see(record, ctx.actor)):
-        raise NotFound("error.not_found", id=generation_id)
+    record = await app.service.visible(generation_id, ctx.actor)
+    owner = is_owner(record, ctx.actor)
     if not owner:
         await require_moderator(ctx, "delete", generation_id)
     if record.status in ("queued", "running"):
@@ -325,11 +321,6 @@ async def delete_command(ctx: CommandContext) -> Reply:
         owner_key = f"{record.user.platform}:{record.user.platform_user_id}"
         await audit(ctx, "delete", target=generation_id, owner=owner_key, prompt=record.request.prompt[:200])
     return Reply("moderation.deleted", {"id": generation_id})
-
-
-def _may_see(record: Any, actor: Actor) -> bool:
-    """Others' private jobs are hidden from non-moderators, as if they did not exist."""
-    return actor.is_moderator or not record.private
 
 
 def _remove_files(root: Path, paths: list[str]) -> None:

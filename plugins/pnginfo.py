@@ -1,46 +1,118 @@
-"""/pnginfo: read the parameters of a PNG (ours, A1111's, NovelAI's) or of a pasted
-infotext, and answer with the /draw command that reproduces them.
+"""/pnginfo: read the parameters of a PNG (ours, A1111's, NovelAI's), of a pasted
+infotext or of one of the bot's generations (``/pnginfo ID``), and answer with the /draw
+command that reproduces them, plus a button that draws it.
+
+The button's id must fit a Discord custom_id, so the parameters stay on the server: the
+infotext is stored as a global preference under a fresh ULID and the button is
+``rerun:<ulid>``. Anyone who can press it draws it as their own job (the parameters were
+shown in the same message). Re-running goes through the /draw path of a pasted infotext,
+so a model that is missing is reported, never silently swapped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
+import re
+from dataclasses import replace
 from typing import Any
 
-from bot.errors import UserError
+from ulid import ULID
+
+from bot.errors import NotFound, UserError
 from bot.hookspecs import hookimpl
+from bot.i18n import Msg
 from bot.reruns import draw_line, options_from_infotext
-from bot.types import Command, CommandContext, Reply
+from bot.types import Action, Command, CommandContext, Reply
+from models.preferences import GLOBAL, PreferenceStore
+from plugins.history import visible_record
+
+READABLE_FORMATS = ("PNG", "JPEG", "WEBP")  # where A1111 (and NovelAI) keep parameters
+_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)
+KEY_PREFIX = "pnginfo."
 
 
 @hookimpl
 def register_commands(register: Any) -> None:
     register(Command("pnginfo", pnginfo, "help.pnginfo"))
+    register(Command("rerun", rerun, hidden=True))
+
+
+def _image_infotext(name: str, data: bytes) -> str | None:
+    """On a worker thread: the infotext of an uploaded image; UserError when the upload is
+    not an image of a format that carries parameters."""
+    from PIL import Image
+
+    from pipeline.images import ImageFormatError, read_infotext
+
+    allowed = ", ".join(READABLE_FORMATS)
+    not_an_image = UserError(
+        "error.init_image", detail=Msg("pnginfo.not_an_image", {"name": name, "allowed": allowed})
+    )
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+    except Exception:  # Pillow raises many types for what is not an image
+        raise not_an_image from None
+    if kind not in READABLE_FORMATS:
+        detail = Msg("pnginfo.wrong_format", {"name": name, "format": kind, "allowed": allowed})
+        raise UserError("error.init_image", detail=detail)
+    try:
+        return read_infotext(data)
+    except ImageFormatError:
+        raise not_an_image from None
+
+
+async def _source_text(ctx: CommandContext) -> str | None:
+    text = ctx.text.strip()
+    if ctx.invocation.attachments:
+        attachment = ctx.invocation.attachments[0]
+        return await asyncio.to_thread(_image_infotext, attachment.filename, attachment.data)
+    if _ULID.match(text):
+        record = await visible_record(ctx.app, text.upper(), ctx.actor)
+        return record.images[0].infotext if record.images else None
+    if not text:
+        raise UserError("error.missing_argument", name="pnginfo", what="PNG")
+    return text
 
 
 async def pnginfo(ctx: CommandContext) -> Reply:
-    text = ctx.text.strip()
-    if ctx.invocation.attachments:
-        import asyncio
-
-        from pipeline.images import ImageFormatError, read_infotext
-
-        try:
-            found = await asyncio.to_thread(read_infotext, ctx.invocation.attachments[0].data)
-        except ImageFormatError as exc:
-            raise UserError("error.init_image", detail=str(exc)) from None
-        if not found:
-            return Reply("pnginfo.none")
-        text = found
+    text = await _source_text(ctx)
     if not text:
-        raise UserError("error.missing_argument", name="pnginfo", what="PNG")
+        return Reply("pnginfo.none")
+    actions: list[Action] = []
     try:
         prompt, options = options_from_infotext(text, ctx.app.library)
     except UserError as exc:
         if exc.key != "error.model_missing":
             raise
+        # shown without the model; no button, since it would not draw exactly this
         prompt, options = options_from_infotext(text, ctx.app.library, with_model=False)
+    else:
+        key = str(ULID())
+        await PreferenceStore(ctx.app.store).set(
+            GLOBAL, KEY_PREFIX + key, {"infotext": text}, by=ctx.actor.key
+        )
+        actions.append(Action(f"rerun:{key}", "action.rerun"))
+    command = draw_line(prompt, options)
     return Reply(
         "pnginfo.result",
-        {"infotext": text, "command": draw_line(prompt, options)},
-        data={"command": draw_line(prompt, options)},
+        {"infotext": text, "command": command},
+        actions=actions,
+        data={"command": command},
     )
+
+
+async def rerun(ctx: CommandContext) -> list[Reply]:
+    """The re-run button of a /pnginfo answer: /draw with the stored infotext pasted."""
+    key = ctx.text.strip()
+    stored = None
+    if _ULID.match(key):
+        stored = await PreferenceStore(ctx.app.store).get(GLOBAL, KEY_PREFIX + key.upper())
+    if not stored:
+        raise NotFound("pnginfo.rerun_gone", id=key)
+    text = stored["infotext"]
+    if "\n" not in text.strip():  # no prompt line: the same request as the command shown
+        text = draw_line(*options_from_infotext(text, ctx.app.library)).removeprefix("/draw ")
+    invocation = replace(ctx.invocation, command="draw", text=text, attachments=())
+    return await ctx.app.service.draw_command(CommandContext(invocation, ctx.app))

@@ -1,18 +1,61 @@
-"""Prompt styles with A1111's ``styles.csv`` semantics (A1111-SEMANTICS.md §6).
+"""Prompt styles with A1111's ``styles.csv`` semantics (A1111-SEMANTICS.md §6), and the
+plugin that saves them per user, chat and guild and applies them with ``--style``.
 
 The text functions are pure and live at module level so the parity check and the
 plugin's hook implementations can share them. Styling must round-trip through an
 infotext: ``apply`` builds the final prompt, ``extract`` recovers the style names when a
 user pastes that infotext back ("Apply if any"), so both follow A1111 to the character.
+
+The plugin: ``/style save|list|show|delete|import|export`` (``--chat``/``--guild`` for
+moderators), global styles from ``[plugins.styles]`` and the ``register_styles`` hook,
+and ``--style a,b`` on every request that goes through /draw. The names used are stored
+on the request (``GenerationRequest.styles``), the styled prompts are what is stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ulid import ULID
+
+from bot.commands import parse_args
+from bot.errors import NotFound, UserError
+from bot.governance import audit, options_of
+from bot.hookspecs import hookimpl
+from bot.options import OptionSpec
+from bot.settings import ConfigError
+from bot.types import Attachment, Command, CommandContext, Reply
+from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
+from models.styles import NAME_LENGTH
+from plugins.scoped_names import (
+    CONFIG_OWNER,
+    available,
+    by_scope,
+    check_length,
+    check_name,
+    dispatch,
+    find,
+    listed,
+    listing,
+    mirror,
+    names_in,
+    own_scopes,
+    refill,
+    split_name,
+    split_names,
+    target_scope,
+    valid_name,
+    visible_generation,
+    where,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +244,287 @@ class StyleDatabase:
                 break
         extracted.reverse()
         return extracted, prompt, negative_prompt
+
+
+# the plugin: saved styles per user, chat and guild; --style on /draw; /style ------------------
+
+STYLES = "styles"  # mirror kind
+EXPORT_NAME = "styles.csv"
+
+
+class InlineStyle(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+class StylesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    csv: str = ""
+    styles: dict[str, InlineStyle] = {}
+    max_name_length: int = Field(64, ge=1, le=NAME_LENGTH)
+    max_per_scope: int = Field(200, ge=1)
+    max_import_bytes: int = Field(1048576, ge=1)
+
+
+def config(app: Any) -> StylesConfig:
+    return app.settings.plugin_config("styles", StylesConfig)  # type: ignore[return-value]
+
+
+def config_styles(cfg: StylesConfig) -> list[Style]:
+    """The global styles of ``[plugins.styles]``: the ``csv`` file's, then the inline ones.
+
+    Blocking (reads a file); a bad file or name fails naming the key.
+    """
+    from_file: list[Style] = []
+    if cfg.csv:
+        path = Path(cfg.csv).expanduser()
+        try:
+            from_file = StyleDatabase.from_csv(path.read_text(encoding="utf-8")).styles
+        except OSError as exc:
+            raise ConfigError(f"[plugins.styles] csv: cannot read {path}: {exc.strerror}") from None
+        except (UnicodeDecodeError, ValueError, csv.Error) as exc:
+            raise ConfigError(f"[plugins.styles] csv: {path} is not an A1111 styles.csv: {exc}") from None
+    inline = [Style(name, entry.prompt, entry.negative_prompt) for name, entry in cfg.styles.items()]
+    for key, styles in (("csv", from_file), ("styles", inline)):
+        for style in styles:
+            if not valid_name(style.name, cfg.max_name_length):
+                raise ConfigError(
+                    f"[plugins.styles] {key}: {style.name!r} cannot be a style name (1-{cfg.max_name_length} "
+                    "characters, no commas, quotes or line breaks, not starting with # or -)"
+                )
+    return from_file + inline
+
+
+async def load(app: Any, scopes: Sequence[Scope] | None = None) -> None:
+    rows = await StyleStore(app.store).styles(scopes)
+    refill(app, STYLES, by_scope(rows), scopes)
+
+
+@hookimpl
+async def startup(app: Any) -> None:
+    from bot.app import StyleEntry
+
+    for style in await asyncio.to_thread(config_styles, config(app)):
+        if app.styles.owners.get(name_key(style.name)) != CONFIG_OWNER:  # a restarted App has them
+            app.styles.add(
+                style.name, StyleEntry(style.name, style.prompt, style.negative_prompt), CONFIG_OWNER
+            )
+    await load(app)
+
+
+@hookimpl
+def register_options(register: Any) -> None:
+    register(OptionSpec("style", "str", ("styles",), help="saved styles to apply, comma-separated"))
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("style", style_command, "help.style"))
+
+
+def find_style(app: Any, actor: Any, name: str) -> Any:
+    """Personal, then the chat's, the guild's, the global styles; unknown names are refused."""
+    found = find(app, STYLES, own_scopes(actor), name) or app.styles.get(name)
+    if found is None:
+        raise UserError("style.unknown", name=name, available=available(app, STYLES, actor, app.styles))
+    return found
+
+
+@hookimpl
+def modify_request(draft: Any, actor: Any, app: Any) -> None:
+    """A1111's order: each style applies to the result of the previous one, the prompt and
+    the negative prompt (and the hires prompts the user gave) each with their own text."""
+    styles = [find_style(app, actor, name) for name in split_names(draft.options.get("style") or "")]
+    if not styles:
+        return
+    prompts = [style.prompt for style in styles]
+    negatives = [style.negative_prompt for style in styles]
+    draft.prompt = apply_style_texts(draft.prompt, prompts)
+    draft.negative_prompt = apply_style_texts(draft.negative_prompt, negatives)
+    for option, texts in (("hr-prompt", prompts), ("hr-negative", negatives)):
+        if draft.options.get(option):
+            draft.options[option] = apply_style_texts(draft.options[option], texts)
+    draft.styles.extend(style.name for style in styles)
+
+
+# /style ----------------------------------------------------------------------------------------
+
+
+async def style_command(ctx: CommandContext) -> Reply:
+    handlers = {
+        "list": _list,
+        "show": _show,
+        "save": _save,
+        "delete": _delete,
+        "import": _import,
+        "export": _export,
+    }
+    return await dispatch(ctx, handlers, "list", lambda: load(ctx.app, own_scopes(ctx.actor)))
+
+
+def _options(rest: str, allowed: dict[str, bool]) -> tuple[str, dict[str, Any]]:
+    parsed = parse_args(rest)
+    named = [
+        ("negative" if name in ("neg", "negative-prompt") else name, value) for name, value in parsed.options
+    ]
+    return parsed.text, options_of(named, allowed)
+
+
+def _style_data(style: Any, scope: str) -> dict[str, Any]:
+    return {
+        "name": style.name,
+        "scope": scope,
+        "prompt": style.prompt,
+        "negative_prompt": style.negative_prompt,
+    }
+
+
+async def _store(
+    ctx: CommandContext, scope: Scope, entries: list[tuple[str, str, str]], action: str
+) -> tuple[int, int]:
+    """Save in one transaction, refresh the mirror, audit a chat's or guild's change."""
+    app, cfg = ctx.app, config(ctx.app)
+    limits = app.settings.limits
+    for name, prompt, negative in entries:
+        check_length(name, "prompt", prompt, limits)
+        check_length(name, "negative", negative, limits)
+    try:
+        result = await StyleStore(app.store).save_styles(
+            scope, entries, by=ctx.actor.key, limit=cfg.max_per_scope
+        )
+    except ScopeFull as exc:
+        raise UserError("style.too_many", count=exc.count, max=exc.limit, where=where(scope)) from None
+    await load(app, [scope])
+    if scope[0] != "user":
+        await audit(ctx, action, target=", ".join(entry[0] for entry in entries)[:128])
+    return result
+
+
+async def _save(ctx: CommandContext, rest: str) -> Reply:
+    text, options = _options(rest, {"negative": True, "from": True, "chat": False, "guild": False})
+    name, prompt = split_name(text)
+    if not name:
+        raise UserError("error.missing_argument", name="style save", what="NAME PROMPT [--negative TEXT]")
+    scope = await target_scope(ctx, options, "style.save", name)
+    check_name(name, config(ctx.app).max_name_length)
+    prompt, negative = parse_args(prompt).text, options.get("negative", "")
+    if "from" in options:
+        if prompt or negative:
+            raise UserError("style.from_alone")
+        request = (await visible_generation(ctx, options["from"])).request
+        prompt, negative = request.prompt, request.negative_prompt
+    if not prompt.strip() and not negative.strip():
+        raise UserError("style.empty")
+    added, _ = await _store(ctx, scope, [(name, prompt, negative)], "style.save")
+    style = Style(name, prompt, negative)
+    return Reply(
+        "style.saved" if added else "style.replaced",
+        {"name": name, "where": where(scope)},
+        data={"style": _style_data(style, scope[0])},
+    )
+
+
+async def _list(ctx: CommandContext, rest: str) -> Reply:
+    _options(rest, {})
+    found = listing(ctx.app, STYLES, ctx.actor, ctx.app.styles)
+    return Reply("style.list", {kind: listed(names) for kind, names in found.items()}, data={"styles": found})
+
+
+async def _show(ctx: CommandContext, rest: str) -> Reply:
+    name, _ = _options(rest, {})
+    if not name:
+        raise UserError("error.missing_argument", name="style show", what="NAME")
+    style = find_style(ctx.app, ctx.actor, name)
+    scope = style.scope if isinstance(style, SavedText) else "global"
+    params = {
+        "name": style.name,
+        "where": where(scope),
+        "prompt": style.prompt or "-",
+        "negative": style.negative_prompt or "-",
+    }
+    return Reply("style.show", params, data={"style": _style_data(style, scope)})
+
+
+async def _delete(ctx: CommandContext, rest: str) -> Reply:
+    name, options = _options(rest, {"chat": False, "guild": False})
+    if not name:
+        raise UserError("error.missing_argument", name="style delete", what="NAME [--chat | --guild]")
+    scope = await target_scope(ctx, options, "style.delete", name)
+    removed = await StyleStore(ctx.app.store).delete_style(scope, name)
+    await load(ctx.app, [scope])
+    if removed is None:
+        raise NotFound(
+            "style.not_found",
+            name=name,
+            where=where(scope),
+            available=listed(names_in(ctx.app, STYLES, scope)),
+        )
+    if scope[0] != "user":
+        await audit(ctx, "style.delete", target=removed.name)
+    return Reply("style.deleted", {"name": removed.name, "where": where(scope)})
+
+
+def read_upload(attachment: Attachment, max_bytes: int) -> list[Style]:
+    """The styles of an uploaded styles.csv, names checked later; refused unless it is one."""
+    name = attachment.filename or EXPORT_NAME
+    if len(attachment.data) > max_bytes:
+        raise UserError("style.import_too_large", file=name, size=len(attachment.data), max=max_bytes)
+    try:
+        database = StyleDatabase.from_csv(attachment.data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, csv.Error):
+        raise UserError("style.import_not_csv", file=name) from None
+    styles = [style for style in database.styles if style.name]  # a nameless row selects nothing
+    if not styles:
+        raise UserError("style.import_empty", file=name)
+    return styles
+
+
+async def _import(ctx: CommandContext, rest: str) -> Reply:
+    _, options = _options(rest, {"chat": False, "guild": False})
+    scope = await target_scope(ctx, options, "style.import")
+    if not ctx.invocation.attachments:
+        raise UserError("style.import_no_file")
+    attachment = ctx.invocation.attachments[0]
+    cfg = config(ctx.app)
+    styles = read_upload(attachment, cfg.max_import_bytes)
+    file = attachment.filename or EXPORT_NAME
+    merged: dict[str, Style] = {}
+    for style in styles:
+        check_name(style.name, cfg.max_name_length)
+        first = merged.get(name_key(style.name), style)  # a name twice (any case): the later texts win
+        merged[name_key(style.name)] = Style(first.name, style.prompt, style.negative_prompt)
+    entries = [(s.name, s.prompt, s.negative_prompt) for s in merged.values()]
+    added, replaced = await _store(ctx, scope, entries, "style.import")
+    params = {
+        "count": len(entries),
+        "file": file,
+        "where": where(scope),
+        "added": added,
+        "replaced": replaced,
+    }
+    return Reply("style.imported", params, data={"added": added, "replaced": replaced})
+
+
+def write_export(folder: Path, text: str) -> Path:
+    """A fresh folder per export, so the file keeps the name A1111 looks for."""
+    path = folder / str(ULID()) / EXPORT_NAME
+    path.parent.mkdir(parents=True)
+    path.write_bytes(text.encode("utf-8-sig"))  # A1111 writes its styles.csv with a BOM
+    return path
+
+
+async def _export(ctx: CommandContext, rest: str) -> Reply:
+    _, options = _options(rest, {"chat": False, "guild": False})
+    scope = await target_scope(ctx, options, "style.export", write=False)
+    rows = list(mirror(ctx.app, STYLES).get(scope, {}).values())
+    if not rows:
+        return Reply("style.export_empty", {"where": where(scope)})
+    text = StyleDatabase([Style(row.name, row.prompt, row.negative_prompt) for row in rows]).to_csv()
+    path = await asyncio.to_thread(write_export, ctx.app.settings.bot.data_dir / "exports", text)
+    return Reply(
+        "style.exported",
+        {"count": len(rows), "where": where(scope), "file": path.name},
+        files=[path],
+        data={"file": str(path), "count": len(rows)},
+    )

@@ -86,11 +86,11 @@ async def test_hook_register_negative_presets(make_app) -> None:
     class Presets:
         @hookimpl
         def register_negative_presets(self, register):
-            register("nai", "lowres, bad anatomy")
+            register("hands", "bad hands, missing fingers")
 
     app = await make_app(extra_plugins=(Presets(),))
-    assert app.presets.get("NAI").negative_prompt == "lowres, bad anatomy"
-    assert app.presets.owners["nai"] == app.pm.get_name(_plugin(app, Presets))
+    assert app.presets.get("HANDS").negative_prompt == "bad hands, missing fingers"
+    assert app.presets.owners["hands"] == app.pm.get_name(_plugin(app, Presets))
 
 
 async def test_hook_register_options(make_app) -> None:
@@ -247,7 +247,7 @@ async def test_hook_result_actions(make_app) -> None:
     (job_id,) = (await _draw(app, "/draw a cat"))[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", job_id))
     ids = [a.id for a in log.of("finished", job_id)[0].actions]
-    assert set(ids) == {f"reroll:{job_id}", f"upscale:{job_id}"}
+    assert {f"reroll:{job_id}", f"upscale:{job_id}"} <= set(ids)
 
 
 async def test_hook_generation_finished_errors_are_logged(make_app, caplog) -> None:

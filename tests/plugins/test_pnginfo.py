@@ -1,0 +1,127 @@
+"""/pnginfo's re-run button and its answers to uploads that are not images with parameters."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.types import Actor, Attachment
+from models.preferences import GLOBAL, PreferenceStore
+from tests.conftest import EventLog
+from tests.scenario import ConsoleSession, jobs_of
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
+BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
+MISSING_MODEL = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: 925997e9, Model: nowhere"
+
+
+def pixels(path: str | Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def text(app, reply, locale: str = "en") -> str:
+    return app.translator.t(locale, reply.key, **reply.params)
+
+
+async def finished(app, log: EventLog, replies) -> object:
+    assert replies[0].key == "draw.accepted", replies[0]
+    (job,) = replies[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job) or log.of("failed", job))
+    (event,) = log.of("finished", job)
+    return event
+
+
+async def test_the_rerun_button_draws_the_same_pixels(make_app) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    line = "/draw a (red:1.2) boat, at dusk --negative fog --steps 3 --cfg 6.5 --seed 77 --sampler DPM++ 2M"
+    original = (await finished(app, log, await app.service.handle_line(line, ALICE))).images[0]
+    upload = Attachment("boat.png", Path(original.path).read_bytes())
+    (info,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(upload,))
+    assert info.key == "pnginfo.result"
+    (action,) = info.actions
+    assert action.id.startswith("rerun:") and len(action.id) <= 100  # a Discord custom_id
+    assert app.translator.t("zh-CN", action.label_key) == "按此生成"
+    stored = await PreferenceStore(app.store).get(GLOBAL, "pnginfo." + action.id.split(":", 1)[1])
+    assert stored == {"infotext": original.infotext}
+
+    # anyone who sees the answer may press it; it is their own job
+    again = (await finished(app, log, await app.service.run_action(action.id, BOB))).images[0]
+    assert again.infotext == original.infotext
+    assert np.array_equal(pixels(again.path), pixels(original.path))
+    records = [await app.store.get(event.generation_id) for event in log.of("finished")]
+    assert [r.user.platform_user_id for r in records] == ["alice", "bob"]
+
+    # /pnginfo of a stored generation answers the same
+    (by_id,) = await app.service.handle_line(f"/pnginfo {records[0].id}", ALICE)
+    assert by_id.data["command"] == info.data["command"] and by_id.actions[0].id != action.id
+
+    (gone,) = await app.service.run_action("rerun:01HZZZZZZZZZZZZZZZZZZZZZZZ", BOB)
+    assert (
+        gone.error and gone.key == "pnginfo.rerun_gone" and "请重新运行 /pnginfo" in text(app, gone, "zh-CN")
+    )
+    (junk,) = await app.service.run_action("rerun:../../etc", ALICE)
+    assert junk.key == "pnginfo.rerun_gone"
+
+
+async def test_no_button_when_the_model_is_missing(make_app) -> None:
+    app = await make_app()
+    (info,) = await app.service.handle_line("/pnginfo " + MISSING_MODEL, ALICE)
+    assert info.key == "pnginfo.result" and info.actions == []
+    assert "--checkpoint" not in info.data["command"]
+
+
+def _image_bytes(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "english", "chinese"),
+    [
+        (
+            "notes.txt",
+            b"Steps: 20, Seed: 1",
+            "The attached image could not be used: /pnginfo reads the parameters of PNG, JPEG, WEBP "
+            'images; "notes.txt" is not an image.',
+            "附带的图片无法使用：/pnginfo 读取 PNG, JPEG, WEBP 图片中的参数；“notes.txt”不是图片。",
+        ),
+        ("anim.gif", _image_bytes("GIF"), '"anim.gif" is a GIF image.', "“anim.gif”是 GIF 图片。"),
+        ("scan.bmp", _image_bytes("BMP"), '"scan.bmp" is a BMP image.', "“scan.bmp”是 BMP 图片。"),
+    ],
+)
+async def test_an_upload_that_is_not_a_png_is_refused_in_the_users_language(
+    make_app, name: str, data: bytes, english: str, chinese: str
+) -> None:
+    app = await make_app()
+    for actor, expected in ((ALICE, english), (BOB, chinese)):
+        (reply,) = await app.service.handle_line("/pnginfo", actor, attachments=(Attachment(name, data),))
+        assert reply.error and reply.key == "error.init_image"
+        assert expected in text(app, reply, actor.locale)
+    # a JPEG without parameters is read (A1111 keeps them in EXIF there) and has none
+    (jpeg,) = await app.service.handle_line(
+        "/pnginfo", ALICE, attachments=(Attachment("a.jpg", _image_bytes("JPEG")),)
+    )
+    assert jpeg.key == "pnginfo.none" and not jpeg.error
+
+
+@pytest.mark.slow
+def test_console_pnginfo_of_a_file_then_its_button(tmp_path: Path) -> None:
+    with ConsoleSession(tmp_path, user="alice") as alice:
+        (job,) = jobs_of(alice.command("/draw a green kite --steps 3 --seed 5"))
+        path = alice.finished(job)["images"][0]["path"]
+        (info,) = alice.command(f"/pnginfo --attach {path}")
+        assert "--seed 5" in info["command"]
+        (button,) = info["actions"]
+        assert button["label"] == "Draw this"
+        (again,) = jobs_of(alice.command("/" + button["id"].replace(":", " ", 1)))
+        image = alice.finished(again)["images"][0]
+        assert np.array_equal(pixels(image["path"]), pixels(path))
+        (refused,) = alice.command(f"/pnginfo --attach {tmp_path / 'config.toml'}")
+        assert refused["event"] == "error" and '"config.toml" is not an image' in refused["text"]
