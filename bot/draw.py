@@ -100,6 +100,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
         hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
         hr_resize_x=hr_x, hr_resize_y=hr_y, hr_prompt=opts["hr-prompt"], hr_negative_prompt=opts["hr-negative"],
         hr_sampler_name=hr_sampler, hr_scheduler=hr_scheduler,
+        styles=tuple(draft.styles), negative_presets=tuple(draft.negative_presets),
     )  # fmt: skip
     extra = {k: v for k, v in opts.items() if k not in _OPTION_FIELDS}
     return DrawRequest(

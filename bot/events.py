@@ -82,7 +82,8 @@ def event_json(event: JobEvent, translator: Translator) -> dict[str, Any]:
             for i in event.images
         ]
         data["actions"] = [
-            {"id": a.id, "label": translator.t(event.actor.locale, a.label_key)} for a in event.actions
+            {"id": a.id, "label": translator.t(event.actor.locale, a.label_key, **a.params)}
+            for a in event.actions
         ]
         data["spoiler"] = event.spoiler
     elif isinstance(event, Failed):
@@ -106,6 +107,8 @@ def reply_json(reply: Reply, translator: Translator, locale: str) -> dict[str, A
     if reply.files:
         data["files"] = [str(path) for path in reply.files]
     if reply.actions:
-        data["actions"] = [{"id": a.id, "label": translator.t(locale, a.label_key)} for a in reply.actions]
+        data["actions"] = [
+            {"id": a.id, "label": translator.t(locale, a.label_key, **a.params)} for a in reply.actions
+        ]
     data.update(reply.data)
     return data

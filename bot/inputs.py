@@ -1,15 +1,21 @@
 """Images users send (img2img input): validated, normalised to PNG, stored by content hash.
 
 Run on a worker thread (PIL decoding and file writes must not block the event loop).
+Every refusal is ``error.init_image`` with a translated detail naming what is accepted;
+nothing is written for a refused upload.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bot.errors import UserError
+from bot.i18n import Msg
 from bot.types import Attachment
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -17,28 +23,32 @@ MAX_INPUT_BYTES = 20 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
 
 
-def store_input_image(attachment: Attachment, folder: Path) -> str:
-    """Check the upload and keep it as ``<sha256>.png``; returns the absolute path."""
+@dataclass(frozen=True)
+class InputImage:
+    path: str  # absolute path of the stored PNG
+    size: tuple[int, int]  # the job's size when the user names none (``fit_size``)
+
+
+def store_input_image(attachment: Attachment, folder: Path, limits: Any) -> InputImage:
+    """Check the upload and keep it as ``<sha256>.png``."""
     from PIL import Image, UnidentifiedImageError
 
+    allowed = ", ".join(ACCEPTED_FORMATS)
     if len(attachment.data) > MAX_INPUT_BYTES:
-        raise UserError("error.init_image", detail=f"larger than {MAX_INPUT_BYTES // (1024 * 1024)} MB")
+        raise _refused("error.init_image.too_big", max=MAX_INPUT_BYTES // (1024 * 1024))
     try:
         with Image.open(io.BytesIO(attachment.data)) as image:
             if image.format not in ACCEPTED_FORMATS:
-                raise UserError(
-                    "error.init_image", detail=f"{image.format} is not one of {', '.join(ACCEPTED_FORMATS)}"
-                )
+                raise _refused("error.init_image.format", format=image.format, allowed=allowed)
             if image.width * image.height > MAX_INPUT_PIXELS:
-                raise UserError(
-                    "error.init_image", detail=f"{image.width}x{image.height} has too many pixels"
+                raise _refused(
+                    "error.init_image.pixels", width=image.width, height=image.height, max=MAX_INPUT_PIXELS
                 )
             image.load()
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(
-            "error.init_image", detail=f"not a readable image ({exc.__class__.__name__})"
-        ) from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise _refused("error.init_image.unreadable", allowed=allowed) from None
+    size = fit_size(rgb.width, rgb.height, limits)
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")
     data = buffer.getvalue()
@@ -48,4 +58,19 @@ def store_input_image(attachment: Attachment, folder: Path) -> str:
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
-    return str(path.resolve())
+    return InputImage(str(path.resolve()), size)
+
+
+def fit_size(width: int, height: int, limits: Any) -> tuple[int, int]:
+    """An image's own size, scaled down (aspect kept) to fit ``[limits]`` max_size and
+    max_pixels, then rounded down to multiples of 8 as A1111 sizes are; refused when a
+    side ends up under min_size."""
+    scale = min(1.0, limits.max_size / max(width, height), math.sqrt(limits.max_pixels / (width * height)))
+    fitted = (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)
+    if min(fitted) < limits.min_size:
+        raise _refused("error.init_image.too_small", width=width, height=height, min=limits.min_size)
+    return fitted
+
+
+def _refused(detail_key: str, **params: Any) -> UserError:
+    return UserError("error.init_image", detail=Msg(detail_key, params))

@@ -171,9 +171,14 @@ class Service:
         parsed = parse_args(text)
         options = self.options.convert(parsed, self.app.settings.limits)
         if ctx.invocation.attachments:
-            options["init-image"] = await asyncio.to_thread(
-                store_input_image, ctx.invocation.attachments[0], self.app.images_dir / "inputs"
+            stored = await asyncio.to_thread(
+                store_input_image,
+                ctx.invocation.attachments[0],
+                self.app.images_dir / "inputs",
+                self.app.settings.limits,
             )
+            options["init-image"] = stored.path
+            options.setdefault("size", stored.size)  # the upload's own, in multiples of 8
         return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.reply_to)
 
     async def draw(
@@ -295,6 +300,14 @@ class Service:
             self._enqueue(Job(record.id, actor.key, record.request, record.priority), actor, record.reply_to)
             count += 1
         return count
+
+    async def visible(self, generation_id: str, actor: Actor) -> GenerationRecord:
+        """The generation, or NotFound when it does not exist or is someone else's private
+        one (the same answer, so a private id cannot be told from a missing one)."""
+        record = await self.app.store.get(generation_id) if generation_id else None
+        if record is None or not may_see(record, actor):
+            raise NotFound("error.not_found", id=generation_id)
+        return record
 
     async def cancel(self, generation_id: str, actor: Actor) -> Reply:
         record = await self.app.store.get(generation_id)
@@ -438,9 +451,17 @@ def _raised_in_pipeline(exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("pipeline.")
 
 
+def is_owner(record: GenerationRecord, actor: Actor) -> bool:
+    return (record.user.platform, record.user.platform_user_id) == (actor.platform, actor.user_id)
+
+
+def may_see(record: GenerationRecord, actor: Actor) -> bool:
+    """Public results are the community's; private ones their owner's and moderators'."""
+    return not record.private or actor.is_moderator or is_owner(record, actor)
+
+
 def _may_touch(record: GenerationRecord, actor: Actor) -> bool:
-    owner = record.user
-    return (owner.platform, owner.platform_user_id) == (actor.platform, actor.user_id) or actor.is_moderator
+    return is_owner(record, actor) or actor.is_moderator
 
 
 async def cancel_command(ctx: CommandContext) -> Reply:

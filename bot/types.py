@@ -108,6 +108,9 @@ class RequestDraft:
     parent_id: str | None = None
     prompt_parts: list[tuple[int, str]] = field(default_factory=list)
     negative_parts: list[tuple[int, str]] = field(default_factory=list)
+    # names recorded on the request (GenerationRequest.styles / negative_presets)
+    styles: list[str] = field(default_factory=list)
+    negative_presets: list[str] = field(default_factory=list)
 
     def add_prompt(self, text: str, order: int = 100) -> None:
         """Append ``text`` to the prompt; parts are joined after all hooks ran, by ``order``."""

@@ -52,6 +52,7 @@ class GenerationRequest:
     ensd: int = 0
     eta: float | None = None
     styles: tuple[str, ...] = ()
+    negative_presets: tuple[str, ...] = ()  # names of the presets in the negative prompt; not in the infotext
     # img2img: a PNG/JPEG/WebP file path and A1111's denoising strength (§9.6)
     init_image: str | None = None
     denoising_strength: float | None = None
@@ -81,6 +82,7 @@ class GenerationRequest:
         """JSON-safe and lossless (ints stay ints, floats stay floats)."""
         data = dataclasses.asdict(self)
         data["styles"] = list(self.styles)
+        data["negative_presets"] = list(self.negative_presets)
         return data
 
     @classmethod
@@ -88,6 +90,7 @@ class GenerationRequest:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["styles"] = tuple(values.get("styles", ()))
+        values["negative_presets"] = tuple(values.get("negative_presets", ()))
         return cls(**values)
 
     def replace(self, **changes: Any) -> GenerationRequest:

@@ -1,3 +1,173 @@
-"""Seed variations: V-buttons on results, subtle and strong variation strengths, lineage threads."""
+"""Seed variations: V-buttons on results, subtle and strong variation strengths, lineage threads.
+
+A variation of an image is A1111's "variation seed": the image's own seed, every other
+parameter of its job unchanged, and a new random variation seed (subseed) mixed in at a
+strength, ``[plugins.variations] subtle_strength`` for the V buttons and
+``strong_strength`` for the strong ones (``/vary --strength X`` for any other). The batch
+size stays the original's, so a V press on a batch of four gives four variations (one
+seed, consecutive variation seeds, as A1111 does). A1111 keeps one variation seed per
+image, so a variation of a variation is again a variation of the same seed with a new
+variation seed: close to its parent at a subtle strength, and its infotext reproduces it.
+
+Images are named ``ID.N`` with N counted from 1 (the label of button VN); ``ID`` alone is
+image 1. Buttons: ``vary:ID.N`` (subtle) and ``vary:ID.N --strong`` for every image.
+
+Lineage and threads: every job made from a result (a variation, a refine, a reroll, a
+forever run) stores the result as its ``parent_id``. Variations and refines also carry
+``reply_to["thread"]``: the id of the chain's root, the same for the whole chain, so an
+adapter can post them in one Discord thread or Telegram reply chain under the original
+(the other reply_to keys are kept). ``/lineage ID`` walks the parent links to the root.
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bot.commands import parse_args
+from bot.draw import options_from_request
+from bot.errors import OptionValueError, UserError
+from bot.hookspecs import hookimpl
+from bot.options import OptionSpec, OptionTable
+from bot.types import Action, Actor, Command, CommandContext, Reply
+from models.records import GenerationRecord, ImageRecord
+
+THREAD = "thread"  # the reply_to key adapters read to post a chain in one thread
+MAX_LINEAGE = 10_000  # parent links followed at most (a guard; chains are acyclic)
+_TARGET = re.compile(r"^\s*([0-9A-Za-z]+)(?:\.(\d+))?\s*$")
+
+
+class VariationsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    subtle_strength: float = Field(0.15, gt=0, le=1)
+    strong_strength: float = Field(0.5, gt=0, le=1)
+
+
+def config(app: Any) -> VariationsConfig:
+    return app.settings.plugin_config("variations", VariationsConfig)  # type: ignore[return-value]
+
+
+def _vary_options() -> OptionTable:
+    table = OptionTable()
+    table.add(OptionSpec("strength", "number", ("variation-strength",), bounds=lambda _: (0.01, 1)))
+    table.add(OptionSpec("strong", "flag"))
+    table.add(OptionSpec("count", "int", ("n-iter",), bounds=lambda lim: (1, lim.max_count)))
+    return table
+
+
+VARY_OPTIONS = _vary_options()
+
+
+# what variations, refines and forever runs share -------------------------------------------------
+
+
+async def pick_image(app: Any, actor: Actor, command: str, text: str) -> tuple[GenerationRecord, ImageRecord]:
+    """The result and image an ``ID`` or ``ID.N`` names, when the actor may see it and it
+    has finished (its images exist)."""
+    if not text.strip():
+        raise UserError("error.missing_argument", name=command, what="ID[.N]")
+    match = _TARGET.match(text)
+    if match is None:
+        raise UserError("variations.bad_target", value=text.strip())
+    record = await app.service.visible(match.group(1), actor)
+    if record.status != "finished" or not record.images:
+        raise UserError("variations.unfinished", id=record.id, status=record.status)
+    number = int(match.group(2) or 1)
+    if not 1 <= number <= len(record.images):
+        raise OptionValueError("variations.bad_index", id=record.id, value=number, max=len(record.images))
+    return record, record.images[number - 1]
+
+
+async def lineage(app: Any, record: GenerationRecord) -> list[GenerationRecord]:
+    """The chain from the root to ``record``, root first (a deleted ancestor ends it)."""
+    chain = [record]
+    seen = {record.id}
+    while chain[-1].parent_id and chain[-1].parent_id not in seen and len(chain) < MAX_LINEAGE:
+        parent = await app.store.get(chain[-1].parent_id)
+        if parent is None:
+            break
+        chain.append(parent)
+        seen.add(parent.id)
+    return chain[::-1]
+
+
+async def thread_reply_to(app: Any, record: GenerationRecord, reply_to: dict[str, Any]) -> dict[str, Any]:
+    """``reply_to`` plus the thread key of ``record``'s chain (its root's id)."""
+    root = record.reply_to.get(THREAD) or (await lineage(app, record))[0].id
+    return {**reply_to, THREAD: root}
+
+
+# hooks -----------------------------------------------------------------------------------------
+
+
+@hookimpl
+def startup(app: Any) -> None:
+    config(app)  # a bad [plugins.variations] table fails at startup, naming the key
+
+
+@hookimpl
+def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
+    actions = []
+    for number in range(1, len(record.images) + 1):
+        target = f"{record.id}.{number}"
+        actions.append(Action(f"vary:{target}", "action.vary", {"n": number}))
+        actions.append(Action(f"vary:{target} --strong", "action.vary_strong", {"n": number}))
+    return actions
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("vary", vary, "help.vary"))
+    register(Command("lineage", lineage_command, "help.lineage"))
+
+
+# commands --------------------------------------------------------------------------------------
+
+
+async def vary(ctx: CommandContext) -> list[Reply]:
+    """``/vary ID[.N] [--strong | --strength X] [--count N]``: a variation of one image."""
+    app = ctx.app
+    parsed = parse_args(ctx.text)
+    given = VARY_OPTIONS.convert(parsed, app.settings.limits)
+    if "strong" in given and "strength" in given:
+        raise UserError("variations.strength_twice")
+    record, image = await pick_image(app, ctx.actor, "vary", parsed.text)
+    cfg = config(app)
+    strength = given.get("strength", cfg.strong_strength if given.get("strong") else cfg.subtle_strength)
+    options = {
+        **options_from_request(record.request, count=given.get("count", 1)),
+        "seed": image.seed,
+        "subseed": -1,
+        "subseed-strength": float(strength),
+    }
+    reply_to = await thread_reply_to(app, record, ctx.invocation.reply_to)
+    return await app.service.draw(ctx.actor, record.request.prompt, options, reply_to, parent_id=record.id)
+
+
+async def lineage_command(ctx: CommandContext) -> Reply:
+    """``/lineage ID``: the ids from the chain's root down to ID, with what each changed."""
+    generation_id = ctx.text.strip()
+    if not generation_id:
+        raise UserError("error.missing_argument", name="lineage", what="ID")
+    record = await ctx.app.service.visible(generation_id, ctx.actor)
+    chain = await lineage(ctx.app, record)
+    steps = [
+        {
+            "id": item.id,
+            "parent_id": item.parent_id,
+            "status": item.status,
+            "seed": item.request.seed,
+            "subseed": item.request.subseed,
+            "subseed_strength": item.request.subseed_strength,
+            "denoising_strength": item.request.denoising_strength,
+            "thread": item.reply_to.get(THREAD),
+        }
+        for item in chain
+    ]
+    return Reply(
+        "lineage.chain",
+        {"id": record.id, "depth": len(chain) - 1, "chain": " → ".join(item.id for item in chain)},
+        data={"lineage": [item.id for item in chain], "steps": steps},
+    )

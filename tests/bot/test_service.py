@@ -34,7 +34,7 @@ async def test_draw_queues_progresses_and_finishes_with_infotext(make_app) -> No
     assert steps[-1] == (4, 4) and all(total == 4 for _, total in steps)
     finished = log.of("finished", job_id)[0]
     assert [i.seed for i in finished.images] == [5, 6]
-    assert [a.id for a in finished.actions] == [f"reroll:{job_id}"]
+    assert f"reroll:{job_id}" in [a.id for a in finished.actions]
     for image in finished.images:
         data = Path(image.path).read_bytes()
         assert Image.open(image.path).size == (64, 64)
