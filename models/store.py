@@ -268,6 +268,44 @@ class Store:
             )
             return result.rowcount == 1
 
+    # history -------------------------------------------------------------------------------
+
+    async def find_user(self, platform: str, platform_user_id: str) -> UserRecord | None:
+        """A known user, or None (unlike ``ensure_user``, nothing is created)."""
+        async with self.session() as session:
+            user = await _find_user(session, platform, platform_user_id)
+            return _user_record(user) if user else None
+
+    async def count_for_user(self, user_id: int) -> int:
+        async with self.session() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(Generation).where(Generation.user_id == user_id)
+            )
+            return int(count or 0)
+
+    async def children(self, generation_id: str) -> list[GenerationRecord]:
+        """The jobs made from this one (rerolls, variations), oldest first."""
+        async with self.session() as session:
+            rows = await session.scalars(
+                select(Generation)
+                .where(Generation.parent_id == generation_id)
+                .order_by(Generation.created_at, Generation.group_index)
+                .options(*_LOAD)
+            )
+            return [_record(row) for row in rows]
+
+    async def list_group(
+        self, group_id: str, *, statuses: Sequence[str] | None = None, limit: int | None = None
+    ) -> list[GenerationRecord]:
+        """The jobs of one request (a grid's cells) in plan order, optionally only those
+        with one of ``statuses`` and at most ``limit`` of them."""
+        query = select(Generation).where(Generation.group_id == group_id)
+        if statuses is not None:
+            query = query.where(Generation.status.in_(statuses))
+        async with self.session() as session:
+            rows = await session.scalars(query.order_by(Generation.group_index).limit(limit).options(*_LOAD))
+            return [_record(row) for row in rows]
+
 
 _LOAD = (selectinload(Generation.user), selectinload(Generation.images))
 

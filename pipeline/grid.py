@@ -1,17 +1,18 @@
 """Image grid layout as A1111's ``image_grid`` arranges it (A1111-SEMANTICS.md §14.4).
 
 Layout and drawing are split so the geometry can be checked without building images,
-and so labelled grids (X/Y/Z legends) can reuse the same offsets.
+and so labelled grids (X/Y/Z legends, §14.3) can reuse the same offsets.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +92,142 @@ def paste_grid(images: Sequence[Image.Image], layout: GridLayout) -> Image.Image
     for image, offset in zip(images, layout.offsets, strict=True):
         grid.paste(image if image.mode == "RGB" else image.convert("RGB"), offset)
     return grid
+
+
+# --- legends (A1111-SEMANTICS.md §14.3) ------------------------------------------------------
+
+LEGEND_TEXT = "#000000"
+
+FontLoader = Callable[[int], Any]  # size in pixels -> a PIL font
+
+
+def default_font(size: int) -> Any:
+    """Pillow's bundled scalable font: the same glyphs on every machine."""
+    return ImageFont.load_default(size=max(1, size))
+
+
+def wrap_words(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """Greedy word wrap: each line takes words while ``fits`` says the line still fits; a
+    word too long for a line alone gets a line of its own (its font shrinks later)."""
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if fits(candidate) or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+@dataclass(frozen=True)
+class _LegendLine:
+    text: str
+    height: int
+    allowed_width: int
+
+
+def _legend_lines(draw: ImageDraw.ImageDraw, text: str, font: Any, allowed_width: int) -> list[_LegendLine]:
+    lines = []
+    for line in wrap_words(text, lambda candidate: draw.textlength(candidate, font=font) <= allowed_width):
+        left, top, right, bottom = draw.multiline_textbbox((0, 0), line, font=font)
+        lines.append(_LegendLine(line, bottom - top, allowed_width))
+    return lines
+
+
+def _block_height(lines: Sequence[_LegendLine], spacing: int) -> int:
+    return sum(line.height + spacing for line in lines) - spacing if lines else 0
+
+
+def _draw_block(
+    draw: ImageDraw.ImageDraw,
+    centre_x: float,
+    top: float,
+    lines: Sequence[_LegendLine],
+    size: int,
+    spacing: int,
+    load_font: FontLoader,
+) -> None:
+    """Each line centred on ``centre_x``; a line wider than allowed is drawn smaller."""
+    y = top
+    for line in lines:
+        font_size = size
+        font = load_font(font_size)
+        while draw.textlength(line.text, font=font) > line.allowed_width and font_size > 1:
+            font_size -= 1
+            font = load_font(font_size)
+        if line.text:
+            draw.multiline_text(
+                (centre_x, y + line.height / 2),
+                line.text,
+                font=font,
+                fill=LEGEND_TEXT,
+                anchor="mm",
+                align="center",
+            )
+        y += line.height + spacing
+
+
+def annotate_grid(
+    grid: Image.Image,
+    cell_size: tuple[int, int],
+    top: Sequence[str],
+    left: Sequence[str],
+    load_font: FontLoader = default_font,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """``grid`` with ``top`` labels over its columns and ``left`` labels beside its rows.
+
+    The geometry is A1111's: font size ``(cell_w + cell_h) // 25``, half of it between
+    lines, a left margin of ``cell_w * 3 // 4`` only when some row has a label, a top
+    margin as tall as the tallest column label plus two line gaps (none without labels).
+    Returns the new image and where the grid's top-left corner now is.
+    """
+    cell_w, cell_h = cell_size
+    size = (cell_w + cell_h) // 25
+    spacing = size // 2
+    font = load_font(size)
+    pad_left = cell_w * 3 // 4 if any(text for text in left) else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    columns = [_legend_lines(measure, text, font, cell_w) for text in top]
+    rows = [_legend_lines(measure, text, font, pad_left) for text in left]
+    column_heights = [_block_height(lines, spacing) for lines in columns]
+    pad_top = max(column_heights) + spacing * 2 if sum(column_heights) else 0
+    result = Image.new("RGB", (grid.width + pad_left, grid.height + pad_top), GRID_BACKGROUND)
+    result.paste(grid, (pad_left, pad_top))
+    draw = ImageDraw.Draw(result)
+    for col, (lines, height) in enumerate(zip(columns, column_heights, strict=True)):
+        centre = pad_left + cell_w * col + cell_w / 2
+        _draw_block(draw, centre, pad_top / 2 - height / 2, lines, size, spacing, load_font)
+    for row, lines in enumerate(rows):
+        top_y = pad_top + cell_h * row + cell_h / 2 - _block_height(lines, spacing) / 2
+        _draw_block(draw, pad_left / 2, top_y, lines, size, spacing, load_font)
+    return result, (pad_left, pad_top)
+
+
+def xyz_grid(
+    images: Sequence[Image.Image],
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    z_labels: Sequence[str] = ("",),
+    load_font: FontLoader = default_font,
+) -> Image.Image:
+    """The X/Y/Z plot image: per Z value a grid of |Y| rows and |X| columns (X labels on
+    top, Y labels on the left), and those grids side by side under their Z titles.
+
+    ``images`` are in A1111's index order, ``x + y*|X| + z*|X|*|Y|``.
+    """
+    per_grid = len(x_labels) * len(y_labels)
+    if len(images) != per_grid * len(z_labels):
+        raise ValueError(
+            f"{len(images)} images do not fill a {len(x_labels)}x{len(y_labels)}x{len(z_labels)} plot"
+        )
+    sub_grids = []
+    for z in range(len(z_labels)):
+        cells = images[z * per_grid : (z + 1) * per_grid]
+        layout = grid_layout([image.size for image in cells], rows=len(y_labels))
+        annotated, _ = annotate_grid(
+            paste_grid(cells, layout), layout.cell_size, x_labels, y_labels, load_font
+        )
+        sub_grids.append(annotated)
+    layout = grid_layout([grid.size for grid in sub_grids], rows=1)
+    plot, _ = annotate_grid(paste_grid(sub_grids, layout), layout.cell_size, z_labels, [""], load_font)
+    return plot

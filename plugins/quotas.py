@@ -67,7 +67,7 @@ class QuotasConfig(BaseModel):
     period: Period = "daily"
     images: int = Field(100, ge=0)
     gpu_seconds: float = Field(0, ge=0)
-    max_queued: int = Field(8, ge=0)
+    max_queued: int = Field(100, ge=0)
     max_running: int = Field(0, ge=0)
     max_cost: int = Field(0, ge=0)
     per_scope: bool = True

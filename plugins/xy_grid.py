@@ -1,406 +1,476 @@
-"""X/Y/Z plot axis values and legend labels with A1111's text-mode rules (§14.1, §14.2).
+"""X/Y/Z grids: ``/grid a cat --x "steps: 10-30 [3]" --y "cfg: 5,7,9" --z "sampler: Euler, DDIM"``.
 
-Users paste axis text from A1111 ("1-10 [5]", "0-1 (+0.3)", quoted CSV), so the
-expansion reproduces A1111's results exactly, float noise and quirks included, and
-rejects with ``AxisValueError`` wherever A1111 rejects. The pure functions live at module
-level; the plugin's hook implementations build on them.
+Each axis is ``NAME: VALUES``: an axis name (any case, or an alias: "cfg" is "CFG Scale")
+and values in A1111's text syntax (``1-5``, ``1-5 (+2)``, ``10-5 (-3)``, ``1-10 [5]``,
+quoted CSV). ``--x/--y/--z`` are /draw options too, so styles, presets and every other
+option compose with them. A grid is planned as one job per cell in A1111's order
+(expensive axes outermost), all with the request's seed unless the seed is an axis;
+each cell is an ordinary generation with its own PNG and infotext. The first cell's
+infotext carries A1111's ``Script: X/Y/Z plot`` fields, which is also how the finished
+grid is put back together: when the last cell ends, the labelled grid (X on top, Y on the
+left, one grid per Z value side by side under its title) is posted with that infotext.
+Cells that failed or were cancelled are left black, as A1111 leaves cells that produced
+nothing; when no cell finished there is no grid, only a notice.
+
+The cell cap is ``[plugins.xy_grid] max_cells``; moderators change it per guild/chat
+(``/grid cap N``) or everywhere (``--global``) at run time. A1111's text rules live in
+``plugins.xy_axes``, the axes and the grid's shape in ``plugins.grid_axes``; their public
+names (``GridAxis`` for third-party axes among them) are importable from here.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
+import asyncio
+import dataclasses
 import logging
-import math
-import os
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any
 
-import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import AxisValueError
+from bot.commands import parse_args
+from bot.draw import freeze, options_from_request
+from bot.errors import NotFound, PermissionDenied, UserError
+from bot.governance import GLOBAL as GLOBAL_SCOPE
+from bot.governance import audit, options_of, require_moderator, whole_number
+from bot.hookspecs import hookimpl
+from bot.i18n import Msg
+from bot.options import OptionSpec
+from bot.plugins import maybe_await
+from bot.service import actor_of
+from bot.settings import ConfigError
+from bot.types import (
+    Action,
+    Admission,
+    Command,
+    CommandContext,
+    Denial,
+    DrawRequest,
+    Plan,
+    PlannedJob,
+    Reply,
+    RequestDraft,
+)
+from models.preferences import GLOBAL, PreferenceStore, Scope, actor_scopes
+from models.records import GenerationRecord
+from models.tables import OPEN_STATUSES
+from pipeline.request import GenerationRequest
+from plugins.grid_axes import (  # noqa: F401  (GridAxis & co. are the plugin API, importable here)
+    AXIS_OPTIONS,
+    HARD_MAX_CELLS,
+    SCRIPT,
+    AxisChoice,
+    GridAxis,
+    GridCell,
+    GridSpec,
+    builtin_axes,
+    find_axis,
+    grid_from_infotext_fields,
+    loop_order,
+    read_axis,
+    read_grid,
+    read_values,
+)
+from plugins.xy_axes import (  # noqa: F401  (re-exported: the parity API and tests import them here)
+    _FLOAT_COUNT,
+    _FLOAT_RANGE,
+    _INT_COUNT,
+    _INT_RANGE,
+    AXES,
+    DEFAULT_MAX_VALUES,
+    AxisContext,
+    AxisKind,
+    AxisSpec,
+    AxisTextError,
+    axis_labels,
+    axis_spec,
+    confirm_checkpoints,
+    confirm_samplers,
+    format_bare,
+    format_base_name,
+    format_joined,
+    format_nothing,
+    format_with_label,
+    parse_axis_values,
+    parse_values,
+    sampler_choices,
+    scheduler_choices,
+    split_axis_text,
+)
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-# Far beyond any usable plot; stops a typo like "1-99999999" from exhausting memory,
-# where A1111 would try to build the list anyway.
-DEFAULT_MAX_VALUES = 100_000
-
-# Range shapes ("A-B", "A-B (+S)", "A-B [N]") are matched the way A1111's regular
-# expressions match them, backtracking order included, because the captured text decides
-# the result: the float number's decimal point is an unescaped "any character", so
-# "1x5-10" captures "1x5" and fails in float(), "1e-5" is the range "1e" to "5", and in
-# "-5--1" the first number swallows a dash. Run through ``re``, those patterns take cubic
-# time on long digit runs; the matcher below reaches the same captures in linear time.
-
-
-@dataclass(frozen=True)
-class _Number:
-    """One number of a range shape: ``[+-]?\\s*\\d+(?:.\\d*)?`` and its narrower variants."""
-
-    sign: Literal["optional", "required", "none"]
-    space_after_sign: bool = False
-    any_char_fraction: bool = False
-
-    def ends(self, text: str, start: int) -> range:
-        """End positions a match from ``start`` can have, in the order a regex tries them.
-
-        Greedy backtracking over digits and the optional "any character + digits" part
-        tries every end once, longest first, and which split produced an end never
-        matters to what follows, so a descending range is the whole search.
-        """
-        pos = start
-        if pos < len(text) and text[pos] in "+-" and self.sign != "none":
-            pos += 1
-        elif self.sign == "required":
-            return range(0)
-        if self.space_after_sign:
-            pos = _skip_space(text, pos)
-        digits_end = _skip_decimal(text, pos)
-        if digits_end == pos:
-            return range(0)
-        top = digits_end
-        if self.any_char_fraction and digits_end < len(text) and text[digits_end] != "\n":
-            top = _skip_decimal(text, digits_end + 1)
-        return range(top, pos, -1)
-
-
-def _skip_space(text: str, pos: int) -> int:
-    """Past a run of ``\\s`` (``str.isspace`` is the same class as ``re``'s)."""
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
-
-
-def _skip_decimal(text: str, pos: int) -> int:
-    """Past a run of ``\\d`` (``str.isdecimal`` is the same class as ``re``'s)."""
-    while pos < len(text) and text[pos].isdecimal():
-        pos += 1
-    return pos
-
-
-@dataclass(frozen=True)
-class _RangeShape:
-    """``\\s*(A)\\s*-\\s*(B)(?:\\s*<open>(X)\\s*<close>)?\\s*`` matched in full."""
-
-    number: _Number
-    open: str
-    close: str
-    extra: _Number
-
-    def match(self, text: str) -> tuple[str, str, str | None] | None:
-        """The captured ``(A, B, X or None)`` of the first match a regex would find."""
-        a_start = _skip_space(text, 0)
-        for a_end in self.number.ends(text, a_start):
-            dash = _skip_space(text, a_end)
-            if dash >= len(text) or text[dash] != "-":
-                continue
-            b_start = _skip_space(text, dash + 1)
-            for b_end in self.number.ends(text, b_start):
-                matched, extra = self._tail(text, b_end)
-                if matched:
-                    return text[a_start:a_end], text[b_start:b_end], extra
-        return None
-
-    def _tail(self, text: str, pos: int) -> tuple[bool, str | None]:
-        """Whether the optional bracket part and trailing space finish the text from ``pos``."""
-        opening = _skip_space(text, pos)
-        if opening < len(text) and text[opening] == self.open:
-            for extra_end in self.extra.ends(text, opening + 1):
-                closing = _skip_space(text, extra_end)
-                if closing < len(text) and text[closing] == self.close:
-                    if _skip_space(text, closing + 1) == len(text):
-                        return True, text[opening + 1 : extra_end]
-        return _skip_space(text, pos) == len(text), None
+CAP_KEY = "grid.max_cells"  # PreferenceStore key of the cap set at run time
+POSTED_KEY = "grid.posted"  # PreferenceStore key (scope "grid", id = group) of a grid already posted
+GLOBAL_MODERATOR = "global_moderator"  # the role the moderation plugin gives configured moderators
+_SPEC, _PLAN = "xy_grid.spec", "xy_grid.plan"  # caches on DrawRequest.options
+_AGAIN = "xy_grid.again"  # DrawRequest.options: the cells of a grid to run again with a new seed
 
 
-_INT_NUMBER = _Number("optional", space_after_sign=True)
-_FLOAT_NUMBER = _Number("optional", space_after_sign=True, any_char_fraction=True)
-_COUNT = _Number("none")
-_INT_RANGE = _RangeShape(_INT_NUMBER, "(", ")", _Number("required"))
-_INT_COUNT = _RangeShape(_INT_NUMBER, "[", "]", _COUNT)
-_FLOAT_RANGE = _RangeShape(_FLOAT_NUMBER, "(", ")", _Number("required", any_char_fraction=True))
-_FLOAT_COUNT = _RangeShape(_FLOAT_NUMBER, "[", "]", _COUNT)
-
-# Exceptions numeric conversion and numpy raise on text A1111 also fails on.
-_NUMERIC_ERRORS = (ValueError, TypeError, ArithmeticError, MemoryError)
-
-AxisKind = Literal["int", "float", "str", "permutations"]
+class GridConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_cells: int = Field(100, ge=1, le=HARD_MAX_CELLS)
+    font: str = ""
 
 
-@dataclass(frozen=True)
-class AxisContext:
-    """What confirm checks may look at besides the values (known checkpoints, ...)."""
-
-    checkpoints: Collection[str] | None = None
+def config(app: Any) -> GridConfig:
+    return app.settings.plugin_config("xy_grid", GridConfig)  # type: ignore[return-value]
 
 
-def _rounded(value: Any) -> Any:
-    """Floats rounded to 8 decimals as the legend shows them; only exact floats, like A1111."""
-    return round(value, 8) if type(value) is float else value
+def font_loader(app: Any) -> Any:
+    from PIL import ImageFont
+
+    from pipeline.grid import default_font
+
+    path = config(app).font
+    if not path:
+        return default_font
+    return lambda size: ImageFont.truetype(path, max(1, size))
 
 
-def format_with_label(label: str, value: Any) -> str:
-    return f"{label}: {_rounded(value)}"
+def is_grid(request: DrawRequest) -> bool:
+    return _AGAIN in request.options or any(request.options.get(option) for option in AXIS_OPTIONS)
 
 
-def format_bare(label: str, value: Any) -> str:
-    return str(_rounded(value))
+def grid_spec(request: DrawRequest, app: Any) -> GridSpec:
+    """Read once per request: random seeds of Seed axes are drawn only once."""
+    if _SPEC not in request.options:
+        if request.count != 1:
+            raise UserError("error.grid.count", count=request.count)
+        if _AGAIN in request.options:
+            spec = grid_from_infotext_fields(app, request.options[_AGAIN][0].request.extra)
+        else:
+            spec = read_grid(app, {o: request.options.get(o) for o in AXIS_OPTIONS})
+        request.options[_SPEC] = spec
+    return request.options[_SPEC]
 
 
-def format_joined(label: str, value: Any) -> str:
-    return ", ".join(value)
+def grid_plan(request: DrawRequest, app: Any) -> Plan:
+    """Built once per request (``check_request`` and ``plan_generation`` share it)."""
+    if _PLAN not in request.options:
+        spec = grid_spec(request, app)
+        again = _AGAIN in request.options
+        request.options[_PLAN] = _again_plan(request, spec) if again else _new_plan(request, spec, app)
+    return request.options[_PLAN]
 
 
-def format_base_name(label: str, value: Any) -> str:
-    return os.path.basename(value)
+def _new_plan(request: DrawRequest, spec: GridSpec, app: Any) -> Plan:
+    carried = carried_fields(request, app)
+    jobs = []
+    for position in spec.processing_order():
+        cell = build_cell(request, spec, position, app).replace(**carried)
+        if position == (0, 0, 0):
+            cell = cell.replace(extra={**cell.extra, **spec.infotext_fields()})
+        kind = "img2img" if cell.init_image else "txt2img"
+        jobs.append(PlannedJob(cell, kind=kind, label=spec.cell_label(position)))
+    return Plan(tuple(jobs), kind="grid")
 
 
-def format_nothing(label: str, value: Any) -> str:
-    return ""
+def _again_plan(request: DrawRequest, spec: GridSpec) -> Plan:
+    """The stored cells with the request's new seed, except where a Seed axis set it."""
+    fixed = {choice.axis.name for choice in spec.axes}
+    changes = {}
+    if "Seed" not in fixed:
+        changes["seed"] = request.generation.seed
+    if "Var. seed" not in fixed:
+        changes["subseed"] = request.generation.subseed
+    cells = request.options[_AGAIN]
+    return Plan(tuple(PlannedJob(c.request.replace(**changes), c.kind, c.label) for c in cells), kind="grid")
 
 
-@dataclass(frozen=True)
-class AxisSpec:
-    """One X/Y/Z axis: how its text is parsed, checked and shown in the legend.
-
-    ``cost`` orders the plot loops (expensive axes outermost, §14.3); ``choices`` lists
-    the values offered in a picker, ``None`` for free text.
-    """
-
-    label: str
-    kind: AxisKind
-    format_value: Callable[[str, Any], str] = format_with_label
-    confirm: Callable[[Sequence[Any], AxisContext], None] | None = None
-    cost: float = 0.0
-    choices: Callable[[], list[str]] | None = None
+def _shown(choice: AxisChoice, value: Any) -> str:
+    text = ", ".join(value) if isinstance(value, list) else str(value)
+    return f"{choice.axis.name}: {text}"
 
 
-def confirm_samplers(values: Sequence[Any], context: AxisContext) -> None:
-    """Every value must name a sampler or alias, in any case (A1111's X/Y/Z lookup).
-
-    The value itself is kept as typed; generation resolves it by exact name later.
-    """
-    from pipeline.samplers import list_samplers
-
-    known: set[str] = set()
-    for sampler in list_samplers():
-        known.add(sampler.name.lower())
-        known.update(alias.lower() for alias in sampler.aliases)
-    for value in values:
-        if str(value).lower() not in known:
-            raise AxisValueError(f"Unknown sampler: {value}")
+def _cell_draft(request: DrawRequest, cell: GridCell) -> RequestDraft:
+    return RequestDraft(cell.prompt, cell.negative_prompt, cell.options, request.parent_id)
 
 
-def _matches_checkpoint(value: str, checkpoints: Collection[str]) -> bool:
-    return value in checkpoints or any(value in name for name in checkpoints)
+def _new_cell(request: DrawRequest, app: Any) -> GridCell:
+    base = request.generation
+    options = options_from_request(base, count=1)
+    del options["negative"]
+    return GridCell(base.prompt, base.negative_prompt, options, app)
 
 
-def confirm_checkpoints(values: Sequence[Any], context: AxisContext) -> None:
-    """Every value must find a checkpoint (exact or part of a name); skipped without a list."""
-    if context.checkpoints is None:
-        return
-    for value in values:
-        if not _matches_checkpoint(str(value), context.checkpoints):
-            raise AxisValueError(f"Unknown checkpoint: {value}")
+def carried_fields(request: DrawRequest, app: Any) -> dict[str, Any]:
+    """The request's fields no /draw option sets (styles and presets recorded by name,
+    extra infotext fields): what a cell rebuilt from options must copy over."""
+    control = freeze(_cell_draft(request, _new_cell(request, app)), request.actor, app.settings, app.library)
+    base = request.generation
+    return {
+        f.name: getattr(base, f.name)
+        for f in dataclasses.fields(base)
+        if getattr(control.generation, f.name) != getattr(base, f.name)
+    }
 
 
-def sampler_choices() -> list[str]:
-    from pipeline.samplers import list_samplers
+def build_cell(
+    request: DrawRequest, spec: GridSpec, position: tuple[int, int, int], app: Any
+) -> GenerationRequest:
+    """The request with the cell's axis values applied (X, then Y, then Z), checked as /draw."""
+    cell = _new_cell(request, app)
+    shown = []
+    for choice, index in zip(spec.axes, position, strict=True):
+        value = choice.values[index]
+        if not choice.is_nothing:
+            shown.append(_shown(choice, value))
+        try:
+            choice.axis.apply(cell, value, choice.values)
+        except UserError as exc:
+            detail = Msg(exc.key, exc.params)
+            raise UserError("error.grid.bad_cell", cell=_shown(choice, value), detail=detail) from None
+    try:
+        frozen = freeze(_cell_draft(request, cell), request.actor, app.settings, app.library)
+    except UserError as exc:
+        raise UserError(
+            "error.grid.bad_cell", cell=" | ".join(shown), detail=Msg(exc.key, exc.params)
+        ) from None
+    return frozen.generation
 
-    return [sampler.name for sampler in list_samplers()]
+
+# the cap -------------------------------------------------------------------------------------
 
 
-def scheduler_choices() -> list[str]:
-    from pipeline.samplers import list_schedulers
-
-    return [scheduler.label for scheduler in list_schedulers()]
+def _cap_scopes(actor: Any) -> list[Scope]:
+    return [scope for scope in actor_scopes(actor) if scope[0] != "user"]
 
 
-# A1111 axis label -> spec. Add axes here; labels are matched exactly, case included.
-AXES: dict[str, AxisSpec] = {
-    spec.label: spec
-    for spec in (
-        AxisSpec("Nothing", "str", format_nothing),
-        AxisSpec("Seed", "int"),
-        AxisSpec("Var. seed", "int"),
-        AxisSpec("Var. strength", "float"),
-        AxisSpec("Steps", "int"),
-        AxisSpec("CFG Scale", "float"),
-        AxisSpec("Prompt S/R", "str", format_bare),
-        AxisSpec("Prompt order", "permutations", format_joined),
-        AxisSpec("Sampler", "str", format_bare, confirm=confirm_samplers, choices=sampler_choices),
-        AxisSpec("Checkpoint name", "str", format_base_name, confirm=confirm_checkpoints, cost=1.0),
-        AxisSpec("Schedule type", "str", choices=scheduler_choices),
-        AxisSpec("Clip skip", "int"),
-        AxisSpec("Denoising", "float"),
-        AxisSpec("VAE", "str", cost=0.7),
-        AxisSpec("Styles", "str"),
-        AxisSpec("Face restore", "str", format_bare),
-        AxisSpec("Always discard next-to-last sigma", "str"),
-        AxisSpec("Size", "str"),
+def _local_scope(actor: Any) -> Scope:
+    """Where a moderator's ``/grid cap N`` applies: their guild, else their chat."""
+    return next((scope for scope in _cap_scopes(actor) if scope[0] == "guild"), _cap_scopes(actor)[0])
+
+
+async def current_cap(app: Any, actor: Any) -> int:
+    found = await PreferenceStore(app.store).lookup(_cap_scopes(actor), CAP_KEY)
+    return int(found) if found is not None else config(app).max_cells
+
+
+async def cap_command(ctx: CommandContext, words: list[str], options: list[tuple[str, str | None]]) -> Reply:
+    flags = options_of(options, {"global": False})
+    if not words:
+        cap = await current_cap(ctx.app, ctx.actor)
+        return Reply("grid.cap", {"max": cap}, data={"max_cells": cap})
+    await require_moderator(ctx, "grid.cap")
+    if len(words) > 1:
+        raise UserError("error.missing_argument", name="grid cap", what="N [--global]")
+    cap = whole_number("cap", words[0], minimum=1, maximum=HARD_MAX_CELLS)
+    scope = GLOBAL if flags.get("global") else _local_scope(ctx.actor)
+    if scope == GLOBAL and GLOBAL_MODERATOR not in ctx.actor.roles:
+        raise PermissionDenied("error.global_moderators_only", command="grid cap")
+    await PreferenceStore(ctx.app.store).set(scope, CAP_KEY, cap, by=ctx.actor.key)
+    await audit(ctx, "grid.cap", scope=GLOBAL_SCOPE if scope == GLOBAL else None, max_cells=cap)
+    where = Msg("grid.scope.everywhere" if scope == GLOBAL else "grid.scope.here")
+    return Reply("grid.cap_set", {"max": cap, "where": where}, data={"max_cells": cap})
+
+
+# commands ------------------------------------------------------------------------------------
+
+
+async def grid_command(ctx: CommandContext) -> list[Reply] | Reply:
+    parsed = parse_args(ctx.text)
+    words = parsed.text.split()
+    given = {name for name, _ in parsed.options}
+    if words[:1] == ["cap"] and not given & set(AXIS_OPTIONS):
+        return await cap_command(ctx, words[1:], parsed.options)
+    if not given & set(AXIS_OPTIONS):
+        raise UserError("error.grid.no_axes")
+    replies = await ctx.app.service.draw_command(ctx)
+    if replies and replies[0].key == "draw.accepted":
+        replies.insert(1, Reply("grid.planned", {"cells": replies[0].params["count"]}))
+    return replies
+
+
+async def grid_again(ctx: CommandContext) -> list[Reply]:
+    """The same cells with a new seed (seeds a Seed axis set are kept), checked and
+    billed like any request."""
+    record = await ctx.app.store.get(ctx.text.strip())
+    hidden = record is not None and record.private and record.user.platform_user_id != ctx.actor.user_id
+    if record is None or hidden or record.plan != "grid" or record.group_index != 0:
+        raise NotFound("error.not_found", id=ctx.text.strip())
+    cells = await ctx.app.store.list_group(record.group_id)
+    options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
+    return await ctx.app.service.draw(
+        ctx.actor, record.request.prompt, options, ctx.invocation.reply_to, parent_id=record.id
     )
-}
 
 
-def axis_spec(axis: str) -> AxisSpec:
-    """The spec of an A1111 axis label; ``AxisValueError`` for a label A1111 lacks here."""
+# composing the grid when its last cell ends ------------------------------------------------------
+
+
+async def _claim(app: Any, group_id: str, value: dict[str, Any]) -> bool:
+    """Exactly one caller wins, across tasks and processes: the first insert of the row."""
+    from models.preferences import Preference
+    from models.sql import insert_ignore
+
+    async with app.store.session() as session:
+        result = await session.execute(
+            insert_ignore(session, Preference).values(
+                scope="grid", scope_id=group_id, key=POSTED_KEY, value=value
+            )
+        )
+        return bool(result.rowcount)
+
+
+async def cell_ended(record: GenerationRecord, app: Any) -> None:
+    if record.plan != "grid":
+        return
+    if await app.store.list_group(record.group_id, statuses=OPEN_STATUSES, limit=1):
+        return  # cells still to run: the last one to end composes
+    cells = await app.store.list_group(record.group_id)
+    first = cells[0]
+    path = Path(first.created_at.astimezone(UTC).strftime("%Y-%m-%d")) / f"{first.group_id}-grid.png"
+    if not await _claim(app, first.group_id, {"path": path.as_posix(), "cells": [c.id for c in cells]}):
+        return
+    reply = await compose(app, cells, path)
+    app.service.post(first.id, actor_of(first, app.settings.bot.locale), first.reply_to, reply)
+
+
+async def compose(app: Any, cells: list[GenerationRecord], path: Path) -> Reply:
+    """The grid image of finished ``cells`` (in plan order), or a notice why there is none."""
+    first = cells[0]
+    counts = {
+        status: sum(1 for c in cells if c.status == status) for status in ("finished", "failed", "cancelled")
+    }
+    unavailable = Reply(
+        "grid.unavailable", {"cells": len(cells)}, error=True, data={"cells": [c.id for c in cells]}
+    )
     try:
-        return AXES[axis]
-    except KeyError:
-        raise AxisValueError(f"unknown X/Y/Z axis {axis!r}") from None
-
-
-def split_axis_text(text: str) -> list[str]:
-    """Axis text as A1111 splits it: CSV records (initial spaces skipped), flattened, stripped."""
+        spec = grid_from_infotext_fields(app, first.request.extra)
+        order = spec.processing_order()
+        if len(order) != len(cells):
+            raise ValueError(f"{len(cells)} cells for a grid of {len(order)}")
+    except (UserError, ValueError):
+        log.exception("grid %s cannot be put back together", first.group_id)
+        return unavailable
+    places = {spec.index(position): cell for position, cell in zip(order, cells, strict=True)}
+    by_index = [places[index] for index in range(len(cells))]
+    data = {"cells": [c.id for c in by_index], "missing": [c.id for c in by_index if c.status != "finished"]}
+    params = {"cells": len(cells), "shape": spec.shape_text(), **counts}
+    if not counts["finished"]:
+        return Reply("grid.nothing", params, error=True, data=data)
+    root = app.images_dir
     try:
-        records = list(csv.reader(io.StringIO(text), skipinitialspace=True))
-    except csv.Error as exc:
-        raise AxisValueError(f"cannot split axis values: {exc}") from exc
-    return [value.strip() for value in itertools.chain.from_iterable(records)]
+        await asyncio.to_thread(_draw, app, spec, by_index, root, root / path)
+    except OSError:  # a cell's PNG removed meanwhile, a full disk
+        log.exception("grid %s could not be drawn", first.group_id)
+        return unavailable
+    data["grid"] = str(root / path)
+    key = "grid.done" if counts["finished"] == len(cells) else "grid.partial"
+    actions = [Action(f"grid-again:{first.id}", "action.grid_again")]
+    return Reply(key, params, files=[root / path], actions=actions, data=data)
 
 
-class _Collector:
-    """Expanded values with a running size limit, checked before anything is built."""
+def _draw(app: Any, spec: GridSpec, cells: Sequence[GenerationRecord], root: Path, out: Path) -> None:
+    """On a worker thread: load the cells' first images, draw the plot, save it as PNG."""
+    from PIL import Image
 
-    def __init__(self, max_values: int) -> None:
-        self.values: list[Any] = []
-        self.max_values = max_values
+    from pipeline.grid import xyz_grid
+    from pipeline.images import save_png
 
-    def reserve(self, count: int) -> None:
-        if count > self.max_values - len(self.values):
-            raise AxisValueError(f"axis expands to more than {self.max_values} values")
-
-    def extend(self, values: list[Any]) -> None:
-        self.reserve(len(values))
-        self.values.extend(values)
-
-
-_Captures = tuple[str, str, str | None]
-
-
-def _int_range(captures: _Captures, out: _Collector) -> None:
-    """``A-B (±S)`` on an int axis: the end is always B+1, whatever the step's sign."""
-    start, end = int(captures[0]), int(captures[1]) + 1
-    step = int(captures[2]) if captures[2] is not None else 1
-    span = range(start, end, step)  # ValueError on a zero step, as in A1111
-    try:
-        count = len(span)
-    except OverflowError:
-        raise AxisValueError("axis range is too long") from None
-    out.reserve(count)
-    out.extend(list(span))
+    loaded: list[Image.Image | None] = []
+    for cell in cells:
+        if cell.status == "finished" and cell.images:
+            with Image.open(root / cell.images[0].path) as image:
+                loaded.append(image.convert("RGB"))
+        else:
+            loaded.append(None)
+    present = [image for image in loaded if image is not None]
+    size = (max(i.width for i in present), max(i.height for i in present))
+    images = [image if image is not None else Image.new("RGB", size) for image in loaded]
+    infotext = next(c.images[0].infotext for c in [cells[0], *cells] if c.status == "finished" and c.images)
+    x, y, z = (choice.labels for choice in spec.axes)
+    plot = xyz_grid(images, x, y, z, font_loader(app))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(plot, out, infotext)
 
 
-def _linspace_count(group: str | None, out: _Collector) -> int:
-    count = int(group) if group is not None else 1
-    out.reserve(count)
-    return count
+# hooks -----------------------------------------------------------------------------------------
 
 
-def _int_count(captures: _Captures, out: _Collector) -> None:
-    """``A-B [N]`` on an int axis: N evenly spaced points, truncated toward zero."""
-    start, end = int(captures[0]), int(captures[1])
-    count = _linspace_count(captures[2], out)
-    out.extend([int(x) for x in np.linspace(start=start, stop=end, num=count).tolist()])
+@hookimpl
+def startup(app: Any) -> None:
+    cfg = config(app)  # a bad [plugins.xy_grid] table fails at startup, naming the key
+    if cfg.font:
+        try:
+            font_loader(app)(12)
+        except OSError as exc:
+            raise ConfigError(f"[plugins.xy_grid] font: cannot load {cfg.font!r}: {exc}") from None
 
 
-def _float_range(captures: _Captures, out: _Collector) -> None:
-    """``A-B (±S)`` on a float axis: numpy's arange up to B+S, so it can overshoot B."""
-    start, end = float(captures[0]), float(captures[1])
-    step = float(captures[2]) if captures[2] is not None else 1.0
-    stop = end + step
-    if step == 0:
-        raise AxisValueError("axis step must not be zero")
-    length = (stop - start) / step
-    if not math.isfinite(length):
-        raise AxisValueError("axis range is too long")
-    out.reserve(max(0, math.ceil(length)))
-    out.extend(np.arange(start, stop, step).tolist())
+@hookimpl
+def register_options(register: Any) -> None:
+    for option in AXIS_OPTIONS:
+        register(OptionSpec(option, "str", help=f'grid {option.upper()} axis: "NAME: VALUES"'))
 
 
-def _float_count(captures: _Captures, out: _Collector) -> None:
-    start, end = float(captures[0]), float(captures[1])
-    count = _linspace_count(captures[2], out)
-    out.extend(np.linspace(start=start, stop=end, num=count).tolist())
+@hookimpl
+def register_grid_axes(register: Any) -> None:
+    for axis in builtin_axes():
+        register(axis)
 
 
-# Tried in order: a value both shapes accept ("1-5") is a step range.
-_NUMERIC_SHAPES: dict[AxisKind, tuple[tuple[_RangeShape, Callable[[_Captures, _Collector], None]], ...]] = {
-    "int": ((_INT_RANGE, _int_range), (_INT_COUNT, _int_count)),
-    "float": ((_FLOAT_RANGE, _float_range), (_FLOAT_COUNT, _float_count)),
-}
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(Command("grid", grid_command, "help.grid"))
+    register(Command("grid-again", grid_again, hidden=True))
 
 
-def _expand_numeric(kind: AxisKind, values: list[str], max_values: int) -> list[Any]:
-    """Ranges expanded, empty values dropped, other values kept as text for conversion."""
-    out = _Collector(max_values)
-    for value in values:
-        if not value.strip():
+@hookimpl
+async def check_request(request: Any, actor: Any, app: Any) -> Any:
+    """Axes read and the cell cap applied before anything is stored (bad input raises);
+    then cells whose prompts differ from the request's go through the other checks."""
+    if not is_grid(request):
+        return None
+    spec = grid_spec(request, app)
+    cap = await current_cap(app, actor)
+    if spec.cells > cap:
+        return Denial(
+            "error.grid.too_many_cells", {"cells": spec.cells, "shape": spec.shape_text(), "max": cap}
+        )
+    return await check_cells(request, grid_plan(request, app), app)
+
+
+async def check_cells(request: DrawRequest, plan: Plan, app: Any) -> Denial | Admission | None:
+    """Word lists and bans must see every prompt a grid draws (Prompt S/R can bring in
+    any word): each distinct cell prompt goes through the checks that reserve nothing.
+    Those are all but the ``trylast`` ones (the hook's contract puts reserving checks,
+    like quotas, last), and not this one. A spoiler on any cell marks the whole grid."""
+    impls = [
+        impl
+        for impl in app.pm.hook.check_request.get_hookimpls()
+        if not impl.trylast and impl.function is not check_request
+    ]
+    seen = {(request.generation.prompt, request.generation.negative_prompt)}
+    spoiler = False
+    for job in plan.jobs:
+        prompts = (job.request.prompt, job.request.negative_prompt)
+        if prompts in seen:
             continue
-        for shape, expand in _NUMERIC_SHAPES[kind]:
-            captures = shape.match(value)
-            if captures is not None:
-                # Overflowing ranges give inf/nan values in A1111 too; keep them quiet here.
-                with np.errstate(all="ignore"):
-                    expand(captures, out)
-                break
-        else:
-            out.extend([value])
-    return out.values
+        seen.add(prompts)
+        cell = dataclasses.replace(request, generation=job.request, options={})
+        for impl in impls:
+            arguments = {"request": cell, "actor": request.actor, "app": app}
+            result = await maybe_await(impl.function(**{name: arguments[name] for name in impl.argnames}))
+            if isinstance(result, Denial):
+                return result
+            spoiler = spoiler or (isinstance(result, Admission) and result.spoiler)
+    return Admission(spoiler=True) if spoiler else None
 
 
-def _permutations(values: list[str], max_values: int) -> list[list[str]]:
-    if math.perm(len(values)) > max_values:
-        raise AxisValueError(f"axis expands to more than {max_values} values")
-    return [list(order) for order in itertools.permutations(values)]
+@hookimpl
+def plan_generation(request: Any, app: Any) -> Any:
+    return grid_plan(request, app) if is_grid(request) else None
 
 
-def _convert(kind: AxisKind, values: list[Any]) -> list[Any]:
-    if kind == "int":
-        return [int(value) for value in values]
-    if kind == "float":
-        return [float(value) for value in values]
-    if kind == "str":
-        return [str(value) for value in values]
-    return values
+@hookimpl
+async def generation_finished(record: Any, app: Any) -> None:
+    await cell_ended(record, app)
 
 
-def parse_axis_values(
-    axis: str,
-    text: str,
-    *,
-    max_values: int = DEFAULT_MAX_VALUES,
-    checkpoints: Collection[str] | None = None,
-) -> list[int | float | str | list[str]]:
-    """Values of a text-mode axis, typed like the axis, after A1111's confirm step.
-
-    ``AxisValueError`` wherever A1111 rejects the text (unconvertible value, zero step,
-    unknown sampler), for an unknown axis label, and for an expansion beyond
-    ``max_values``. ``checkpoints`` enables the Checkpoint name check. Seed ``-1`` is
-    kept; randomising it is a later step.
-    """
-    spec = axis_spec(axis)
-    values = split_axis_text(text)
-    try:
-        if spec.kind in _NUMERIC_SHAPES:
-            parsed = _convert(spec.kind, _expand_numeric(spec.kind, values, max_values))
-        elif spec.kind == "permutations":
-            parsed = _permutations(values, max_values)
-        else:
-            parsed = _convert(spec.kind, values)
-    except AxisValueError:
-        raise
-    except _NUMERIC_ERRORS as exc:
-        raise AxisValueError(f"invalid {axis} value in {text!r}: {exc}") from exc
-    if spec.confirm is not None:
-        spec.confirm(parsed, AxisContext(checkpoints=checkpoints))
-    return parsed
-
-
-def axis_labels(axis: str, values: Sequence[Any]) -> list[str]:
-    """Legend labels as A1111 draws them (§14.2)."""
-    spec = axis_spec(axis)
-    return [spec.format_value(spec.label, value) for value in values]
+@hookimpl
+async def generation_ended(record: Any, app: Any) -> None:
+    await cell_ended(record, app)
