@@ -30,7 +30,7 @@ from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.service import may_see
-from bot.types import Actor, Command, CommandContext, Reply
+from bot.types import Command, CommandContext, Reply
 from models.records import GenerationRecord
 
 _PAGE = re.compile(r"^[+-]?\d+$")
@@ -50,10 +50,6 @@ def config(app: Any) -> HistoryConfig:
 
 
 # who sees what -------------------------------------------------------------------------------
-
-
-async def visible_record(app: Any, generation_id: str, actor: Actor) -> GenerationRecord:
-    return await app.service.visible(generation_id, actor)
 
 
 # hooks -----------------------------------------------------------------------------------------
@@ -176,7 +172,7 @@ async def show_command(ctx: CommandContext) -> Reply:
     generation_id = ctx.text.strip()
     if not generation_id:
         raise UserError("error.missing_argument", name="show", what="ID")
-    record = await visible_record(app, generation_id, actor)
+    record = await app.service.visible(generation_id, actor)
     parent = await app.store.get(record.parent_id) if record.parent_id else None
     parent_id = parent.id if parent is not None and may_see(parent, actor) else None
     children = [child.id for child in await app.store.children(record.id) if may_see(child, actor)]

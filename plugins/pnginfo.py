@@ -25,7 +25,6 @@ from bot.i18n import Msg
 from bot.reruns import draw_line, options_from_infotext
 from bot.types import Action, Command, CommandContext, Reply
 from models.preferences import GLOBAL, PreferenceStore
-from plugins.history import visible_record
 
 READABLE_FORMATS = ("PNG", "JPEG", "WEBP")  # where A1111 (and NovelAI) keep parameters
 _ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)
@@ -69,7 +68,7 @@ async def _source_text(ctx: CommandContext) -> str | None:
         attachment = ctx.invocation.attachments[0]
         return await asyncio.to_thread(_image_infotext, attachment.filename, attachment.data)
     if _ULID.match(text):
-        record = await visible_record(ctx.app, text.upper(), ctx.actor)
+        record = await ctx.app.service.visible(text.upper(), ctx.actor)
         return record.images[0].infotext if record.images else None
     if not text:
         raise UserError("error.missing_argument", name="pnginfo", what="PNG")

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from bot.commands import QUOTES
-from bot.errors import NotFound, UserError
+from bot.errors import UserError
 from bot.governance import require_moderator
 from bot.i18n import Msg
 from bot.types import Actor, CommandContext, Reply
@@ -193,16 +193,3 @@ async def dispatch(
         )
     await before()
     return await handler(ctx, words[1] if len(words) > 1 else "")
-
-
-async def visible_generation(ctx: CommandContext, generation_id: str) -> Any:
-    """A generation the actor may read: their own, anyone's public one, any for moderators."""
-    record = await ctx.app.store.get(generation_id.strip())
-    actor = ctx.actor
-    mine = record is not None and (record.user.platform, record.user.platform_user_id) == (
-        actor.platform,
-        actor.user_id,
-    )
-    if record is None or (record.private and not mine and not actor.is_moderator):
-        raise NotFound("error.not_found", id=generation_id.strip())
-    return record

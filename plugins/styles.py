@@ -53,7 +53,6 @@ from plugins.scoped_names import (
     split_names,
     target_scope,
     valid_name,
-    visible_generation,
     where,
 )
 
@@ -412,7 +411,7 @@ async def _save(ctx: CommandContext, rest: str) -> Reply:
     if "from" in options:
         if prompt or negative:
             raise UserError("style.from_alone")
-        request = (await visible_generation(ctx, options["from"])).request
+        request = (await ctx.app.service.visible(options["from"].strip(), ctx.actor)).request
         prompt, negative = request.prompt, request.negative_prompt
     if not prompt.strip() and not negative.strip():
         raise UserError("style.empty")
