@@ -17,7 +17,7 @@ from bot.events import EventBus
 from bot.i18n import Translator, default_translator
 from bot.plugins import Registry, build_plugin_manager, call_collect, collect
 from bot.service import Service, core_commands
-from bot.settings import Settings
+from bot.settings import ConfigError, Settings
 from bot.types import Command
 from models.store import Store
 
@@ -75,7 +75,7 @@ class App:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
         self.images_dir.mkdir(parents=True, exist_ok=True)
         models_dir = getattr(self.library, "models_dir", None)
-        if models_dir is not None and not Path(models_dir).is_dir():
+        if models_dir is not None and not await asyncio.to_thread(Path(models_dir).is_dir):
             log.warning(
                 "models folder %s does not exist: only the built-in checkpoints are available", models_dir
             )
@@ -152,16 +152,32 @@ def register_plugin_options(app: App) -> None:
 
 
 def make_engine(settings: Settings, library: Any) -> Any:
+    """The engine for ``[engine]``; logs one line saying how it runs. Raises ``ConfigError``
+    for a setting this machine cannot honour (xformers asked for but unavailable)."""
     import torch
 
     from pipeline.engine import Engine
+    from pipeline.memory import MemorySettings, SettingError
 
-    device = settings.engine.device
+    config = settings.engine
+    device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = settings.engine.precision
+    precision = config.precision
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-    log.info("engine: device %s, precision %s, attention: PyTorch SDPA", device, precision)
-    return Engine(library, device=device, dtype=dtype)
+    memory = MemorySettings(
+        mode=config.memory_mode,
+        attention=config.attention,
+        no_half_vae=config.no_half_vae,
+        vae_tiling_pixels=config.vae_tiling_pixels,
+        budget_gb=config.memory_budget_gb,
+        oom_retry=config.oom_retry,
+    )
+    try:
+        engine = Engine(library, device=device, dtype=dtype, memory_settings=memory)
+    except SettingError as exc:
+        raise ConfigError(f"[engine] {exc.key}: {exc}") from None
+    log.info("engine: %s", engine.memory.describe(library.max_loaded))
+    return engine

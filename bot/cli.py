@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args, settings)
+    try:
+        return args.func(args, settings)
+    except ConfigError as exc:  # a setting this machine cannot honour, found while building the app
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:

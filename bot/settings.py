@@ -50,6 +50,12 @@ class EngineSettings(_Table):
     default_checkpoint: str = "tiny"
     tokenizer_dir: str = ""
     max_loaded: int = Field(2, ge=1)
+    memory_mode: Literal["normal", "medvram", "lowvram"] = "normal"
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    no_half_vae: bool = False
+    vae_tiling_pixels: int = Field(0, ge=0)
+    memory_budget_gb: float = Field(0.0, ge=0)
+    oom_retry: bool = True
 
 
 class DefaultsSettings(_Table):

@@ -8,10 +8,13 @@ A1111 names them: the path relative to ``Stable-diffusion/`` without its extensi
 Loaded pipelines are cached in this process so that a model is read from disk once.
 
 Single files are read through :mod:`pipeline.safe_load` (nothing in a pickle runs) and
-assembled from diffusers configs of their family: SD 1.x / SD 2.x configs ship in
+assembled from diffusers configs of their family: SD 1.x / SD 2.x / SDXL configs ship in
 ``pipeline/configs/``; ``config_dirs`` overrides them per family. Real SD checkpoints
 carry no tokenizer, and the CLIP vocabulary is not available offline, so a family's
-config folder must hold a ``tokenizer/`` folder or ``tokenizer_dir`` must name one.
+config folder must hold a ``tokenizer/`` folder or ``tokenizer_dir`` must name one. SDXL
+reads the same vocabulary for both text encoders (``tokenizer_2/`` where the config
+folder has one); the OpenCLIP-bigG one pads with ``!`` (:mod:`pipeline.sdxl`). A
+diffusers folder whose ``model_index.json`` names a ``text_encoder_2`` is SDXL.
 
 Family and prediction type (A1111 detects both from the weights and the ``.yaml``):
 
@@ -38,8 +41,9 @@ import dataclasses
 import logging
 import re
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -113,7 +117,10 @@ class CheckpointLibrary:
     """Lists, resolves and loads checkpoints.
 
     ``max_loaded`` bounds how many pipelines stay cached; the least recently used one is
-    dropped first, since a real checkpoint holds gigabytes. ``hash_cache`` is a
+    dropped first, since a real checkpoint holds gigabytes. ``residency`` (a
+    :class:`pipeline.memory.Residency`, set by the engine of the device) also bounds their
+    bytes: loading one drops least recently used others until it fits. A checkpoint a
+    running job holds (:meth:`in_use`) is never dropped. ``hash_cache`` is a
     :class:`HashCache` or the JSON path for one (default ``<models_dir>/../cache/hashes.json``).
     ``config_dirs`` maps a family (``"sd1"``, ``"sd2"``) to a diffusers folder whose configs
     (and ``tokenizer/``) single files of that family are assembled with; ``tokenizer_dir``
@@ -146,6 +153,8 @@ class CheckpointLibrary:
         self._lock = threading.RLock()
         self._infos: dict[str, CheckpointInfo] | None = None
         self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self.residency: Any = None  # pipeline.memory.Residency | None
+        self._in_use: Counter[str] = Counter()
 
     def refresh(self) -> None:
         """Rescan the models folder; pipelines already loaded stay cached."""
@@ -201,14 +210,44 @@ class CheckpointLibrary:
                 return pipe
             pipe = self._load_uncached(info)
             self._loaded[info.name] = pipe
-            while len(self._loaded) > self.max_loaded:
-                evicted, _ = self._loaded.popitem(last=False)
-                logger.info("unloaded checkpoint %s", evicted)
+            self._make_room(info.name)
             return pipe
 
     def loaded_names(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    @contextmanager
+    def in_use(self, name: str) -> Iterator[None]:
+        """Hold the checkpoint called ``name`` (resolved) for a running job: it is not
+        dropped to make room for another one until the block ends."""
+        key = self.resolve(name).name
+        with self._lock:
+            self._in_use[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use[key] -= 1
+                if not self._in_use[key]:
+                    del self._in_use[key]
+
+    def _make_room(self, loading: str) -> None:
+        """Drop least recently used pipelines while more than ``max_loaded`` are loaded or
+        they exceed the residency budget; never ``loading`` nor one in use. What cannot be
+        dropped stays (a job in use finishes undisturbed), with a warning when over budget."""
+        while True:
+            over_count = len(self._loaded) > self.max_loaded
+            over_budget = self.residency is not None and not self.residency.fits(self._loaded.values())
+            if not (over_count or over_budget):
+                return
+            victim = next((n for n in self._loaded if n != loading and not self._in_use[n]), None)
+            if victim is None:
+                if over_budget:
+                    logger.warning("checkpoints in use exceed the memory budget; loading %s anyway", loading)
+                return
+            del self._loaded[victim]
+            logger.info("unloaded checkpoint %s%s", victim, " (memory budget)" if over_budget else "")
 
     # -- catalog -------------------------------------------------------------------------
 
@@ -264,7 +303,13 @@ class CheckpointLibrary:
     def _diffusers_infos(self, root: Path) -> list[CheckpointInfo]:
         folders = sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
         return [
-            CheckpointInfo(name=f.name, path=f, kind="diffusers", prediction_type=_folder_prediction(f))
+            CheckpointInfo(
+                name=f.name,
+                path=f,
+                kind="diffusers",
+                family=_folder_family(f),
+                prediction_type=_folder_prediction(f),
+            )
             for f in folders
         ]
 
@@ -291,6 +336,8 @@ class CheckpointLibrary:
         try:
             if info.kind == "single_file":
                 return self._load_single_file(info)
+            if info.family == "sdxl":
+                return _load_sdxl_folder(info)
             return _load_diffusers_folder(info)
         except EngineError:
             raise
@@ -308,26 +355,32 @@ class CheckpointLibrary:
         info = self._update(
             dataclasses.replace(info, family=family, prediction_type=info.prediction_type or "epsilon")
         )
-        if family == "sdxl":
-            raise CheckpointLoadError(
-                info.name, "SDXL checkpoints are listed but this engine runs SD 1.x/2.x only"
-            )
         config = self.config_dirs.get(family, PACKAGED_CONFIGS / family)
+        if family == "sdxl":
+            from pipeline import sdxl
+
+            problem = sdxl.check_single_file(list(state))
+            if problem is not None:
+                raise CheckpointLoadError(info.name, problem)
+            tokenizers = (self._tokenizer(info, config), self._tokenizer(info, config, "tokenizer_2"))
+            return sdxl.assemble_single_file(state, config, tokenizers, info.prediction_type or "epsilon")
         return _assemble_single_file(info, state, config, self._tokenizer(info, config))
 
-    def _tokenizer(self, info: CheckpointInfo, config: Path) -> Any:
+    def _tokenizer(self, info: CheckpointInfo, config: Path, subfolder: str = "tokenizer") -> Any:
+        """The CLIP tokenizer in ``config/<subfolder>``; SDXL's second one may also come from
+        ``config/tokenizer``; else ``tokenizer_dir``."""
         from transformers import CLIPTokenizer
 
-        folder = config / "tokenizer"
-        if not folder.is_dir():
-            folder = self.tokenizer_dir
-        if folder is None or not folder.is_dir():
+        candidates = [config / subfolder, config / "tokenizer", self.tokenizer_dir]
+        folder = next((f for f in candidates if f is not None and f.is_dir()), None)
+        if folder is None:
             raise CheckpointLoadError(
                 info.name,
                 f"no CLIP tokenizer for {info.family}: set a tokenizer folder (engine.tokenizer_dir)",
             )
-        # OpenCLIP (SD 2.x) pads with "!" (id 0), not with the end token.
-        extra = {"pad_token": "!"} if info.family == "sd2" and folder == self.tokenizer_dir else {}
+        # OpenCLIP (SD 2.x, SDXL's second encoder) pads with "!" (id 0), not with the end token.
+        open_clip = info.family == "sd2" or subfolder == "tokenizer_2"
+        extra = {"pad_token": "!"} if open_clip and folder != config / subfolder else {}
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra)
         _check_tokenizer(info, tokenizer)
         return tokenizer
@@ -420,6 +473,17 @@ def _metadata_prediction(metadata: Any) -> str | None:
     return "epsilon" if value == "epsilon" else None
 
 
+def _folder_family(folder: Path) -> Family | None:
+    """SDXL when the folder's ``model_index.json`` names a second text encoder; else unknown."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "sdxl" if isinstance(index, dict) and "text_encoder_2" in index else None
+
+
 def _folder_prediction(folder: Path) -> str | None:
     import json
 
@@ -479,6 +543,16 @@ def _assemble_single_file(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_sdxl_folder(info: CheckpointInfo) -> Any:
+    from pipeline import sdxl
+
+    assert info.path is not None
+    pipe = sdxl.load_folder(info.path)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        _check_tokenizer(info, tokenizer)
     return pipe
 
 

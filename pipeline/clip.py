@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -245,22 +246,47 @@ def _chunk_ids(chunk: PromptChunk, pad_id: int | None, device: torch.device) -> 
 
 
 class _EmbeddingInjector:
-    """Overwrites the placeholder rows of the token embedding output with TI vectors."""
+    """Overwrites the placeholder rows of the token embedding output with TI vectors
+    (``columns`` of them: an SDXL embedding holds both encoders' vectors side by side)."""
 
-    def __init__(self, fixes: list[EmbeddingFix]) -> None:
+    def __init__(self, fixes: list[EmbeddingFix], columns: slice | None = None) -> None:
         self.fixes = fixes
+        self.columns = columns
 
     def __call__(self, module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
         for fix in self.fixes:
             start = fix.slot + 1
-            vectors = fix.embedding.vectors.to(device=output.device, dtype=output.dtype)
+            vectors = fix.embedding.vectors
+            if self.columns is not None:
+                vectors = vectors[:, self.columns]
+            vectors = vectors.to(device=output.device, dtype=output.dtype)
             output[:, start : start + vectors.shape[0]] = vectors
         return output
 
 
-def _run_encoder(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    outputs = text_encoder(input_ids=ids, output_hidden_states=True)
+@torch.no_grad()
+def run_chunk(
+    text_encoder: torch.nn.Module,
+    chunk: PromptChunk,
+    *,
+    pad_id: int | None = None,
+    columns: slice | None = None,
+) -> Any:
+    """The text encoder's whole output for one 77-id chunk, hidden states included, with the
+    chunk's embedding vectors (their ``columns``, when given) in place of the placeholders."""
+    ids = _chunk_ids(chunk, pad_id, _encoder_device(text_encoder))
+    if not chunk.fixes:
+        return text_encoder(input_ids=ids, output_hidden_states=True)
+    injector = _EmbeddingInjector(chunk.fixes, columns)
+    hook = text_encoder.get_input_embeddings().register_forward_hook(injector)
+    try:
+        return text_encoder(input_ids=ids, output_hidden_states=True)
+    finally:
+        hook.remove()
+
+
+def _layer_output(text_encoder: torch.nn.Module, outputs: Any, clip_skip: int) -> torch.Tensor:
     if clip_skip == 1:
         return outputs.last_hidden_state
     hidden_states = outputs.hidden_states
@@ -272,14 +298,7 @@ def _run_encoder(text_encoder: torch.nn.Module, ids: torch.Tensor, clip_skip: in
 def _encode_chunk(
     text_encoder: torch.nn.Module, chunk: PromptChunk, clip_skip: int, pad_id: int | None
 ) -> torch.Tensor:
-    ids = _chunk_ids(chunk, pad_id, _encoder_device(text_encoder))
-    if not chunk.fixes:
-        return _run_encoder(text_encoder, ids, clip_skip)
-    hook = text_encoder.get_input_embeddings().register_forward_hook(_EmbeddingInjector(chunk.fixes))
-    try:
-        return _run_encoder(text_encoder, ids, clip_skip)
-    finally:
-        hook.remove()
+    return _layer_output(text_encoder, run_chunk(text_encoder, chunk, pad_id=pad_id), clip_skip)
 
 
 @torch.no_grad()

@@ -9,6 +9,10 @@ counter ``k`` that picks the scheduled conditioning of prompt editing and altern
 
 One denoiser serves one sampling pass: the counter starts at 0, so the hires pass gets a
 fresh one.
+
+SDXL conds are :class:`PooledCond` (tokens and the pooled text vector, scheduled
+together); with them ``PromptConds.time_ids`` holds the pass's size ids, and every UNet
+call gets both as diffusers' ``added_cond_kwargs``, for cond and uncond alike.
 """
 
 from __future__ import annotations
@@ -24,8 +28,23 @@ from pipeline.prompts import scheduled_at
 
 logger = logging.getLogger(__name__)
 
-# An encoded prompt schedule: ``[(end_at_call, cond (T, C)), …]`` as ``scheduled_at`` reads it.
-Schedule = Sequence[tuple[int, torch.Tensor]]
+
+@dataclass(frozen=True)
+class PooledCond:
+    """An SDXL cond: cross-attention tokens ``(T, C)`` and the pooled text vector ``(P,)``
+    that the UNet's extra conditioning takes beside the size ids."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> PooledCond:
+        return PooledCond(self.tokens.to(device, dtype), self.pooled.to(device, dtype))
+
+
+Cond = torch.Tensor | PooledCond
+# An encoded prompt schedule: ``[(end_at_call, cond), …]`` as ``scheduled_at`` reads it; a
+# cond is ``(T, C)`` tokens, or a ``PooledCond`` for SDXL.
+Schedule = Sequence[tuple[int, Cond]]
 SigmaToTimestep = Callable[[torch.Tensor], torch.Tensor]
 
 # DDIM CFG++ guides with cfg / 12.5 (§9.1).
@@ -44,6 +63,8 @@ class PromptConds:
 
     parts: tuple[tuple[Schedule, float], ...]
     uncond: Schedule
+    # SDXL: [original h, w, crop top, left, target h, w] for every UNet call of the pass.
+    time_ids: torch.Tensor | None = None
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
@@ -79,6 +100,10 @@ class _Prepared:
     cond: torch.Tensor  # (B*J, T, C), image-major: image i's parts are rows i*J … i*J+J-1
     uncond: torch.Tensor  # (B, T', C)
     joint: torch.Tensor | None  # (B*J + B, T, C) when T == T', for one UNet call
+    # SDXL's ``added_cond_kwargs`` for the same rows (None for SD 1.x/2.x).
+    cond_added: dict[str, torch.Tensor] | None = None
+    uncond_added: dict[str, torch.Tensor] | None = None
+    joint_added: dict[str, torch.Tensor] | None = None
 
 
 class CFGDenoiser:
@@ -185,15 +210,24 @@ class CFGDenoiser:
         if parts > 1:
             x_cond, t_cond = x_in.repeat_interleave(parts, 0), t.repeat_interleave(parts)
         if prepared.joint is not None:
-            out = self._unet(torch.cat([x_cond, x_in]), torch.cat([t_cond, t]), prepared.joint, dtype)
+            x_joint, t_joint = torch.cat([x_cond, x_in]), torch.cat([t_cond, t])
+            out = self._unet(x_joint, t_joint, prepared.joint, dtype, prepared.joint_added)
             cond_out, uncond_out = out[: batch * parts], out[batch * parts :]
         else:
-            cond_out = self._unet(x_cond, t_cond, prepared.cond, dtype)
-            uncond_out = self._unet(x_in, t, prepared.uncond, dtype)
+            cond_out = self._unet(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added)
+            uncond_out = self._unet(x_in, t, prepared.uncond, dtype, prepared.uncond_added)
         return cond_out.unflatten(0, (batch, parts)), uncond_out
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = self.unet(x.to(dtype), t.float(), encoder_hidden_states=emb, return_dict=False)[0]
+    def _unet(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        emb: torch.Tensor,
+        dtype: torch.dtype,
+        added: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        extra = {} if added is None else {"added_cond_kwargs": added}
+        out = self.unet(x.to(dtype), t.float(), encoder_hidden_states=emb, return_dict=False, **extra)[0]
         return out.float()
 
     def _prepare(self, k: int, batch: int) -> _Prepared:
@@ -202,19 +236,41 @@ class CFGDenoiser:
         key = (*(id(c) for c in chosen), id(uncond), batch)
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[key] = _expand(chosen, uncond, batch)
+            prepared = self._prepared[key] = _expand(chosen, uncond, batch, self.conds.time_ids)
         return prepared
 
 
-def _expand(chosen: list[torch.Tensor], uncond: torch.Tensor, batch: int) -> _Prepared:
+def _tokens(cond: Cond) -> torch.Tensor:
+    return cond.tokens if isinstance(cond, PooledCond) else cond
+
+
+def _expand(chosen: list[Cond], uncond: Cond, batch: int, time_ids: torch.Tensor | None) -> _Prepared:
     """AND parts of unequal length are padded by repeating their last vector (§7.2)."""
-    parts = torch.stack(clip.pad_repeating_last(chosen))  # (J, T, C)
+    parts = torch.stack(clip.pad_repeating_last([_tokens(c) for c in chosen]))  # (J, T, C)
     cond = parts.repeat(batch, 1, 1)
-    uncond_batch = uncond.unsqueeze(0).expand(batch, -1, -1)
+    uncond_batch = _tokens(uncond).unsqueeze(0).expand(batch, -1, -1)
     joint = None
     if cond.shape[1] == uncond_batch.shape[1]:
         joint = torch.cat([cond, uncond_batch])
-    return _Prepared(cond=cond, uncond=uncond_batch, joint=joint)
+    prepared = _Prepared(cond=cond, uncond=uncond_batch, joint=joint)
+    if time_ids is None:
+        return prepared
+    pooled_parts = [c for c in chosen if isinstance(c, PooledCond)]
+    if len(pooled_parts) != len(chosen) or not isinstance(uncond, PooledCond):
+        raise ValueError("size ids (SDXL) need pooled conds for every prompt")
+    pooled = torch.stack([c.pooled for c in pooled_parts]).repeat(batch, 1)
+    uncond_pooled = uncond.pooled.unsqueeze(0).expand(batch, -1)
+    prepared.cond_added = _added(pooled, time_ids)
+    prepared.uncond_added = _added(uncond_pooled, time_ids)
+    if joint is not None:
+        prepared.joint_added = _added(torch.cat([pooled, uncond_pooled]), time_ids)
+    return prepared
+
+
+def _added(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """diffusers' SDXL extra conditioning for ``pooled.shape[0]`` UNet rows."""
+    ids = time_ids.to(pooled.device, pooled.dtype).reshape(1, -1).expand(pooled.shape[0], -1)
+    return {"text_embeds": pooled, "time_ids": ids}
 
 
 def _per_image(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

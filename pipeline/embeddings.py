@@ -8,6 +8,12 @@ matcher that :func:`pipeline.clip.chunk_prompt` takes for one text encoder, and
 :meth:`EmbeddingDatabase.used` names what a prompt used for the ``TI hashes`` infotext
 field (§12.1, §13).
 
+SDXL embeddings hold a ``clip_l``/``clip_g`` pair; they load as one embedding whose vectors
+are the two side by side (``part_widths`` records the split), usable only by a model whose
+two text encoders have exactly those widths, as A1111 matches an embedding's shape; each
+encoder takes its own columns (``pipeline.sdxl``). Single-vector embeddings are for
+single-encoder models.
+
 Files are untrusted: ``.safetensors`` are read with safetensors and ``.pt``/``.bin`` only
 with ``torch.load(weights_only=True)``, which refuses any pickle that would import code
 (§15). A file that cannot be read that way is refused and logged, and never executed.
@@ -50,7 +56,8 @@ class Embedding:
     """One loaded embedding; ``vectors`` is ``(rows, width)`` float32 on the CPU.
 
     ``name`` is the file stem, as in A1111: a ``name`` key stored inside a ``.pt`` is kept
-    as ``stored_name`` only, so renaming the file renames the prompt word.
+    as ``stored_name`` only, so renaming the file renames the prompt word. An SDXL pair has
+    ``part_widths`` ``(clip_l, clip_g)`` and its vectors are ``clip_l`` then ``clip_g``.
     """
 
     name: str
@@ -60,6 +67,7 @@ class Embedding:
     sd_checkpoint: str | None = None
     sd_checkpoint_name: str | None = None
     stored_name: str | None = None
+    part_widths: tuple[int, ...] | None = None
 
     @property
     def rows(self) -> int:
@@ -68,6 +76,11 @@ class Embedding:
     @property
     def width(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The text-encoder widths this embedding is for: one per encoder."""
+        return self.part_widths if self.part_widths is not None else (self.width,)
 
 
 # --- reading one file ---------------------------------------------------------------------------
@@ -118,17 +131,27 @@ def _is_sdxl(data: Mapping[Any, Any]) -> bool:
     return all(isinstance(data.get(key), torch.Tensor) for key in _SDXL_KEYS)
 
 
-def _raw_vectors(data: Any) -> torch.Tensor | None:
-    """Find the vectors in any of the layouts A1111 reads; ``None`` for SDXL pairs (unsupported)."""
+def _raw_vectors(data: Any) -> torch.Tensor:
+    """Find the vectors in any of the single-encoder layouts A1111 reads."""
     if not isinstance(data, Mapping):
         raise EmbeddingLoadError(f"holds a {type(data).__name__}, not a dict of tensors")
     if _A1111_PARAM_KEY in data:
         return _single_tensor(data[_A1111_PARAM_KEY], _A1111_PARAM_KEY)
-    if _is_sdxl(data):
-        return None
     if isinstance(data.get(_EMB_PARAMS_KEY), torch.Tensor):
         return data[_EMB_PARAMS_KEY]
     return _single_tensor(data, "a diffusers embedding")
+
+
+def _vectors(data: Any) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """The vectors and, for an SDXL pair, the two encoders' widths (the vectors side by side)."""
+    if not isinstance(data, Mapping) or _A1111_PARAM_KEY in data or not _is_sdxl(data):
+        return _as_vectors(_raw_vectors(data)), None
+    parts = [_as_vectors(data[key]) for key in _SDXL_KEYS]
+    if parts[0].shape[0] != parts[1].shape[0]:
+        raise EmbeddingLoadError(
+            f"has {parts[0].shape[0]} clip_l and {parts[1].shape[0]} clip_g vectors; they must match"
+        )
+    return torch.cat(parts, dim=1).contiguous(), tuple(int(p.shape[1]) for p in parts)
 
 
 def _as_vectors(raw: torch.Tensor) -> torch.Tensor:
@@ -160,19 +183,18 @@ def _optional_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_embedding(path: Path) -> Embedding | None:
-    """Read one embedding file; ``None`` for an SDXL (``clip_l``/``clip_g``) pair.
+def load_embedding(path: Path) -> Embedding:
+    """Read one embedding file (an SDXL ``clip_l``/``clip_g`` pair included).
 
     Raises :class:`EmbeddingLoadError` for anything unreadable, unsafe or of an unknown layout.
     """
     data = _read_file(path)
-    raw = _raw_vectors(data)
-    if raw is None:
-        return None
+    vectors, part_widths = _vectors(data)
     return Embedding(
         name=path.stem,
         path=path,
-        vectors=_as_vectors(raw),
+        vectors=vectors,
+        part_widths=part_widths,
         step=_optional_int(data.get("step")),
         sd_checkpoint=_optional_str(data.get("sd_checkpoint")),
         sd_checkpoint_name=_optional_str(data.get("sd_checkpoint_name")),
@@ -237,8 +259,6 @@ def _load_one(path: Path) -> Embedding | None:
     except OSError as exc:
         log.warning("cannot read embedding file %s: %s", path, exc)
         return None
-    if embedding is None:
-        log.info("skipping SDXL embedding %s (clip_l/clip_g pairs are not supported)", path)
     return embedding
 
 
@@ -295,7 +315,7 @@ class EmbeddingDatabase:
         self._lock = threading.Lock()
         self._embeddings: dict[str, Embedding] | None = None
         self._hashes: dict[Path, str] = {}
-        self._warned_widths: set[tuple[str, int]] = set()
+        self._warned_widths: set[tuple[str, tuple[int, ...]]] = set()
         self._version = 0
 
     def refresh(self) -> None:
@@ -339,35 +359,40 @@ class EmbeddingDatabase:
                 current = self._embeddings or {}
         return current
 
-    def usable(self, hidden_size: int | None = None) -> list[Embedding]:
-        """The embeddings a text encoder of ``hidden_size`` can take (all when ``None``)."""
+    def usable(self, hidden_size: int | tuple[int, ...] | None = None) -> list[Embedding]:
+        """The embeddings a model's text encoder(s) can take: ``hidden_size`` is one width, or
+        one per encoder (SDXL: ``(768, 1280)``); all when ``None``."""
+        wanted = (hidden_size,) if isinstance(hidden_size, int) else hidden_size
         usable = []
         for embedding in self._catalogue().values():
-            if hidden_size is None or embedding.width == hidden_size:
+            if wanted is None or embedding.widths == tuple(wanted):
                 usable.append(embedding)
             else:
-                self._log_width_skip(embedding, hidden_size)
+                self._log_width_skip(embedding, tuple(wanted))
         return usable
 
-    def _log_width_skip(self, embedding: Embedding, hidden_size: int) -> None:
-        key = (embedding.name, hidden_size)
+    def _log_width_skip(self, embedding: Embedding, widths: tuple[int, ...]) -> None:
+        key = (embedding.name, widths)
         with self._lock:
             first = key not in self._warned_widths
             self._warned_widths.add(key)
         if first:
             log.info(
-                "embedding %r (%s) has width %d; skipped for this model, whose text encoder has width %d",
+                "embedding %r (%s) has width %s; skipped for this model, whose text encoder has width %s",
                 embedding.name,
                 embedding.path,
-                embedding.width,
-                hidden_size,
+                _widths_text(embedding.widths),
+                _widths_text(widths),
             )
 
-    def lookup(self, tokenize: Tokenize, *, hidden_size: int | None = None) -> EmbeddingLookup:
+    def lookup(
+        self, tokenize: Tokenize, *, hidden_size: int | tuple[int, ...] | None = None
+    ) -> EmbeddingLookup:
         """The ``embeddings=`` matcher for ``chunk_prompt`` with this ``tokenize``.
 
-        Pass the text encoder's ``hidden_size`` so that embeddings trained for another model
-        family (768 vs 1024 wide) are left as plain words instead of breaking the encoder.
+        Pass the text encoder's ``hidden_size`` (a tuple for SDXL's two) so that embeddings
+        trained for another model family (768 vs 1024 wide, SD vs SDXL) are left as plain
+        words instead of breaking the encoder.
         """
         return _build_index(self.usable(hidden_size), tokenize)
 
@@ -406,6 +431,10 @@ class EmbeddingDatabase:
         with self._lock:
             self._hashes[embedding.path] = digest
         return digest
+
+
+def _widths_text(widths: tuple[int, ...]) -> str:
+    return "+".join(str(width) for width in widths)
 
 
 def ti_hashes_field(used: Mapping[str, str]) -> str:

@@ -39,9 +39,11 @@ from pipeline import (
     infotext,
     kdiffusion,
     latents,
+    memory,
     oom,
     rng,
     samplers,
+    sdxl,
     timestep_samplers,
     vae,
 )
@@ -74,8 +76,6 @@ LATENT_CHANNELS = 4
 ProgressCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 SamplerLoop = Callable[..., torch.Tensor]
-
-_OOM_MARKERS = ("out of memory", "Unable to find a valid cuDNN algorithm", "can't allocate memory")
 
 
 def sampler_loop(name: str) -> SamplerLoop:
@@ -170,6 +170,10 @@ class _LoadedModel:
     def prediction_type(self) -> str:
         return dict(self.base_scheduler_config).get("prediction_type", "epsilon")
 
+    @property
+    def is_sdxl(self) -> bool:
+        return sdxl.is_sdxl(self.pipe)
+
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.pipe.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
 
@@ -179,7 +183,7 @@ class _LoadedModel:
             return None
         version = self.embeddings.version
         if self._lookup is None or self._lookup[0] != version:
-            width = self.pipe.text_encoder.config.hidden_size
+            width = sdxl.text_widths(self.pipe) if self.is_sdxl else self.pipe.text_encoder.config.hidden_size
             self._lookup = (version, self.embeddings.lookup(self.tokenize, hidden_size=width))
         return self._lookup[1]
 
@@ -195,9 +199,12 @@ class _LoadedModel:
             self.chunks.popitem(last=False)
         return chunks
 
-    def encode_raw(self, chunks: list[clip.PromptChunk], clip_skip: int) -> torch.Tensor:
-        """``(1, 77*k, C)`` unweighted encoder output; emphasis is normalised by the caller
-        over every text encoded together (``pipeline.conditioning``)."""
+    def encode_raw(self, chunks: list[clip.PromptChunk], clip_skip: int) -> Any:
+        """``(1, 77*k, C)`` unweighted encoder output (both encoders' for SDXL, where clip skip
+        does nothing); emphasis is normalised by the caller over every text encoded together
+        (``pipeline.conditioning``)."""
+        if self.is_sdxl:
+            return sdxl.encode_raw(self.pipe, chunks)
         return clip.encode_chunks(
             self.pipe.text_encoder, chunks, clip_skip=clip_skip, emphasis="Ignore", pad_id=self.pad_id
         )
@@ -214,12 +221,6 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _OOM_MARKERS)
-
-
 # --------------------------------------------------------------------------------------
 # The engine
 
@@ -227,10 +228,22 @@ def _is_oom(exc: BaseException) -> bool:
 class Engine:
     """Runs txt2img, img2img and hires-fix requests on one device, one at a time."""
 
-    def __init__(self, library: CheckpointLibrary, *, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        library: CheckpointLibrary,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        memory_settings: memory.MemorySettings | None = None,
+    ):
+        """``memory_settings``: memory mode, attention, VAE precision, tiling, budget and OOM
+        retry (``pipeline.memory``); a byte budget, where there is one, becomes the library's."""
         self.library = library
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
+        self.memory = memory.DeviceMemory(self.device, self.dtype, memory_settings)
+        if self.memory.residency is not None:
+            library.residency = self.memory.residency
         self._lock = threading.Lock()
         self._models: dict[str, _LoadedModel] = {}
         folder = library.models_dir / EMBEDDINGS_SUBDIR if library.models_dir is not None else None
@@ -255,7 +268,7 @@ class Engine:
         job = plan_passes(request)
         active = self.networks.for_prompt(request.prompt)
         progress = _Progress(job.total_steps, on_progress, should_stop)
-        with self._lock:
+        with self._lock, self.library.in_use(request.checkpoint):
             model = self._model(request.checkpoint)
             separate = self._separate_vae(model, request.vae)
             progress.check()
@@ -316,8 +329,7 @@ class Engine:
         return cached
 
     def _prepare(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-        if pipe.device != self.device or pipe.dtype != self.dtype:
-            pipe.to(self.device, self.dtype)
+        self.memory.prepare(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -327,17 +339,27 @@ class Engine:
         self, model: _LoadedModel, request: GenerationRequest, job: PassPlan, progress: _Progress,
         active: ActiveNetworks,
     ) -> list[Any]:  # fmt: skip
-        """Run with the request's networks applied (removed again however the run ends)."""
-        oom_detail = None
-        try:
-            with active.applied(model.pipe), torch.inference_mode():
-                return self._run(model, request, job, progress)
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            oom_detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        # Outside the except block, so the traceback's frames (and their tensors) are gone.
-        oom.release_memory(self.device)
+        """Run with the request's networks applied (removed again however the run ends); out
+        of memory, run once more in the next lower memory mode with VAE tiling, if allowed."""
+        oom_detail = ""
+        for number, (mode, tiling) in enumerate(self.memory.attempts()):
+            if number:
+                logger.warning(
+                    "out of memory (%s); retrying once in %s mode with VAE tiling", oom_detail, mode
+                )
+            try:
+                with (
+                    self.memory.attempt(model.pipe, mode, tiling),
+                    active.applied(model.pipe, device=self.device),
+                    torch.inference_mode(),
+                ):
+                    return self._run(model, request, job, progress)
+            except Exception as exc:
+                if not oom.is_oom(exc):
+                    raise
+                oom_detail = oom.describe(exc)
+            # Outside the except block, so the traceback's frames (and their tensors) are gone.
+            oom.release_memory(self.device)
         target = (job.target.width, job.target.height) if job.target is not None else None
         raise oom.out_of_memory(oom_detail, request, target)
 
@@ -366,7 +388,7 @@ class Engine:
             upscaled = hires.upscale_latents(x, request.hr_upscaler, job.target)
         else:
             images = hires.upscale_images(self._decode(model, x), request.hr_upscaler, job.target)
-            upscaled = latents.encode(model.pipe.vae, latents.images_to_tensor(images))
+            upscaled = self.memory.encode(model.pipe.vae, latents.images_to_tensor(images))
         start = hires.crop_latents(upscaled, job.target).to(self.device, torch.float32)
         return self._sample(
             model, request, job.second, tuple(start.shape[1:]), start, progress, job.first.steps
@@ -376,11 +398,11 @@ class Engine:
         """The init image's latents, one copy per image of the batch."""
         assert request.init_image is not None
         image = latents.load_init_image(request.init_image, request.width, request.height)
-        encoded = latents.encode(model.pipe.vae, latents.images_to_tensor([image]))
+        encoded = self.memory.encode(model.pipe.vae, latents.images_to_tensor([image]))
         return encoded.to(self.device).expand(request.num_images_per_prompt, -1, -1, -1)
 
     def _decode(self, model: _LoadedModel, x: torch.Tensor) -> list[Any]:
-        return latents.to_pil(vae.decode_with_fallback(model.pipe.vae, x, latents.decode))
+        return latents.to_pil(self.memory.decode(model.pipe.vae, x))
 
     def _image_rng(self, request: GenerationRequest, shape: tuple[int, ...]) -> rng.ImageRNG:
         """Per-image noise at ``shape``; the hires pass gets a fresh one with the same seeds (§8.6)."""
@@ -415,9 +437,11 @@ class Engine:
         loop = sampler_loop(name)
         image_rng = self._image_rng(request, shape)
         noise = image_rng.next().to(self.device)
+        with self.memory.using(*memory.text_encoders(model.pipe)):
+            conds = self._conds(model, request, step_pass)
         denoiser = CFGDenoiser(
             model.pipe.unet,
-            self._conds(model, request, step_pass),
+            conds,
             request.guidance_scale,
             prediction_type=model.prediction_type,
             sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
@@ -444,11 +468,15 @@ class Engine:
                 if start is None
                 else _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
             )
-            return loop(x, timesteps, ctx)
-        schedule = samplers.sigma_schedule(name, step_pass.selection.schedule, plan.schedule_steps)
+            with self.memory.using(model.pipe.unet):
+                return loop(x, timesteps, ctx)
+        schedule = samplers.sigma_schedule(
+            name, step_pass.selection.schedule, plan.schedule_steps, sdxl=model.is_sdxl
+        )
         sigmas = schedule.sigmas[plan.start_index :].to(self.device)
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
-        return loop(x, sigmas, ctx)
+        with self.memory.using(model.pipe.unet):
+            return loop(x, sigmas, ctx)
 
     def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: SamplingPass) -> Any:
         first_pass = step_pass.base_steps is None
@@ -461,6 +489,8 @@ class Engine:
             device=self.device,
             dtype=model.pipe.unet.dtype,
             hires_steps=None if first_pass else step_pass.call_steps,
+            time_ids=sdxl.time_ids(*step_pass.size) if model.is_sdxl else None,
+            zero_empty_negative=model.is_sdxl,
         )
 
     # -- infotext ------------------------------------------------------------------------

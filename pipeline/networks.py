@@ -386,14 +386,17 @@ class ActiveNetworks:
         return {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in entries.items())}
 
     @contextmanager
-    def applied(self, pipe: Any) -> Iterator[None]:
-        """The pipeline with these networks on; exactly the base model again afterwards."""
+    def applied(self, pipe: Any, device: torch.device | None = None) -> Iterator[None]:
+        """The pipeline with these networks on; exactly the base model again afterwards.
+
+        ``device`` is where the UNet computes, when it differs from where its weights are
+        kept between uses (medvram/lowvram, ``pipeline.memory``)."""
         if not self.loras and not self.hypernets:
             yield
             return
         unet = pipe.unet
         for network in self.hypernets:
-            network.to(unet.device, unet.dtype)
+            network.to(device if device is not None else unet.device, unet.dtype)
         with patched_weights(lora_deltas(pipe, self.loras)), hypernetwork_hooks(unet, self.hypernets):
             yield
 

@@ -1,4 +1,9 @@
-"""Out-of-memory errors with what the bot needs to advise the user (smaller size, batch, hires)."""
+"""Out-of-memory errors: how to recognise one, and what the bot needs to advise the user.
+
+A job that runs out of memory is retried once in a lower memory mode when the engine
+allows it (``pipeline.memory``); if it fails again, :func:`out_of_memory` carries the
+size, batch and hires figures the user's message suggests lowering.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,23 @@ from pipeline.errors import OutOfMemory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["out_of_memory", "release_memory"]
+__all__ = ["describe", "is_oom", "out_of_memory", "release_memory"]
+
+# CUDA's allocator, cuDNN when it has no workspace left, and the CPU allocator.
+OOM_MARKERS = ("out of memory", "Unable to find a valid cuDNN algorithm", "can't allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory failure (of any device), as opposed to a bug."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in OOM_MARKERS)
+
+
+def describe(exc: BaseException) -> str:
+    """The first line of the error, which names what failed to allocate."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def release_memory(device: torch.device) -> None:

@@ -24,7 +24,9 @@ class SamplingPass:
     """One sampling pass: its sampler, steps, prompts and where in the schedule it starts.
 
     ``base_steps`` is set for the hires pass only: the first pass's denoiser-call total,
-    which the hires prompt-editing timeline continues from (§3.2, §3.4).
+    which the hires prompt-editing timeline continues from (§3.2, §3.4). ``size`` is the
+    (width, height) its conds are made for, which SDXL's size conditioning takes: the
+    request's, or the hires target.
     """
 
     selection: samplers.SamplerSelection
@@ -33,6 +35,7 @@ class SamplingPass:
     prompt: str
     negative_prompt: str
     base_steps: int | None = None
+    size: tuple[int, int] = (0, 0)
 
     @property
     def info(self) -> samplers.SamplerInfo:
@@ -59,15 +62,16 @@ def plan_passes(request: GenerationRequest) -> PassPlan:
     """Validate what the request asks for and lay out its passes (§9.6)."""
     selection = samplers.select_sampler(request.sampler_name, request.scheduler)
     steps = request.num_inference_steps
+    size = (request.width, request.height)
     if request.init_image is not None:
         if request.enable_hr:
             raise ValueError("the hires fix is for txt2img; it cannot be combined with an init image")
         strength = _strength(request, DEFAULT_IMG2IMG_STRENGTH)
         plan = latents.img2img_plan(steps, strength)
-        first = SamplingPass(selection, steps, plan, request.prompt, request.negative_prompt)
+        first = SamplingPass(selection, steps, plan, request.prompt, request.negative_prompt, size=size)
         return PassPlan(first, None, None, {"Denoising strength": strength})
     first = SamplingPass(
-        selection, steps, latents.StepPlan(steps, steps), request.prompt, request.negative_prompt
+        selection, steps, latents.StepPlan(steps, steps), request.prompt, request.negative_prompt, size=size
     )
     if not request.enable_hr:
         return PassPlan(first, None, None, {})
@@ -81,6 +85,9 @@ def _plan_hires(request: GenerationRequest, first: SamplingPass) -> PassPlan:
         request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
     )
     hr_steps = request.hr_second_pass_steps or first.steps
+    target = hires.hires_target(
+        request.width, request.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y
+    )
     second = SamplingPass(
         hr_selection,
         hr_steps,
@@ -88,9 +95,7 @@ def _plan_hires(request: GenerationRequest, first: SamplingPass) -> PassPlan:
         request.hr_prompt or request.prompt,
         request.hr_negative_prompt or request.negative_prompt,
         base_steps=first.call_steps,
-    )
-    target = hires.hires_target(
-        request.width, request.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y
+        size=(target.width, target.height),
     )
     if target.width < LATENT_FACTOR or target.height < LATENT_FACTOR:
         raise ValueError(f"hires target {target.width}x{target.height} is too small")

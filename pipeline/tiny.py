@@ -15,6 +15,12 @@ characters at 0..255 in CLIP's byte-to-unicode order, the same characters with
 ``</w>`` at 256..511, and the special tokens at 49406/49407. A1111's chunking rules
 hard-code BOS 49406, EOS 49407 and the comma 267 (``,</w>``), and with this layout they
 hold here exactly as with the real tokenizer.
+
+``build_tiny_sdxl`` is the same idea for SDXL: a CLIP-L-like and an OpenCLIP-bigG-like text
+encoder of different widths (32 + 48 = 80 cross-attention features, a 40-wide projected
+pooled vector), a UNet with SDXL's ``text_time`` extra conditioning and two transformer
+layers in its attention block, and a VAE with SDXL's scaling factor. It is not a
+built-in checkpoint; tests save it as a diffusers folder or a single file.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,13 @@ EOS_ID = 49407
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
 _WEIGHT_SEED = 20240601
+_SDXL_WEIGHT_SEED = 20240602
+# The tiny SDXL's text widths: CLIP-L-like, OpenCLIP-bigG-like, and bigG's projection.
+SDXL_WIDTHS = (32, 48)
+SDXL_POOLED_WIDTH = 40
+_SDXL_TIME_EMBED_DIM = 8
+# OpenCLIP pads with "!" (id 0) after the end token, CLIP with the end token itself.
+OPEN_CLIP_PAD_TOKEN = "!"
 
 
 def byte_unicode_chars() -> list[str]:
@@ -65,7 +78,7 @@ def tiny_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
@@ -74,7 +87,7 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         model_max_length=MAX_LENGTH,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
         unk_token="<|endoftext|>",
     )
 
@@ -88,9 +101,104 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         return _assemble()
 
 
+def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    """Build the tiny SDXL pipeline on the CPU in float32; the same weights on every call."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SDXL_WEIGHT_SEED)
+        return _assemble_sdxl()
+
+
+def _text_config(width: int, layers: int, **extra: object) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        max_position_embeddings=MAX_LENGTH,
+        **extra,
+    )
+
+
+def _tiny_vae(scaling_factor: float = 0.18215, **extra: object) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    # Four blocks, so vae_scale_factor is 8 as in real SD (and small latents keep it fast).
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
+def _assemble_sdxl() -> StableDiffusionXLPipeline:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    width_l, width_g = SDXL_WIDTHS
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=width_l + width_g,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + 6 * _SDXL_TIME_EMBED_DIM,
+    )
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    text_encoder = CLIPTextModel(_text_config(width_l, 3))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(width_g, 3, projection_dim=SDXL_POOLED_WIDTH, hidden_act="gelu")
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_tiny_tokenizer(),
+        tokenizer_2=build_tiny_tokenizer(pad_token=OPEN_CLIP_PAD_TOKEN),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    _offset_layer_norms(text_encoder)
+    _offset_layer_norms(text_encoder_2)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return pipe
+
+
 def _assemble() -> StableDiffusionPipeline:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     # Seeded components in a fixed order: the draw order defines the weights.
     unet = UNet2DConditionModel(
@@ -104,29 +212,8 @@ def _assemble() -> StableDiffusionPipeline:
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    # Four blocks, so vae_scale_factor is 8 as in real SD (and small latents keep it fast).
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=VOCAB_SIZE,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,
-            max_position_embeddings=MAX_LENGTH,
-        )
-    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_text_config(32, 5))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

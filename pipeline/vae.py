@@ -9,10 +9,16 @@ Half-precision SD VAEs overflow on some latents and decode to NaN, which becomes
 image. The engine decodes through :func:`decode_with_fallback`: when a fp16/bf16 decode
 has a NaN or is entirely black, it is repeated in float32 for that call (the VAE is put
 back to its dtype afterwards, so a request always gives the same pixels).
+
+A batch is decoded one image at a time (:func:`decode_batch`), as A1111 does: image ``i``
+then does not depend on the others, nor on the memory mode, and the fp32 retry redoes only
+the image that needs it. Large images can be decoded in overlapping tiles
+(:func:`tiled_decode`), blended linearly across the overlaps.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +31,25 @@ from pipeline.safe_load import load_state_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VAE_EXTENSIONS", "VAE_SUBDIR", "decode_with_fallback", "find_vae", "load_vae", "needs_fp32_retry"]
+__all__ = [
+    "TILE_LATENTS",
+    "VAE_EXTENSIONS",
+    "VAE_SUBDIR",
+    "decode_batch",
+    "decode_with_fallback",
+    "find_vae",
+    "load_vae",
+    "needs_fp32_retry",
+    "tiled_decode",
+]
 
 VAE_SUBDIR = "VAE"
 VAE_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _PREFIXES = ("first_stage_model.", "vae.")
+# Tiles of 64 latents (512 px, what the SD VAE was trained on), a quarter of them overlapping.
+TILE_LATENTS = 64
+_TILE_OVERLAP_SHARE = 0.25
 
 # SD 1.x/2.x's VAE, for files loaded without a model to copy the architecture from.
 SD_VAE_CONFIG: dict[str, Any] = {
@@ -124,8 +143,74 @@ def decode_with_fallback(
     if dtype not in _HALF_DTYPES or not needs_fp32_retry(decoded):
         return decoded
     logger.warning("VAE decode in %s produced NaN or a black image; retrying in float32", dtype)
-    vae.to(torch.float32)
+    # Outside inference mode, so the weights never become inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        vae.to(torch.float32)
     try:
         return decode(vae, latents)
     finally:
-        vae.to(dtype)
+        with torch.inference_mode(False), torch.no_grad():
+            vae.to(dtype)
+
+
+Decode = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def decode_batch(vae: Any, latents: torch.Tensor, decode: Decode, *, tile: int | None = None) -> torch.Tensor:
+    """Each image of the batch through :func:`decode_with_fallback`; tiled with ``tile``-latent
+    tiles when ``tile`` is given (images that fit in one tile are decoded whole)."""
+    if tile is not None:
+        decode = functools.partial(tiled_decode, decode=decode, tile=tile)
+    return torch.cat([decode_with_fallback(vae, one, decode) for one in latents.split(1)])
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    return [*starts, length - tile]
+
+
+def _ramp(size: int, fade: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+    """1 in the middle, rising from near 0 over ``fade`` at a side that overlaps a neighbour."""
+    weights = torch.ones(size)
+    fade = min(fade, size // 2)
+    if fade > 0:
+        rise = (torch.arange(fade, dtype=torch.float32) + 0.5) / fade
+        if fade_in:
+            weights[:fade] = rise
+        if fade_out:
+            weights[-fade:] = torch.minimum(weights[-fade:], rise.flip(0))
+    return weights
+
+
+def tiled_decode(
+    vae: Any, latents: torch.Tensor, decode: Decode, *, tile: int = TILE_LATENTS, overlap: int | None = None
+) -> torch.Tensor:
+    """``decode`` in overlapping ``tile``x``tile`` latent tiles, blended into one image (float32).
+
+    Peak memory is that of one tile's decode. The decoder's normalisation sees one tile at
+    a time, so a tiled image is close to, not equal to, the whole decode."""
+    height, width = latents.shape[-2:]
+    if height <= tile and width <= tile:
+        return decode(vae, latents)
+    overlap = max(1, int(tile * _TILE_OVERLAP_SHARE)) if overlap is None else overlap
+    rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+    out = weight = None
+    scale = 1
+    for top in rows:
+        for left in cols:
+            piece = decode(vae, latents[..., top : top + tile, left : left + tile]).float()
+            if out is None:
+                scale = piece.shape[-1] // min(tile, width)
+                out = piece.new_zeros((*piece.shape[:2], height * scale, width * scale))
+                weight = piece.new_zeros((1, 1, height * scale, width * scale))
+            assert weight is not None
+            rows_w = _ramp(piece.shape[-2], overlap * scale, top > 0, top != rows[-1])
+            cols_w = _ramp(piece.shape[-1], overlap * scale, left > 0, left != cols[-1])
+            mask = (rows_w[:, None] * cols_w[None, :]).to(piece.device)
+            y, x = top * scale, left * scale
+            out[..., y : y + piece.shape[-2], x : x + piece.shape[-1]] += piece * mask
+            weight[..., y : y + piece.shape[-2], x : x + piece.shape[-1]] += mask
+    assert out is not None and weight is not None
+    return out / weight

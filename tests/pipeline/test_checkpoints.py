@@ -311,7 +311,7 @@ def test_read_yaml_config(tmp_path):
     }
 
 
-def test_sdxl_is_listed_but_refused_clearly(tmp_path):
+def test_a_broken_sdxl_file_is_listed_and_refused_clearly(tmp_path):
     from safetensors.torch import save_file
 
     sd_dir = tmp_path / "Stable-diffusion"
@@ -319,7 +319,7 @@ def test_sdxl_is_listed_but_refused_clearly(tmp_path):
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, sd_dir / "xl.safetensors")
     library = CheckpointLibrary(tmp_path)
     assert library.resolve("xl").family == "sdxl"
-    with pytest.raises(CheckpointLoadError, match="SDXL"):
+    with pytest.raises(CheckpointLoadError, match="no UNet, no VAE, no CLIP-L text encoder weights"):
         library.load("xl")
 
 

@@ -181,20 +181,25 @@ def test_seventy_five_vectors_are_accepted(tmp_path: Path) -> None:
     assert load_embedding(tmp_path / "long.safetensors").rows == CHUNK_LENGTH
 
 
-def test_sdxl_pairs_and_broken_files_are_skipped_and_logged(
+def test_sdxl_pairs_load_for_two_encoder_models_only_and_broken_files_are_skipped_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    save_safetensors(
-        tmp_path / "xl.safetensors", {"clip_l": vectors(2, 1, 768), "clip_g": vectors(2, 2, 1280)}
-    )
+    clip_l, clip_g = vectors(2, 1, 768), vectors(2, 2, 1280)
+    save_safetensors(tmp_path / "xl.safetensors", {"clip_l": clip_l, "clip_g": clip_g})
+    save_safetensors(tmp_path / "uneven.safetensors", {"clip_l": clip_l, "clip_g": vectors(3, 2, 1280)})
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     (tmp_path / "garbage.pt").write_bytes(b"this is not a torch file")
     (tmp_path / "empty.bin").write_bytes(b"")
     save_a1111(tmp_path / "good.pt", vectors(1, 1))
     with caplog.at_level(logging.INFO, logger="pipeline.embeddings"):
         db = EmbeddingDatabase(tmp_path)
-        assert db.names() == ["good"]
-    assert "SDXL" in caplog.text and "xl.safetensors" in caplog.text
+        assert db.names() == ["good", "xl"]
+        pair = db.get("xl")
+        assert pair.widths == (768, 1280) and torch.equal(pair.vectors, torch.cat([clip_l, clip_g], dim=1))
+        assert db.usable(WIDTH) == [db.get("good")]
+        assert db.usable((768, 1280)) == [pair]
+    assert "has width 768+1280; skipped" in caplog.text
+    assert "uneven.safetensors" in caplog.text and "clip_g vectors" in caplog.text
     assert "corrupt.safetensors" in caplog.text and "garbage.pt" in caplog.text
 
 
