@@ -220,6 +220,14 @@ def test_console_session_varies_a_variation_and_shows_the_lineage(tmp_path: Path
         (lineage,) = session.command(f"/lineage {chain[-1]}")
         assert lineage["lineage"] == chain
         assert lineage["text"].endswith(" → ".join(chain))
+        walked, current = [], chain[-1]  # /show re-posts each result and names its parent
+        while current:
+            (shown,) = session.command(f"/show {current}")
+            assert shown["key"] == "show.result" and shown["files"] and shown["images"][0]["seed"] == 21
+            assert f"vary:{current}.1" in [a["id"] for a in shown["actions"]]
+            walked.append(current)
+            current = shown["parent_id"]
+        assert walked == chain[::-1]
         (strong,) = jobs_of(session.command(f"/vary {root}.1 --strong"))
         assert "Variation seed strength: 0.5" in session.finished(strong)["images"][0]["infotext"]
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'atelier.db'}")
