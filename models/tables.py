@@ -42,6 +42,7 @@ class Generation(Base):
     __table_args__ = (
         Index("ix_generations_status_created", "status", "created_at"),
         Index("ix_generations_user_created", "user_id", "created_at"),
+        Index("ix_generations_parent_id", "parent_id"),  # /show's children, lineage walks
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)  # ULID
