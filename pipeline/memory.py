@@ -24,6 +24,7 @@ inference tensors, which the LoRA restore (an in-place copy after the job) canno
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -235,6 +236,10 @@ def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     The dtype is passed only when it changes something: diffusers warns on every cast."""
     if dtype is not None and all(p.dtype == dtype for p in module.parameters() if p.is_floating_point()):
         dtype = None
+    if dtype is None and all(
+        t.device == device for t in itertools.chain(module.parameters(), module.buffers())
+    ):
+        return  # already there: ``to`` would still walk every submodule, on every job
     with torch.inference_mode(False), torch.no_grad():
         if dtype is None:
             module.to(device)
