@@ -65,7 +65,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_sd15_random() -> Any:
     """An SD 1.5-sized pipeline with seeded random weights, on the CPU in float32."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from pipeline import tiny
@@ -84,14 +84,7 @@ def build_sd15_random() -> Any:
                 pad_token_id=tiny.EOS_ID,
             )
         )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = tiny.sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -26,7 +26,7 @@ built-in checkpoint; tests save it as a diffusers folder or a single file.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -196,8 +196,23 @@ def _assemble_sdxl() -> StableDiffusionXLPipeline:
     return pipe
 
 
+def sd_scheduler() -> Any:
+    """The SD 1.x/2.x training schedule as diffusers' pipelines carry it (a pipeline needs
+    one; the engine's own samplers never call it)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def _assemble() -> StableDiffusionPipeline:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     # Seeded components in a fixed order: the draw order defines the weights.
@@ -214,14 +229,7 @@ def _assemble() -> StableDiffusionPipeline:
     )
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_text_config(32, 5))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
