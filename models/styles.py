@@ -19,32 +19,30 @@ from models.base import Base, UTCDateTime, utcnow
 NAME_LENGTH = 64  # the column size; the configured limit may only be lower
 
 
-class SavedStyle(Base):
+class _ScopedName:
+    """A name unique (case-insensitively, by ``name_key``) within one scope, and who made it.
+    Each table declares its own unique constraint (a constraint object belongs to one table)."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    scope_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name_key: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_by: Mapped[str] = mapped_column(String(96))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class SavedStyle(_ScopedName, Base):
     __tablename__ = "styles"
     __table_args__ = (UniqueConstraint("scope", "scope_id", "name_key"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    scope: Mapped[str] = mapped_column(String(16))
-    scope_id: Mapped[str] = mapped_column(String(128))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
-    name_key: Mapped[str] = mapped_column(String(NAME_LENGTH))
     prompt: Mapped[str] = mapped_column(Text, default="")
     negative_prompt: Mapped[str] = mapped_column(Text, default="")
-    created_by: Mapped[str] = mapped_column(String(96))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
-class SavedPreset(Base):
+class SavedPreset(_ScopedName, Base):
     __tablename__ = "negative_presets"
     __table_args__ = (UniqueConstraint("scope", "scope_id", "name_key"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    scope: Mapped[str] = mapped_column(String(16))
-    scope_id: Mapped[str] = mapped_column(String(128))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
-    name_key: Mapped[str] = mapped_column(String(NAME_LENGTH))
     negative_prompt: Mapped[str] = mapped_column(Text)
-    created_by: Mapped[str] = mapped_column(String(96))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -135,6 +135,19 @@ def _ancestral_noise(ctx: SamplingContext) -> NoiseSampler:
     return lambda sigma, sigma_next: _randn_like(ctx)
 
 
+def _ancestral_setup(
+    x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext
+) -> tuple[int, torch.Tensor, float, float, NoiseSampler]:
+    """What every ancestral loop starts from: steps, σ's on x's device, eta, s_noise, noise."""
+    return (
+        _steps(sigmas),
+        _on_device(x, sigmas),
+        _eta(ctx),
+        _extra(ctx, "s_noise", 1.0),
+        _ancestral_noise(ctx),
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Euler, Heun, DPM2 and their "churn" (Karras et al. 2022, algorithm 2)
 
@@ -196,11 +209,7 @@ def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) ->
 @torch.no_grad()
 def sample_euler_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Euler step down to σ_down, then fresh noise up to σ_next (none after a step to 0)."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
-    eta = _eta(ctx)
-    s_noise = _extra(ctx, "s_noise", 1.0)
-    noise_sampler = _ancestral_noise(ctx)
+    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
     for i in range(steps):
         denoised = _denoise(ctx, x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
@@ -275,11 +284,7 @@ def sample_dpm_2_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingC
     Unlike Euler a, k-diffusion adds this sampler's noise on every step, the last one
     included (where σ_up = 0), so it draws one noise per step.
     """
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
-    eta = _eta(ctx)
-    s_noise = _extra(ctx, "s_noise", 1.0)
-    noise_sampler = _ancestral_noise(ctx)
+    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
     for i in range(steps):
         denoised = _denoise(ctx, x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
@@ -348,11 +353,7 @@ def sample_lms(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> t
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """DPM-Solver++(2S) single-step second order down to σ_down, plus ancestral noise."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
-    eta = _eta(ctx)
-    s_noise = _extra(ctx, "s_noise", 1.0)
-    noise_sampler = _ancestral_noise(ctx)
+    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
     for i in range(steps):
         denoised = _denoise(ctx, x, sigmas[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
