@@ -235,13 +235,18 @@ def test_every_upscaler(engine, upscaler):
 
 def test_latent_upscalers_differ(engine):
     """At 1.5x (nearest and nearest-exact agree on exact 2x upscales). Antialiasing only acts
-    when shrinking, so bilinear upscales the same with or without it; bicubic's does not."""
+    when shrinking, so bilinear upscales the same with or without it, up to the rounding of
+    two different kernels (which differ between CPUs); bicubic's antialiasing does change it."""
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    target = hires.hires_target(64, 64, 1.5)
+    plain = hires.upscale_latents(latents, "Latent", target)
+    smoothed = hires.upscale_latents(latents, "Latent (antialiased)", target)
+    torch.testing.assert_close(smoothed, plain, rtol=1e-5, atol=1e-6)
     images = {
         name: _pixels(engine.generate(_request(enable_hr=True, hr_scale=1.5, hr_upscaler=name)))
         for name in hires.LATENT_UPSCALERS
+        if name != "Latent (antialiased)"
     }
-    assert np.array_equal(images["Latent"], images["Latent (antialiased)"])
-    del images["Latent (antialiased)"]
     assert len({image.tobytes() for image in images.values()}) == len(images)
 
 

@@ -97,11 +97,18 @@ def _conds(pipe, prompt: str, negative: str = "", steps: int = 4, size=(64, 64))
 
 @pytest.fixture
 def unet_calls(library):
-    """The ``added_cond_kwargs`` and timesteps of every UNet call on the loaded ``xl``."""
+    """The ``added_cond_kwargs``, text conditioning and timesteps of every UNet call on the
+    loaded ``xl``."""
     calls = []
 
     def record(module, args, kwargs):
-        calls.append(types.SimpleNamespace(t=args[1].clone(), added=kwargs["added_cond_kwargs"]))
+        calls.append(
+            types.SimpleNamespace(
+                t=args[1].clone(),
+                added=kwargs["added_cond_kwargs"],
+                context=kwargs["encoder_hidden_states"].clone(),
+            )
+        )
 
     handle = library.load("xl").unet.register_forward_pre_hook(record, with_kwargs=True)
     yield calls
@@ -341,13 +348,23 @@ def test_infotext_is_written_and_reproduces_the_image(xl_engine, library):
     assert np.array_equal(_pixels(plain), _pixels(result)) and "Clip skip" not in plain.images[0].infotext
 
 
-def test_prompt_editing_alternation_and_and_change_the_image(xl_engine):
-    def draw(prompt: str) -> np.ndarray:
-        return _pixels(xl_engine.generate(_request(prompt=prompt, num_inference_steps=3)))
+def test_prompt_editing_alternation_and_and_change_the_conditioning(xl_engine, unet_calls):
+    """Whether a small change of conditioning survives to 8-bit pixels on a random tiny UNet
+    depends on the CPU's kernels; what the UNet is given does not."""
 
-    plain = draw("a cat in a house")
+    def contexts(prompt: str) -> list[torch.Tensor]:
+        unet_calls.clear()
+        xl_engine.generate(_request(prompt=prompt, num_inference_steps=3))
+        return [call.context for call in unet_calls]
+
+    plain = contexts("a cat in a house")
     for prompt in ("a [cat:dog:1] in a house", "a [cat|dog] in a house", "a cat in a house AND a hat :0.6"):
-        assert not np.array_equal(draw(prompt), plain), prompt
+        changed = contexts(prompt)
+        assert any(
+            a.shape != b.shape or not torch.allclose(a, b) for a, b in zip(changed, plain, strict=False)
+        ) or len(changed) != len(plain), prompt
+    edited = contexts("a [cat:dog:1] in a house")
+    assert torch.allclose(edited[0], plain[0])  # step 1 still draws the cat
 
 
 def test_every_unet_call_gets_pooled_vectors_and_the_request_size(xl_engine, unet_calls):
