@@ -54,18 +54,25 @@ class NewImage:
     infotext: str
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, *, foreign_keys: bool = True, busy_timeout_ms: int = 30000) -> None:
+    """Per-connection SQLite settings: WAL (readers never block the writer), a busy timeout
+    (a writer waits for another process's write instead of failing), foreign keys."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
+    # first: switching a fresh database to WAL needs the lock another process may hold
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    sqlite_pragmas(dbapi_connection)
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
     return engine
 
 
