@@ -125,6 +125,32 @@ async def make_app(
         await app.stop(wait=False)
 
 
+async def expire_leases(app: Any) -> None:
+    """``app`` hangs past its lease: it renews nothing any more, and its leases are in the
+    past, as they would be ``lease_seconds`` later."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from models.base import utcnow
+    from models.tables import Generation
+
+    await app.heartbeat.stop()
+    async with app.store.session() as session:
+        await session.execute(
+            update(Generation)
+            .where(Generation.owner == app.owner)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+async def crash(app: Any) -> None:
+    """What other processes see once ``app``'s process died and its lease ran out: nothing
+    of it runs or renews any more."""
+    await app.queue.stop()
+    await expire_leases(app)
+
+
 class EventLog:
     """Collects bus events; ``wait_for`` awaits a condition on them with a timeout."""
 
