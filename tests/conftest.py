@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transfor
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,24 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
     finally:
         await _drop_postgres_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def process_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """For tests that run bot processes: None (SQLite in the data dir) or a fresh
+    PostgreSQL database, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    if not POSTGRES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
+        pytest.skip("PostgreSQL not configured (ATELIER_TEST_POSTGRES_URL)")
+    url = asyncio.run(_fresh_postgres_database())
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop_postgres_database(url))
 
 
 @pytest.fixture(scope="session")
