@@ -15,6 +15,7 @@ import pluggy
 from bot import db
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
+from bot.leases import Heartbeat, new_owner_id
 from bot.plugins import Registry, build_plugin_manager, call_collect, collect
 from bot.service import Service, core_commands
 from bot.settings import ConfigError, Settings
@@ -52,13 +53,16 @@ class App:
     options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
     grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # xy_grid.GridAxis
     queue: Any = None
+    owner: str = field(default_factory=new_owner_id)  # holds this App's jobs (bot/leases.py)
     service: Service = field(init=False)
+    heartbeat: Heartbeat = field(init=False)
     started: bool = False
 
     def __post_init__(self) -> None:
         from pipeline.queue import LocalQueue
 
         self.service = Service(self)
+        self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
         if self.queue is None:
             self.queue = LocalQueue(self.engines, self.service)
 
@@ -67,9 +71,11 @@ class App:
         return self.settings.bot.images_path
 
     async def start(self, *, recover: bool = True) -> int:
-        """Migrate (if configured), start plugins and workers, queue unfinished jobs again.
+        """Migrate (if configured), start plugins and workers, take over the unfinished jobs
+        of processes that are gone, and keep this App's leases alive.
 
-        Returns the number of recovered jobs.
+        With ``recover`` the heartbeat also takes over, while the App runs, the jobs of any
+        process that goes away later. Returns the number of jobs taken over at start.
         """
         if self.settings.database.auto_upgrade:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
@@ -82,11 +88,23 @@ class App:
         await self.queue.start()
         self.started = True
         await call_collect(self.pm.hook.startup, app=self)
-        return await self.service.recover() if recover else 0
+        recovered = await self.service.recover() if recover else 0
+        self.heartbeat.start(adopt=recover)
+        return recovered
 
     async def stop(self, *, wait: bool = True) -> None:
+        """Stop the workers (``wait``: let running jobs finish), then release this App's
+        open jobs so that another process, or the next start, takes them at once."""
         if self.started:
             await self.queue.stop(wait=wait)
+            await self.heartbeat.stop()
+            try:
+                released = await self.store.release(self.owner)
+            except Exception:  # unreleased jobs are taken over when their lease runs out
+                log.exception("could not release this process's open jobs")
+            else:
+                if released:
+                    log.info("released %d open job(s) for another process or the next start", released)
             await call_collect(self.pm.hook.shutdown, app=self)
             self.started = False
         await self.store.close()

@@ -4,6 +4,11 @@
 (draft -> modify_request -> freeze -> check_request -> plan_generation -> store ->
 queue). The service is also the queue's ``JobListener``: it records every state change
 in the store first and then publishes the event, so what users see is what is stored.
+
+Jobs are held by this App (``App.owner``) under a lease (bot/leases.py): stored with it,
+claimed and ended only while this App still holds them. ``recover`` takes over the jobs
+of processes that are gone and routes their events as stored on the row (the job's user
+and ``reply_to``).
 """
 
 from __future__ import annotations
@@ -11,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from dataclasses import replace
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ulid import ULID
@@ -23,9 +26,11 @@ from bot.commands import parse_args, split_command
 from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
 from bot.inputs import store_input_image
+from bot.leases import owner_gone
 from bot.options import draw_options
 from bot.plugins import maybe_await
 from bot.reruns import draw_line, options_from_infotext, split_infotext
+from bot.result_files import discard_staged, put_in_place, stage_images
 from bot.types import (
     Action,
     Actor,
@@ -48,8 +53,9 @@ from bot.types import (
     Reply,
     Started,
 )
+from models.base import utcnow
 from models.records import GenerationRecord
-from models.store import NewImage, NewJob
+from models.store import Lease, NewJob
 from pipeline.errors import EngineError
 from pipeline.queue import Job
 from pipeline.request import GenerationResult
@@ -271,6 +277,7 @@ class Service:
             guild_id=actor.guild_id,
             reply_to=reply_to,
             roles=sorted(actor.roles),
+            lease=self.lease(),
         )
         for job in jobs:
             self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), actor, reply_to)
@@ -281,11 +288,24 @@ class Service:
         position = self.app.queue.put(job)
         self.app.bus.publish(Queued(job.id, actor, reply_to, position=position))
 
+    def lease(self) -> Lease:
+        """This App's hold on a job from now: renewed by the heartbeat while it lives."""
+        seconds = self.app.settings.queue.lease_seconds
+        return Lease(self.app.owner, utcnow() + timedelta(seconds=seconds))
+
+    async def renew_leases(self) -> int:
+        return await self.app.store.renew(self.lease())
+
     async def recover(self) -> int:
-        """Queue again what a previous process left queued or running. Returns how many."""
+        """Take over and queue the open jobs of processes that are gone (their lease ran out,
+        or they exited on this machine); a job interrupted while running counts an attempt,
+        and one interrupted ``max_attempts`` times fails. Returns how many were queued."""
         count = 0
         max_attempts = self.app.settings.queue.max_attempts
-        for record in await self.app.store.list_open():
+        owner = self.app.owner
+        for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
+            if record.id in self._routes:  # already in this App's queue
+                continue
             actor = actor_of(record, self.app.settings.bot.locale)
             if record.status == "running":
                 if record.attempts >= max_attempts:
@@ -296,7 +316,8 @@ class Service:
                         UserError("error.interrupted", attempts=record.attempts),
                     )
                     continue
-                await self.app.store.requeue_interrupted(record.id)
+                if not await self.app.store.requeue_interrupted(record.id, owner):
+                    continue
             self._enqueue(Job(record.id, actor.key, record.request, record.priority), actor, record.reply_to)
             count += 1
         return count
@@ -326,7 +347,7 @@ class Service:
     # JobListener ------------------------------------------------------------------------------
 
     async def job_started(self, job: Job) -> bool:
-        if not await self.app.store.mark_running(job.id):
+        if not await self.app.store.mark_running(job.id, self.lease()):
             self._routes.pop(job.id, None)
             return False
         actor, reply_to = self._routes[job.id]
@@ -340,22 +361,31 @@ class Service:
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
         actor, reply_to = self._routes[job.id]
-        images = await asyncio.to_thread(self._save_images, job.id, result)
-        stored = await self.app.store.finish(
-            job.id,
-            [image for image, _ in images],
-            model_hash=result.model_hash,
-            device_seconds=result.device_seconds,
-        )
+        images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
+
+        async def keep() -> None:
+            await asyncio.to_thread(put_in_place, images)
+
+        try:
+            stored = await self.app.store.finish(
+                job.id,
+                [image.record for image in images],
+                owner=self.app.owner,
+                model_hash=result.model_hash,
+                device_seconds=result.device_seconds,
+                keep=keep,
+            )
+        finally:
+            await asyncio.to_thread(discard_staged, images)
         self._routes.pop(job.id, None)
-        if not stored:  # cancelled or failed meanwhile: the row already says how it ended
+        if not stored:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return
         record = await self.app.store.get(job.id)
         assert record is not None
         actions = self.result_actions(record, actor)
         out = tuple(
-            ImageOut(image.id, path, image.seed, image.width, image.height, image.infotext)
-            for image, path in images
+            ImageOut(i.record.id, i.path, i.record.seed, i.record.width, i.record.height, i.record.infotext)
+            for i in images
         )
         self.app.bus.publish(
             Finished(job.id, actor, reply_to, images=out, actions=tuple(actions), spoiler=record.spoiler)
@@ -393,7 +423,7 @@ class Service:
     async def job_stopped(self, job: Job) -> None:
         actor, reply_to = self._routes.pop(job.id)
         if job.stop_reason == "shutdown":
-            await self.app.store.requeue_interrupted(job.id)
+            await self.app.store.requeue_interrupted(job.id, self.app.owner)
             return
         if await self.app.store.mark_cancelled(job.id):
             self.app.bus.publish(Cancelled(job.id, actor, reply_to))
@@ -402,31 +432,12 @@ class Service:
     async def _fail(
         self, generation_id: str, actor: Actor, reply_to: dict[str, Any], error: BaseException
     ) -> None:
+        """Fail a job this App holds (a process that lost it leaves it to the new holder)."""
         reply = self.error_reply(error, actor)
         message = self.app.translator.t("en", reply.key, **reply.params)
-        if await self.app.store.mark_failed(generation_id, reply.key, message):
+        if await self.app.store.mark_failed(generation_id, reply.key, message, owner=self.app.owner):
             self.app.bus.publish(Failed(generation_id, actor, reply_to, key=reply.key, params=reply.params))
             await self._ended(generation_id)
-
-    def _save_images(self, generation_id: str, result: GenerationResult) -> list[tuple[NewImage, Path]]:
-        """On a worker thread: PNGs named by generation id and index, so a re-run overwrites them."""
-        from pipeline.images import save_png
-
-        root = self.app.images_dir
-        folder = Path(datetime.now(UTC).strftime("%Y-%m-%d"))
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        saved = []
-        for index, image in enumerate(result.images):
-            relative = folder / f"{generation_id}-{index}-{image.seed}.png"
-            started = time.perf_counter()
-            save_png(image.image, root / relative, image.infotext)
-            log.debug("saved %s in %.3fs", relative, time.perf_counter() - started)
-            width, height = image.image.size
-            new = NewImage(
-                new_id(), index, relative.as_posix(), width, height, image.seed, image.subseed, image.infotext
-            )
-            saved.append((new, root / relative))
-        return saved
 
 
 def actor_of(record: GenerationRecord, default_locale: str) -> Actor:

@@ -101,6 +101,7 @@ class LimitsSettings(_Table):
 class QueueSettings(_Table):
     backend: Literal["local"] = "local"
     max_attempts: int = Field(3, ge=1)
+    lease_seconds: float = Field(30, ge=1)
 
 
 class PluginsSettings(BaseModel):

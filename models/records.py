@@ -59,3 +59,5 @@ class GenerationRecord:
     finished_at: datetime | None
     images: tuple[ImageRecord, ...] = field(default_factory=tuple)
     spoiler: bool = False
+    owner: str | None = None  # the process holding an open job (models.store.Lease)
+    lease_expires_at: datetime | None = None

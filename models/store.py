@@ -3,17 +3,24 @@
 Status changes are guarded updates (``WHERE status IN ...``) so that a job can be
 claimed, finished or failed only once, whatever races between a restart, a cancel and a
 worker; the caller learns from the return value whether it won.
+
+Several processes may share one database. An open job is held by one of them: its
+``owner`` with a lease (``lease_expires_at``) that the owner's heartbeat renews (``renew``).
+Another process takes a job over (``adopt``) only when nobody holds it, its lease ran out,
+or its owner is known to be gone; claiming, finishing and failing are guarded by the owner
+too, so a process that lost a job (it stalled past its lease) can no longer end it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import ColumnElement, delete, event, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
@@ -43,6 +50,14 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A process's hold on jobs: who holds them and until when, unless it renews in time."""
+
+    owner: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class NewImage:
     id: str
     index: int
@@ -54,18 +69,25 @@ class NewImage:
     infotext: str
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, *, foreign_keys: bool = True, busy_timeout_ms: int = 30000) -> None:
+    """Per-connection SQLite settings: WAL (readers never block the writer), a busy timeout
+    (a writer waits for another process's write instead of failing), foreign keys."""
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
+    # first: switching a fresh database to WAL needs the lock another process may hold
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    sqlite_pragmas(dbapi_connection)
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
     return engine
 
 
@@ -122,8 +144,10 @@ class Store:
         guild_id: str | None,
         reply_to: dict[str, Any],
         roles: Sequence[str],
+        lease: Lease | None = None,
     ) -> None:
-        """Store every job of one request in one transaction: all are queued, or none."""
+        """Store every job of one request in one transaction: all are queued, or none.
+        With a ``lease`` the jobs are held by that process; without, any process may take them."""
         async with self.session() as session:
             for job in jobs:
                 req = job.request
@@ -155,6 +179,8 @@ class Store:
                         private=job.private,
                         priority=job.priority,
                         spoiler=job.spoiler,
+                        owner=lease.owner if lease else None,
+                        lease_expires_at=lease.expires_at if lease else None,
                     )
                 )
 
@@ -164,7 +190,7 @@ class Store:
             return _record(row) if row else None
 
     async def list_open(self) -> list[GenerationRecord]:
-        """Queued and interrupted (running) jobs, oldest first: what a restart must run again."""
+        """Queued and running jobs, oldest first, whichever process holds them."""
         async with self.session() as session:
             rows = await session.scalars(
                 select(Generation)
@@ -188,26 +214,40 @@ class Store:
             )
             return [_record(row) for row in rows]
 
-    async def mark_running(self, generation_id: str) -> bool:
-        """Claim a queued job; counts the attempt. False when it is no longer queued."""
+    async def mark_running(self, generation_id: str, lease: Lease) -> bool:
+        """Claim a queued job for ``lease.owner``; counts the attempt. False when it is no
+        longer queued or another live process holds it."""
         return await self._transition(
             generation_id,
             ("queued",),
+            _takeable(lease.owner, utcnow()),
             status="running",
             started_at=utcnow(),
             attempts=Generation.attempts + 1,
+            owner=lease.owner,
+            lease_expires_at=lease.expires_at,
         )
 
-    async def requeue_interrupted(self, generation_id: str) -> bool:
-        """After a restart: a job left running by a dead process goes back to the queue."""
-        return await self._transition(generation_id, ("running",), status="queued")
+    async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
+        """A running job of ``owner`` that stopped without an end (shutdown, a dead process
+        taken over) goes back to the queue; its attempt stays counted."""
+        return await self._transition(generation_id, ("running",), Generation.owner == owner, status="queued")
 
     async def mark_failed(
-        self, generation_id: str, error_key: str, error: str, device_seconds: float | None = None
+        self,
+        generation_id: str,
+        error_key: str,
+        error: str,
+        device_seconds: float | None = None,
+        *,
+        owner: str | None = None,
     ) -> bool:
+        """Fail an open job; with ``owner``, only while that process still holds it."""
+        guard = () if owner is None else (Generation.owner == owner,)
         return await self._transition(
             generation_id,
             OPEN_STATUSES,
+            *guard,
             status="failed",
             error_key=error_key,
             error=error,
@@ -216,16 +256,33 @@ class Store:
         )
 
     async def mark_cancelled(self, generation_id: str) -> bool:
+        """Any process may cancel: the holder then fails to claim or to finish it."""
         return await self._transition(generation_id, OPEN_STATUSES, status="cancelled", finished_at=utcnow())
 
     async def finish(
-        self, generation_id: str, images: Sequence[NewImage], *, model_hash: str | None, device_seconds: float
+        self,
+        generation_id: str,
+        images: Sequence[NewImage],
+        *,
+        owner: str,
+        model_hash: str | None,
+        device_seconds: float,
+        keep: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
-        """Images and the finished status in one transaction: a job finishes exactly once."""
+        """Images and the finished status in one transaction: a job finishes exactly once,
+        and only in the process that holds it.
+
+        ``keep`` runs once the job is won, before the commit: it puts the image files in
+        place, so a process that lost the job writes none and no image row is ever stored
+        without its file (if ``keep`` fails, nothing is stored)."""
         async with self.session() as session:
             result = await session.execute(
                 update(Generation)
-                .where(Generation.id == generation_id, Generation.status == "running")
+                .where(
+                    Generation.id == generation_id,
+                    Generation.status == "running",
+                    Generation.owner == owner,
+                )
                 .values(
                     status="finished",
                     finished_at=utcnow(),
@@ -235,9 +292,87 @@ class Store:
             )
             if result.rowcount != 1:
                 return False
+            if keep is not None:
+                await keep()
             for image in images:
                 session.add(Image(generation_id=generation_id, **image.__dict__))
             return True
+
+    # leases ---------------------------------------------------------------------------------
+
+    async def renew(self, lease: Lease) -> int:
+        """Extend every open job held by ``lease.owner`` (one statement); returns how many."""
+        async with self.session() as session:
+            result = await session.execute(
+                update(Generation)
+                .where(Generation.owner == lease.owner, Generation.status.in_(OPEN_STATUSES))
+                .values(lease_expires_at=lease.expires_at)
+            )
+            return result.rowcount
+
+    async def release(self, owner: str) -> int:
+        """Give up every open job of ``owner`` (a graceful stop): any process may take them
+        at once, without waiting for the lease to run out. Returns how many."""
+        async with self.session() as session:
+            result = await session.execute(
+                update(Generation)
+                .where(Generation.owner == owner, Generation.status.in_(OPEN_STATUSES))
+                .values(owner=None, lease_expires_at=None)
+            )
+            return result.rowcount
+
+    async def adopt(
+        self, lease: Lease, *, gone: Callable[[str], bool] | None = None
+    ) -> list[GenerationRecord]:
+        """Take over the open jobs nobody holds any more: no owner, a lease that ran out, or
+        an owner that ``gone`` says has exited. Jobs of a live holder are never touched.
+
+        Returns the jobs taken, oldest first, with the status they had (a "running" one was
+        interrupted). Each job is taken in its own guarded update, so of two processes
+        adopting at once exactly one gets it, and the update never waits on a second row
+        lock (no deadlock with a holder renewing its leases)."""
+        now = utcnow()
+        open_ = Generation.status.in_(OPEN_STATUSES)
+        async with self.session() as session:
+            expired = or_(
+                Generation.owner.is_(None),
+                Generation.lease_expires_at.is_(None),
+                Generation.lease_expires_at < now,
+            )
+            ids = set(await session.scalars(select(Generation.id).where(open_, expired)))
+            dead: list[str] = []
+            if gone is not None:
+                owners = await session.scalars(
+                    select(Generation.owner)
+                    .where(open_, Generation.owner.is_not(None), Generation.owner != lease.owner)
+                    .distinct()
+                )
+                dead = [owner for owner in owners if owner and gone(owner)]
+                if dead:
+                    ids.update(
+                        await session.scalars(select(Generation.id).where(open_, Generation.owner.in_(dead)))
+                    )
+        takeable = or_(expired, Generation.owner.in_(dead)) if dead else expired
+        won = []
+        for generation_id in sorted(ids):
+            async with self.session() as session:
+                result = await session.execute(
+                    update(Generation)
+                    .where(Generation.id == generation_id, open_, takeable)
+                    .values(owner=lease.owner, lease_expires_at=lease.expires_at)
+                )
+                if result.rowcount == 1:
+                    won.append(generation_id)
+        if not won:
+            return []
+        async with self.session() as session:
+            rows = await session.scalars(
+                select(Generation)
+                .where(Generation.id.in_(won))
+                .order_by(Generation.created_at, Generation.group_index)
+                .options(*_LOAD)
+            )
+            return [_record(row) for row in rows]
 
     async def delete(self, generation_id: str) -> list[str] | None:
         """Delete an ended job and its image rows; returns the image paths (to remove the
@@ -259,11 +394,17 @@ class Store:
             rows = await session.execute(select(Generation.status, func.count()).group_by(Generation.status))
             return {status: count for status, count in rows}
 
-    async def _transition(self, generation_id: str, from_statuses: Sequence[str], **values: Any) -> bool:
+    async def _transition(
+        self,
+        generation_id: str,
+        from_statuses: Sequence[str],
+        *guards: ColumnElement[bool],
+        **values: Any,
+    ) -> bool:
         async with self.session() as session:
             result = await session.execute(
                 update(Generation)
-                .where(Generation.id == generation_id, Generation.status.in_(from_statuses))
+                .where(Generation.id == generation_id, Generation.status.in_(from_statuses), *guards)
                 .values(**values)
             )
             return result.rowcount == 1
@@ -310,6 +451,17 @@ class Store:
 _LOAD = (selectinload(Generation.user), selectinload(Generation.images))
 
 
+def _takeable(owner: str, now: datetime) -> ColumnElement[bool]:
+    """The job is free for ``owner``: held by nobody, by ``owner`` itself, or by a process
+    whose lease ran out."""
+    return or_(
+        Generation.owner.is_(None),
+        Generation.owner == owner,
+        Generation.lease_expires_at.is_(None),
+        Generation.lease_expires_at < now,
+    )
+
+
 async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
     return await session.scalar(
         select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
@@ -338,6 +490,8 @@ def _record(row: Generation) -> GenerationRecord:
         actor_roles=tuple(row.actor_roles or ()),
         private=row.private,
         spoiler=row.spoiler,
+        owner=row.owner,
+        lease_expires_at=row.lease_expires_at,
         priority=row.priority,
         attempts=row.attempts,
         error_key=row.error_key,

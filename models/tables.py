@@ -43,6 +43,9 @@ class Generation(Base):
         Index("ix_generations_status_created", "status", "created_at"),
         Index("ix_generations_user_created", "user_id", "created_at"),
         Index("ix_generations_parent_id", "parent_id"),  # /show's children, lineage walks
+        # a heartbeat renews one owner's open jobs; recovery looks for open jobs whose lease ran out
+        Index("ix_generations_owner_status", "owner", "status"),
+        Index("ix_generations_status_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)  # ULID
@@ -79,6 +82,10 @@ class Generation(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The process holding an open job ("host:pid:random") and until when; NULL = nobody: any
+    # process may take it. Another process takes a held job only after its lease ran out.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     user: Mapped[User] = relationship(back_populates="generations", lazy="raise")
     images: Mapped[list[Image]] = relationship(

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transfor
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,24 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await _drop_postgres_database(url)
 
 
+@pytest.fixture(params=BACKENDS)
+def process_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """For tests that run bot processes: None (SQLite in the data dir) or a fresh
+    PostgreSQL database, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    if not POSTGRES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
+        pytest.skip("PostgreSQL not configured (ATELIER_TEST_POSTGRES_URL)")
+    url = asyncio.run(_fresh_postgres_database())
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop_postgres_database(url))
+
+
 @pytest.fixture(scope="session")
 def tiny_library() -> Any:
     from pipeline.checkpoints import CheckpointLibrary
@@ -123,6 +141,32 @@ async def make_app(
     yield factory
     for app in apps:
         await app.stop(wait=False)
+
+
+async def expire_leases(app: Any) -> None:
+    """``app`` hangs past its lease: it renews nothing any more, and its leases are in the
+    past, as they would be ``lease_seconds`` later."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from models.base import utcnow
+    from models.tables import Generation
+
+    await app.heartbeat.stop()
+    async with app.store.session() as session:
+        await session.execute(
+            update(Generation)
+            .where(Generation.owner == app.owner)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+async def crash(app: Any) -> None:
+    """What other processes see once ``app``'s process died and its lease ran out: nothing
+    of it runs or renews any more."""
+    await app.queue.stop()
+    await expire_leases(app)
 
 
 class EventLog:

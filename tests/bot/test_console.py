@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,7 +15,6 @@ from PIL import Image
 
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
-from tests.conftest import _drop_postgres_database, _fresh_postgres_database
 
 pytestmark = pytest.mark.slow
 
@@ -146,22 +144,6 @@ def test_bad_config_fails_at_startup_naming_the_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "[limits] max_steps" in result.stderr
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def process_database(request: pytest.FixtureRequest, tmp_path: Path):
-    """None (SQLite in the data dir) or a fresh PostgreSQL database, dropped afterwards."""
-    if request.param == "sqlite":
-        yield None
-        return
-    url = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("ATELIER_TEST_POSTGRES_URL is not set under CI")
-        pytest.skip("PostgreSQL not configured")
-    database = asyncio.run(_fresh_postgres_database())
-    yield database
-    asyncio.run(_drop_postgres_database(database))
 
 
 def test_sigkill_with_jobs_queued_loses_nothing_and_runs_nothing_twice(

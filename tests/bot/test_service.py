@@ -11,7 +11,7 @@ from PIL import Image
 from bot.types import Actor
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
-from tests.conftest import EventLog
+from tests.conftest import EventLog, crash, expire_leases
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
 BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
@@ -134,7 +134,8 @@ async def test_restart_runs_queued_and_interrupted_jobs_once(make_app) -> None:
     first = await make_app()
     await first.queue.stop()  # nothing runs: jobs stay queued, as after a crash
     ids = (await draw(first, "/draw a cat --count 3"))[0].data["jobs"]
-    await first.store.mark_running(ids[0])  # this one was running when the process died
+    await first.store.mark_running(ids[0], first.service.lease())  # running when the process died
+    await crash(first)
     second = await make_app(start=False)
     log = EventLog(second)
     assert await second.start() == 3
@@ -152,15 +153,80 @@ async def test_a_job_interrupted_too_often_fails_with_a_message(make_app) -> Non
     await first.queue.stop()
     (job_id,) = (await draw(first, "/draw a cat"))[0].data["jobs"]
     for _ in range(3):
-        await first.store.mark_running(job_id)
-        await first.store.requeue_interrupted(job_id)
-    await first.store.mark_running(job_id)
+        await first.store.mark_running(job_id, first.service.lease())
+        await first.store.requeue_interrupted(job_id, first.owner)
+    await first.store.mark_running(job_id, first.service.lease())
+    await crash(first)
     second = await make_app(start=False)
     log = EventLog(second)
     assert await second.start() == 0
     failed = log.of("failed", job_id)
     assert failed and failed[0].key == "error.interrupted"
     assert (await second.store.get(job_id)).status == "failed"
+
+
+async def test_a_second_app_takes_none_of_a_live_ones_jobs(make_app) -> None:
+    first = await make_app()
+    await first.queue.stop()  # its jobs wait while the second one starts
+    ids = (await draw(first, "/draw a cat --count 2"))[0].data["jobs"]
+    first_log = EventLog(first)
+    second = await make_app(start=False)
+    second_log = EventLog(second)
+    assert await second.start() == 0
+    assert await second.service.recover() == 0  # nor on a later heartbeat
+    await first.queue.start()
+    await first_log.wait_for(lambda: len(first_log.of("finished")) == 2)
+    assert not second_log.events
+    for job_id in ids:
+        record = await first.store.get(job_id)
+        assert (record.status, record.attempts, record.owner) == ("finished", 1, first.owner)
+
+
+async def test_a_running_app_takes_over_the_jobs_of_one_that_stopped_renewing(make_app) -> None:
+    short = {"queue": {"lease_seconds": 1.0}}
+    first = await make_app(**short)
+    await first.queue.stop()
+    ids = (await draw(first, "/draw a cat --count 2"))[0].data["jobs"]
+    second = await make_app(**short)
+    log = EventLog(second)
+    await asyncio.sleep(2.5)  # over two leases: first's heartbeat keeps its jobs
+    assert not log.events
+    await first.heartbeat.stop()  # first hangs: it still holds the jobs but renews nothing
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+    assert sorted(e.generation_id for e in log.of("finished")) == sorted(ids)
+    for job_id in ids:
+        record = await second.store.get(job_id)
+        assert (record.status, record.attempts, record.owner) == ("finished", 1, second.owner)
+
+
+async def test_a_graceful_stop_hands_queued_jobs_to_the_next_start(make_app) -> None:
+    first = await make_app()
+    await first.queue.stop()
+    ids = (await draw(first, "/draw a cat --count 2"))[0].data["jobs"]
+    await first.stop()  # no lease to wait for: the jobs are released
+    second = await make_app(start=False)
+    log = EventLog(second)
+    assert await second.start() == 2
+    await log.wait_for(lambda: len(log.of("finished")) == 2)
+    assert sorted(e.generation_id for e in log.of("finished")) == sorted(ids)
+    assert [(await second.store.get(i)).attempts for i in ids] == [1, 1]
+
+
+async def test_a_process_that_lost_its_running_job_saves_nothing(make_app) -> None:
+    first = await make_app()
+    second = await make_app(start=False)  # takes the job over; runs nothing itself
+    log = EventLog(first)
+    (job_id,) = (await draw(first, "/draw a cat --steps 60 --batch 2"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("progress", job_id))
+    await expire_leases(first)  # first stalls past its lease while the job runs ...
+    (taken,) = await second.store.adopt(second.service.lease())  # ... and second takes it
+    assert (taken.id, taken.status) == (job_id, "running")
+    await first.idle()
+    assert log.of("progress", job_id)[-1].step == 60  # first ran it to the end ...
+    assert not log.of("finished") and not log.of("failed")  # ... but reports no result
+    assert [p for p in first.images_dir.rglob("*") if p.is_file()] == []
+    record = await second.store.get(job_id)
+    assert (record.status, record.owner, record.images) == ("running", second.owner, ())
 
 
 @pytest.mark.parametrize(

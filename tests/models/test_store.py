@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import inspect
 
 from bot import db
 from models import Base
-from models.store import NewImage, NewJob, Store
+from models.base import utcnow
+from models.store import Lease, NewImage, NewJob, Store
 from pipeline.request import GenerationRequest
 
 
@@ -28,14 +30,27 @@ def _request(**changes) -> GenerationRequest:
     return base.replace(**changes)
 
 
-async def _add(store: Store, *ids: str, request: GenerationRequest | None = None) -> int:
+def lease(owner: str, seconds: float = 30) -> Lease:
+    """``owner``'s hold for ``seconds`` from now (negative: it ran out that long ago)."""
+    return Lease(owner, utcnow() + timedelta(seconds=seconds))
+
+
+async def _add(
+    store: Store, *ids: str, request: GenerationRequest | None = None, held: Lease | None = None
+) -> int:
     user = await store.ensure_user("console", "alice", "Alice", "en")
     jobs = [
         NewJob(id=i, request=request or _request(), group_id="G" + ids[0], group_index=n)
         for n, i in enumerate(ids)
     ]
     await store.add_jobs(
-        user.id, jobs, chat_id="c1", guild_id=None, reply_to={"console": True}, roles=["moderator"]
+        user.id,
+        jobs,
+        chat_id="c1",
+        guild_id=None,
+        reply_to={"console": True},
+        roles=["moderator"],
+        lease=held,
     )
     return user.id
 
@@ -78,11 +93,11 @@ async def test_a_job_keeps_every_parameter_losslessly(store: Store) -> None:
 
 async def test_status_changes_happen_once(store: Store) -> None:
     await _add(store, "J1")
-    assert await store.mark_running("J1")
-    assert not await store.mark_running("J1")
+    assert await store.mark_running("J1", lease("A"))
+    assert not await store.mark_running("J1", lease("A"))
     image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
-    assert await store.finish("J1", [image], model_hash=None, device_seconds=0.5)
-    assert not await store.finish("J1", [image], model_hash=None, device_seconds=0.5)
+    assert await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
+    assert not await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
     assert not await store.mark_failed("J1", "error.internal", "boom")
     record = await store.get("J1")
     assert record.status == "finished"
@@ -93,10 +108,11 @@ async def test_status_changes_happen_once(store: Store) -> None:
 
 async def test_open_jobs_are_listed_for_recovery(store: Store) -> None:
     await _add(store, "J1", "J2", "J3")
-    await store.mark_running("J2")
+    await store.mark_running("J2", lease("A"))
     await store.mark_cancelled("J3")
     assert [r.id for r in await store.list_open()] == ["J1", "J2"]
-    assert await store.requeue_interrupted("J2")
+    assert not await store.requeue_interrupted("J2", "B")
+    assert await store.requeue_interrupted("J2", "A")
     assert (await store.get("J2")).status == "queued"
     assert await store.count_by_status() == {"queued": 2, "cancelled": 1}
 
@@ -116,3 +132,61 @@ async def test_adding_jobs_is_all_or_nothing(store: Store) -> None:
 async def test_history_is_newest_first(store: Store) -> None:
     user_id = await _add(store, "J1", "J2")
     assert [r.id for r in await store.list_for_user(user_id)] == ["J2", "J1"]
+
+
+async def test_a_held_job_is_claimed_and_ended_only_by_its_holder(store: Store) -> None:
+    await _add(store, "J1", "J2", held=lease("A"))
+    assert not await store.mark_running("J1", lease("B"))
+    assert await store.mark_running("J1", lease("A"))
+    image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    assert not await store.finish("J1", [image], owner="B", model_hash=None, device_seconds=0.5)
+    assert not await store.mark_failed("J1", "error.internal", "boom", owner="B")
+    assert not await store.requeue_interrupted("J1", "B")
+    assert await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
+    assert [i.id for i in (await store.get("J1")).images] == ["I1"]
+    # once A stops renewing and its lease runs out, the queued job is free to claim
+    assert await store.renew(lease("A", -1)) == 1
+    assert await store.mark_running("J2", lease("B"))
+    record = await store.get("J2")
+    assert (record.status, record.owner, record.attempts) == ("running", "B", 1)
+
+
+async def test_adopting_takes_only_jobs_nobody_holds_any_more(store: Store) -> None:
+    await _add(store, "J1", held=lease("A"))  # a live holder
+    await _add(store, "J2", held=lease("B"))
+    await store.mark_running("J2", lease("B", -1))  # B died running it; its lease ran out
+    await _add(store, "J3")  # stored before leases existed: nobody's
+    await _add(store, "J4", held=lease("C"))  # C exited, its lease still runs
+    await _add(store, "J5", held=lease("B", -1))
+    await store.mark_cancelled("J5")  # ended jobs are nobody's business
+
+    def gone(owner: str) -> bool:
+        return owner == "C"
+
+    taken = await store.adopt(lease("D"), gone=gone)
+    assert [(r.id, r.status, r.owner) for r in taken] == [
+        ("J2", "running", "D"),
+        ("J3", "queued", "D"),
+        ("J4", "queued", "D"),
+    ]
+    assert await store.adopt(lease("E"), gone=gone) == []
+    assert (await store.get("J1")).owner == "A"
+    assert (await store.get("J5")).owner == "B"
+
+
+async def test_adopters_racing_take_each_job_once(store: Store) -> None:
+    ids = [f"J{n:02}" for n in range(12)]
+    await _add(store, *ids)
+    taken = await asyncio.gather(*(store.adopt(lease(f"P{n}")) for n in range(4)))
+    assert sorted(r.id for batch in taken for r in batch) == ids
+    for n, batch in enumerate(taken):
+        assert all(r.owner == f"P{n}" for r in batch)
+
+
+async def test_renewing_keeps_jobs_and_releasing_frees_them(store: Store) -> None:
+    await _add(store, "J1", "J2", held=lease("A", -1))  # A's lease has just run out ...
+    await store.mark_cancelled("J2")
+    assert await store.renew(lease("A")) == 1  # ... but A renews in time (J2 has ended)
+    assert await store.adopt(lease("B")) == []
+    assert await store.release("A") == 1  # a graceful stop: no need to wait for the lease
+    assert [r.id for r in await store.adopt(lease("B"))] == ["J1"]

@@ -10,7 +10,7 @@ import pytest
 
 from bot.plugins import call_collect
 from bot.types import Actor
-from tests.conftest import EventLog
+from tests.conftest import EventLog, crash
 from tests.scenario import ConsoleSession, jobs_of
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
@@ -157,9 +157,10 @@ async def test_a_stop_survives_a_restart(make_app) -> None:
     first = await make_app(**tables)
     await first.queue.stop()
     (run_id,) = (await draw(first, "/draw a comet --forever --steps 2"))[0].data["jobs"]
-    await first.store.mark_running(run_id)  # it was being drawn when the process went down
+    await first.store.mark_running(run_id, first.service.lease())  # being drawn when the process went down
     (reply,) = await draw(first, f"/stop {run_id}")
     assert reply.key == "forever.stopping"
+    await crash(first)
 
     second = await make_app(start=False, **tables)
     log = EventLog(second)
@@ -183,6 +184,7 @@ async def test_a_recovered_run_goes_on_without_losing_or_repeating_images(make_a
     await EventLog(first).wait_for(lambda: bool(going_down))
     await going_down[0]
     assert await first.store.count_by_status() == {"finished": 1, "queued": 1}
+    await crash(first)
 
     second = await make_app(start=False, **tables)
     log = EventLog(second)
@@ -200,8 +202,9 @@ async def test_a_run_left_without_a_job_is_ended_at_startup(make_app) -> None:
     await first.queue.stop()
     (run_id,) = (await draw(first, "/draw a comet --forever"))[0].data["jobs"]
     # the process died right after the job was stored as finished, before its hooks ran
-    await first.store.mark_running(run_id)
-    assert await first.store.finish(run_id, [], model_hash=None, device_seconds=0.1)
+    await first.store.mark_running(run_id, first.service.lease())
+    assert await first.store.finish(run_id, [], owner=first.owner, model_hash=None, device_seconds=0.1)
+    await crash(first)
 
     second = await make_app(start=False)
     log = EventLog(second)

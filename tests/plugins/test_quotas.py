@@ -7,7 +7,7 @@ import asyncio
 from bot.plugins import call_collect
 from bot.types import Actor
 from pipeline.queue import Job
-from tests.conftest import EventLog
+from tests.conftest import EventLog, crash
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
 MOD = Actor(platform="console", user_id="mod", name="Mod", chat_id="c")
@@ -70,7 +70,8 @@ async def test_a_retried_job_is_billed_once(make_app) -> None:
     first = await make_app(**tables)
     await first.queue.stop()
     (job_id,) = (await draw(first, "/draw a cat --batch 2"))[0].data["jobs"]
-    await first.store.mark_running(job_id)  # interrupted: the process died while it ran
+    await first.store.mark_running(job_id, first.service.lease())  # the process died while it ran
+    await crash(first)
     second = await make_app(start=False, **tables)
     log = EventLog(second)
     assert await second.start() == 1
