@@ -287,9 +287,9 @@ async def grid_command(ctx: CommandContext) -> list[Reply] | Reply:
 async def grid_again(ctx: CommandContext) -> list[Reply]:
     """The same cells with a new seed (seeds a Seed axis set are kept), checked and
     billed like any request."""
-    record = await ctx.app.store.get(ctx.text.strip())
-    hidden = record is not None and record.private and record.user.platform_user_id != ctx.actor.user_id
-    if record is None or hidden or record.plan != "grid" or record.group_index != 0:
+    # who may see it is the core's one rule: platform and user id, or a moderator
+    record = await ctx.app.service.visible(ctx.text.strip(), ctx.actor)
+    if record.plan != "grid" or record.group_index != 0:
         raise NotFound("error.not_found", id=ctx.text.strip())
     cells = await ctx.app.store.list_group(record.group_id)
     options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
