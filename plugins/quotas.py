@@ -26,6 +26,7 @@ from bot.governance import (
     GLOBAL,
     audit,
     format_time,
+    named_user,
     number,
     options_of,
     require_moderator,
@@ -343,9 +344,9 @@ def _images_left(budget: Budget, usage: Usage) -> int:
 
 
 async def _moderate(ctx: CommandContext, sub: str, rest: str) -> Reply:
+    await require_moderator(ctx, f"quota.{sub}", named_user(rest, ctx.actor))
     parsed = parse_args(rest)
     target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    await require_moderator(ctx, f"quota.{sub}", target)
     if target is None:
         raise UserError("error.missing_argument", name=f"quota {sub}", what="@USER")
     allowed = {} if sub == "reset" else {"images": True, "gpu-seconds": True}

@@ -250,12 +250,12 @@ async def current_cap(app: Any, actor: Any) -> int:
 
 
 async def cap_command(ctx: CommandContext, words: list[str], options: list[tuple[str, str | None]]) -> Reply:
-    flags = options_of(options, {"global": False})
-    if not words:
+    if not words and not options:
         cap = await current_cap(ctx.app, ctx.actor)
         return Reply("grid.cap", {"max": cap}, data={"max_cells": cap})
     await require_moderator(ctx, "grid.cap")
-    if len(words) > 1:
+    flags = options_of(options, {"global": False})
+    if len(words) != 1:
         raise UserError("error.missing_argument", name="grid cap", what="N [--global]")
     cap = whole_number("cap", words[0], minimum=1, maximum=HARD_MAX_CELLS)
     scope = GLOBAL if flags.get("global") else _local_scope(ctx.actor)
