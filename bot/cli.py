@@ -99,6 +99,12 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
     from bot.adapters.console import ConsoleAdapter
     from bot.app import build_app
 
+    # No input line may end the console: bytes that are not UTF-8 arrive as U+FFFD, and
+    # text the terminal cannot show is escaped, instead of raising in the middle of a reply.
+    for stream, errors in ((sys.stdin, "replace"), (sys.stdout, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+
     async def go() -> None:
         app = build_app(settings)
         await ConsoleAdapter(app, _console_actor(args, settings), json_mode=args.json).run()

@@ -13,13 +13,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.errors import OptionValueError, PermissionDenied, UserError
-from bot.options import int_in_range, number_in_range
+from bot.options import int_in_range, number_in_range, parse_int, shown
 from bot.types import Actor, CommandContext
 from models.moderation_store import ModerationStore
 
 GLOBAL = "global"
 _DURATION = re.compile(r"^(\d+)\s*([mhdw])$", re.IGNORECASE)
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The longest duration a ban or /export --since takes: ten years is past every real use,
+# and far enough from datetime's limits (year 9999) that no arithmetic on it overflows.
+MAX_DURATION = timedelta(days=3650)
+MAX_DURATION_TEXT = "3650d"
 _MENTION = re.compile(r"^<@!?(\d+)>$")  # a Discord mention pasted as text
 
 
@@ -46,16 +50,36 @@ def user_key(text: str, actor: Actor) -> str:
     if sep and platform in ("console", "discord", "telegram") and rest:
         return word
     if not word or any(ch.isspace() for ch in word):
-        raise UserError("error.bad_user", value=text.strip())
+        raise UserError("error.bad_user", value=shown(text))
     return f"{actor.platform}:{word}"
 
 
-def parse_duration(text: str) -> timedelta:
-    """``30m``, ``12h``, ``7d``, ``2w``; refused otherwise, naming the forms allowed."""
+def named_user(text: str, actor: Actor) -> str | None:
+    """The user a command's first word names, or None when it names none.
+
+    Never raises: moderator commands check the role before reading their arguments, and
+    the audit entry of a refused attempt still records whom it was aimed at.
+    """
+    words = text.split(maxsplit=1)
+    if not words or words[0].startswith("--"):
+        return None
+    try:
+        return user_key(words[0], actor)
+    except UserError:
+        return None
+
+
+def parse_duration(text: str, name: str = "for") -> timedelta:
+    """``30m``, ``12h``, ``7d``, ``2w`` up to ``MAX_DURATION``; refused otherwise, naming
+    the forms or the range allowed."""
     match = _DURATION.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise OptionValueError("error.bad_duration", value=text)
-    return timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
+    count = parse_int(match.group(1)) if match else None
+    if match is None or count is None:
+        raise OptionValueError("error.bad_duration", value=shown(text))
+    seconds = count * _UNIT_SECONDS[match.group(2).lower()]
+    if not 0 < seconds <= MAX_DURATION.total_seconds():
+        raise OptionValueError("error.duration_range", name=name, value=shown(text), max=MAX_DURATION_TEXT)
+    return timedelta(seconds=seconds)
 
 
 def format_time(moment: datetime) -> str:
@@ -76,13 +100,13 @@ def options_of(parsed_options: list[tuple[str, str | None]], allowed: dict[str, 
     names = ", ".join("--" + n for n in allowed)
     for name, value in parsed_options:
         if name not in allowed:
-            raise UserError("error.unknown_option", name=name, suggestion="", allowed=names)
+            raise UserError("error.unknown_option", name=shown(name), suggestion="", allowed=names)
         if name in found:
             raise UserError("error.duplicate_option", name=name)
         if allowed[name] and value is None:
             raise UserError("error.missing_value", name=name)
         if not allowed[name] and value is not None:
-            raise UserError("error.unexpected_value", name=name, value=value)
+            raise UserError("error.unexpected_value", name=name, value=shown(value))
         found[name] = value if allowed[name] else True
     return found
 

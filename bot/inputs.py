@@ -1,8 +1,9 @@
-"""Images users send (img2img input): validated, normalised to PNG, stored by content hash.
+"""Files users send: the size cap every command's uploads share, and images for img2img
+(validated, normalised to PNG, stored by content hash).
 
-Run on a worker thread (PIL decoding and file writes must not block the event loop).
-Every refusal is ``error.init_image`` with a translated detail naming what is accepted;
-nothing is written for a refused upload.
+Image work runs on a worker thread (PIL decoding and file writes must not block the
+event loop). Every refusal of an image is ``error.init_image`` with a translated detail
+naming what is accepted; nothing is written for a refused upload.
 """
 
 from __future__ import annotations
@@ -16,11 +17,34 @@ from typing import Any
 
 from bot.errors import UserError
 from bot.i18n import Msg
+from bot.options import shown
 from bot.types import Attachment
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
-MAX_INPUT_BYTES = 20 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def check_uploads(attachments: tuple[Attachment, ...], max_bytes: int) -> None:
+    """Refuse a command whose upload is over ``[limits] max_upload_bytes``.
+
+    The one check every command's files pass, before any handler reads them. Adapters
+    read at most ``max_bytes + 1`` bytes of a file, so an upload over the cap is never
+    held whole, and still arrives here to be refused.
+    """
+    for attachment in attachments:
+        if len(attachment.data) > max_bytes:
+            raise UserError(
+                "error.upload_too_large", name=shown(attachment.filename), max=size_text(max_bytes)
+            )
+
+
+def size_text(count: int) -> str:
+    """``20 MiB``, ``64 KiB``, ``512 B``: a byte count as limits are written."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            value = count / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{count} B"
 
 
 @dataclass(frozen=True)
@@ -34,8 +58,6 @@ def store_input_image(attachment: Attachment, folder: Path, limits: Any) -> Inpu
     from PIL import Image, UnidentifiedImageError
 
     allowed = ", ".join(ACCEPTED_FORMATS)
-    if len(attachment.data) > MAX_INPUT_BYTES:
-        raise _refused("error.init_image.too_big", max=MAX_INPUT_BYTES // (1024 * 1024))
     try:
         with Image.open(io.BytesIO(attachment.data)) as image:
             if image.format not in ACCEPTED_FORMATS:

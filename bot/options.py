@@ -21,7 +21,13 @@ from pipeline.request import HIRES_UPSCALERS
 
 MAX_SEED = 2**63 - 1
 RNG_CHOICES = ("CPU", "GPU", "NV")
+# No option's range needs more digits than this (2**63 has 19). A longer number is out of
+# range without being converted: int() of a long string is slow and refuses 4,300 digits.
+MAX_DIGITS = 24
+# Echoed values are cut to this many characters, so a pasted megabyte is not sent back.
+SHOWN_CHARS = 40
 _INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _SIZE = re.compile(r"^(\d+)\s*[xX×*]\s*(\d+)$")
 
 
@@ -71,7 +77,7 @@ def _unknown_option(name: str, canonical: list[str], every: list[str]) -> Comman
     suggestion = Msg("error.unknown_option.suggestion", {"match": close[0]}) if close else ""
     return CommandSyntaxError(
         "error.unknown_option",
-        name=name,
+        name=shown(name),
         suggestion=suggestion,
         allowed=", ".join("--" + n for n in canonical),
     )
@@ -80,7 +86,7 @@ def _unknown_option(name: str, canonical: list[str], every: list[str]) -> Comman
 def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> Any:
     if spec.kind == "flag":
         if raw is not None:
-            raise CommandSyntaxError("error.unexpected_value", name=spec.name, value=raw)
+            raise CommandSyntaxError("error.unexpected_value", name=spec.name, value=shown(raw))
         return True
     if raw is None:
         raise CommandSyntaxError("error.missing_value", name=spec.name)
@@ -101,67 +107,93 @@ def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> 
     return raw
 
 
+def shown(raw: str) -> str:
+    """A user's value as an error message repeats it: stripped, and cut when long."""
+    text = raw.strip()
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+def parse_int(raw: str) -> int | None:
+    """The whole number ``raw`` spells (sign and digits), or None when it spells none.
+
+    The one integer parser of every option. A number of more than ``MAX_DIGITS`` digits
+    (leading zeros aside) comes back as ±10**MAX_DIGITS, outside every option's range,
+    so the caller's range message answers it.
+    """
+    text = raw.strip()
+    if not _INT.match(text):
+        return None
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-").lstrip("0") or "0"  # int() counts leading zeros toward its limit
+    if len(digits) > MAX_DIGITS:
+        return sign * 10**MAX_DIGITS
+    return sign * int(digits)
+
+
 def int_in_range(name: str, raw: str, low: int, high: int) -> int:
-    if not _INT.match(raw.strip()):
-        raise OptionValueError("error.not_an_integer", name=name, value=raw, min=low, max=high)
-    value = int(raw)
+    value = parse_int(raw)
+    if value is None:
+        raise OptionValueError("error.not_an_integer", name=name, value=shown(raw), min=low, max=high)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise OptionValueError("error.out_of_range", name=name, value=value, min=low, max=high)
+        raise OptionValueError("error.out_of_range", name=name, value=_echo(raw, value), min=low, max=high)
     return value
 
 
+def _echo(raw: str, value: int | float) -> int | float | str:
+    """The value an out-of-range message names: as parsed, or as typed when that is long."""
+    return value if len(raw.strip()) <= SHOWN_CHARS else shown(raw)
+
+
 def _seed(name: str, raw: str) -> int:
-    if not _INT.match(raw.strip()):
-        raise OptionValueError("error.seed_range", name=name, value=raw, max=MAX_SEED)
-    value = int(raw)
-    if value == -1:
-        return -1
-    if not 0 <= value <= MAX_SEED:
-        raise OptionValueError("error.seed_range", name=name, value=raw, max=MAX_SEED)
+    value = parse_int(raw)
+    if value is None or not (value == -1 or 0 <= value <= MAX_SEED):
+        raise OptionValueError("error.seed_range", name=name, value=shown(raw), max=MAX_SEED)
     return value
 
 
 def number_in_range(name: str, raw: str, low: float, high: float) -> int | float:
     """Keeps the type the user typed: "7" is 7, "7.0" is 7.0 (A1111 prints them differently)."""
     text = raw.strip()
-    try:
-        value: int | float = int(text) if _INT.match(text) else float(text)
-    except ValueError:
-        raise OptionValueError("error.not_a_number", name=name, value=raw, min=low, max=high) from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise OptionValueError("error.not_a_number", name=name, value=raw, min=low, max=high)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise OptionValueError("error.out_of_range", name=name, value=value, min=low, max=high)
+    value: int | float | None = parse_int(text)
+    if value is None and _FLOAT.match(text):
+        value = float(text)  # digits and an exponent only: "inf", "nan" and "1_0" are no numbers here
+    if value is None:
+        raise OptionValueError("error.not_a_number", name=name, value=shown(raw), min=low, max=high)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise OptionValueError("error.out_of_range", name=name, value=_echo(raw, value), min=low, max=high)
     return value
 
 
 def parse_size(raw: str, limits: LimitsSettings) -> tuple[int, int]:
     match = _SIZE.match(raw.strip())
-    bad = OptionValueError("error.bad_size", value=raw, min=limits.min_size, max=limits.max_size)
+    bad = OptionValueError("error.bad_size", value=shown(raw), min=limits.min_size, max=limits.max_size)
     if not match:
         raise bad
-    width, height = int(match.group(1)), int(match.group(2))
+    width, height = (parse_int(side) or 0 for side in match.groups())
     for side in (width, height):
         if side % 8 or not limits.min_size <= side <= limits.max_size:
             raise bad
     if width * height > limits.max_pixels:
-        raise OptionValueError("error.too_many_pixels", value=raw, max=limits.max_pixels)
+        raise OptionValueError("error.too_many_pixels", value=shown(raw), max=limits.max_pixels)
     return width, height
 
 
 def parse_pair(name: str, raw: str, limits: LimitsSettings) -> tuple[int, int]:
     """A WxH pair of pixels where 0 means "unset" (seed resize from, hires resize)."""
     match = _SIZE.match(raw.strip())
-    if not match or any(int(v) > limits.max_size for v in match.groups()):
-        raise OptionValueError("error.bad_pair", name=name, value=raw, max=limits.max_size)
-    return int(match.group(1)), int(match.group(2))
+    sides = [parse_int(side) or 0 for side in match.groups()] if match else []
+    if not sides or any(side > limits.max_size for side in sides):
+        raise OptionValueError("error.bad_pair", name=name, value=shown(raw), max=limits.max_size)
+    return sides[0], sides[1]
 
 
 def _choice(name: str, raw: str, allowed: list[str]) -> str:
     folded = {choice.casefold(): choice for choice in allowed}
     value = folded.get(raw.strip().casefold())
     if value is None:
-        raise OptionValueError("error.invalid_choice", name=name, value=raw, allowed=", ".join(allowed))
+        raise OptionValueError(
+            "error.invalid_choice", name=name, value=shown(raw), allowed=", ".join(allowed)
+        )
     return value
 
 

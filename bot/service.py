@@ -25,7 +25,7 @@ from ulid import ULID
 from bot.commands import parse_args, split_command
 from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
-from bot.inputs import store_input_image
+from bot.inputs import check_uploads, store_input_image
 from bot.leases import owner_gone
 from bot.options import draw_options
 from bot.plugins import maybe_await
@@ -101,6 +101,7 @@ class Service:
                     name=invocation.command,
                     allowed=", ".join("/" + n for n in visible),
                 )
+            check_uploads(invocation.attachments, self.app.settings.limits.max_upload_bytes)
             result = await command.handler(CommandContext(invocation, self.app))
         except UserError as exc:
             return [Reply(exc.key, exc.params, error=True)]

@@ -86,6 +86,7 @@ class LimitsSettings(_Table):
     max_count: int = Field(8, ge=1)
     max_prompt_length: int = Field(2000, ge=1)
     max_clip_skip: int = Field(12, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsSettings:

@@ -13,7 +13,8 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import IO, Any
 
 from PIL import Image
@@ -24,9 +25,12 @@ logger = logging.getLogger(__name__)
 _PARAMETERS_KEY = "parameters"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A compressed text chunk may not inflate beyond this: an infotext is a few kB, and an
-# uploaded PNG must not be able to make the reader allocate gigabytes.
-_MAX_TEXT_BYTES = 16 * 1024 * 1024
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# Caps on the text read from a PNG's chunks. A1111 infotexts are a few KB, so a larger
+# chunk is no infotext; and a small upload must not make the reader inflate gigabytes
+# (128 zTXt chunks of 16 MiB each compress into 2 MB). Decompression stops at the cap.
+MAX_TEXT_CHUNK = 64 * 1024  # bytes of one text chunk, decompressed; a larger chunk is skipped
+MAX_TEXT_TOTAL = 1024 * 1024  # bytes of all text chunks, decompressed; reading stops there
 
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
@@ -109,24 +113,41 @@ def read_infotext(data: bytes) -> str | None:
 
     Order as A1111: the PNG ``parameters`` text, else the EXIF UserComment, else the
     (GIF) comment; empty texts count as absent. A NovelAI PNG is converted instead.
-    Raises ``ImageFormatError`` when ``data`` is not a readable image.
+    A PNG is read chunk by chunk within ``MAX_TEXT_CHUNK``/``MAX_TEXT_TOTAL``, its
+    pixels never decoded. Raises ``ImageFormatError`` when ``data`` is not a readable image.
     """
+    if data.startswith(_PNG_SIGNATURE):
+        png = _read_png(data)
+        return _infotext(png.texts, png.size, lambda: _png_exif_comment(png.exif))
     with _open_image(data) as image:
-        meta: dict[str, Any] = dict(image.info)
-        if image.format == "PNG":
-            # PIL only reports text chunks placed before the pixel data.
-            meta.update(_png_text_chunks(data))
-        if meta.get("Software") == "NovelAI":
-            converted = _novelai_infotext(meta, image.size)
-            if converted is not None:
-                return converted
-        for text in (
-            _as_text(meta.get(_PARAMETERS_KEY)),
-            _exif_comment(image),
-            _as_text(meta.get("comment")),
-        ):
-            if text:
-                return text
+        return _infotext(dict(image.info), image.size, lambda: _exif_comment(image))
+
+
+def image_format(data: bytes) -> str:
+    """Pillow's name of the image format of ``data`` ("PNG", "JPEG" ...), from its header;
+    ``ImageFormatError`` when it is not a readable image. PNG text chunks are not read."""
+    if data.startswith(_PNG_SIGNATURE):
+        _png_size(data)
+        return "PNG"
+    with _open_image(data) as image:
+        return str(image.format)
+
+
+def _infotext(
+    meta: Mapping[str, Any], size: tuple[int, int], exif_comment: Callable[[], str | None]
+) -> str | None:
+    if meta.get("Software") == "NovelAI":
+        converted = _novelai_infotext(meta, size)
+        if converted is not None:
+            return converted
+    for read in (
+        lambda: _as_text(meta.get(_PARAMETERS_KEY)),
+        exif_comment,
+        lambda: _as_text(meta.get("comment")),
+    ):
+        text = read()
+        if text:
+            return text
     return None
 
 
@@ -148,57 +169,116 @@ def _as_text(value: Any) -> str | None:
     return str(value)
 
 
-def _png_text_chunks(data: bytes) -> dict[str, str]:
-    """Every tEXt/zTXt/iTXt chunk of a PNG, wherever it sits; a later key wins, as in PIL."""
-    texts: dict[str, str] = {}
+@dataclass(frozen=True)
+class _PngMeta:
+    size: tuple[int, int]
+    texts: dict[str, str]  # every text chunk by keyword, wherever it sits; a later key wins, as in PIL
+    exif: bytes | None  # the eXIf chunk
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """The size in the IHDR chunk, which must come first; ``ImageFormatError`` otherwise."""
     pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(data):
+    if len(data) < pos + 8 + 13 or data[pos : pos + 8] != b"\0\0\0\x0dIHDR":
+        raise ImageFormatError("not a readable image: a PNG signature without an IHDR chunk")
+    width, height = struct.unpack_from(">II", data, pos + 8)
+    if not width or not height:
+        raise ImageFormatError(f"not a readable image: a PNG of {width}x{height} pixels")
+    return width, height
+
+
+def _read_png(data: bytes) -> _PngMeta:
+    """A PNG's size, text chunks and EXIF, walking the chunks itself (PIL reports only the
+    text before the pixel data, and would decode the pixels to find a later eXIf)."""
+    size = _png_size(data)
+    texts: dict[str, str] = {}
+    exif: bytes | None = None
+    left = MAX_TEXT_TOTAL
+    pos = len(_PNG_SIGNATURE)
+    view = memoryview(data)
+    while pos + 8 <= len(data) and left > 0:
         length, chunk_type = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8 : pos + 8 + length]
+        body = view[pos + 8 : pos + 8 + length]
         if len(body) < length or chunk_type == b"IEND":
             break
         pos += 12 + length  # length, type, body, CRC
-        entry = _decode_text_chunk(chunk_type, body)
-        if entry is not None:
-            texts[entry[0]] = entry[1]
-    return texts
+        if chunk_type == b"eXIf":
+            exif = bytes(body)
+        elif chunk_type in _TEXT_CHUNKS:
+            entry, used = _decode_text_chunk(chunk_type, bytes(body), min(MAX_TEXT_CHUNK, left))
+            left -= used
+            if entry is not None:
+                texts[entry[0]] = entry[1]
+    return _PngMeta(size, texts, exif)
 
 
-def _decode_text_chunk(chunk_type: bytes, body: bytes) -> tuple[str, str] | None:
-    """(keyword, text) of a PNG text chunk; None for other chunks and broken ones."""
+def _decode_text_chunk(chunk_type: bytes, body: bytes, limit: int) -> tuple[tuple[str, str] | None, int]:
+    """((keyword, text) or None, bytes of text produced) of a PNG text chunk; None for a
+    broken chunk or one whose text is over ``limit`` bytes, of which at most ``limit + 1``
+    are produced."""
     keyword, _, rest = body.partition(b"\0")
     key = keyword.decode("latin-1")
     if chunk_type == b"tEXt":
-        return key, rest.decode("latin-1")
+        if len(rest) > limit:
+            return None, limit + 1
+        return (key, rest.decode("latin-1")), len(rest)
     if chunk_type == b"zTXt":
-        inflated = _inflate(rest[1:])
-        return None if inflated is None else (key, inflated.decode("latin-1"))
-    if chunk_type == b"iTXt" and len(rest) >= 2:
-        compressed = rest[0] == 1
-        _language, _, rest = rest[2:].partition(b"\0")
-        _translated_key, _, raw = rest.partition(b"\0")
-        text = _inflate(raw) if compressed else raw
-        return None if text is None else (key, text.decode("utf-8", "replace"))
-    return None
+        inflated, used = _inflate(rest[1:], limit)
+        return (None if inflated is None else (key, inflated.decode("latin-1"))), used
+    if len(rest) < 2:
+        return None, 0
+    compressed = rest[0] == 1
+    _language, _, rest = rest[2:].partition(b"\0")
+    _translated_key, _, raw = rest.partition(b"\0")
+    if compressed:
+        text, used = _inflate(raw, limit)
+    else:
+        text, used = (None, limit + 1) if len(raw) > limit else (raw, len(raw))
+    return (None if text is None else (key, text.decode("utf-8", "replace"))), used
 
 
-def _inflate(data: bytes) -> bytes | None:
+def _inflate(data: bytes, limit: int) -> tuple[bytes | None, int]:
+    """zlib data inflated up to ``limit`` bytes (None past it, or when broken), and how
+    many bytes were produced: never more than ``limit + 1``."""
     decompressor = zlib.decompressobj()
     try:
-        text = decompressor.decompress(data, _MAX_TEXT_BYTES)
+        text = decompressor.decompress(data, limit + 1)
     except zlib.error:
+        return None, 0
+    if len(text) > limit:
+        return None, len(text)
+    return text, len(text)
+
+
+def _png_exif_comment(raw: bytes | None) -> str | None:
+    if raw is None:
         return None
-    return None if decompressor.unconsumed_tail else text
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except Exception:
+        # A corrupt EXIF block makes Pillow raise assorted types; it just holds no comment.
+        logger.debug("unreadable EXIF", exc_info=True)
+        return None
+    return _user_comment(exif)
 
 
 def _exif_comment(image: Image.Image) -> str | None:
     """The EXIF UserComment as text (where A1111 stores JPEG/WebP infotexts)."""
     try:
         exif = image.getexif()
-        raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT, exif.get(_USER_COMMENT))
     except Exception:
         # A corrupt EXIF block makes Pillow raise assorted types; it just holds no comment.
         logger.debug("unreadable EXIF", exc_info=True)
+        return None
+    return _user_comment(exif)
+
+
+def _user_comment(exif: Image.Exif) -> str | None:
+    try:
+        raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT, exif.get(_USER_COMMENT))
+    except Exception:
+        logger.debug("unreadable EXIF", exc_info=True)  # as above: no comment
         return None
     if raw is None:
         return None

@@ -25,10 +25,19 @@ from ulid import ULID
 
 from bot.commands import parse_args
 from bot.errors import UserError
-from bot.governance import format_time, options_of, parse_duration, require_moderator, user_key, whole_number
+from bot.governance import (
+    audit,
+    format_time,
+    named_user,
+    options_of,
+    parse_duration,
+    require_moderator,
+    user_key,
+    whole_number,
+)
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
-from bot.options import OptionSpec
+from bot.options import OptionSpec, parse_int, shown
 from bot.service import may_see
 from bot.types import Command, CommandContext, Reply
 from models.records import GenerationRecord
@@ -93,8 +102,18 @@ def _history_args(ctx: CommandContext) -> tuple[str | None, str | None]:
         elif not _PAGE.match(word) and who is None:
             who = user_key(word, ctx.actor)
         else:
-            raise UserError("history.usage", value=ctx.text.strip())
+            raise UserError("history.usage", value=shown(ctx.text))
     return who, page
+
+
+async def _others_for_moderators(ctx: CommandContext, action: str, words: list[str]) -> None:
+    """A command whose first word names another user is for moderators: checked before
+    the rest of the text is read, so a refused attempt is audited however it is written."""
+    if not words or words[0].startswith("--"):
+        return
+    who = named_user(words[0], ctx.actor)
+    if who != ctx.actor.key:
+        await require_moderator(ctx, action, who)
 
 
 def _summary(record: GenerationRecord) -> dict[str, Any]:
@@ -137,9 +156,8 @@ def _line(ctx: CommandContext, record: GenerationRecord) -> str:
 async def history_command(ctx: CommandContext) -> Reply:
     """``/history [page]``; moderators: ``/history @user [page]``. Newest first."""
     app = ctx.app
+    await _others_for_moderators(ctx, "history", [w for w in ctx.text.split() if not _PAGE.match(w)])
     who, page_text = _history_args(ctx)
-    if who is not None and who != ctx.actor.key:
-        await require_moderator(ctx, "history", who)
     key = who or ctx.actor.key
     platform, _, platform_user_id = key.partition(":")
     user = await app.store.find_user(platform, platform_user_id)
@@ -149,9 +167,9 @@ async def history_command(ctx: CommandContext) -> Reply:
     data: dict[str, Any] = {"user": key, "page": 1, "pages": pages, "total": total, "ids": [], "items": []}
     if user is None or total == 0:
         return Reply("history.empty", {"user": key}, data=data)
-    page = int(page_text) if page_text else 1
-    if not 1 <= page <= pages:
-        raise UserError("history.bad_page", value=page_text, pages=pages)
+    page = parse_int(page_text) if page_text else 1
+    if page is None or not 1 <= page <= pages:
+        raise UserError("history.bad_page", value=shown(page_text or ""), pages=pages)
     records = await app.store.list_for_user(user.id, limit=size, offset=(page - 1) * size)
     data.update(page=page, ids=[r.id for r in records], items=[_summary(r) for r in records])
     lines = "\n".join(_line(ctx, record) for record in records)
@@ -219,12 +237,14 @@ def _since(text: str) -> datetime:
         try:
             day = date.fromisoformat(value)
         except ValueError:
-            raise UserError("history.bad_since", value=text) from None
+            raise UserError("history.bad_since", value=shown(text)) from None
         return datetime(day.year, day.month, day.day, tzinfo=UTC)
     try:
-        return datetime.now(UTC) - parse_duration(value)
-    except UserError:
-        raise UserError("history.bad_since", value=text) from None
+        return datetime.now(UTC) - parse_duration(value, "since")
+    except UserError as exc:
+        if exc.key != "error.bad_duration":
+            raise  # a duration past the range: its own message names the range
+        raise UserError("history.bad_since", value=shown(text)) from None
 
 
 async def _newest(app: Any, user_id: int, limit: int, since: datetime | None) -> list[GenerationRecord]:
@@ -297,21 +317,31 @@ def write_export(images_dir: Path, folder: Path, owner: str, records: list[Gener
 
 
 async def export_command(ctx: CommandContext) -> Reply:
-    """``/export [--since 7d|YYYY-MM-DD] [--limit N]``: one's own generations as a zip."""
+    """``/export [--since 7d|YYYY-MM-DD] [--limit N]``: one's own generations as a zip;
+    moderators: ``/export @user ...`` (written to the audit log, as it hands over files)."""
     app, actor = ctx.app, ctx.actor
     cfg = config(app)
+    await _others_for_moderators(ctx, "export", ctx.text.split())
     parsed = parse_args(ctx.text)
+    owner = actor.key
     if parsed.text:
-        raise UserError("history.export_usage", value=parsed.text, max=cfg.export_limit)
+        if len(parsed.text.split()) != 1:
+            raise UserError("history.export_usage", value=shown(parsed.text), max=cfg.export_limit)
+        owner = user_key(parsed.text, actor)
+        if owner != actor.key:
+            await require_moderator(ctx, "export", owner)  # quotes can make it differ from the first word
     options = options_of(parsed.options, {"since": True, "limit": True})
     limit = cfg.export_limit
     if "limit" in options:
         limit = whole_number("limit", options["limit"], minimum=1, maximum=cfg.export_limit)
     since = _since(options["since"]) if "since" in options else None
-    user = await app.store.find_user(actor.platform, actor.user_id)
+    platform, _, platform_user_id = owner.partition(":")
+    user = await app.store.find_user(platform, platform_user_id)
     records = await _newest(app, user.id, limit, since) if user else []
+    if owner != actor.key:
+        await audit(ctx, "export", target=owner, count=len(records))
     if not records:
-        return Reply("history.empty", {"user": actor.key}, data={"user": actor.key, "total": 0, "ids": []})
+        return Reply("history.empty", {"user": owner}, data={"user": owner, "total": 0, "ids": []})
     folder = app.settings.bot.data_dir / "exports"
     path = await asyncio.to_thread(write_export, app.images_dir, folder, actor.key, records)
     images = sum(len(record.images) for record in records)

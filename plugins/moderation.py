@@ -24,6 +24,7 @@ from bot.governance import (
     GLOBAL,
     audit,
     format_time,
+    named_user,
     options_of,
     parse_duration,
     require_moderator,
@@ -33,6 +34,7 @@ from bot.governance import (
 )
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
+from bot.options import shown
 from bot.service import is_owner
 from bot.types import Admission, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
@@ -183,9 +185,9 @@ def _where(scope: str) -> Any:
 
 
 async def ban_command(ctx: CommandContext) -> Reply:
+    await require_moderator(ctx, "ban", named_user(ctx.text, ctx.actor))
     parsed = parse_args(ctx.text)
     target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    await require_moderator(ctx, "ban", target)
     if target is None:
         raise UserError(
             "error.missing_argument", name="ban", what="@USER [--for 1d] [--reason TEXT] [--global]"
@@ -211,9 +213,9 @@ async def ban_command(ctx: CommandContext) -> Reply:
 
 
 async def unban_command(ctx: CommandContext) -> Reply:
+    await require_moderator(ctx, "unban", named_user(ctx.text, ctx.actor))
     parsed = parse_args(ctx.text)
     target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    await require_moderator(ctx, "unban", target)
     if target is None:
         raise UserError("error.missing_argument", name="unban", what="@USER [--global]")
     scope = _target_scope(ctx, options_of(parsed.options, {"global": False}))
@@ -241,9 +243,10 @@ async def bans_command(ctx: CommandContext) -> Reply:
 async def words_command(ctx: CommandContext) -> Reply:
     words = ctx.text.split(maxsplit=1)
     sub = words[0].lower() if words else "list"
-    if sub not in ("list", "add", "remove"):
-        raise UserError("moderation.words_usage", value=sub)
-    await require_moderator(ctx, f"words.{sub}")
+    known = sub in ("list", "add", "remove")
+    await require_moderator(ctx, f"words.{sub}" if known else "words")  # before the usage is checked
+    if not known:
+        raise UserError("moderation.words_usage", value=shown(sub))
     parsed = parse_args(words[1] if len(words) > 1 else "")
     options = options_of(parsed.options, {"regex": True, "global": False})
     scope = _target_scope(ctx, options)

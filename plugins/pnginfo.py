@@ -12,7 +12,6 @@ so a model that is missing is reported, never silently swapped.
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 from dataclasses import replace
 from typing import Any
@@ -22,6 +21,7 @@ from ulid import ULID
 from bot.errors import NotFound, UserError
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
+from bot.options import shown
 from bot.reruns import draw_line, options_from_infotext
 from bot.types import Action, Command, CommandContext, Reply
 from models.preferences import GLOBAL, PreferenceStore
@@ -39,19 +39,17 @@ def register_commands(register: Any) -> None:
 
 def _image_infotext(name: str, data: bytes) -> str | None:
     """On a worker thread: the infotext of an uploaded image; UserError when the upload is
-    not an image of a format that carries parameters."""
-    from PIL import Image
-
-    from pipeline.images import ImageFormatError, read_infotext
+    not an image of a format that carries parameters. Its text is read within the caps of
+    ``pipeline.images`` (the upload's size is capped before any command runs)."""
+    from pipeline.images import ImageFormatError, image_format, read_infotext
 
     allowed = ", ".join(READABLE_FORMATS)
     not_an_image = UserError(
-        "error.init_image", detail=Msg("pnginfo.not_an_image", {"name": name, "allowed": allowed})
+        "error.init_image", detail=Msg("pnginfo.not_an_image", {"name": shown(name), "allowed": allowed})
     )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind = image.format
-    except Exception:  # Pillow raises many types for what is not an image
+        kind = image_format(data)
+    except ImageFormatError:
         raise not_an_image from None
     if kind not in READABLE_FORMATS:
         detail = Msg("pnginfo.wrong_format", {"name": name, "format": kind, "allowed": allowed})

@@ -26,6 +26,7 @@ from bot.governance import (
     GLOBAL,
     audit,
     format_time,
+    named_user,
     number,
     options_of,
     require_moderator,
@@ -62,6 +63,14 @@ class ScopeOverride(BudgetOverride):
     period: Period | None = None
 
 
+# The default cap on one request's width x height x steps x images: 1024 steps of a
+# 1024x1024 image (2**30), a few minutes of GPU time. It admits A1111's defaults many
+# times over, --batch 4 --count 4 --steps 64 at 1024x1024, and a 100-cell grid at 512x512
+# with 40 steps; the largest request the [limits] allow (--batch 8 --count 8 --steps 150
+# at 1024x1024) costs almost ten times as much, and would keep everyone else waiting.
+DEFAULT_MAX_COST = 1024 * 1024 * 1024
+
+
 class QuotasConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     period: Period = "daily"
@@ -69,7 +78,7 @@ class QuotasConfig(BaseModel):
     gpu_seconds: float = Field(0, ge=0)
     max_queued: int = Field(100, ge=0)
     max_running: int = Field(0, ge=0)
-    max_cost: int = Field(0, ge=0)
+    max_cost: int = Field(DEFAULT_MAX_COST, ge=0)
     per_scope: bool = True
     relaxed: bool = False
     relaxed_priority: int = -100
@@ -335,9 +344,9 @@ def _images_left(budget: Budget, usage: Usage) -> int:
 
 
 async def _moderate(ctx: CommandContext, sub: str, rest: str) -> Reply:
+    await require_moderator(ctx, f"quota.{sub}", named_user(rest, ctx.actor))
     parsed = parse_args(rest)
     target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    await require_moderator(ctx, f"quota.{sub}", target)
     if target is None:
         raise UserError("error.missing_argument", name=f"quota {sub}", what="@USER")
     allowed = {} if sub == "reset" else {"images": True, "gpu-seconds": True}

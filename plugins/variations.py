@@ -30,7 +30,7 @@ from bot.commands import parse_args
 from bot.draw import options_from_request
 from bot.errors import OptionValueError, UserError
 from bot.hookspecs import hookimpl
-from bot.options import OptionSpec, OptionTable
+from bot.options import OptionSpec, OptionTable, parse_int, shown
 from bot.types import Action, Actor, Command, CommandContext, Reply
 from models.records import GenerationRecord, ImageRecord
 
@@ -70,13 +70,14 @@ async def pick_image(app: Any, actor: Actor, command: str, text: str) -> tuple[G
         raise UserError("error.missing_argument", name=command, what="ID[.N]")
     match = _TARGET.match(text)
     if match is None:
-        raise UserError("variations.bad_target", value=text.strip())
+        raise UserError("variations.bad_target", value=shown(text))
     record = await app.service.visible(match.group(1), actor)
     if record.status != "finished" or not record.images:
         raise UserError("variations.unfinished", id=record.id, status=record.status)
-    number = int(match.group(2) or 1)
+    number = parse_int(match.group(2) or "1") or 0
     if not 1 <= number <= len(record.images):
-        raise OptionValueError("variations.bad_index", id=record.id, value=number, max=len(record.images))
+        value = shown(match.group(2) or "1")
+        raise OptionValueError("variations.bad_index", id=record.id, value=value, max=len(record.images))
     return record, record.images[number - 1]
 
 

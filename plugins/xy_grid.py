@@ -250,12 +250,12 @@ async def current_cap(app: Any, actor: Any) -> int:
 
 
 async def cap_command(ctx: CommandContext, words: list[str], options: list[tuple[str, str | None]]) -> Reply:
-    flags = options_of(options, {"global": False})
-    if not words:
+    if not words and not options:
         cap = await current_cap(ctx.app, ctx.actor)
         return Reply("grid.cap", {"max": cap}, data={"max_cells": cap})
     await require_moderator(ctx, "grid.cap")
-    if len(words) > 1:
+    flags = options_of(options, {"global": False})
+    if len(words) != 1:
         raise UserError("error.missing_argument", name="grid cap", what="N [--global]")
     cap = whole_number("cap", words[0], minimum=1, maximum=HARD_MAX_CELLS)
     scope = GLOBAL if flags.get("global") else _local_scope(ctx.actor)
@@ -287,9 +287,9 @@ async def grid_command(ctx: CommandContext) -> list[Reply] | Reply:
 async def grid_again(ctx: CommandContext) -> list[Reply]:
     """The same cells with a new seed (seeds a Seed axis set are kept), checked and
     billed like any request."""
-    record = await ctx.app.store.get(ctx.text.strip())
-    hidden = record is not None and record.private and record.user.platform_user_id != ctx.actor.user_id
-    if record is None or hidden or record.plan != "grid" or record.group_index != 0:
+    # who may see it is the core's one rule: platform and user id, or a moderator
+    record = await ctx.app.service.visible(ctx.text.strip(), ctx.actor)
+    if record.plan != "grid" or record.group_index != 0:
         raise NotFound("error.not_found", id=ctx.text.strip())
     cells = await ctx.app.store.list_group(record.group_id)
     options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}

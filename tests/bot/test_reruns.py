@@ -124,7 +124,7 @@ async def test_console_joins_continued_lines_and_attaches_files(make_app, tmp_pa
     await console.run_lines(lines())
     printed = out.getvalue()
     assert "--clip-skip 2" in printed and "--ensd 31337" in printed
-    assert "error.init_image" in printed
+    assert "console.attach_missing" in printed
 
 
 async def test_hires_and_img2img_through_draw_and_back_from_their_infotext(make_app) -> None:

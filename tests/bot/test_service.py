@@ -287,6 +287,18 @@ async def test_a_process_that_lost_its_running_job_saves_nothing(make_app) -> No
             "-1 (random) or a whole number from 0 to",
             "-1（随机）",
         ),
+        (
+            "/draw a cat --steps " + "9" * 100_000,
+            "error.out_of_range",
+            "--steps must be from 1 to 150, got 9999",
+            "--steps 必须在 1 到 150 之间",
+        ),
+        (
+            "/draw a cat --seed " + "9" * 5_000,
+            "error.seed_range",
+            "-1 (random) or a whole number from 0 to 9223372036854775807",
+            "-1（随机）",
+        ),
         ("/draw (a:1.2.3)", "error.prompt_syntax", "could not be read", "无法解析"),
         (
             "/paint a cat",

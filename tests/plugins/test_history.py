@@ -219,7 +219,7 @@ async def test_export_zips_the_pngs_with_their_infotext_and_an_index(make_app) -
         ("/export --limit 4", "error.out_of_range"),
         ("/export --since yesterday", "history.bad_since"),
         ("/export --since 2024-02-30", "history.bad_since"),
-        ("/export everything", "history.export_usage"),
+        ("/export everything", "error.moderators_only"),  # names a user: for moderators
         ("/export --all", "error.unknown_option"),
     ):
         bad = await one(app, line)
@@ -277,3 +277,42 @@ async def test_history_disabled_leaves_private_unknown(make_app) -> None:
     reply = await one(app, "/draw a cat --private")
     assert reply.error and reply.key == "error.unknown_option"
     assert (await one(app, "/history")).key == "error.unknown_command"
+
+
+async def test_huge_since_and_page_numbers_get_the_range_message(make_app) -> None:
+    app = await history_app(make_app)
+    for since in ("9999999999d", "99999999w", "9" * 5_000 + "h"):
+        for actor, expected in ((ALICE, "--since must be a duration from 1m to 3650d"), (BOB, "1m 到 3650d")):
+            reply = await one(app, f"/export --since {since}", actor)
+            assert reply.error and reply.key == "error.duration_range", since
+            assert expected in text(app, reply, actor.locale)
+    await app.queue.stop()
+    await one(app, "/draw a cat")
+    reply = await one(app, "/history " + "9" * 5_000)
+    assert reply.key == "history.bad_page" and "pages are 1 to 1" in text(app, reply)
+
+
+async def test_history_and_export_of_someone_else_check_the_role_first_and_are_audited(make_app) -> None:
+    app = await history_app(make_app)
+    await app.queue.stop()
+    (mine,) = (await one(app, "/draw a secret garden --private")).data["jobs"]
+    for line in (
+        "/export @alice",
+        "/export @alice --since forever --bogus",  # refused for the role, not for the options
+        "/history @alice 1 2 3",
+        '/history @alice "unclosed',
+    ):
+        reply = await one(app, line, BOB)
+        assert reply.error and reply.key == "error.moderators_only", line
+    assert (await one(app, "/export --bogus", BOB)).key == "error.unknown_option"  # one's own: no role
+    exported = await one(app, "/export @alice", MOD)
+    assert exported.key == "export.done" and exported.data["ids"] == [mine]
+    (log,) = await run(app, "/audit", MOD)
+    entries = [(e["actor"], e["action"], e["target"], e["allowed"]) for e in log.data["entries"]]
+    assert entries == [
+        ("console:mod", "export", "console:alice", True),
+        ("console:bob", "history", "console:alice", False),
+        ("console:bob", "history", "console:alice", False),
+        ("console:bob", "export", "console:alice", False),
+        ("console:bob", "export", "console:alice", False),
+    ]

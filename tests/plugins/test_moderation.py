@@ -169,3 +169,33 @@ async def test_allowed_nsfw_results_are_spoilers(make_app) -> None:
     (again,) = (await run(plain, "/draw a nude statue", nsfw_channel))[0].data["jobs"]
     await plain_log.wait_for(lambda: plain_log.of("finished", again))
     assert not plain_log.of("finished", again)[0].spoiler
+
+
+async def test_the_role_is_checked_before_the_arguments_and_every_refusal_is_audited(make_app) -> None:
+    app = await make_app(plugins={"moderation": CONFIG})
+    for line in (
+        "/words foo",  # an unknown action: still the role first
+        "/words add",
+        "/ban @carol --for 9999999999d --bogus",
+        '/ban @carol --reason "unclosed',
+        "/unban",
+        "/quota set @carol --images lots",
+        "/grid cap 5 --bogus",
+    ):
+        (reply,) = await run(app, line, BOB)
+        assert reply.error and reply.key == "error.moderators_only", line
+    (reply,) = await run(app, "/audit", MOD)
+    entries = [(e["actor"], e["action"], e["target"], e["allowed"]) for e in reversed(reply.data["entries"])]
+    assert entries == [
+        ("console:bob", "words", None, False),
+        ("console:bob", "words.add", None, False),
+        ("console:bob", "ban", "console:carol", False),
+        ("console:bob", "ban", "console:carol", False),
+        ("console:bob", "unban", None, False),
+        ("console:bob", "quota.set", "console:carol", False),
+        ("console:bob", "grid.cap", None, False),
+    ]
+    # a moderator gets the usage and range messages the others never reach
+    assert (await run(app, "/words foo", MOD))[0].key == "moderation.words_usage"
+    (too_long,) = await run(app, "/ban @carol --for 9999999999d", MOD)
+    assert too_long.key == "error.duration_range" and "3650d" in text(app, too_long)

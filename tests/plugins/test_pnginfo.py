@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +128,90 @@ def test_console_pnginfo_of_a_file_then_its_button(tmp_path: Path) -> None:
         assert np.array_equal(pixels(image["path"]), pixels(path))
         (refused,) = alice.command(f"/pnginfo --attach {tmp_path / 'config.toml'}")
         assert refused["event"] == "error" and '"config.toml" is not an image' in refused["text"]
+
+
+# hostile uploads: bounded text, one size cap -----------------------------------------------------
+
+PARAMETERS = "a quiet lake\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64"
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _with_chunks(data: bytes, chunks: list[bytes]) -> bytes:
+    """``chunks`` added after the pixel data, before IEND."""
+    iend = data.rindex(b"IEND") - 4
+    return data[:iend] + b"".join(chunks) + data[iend:]
+
+
+def ztxt_bomb(count: int = 128, inflated: int = 16 * 1024 * 1024) -> bytes:
+    """A PNG whose ``parameters`` come first, then ``count`` zTXt chunks after the pixel
+    data, each inflating to ``inflated`` bytes (128 x 16 MiB fit in 2 MB)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", PARAMETERS)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    bomb = zlib.compress(b"\0" * inflated, 9)
+    return _with_chunks(
+        buffer.getvalue(), [_chunk(b"zTXt", b"Comment%d\0\0" % i + bomb) for i in range(count)]
+    )
+
+
+def test_a_ztxt_bomb_is_read_within_the_text_caps() -> None:
+    from pipeline.images import MAX_TEXT_TOTAL, read_infotext
+
+    data = ztxt_bomb()
+    assert 1_500_000 < len(data) < 2_500_000
+    tracemalloc.start()
+    try:
+        found = read_infotext(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found == PARAMETERS
+    assert peak < 2 * MAX_TEXT_TOTAL  # 16 MiB for one chunk, 2 GiB for all before the caps
+
+
+def test_text_past_the_caps_is_not_read() -> None:
+    from pipeline.images import MAX_TEXT_CHUNK, read_infotext
+
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    big = "x" * (MAX_TEXT_CHUNK + 1)
+    for text, expected in (
+        (PARAMETERS, PARAMETERS),
+        (big, None),
+        ("y" * MAX_TEXT_CHUNK, "y" * MAX_TEXT_CHUNK),
+    ):
+        chunk = _chunk(b"zTXt", b"parameters\0\0" + zlib.compress(text.encode("latin-1")))
+        assert read_infotext(_with_chunks(plain.getvalue(), [chunk])) == expected
+    # the total cap stops the walk: parameters behind 16 chunks of 64 KiB are not reached
+    filler = _chunk(b"zTXt", b"filler\0\0" + zlib.compress(b"z" * MAX_TEXT_CHUNK))
+    late = _chunk(b"tEXt", b"parameters\0" + PARAMETERS.encode())
+    assert read_infotext(_with_chunks(plain.getvalue(), [filler] * 16 + [late])) is None
+    assert read_infotext(_with_chunks(plain.getvalue(), [filler] * 15 + [late])) == PARAMETERS
+
+
+async def test_pnginfo_answers_a_ztxt_bomb_with_its_parameters(make_app) -> None:
+    app = await make_app()
+    (reply,) = await app.service.handle_line(
+        "/pnginfo", ALICE, attachments=(Attachment("bomb.png", ztxt_bomb()),)
+    )
+    assert reply.key == "pnginfo.result" and "--seed 9" in reply.data["command"]
+
+
+async def test_every_command_refuses_an_upload_over_the_cap(make_app) -> None:
+    app = await make_app(limits={"max_upload_bytes": 64 * 1024})
+    png = ztxt_bomb(count=0) + b"\0" * 64 * 1024  # one page of bytes too many
+    for line in ("/pnginfo", "/draw a cat", "/style import", "/refine x"):
+        for actor, expected in ((ALICE, "uploads may be at most 64 KiB"), (BOB, "最大 64 KiB")):
+            (reply,) = await app.service.handle_line(line, actor, attachments=(Attachment("big.png", png),))
+            assert reply.error and reply.key == "error.upload_too_large", line
+            assert expected in text(app, reply, actor.locale) and "big.png" in text(app, reply, actor.locale)
+    assert await app.store.count_by_status() == {}
+    small = ztxt_bomb(count=0)
+    (fine,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(Attachment("ok.png", small),))
+    assert fine.key == "pnginfo.result"

@@ -174,3 +174,23 @@ async def test_a_request_that_cannot_be_stored_gives_its_reservation_back(make_a
     assert (await draw(app, "/draw a cat --batch 3"))[0].key == "error.internal"
     status = await quota(app)
     assert status.data["images_left"] == 10 and status.data["images_reserved"] == 0
+
+
+async def test_the_default_cost_cap_admits_ordinary_requests_and_refuses_the_largest(make_app) -> None:
+    from plugins.quotas import QuotasConfig
+
+    app = await make_app()  # [plugins.quotas] as shipped
+    assert QuotasConfig().max_cost == 1024 * 1024 * 1024
+    await app.queue.stop()  # admission is all this needs; nothing runs
+    for line in (
+        "/draw a cat --size 512x512 --steps 20",  # A1111's defaults
+        "/draw a cat --batch 4 --size 1024x1024 --steps 50",
+        "/draw a cat --batch 4 --count 4 --size 1024x1024 --steps 64",
+    ):
+        assert (await draw(app, line))[0].key == "draw.accepted", line
+    (refused,) = await draw(app, "/draw a cat --batch 8 --count 8 --size 1024x1024 --steps 150")
+    assert refused.error and refused.key == "quota.too_costly"
+    assert "costs 10066329600" in app.translator.t("en", refused.key, **refused.params)
+    assert "at most 1073741824 is allowed" in app.translator.t("en", refused.key, **refused.params)
+    assert "最多允许 1073741824" in app.translator.t("zh-CN", refused.key, **refused.params)
+    assert await app.store.count_by_status() == {"queued": 1 + 1 + 4}

@@ -437,3 +437,28 @@ def test_console_scenario_a_grid_from_the_command_to_the_labelled_image(tmp_path
         (error,) = session.command("/grid cap 20")
         assert error["key"] == "error.moderators_only"
     assert len([e for e in session.events if e["event"] == "notice"]) == 1
+
+
+async def test_grid_again_of_a_private_grid_is_refused_to_the_same_id_on_another_platform(make_app) -> None:
+    app = await make_app(plugins=QUOTAS)
+    await app.queue.stop()  # the stored cells are all "grid again" reads
+    owner = Actor(platform="discord", user_id="123", name="Owner", chat_id="c")
+    namesake = Actor(platform="telegram", user_id="123", name="Namesake", chat_id="c")
+    private = (await run(app, '/grid a secret map --x "steps: 2,3" --private --seed 5', owner))[0]
+    public = (await run(app, '/grid an open field --x "steps: 2,3" --seed 6', owner))[0]
+    first_private, first_public = private.data["jobs"][0], public.data["jobs"][0]
+    before = await app.store.count_by_status()
+
+    (refused,) = await app.service.run_action(f"grid-again:{first_private}", namesake)
+    assert refused.error and refused.key == "error.not_found"
+    assert "secret" not in text(app, refused)
+    assert await app.store.count_by_status() == before  # nothing queued for the namesake
+
+    mine = await app.service.run_action(f"grid-again:{first_private}", owner)
+    assert mine[0].key == "draw.accepted" and len(mine[0].data["jobs"]) == 2
+    again = await app.store.get(mine[0].data["jobs"][0])
+    assert again.private and again.request.prompt == "a secret map"
+    viewer = await app.service.run_action(f"grid-again:{first_public}", namesake)
+    assert viewer[0].key == "draw.accepted"  # a public grid is the community's, the new one the viewer's
+    record = await app.store.get(viewer[0].data["jobs"][0])
+    assert (record.user.platform, record.user.platform_user_id) == ("telegram", "123")
