@@ -194,7 +194,9 @@ def make_engine(settings: Settings, library: Any) -> Any:
         oom_retry=config.oom_retry,
     )
     try:
-        engine = Engine(library, device=device, dtype=dtype, memory_settings=memory)
+        engine = Engine(
+            library, device=device, dtype=dtype, memory_settings=memory, preview_every=config.preview_every
+        )
     except SettingError as exc:
         raise ConfigError(f"[engine] {exc.key}: {exc}") from None
     log.info("engine: %s", engine.memory.describe(library.max_loaded))

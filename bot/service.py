@@ -355,10 +355,10 @@ class Service:
         self.app.bus.publish(Started(job.id, actor, reply_to))
         return True
 
-    def job_progress(self, job: Job, step: int, total: int) -> None:
+    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
         route = self._routes.get(job.id)
         if route is not None:
-            self.app.bus.publish(Progress(job.id, *route, step=step, total=total))
+            self.app.bus.publish(Progress(job.id, *route, step=step, total=total, preview=preview))
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
         actor, reply_to = self._routes[job.id]

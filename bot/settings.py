@@ -56,6 +56,7 @@ class EngineSettings(_Table):
     vae_tiling_pixels: int = Field(0, ge=0)
     memory_budget_gb: float = Field(0.0, ge=0)
     oom_retry: bool = True
+    preview_every: int = Field(5, ge=0, le=1000)
 
 
 class DefaultsSettings(_Table):

@@ -170,6 +170,7 @@ class Started(JobEvent):
 class Progress(JobEvent):
     step: int = 0
     total: int = 0
+    preview: bytes | None = None  # PNG of the batch so far (A1111's "Approx cheap"), when due
     kind: str = field(init=False, default="progress")
 
 

@@ -134,6 +134,10 @@ class CFGDenoiser:
         self.sigma_to_timestep = sigma_to_timestep
         self.before_call = before_call
         self.calls = 0
+        # What the latest call saw and returned, kept by reference only: a live preview
+        # turns it into x0 when one is asked for (``latest_x0``), so steps without a
+        # preview pay nothing.
+        self._latest: tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | int] | None = None
         self._weights = [float(weight) for _, weight in conds.parts]
         self._prepared: dict[tuple, _Prepared] = {}
         self._alphas: torch.Tensor | None = None
@@ -148,7 +152,21 @@ class CFGDenoiser:
         cond_out, uncond_out = self._evaluate(x * c_in, t)
         cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
         uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
-        return self._combine(cond_x0, uncond_x0, self.cfg_scale)
+        denoised = self._combine(cond_x0, uncond_x0, self.cfg_scale)
+        self._latest = ("x0", denoised, x, 0)
+        return denoised
+
+    def latest_x0(self) -> torch.Tensor | None:
+        """The denoised latents of the latest call (None before the first): k-diffusion
+        loops get them from the call itself; for the timestep loops they follow from the
+        guided eps at that call's ᾱ."""
+        if self._latest is None:
+            return None
+        kind, out, x, t = self._latest
+        if kind == "x0":
+            return out
+        alpha = self._alphas_at(_per_image(torch.as_tensor(t), x).to(x.device), x)
+        return (x - (1 - alpha).sqrt() * out) / alpha.sqrt()
 
     def _denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """k-diffusion's eps scalings (c_skip 1, c_out −σ), or the v ones with σ_data 1."""
@@ -162,12 +180,16 @@ class CFGDenoiser:
     def eps_at_timestep(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Guided eps for the timestep samplers: ``x`` is at ᾱ scale, ``t`` a UNet timestep."""
         cond_eps, uncond_eps = self._eps(x, t)
-        return self._combine(cond_eps, uncond_eps, self.cfg_scale)
+        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale)
+        self._latest = ("eps", eps, x, t)
+        return eps
 
     def eps_cfgpp(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """DDIM CFG++'s pair: eps guided with cfg / 12.5, and the unconditional eps."""
         cond_eps, uncond_eps = self._eps(x, t)
-        return self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR), uncond_eps
+        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR)
+        self._latest = ("eps", eps, x, t)
+        return eps, uncond_eps
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         t = _per_image(torch.as_tensor(t), x).to(x.device)

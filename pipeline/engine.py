@@ -41,6 +41,7 @@ from pipeline import (
     latents,
     memory,
     oom,
+    previews,
     rng,
     samplers,
     sdxl,
@@ -74,6 +75,7 @@ VERSION = "v1.10.1"
 LATENT_CHANNELS = 4
 
 ProgressCallback = Callable[[int, int], None]
+PreviewCallback = Callable[[int, bytes], None]  # (user step, PNG bytes of the batch's preview)
 StopCheck = Callable[[], bool]
 SamplerLoop = Callable[..., torch.Tensor]
 
@@ -98,11 +100,30 @@ class _Progress:
     are reported.
     """
 
-    def __init__(self, total: int, on_progress: ProgressCallback | None, should_stop: StopCheck | None):
+    def __init__(
+        self,
+        total: int,
+        on_progress: ProgressCallback | None,
+        should_stop: StopCheck | None,
+        on_preview: PreviewCallback | None = None,
+        preview_every: int = 0,
+    ):
         self.total = total
         self.on_progress = on_progress
         self.should_stop = should_stop
         self.reported = 0
+        # A preview every ``preview_every`` user steps (0: none), made before the progress
+        # report of that step so both can travel together; the last step gets none (the
+        # result follows at once).
+        self.on_preview = on_preview if preview_every > 0 else None
+        self.preview_every = preview_every
+        self.previewed = 0
+        self._latents: Callable[[], torch.Tensor | None] | None = None
+        self._sdxl = False
+
+    def previews_from(self, latents: Callable[[], torch.Tensor | None], *, sdxl: bool) -> None:
+        """Where the current pass's denoised latents come from (its denoiser)."""
+        self._latents, self._sdxl = latents, sdxl
 
     def stop_requested(self) -> bool:
         return self.should_stop is not None and bool(self.should_stop())
@@ -115,9 +136,28 @@ class _Progress:
         step = min(step, self.total)
         if step <= self.reported:
             return
-        self.reported = step
+        first, self.reported = self.reported + 1, step
+        if self.on_preview is not None and step < self.total and step - self.previewed >= self.preview_every:
+            self._preview(step)
         if self.on_progress is not None:
-            self.on_progress(step, self.total)
+            # A pass with fewer sampler steps than user steps (DDIM's schedule, img2img's
+            # denoising share) jumps ahead; users still see every step, up to the total.
+            for passed in range(first, step + 1):
+                self.on_progress(passed, self.total)
+
+    def _preview(self, step: int) -> None:
+        latents = self._latents() if self._latents is not None else None
+        if latents is None:
+            return
+        self.previewed = step
+        try:
+            png = previews.batch_preview_png(latents, sdxl=self._sdxl)
+        except Exception:  # a preview is a nicety: the job goes on without them
+            logger.exception("live preview failed; no more previews for this job")
+            self.on_preview = None
+            return
+        assert self.on_preview is not None
+        self.on_preview(step, png)
 
     def finish(self) -> None:
         self.report(self.total)
@@ -235,10 +275,12 @@ class Engine:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         memory_settings: memory.MemorySettings | None = None,
+        preview_every: int = 0,
     ):
         """``memory_settings``: memory mode, attention, VAE precision, tiling, budget and OOM
         retry (``pipeline.memory``); a byte budget, where there is one, becomes the library's."""
         self.library = library
+        self.preview_every = preview_every  # user steps between live previews (0: none)
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else _default_dtype(self.device)
         self.memory = memory.DeviceMemory(self.device, self.dtype, memory_settings)
@@ -257,6 +299,7 @@ class Engine:
         *,
         on_progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GenerationResult:
         """Generate one batch. Raises ``UnknownCheckpoint``, ``UnknownSampler``,
         ``CheckpointLoadError``, ``UnknownNetwork``, ``OutOfMemory``, ``GenerationCancelled``,
@@ -267,7 +310,7 @@ class Engine:
         started = time.perf_counter()
         job = plan_passes(request)
         active = self.networks.for_prompt(request.prompt)
-        progress = _Progress(job.total_steps, on_progress, should_stop)
+        progress = _Progress(job.total_steps, on_progress, should_stop, on_preview, self.preview_every)
         with self._lock, self.library.in_use(request.checkpoint):
             model = self._model(request.checkpoint)
             separate = self._separate_vae(model, request.vae)
@@ -447,6 +490,7 @@ class Engine:
             sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
             before_call=progress.check,
         )
+        progress.previews_from(denoiser.latest_x0, sdxl=model.is_sdxl)
         ctx = SamplingContext(
             model=denoiser,
             eps_model=denoiser.eps_at_timestep,

@@ -31,14 +31,25 @@ SDXL_FACTORS = (
 )
 
 
+_FACTORS: dict[tuple[bool, str], torch.Tensor] = {}
+
+
+def _factors(sdxl: bool, device: torch.device) -> torch.Tensor:
+    import torch
+
+    key = (sdxl, str(device))
+    if key not in _FACTORS:
+        _FACTORS[key] = torch.tensor(SDXL_FACTORS if sdxl else SD_FACTORS, dtype=torch.float32, device=device)
+    return _FACTORS[key]
+
+
 def latent_rgb(latents: torch.Tensor, *, sdxl: bool = False) -> torch.Tensor:
     """``(B, 4, h, w)`` latents -> ``(B, h, w, 3)`` uint8 on the CPU."""
     import torch
 
     if latents.dim() != 4 or latents.shape[1] != 4:
         raise ValueError(f"previews need (B, 4, h, w) latents, got {tuple(latents.shape)}")
-    factors = torch.tensor(SDXL_FACTORS if sdxl else SD_FACTORS, dtype=torch.float32, device=latents.device)
-    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float(), factors)
+    rgb = latents.detach().float().permute(0, 2, 3, 1) @ _factors(sdxl, latents.device)
     return ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
 
 
@@ -51,6 +62,20 @@ def preview_image(latents: torch.Tensor, *, sdxl: bool = False, index: int = 0) 
 
 def preview_png(latents: torch.Tensor, *, sdxl: bool = False, index: int = 0) -> bytes:
     """PNG bytes of ``preview_image``: what a progress event carries across processes."""
+    return _png(preview_image(latents, sdxl=sdxl, index=index))
+
+
+def batch_preview_png(latents: torch.Tensor, *, sdxl: bool = False) -> bytes:
+    """The whole batch side by side in one PNG, as a job's progress shows it."""
+    from PIL import Image
+
+    rgb = latent_rgb(latents, sdxl=sdxl)  # (B, h, w, 3)
+    batch, height, width, _ = rgb.shape
+    row = rgb.permute(1, 0, 2, 3).reshape(height, batch * width, 3)
+    return _png(Image.fromarray(row.numpy(), "RGB"))
+
+
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    preview_image(latents, sdxl=sdxl, index=index).save(buffer, format="PNG", compress_level=1)
+    image.save(buffer, format="PNG", compress_level=1)  # speed over size: it lives seconds
     return buffer.getvalue()

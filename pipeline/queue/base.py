@@ -31,7 +31,9 @@ class JobListener(Protocol):
         """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is skipped."""
         ...
 
-    def job_progress(self, job: Job, step: int, total: int) -> None: ...
+    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
+        """Step ``step`` of ``total`` is done; ``preview`` is a PNG of the batch so far, when due."""
+        ...
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None: ...
 
@@ -49,6 +51,7 @@ class Runner(Protocol):
         *,
         on_progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_preview: Callable[[int, bytes], None] | None = None,
     ) -> GenerationResult: ...
 
 

@@ -159,11 +159,19 @@ class LocalQueue:
             return
         loop = asyncio.get_running_loop()
 
+        preview: list[bytes | None] = [None]  # the engine hands a step's preview just before its progress
+
+        def on_preview(_step: int, png: bytes) -> None:
+            preview[0] = png
+
         def on_progress(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(self.listener.job_progress, job, step, total)
+            png, preview[0] = preview[0], None
+            loop.call_soon_threadsafe(self.listener.job_progress, job, step, total, png)
 
         def call() -> object:
-            return runner.generate(job.request, on_progress=on_progress, should_stop=job.stop.is_set)
+            return runner.generate(
+                job.request, on_progress=on_progress, should_stop=job.stop.is_set, on_preview=on_preview
+            )
 
         try:
             result = await loop.run_in_executor(executor, call)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,22 @@ async def test_progress_never_blocks_the_event_loop(make_app) -> None:
         await asyncio.sleep(0.01)
         worst = max(worst, loop.time() - before - 0.01)
     assert worst < 0.5, worst
+
+
+async def test_progress_events_carry_live_previews_when_due(make_app, tiny_engine) -> None:
+    app = await make_app()
+    log = EventLog(app)
+    tiny_engine.preview_every = 2
+    try:
+        replies = await draw(app, "/draw a cat --steps 5 --seed 5 --size 64x72 --batch 2")
+        assert not replies[0].error, replies
+        (job_id,) = replies[0].data["jobs"]
+        await log.wait_for(lambda: log.of("finished", job_id))
+    finally:
+        tiny_engine.preview_every = 0
+    progress = log.of("progress", job_id)
+    assert [(e.step, e.preview is not None) for e in progress] == [
+        (1, False), (2, True), (3, False), (4, True), (5, False),
+    ]  # fmt: skip
+    preview = Image.open(io.BytesIO(progress[1].preview))
+    assert preview.size == (2 * 64 // 8, 72 // 8)  # the batch side by side, one pixel per latent

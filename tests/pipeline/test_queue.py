@@ -18,7 +18,7 @@ class GatedRunner:
         self.gate = threading.Semaphore(0)
         self.threads: set[str] = set()
 
-    def generate(self, request, *, on_progress=None, should_stop=None) -> GenerationResult:
+    def generate(self, request, *, on_progress=None, should_stop=None, on_preview=None) -> GenerationResult:
         self.threads.add(threading.current_thread().name)
         self.gate.acquire()
         for step in range(1, 3):
@@ -39,7 +39,7 @@ class Recorder:
         self.log.append(("started", job.id))
         return job.id not in self.refuse
 
-    def job_progress(self, job: Job, step: int, total: int) -> None:
+    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
         self.log.append((f"progress {step}/{total}", job.id))
 
     async def job_finished(self, job: Job, result) -> None:
