@@ -284,6 +284,25 @@ def _widths(state: Mapping[Any, Any]) -> dict[int, tuple[Mapping[Any, Any], Mapp
     return widths
 
 
+def check_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a hypernetwork A1111 could have written;
+    works on meta tensors, so a folder scan can check a file without reading its weights."""
+    _checked_state(state)
+
+
+def _checked_state(
+    state: Any,
+) -> tuple[ModuleLayout, bool, bool, dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]]:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a hypernetwork file holds a dict, not a {type(state).__name__}")
+    layout, use_dropout, last_layer_dropout = _layout_from_state(state)
+    checked = {
+        width: (check_weights(width, layout, pair[0]), check_weights(width, layout, pair[1]))
+        for width, pair in _widths(state).items()
+    }
+    return layout, use_dropout, last_layer_dropout, checked
+
+
 def check_weights(width: int, layout: ModuleLayout, state_dict: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
     """The module's weights as float32, once their keys and shapes are exactly the ones the
     layout gives for ``width``: checked before anything is built, so a file cannot make the
@@ -331,13 +350,7 @@ class Hypernetwork:
         Raises ``ValueError`` for anything that is not a hypernetwork A1111 could have
         written; the layout, widths and every weight shape are checked before a module
         is built, and modules take the file's tensors instead of allocating their own."""
-        if not isinstance(state, Mapping):
-            raise ValueError(f"a hypernetwork file holds a dict, not a {type(state).__name__}")
-        layout, use_dropout, last_layer_dropout = _layout_from_state(state)
-        checked = {
-            width: (check_weights(width, layout, pair[0]), check_weights(width, layout, pair[1]))
-            for width, pair in _widths(state).items()
-        }
+        layout, use_dropout, last_layer_dropout, checked = _checked_state(state)
         layers = {
             width: (_loaded_module(width, layout, k), _loaded_module(width, layout, v))
             for width, (k, v) in checked.items()

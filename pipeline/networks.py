@@ -247,6 +247,8 @@ def _alpha(module: str, alpha: Any) -> float | None:
     if alpha is None:
         return None
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.is_complex():
+        if alpha.is_meta:  # a folder scan checks shapes only; the value is read on load
+            return None
         value = float(alpha)
     elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         value = float(alpha)
@@ -450,10 +452,18 @@ class NetworkLibrary:
         return self.models_dir / subdir if self.models_dir is not None else None
 
     def lora_names(self) -> list[str]:
-        return list(_scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS))
+        return list(self.lora_files())
 
     def hypernetwork_names(self) -> list[str]:
-        return list(_scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS))
+        return list(self.hypernetwork_files())
+
+    def lora_files(self) -> dict[str, Path]:
+        """Name -> the file a ``<lora:name>`` tag loads."""
+        return _scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS)
+
+    def hypernetwork_files(self) -> dict[str, Path]:
+        """Name -> the file a ``<hypernet:name>`` tag loads."""
+        return _scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS)
 
     def check_prompt(self, prompt: str) -> None:
         """Resolve every network ``prompt`` tags without loading anything: raises

@@ -126,17 +126,20 @@ def sniff_format(path: str | os.PathLike[str]) -> Format:
         return _sniff(stream, size, where)
 
 
-def read_model_file(path: str | os.PathLike[str]) -> Any:
+def read_model_file(path: str | os.PathLike[str], *, meta: bool = False) -> Any:
     """The object a model file holds: a safetensors file's tensors, or the unpickled
     object of a torch file (a dict of tensors and plain values, as ``torch.load`` would
-    give for a safe file). Raises :class:`UnsafeCheckpoint` / :class:`CheckpointLoadError`."""
-    return _read(path, meta=False)
+    give for a safe file). Raises :class:`UnsafeCheckpoint` / :class:`CheckpointLoadError`.
+
+    ``meta``: every check runs but no tensor data is read; tensors are built on torch's
+    meta device (shapes and dtypes only). Cheap enough for a folder scan: headers, the
+    central directory and ``data.pkl``."""
+    return _read(path, meta=meta)
 
 
 def inspect_model_file(path: str | os.PathLike[str]) -> FileSummary:
-    """Check ``path`` as :func:`read_model_file` does, without reading tensor data (tensors
-    are built on torch's meta device): every structural check and every pickle check runs.
-    Cheap enough for a folder scan: headers, the central directory and ``data.pkl``."""
+    """Check ``path`` as :func:`read_model_file` does, without reading tensor data; the
+    state dict's shapes and a safetensors file's metadata."""
     import torch
 
     loaded, form, metadata = _read(path, meta=True, with_format=True)

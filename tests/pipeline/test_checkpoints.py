@@ -50,8 +50,11 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     (tmp_path / "Stable-diffusion" / "not-a-model").mkdir()
     (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
     library = CheckpointLibrary(tmp_path)
-    # A broken single file is still listed (loading it says why).
-    assert library.names() == ["tiny", "Alpha", "beta", "zeta", "single"]
+    # A broken single file is left out of the list and reported with the reason.
+    assert library.names() == ["tiny", "Alpha", "beta", "zeta"]
+    [skipped] = library.unreadable()
+    assert (skipped.name, skipped.kind) == ("Stable-diffusion/single.safetensors", "checkpoint")
+    assert "too short" in skipped.reason
     info = library.resolve("beta")
     assert info.kind == "diffusers"
     assert info.path == tmp_path / "Stable-diffusion" / "beta"
@@ -223,7 +226,7 @@ def test_single_files_are_listed_with_side_files(a1111_dir):
     assert single.config_path == sd_dir / "single.yaml"
     assert single.sha256 is None  # nothing hashed until asked for
     pickled = library.resolve("sub/pickled")
-    assert pickled.family is None  # a pickle is only opened when loaded
+    assert pickled.family == "sd1"  # the scan reads the pickle's records, not its weights
     assert pickled.use_ema is True and pickled.prediction_type is None
     assert pickled.vae_path == sd_dir / "sub" / "pickled.vae.pt"
     assert pickled.model_name == "pickled"
@@ -332,7 +335,12 @@ def test_bad_files_give_clear_errors_and_others_keep_working(a1111_dir, tmp_path
         (a1111_dir / "models" / "Stable-diffusion" / "single.safetensors").read_bytes()
     )
     library = CheckpointLibrary(tmp_path / "models", config_dirs={"sd1": a1111_dir / "cfg"})
-    assert library.names() == ["tiny", "corrupt", "garbage", "good"]
+    assert library.names() == ["tiny", "good"]
+    assert [entry.name for entry in library.unreadable()] == [
+        "Stable-diffusion/corrupt.safetensors",
+        "Stable-diffusion/garbage.ckpt",
+    ]
+    # Naming a skipped file says why it was skipped.
     with pytest.raises(UnsafeCheckpoint, match="corrupt.safetensors") as info:
         library.load("corrupt")
     assert isinstance(info.value, CheckpointLoadError) and info.value.key == "error.unsafe_checkpoint"
