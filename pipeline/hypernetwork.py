@@ -296,9 +296,12 @@ def _checked_state(
     if not isinstance(state, Mapping):
         raise ValueError(f"a hypernetwork file holds a dict, not a {type(state).__name__}")
     layout, use_dropout, last_layer_dropout = _layout_from_state(state)
+    widths = _widths(state)
+    if not widths:
+        raise ValueError("it holds no hypernetwork layers (no integer width keys)")
     checked = {
         width: (check_weights(width, layout, pair[0]), check_weights(width, layout, pair[1]))
-        for width, pair in _widths(state).items()
+        for width, pair in widths.items()
     }
     return layout, use_dropout, last_layer_dropout, checked
 
