@@ -65,6 +65,7 @@ from pipeline.model_folder import (
     Kind,
     ModelFiles,
     UnreadableFile,
+    code_of,
     reason_of,
     relative_name,
 )
@@ -202,11 +203,12 @@ class CheckpointLibrary:
             self._catalog()
             return list(self._unreadable)
 
-    def model_files(self, kinds: tuple[Kind, ...] = KINDS) -> ModelFiles:
+    def model_files(self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None) -> ModelFiles:
         """The usable VAEs, LoRAs, hypernetworks and embeddings, and every unreadable file of
         the ``kinds`` asked for (checkpoints from the last scan; the other folders checked
-        now, each file once while it is unchanged)."""
-        found = self._checks.model_files(self.models_dir, kinds)
+        now, each file once while it is unchanged). ``models_dir`` is checked instead of
+        the library's own folder when the library has none."""
+        found = self._checks.model_files(self.models_dir or models_dir, kinds)
         skipped = [entry for entry in self.unreadable() if entry.kind in kinds]
         return dataclasses.replace(found, unreadable=skipped + found.unreadable)
 
@@ -536,16 +538,22 @@ def _single_file_info(path: Path, root: Path, models_dir: Path | None) -> Checkp
         try:
             settings = read_yaml_config(yaml_path)
         except ConfigFileError as exc:
-            _skip_for(name, label, "config", yaml_path, str(exc), models_dir)
+            _skip_for(
+                name,
+                label,
+                yaml_path,
+                UnreadableFile(relative_name(yaml_path, models_dir), "config", str(exc)),
+            )
     if vae is not None:
         try:
             safe_load.inspect_model_file(vae)
         except CheckpointLoadError as exc:
-            _skip_for(name, label, "vae", vae, reason_of(exc), models_dir)
+            side = UnreadableFile(relative_name(vae, models_dir), "vae", reason_of(exc), code_of(exc))
+            _skip_for(name, label, vae, side)
     try:
         summary = safe_load.inspect_model_file(path)
     except CheckpointLoadError as exc:
-        raise _Skipped(exc, [UnreadableFile(label, "checkpoint", reason_of(exc))]) from exc
+        raise _Skipped(exc, [UnreadableFile(label, "checkpoint", reason_of(exc), code_of(exc))]) from exc
     family = detect_family(summary.shapes, summary.shapes)
     prediction = settings.get("prediction_type") or _metadata_prediction(summary.metadata)
     return CheckpointInfo(
@@ -560,19 +568,15 @@ def _single_file_info(path: Path, root: Path, models_dir: Path | None) -> Checkp
     )
 
 
-def _skip_for(name: str, label: str, kind: Kind, side: Path, reason: str, models_dir: Path | None) -> None:
+def _skip_for(name: str, label: str, side_path: Path, side: UnreadableFile) -> None:
     """A checkpoint whose .yaml or .vae cannot be used is left out with it: loading it
     without them would give wrong images (or fail at every request)."""
-    what = "config" if kind == "config" else "VAE"
-    side_label = relative_name(side, models_dir)
-    error = CheckpointLoadError(name, f"its {what} {side.name} cannot be used: {reason}")
-    raise _Skipped(
-        error,
-        [
-            UnreadableFile(side_label, kind, reason),
-            UnreadableFile(label, "checkpoint", f"its {what} {side.name} cannot be used"),
-        ],
+    what = "config" if side.kind == "config" else "VAE"
+    error = CheckpointLoadError(name, f"its {what} {side_path.name} cannot be used: {side.reason}")
+    own = UnreadableFile(
+        label, "checkpoint", f"its {what} {side_path.name} cannot be used", "side_file", side.name
     )
+    raise _Skipped(error, [side, own])
 
 
 def _metadata_prediction(metadata: Any) -> str | None:

@@ -21,9 +21,12 @@ from pipeline.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FileChecks", "ModelFiles", "UnreadableFile", "reason_of"]
+__all__ = ["FileChecks", "ModelFiles", "UnreadableFile", "code_of", "reason_of"]
 
 Kind = Literal["checkpoint", "config", "vae", "lora", "hypernetwork", "embedding"]
+# Why a file was skipped, for users: refused by the safe loader, safe but not a usable file
+# of its kind, not readable at all, or a checkpoint whose .yaml/.vae beside it failed.
+Code = Literal["refused", "invalid", "unreadable", "side_file"]
 KINDS: tuple[Kind, ...] = ("checkpoint", "config", "vae", "lora", "hypernetwork", "embedding")
 # An embedding is at most 75 vectors of 2048 floats (an SDXL pair); far larger files are
 # not embeddings, and loading them whole to find out would be slow.
@@ -34,11 +37,15 @@ _REASON_LIMIT = 300
 @dataclass(frozen=True)
 class UnreadableFile:
     """A file that was skipped: ``name`` is its path relative to the models folder
-    (``"Lora/bad.safetensors"``), ``kind`` what it was taken for, ``reason`` why (English)."""
+    (``"Lora/bad.safetensors"``), ``kind`` what it was taken for, ``reason`` why (English
+    detail), ``code`` the kind of reason; ``side`` the ``.yaml``/``.vae`` file that made a
+    checkpoint fail (code ``side_file``)."""
 
     name: str
     kind: Kind
     reason: str
+    code: Code = "invalid"
+    side: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,21 @@ def reason_of(exc: BaseException) -> str:
     return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 3] + "..."
 
 
+def code_of(exc: BaseException) -> Code:
+    """``refused`` when the safe loader refused the file (also behind a loader's own error),
+    ``unreadable`` for I/O errors, ``invalid`` otherwise."""
+    from pipeline.safe_load import UnsafeCheckpoint
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UnsafeCheckpoint):
+            return "refused"
+        if isinstance(seen, OSError):
+            return "unreadable"
+        seen = seen.__cause__
+    return "invalid"
+
+
 def relative_name(path: Path, models_dir: Path | None) -> str:
     if models_dir is not None:
         try:
@@ -75,18 +97,19 @@ class FileChecks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._results: dict[tuple[Path, str], tuple[tuple[int, int], str | None]] = {}
+        self._results: dict[tuple[Path, str], tuple[tuple[int, int], tuple[str, Code] | None]] = {}
 
     def clear(self) -> None:
         with self._lock:
             self._results.clear()
 
-    def reason(self, path: Path, kind: Kind, check: Callable[[Path], None]) -> str | None:
-        """None when ``check(path)`` passes, else why not; never raises."""
+    def reason(self, path: Path, kind: Kind, check: Callable[[Path], None]) -> tuple[str, Code] | None:
+        """None when ``check(path)`` passes, else why not (reason, code); never raises for
+        a bad file."""
         try:
             stat = path.stat()
         except OSError as exc:
-            return f"cannot be read ({exc.strerror or exc})"
+            return f"cannot be read ({exc.strerror or exc})", "unreadable"
         stamp = (stat.st_size, stat.st_mtime_ns)
         with self._lock:
             cached = self._results.get((path, kind))
@@ -117,23 +140,26 @@ class FileChecks:
             if kind not in wanted:
                 continue
             for name, path in files.items():
-                reason = self.reason(path, kind, check)
-                if reason is None:
+                failed = self.reason(path, kind, check)
+                if failed is None:
                     usable.append(name)
                 else:
-                    found.unreadable.append(UnreadableFile(relative_name(path, models_dir), kind, reason))
+                    reason, code = failed
+                    found.unreadable.append(
+                        UnreadableFile(relative_name(path, models_dir), kind, reason, code)
+                    )
         return found
 
 
-def _run(path: Path, kind: Kind, check: Callable[[Path], None]) -> str | None:
+def _run(path: Path, kind: Kind, check: Callable[[Path], None]) -> tuple[str, Code] | None:
     try:
         check(path)
     except (EngineError, ValueError) as exc:
         logger.warning("skipping %s file %s: %s", kind, path, exc)
-        return reason_of(exc)
+        return reason_of(exc), code_of(exc)
     except OSError as exc:
         logger.warning("cannot read %s file %s: %s", kind, path, exc)
-        return f"cannot be read ({exc.strerror or exc})"
+        return f"cannot be read ({exc.strerror or exc})", "unreadable"
     return None
 
 

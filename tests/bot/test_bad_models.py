@@ -14,6 +14,7 @@ from bot.types import Actor
 from pipeline.checkpoints import CheckpointLibrary
 from tests.conftest import EventLog
 from tests.pipeline.a1111_layout import pipeline_to_a1111
+from tests.pipeline.crafted_files import write_lora
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
 LI = Actor(platform="console", user_id="li", name="Li", locale="zh-CN", chat_id="c")
@@ -82,7 +83,7 @@ def _kohya_keys(pipe):
     return [k for k, (module, part) in kohya_targets(pipe).items() if module.weight.shape[1] == 32 and part]
 
 
-async def test_corrupt_checkpoint_and_network_files_fail_their_job_and_the_next_one_runs(
+async def test_corrupt_checkpoint_and_network_files_are_refused_and_the_next_job_runs(
     make_app, tmp_path
 ) -> None:
     models = tmp_path / "models"
@@ -95,24 +96,24 @@ async def test_corrupt_checkpoint_and_network_files_fail_their_job_and_the_next_
         pickle.dump({"x": _CreatesFile(str(victim))}, stream)
     app = await _app_with_library(make_app, models)
     log = EventLog(app)
+    # A checkpoint the scan skipped is refused at once, with the reason, and nothing is stored.
+    [broken] = await app.service.handle_line("/draw a cat --checkpoint broken --steps 2", ALICE)
+    assert broken.error and broken.key == "error.unsafe_checkpoint"
+    assert broken.params["name"] == "broken.safetensors" and "not valid JSON" in broken.params["reason"]
+    assert await _rows(app) == 0
     failures = []
-    for line in (
-        "/draw a cat --checkpoint broken --steps 2",
-        "/draw a cat <lora:torn> --steps 2",
-        "/draw a cat <lora:evil> --steps 2",
-    ):
+    for line in ("/draw a cat <lora:torn> --steps 2", "/draw a cat <lora:evil> --steps 2"):
         [accepted] = await app.service.handle_line(line, ALICE)
         (job,) = accepted.data["jobs"]
         await log.wait_for(lambda job=job: log.of("failed", job))
         failures.append(log.of("failed", job)[0])
-    broken, torn, evil = failures
-    assert broken.key == "error.unsafe_checkpoint" and broken.params["name"] == "broken.safetensors"
+    torn, evil = failures
     assert torn.key == "error.unsafe_checkpoint" and torn.params["name"] == "torn.safetensors"
     assert evil.key == "error.unsafe_checkpoint" and evil.params["name"] == "evil.pt"
     assert "not allowed" in app.translator.t("zh-CN", evil.key, **evil.params)
     assert not victim.exists()
-    record = await app.store.get(broken.generation_id)
-    assert record.status == "failed" and "broken.safetensors" in record.error
+    record = await app.store.get(evil.generation_id)
+    assert record.status == "failed" and "evil.pt" in record.error
     await _finishes(app, log, "/draw a cat --steps 2")
 
 
@@ -139,8 +140,7 @@ async def test_models_refresh_is_for_moderators_and_finds_new_files(make_app, tm
     assert app.library.names() == ["tiny"]
     tiny = CheckpointLibrary(None).load("tiny")
     save_file(pipeline_to_a1111(tiny), str(models / "Stable-diffusion" / "fresh.safetensors"))
-    (models / "Lora").mkdir()
-    (models / "Lora" / "new.safetensors").write_bytes(b"listed, not read")
+    write_lora(models / "Lora" / "new.safetensors")
     [done] = await app.service.handle_line("/models refresh", MOD)
     assert not done.error and done.params["checkpoints"] == 2 and done.params["loras"] == 1
     assert "fresh" in done.data["checkpoints"]

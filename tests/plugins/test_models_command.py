@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from bot.commands import parse_args
 from bot.draw import freeze, new_draft, options_from_request
@@ -13,6 +14,15 @@ from bot.options import draw_options
 from bot.types import Actor
 from pipeline.checkpoints import CheckpointLibrary
 from tests.conftest import make_settings
+from tests.pipeline.crafted_files import (
+    CreatesFile,
+    torch_bytes,
+    write,
+    write_embedding,
+    write_hypernetwork,
+    write_lora,
+    write_tensors,
+)
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
 LORAS = ["detail", "style"]  # a LoRA in a subfolder is listed by its file name, as tags name it
@@ -20,19 +30,14 @@ LI = Actor(platform="console", user_id="li", name="Li", locale="zh-CN", chat_id=
 
 
 def _populate(models: Path) -> None:
-    for relative in (
-        "VAE/b-vae.safetensors",
-        "VAE/A.vae.pt",
-        "Lora/style.safetensors",
-        "Lora/sub/detail.pt",
-        "hypernetworks/anime.pt",
-        "embeddings/bad-hands.pt",
-        "embeddings/easy2.safetensors",
-        "embeddings/easy10.safetensors",
-    ):
-        path = models / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"not read by a listing")
+    """One small valid file of each kind (listing checks each file's format and layout)."""
+    write_tensors(models / "VAE/b-vae.safetensors", {"decoder.conv_in.weight": torch.zeros(2)})
+    write(models / "VAE/A.vae.pt", torch_bytes({"state_dict": {"decoder.conv_in.weight": torch.zeros(2)}}))
+    write_lora(models / "Lora/style.safetensors")
+    write_lora(models / "Lora/sub/detail.pt")
+    write_hypernetwork(models / "hypernetworks/anime.pt")
+    for name in ("bad-hands.pt", "easy2.safetensors", "easy10.safetensors"):
+        write_embedding(models / "embeddings" / name)
 
 
 async def test_models_lists_every_kind(make_app, tmp_path):
@@ -66,8 +71,7 @@ async def test_models_on_an_empty_folder(make_app):
 
 async def test_models_shows_known_hashes(make_app, tmp_path):
     models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    (models / "junk.safetensors").write_bytes(b"x" * 64)
+    write_tensors(models / "junk.safetensors", {"not.a.model": torch.zeros(4)})
     app = await make_app()
     library = CheckpointLibrary(tmp_path / "models")
     library.lookup("deadbeef00")  # a hash-looking text makes it hash every checkpoint
