@@ -484,8 +484,10 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        problem = " ".join(str(exc).split())[:200]
-        raise ConfigFileError(f"it is not valid YAML ({problem})") from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or type(exc).__name__).split())[:120]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigFileError(f"it is not valid YAML ({problem}{where})") from exc
     except (RecursionError, ValueError, TypeError) as exc:
         raise ConfigFileError(f"it is not a model config YAML ({type(exc).__name__})") from exc
     model = _mapping(data, "model")
