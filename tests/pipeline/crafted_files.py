@@ -232,6 +232,23 @@ def crafted_family(marker: Path) -> dict[str, tuple[bytes, str]]:
     return family
 
 
+def repickled(data: bytes, old: bytes, new: bytes) -> bytes:
+    """A torch zip archive with ``old`` replaced by ``new`` in its data.pkl (to name any
+    global a pickle can name), rewritten as a plain stored zip."""
+    source = zipfile.ZipFile(io.BytesIO(data))
+    members = {info.filename: source.read(info) for info in source.infolist()}
+    (name,) = [n for n in members if n.endswith("/data.pkl")]
+    assert old in members[name]
+    members[name] = members[name].replace(old, new)
+    return zip_of(members)
+
+
+def pickled_str(text: str) -> bytes:
+    """How protocol 2 writes a short ``str``: BINUNICODE, its length, its UTF-8 bytes."""
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
 def _deflated(data: bytes) -> bytes:
     source = zipfile.ZipFile(io.BytesIO(data))
     return zip_of(
