@@ -229,9 +229,7 @@ def _numbers(value: Any, what: str) -> list[float] | None:
     if (
         not isinstance(value, (list, tuple))
         or len(value) > MAX_LAYERS + 1
-        or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-        )
+        or not all(_finite_number(v) for v in value)
     ):
         raise ValueError(f"hypernetwork {what} is not a short list of numbers")
     return list(value)
