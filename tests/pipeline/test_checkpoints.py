@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from pipeline.request import GenerationRequest
 from pipeline.safe_load import UnsafeCheckpoint
 from pipeline.tiny import build_tiny_pipeline
 from tests.pipeline.a1111_layout import pipeline_to_a1111, vae_to_ldm
+from tests.pipeline.crafted_files import safetensors_header, write
 
 
 def _fake_folder(root, name: str) -> None:
@@ -370,3 +373,87 @@ def test_packaged_configs_describe_sd1_and_sd2():
         assert UNet2DConditionModel.load_config(folder, subfolder="unet")["cross_attention_dim"] == width
         text = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         assert (text.hidden_size, text.num_hidden_layers) == (width, layers)
+
+
+@pytest.mark.parametrize(
+    ("files", "skipped", "reason"),
+    [
+        (
+            {"deep.safetensors": safetensors_header(b"[" * 200_000)},
+            ["deep.safetensors"],
+            "nested 200000 levels",
+        ),
+        (
+            {
+                "shape.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}}, b"\0" * 4
+                )
+            },
+            ["shape.safetensors"],
+            "not a list of sizes",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.yaml": b"model: {params: [}",
+            },
+            ["m.yaml", "m.safetensors"],
+            "not valid YAML",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.yaml": b"model:\n  target: \xff\n",
+            },
+            ["m.yaml", "m.safetensors"],
+            "not UTF-8",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.vae.pt": b"\x80\x02cos\nsystem\nq\x00.",
+            },
+            ["m.vae.pt", "m.safetensors"],
+            "os.system",
+        ),
+    ],
+)
+def test_a_bad_file_is_skipped_with_its_reason_and_the_rest_works(tmp_path, files, skipped, reason):
+    sd_dir = tmp_path / "Stable-diffusion"
+    for name, data in files.items():
+        write(sd_dir / name, data)
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny"]
+    found = library.unreadable()
+    assert [entry.name for entry in found] == [f"Stable-diffusion/{name}" for name in skipped]
+    assert re.search(reason, found[0].reason), found[0].reason
+    with pytest.raises(CheckpointLoadError, match=reason):
+        library.resolve(Path(skipped[-1]).stem.removesuffix(".vae"))
+    library.refresh()
+    assert library.load("tiny") is library.load("tiny")
+
+
+def test_a_zero_dim_cross_attention_weight_does_not_break_the_scan(tmp_path):
+    header = {
+        "model.diffusion_model.x.attn2.to_k.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
+    }
+    write(tmp_path / "Stable-diffusion" / "odd.safetensors", safetensors_header(header, b"\0" * 4))
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny", "odd"] and library.resolve("odd").family is None
+    with pytest.raises(CheckpointLoadError, match="not a Stable Diffusion checkpoint"):
+        library.load("odd")
+
+
+def test_yaml_values_of_the_wrong_type_are_ignored(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(
+        "a: &a [1, 2]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\n"
+        "model:\n  target: *c\n  params:\n    parameterization: *c\n    use_ema: [1]\n"
+    )
+    assert checkpoints.read_yaml_config(path) == {}
