@@ -234,7 +234,7 @@ def _sniff(stream: BinaryIO, size: int, path: Path) -> Format:
         # refusal names what it would have run; a harmless one is still not a model file.
         stream.seek(0)
         try:
-            restricted_pickle.unpickle(stream, None)
+            restricted_pickle.unpickle(_Capped(stream, size), None)
         except PickleRefused as exc:
             raise UnsafeCheckpoint(path, exc.reason) from None
         raise UnsafeCheckpoint(path, "it is a plain pickle, not a file torch.save wrote")
@@ -505,9 +505,10 @@ def _torch_legacy(stream: BinaryIO, size: int, path: Path, *, meta: bool) -> Any
     import torch
 
     stream.seek(len(_LEGACY_MAGIC))
-    if _unpickle(stream, None, path) != _LEGACY_PROTOCOL:
+    pickles = _Capped(stream, size)
+    if _unpickle(pickles, None, path) != _LEGACY_PROTOCOL:
         raise UnsafeCheckpoint(path, "its torch format version is not one torch ever wrote")
-    info = _unpickle(stream, None, path)
+    info = _unpickle(pickles, None, path)
     if not isinstance(info, dict) or info.get("little_endian") is not True:
         raise UnsafeCheckpoint(path, "it was not saved little-endian; only little-endian files are read")
     pending: dict[str, torch.Tensor] = {}
@@ -524,8 +525,8 @@ def _torch_legacy(stream: BinaryIO, size: int, path: Path, *, meta: bool) -> Any
         pending[key] = flat
         return flat
 
-    loaded = _unpickle(stream, storage, path, legacy=True)
-    keys = _unpickle(stream, None, path)
+    loaded = _unpickle(pickles, storage, path, legacy=True)
+    keys = _unpickle(pickles, None, path)
     if (
         not isinstance(keys, list)
         or not all(isinstance(key, str) for key in keys)
@@ -548,6 +549,28 @@ def _torch_legacy(stream: BinaryIO, size: int, path: Path, *, meta: bool) -> Any
     if position != size:
         raise UnsafeCheckpoint(path, f"{size - position} bytes follow the last storage")
     return loaded
+
+
+class _Capped:
+    """The file as the unpickler reads it: no read asks for more than the file has left,
+    so a pickle claiming a huge bytes object cannot make the reader allocate for it."""
+
+    def __init__(self, stream: BinaryIO, size: int) -> None:
+        self._stream = stream
+        self._size = size
+
+    def _left(self, wanted: int) -> int:
+        left = max(0, self._size - self._stream.tell())
+        return left if wanted is None or wanted < 0 else min(wanted, left)
+
+    def read(self, wanted: int = -1) -> bytes:
+        return self._stream.read(self._left(wanted))
+
+    def readline(self, wanted: int = -1) -> bytes:
+        return self._stream.readline(self._left(wanted))
+
+    def tell(self) -> int:
+        return self._stream.tell()
 
 
 def _exactly(stream: BinaryIO, offset: int, count: int, path: Path) -> bytes:
