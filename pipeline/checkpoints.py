@@ -225,7 +225,7 @@ class CheckpointLibrary:
                 (error for key, error in self._refused.items() if key.casefold() == name.casefold()), None
             )
             if refused is not None:
-                raise refused
+                raise _again(refused)
             raise UnknownCheckpoint(name, list(catalog))
         return self._with_hashes(info)
 
@@ -435,6 +435,15 @@ class CheckpointLibrary:
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra)
         _check_tokenizer(info, tokenizer)
         return tokenizer
+
+
+def _again(error: CheckpointLoadError) -> CheckpointLoadError:
+    """A fresh copy of a stored refusal: one instance raised for every request naming the
+    file would collect all their tracebacks."""
+    again = type(error).__new__(type(error))
+    again.args = error.args
+    again.__dict__.update(error.__dict__)
+    return again
 
 
 class _Skipped(Exception):
