@@ -353,16 +353,25 @@ class CheckpointLibrary:
 
     def _diffusers_infos(self, root: Path) -> list[CheckpointInfo]:
         folders = sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
-        return [
-            CheckpointInfo(
-                name=f.name,
-                path=f,
-                kind="diffusers",
-                family=_folder_family(f),
-                prediction_type=_folder_prediction(f),
+        infos = []
+        for folder in folders:
+            try:
+                _check_folder_weights(folder, folder.name, self.models_dir)
+            except _Skipped as skipped:
+                logger.warning("skipping checkpoint folder %s: %s", folder, skipped.error)
+                self._refused[folder.name] = skipped.error
+                self._unreadable.extend(skipped.files)
+                continue
+            infos.append(
+                CheckpointInfo(
+                    name=folder.name,
+                    path=folder,
+                    kind="diffusers",
+                    family=_folder_family(folder),
+                    prediction_type=_folder_prediction(folder),
+                )
             )
-            for f in folders
-        ]
+        return infos
 
     def _single_file_infos(self, root: Path) -> list[CheckpointInfo]:
         infos = []
@@ -387,6 +396,13 @@ class CheckpointLibrary:
         try:
             if info.kind == "single_file":
                 return self._load_single_file(info)
+            assert info.path is not None
+            try:
+                # diffusers and transformers read a folder's weights themselves; each file
+                # passes the same checks as a single file first, also if it changed since the scan.
+                _check_folder_weights(info.path, info.name, self.models_dir)
+            except _Skipped as skipped:
+                raise skipped.error from None
             if info.family == "sdxl":
                 return _load_sdxl_folder(info)
             return _load_diffusers_folder(info)
@@ -577,6 +593,28 @@ def _single_file_info(path: Path, root: Path, models_dir: Path | None) -> Checkp
         config_path=yaml_path if yaml_path.is_file() else None,
         use_ema=settings.get("use_ema"),
     )
+
+
+# What diffusers and transformers may load as weights from a diffusers folder.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_folder_weights(folder: Path, name: str, models_dir: Path | None) -> None:
+    """Every weight file of a diffusers folder through :func:`safe_load.inspect_model_file`;
+    raises :class:`_Skipped` for the folder at the first that fails."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in _WEIGHT_SUFFIXES or not path.is_file():
+            continue
+        try:
+            safe_load.inspect_model_file(path)
+        except CheckpointLoadError as exc:
+            side = UnreadableFile(relative_name(path, models_dir), "checkpoint", reason_of(exc), code_of(exc))
+            error = CheckpointLoadError(name, f"its file {side.name} cannot be used: {side.reason}")
+            folder_label = relative_name(folder, models_dir)
+            own = UnreadableFile(
+                folder_label, "checkpoint", f"its file {side.name} cannot be used", "side_file", side.name
+            )
+            raise _Skipped(error, [side, own]) from exc
 
 
 def _skip_for(name: str, label: str, side_path: Path, side: UnreadableFile) -> None:

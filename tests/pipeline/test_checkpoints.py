@@ -457,3 +457,45 @@ def test_yaml_values_of_the_wrong_type_are_ignored(tmp_path):
         "model:\n  target: *c\n  params:\n    parameterization: *c\n    use_ema: [1]\n"
     )
     assert checkpoints.read_yaml_config(path) == {}
+
+
+@pytest.fixture(scope="module")
+def bin_folder(tmp_path_factory):
+    """The tiny model as a diffusers folder with pickled (.bin) weights."""
+    folder = tmp_path_factory.mktemp("bin") / "folder"
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=False)
+    return folder
+
+
+def test_a_diffusers_folder_with_pickled_weights_is_checked_then_loads(bin_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(bin_folder, tmp_path / "Stable-diffusion" / "bins")
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny", "bins"] and library.unreadable() == []
+    assert library.load("bins").unet is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize(
+    "crafted", ["torchscript with a cut end record appended", "pickle calling open (zip)"]
+)
+def test_a_diffusers_folder_with_a_hostile_weight_file_is_skipped(bin_folder, tmp_path, crafted):
+    """diffusers and transformers load a folder's weights themselves, so every weight file
+    passes the single-file checks first; one that fails takes the folder out."""
+    import shutil
+
+    from tests.pipeline.crafted_files import crafted_family
+
+    folder = tmp_path / "Stable-diffusion" / "bins"
+    shutil.copytree(bin_folder, folder)
+    marker = tmp_path / "marker.txt"
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(crafted_family(marker)[crafted][0])
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny"]
+    bad, own = library.unreadable()
+    assert bad.name == "Stable-diffusion/bins/unet/diffusion_pytorch_model.bin" and bad.code == "refused"
+    assert (own.name, own.code, own.side) == ("Stable-diffusion/bins", "side_file", bad.name)
+    with pytest.raises(CheckpointLoadError, match="diffusion_pytorch_model.bin"):
+        library.load("bins")
+    assert not marker.exists()
