@@ -130,16 +130,17 @@ class FileChecks:
         if models_dir is None:
             return found
         library = networks.NetworkLibrary(models_dir)
-        folders: list[tuple[Kind, dict[str, Path], Callable[[Path], None], list[str]]] = [
-            ("vae", vae.vae_names(models_dir), _check_vae, found.vaes),
-            ("lora", library.lora_files(), _check_lora, found.loras),
-            ("hypernetwork", library.hypernetwork_files(), _check_hypernetwork, found.hypernetworks),
-            ("embedding", _embedding_files(models_dir), _check_embedding, found.embeddings),
+        # Each folder is listed only when its kind is asked for (a /draw asks for embeddings).
+        folders: list[tuple[Kind, Callable[[], dict[str, Path]], Callable[[Path], None], list[str]]] = [
+            ("vae", lambda: vae.vae_names(models_dir), _check_vae, found.vaes),
+            ("lora", library.lora_files, _check_lora, found.loras),
+            ("hypernetwork", library.hypernetwork_files, _check_hypernetwork, found.hypernetworks),
+            ("embedding", lambda: _embedding_files(models_dir), _check_embedding, found.embeddings),
         ]
         for kind, files, check, usable in folders:
             if kind not in wanted:
                 continue
-            for name, path in files.items():
+            for name, path in files().items():
                 failed = self.reason(path, kind, check)
                 if failed is None:
                     usable.append(name)
