@@ -26,6 +26,14 @@ Family and prediction type (A1111 detects both from the weights and the ``.yaml`
   ``v_prediction``; else epsilon. (A1111 also probes SD 2.x UNets with a test input when
   there is no yaml; that probe is not implemented, so a v-model SD 2.x file needs its yaml.)
 
+A file that cannot be used is never fatal to a scan: a single file is inspected (format,
+layout and pickle checks of :mod:`pipeline.safe_load`, without reading weights), and
+one that fails, or whose ``.yaml`` or ``.vae.*`` beside it fails, is left out of the list
+and kept as an :class:`~pipeline.model_folder.UnreadableFile` with the reason
+(:meth:`CheckpointLibrary.unreadable`); resolving its name raises that reason.
+:meth:`CheckpointLibrary.model_files` does the same for the VAE, LoRA, hypernetwork and
+embedding folders.
+
 Hashes (A1111-SEMANTICS.md §13) are computed for single files only, on first
 ``resolve``/``load`` (or by ``lookup`` when asked for a hash), through a persistent
 :class:`~pipeline.hashing.HashCache`, so a multi-gigabyte file is read once per change.
@@ -51,6 +59,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline import safe_load
 from pipeline.errors import CheckpointLoadError, EngineError, UnknownCheckpoint
 from pipeline.hashing import HashCache
+from pipeline.model_folder import (
+    KINDS,
+    FileChecks,
+    Kind,
+    ModelFiles,
+    UnreadableFile,
+    code_of,
+    reason_of,
+    relative_name,
+)
 from pipeline.tiny import TINY_NAME, build_tiny_pipeline
 
 if TYPE_CHECKING:
@@ -76,6 +94,12 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 _MIN_TOKENIZER_SIZE = 258
 _HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$|^[0-9a-fA-F]{64}$")
 _CROSS_ATTENTION_WIDTH: dict[int, Family] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# A checkpoint's .yaml is a few kilobytes; far larger is not a model config.
+MAX_YAML_BYTES = 1024 * 1024
+
+
+class ConfigFileError(ValueError):
+    """A checkpoint's ``.yaml`` that cannot be read as a model config; the text says why."""
 
 
 @dataclass(frozen=True)
@@ -152,20 +176,41 @@ class CheckpointLibrary:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._lock = threading.RLock()
         self._infos: dict[str, CheckpointInfo] | None = None
+        self._refused: dict[str, CheckpointLoadError] = {}
+        self._unreadable: list[UnreadableFile] = []
+        self._checks = FileChecks()
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self.residency: Any = None  # pipeline.memory.Residency | None
         self._in_use: Counter[str] = Counter()
 
     def refresh(self) -> None:
         """Rescan the models folder; pipelines already loaded stay cached."""
+        self._checks.clear()
         with self._lock:
-            self._infos = self._scan()
+            self._infos = None
+            self._catalog()
 
     def names(self) -> list[str]:
         return list(self._catalog())
 
     def infos(self) -> list[CheckpointInfo]:
         return list(self._catalog().values())
+
+    def unreadable(self) -> list[UnreadableFile]:
+        """The checkpoints (and ``.yaml``/``.vae.*`` files beside them) the last scan left
+        out, with the reasons."""
+        with self._lock:
+            self._catalog()
+            return list(self._unreadable)
+
+    def model_files(self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None) -> ModelFiles:
+        """The usable VAEs, LoRAs, hypernetworks and embeddings, and every unreadable file of
+        the ``kinds`` asked for (checkpoints from the last scan; the other folders checked
+        now, each file once while it is unchanged). ``models_dir`` is checked instead of
+        the library's own folder when the library has none."""
+        found = self._checks.model_files(self.models_dir or models_dir, kinds)
+        skipped = [entry for entry in self.unreadable() if entry.kind in kinds]
+        return dataclasses.replace(found, unreadable=skipped + found.unreadable)
 
     def resolve(self, name: str) -> CheckpointInfo:
         """The checkpoint called ``name`` (an exact match first, then a case-insensitive
@@ -176,6 +221,11 @@ class CheckpointLibrary:
             folded = name.casefold()
             info = next((i for i in catalog.values() if i.name.casefold() == folded), None)
         if info is None:
+            refused = self._refused.get(name) or next(
+                (error for key, error in self._refused.items() if key.casefold() == name.casefold()), None
+            )
+            if refused is not None:
+                raise _again(refused)
             raise UnknownCheckpoint(name, list(catalog))
         return self._with_hashes(info)
 
@@ -262,6 +312,7 @@ class CheckpointLibrary:
     def _catalog(self) -> dict[str, CheckpointInfo]:
         with self._lock:
             if self._infos is None:
+                self._refused, self._unreadable = {}, []
                 self._infos = self._scan()
             return self._infos
 
@@ -302,16 +353,25 @@ class CheckpointLibrary:
 
     def _diffusers_infos(self, root: Path) -> list[CheckpointInfo]:
         folders = sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
-        return [
-            CheckpointInfo(
-                name=f.name,
-                path=f,
-                kind="diffusers",
-                family=_folder_family(f),
-                prediction_type=_folder_prediction(f),
+        infos = []
+        for folder in folders:
+            try:
+                _check_folder_weights(folder, folder.name, self.models_dir)
+            except _Skipped as skipped:
+                logger.warning("skipping checkpoint folder %s: %s", folder, skipped.error)
+                self._refused[folder.name] = skipped.error
+                self._unreadable.extend(skipped.files)
+                continue
+            infos.append(
+                CheckpointInfo(
+                    name=folder.name,
+                    path=folder,
+                    kind="diffusers",
+                    family=_folder_family(folder),
+                    prediction_type=_folder_prediction(folder),
+                )
             )
-            for f in folders
-        ]
+        return infos
 
     def _single_file_infos(self, root: Path) -> list[CheckpointInfo]:
         infos = []
@@ -319,12 +379,12 @@ class CheckpointLibrary:
             if not _is_checkpoint_file(path, root):
                 continue
             try:
-                infos.append(_single_file_info(path, root))
-            except (OSError, EngineError) as exc:
-                # Listed anyway: loading it gives the user the reason.
-                logger.warning("cannot inspect %s: %s", path, exc)
+                infos.append(_single_file_info(path, root, self.models_dir))
+            except _Skipped as skipped:
                 name = path.relative_to(root).with_suffix("").as_posix()
-                infos.append(CheckpointInfo(name=name, path=path, kind="single_file"))
+                logger.warning("skipping checkpoint %s: %s", path, skipped.error)
+                self._refused[name] = skipped.error
+                self._unreadable.extend(skipped.files)
         return infos
 
     # -- loading -------------------------------------------------------------------------
@@ -336,6 +396,13 @@ class CheckpointLibrary:
         try:
             if info.kind == "single_file":
                 return self._load_single_file(info)
+            assert info.path is not None
+            try:
+                # diffusers and transformers read a folder's weights themselves; each file
+                # passes the same checks as a single file first, also if it changed since the scan.
+                _check_folder_weights(info.path, info.name, self.models_dir)
+            except _Skipped as skipped:
+                raise skipped.error from None
             if info.family == "sdxl":
                 return _load_sdxl_folder(info)
             return _load_diffusers_folder(info)
@@ -386,6 +453,25 @@ class CheckpointLibrary:
         return tokenizer
 
 
+def _again(error: CheckpointLoadError) -> CheckpointLoadError:
+    """A fresh copy of a stored refusal: one instance raised for every request naming the
+    file would collect all their tracebacks."""
+    again = type(error).__new__(type(error))
+    again.args = error.args
+    again.__dict__.update(error.__dict__)
+    return again
+
+
+class _Skipped(Exception):
+    """A single file left out of the list: the error resolving its name raises, and the
+    files to report (the checkpoint, and the .yaml or .vae beside it that made it fail)."""
+
+    def __init__(self, error: CheckpointLoadError, files: list[UnreadableFile]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.files = files
+
+
 def detect_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> Family | None:
     """SD 1.x, 2.x or SDXL from an A1111-layout state dict's keys (and shapes)."""
     keys = list(keys)
@@ -397,26 +483,50 @@ def detect_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) ->
         return "sd1"
     for key in keys:
         if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight"):
-            return _CROSS_ATTENTION_WIDTH.get(shapes.get(key, (0, 0))[-1])
+            shape = shapes.get(key) or (0,)
+            return _CROSS_ATTENTION_WIDTH.get(shape[-1])
     return None
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:
-    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``."""
+    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``.
+
+    Raises :class:`ConfigFileError` for a file that is not UTF-8 YAML (or is too large or
+    too deeply nested); values of the wrong type are ignored, so a crafted file cannot
+    make this format an exponentially aliased structure."""
     import yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    model = data.get("model", {}) if isinstance(data, dict) else {}
-    params = model.get("params", {}) if isinstance(model, dict) else {}
-    params = params if isinstance(params, dict) else {}
+    try:
+        raw = path.read_bytes() if path.stat().st_size <= MAX_YAML_BYTES else None
+    except OSError as exc:
+        raise ConfigFileError(f"cannot be read ({exc.strerror or exc})") from exc
+    if raw is None:
+        raise ConfigFileError(f"it is larger than {MAX_YAML_BYTES} bytes; a model config is a few kilobytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"it is not UTF-8 text (byte {exc.start})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or type(exc).__name__).split())[:120]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigFileError(f"it is not valid YAML ({problem}{where})") from exc
+    except (RecursionError, ValueError, TypeError) as exc:
+        raise ConfigFileError(f"it is not a model config YAML ({type(exc).__name__})") from exc
+    model = _mapping(data, "model")
+    params = _mapping(model, "params")
     found: dict[str, Any] = {}
-    if "parameterization" in params:
-        found["prediction_type"] = "v_prediction" if params["parameterization"] == "v" else "epsilon"
-    if "use_ema" in params:
+    parameterization = params.get("parameterization")
+    if isinstance(parameterization, str):
+        found["prediction_type"] = "v_prediction" if parameterization == "v" else "epsilon"
+    if isinstance(params.get("use_ema"), (bool, int)):
         found["use_ema"] = bool(params["use_ema"])
-    target = str(model.get("target", "")) if isinstance(model, dict) else ""
-    cond = params.get("cond_stage_config", {})
-    cond_target = str(cond.get("target", "")) if isinstance(cond, dict) else ""
+    target = model.get("target")
+    cond_target = _mapping(params, "cond_stage_config").get("target")
+    target = target if isinstance(target, str) else ""
+    cond_target = cond_target if isinstance(cond_target, str) else ""
     if target.startswith("sgm."):
         found["family"] = "sdxl"
     elif "OpenCLIP" in cond_target:
@@ -424,6 +534,11 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     elif "FrozenCLIPEmbedder" in cond_target:
         found["family"] = "sd1"
     return found
+
+
+def _mapping(data: Any, key: str) -> dict[Any, Any]:
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def _is_checkpoint_file(path: Path, root: Path) -> bool:
@@ -437,23 +552,37 @@ def _is_checkpoint_file(path: Path, root: Path) -> bool:
     return not any((root / parent / "model_index.json").is_file() for parent in inside if parent != Path("."))
 
 
-def _single_file_info(path: Path, root: Path) -> CheckpointInfo:
+def _single_file_info(path: Path, root: Path, models_dir: Path | None) -> CheckpointInfo:
+    """The file inspected (no weights read), with the ``.yaml`` and ``.vae.*`` beside it;
+    raises :class:`_Skipped` when any of them cannot be used."""
     name = path.relative_to(root).with_suffix("").as_posix()
+    label = relative_name(path, models_dir)
     stem = path.with_suffix("")
     vae = next((v for s in VAE_SUFFIXES if (v := stem.with_name(stem.name + s)).is_file()), None)
     yaml_path = stem.with_name(stem.name + ".yaml")
-    settings = read_yaml_config(yaml_path) if yaml_path.is_file() else {}
-    family, prediction = None, settings.get("prediction_type")
-    if path.suffix.lower() == ".safetensors":
-        header = safe_load.read_safetensors_header(path)
-        shapes = {
-            k: tuple(v.get("shape", ()))
-            for k, v in header.items()
-            if isinstance(v, dict) and k != "__metadata__"
-        }
-        family = detect_family(shapes, shapes)
-        if prediction is None:
-            prediction = _metadata_prediction(header.get("__metadata__"))
+    settings: dict[str, Any] = {}
+    if yaml_path.is_file():
+        try:
+            settings = read_yaml_config(yaml_path)
+        except ConfigFileError as exc:
+            _skip_for(
+                name,
+                label,
+                yaml_path,
+                UnreadableFile(relative_name(yaml_path, models_dir), "config", str(exc)),
+            )
+    if vae is not None:
+        try:
+            safe_load.inspect_model_file(vae)
+        except CheckpointLoadError as exc:
+            side = UnreadableFile(relative_name(vae, models_dir), "vae", reason_of(exc), code_of(exc))
+            _skip_for(name, label, vae, side)
+    try:
+        summary = safe_load.inspect_model_file(path)
+    except CheckpointLoadError as exc:
+        raise _Skipped(exc, [UnreadableFile(label, "checkpoint", reason_of(exc), code_of(exc))]) from exc
+    family = detect_family(summary.shapes, summary.shapes)
+    prediction = settings.get("prediction_type") or _metadata_prediction(summary.metadata)
     return CheckpointInfo(
         name=name,
         path=path,
@@ -464,6 +593,39 @@ def _single_file_info(path: Path, root: Path) -> CheckpointInfo:
         config_path=yaml_path if yaml_path.is_file() else None,
         use_ema=settings.get("use_ema"),
     )
+
+
+# What diffusers and transformers may load as weights from a diffusers folder.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_folder_weights(folder: Path, name: str, models_dir: Path | None) -> None:
+    """Every weight file of a diffusers folder through :func:`safe_load.inspect_model_file`;
+    raises :class:`_Skipped` for the folder at the first that fails."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in _WEIGHT_SUFFIXES or not path.is_file():
+            continue
+        try:
+            safe_load.inspect_model_file(path)
+        except CheckpointLoadError as exc:
+            side = UnreadableFile(relative_name(path, models_dir), "checkpoint", reason_of(exc), code_of(exc))
+            error = CheckpointLoadError(name, f"its file {side.name} cannot be used: {side.reason}")
+            folder_label = relative_name(folder, models_dir)
+            own = UnreadableFile(
+                folder_label, "checkpoint", f"its file {side.name} cannot be used", "side_file", side.name
+            )
+            raise _Skipped(error, [side, own]) from exc
+
+
+def _skip_for(name: str, label: str, side_path: Path, side: UnreadableFile) -> None:
+    """A checkpoint whose .yaml or .vae cannot be used is left out with it: loading it
+    without them would give wrong images (or fail at every request)."""
+    what = "config" if side.kind == "config" else "VAE"
+    error = CheckpointLoadError(name, f"its {what} {side_path.name} cannot be used: {side.reason}")
+    own = UnreadableFile(
+        label, "checkpoint", f"its {what} {side_path.name} cannot be used", "side_file", side.name
+    )
+    raise _Skipped(error, [side, own])
 
 
 def _metadata_prediction(metadata: Any) -> str | None:

@@ -14,9 +14,11 @@ two text encoders have exactly those widths, as A1111 matches an embedding's sha
 encoder takes its own columns (``pipeline.sdxl``). Single-vector embeddings are for
 single-encoder models.
 
-Files are untrusted: ``.safetensors`` are read with safetensors and ``.pt``/``.bin`` only
-with ``torch.load(weights_only=True)``, which refuses any pickle that would import code
-(§15). A file that cannot be read that way is refused and logged, and never executed.
+Files are untrusted: they are read through :func:`pipeline.safe_load.read_model_file`, the
+one path every model file takes (format decided from the bytes, pickles through the
+allow-list, §15), so nothing in them is executed. A file that cannot be read that way, or
+whose layout is not an embedding's, is refused, logged, and kept in
+:attr:`EmbeddingDatabase.refused` with the reason so the bot can tell its users.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from pipeline import safe_load
 from pipeline.clip import CHUNK_LENGTH, EmbeddingLookup, EmbeddingMatch, PromptChunk, Tokenize
+from pipeline.errors import CheckpointLoadError
 from pipeline.hashing import short_hash
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_EXTENSIONS = (".pt", ".bin", ".safetensors")
-_PICKLE_EXTENSIONS = (".pt", ".bin")
 # Keys A1111's own training writes next to the vectors; a file's other keys are ignored.
 _A1111_PARAM_KEY = "string_to_param"
 _EMB_PARAMS_KEY = "emb_params"
@@ -87,32 +89,19 @@ class Embedding:
 
 
 def _short_reason(exc: BaseException) -> str:
-    """The informative line of a loader error; torch's weights-only message is a page long."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or "Unsupported" in line:
-            reason = line.removeprefix("WeightsUnpickler error:").strip()
-            # torch goes on to suggest allow-listing the global; that advice is not ours to give.
-            reason = reason.split(". Please use", 1)[0]
-            break
-    else:
-        reason = lines[0] if lines else type(exc).__name__
+    reason = str(exc.params.get("reason", exc)) if isinstance(exc, safe_load.UnsafeCheckpoint) else str(exc)
+    reason = " ".join(reason.split())
     if len(reason) > _REASON_LIMIT:
         reason = reason[: _REASON_LIMIT - 3] + "..."
-    return f"{type(exc).__name__}: {reason}"
+    return reason
 
 
 def _read_file(path: Path) -> Any:
     """The file's raw contents, loaded without running any code the file might carry."""
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        if suffix in _PICKLE_EXTENSIONS:
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any loader failure means "not safely readable"
+        return safe_load.read_model_file(path)
+    except CheckpointLoadError as exc:
         raise EmbeddingLoadError(f"cannot be loaded safely ({_short_reason(exc)})") from exc
-    raise EmbeddingLoadError(f"unsupported extension {path.suffix!r}")
 
 
 def _single_tensor(params: Any, what: str) -> torch.Tensor:
@@ -227,39 +216,49 @@ def embedding_files(folder: Path) -> list[Path]:
     return found
 
 
-def _load_folder(folder: Path | None) -> dict[str, Embedding]:
+@dataclass(frozen=True)
+class RefusedEmbedding:
+    """A file in the embeddings folder that was not loaded, and why (English)."""
+
+    name: str
+    path: Path
+    reason: str
+
+
+def _load_folder(folder: Path | None) -> tuple[dict[str, Embedding], list[RefusedEmbedding]]:
     if folder is None:
-        return {}
+        return {}, []
     if not folder.is_dir():
         log.info("embeddings folder %s does not exist; no textual-inversion embeddings", folder)
-        return {}
+        return {}, []
     loaded: dict[str, Embedding] = {}
+    refused: list[RefusedEmbedding] = []
     for path in embedding_files(folder):
         embedding = _load_one(path)
-        if embedding is None:
+        if isinstance(embedding, str):
+            refused.append(RefusedEmbedding(path.stem, path, embedding))
             continue
         previous = loaded.pop(embedding.name, None)
         if previous is not None:
             log.warning("embedding %r: %s replaces %s (same name)", embedding.name, path, previous.path)
         loaded[embedding.name] = embedding
     log.info("loaded %d textual-inversion embeddings from %s", len(loaded), folder)
-    return loaded
+    return loaded, refused
 
 
-def _load_one(path: Path) -> Embedding | None:
-    """Load a file for the scan, logging (not raising) why one is left out."""
+def _load_one(path: Path) -> Embedding | str:
+    """Load a file for the scan; the reason, logged, when it is left out."""
     try:
         if path.stat().st_size == 0:
             log.info("skipping empty embedding file %s", path)
-            return None
-        embedding = load_embedding(path)
+            return "the file is empty"
+        return load_embedding(path)
     except EmbeddingLoadError as exc:
         log.warning("refusing embedding file %s: %s", path, exc)
-        return None
+        return str(exc)
     except OSError as exc:
         log.warning("cannot read embedding file %s: %s", path, exc)
-        return None
-    return embedding
+        return f"cannot be read ({exc.strerror or exc})"
 
 
 # --- matching names in prompts ------------------------------------------------------------------
@@ -314,15 +313,17 @@ class EmbeddingDatabase:
         self.folder = Path(folder) if folder is not None else None
         self._lock = threading.Lock()
         self._embeddings: dict[str, Embedding] | None = None
+        self._refused: list[RefusedEmbedding] = []
         self._hashes: dict[Path, str] = {}
         self._warned_widths: set[tuple[str, tuple[int, ...]]] = set()
         self._version = 0
 
     def refresh(self) -> None:
         """Re-scan the folder, e.g. after files were added; cached hashes are dropped too."""
-        embeddings = _load_folder(self.folder)
+        embeddings, refused = _load_folder(self.folder)
         with self._lock:
             self._embeddings = embeddings
+            self._refused = refused
             self._hashes = {}
             self._warned_widths = set()
             self._version += 1
@@ -340,6 +341,13 @@ class EmbeddingDatabase:
 
     def names(self) -> list[str]:
         return list(self._catalogue())
+
+    @property
+    def refused(self) -> list[RefusedEmbedding]:
+        """The files of the last scan that were not loaded, with the reason, in scan order."""
+        self._catalogue()
+        with self._lock:
+            return list(self._refused)
 
     def get(self, name: str) -> Embedding | None:
         return self._catalogue().get(name)

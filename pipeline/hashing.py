@@ -93,7 +93,18 @@ def addnet_hash(path: str | os.PathLike[str]) -> str:
 
 
 def _is_safetensors(path: str | os.PathLike[str]) -> bool:
-    return os.fspath(path).lower().endswith(".safetensors")
+    """Named ``.safetensors`` and laid out as one: the header length fits the file and the
+    header opens a JSON object. The loaders decide a file's format from its bytes, so a
+    torch file under that name loads, and is hashed whole like any other torch LoRA."""
+    if not os.fspath(path).lower().endswith(".safetensors"):
+        return False
+    with open(path, "rb") as stream:
+        head = stream.read(_SAFETENSORS_LENGTH_BYTES + 1)
+        size = os.fstat(stream.fileno()).st_size
+    if len(head) <= _SAFETENSORS_LENGTH_BYTES:
+        return False
+    (header_length,) = struct.unpack("<Q", head[:_SAFETENSORS_LENGTH_BYTES])
+    return head[-1:] == b"{" and _SAFETENSORS_LENGTH_BYTES + header_length <= size
 
 
 def _full_hash(path: str | os.PathLike[str], algorithm: str) -> str:

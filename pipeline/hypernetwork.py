@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pipeline.restricted_pickle import describe
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYER_STRUCTURE: tuple[float, ...] = (1, 2, 1)
 _DROPOUT_P = 0.3
+# Bounds on what a file may ask for, checked before any module is built. Attention widths
+# are 320-1280 and context widths 768-2048 in SD 1.x/2.x/SDXL; A1111's UI offers layer
+# multipliers of a few and structures of a handful of entries.
+MAX_WIDTH = 4096
+MAX_LAYERS = 32
+MAX_LAYER_MULTIPLIER = 16.0
 
 # NovelAI files predate the Sequential and name their two linears directly.
 _LEGACY_KEYS = {
@@ -92,27 +101,57 @@ def _dropout(layout: ModuleLayout, layer: int) -> torch.nn.Module | None:
     return torch.nn.Dropout(p=p)
 
 
-def _build_layers(dim: int, layout: ModuleLayout) -> list[torch.nn.Module]:
-    """Linear, [activation], [LayerNorm], [Dropout] per step, in A1111's order (§11)."""
-    structure = layout.layer_structure
+def _check_structure(structure: Sequence[float]) -> None:
     if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1:
         raise ValueError(f"hypernetwork layer structure must start and end with 1, got {list(structure)}")
+
+
+def _steps(dim: int, layout: ModuleLayout) -> list[tuple[int, int, bool]]:
+    """(width in, width out, activated) of each Linear, in order."""
+    structure = layout.layer_structure
+    _check_structure(structure)
     last = len(structure) - 2
-    layers: list[torch.nn.Module] = []
+    steps = []
     for i in range(last + 1):
-        width_in, width_out = int(dim * structure[i]), int(dim * structure[i + 1])
-        layers.append(torch.nn.Linear(width_in, width_out))
-        skip_activation = layout.activation_func in (None, "linear") or (
-            i == last and not layout.activate_output
-        )
-        if not skip_activation:
+        activated = layout.activation_func not in (None, "linear") and (i != last or layout.activate_output)
+        steps.append((int(dim * structure[i]), int(dim * structure[i + 1]), activated))
+    return steps
+
+
+def _build_layers(
+    dim: int, layout: ModuleLayout, device: torch.device | str | None = None
+) -> list[torch.nn.Module]:
+    """Linear, [activation], [LayerNorm], [Dropout] per step, in A1111's order (§11)."""
+    layers: list[torch.nn.Module] = []
+    for i, (width_in, width_out, activated) in enumerate(_steps(dim, layout)):
+        layers.append(torch.nn.Linear(width_in, width_out, device=device))
+        if activated:
             layers.append(_activation(layout.activation_func))
         if layout.add_layer_norm:
-            layers.append(torch.nn.LayerNorm(width_out))
+            layers.append(torch.nn.LayerNorm(width_out, device=device))
         dropout = _dropout(layout, i)
         if dropout is not None:
             layers.append(dropout)
     return layers
+
+
+def expected_shapes(dim: int, layout: ModuleLayout) -> dict[str, tuple[int, ...]]:
+    """The state-dict keys and shapes of one module of width ``dim``, computed without
+    building it (the Sequential indices follow :func:`_build_layers`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    index = 0
+    for i, (width_in, width_out, activated) in enumerate(_steps(dim, layout)):
+        if width_in < 1 or width_out < 1:
+            raise ValueError(f"hypernetwork layer structure gives width {dim} a layer with no units")
+        shapes[f"linear.{index}.weight"] = (width_out, width_in)
+        shapes[f"linear.{index}.bias"] = (width_out,)
+        index += 1 + activated
+        if layout.add_layer_norm:
+            shapes[f"linear.{index}.weight"] = (width_out,)
+            shapes[f"linear.{index}.bias"] = (width_out,)
+            index += 1
+        index += _dropout(layout, i) is not None
+    return shapes
 
 
 def _renamed_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,16 +164,25 @@ class HypernetworkModule(torch.nn.Module):
     linear: torch.nn.Sequential
     multiplier: float
 
-    def __init__(self, dim: int, layout: ModuleLayout | None = None, *, multiplier: float = 1.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        layout: ModuleLayout | None = None,
+        *,
+        multiplier: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``device="meta"`` builds the layers without memory, for :meth:`load` to fill."""
         super().__init__()
         self.dim = dim
-        self.linear = torch.nn.Sequential(*_build_layers(dim, layout or ModuleLayout()))
+        self.linear = torch.nn.Sequential(*_build_layers(dim, layout or ModuleLayout(), device))
         self.multiplier = multiplier
 
-    def load(self, state_dict: Mapping[str, Any]) -> None:
-        """Load strictly (renaming legacy keys) and switch to inference mode."""
+    def load(self, state_dict: Mapping[str, Any], *, assign: bool = False) -> None:
+        """Load strictly (renaming legacy keys) and switch to inference mode; ``assign``
+        takes the tensors themselves (for a module built on the meta device)."""
         try:
-            self.load_state_dict(_renamed_legacy_keys(state_dict), strict=True)
+            self.load_state_dict(_renamed_legacy_keys(state_dict), strict=True, assign=assign)
         except RuntimeError as exc:
             raise ValueError(f"hypernetwork weights for width {self.dim} do not match: {exc}") from exc
         self.eval()
@@ -144,25 +192,142 @@ class HypernetworkModule(torch.nn.Module):
 
 
 def _layout_from_state(state: Mapping[Any, Any]) -> tuple[ModuleLayout, bool, bool]:
-    """The module layout plus the effective (use_dropout, last_layer_dropout), with loading defaults."""
-    structure = state.get("layer_structure") or list(DEFAULT_LAYER_STRUCTURE)
-    stored_dropout = state.get("dropout_structure")
+    """The module layout plus the effective (use_dropout, last_layer_dropout), with loading
+    defaults; every field type-checked and bounded, since the dict comes from a file."""
+    structure = _numbers(state.get("layer_structure"), "layer_structure") or list(DEFAULT_LAYER_STRUCTURE)
+    _check_structure(structure)
+    if not all(0 < width <= MAX_LAYER_MULTIPLIER for width in structure):
+        raise ValueError(
+            f"hypernetwork layer structure entries must be above 0 and at most {MAX_LAYER_MULTIPLIER:g}"
+        )
+    stored_dropout = _numbers(state.get("dropout_structure"), "dropout_structure")
     # A stored structure with any non-zero entry means the network was trained with dropout.
-    use_dropout = (
-        True if stored_dropout is not None and any(stored_dropout) else bool(state.get("use_dropout", False))
-    )
-    last_layer_dropout = bool(state.get("last_layer_dropout", False))
+    use_dropout = True if stored_dropout and any(stored_dropout) else _flag(state, "use_dropout", False)
+    last_layer_dropout = _flag(state, "last_layer_dropout", False)
     if stored_dropout is None:
         stored_dropout = dropout_structure(structure, use_dropout, last_layer_dropout)
+    activation = state.get("activation_func")
+    if activation is not None and not isinstance(activation, str):
+        raise ValueError("hypernetwork activation_func is not a name")
+    if activation not in (None, "linear"):
+        _check_activation(activation)
     layout = ModuleLayout(
         layer_structure=tuple(structure),
-        activation_func=state.get("activation_func"),
-        add_layer_norm=bool(state.get("is_layer_norm", False)),
+        activation_func=activation,
+        add_layer_norm=_flag(state, "is_layer_norm", False),
         # Files without the key predate the option and were trained with an activated output.
-        activate_output=bool(state.get("activate_output", True)),
+        activate_output=_flag(state, "activate_output", True),
         dropout_structure=tuple(stored_dropout),
     )
     return layout, use_dropout, last_layer_dropout
+
+
+def _numbers(value: Any, what: str) -> list[float] | None:
+    """A list of at most MAX_LAYERS + 1 finite numbers, or None when absent."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) > MAX_LAYERS + 1
+        or not all(_finite_number(v) for v in value)
+    ):
+        raise ValueError(f"hypernetwork {what} is not a short list of numbers")
+    return list(value)
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 10**6  # math.isfinite overflows on huge ints
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _flag(state: Mapping[Any, Any], key: str, default: bool) -> bool:
+    value = state.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise ValueError(f"hypernetwork {key} is not true or false")
+    return bool(value)
+
+
+def _check_activation(name: str) -> None:
+    """The name must be one A1111 accepts and build without arguments (``threshold`` and
+    ``multiheadattention`` are torch activations that need some)."""
+    try:
+        _activation(name)
+    except TypeError:
+        raise ValueError(f"unsupported hypernetwork activation function {name[:40]!r}") from None
+
+
+def _widths(state: Mapping[Any, Any]) -> dict[int, tuple[Mapping[Any, Any], Mapping[Any, Any]]]:
+    """The (k, v) state dicts by width; only int keys are widths (bool is an int subclass
+    but never one), the others are metadata."""
+    widths = {}
+    for key, pair in state.items():
+        if type(key) is not int:
+            continue
+        if not 1 <= key <= MAX_WIDTH:
+            raise ValueError(
+                f"hypernetwork width must be 1-{MAX_WIDTH}, got {key if abs(key) < 10**9 else 'more'}"
+            )
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(p, Mapping) for p in pair)
+        ):
+            raise ValueError(f"hypernetwork width {key} does not hold a pair of weight dicts")
+        widths[key] = (pair[0], pair[1])
+    return widths
+
+
+def check_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a hypernetwork A1111 could have written;
+    works on meta tensors, so a folder scan can check a file without reading its weights."""
+    _checked_state(state)
+
+
+def _checked_state(
+    state: Any,
+) -> tuple[ModuleLayout, bool, bool, dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]]:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"a hypernetwork file holds a dict, not a {type(state).__name__}")
+    layout, use_dropout, last_layer_dropout = _layout_from_state(state)
+    widths = _widths(state)
+    if not widths:
+        raise ValueError("it holds no hypernetwork layers (no integer width keys)")
+    checked = {
+        width: (check_weights(width, layout, pair[0]), check_weights(width, layout, pair[1]))
+        for width, pair in widths.items()
+    }
+    return layout, use_dropout, last_layer_dropout, checked
+
+
+def check_weights(width: int, layout: ModuleLayout, state_dict: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+    """The module's weights as float32, once their keys and shapes are exactly the ones the
+    layout gives for ``width``: checked before anything is built, so a file cannot make the
+    loader allocate more than the weights it holds."""
+    expected = expected_shapes(width, layout)
+    weights = _renamed_legacy_keys(state_dict)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(describe(key) for key in set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"hypernetwork weights for width {width} do not match: missing {missing or '-'}, unexpected {unexpected or '-'}"
+        )
+    checked = {}
+    for key, shape in expected.items():
+        value = weights[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"hypernetwork weight {key} for width {width} is not a float tensor")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"hypernetwork weights for width {width} do not match: {key} has shape "
+                f"{tuple(value.shape)}, expected {shape}"
+            )
+        checked[key] = value.to(torch.float32)
+    return checked
 
 
 @dataclass
@@ -181,22 +346,26 @@ class Hypernetwork:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[Any, Any], *, multiplier: float = 1.0) -> Hypernetwork:
-        """Rebuild from the dict stored in an A1111 ``.pt`` file (integer width keys + metadata)."""
-        layout, use_dropout, last_layer_dropout = _layout_from_state(state)
-        layers: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = {}
-        for key, pair in state.items():
-            if type(key) is not int:  # bool is an int subclass but never a width
-                continue
-            layers[key] = (_loaded_module(key, layout, pair[0]), _loaded_module(key, layout, pair[1]))
+        """Rebuild from the dict stored in an A1111 ``.pt`` file (integer width keys + metadata).
+
+        Raises ``ValueError`` for anything that is not a hypernetwork A1111 could have
+        written; the layout, widths and every weight shape are checked before a module
+        is built, and modules take the file's tensors instead of allocating their own."""
+        layout, use_dropout, last_layer_dropout, checked = _checked_state(state)
+        layers = {
+            width: (_loaded_module(width, layout, k), _loaded_module(width, layout, v))
+            for width, (k, v) in checked.items()
+        }
+        step = state.get("step")
         network = cls(
             layers=layers,
             layout=layout,
-            name=state.get("name"),
+            name=_text(state.get("name")),
             use_dropout=use_dropout,
             last_layer_dropout=last_layer_dropout,
-            step=state.get("step"),
-            sd_checkpoint=state.get("sd_checkpoint"),
-            sd_checkpoint_name=state.get("sd_checkpoint_name"),
+            step=step if type(step) is int else None,
+            sd_checkpoint=_text(state.get("sd_checkpoint")),
+            sd_checkpoint_name=_text(state.get("sd_checkpoint_name")),
         )
         network.set_multiplier(multiplier)
         return network
@@ -216,10 +385,15 @@ class Hypernetwork:
         return self
 
 
-def _loaded_module(width: int, layout: ModuleLayout, state_dict: Mapping[str, Any]) -> HypernetworkModule:
-    module = HypernetworkModule(width, layout)
-    module.load(state_dict)
+def _loaded_module(width: int, layout: ModuleLayout, weights: dict[str, torch.Tensor]) -> HypernetworkModule:
+    module = HypernetworkModule(width, layout, device="meta")
+    module.load(weights, assign=True)
     return module
+
+
+def _text(value: Any) -> str | None:
+    """Metadata strings (name, checkpoint); anything else in their place is ignored."""
+    return value if isinstance(value, str) else None
 
 
 def apply_hypernetworks(

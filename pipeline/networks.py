@@ -11,13 +11,14 @@ attention block (self- and cross-attention, §11, §16.12) through forward pre-h
 ``to_k``/``to_v``; the hooks are removed when the call ends.
 
 Files: ``<models_dir>/Lora/**/*.safetensors|.pt|.ckpt`` and
-``<models_dir>/hypernetworks/**/*.pt``, named by their file stem. ``.pt``/``.ckpt`` files
-are read with ``torch.load(weights_only=True)`` only, so nothing in them is executed.
+``<models_dir>/hypernetworks/**/*.pt``, named by their file stem, read through
+:mod:`pipeline.safe_load` like every model file, so nothing in them is executed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -161,15 +162,14 @@ class NetworkLoadError(EngineError):
         )
 
 
-def load_tensors(path: Path) -> dict[str, Any]:
-    """A network file's dict: safetensors after the header checks, or a torch pickle read
-    through the allow-list unpickler (``pipeline.safe_load``; nothing in it is executed).
-    Hypernetwork dicts keep their non-tensor metadata (layer structure, activation ...)."""
-    from pipeline.safe_load import load_pickle_checkpoint, load_safetensors
+def load_tensors(path: Path) -> dict[Any, Any]:
+    """A network file's dict, read by :func:`pipeline.safe_load.read_model_file` (the one
+    path for every model file: format decided from the bytes, pickles through the
+    allow-list, nothing in the file executed). Hypernetwork dicts keep their non-tensor
+    metadata (layer structure, activation ...)."""
+    from pipeline.safe_load import read_model_file
 
-    if path.suffix.lower() == ".safetensors":
-        return dict(load_safetensors(path))
-    data = load_pickle_checkpoint(path)
+    data = read_model_file(path)
     if not isinstance(data, dict):
         raise NetworkLoadError(path, "network", f"it holds a {type(data).__name__}, not a dict of weights")
     return data
@@ -191,24 +191,31 @@ class LoraPair:
         """``(alpha/rank) · up @ down`` in float32 and ``shape``; None when the shapes don't fit.
 
         Linear and 1x1/3x3 Conv2d downs work with a 1x1 (or 2-D) up; the kernel comes from
-        the down projection.
+        the down projection. The sizes are compared before the product is formed, so a file
+        cannot make this allocate more than the weight it patches.
         """
         if self.up.dim() == 4 and self.up.shape[2:] != (1, 1):
             return None
         rank = self.down.shape[0]
+        if self.up.shape[0] * (self.down.numel() // rank) != shape.numel():
+            return None
         down = self.down.to(device, torch.float32).reshape(rank, -1)
         up = self.up.to(device, torch.float32).reshape(self.up.shape[0], rank)
-        product = up @ down
-        if product.numel() != shape.numel():
-            return None
         scale = 1.0 if self.alpha is None else self.alpha / rank
-        return product.reshape(shape) * scale
+        return (up @ down).reshape(shape) * scale
 
 
-def lora_pairs(state: Mapping[str, Any]) -> dict[str, LoraPair]:
-    """Group ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` by module key."""
+def lora_pairs(state: Mapping[Any, Any]) -> dict[str, LoraPair]:
+    """Group ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` by module key.
+
+    Raises ``ValueError`` naming the module when its factors cannot be a LoRA's (not
+    floating-point tensors, not 2-D or 4-D, ranks that differ, an alpha that is not one
+    finite number), so a bad file fails when loaded rather than in the middle of a job.
+    """
     parts: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
+        if not isinstance(key, str):
+            continue
         for suffix in _LORA_SUFFIXES:
             if key.endswith(suffix):
                 parts.setdefault(key[: -len(suffix)], {})[suffix] = value
@@ -219,9 +226,37 @@ def lora_pairs(state: Mapping[str, Any]) -> dict[str, LoraPair]:
         if down is None or up is None:
             logger.warning("LoRA module %s lacks its down or up weight; skipped", module)
             continue
-        alpha = found.get(".alpha")
-        pairs[module] = LoraPair(down, up, None if alpha is None else float(alpha))
+        _check_factors(module, down, up)
+        pairs[module] = LoraPair(down, up, _alpha(module, found.get(".alpha")))
     return pairs
+
+
+def _check_factors(module: str, down: Any, up: Any) -> None:
+    for what, factor in (("down", down), ("up", up)):
+        if (
+            not isinstance(factor, torch.Tensor)
+            or not factor.is_floating_point()
+            or factor.dim() not in (2, 4)
+        ):
+            raise ValueError(f"module {module[:120]}: its {what} weight is not a 2-D or 4-D float tensor")
+    if down.shape[0] < 1 or up.shape[1] != down.shape[0]:
+        raise ValueError(f"module {module[:120]}: its up and down weights have different ranks")
+
+
+def _alpha(module: str, alpha: Any) -> float | None:
+    if alpha is None:
+        return None
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.is_complex():
+        if alpha.is_meta:  # a folder scan checks shapes only; the value is read on load
+            return None
+        value = float(alpha)
+    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        value = float(alpha)
+    else:
+        raise ValueError(f"module {module[:120]}: its alpha is not one number")
+    if not math.isfinite(value):
+        raise ValueError(f"module {module[:120]}: its alpha is not a finite number")
+    return value
 
 
 def _ldm_unet_name(key: str, layers_per_block: int) -> str:
@@ -417,10 +452,18 @@ class NetworkLibrary:
         return self.models_dir / subdir if self.models_dir is not None else None
 
     def lora_names(self) -> list[str]:
-        return list(_scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS))
+        return list(self.lora_files())
 
     def hypernetwork_names(self) -> list[str]:
-        return list(_scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS))
+        return list(self.hypernetwork_files())
+
+    def lora_files(self) -> dict[str, Path]:
+        """Name -> the file a ``<lora:name>`` tag loads."""
+        return _scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS)
+
+    def hypernetwork_files(self) -> dict[str, Path]:
+        """Name -> the file a ``<hypernet:name>`` tag loads."""
+        return _scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS)
 
     def check_prompt(self, prompt: str) -> None:
         """Resolve every network ``prompt`` tags without loading anything: raises
@@ -460,7 +503,10 @@ class NetworkLibrary:
         cached = self._loras.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        pairs = lora_pairs(load_tensors(path))
+        try:
+            pairs = lora_pairs(load_tensors(path))
+        except ValueError as exc:
+            raise NetworkLoadError(path, "lora", str(exc)) from exc
         if not pairs:
             raise NetworkLoadError(path, "lora", "it holds no kohya-format LoRA weights")
         self._loras[path] = (stamp, pairs)
@@ -471,12 +517,12 @@ class NetworkLibrary:
         cached = self._hypernets.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        # Building the modules draws init weights; keep the caller's global RNG untouched.
-        with torch.random.fork_rng(devices=[]):
-            try:
-                network = Hypernetwork.from_state_dict(load_tensors(path))
-            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-                raise NetworkLoadError(path, "hypernetwork", str(exc)) from exc
+        # The modules are built on the meta device and take the file's tensors, so loading
+        # draws nothing from the global RNG (a seed's image does not depend on the cache).
+        try:
+            network = Hypernetwork.from_state_dict(load_tensors(path))
+        except ValueError as exc:
+            raise NetworkLoadError(path, "hypernetwork", str(exc)) from exc
         network.name = network.name or path.stem
         self._hypernets[path] = (stamp, network)
         return network

@@ -1,7 +1,7 @@
 """Separate VAE files and the full-precision decode fallback (DESIGN §7, A1111 ``--no-half-vae``).
 
-A VAE file in ``<models_dir>/VAE/`` is a safetensors file or a ``.pt``/``.ckpt`` read with
-``torch.load(weights_only=True)``; its keys may be A1111/LDM ones (``first_stage_model.``
+A VAE file in ``<models_dir>/VAE/`` (or ``<checkpoint>.vae.*`` beside a checkpoint) is read
+through :mod:`pipeline.safe_load` like every model file; its keys may be A1111/LDM ones (``first_stage_model.``
 prefixed or bare ``encoder.down.0…``/``decoder.up.0…``) or diffusers ones, and it is loaded
 into an ``AutoencoderKL`` built from the current model's VAE config.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipeline.networks import UnknownNetwork
+from pipeline.networks import NetworkLoadError, UnknownNetwork
 from pipeline.safe_load import load_state_dict
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ __all__ = [
     "TILE_LATENTS",
     "VAE_EXTENSIONS",
     "VAE_SUBDIR",
+    "VaeLoadError",
     "decode_batch",
     "decode_with_fallback",
     "find_vae",
@@ -63,6 +64,15 @@ SD_VAE_CONFIG: dict[str, Any] = {
     "sample_size": 512,
     "scaling_factor": 0.18215,
 }
+
+
+class VaeLoadError(NetworkLoadError, ValueError):
+    """A VAE file whose weights cannot go into the model's VAE (missing keys, wrong shapes,
+    a layout the converter cannot read). A ``ValueError`` too, as callers expect of a
+    file that does not fit."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, "VAE", reason)
 
 
 def vae_names(models_dir: Path | None) -> dict[str, Path]:
@@ -104,14 +114,29 @@ def load_vae(path: str | Path, *, config: dict[str, Any] | None = None) -> Any:
     """An ``AutoencoderKL`` (float32, CPU, eval) with the weights of ``path``.
 
     ``config`` is the architecture (the loaded checkpoint's ``vae.config``); SD's VAE when
-    omitted. Raises ``ValueError`` when the file's weights do not fit that architecture.
+    omitted. Raises :class:`VaeLoadError` (a ``ValueError``) when the file's weights do not
+    fit that architecture, ``UnsafeCheckpoint`` when the file is refused.
     """
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
     path = Path(path)
     config = dict(SD_VAE_CONFIG if config is None else config)
     state = _strip_prefix(load_state_dict(path))
+    try:
+        vae, unexpected = _vae_from_state(state, config)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        # diffusers' converter and load_state_dict fail in many ways on a foreign dict.
+        reason = " ".join(str(exc).split())[:300]
+        raise VaeLoadError(
+            path, f"its weights do not fit this model's VAE ({type(exc).__name__}: {reason})"
+        ) from exc
+    if unexpected:
+        logger.info("%s: ignoring %d unused keys", path.name, len(unexpected))
+    return vae.eval()
+
+
+def _vae_from_state(state: dict[str, Any], config: dict[str, Any]) -> tuple[Any, list[str]]:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     if not _is_diffusers_layout(state):
         state = convert_ldm_vae_checkpoint(state, config)
     # diffusers' mid-block attention is Linear; LDM stores 1x1 conv weights.
@@ -121,12 +146,8 @@ def load_vae(path: str | Path, *, config: dict[str, Any] | None = None) -> Any:
     vae = AutoencoderKL.from_config(known)
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(
-            f"{path.name}: not a VAE for this model ({len(missing)} weights missing, e.g. {missing[0]})"
-        )
-    if unexpected:
-        logger.info("%s: ignoring %d unused keys", path.name, len(unexpected))
-    return vae.eval()
+        raise ValueError(f"not a VAE for this model ({len(missing)} weights missing, e.g. {missing[0]})")
+    return vae, unexpected
 
 
 def needs_fp32_retry(decoded: torch.Tensor) -> bool:

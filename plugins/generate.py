@@ -6,6 +6,8 @@ falls back to the same one-job-per-batch plan) and results simply have no button
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,9 @@ from bot.draw import options_from_request
 from bot.errors import UserError
 from bot.governance import require_moderator
 from bot.hookspecs import hookimpl
+from bot.i18n import Msg
 from bot.service import default_plan
-from bot.types import Action, Command, CommandContext, Reply
+from bot.types import Action, Admission, Command, CommandContext, Reply
 
 
 @hookimpl(trylast=True)
@@ -25,6 +28,35 @@ def plan_generation(request: Any, app: Any) -> Any:
 @hookimpl
 def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
     return [Action(f"reroll:{record.id}", "action.reroll")]
+
+
+@hookimpl
+async def check_request(request: Any, actor: Any, app: Any) -> Admission | None:
+    """A note on the /draw reply when the prompt names an embedding whose file was
+    refused: the user expects the embedding, but the words are used as plain text."""
+    generation = request.generation
+    texts = [
+        generation.prompt,
+        generation.negative_prompt,
+        generation.hr_prompt,
+        generation.hr_negative_prompt,
+    ]
+    refused = await asyncio.to_thread(_refused_embeddings, app, " \n ".join(texts))
+    if not refused:
+        return None
+    names = ", ".join(name for name, _ in refused)
+    details = "; ".join(f"{name}: {reason}" for name, reason in refused)
+    return Admission(key="draw.embeddings_refused", params={"names": names, "details": details})
+
+
+def _refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
+    """(embedding name, reason) of each refused embedding file ``text`` names as a word."""
+    found = []
+    for entry in app.library.model_files(("embedding",), models_dir=_models_dir(app)).unreadable:
+        name = Path(entry.name).stem
+        if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE):
+            found.append((name, entry.reason))
+    return found
 
 
 @hookimpl
@@ -66,28 +98,24 @@ def _models_dir(app: Any) -> Path | None:
 
 def model_lists(app: Any) -> dict[str, Any]:
     """Everything a prompt or /draw option can name, by kind (also the reply's ``data``,
-    so clients can autocomplete). Hashes are shown only when already computed: listing
-    must not read gigabytes of checkpoints."""
-    from pipeline.embeddings import embedding_files
-    from pipeline.networks import NetworkLibrary
-    from pipeline.vae import vae_names
-
-    folder = _models_dir(app)
+    so clients can autocomplete), and the files that were skipped, with the reason.
+    Hashes are shown only when already computed: listing must not read gigabytes of
+    checkpoints (files are checked from their headers and pickles, weights unread)."""
     infos = app.library.infos()
-    networks = NetworkLibrary(folder)
-    embeddings_dir = folder / "embeddings" if folder is not None else None
-    embeddings = (
-        embedding_files(embeddings_dir) if embeddings_dir is not None and embeddings_dir.is_dir() else []
-    )
+    files = app.library.model_files(models_dir=_models_dir(app))
     default = app.settings.engine.default_checkpoint
     return {
         "checkpoints": [info.name for info in infos],
         "checkpoint_hashes": {info.name: info.sha256 for info in infos if info.sha256},
         "default_checkpoint": default,
-        "vaes": list(vae_names(folder)),
-        "loras": networks.lora_names(),
-        "hypernetworks": networks.hypernetwork_names(),
-        "embeddings": list(dict.fromkeys(path.stem for path in embeddings)),
+        "vaes": files.vaes,
+        "loras": files.loras,
+        "hypernetworks": files.hypernetworks,
+        "embeddings": files.embeddings,
+        "unreadable": [
+            {"name": f.name, "kind": f.kind, "code": f.code, "reason": f.reason, "side": f.side}
+            for f in files.unreadable
+        ],
     }
 
 
@@ -95,18 +123,37 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names) or "-"
 
 
-async def models(ctx: CommandContext) -> list[Reply]:
-    """The checkpoints (short hash when known, the default marked) and the other model files;
-    ``/models refresh`` (moderators) rescans the folder after files were added or removed."""
-    import asyncio
+def _unreadable_reply(ctx: CommandContext, data: dict[str, Any]) -> list[Reply]:
+    """The skipped files, one line each in the user's language, and what is loaded."""
+    skipped = data["unreadable"]
+    if not skipped:
+        return []
+    lines = [
+        ctx.app.translator.t(
+            ctx.actor.locale,
+            f"models.unreadable.{entry['code']}",
+            name=entry["name"],
+            kind=Msg(f"models.kind.{entry['kind']}"),
+            reason=entry["reason"],
+            side=entry["side"] or "",
+        )
+        for entry in skipped
+    ]
+    return [Reply("models.unreadable", {"count": len(skipped), "list": "\n".join(lines)})]
 
+
+async def models(ctx: CommandContext) -> list[Reply]:
+    """The checkpoints (short hash when known, the default marked) and the other model files,
+    then the files that were skipped and why; ``/models refresh`` (moderators) rescans the
+    folder after files were added or removed."""
     argument = ctx.text.strip().casefold()
     if argument == "refresh":
         await require_moderator(ctx, "models.refresh")
         await asyncio.to_thread(ctx.app.library.refresh)
         data = await asyncio.to_thread(model_lists, ctx.app)
         counts = {kind: len(data[kind]) for kind in ("checkpoints", "vaes", "loras", "hypernetworks")}
-        return [Reply("models.refreshed", {**counts, "embeddings": len(data["embeddings"])}, data=data)]
+        refreshed = Reply("models.refreshed", {**counts, "embeddings": len(data["embeddings"])}, data=data)
+        return [refreshed, *_unreadable_reply(ctx, data)]
     if argument:
         raise UserError("error.unknown_subcommand", name="models", value=ctx.text.strip(), allowed="refresh")
     data = await asyncio.to_thread(model_lists, ctx.app)
@@ -127,7 +174,8 @@ async def models(ctx: CommandContext) -> list[Reply]:
         },
         data=data,
     )
+    replies = [listing, *_unreadable_reply(ctx, data)]
     folder = _models_dir(ctx.app)
     if folder is not None and not folder.is_dir():
-        return [listing, Reply("models.folder_missing", {"path": str(folder)})]
-    return [listing]
+        replies.append(Reply("models.folder_missing", {"path": str(folder)}))
+    return replies

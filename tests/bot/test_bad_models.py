@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -14,6 +15,20 @@ from bot.types import Actor
 from pipeline.checkpoints import CheckpointLibrary
 from tests.conftest import EventLog
 from tests.pipeline.a1111_layout import pipeline_to_a1111
+from tests.pipeline.crafted_files import (
+    LORA_KEY,
+    hypernetwork_state,
+    pickled_str,
+    repickled,
+    safetensors_header,
+    torch_bytes,
+    torchscript_bytes,
+    trailing_end_record,
+    write,
+    write_embedding,
+    write_lora,
+    write_tensors,
+)
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
 LI = Actor(platform="console", user_id="li", name="Li", locale="zh-CN", chat_id="c")
@@ -82,7 +97,7 @@ def _kohya_keys(pipe):
     return [k for k, (module, part) in kohya_targets(pipe).items() if module.weight.shape[1] == 32 and part]
 
 
-async def test_corrupt_checkpoint_and_network_files_fail_their_job_and_the_next_one_runs(
+async def test_corrupt_checkpoint_and_network_files_are_refused_and_the_next_job_runs(
     make_app, tmp_path
 ) -> None:
     models = tmp_path / "models"
@@ -95,24 +110,24 @@ async def test_corrupt_checkpoint_and_network_files_fail_their_job_and_the_next_
         pickle.dump({"x": _CreatesFile(str(victim))}, stream)
     app = await _app_with_library(make_app, models)
     log = EventLog(app)
+    # A checkpoint the scan skipped is refused at once, with the reason, and nothing is stored.
+    [broken] = await app.service.handle_line("/draw a cat --checkpoint broken --steps 2", ALICE)
+    assert broken.error and broken.key == "error.unsafe_checkpoint"
+    assert broken.params["name"] == "broken.safetensors" and "not valid JSON" in broken.params["reason"]
+    assert await _rows(app) == 0
     failures = []
-    for line in (
-        "/draw a cat --checkpoint broken --steps 2",
-        "/draw a cat <lora:torn> --steps 2",
-        "/draw a cat <lora:evil> --steps 2",
-    ):
+    for line in ("/draw a cat <lora:torn> --steps 2", "/draw a cat <lora:evil> --steps 2"):
         [accepted] = await app.service.handle_line(line, ALICE)
         (job,) = accepted.data["jobs"]
         await log.wait_for(lambda job=job: log.of("failed", job))
         failures.append(log.of("failed", job)[0])
-    broken, torn, evil = failures
-    assert broken.key == "error.unsafe_checkpoint" and broken.params["name"] == "broken.safetensors"
+    torn, evil = failures
     assert torn.key == "error.unsafe_checkpoint" and torn.params["name"] == "torn.safetensors"
     assert evil.key == "error.unsafe_checkpoint" and evil.params["name"] == "evil.pt"
     assert "not allowed" in app.translator.t("zh-CN", evil.key, **evil.params)
     assert not victim.exists()
-    record = await app.store.get(broken.generation_id)
-    assert record.status == "failed" and "broken.safetensors" in record.error
+    record = await app.store.get(evil.generation_id)
+    assert record.status == "failed" and "evil.pt" in record.error
     await _finishes(app, log, "/draw a cat --steps 2")
 
 
@@ -139,8 +154,7 @@ async def test_models_refresh_is_for_moderators_and_finds_new_files(make_app, tm
     assert app.library.names() == ["tiny"]
     tiny = CheckpointLibrary(None).load("tiny")
     save_file(pipeline_to_a1111(tiny), str(models / "Stable-diffusion" / "fresh.safetensors"))
-    (models / "Lora").mkdir()
-    (models / "Lora" / "new.safetensors").write_bytes(b"listed, not read")
+    write_lora(models / "Lora" / "new.safetensors")
     [done] = await app.service.handle_line("/models refresh", MOD)
     assert not done.error and done.params["checkpoints"] == 2 and done.params["loras"] == 1
     assert "fresh" in done.data["checkpoints"]
@@ -157,3 +171,145 @@ async def test_an_engine_refusal_is_translated_and_the_next_job_runs(make_app) -
     assert failed.key == "error.invalid_request" and "clip skip" in failed.params["detail"]
     assert app.translator.t("zh-CN", failed.key, **failed.params).startswith("引擎拒绝了此请求")
     await _finishes(app, log, "/draw a cat --steps 2")
+
+
+# --- a bad file must not stop the bot ---------------------------------------------------------
+
+# Each alone in its folder; the name /models reports it under (None: a readable file).
+ONE_BAD_FILE = {
+    "a header of 200,000 [": ("Stable-diffusion/deep.safetensors", safetensors_header(b"[" * 200_000)),
+    "a shape that is a number": (
+        "Stable-diffusion/shape.safetensors",
+        safetensors_header({"w": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}}, b"\0" * 4),
+    ),
+    "a 0-d cross-attention weight": (
+        None,
+        safetensors_header(
+            {
+                "model.diffusion_model.x.attn2.to_k.weight": {
+                    "dtype": "F32",
+                    "shape": [],
+                    "data_offsets": [0, 4],
+                }
+            },
+            b"\0" * 4,
+        ),
+    ),
+    "a malformed .yaml": ("Stable-diffusion/model.yaml", b"model: {params: [}"),
+    "a .yaml that is not UTF-8": ("Stable-diffusion/model.yaml", b"model:\n  target: \xff\xfe\n"),
+    "a TorchScript VAE": ("VAE/script.pt", b"torchscript"),
+    "a LoRA that is not one": (
+        "Lora/empty.safetensors",
+        safetensors_header({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+    ),
+    "a hypernetwork pickle calling open": ("hypernetworks/evil.pt", b"pickle"),
+    "an embedding of the wrong shape": ("embeddings/cube.pt", b"cube"),
+}
+
+
+def _bad_file_bytes(kind: bytes, marker: Path) -> bytes:
+    if kind == b"torchscript":
+        return trailing_end_record(torchscript_bytes(marker))
+    if kind == b"pickle":
+        return torch_bytes({"layer_structure": [1, 2, 1], "hook": _CreatesFile(str(marker))})
+    if kind == b"cube":
+        return torch_bytes({"emb_params": torch.zeros(2, 3, 32)})
+    return kind
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("case", list(ONE_BAD_FILE))
+async def test_one_bad_file_does_not_stop_draw_or_models(make_app, tmp_path, case) -> None:
+    reported, data = ONE_BAD_FILE[case]
+    models = tmp_path / "models"
+    marker = tmp_path / "marker.txt"
+    if reported is None:
+        write(models / "Stable-diffusion" / "odd.safetensors", data)
+    else:
+        write(models / reported, _bad_file_bytes(data, marker))
+        if reported.endswith(".yaml"):
+            write_tensors(models / "Stable-diffusion" / "model.safetensors", {"x": torch.zeros(1)})
+    app = await _app_with_library(make_app, models, plugins=MODERATION)
+    log = EventLog(app)
+    await _finishes(app, log, "/draw a cat --checkpoint tiny --steps 2")
+    for line, actor in (("/models", ALICE), ("/models refresh", MOD)):
+        replies = await app.service.handle_line(line, actor)
+        assert not any(reply.error for reply in replies), replies
+        listed = [entry["name"] for entry in replies[0].data["unreadable"]]
+        if reported is None:
+            assert listed == [] and "odd" in replies[0].data["checkpoints"]
+        else:
+            assert reported in listed
+            assert reported in _text(app, replies[1]) and reported in _text(app, replies[1], "zh-CN")
+    await _finishes(app, log, "/draw a cat --checkpoint tiny --steps 2")
+    assert not marker.exists()
+
+
+def _lightning_pickle(state: dict, placeholder: str, module: str, name: str) -> bytes:
+    """``state`` saved by torch with the string ``placeholder`` replaced by the global
+    ``module.name`` (pytorch_lightning is not installed, so torch could not pickle it)."""
+    global_opcode = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+    return repickled(torch_bytes(state), pickled_str(placeholder), global_opcode)
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+        ("pytorch_lightning.callbacks.model_checkpoint", "__module__"),
+        ("pytorch_lightning.callbacks", "model_checkpoint"),
+    ],
+)
+async def test_network_files_with_nonsense_contents_fail_their_job_with_a_translated_reason(
+    make_app, tmp_path, module, name
+) -> None:
+    models = tmp_path / "models"
+    hypernet = hypernetwork_state()
+    hypernet["activation_func"] = "PLACEHOLDER"
+    write(models / "hypernetworks" / "lightning.pt", _lightning_pickle(hypernet, "PLACEHOLDER", module, name))
+
+    class Nonsense:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, ("not a storage", -1, "shape", None, "x", 3))
+
+    write(models / "Lora" / "nonsense.pt", torch_bytes({f"{LORA_KEY}.lora_down.weight": Nonsense()}))
+    app = await _app_with_library(make_app, models)
+    log = EventLog(app)
+    failures = []
+    for line in ("/draw a cat <hypernet:lightning> --steps 2", "/draw a cat <lora:nonsense> --steps 2"):
+        [accepted] = await app.service.handle_line(line, ALICE)
+        (job,) = accepted.data["jobs"]
+        await log.wait_for(lambda job=job: log.of("failed", job))
+        failures.append(log.of("failed", job)[0])
+    lightning, nonsense = failures
+    assert lightning.key in ("error.network_load", "error.unsafe_checkpoint"), lightning
+    assert lightning.params["name"] == "lightning.pt"
+    assert nonsense.key == "error.unsafe_checkpoint" and "other than a storage" in nonsense.params["reason"]
+    for failure in failures:
+        assert "lightning.pt" in _text(app, failure) or "nonsense.pt" in _text(app, failure)
+        assert _text(app, failure, "zh-CN") != _text(app, failure)
+    await _finishes(app, log, "/draw a cat --steps 2")
+
+
+async def test_a_refused_embedding_is_reported_on_the_draw_reply(make_app, tmp_path) -> None:
+    models = tmp_path / "models"
+    marker = tmp_path / "marker.txt"
+    write(models / "embeddings" / "evil-style.pt", torch_bytes({"emb_params": _CreatesFile(str(marker))}))
+    write_embedding(models / "embeddings" / "good.pt")
+    app = await _app_with_library(make_app, models)
+    log = EventLog(app)
+    accepted, note = await app.service.handle_line("/draw a cat, Evil-Style --steps 2", ALICE)
+    assert not accepted.error and note.key == "draw.embeddings_refused"
+    assert note.params["names"] == "evil-style" and "io.open" in note.params["details"]
+    assert "evil-style is not used as an embedding" in _text(app, note)
+    assert "evil-style 没有作为嵌入使用" in _text(app, note, "zh-CN")
+    (job,) = accepted.data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job) or log.of("failed", job))
+    assert log.of("finished", job)
+    # A prompt that does not name it gets no note; the good embedding is listed as usable.
+    [plain] = await app.service.handle_line("/draw a good cat --steps 2", ALICE)
+    assert not plain.error and plain.key == "draw.accepted"
+    listing, skipped = await app.service.handle_line("/models", ALICE)
+    assert listing.data["embeddings"] == ["good"]
+    assert "embeddings/evil-style.pt" in _text(app, skipped)
+    assert not marker.exists()

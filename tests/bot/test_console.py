@@ -129,7 +129,7 @@ def test_plugins_and_db_upgrade_commands(tmp_path: Path) -> None:
     assert f"database at revision {db.current_revision('sqlite+aiosqlite://')}" in upgrade.stdout
     assert (tmp_path / "data" / "atelier.db").is_file()
     listing = subprocess.run(_atelier("plugins"), env=env, capture_output=True, text=True, timeout=120)
-    assert "generate: plan_generation, register_commands, result_actions" in listing.stdout
+    assert "generate: check_request, plan_generation, register_commands, result_actions" in listing.stdout
     assert "pnginfo: register_commands" in listing.stdout
     assert (
         "quotas: check_request, generation_ended, generation_finished, register_commands, request_dropped, startup"

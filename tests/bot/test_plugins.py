@@ -39,7 +39,7 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_builtin_and_entry_point_plugins_are_listed_with_their_hooks(third_party: str) -> None:
     listing = dict(plugin_hooks(build_plugin_manager()))
-    assert listing["generate"] == ["plan_generation", "register_commands", "result_actions"]
+    assert listing["generate"] == ["check_request", "plan_generation", "register_commands", "result_actions"]
     assert listing["hello"] == ["register_negative_presets"]
 
 

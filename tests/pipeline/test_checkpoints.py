@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from pipeline.request import GenerationRequest
 from pipeline.safe_load import UnsafeCheckpoint
 from pipeline.tiny import build_tiny_pipeline
 from tests.pipeline.a1111_layout import pipeline_to_a1111, vae_to_ldm
+from tests.pipeline.crafted_files import safetensors_header, write
 
 
 def _fake_folder(root, name: str) -> None:
@@ -50,8 +53,11 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     (tmp_path / "Stable-diffusion" / "not-a-model").mkdir()
     (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
     library = CheckpointLibrary(tmp_path)
-    # A broken single file is still listed (loading it says why).
-    assert library.names() == ["tiny", "Alpha", "beta", "zeta", "single"]
+    # A broken single file is left out of the list and reported with the reason.
+    assert library.names() == ["tiny", "Alpha", "beta", "zeta"]
+    [skipped] = library.unreadable()
+    assert (skipped.name, skipped.kind) == ("Stable-diffusion/single.safetensors", "checkpoint")
+    assert "too short" in skipped.reason
     info = library.resolve("beta")
     assert info.kind == "diffusers"
     assert info.path == tmp_path / "Stable-diffusion" / "beta"
@@ -223,7 +229,7 @@ def test_single_files_are_listed_with_side_files(a1111_dir):
     assert single.config_path == sd_dir / "single.yaml"
     assert single.sha256 is None  # nothing hashed until asked for
     pickled = library.resolve("sub/pickled")
-    assert pickled.family is None  # a pickle is only opened when loaded
+    assert pickled.family == "sd1"  # the scan reads the pickle's records, not its weights
     assert pickled.use_ema is True and pickled.prediction_type is None
     assert pickled.vae_path == sd_dir / "sub" / "pickled.vae.pt"
     assert pickled.model_name == "pickled"
@@ -332,7 +338,12 @@ def test_bad_files_give_clear_errors_and_others_keep_working(a1111_dir, tmp_path
         (a1111_dir / "models" / "Stable-diffusion" / "single.safetensors").read_bytes()
     )
     library = CheckpointLibrary(tmp_path / "models", config_dirs={"sd1": a1111_dir / "cfg"})
-    assert library.names() == ["tiny", "corrupt", "garbage", "good"]
+    assert library.names() == ["tiny", "good"]
+    assert [entry.name for entry in library.unreadable()] == [
+        "Stable-diffusion/corrupt.safetensors",
+        "Stable-diffusion/garbage.ckpt",
+    ]
+    # Naming a skipped file says why it was skipped.
     with pytest.raises(UnsafeCheckpoint, match="corrupt.safetensors") as info:
         library.load("corrupt")
     assert isinstance(info.value, CheckpointLoadError) and info.value.key == "error.unsafe_checkpoint"
@@ -362,3 +373,129 @@ def test_packaged_configs_describe_sd1_and_sd2():
         assert UNet2DConditionModel.load_config(folder, subfolder="unet")["cross_attention_dim"] == width
         text = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         assert (text.hidden_size, text.num_hidden_layers) == (width, layers)
+
+
+@pytest.mark.parametrize(
+    ("files", "skipped", "reason"),
+    [
+        (
+            {"deep.safetensors": safetensors_header(b"[" * 200_000)},
+            ["deep.safetensors"],
+            "nested 200000 levels",
+        ),
+        (
+            {
+                "shape.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": 5, "data_offsets": [0, 4]}}, b"\0" * 4
+                )
+            },
+            ["shape.safetensors"],
+            "not a list of sizes",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.yaml": b"model: {params: [}",
+            },
+            ["m.yaml", "m.safetensors"],
+            "not valid YAML",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.yaml": b"model:\n  target: \xff\n",
+            },
+            ["m.yaml", "m.safetensors"],
+            "not UTF-8",
+        ),
+        (
+            {
+                "m.safetensors": safetensors_header(
+                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+                ),
+                "m.vae.pt": b"\x80\x02cos\nsystem\nq\x00.",
+            },
+            ["m.vae.pt", "m.safetensors"],
+            "os.system",
+        ),
+    ],
+)
+def test_a_bad_file_is_skipped_with_its_reason_and_the_rest_works(tmp_path, files, skipped, reason):
+    sd_dir = tmp_path / "Stable-diffusion"
+    for name, data in files.items():
+        write(sd_dir / name, data)
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny"]
+    found = library.unreadable()
+    assert [entry.name for entry in found] == [f"Stable-diffusion/{name}" for name in skipped]
+    assert re.search(reason, found[0].reason), found[0].reason
+    with pytest.raises(CheckpointLoadError, match=reason):
+        library.resolve(Path(skipped[-1]).stem.removesuffix(".vae"))
+    library.refresh()
+    assert library.load("tiny") is library.load("tiny")
+
+
+def test_a_zero_dim_cross_attention_weight_does_not_break_the_scan(tmp_path):
+    header = {
+        "model.diffusion_model.x.attn2.to_k.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
+    }
+    write(tmp_path / "Stable-diffusion" / "odd.safetensors", safetensors_header(header, b"\0" * 4))
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny", "odd"] and library.resolve("odd").family is None
+    with pytest.raises(CheckpointLoadError, match="not a Stable Diffusion checkpoint"):
+        library.load("odd")
+
+
+def test_yaml_values_of_the_wrong_type_are_ignored(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(
+        "a: &a [1, 2]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\n"
+        "model:\n  target: *c\n  params:\n    parameterization: *c\n    use_ema: [1]\n"
+    )
+    assert checkpoints.read_yaml_config(path) == {}
+
+
+@pytest.fixture(scope="module")
+def bin_folder(tmp_path_factory):
+    """The tiny model as a diffusers folder with pickled (.bin) weights."""
+    folder = tmp_path_factory.mktemp("bin") / "folder"
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=False)
+    return folder
+
+
+def test_a_diffusers_folder_with_pickled_weights_is_checked_then_loads(bin_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(bin_folder, tmp_path / "Stable-diffusion" / "bins")
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny", "bins"] and library.unreadable() == []
+    assert library.load("bins").unet is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize(
+    "crafted", ["torchscript with a cut end record appended", "pickle calling open (zip)"]
+)
+def test_a_diffusers_folder_with_a_hostile_weight_file_is_skipped(bin_folder, tmp_path, crafted):
+    """diffusers and transformers load a folder's weights themselves, so every weight file
+    passes the single-file checks first; one that fails takes the folder out."""
+    import shutil
+
+    from tests.pipeline.crafted_files import crafted_family
+
+    folder = tmp_path / "Stable-diffusion" / "bins"
+    shutil.copytree(bin_folder, folder)
+    marker = tmp_path / "marker.txt"
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(crafted_family(marker)[crafted][0])
+    library = CheckpointLibrary(tmp_path)
+    assert library.names() == ["tiny"]
+    bad, own = library.unreadable()
+    assert bad.name == "Stable-diffusion/bins/unet/diffusion_pytorch_model.bin" and bad.code == "refused"
+    assert (own.name, own.code, own.side) == ("Stable-diffusion/bins", "side_file", bad.name)
+    with pytest.raises(CheckpointLoadError, match="diffusion_pytorch_model.bin"):
+        library.load("bins")
+    assert not marker.exists()

@@ -431,3 +431,17 @@ def test_ti_hashes_field_removes_colons_and_commas_from_names() -> None:
         "abc: 0123456789ab, plain: ba9876543210"
     )
     assert ti_hashes_field({}) == ""
+
+
+def test_refused_files_are_kept_with_their_reasons(tmp_path: Path) -> None:
+    save_a1111(tmp_path / "good.pt", vectors(1, 1))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"a": torch.zeros(1, WIDTH), "b": torch.zeros(1, WIDTH)}, tmp_path / "two.pt")
+    torch.save({"x": _WritesFile(tmp_path / "pwned")}, tmp_path / "evil.pt")
+    db = EmbeddingDatabase(tmp_path)
+    assert db.names() == ["good"]
+    refused = {entry.name: entry.reason for entry in db.refused}
+    assert refused["empty"] == "the file is empty"
+    assert "exactly one tensor, found 2" in refused["two"]
+    assert "io.open, which is not allowed" in refused["evil"]
+    assert not (tmp_path / "pwned").exists()

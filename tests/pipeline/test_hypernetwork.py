@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +14,7 @@ from pipeline.hypernetwork import (
     apply_hypernetworks,
     dropout_structure,
 )
+from tests.pipeline.crafted_files import hypernetwork_state, torch_bytes, write
 
 
 def _linear_sd(prefix: str, d_in: int, d_out: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -384,3 +389,105 @@ def test_set_multiplier_zero_is_identity():
     x = torch.randn(2, 4)
     k, v = apply_hypernetworks([network], x)
     assert torch.equal(k, x) and torch.equal(v, x)
+
+
+# --- untrusted files ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PEAK_MEMORY = """
+from pathlib import Path
+
+import torch
+
+from pipeline.networks import NetworkLibrary, NetworkLoadError
+
+def kb(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key))
+
+def growth(action):
+    # Writing 5 to clear_refs resets the peak (VmHWM) to the current resident size.
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = kb("VmRSS")
+    action()
+    return kb("VmHWM") - before
+
+def load():
+    try:
+        NetworkLibrary(Path({models!r})).for_prompt("a cat <hypernet:huge>")
+    except NetworkLoadError as exc:
+        print("refused:", exc.params["reason"])
+
+print("load_kb", growth(load))
+# One layer of the size the file asked the old loader to build (it built four).
+print("control_kb", growth(lambda: torch.nn.Linear(8192, 16384)))
+"""
+
+
+def test_a_huge_width_key_is_refused_before_anything_is_allocated(tmp_path):
+    """A 1.3 KB file whose width key is 8192 once made the loader build 8192-wide layers
+    (about 1 GB) before the weights were found not to fit. The peak memory of a fresh
+    process shows the refusal costs nothing; the control shows the measure sees such a
+    layer."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's peak-memory reset")
+    state = hypernetwork_state(width=4)
+    state[8192] = state.pop(4)
+    path = write(tmp_path / "models" / "hypernetworks" / "huge.pt", torch_bytes(state))
+    assert path.stat().st_size < 4096
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY.format(models=str(tmp_path / "models"))],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["refused:"] == "hypernetwork width must be 1-4096, got 8192"
+    assert int(lines["load_kb"]) < 64 * 1024
+    assert int(lines["control_kb"]) > 400 * 1024
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda s: s.__setitem__(32, s.pop(32)[:1]), "does not hold a pair"),
+        (
+            lambda s: s[32][0].__setitem__("linear.0.weight", torch.zeros(64, 31)),
+            r"has shape \(64, 31\), expected \(64, 32\)",
+        ),
+        (
+            lambda s: s[32][0].__setitem__("linear.0.weight", torch.zeros(64, 32, dtype=torch.long)),
+            "not a float tensor",
+        ),
+        (lambda s: s.__setitem__("layer_structure", [1, 1e9, 1]), "at most 16"),
+        (lambda s: s.__setitem__("layer_structure", [1] * 100), "short list of numbers"),
+        (lambda s: s.__setitem__("layer_structure", [1, 10**400, 1]), "short list of numbers"),
+        (lambda s: s.__setitem__("activation_func", "threshold"), "unsupported hypernetwork activation"),
+        (lambda s: s.__setitem__("activation_func", ["relu"]), "not a name"),
+        (lambda s: s.__setitem__("is_layer_norm", "yes"), "not true or false"),
+        (lambda s: s.__setitem__(0, s[32]), "width must be 1-4096, got 0"),
+        (lambda s: s.pop(32), "no hypernetwork layers"),
+    ],
+)
+def test_untrusted_hypernetwork_dicts_are_checked_before_any_layer_is_built(change, reason):
+    state = hypernetwork_state()
+    change(state)
+    with pytest.raises(ValueError, match=reason):
+        Hypernetwork.from_state_dict(state)
+
+
+def test_a_valid_file_draws_nothing_from_the_global_rng():
+    """Modules are built on the meta device and take the file's tensors."""
+    state = hypernetwork_state()
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    network = Hypernetwork.from_state_dict(state)
+    assert torch.equal(torch.rand(1), expected)
+    assert torch.equal(network.layers[32][0].linear[0].weight, state[32][0]["linear.0.weight"])
+    assert network.name == "hn" and network.layers[32][0].linear[0].weight.device.type == "cpu"

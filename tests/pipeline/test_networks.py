@@ -17,6 +17,7 @@ from pipeline.networks import (
     LoraPair,
     LoraTag,
     NetworkLibrary,
+    NetworkLoadError,
     UnknownNetwork,
     _ldm_unet_name,
     hypernetwork_hooks,
@@ -326,3 +327,53 @@ def test_lora_and_hypernetwork_together_restore(net_engine, base):
     both = net_engine.generate(_request("a cat <lora:alpha:0.5> <hypernet:hn:0.5>"))
     assert not np.array_equal(_pixels(both), _pixels(base))
     assert np.array_equal(_pixels(net_engine.generate(_request())), _pixels(base))
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        ({"m.lora_down.weight": torch.zeros(2, 4), "m.lora_up.weight": torch.zeros(4, 3)}, "different ranks"),
+        (
+            {"m.lora_down.weight": torch.zeros(2), "m.lora_up.weight": torch.zeros(4, 2)},
+            "not a 2-D or 4-D float",
+        ),
+        (
+            {
+                "m.lora_down.weight": torch.zeros(2, 4, dtype=torch.long),
+                "m.lora_up.weight": torch.zeros(4, 2),
+            },
+            "float",
+        ),
+        ({"m.lora_down.weight": "x", "m.lora_up.weight": torch.zeros(4, 2)}, "float tensor"),
+        (
+            {
+                "m.lora_down.weight": torch.zeros(2, 4),
+                "m.lora_up.weight": torch.zeros(4, 2),
+                "m.alpha": torch.ones(3),
+            },
+            "alpha is not one number",
+        ),
+        (
+            {
+                "m.lora_down.weight": torch.zeros(2, 4),
+                "m.lora_up.weight": torch.zeros(4, 2),
+                "m.alpha": float("inf"),
+            },
+            "not a finite number",
+        ),
+    ],
+)
+def test_lora_factors_are_checked_when_loaded(tmp_path, state, reason):
+    path = tmp_path / "Lora" / "odd.pt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    with pytest.raises(NetworkLoadError, match=reason) as info:
+        NetworkLibrary(tmp_path).for_prompt("<lora:odd>")
+    assert info.value.params["name"] == "odd.pt" and info.value.key == "error.network_load"
+
+
+def test_a_delta_that_cannot_fit_is_not_computed():
+    """Factors whose product would be far larger than the weight they patch are compared
+    by size first: nothing of that size is allocated."""
+    huge = LoraPair(torch.zeros(1, 200_000), torch.zeros(200_000, 1), None)
+    assert huge.delta(torch.Size((3, 5)), torch.device("cpu")) is None

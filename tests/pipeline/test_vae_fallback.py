@@ -156,6 +156,19 @@ def test_load_vae_refuses_a_mismatched_file(tmp_path):
         vae_module.load_vae(path, config=dict(build_tiny_pipeline().vae.config))
 
 
+def test_a_vae_with_wrong_shapes_is_a_translated_load_error(tmp_path):
+    """Weights with the right names but wrong shapes fail inside diffusers; the user sees
+    which file and why, not an internal error."""
+    source = build_tiny_pipeline().vae
+    state = {k: torch.zeros(*(n + 1 for n in v.shape)) for k, v in source.state_dict().items()}
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(vae_module.VaeLoadError, match="do not fit this model's VAE") as info:
+        vae_module.load_vae(path, config=dict(source.config))
+    assert info.value.key == "error.network_load"
+    assert info.value.params["kind"] == "VAE" and info.value.params["name"] == "odd.safetensors"
+
+
 def test_unknown_vae(tmp_path):
     with pytest.raises(UnknownNetwork) as info:
         vae_module.find_vae(tmp_path, "nope")
