@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from bot.adapters.base import Limits
-from bot.types import Route
+from bot.types import Actor, Route
 from models.delivery_store import DeliveryStore
 from pipeline.images import read_infotext
 from tests.chat_adapter import PLATFORM, Call, FakeChat, FakePlatform
@@ -104,9 +104,11 @@ async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_t
     tracked = [c for c in calls if c.message.kind != "actions"]
     assert {c.posted for c in tracked} == {result}
     assert [c.message.edit.message_id for c in tracked[1:]] == [result] * (len(tracked) - 1)
-    # progress: throttled, coalesced (fewer edits than steps), each with its preview
+    # progress: throttled (how many steps fit an interval depends on the machine; the
+    # coalescing itself is timed in test_delivery.py), in order, each with its preview
     progress = [c for c in calls if c.message.kind == "progress"]
-    assert 1 <= len(progress) < 40
+    steps = [c.message.source.step for c in progress]
+    assert steps and steps == sorted(set(steps)) and steps[-1] <= 40
     assert all(c.message.files[0].data == PREVIEW for c in progress)
     for earlier, later in zip(tracked, tracked[1:], strict=False):
         if later.message.kind == "progress":
@@ -124,7 +126,8 @@ async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_t
     pages = [m for m in server.messages.values() if m.id == result or m.reply_to == result]
     assert all(len(m.buttons) <= 2 and all(len(row) <= 2 for row in m.buttons) for m in pages)
     buttons = [b for m in pages for row in m.buttons for b in row]
-    assert len(buttons) == len(app.service.result_actions(record, _alice(app))) >= 5
+    alice = Actor(PLATFORM, "alice", "Alice", chat_id="group")
+    assert len(buttons) == len(app.service.result_actions(record, alice)) >= 5
     assert all(len(b.id.encode()) <= 40 for b in buttons)
     assert any(b.id.startswith("~") for b in buttons)  # a token for the long id
     assert any(m.text == "More actions (2/2)" for m in pages)
@@ -154,9 +157,3 @@ async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_t
     assert {server.messages[c.posted].route.thread_id for c in calls_of(server, second)} == {thread}
     assert len(server.threads) == 1
     await chat.stop()
-
-
-def _alice(app: Any) -> Any:
-    from bot.types import Actor
-
-    return Actor(PLATFORM, "alice", "Alice", chat_id="group")

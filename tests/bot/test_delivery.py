@@ -58,6 +58,14 @@ async def queued_job(app: Any, chat: FakeChat, route: Route = GROUP) -> str:
     return accepted.data["jobs"][0]
 
 
+async def until(predicate: Any, timeout: float = 10) -> None:
+    async def loop() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(loop(), timeout)
+
+
 def kinds(server: FakePlatform, job: str) -> list[str]:
     return [c.message.kind for c in server.calls if c.message.generation_id == job]
 
@@ -69,7 +77,8 @@ async def test_progress_is_throttled_per_chat_coalesced_and_the_end_never_waits(
     for step in range(1, 11):  # ten steps at once: only the newest waits for its turn
         app.bus.publish(Progress(job, ALICE, GROUP, step=step, total=10))
     app.bus.publish(Progress(other, ALICE, Route(PLATFORM, "other"), step=1, total=10))
-    await asyncio.sleep(0.7)
+    await until(lambda: len([c for c in server.calls if c.message.kind == "progress"]) == 2)
+    await asyncio.sleep(0.1)  # and nothing more: the other steps were coalesced
     steps = [c.message.source.step for c in server.calls if c.message.kind == "progress"]
     assert steps == [1, 10] or steps == [10, 1]  # one per chat: the other chat did not wait
     mine = next(c for c in server.calls if c.message.generation_id == job and c.message.kind == "progress")
