@@ -15,6 +15,7 @@ import pluggy
 from bot import db
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
+from bot.image_store import ImageStore, LocalImageStore
 from bot.leases import Heartbeat, new_owner_id
 from bot.plugins import Registry, build_plugin_manager, call_collect, collect
 from bot.service import Service, core_commands
@@ -53,6 +54,7 @@ class App:
     options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
     grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # xy_grid.GridAxis
     queue: Any = None
+    images: ImageStore = None  # type: ignore[assignment]  # the local images folder unless given
     owner: str = field(default_factory=new_owner_id)  # holds this App's jobs (bot/leases.py)
     service: Service = field(init=False)
     heartbeat: Heartbeat = field(init=False)
@@ -65,6 +67,8 @@ class App:
         self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
         if self.queue is None:
             self.queue = LocalQueue(self.engines, self.service)
+        if self.images is None:
+            self.images = LocalImageStore(self.images_dir, self.store)
 
     @property
     def images_dir(self) -> Path:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -128,10 +127,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.adapters.oneshot import OneShotAdapter
     from bot.app import build_app
     from bot.commands import join_words
-    from bot.events import reply_text
-    from bot.types import Actor, Failed, Finished, JobEvent
+    from bot.types import Actor, Route
 
     words, output = _split_output(args.words)
     if output is None:
@@ -142,30 +141,21 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         app = build_app(settings)
-        done: list[JobEvent] = []
-        unsubscribe = app.bus.subscribe(
-            lambda e: done.append(e) if isinstance(e, Finished | Failed) else None
-        )
+        adapter = OneShotAdapter(app, output)
+        adapter.delivery.start()
         try:
             await app.start(recover=False)
-            replies = await app.service.handle_line("/draw " + text, actor, {"cli": True})
-            for reply in replies:
-                if reply.error:
-                    print(f"atelier: {reply_text(reply, app.translator, actor.locale)}", file=sys.stderr)
-                    return 2
+            replies = await adapter.delivery.command("/draw " + text, actor, Route.of(actor))
+            if any(reply.error for reply in replies):
+                print(f"atelier: {adapter.errors[0]}", file=sys.stderr)
+                return 2
             await app.idle()
         finally:
-            unsubscribe()
+            await adapter.delivery.stop()
             await app.stop()
-        failed = [e for e in done if isinstance(e, Failed)]
-        if failed:
-            event = failed[0]
-            print(f"atelier: {app.translator.t(actor.locale, event.key, **event.params)}", file=sys.stderr)
+        if adapter.written is None:
+            print(f"atelier: {adapter.errors[0] if adapter.errors else 'no image'}", file=sys.stderr)
             return 1
-        finished = [e for e in done if isinstance(e, Finished)]
-        first = finished[0].images[0].path
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(first, output)
         print(output)
         return 0
 

@@ -8,7 +8,7 @@ in the store first and then publishes the event, so what users see is what is st
 Jobs are held by this App (``App.owner``) under a lease (bot/leases.py): stored with it,
 claimed and ended only while this App still holds them. ``recover`` takes over the jobs
 of processes that are gone and routes their events as stored on the row (the job's user
-and ``reply_to``).
+and ``route``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ from bot.types import (
     Progress,
     Queued,
     Reply,
+    Route,
     Started,
 )
 from models.base import utcnow
@@ -81,11 +82,24 @@ def default_plan(request: DrawRequest) -> Plan:
     return Plan(tuple(jobs))
 
 
+@dataclass(frozen=True)
+class Audience:
+    """Who to tell about a job, and where: what its events carry."""
+
+    actor: Actor
+    route: Route
+    thread_key: str | None = None
+
+    @classmethod
+    def of(cls, record: GenerationRecord, default_locale: str) -> Audience:
+        return cls(actor_of(record, default_locale), Route.from_json(record.route), record.thread_key)
+
+
 class Service:
     def __init__(self, app: App) -> None:
         self.app = app
         self.options = draw_options()
-        self._routes: dict[str, tuple[Actor, dict[str, Any]]] = {}  # job id -> who to tell
+        self._routes: dict[str, Audience] = {}  # job id -> who to tell
 
     # commands ---------------------------------------------------------------------------------
 
@@ -125,7 +139,7 @@ class Service:
         self,
         line: str,
         actor: Actor,
-        reply_to: dict[str, Any] | None = None,
+        route: Route | None = None,
         attachments: tuple[Attachment, ...] = (),
     ) -> list[Reply]:
         """A command typed as text (console, Telegram): "/draw a cat --steps 4"."""
@@ -133,18 +147,20 @@ class Service:
         if split is None:
             split = ("draw", line)
         name, text = split
-        return await self.handle(Invocation(name, text, actor, reply_to or {}, attachments))
+        return await self.handle(Invocation(name, text, actor, route, attachments))
 
-    async def run_action(
-        self, action_id: str, actor: Actor, reply_to: dict[str, Any] | None = None
-    ) -> list[Reply]:
+    async def run_action(self, action_id: str, actor: Actor, route: Route | None = None) -> list[Reply]:
         """A button press: ``<command>:<argument>`` runs that command with the argument."""
         name, _, argument = action_id.partition(":")
-        return await self.handle(Invocation(name, argument, actor, reply_to or {}))
+        return await self.handle(Invocation(name, argument, actor, route))
 
-    def post(self, generation_id: str, actor: Actor, reply_to: dict[str, Any], reply: Reply) -> None:
-        """Tell a job's user something later (a plugin's finished grid, a stopped run)."""
-        self.app.bus.publish(Notice(generation_id, actor, reply_to, reply=reply))
+    def post(self, record: GenerationRecord, reply: Reply) -> None:
+        """Tell a job's user something later (a plugin's finished grid, a stopped run),
+        where the job answers: the delivery layer replies to the job's message."""
+        audience = Audience.of(record, self.app.settings.bot.locale)
+        self.app.bus.publish(
+            Notice(record.id, audience.actor, audience.route, audience.thread_key, reply=reply)
+        )
 
     def error_reply(self, exc: BaseException, actor: Actor) -> Reply:
         if isinstance(exc, UserError):
@@ -186,17 +202,21 @@ class Service:
             )
             options["init-image"] = stored.path
             options.setdefault("size", stored.size)  # the upload's own, in multiples of 8
-        return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.reply_to)
+        return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.route)
 
     async def draw(
         self,
         actor: Actor,
         prompt: str,
         options: dict[str, Any],
-        reply_to: dict[str, Any],
+        route: Route,
         *,
         parent_id: str | None = None,
+        thread_key: str | None = None,
+        forever_run: str | None = None,
     ) -> list[Reply]:
+        """The /draw path for ``actor``; its jobs answer at ``route``. ``thread_key`` puts
+        them in a chain's thread (variations), ``forever_run`` in a forever run."""
         app = self.app
         draft = new_draft(prompt, options, app.settings, parent_id)
         app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
@@ -210,7 +230,14 @@ class Service:
         spoiler = any(a.spoiler for a in checked)
         try:
             ids = await self.submit(
-                plan, request, reply_to, priority=priority, max_running=max_running, spoiler=spoiler
+                plan,
+                request,
+                route,
+                priority=priority,
+                max_running=max_running,
+                spoiler=spoiler,
+                thread_key=thread_key,
+                forever_run=forever_run,
             )
         except Exception:
             for impl in app.pm.hook.request_dropped.get_hookimpls():
@@ -245,11 +272,13 @@ class Service:
         self,
         plan: Plan,
         request: DrawRequest,
-        reply_to: dict[str, Any],
+        route: Route,
         *,
         priority: int = 0,
         max_running: int | None = None,
         spoiler: bool = False,
+        thread_key: str | None = None,
+        forever_run: str | None = None,
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
@@ -268,6 +297,8 @@ class Service:
                 private=bool(request.options.get("private")),  # the history plugin's --private
                 priority=priority,
                 spoiler=spoiler,
+                thread_key=thread_key,
+                forever_run=forever_run,
             )
             for index, planned in enumerate(plan.jobs)
         ]
@@ -276,18 +307,19 @@ class Service:
             jobs,
             chat_id=actor.chat_id,
             guild_id=actor.guild_id,
-            reply_to=reply_to,
+            route=route.to_json(),
             roles=sorted(actor.roles),
             lease=self.lease(),
         )
+        audience = Audience(actor, route, thread_key)
         for job in jobs:
-            self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), actor, reply_to)
+            self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
         return [job.id for job in jobs]
 
-    def _enqueue(self, job: Job, actor: Actor, reply_to: dict[str, Any]) -> None:
-        self._routes[job.id] = (actor, reply_to)
+    def _enqueue(self, job: Job, audience: Audience) -> None:
+        self._routes[job.id] = audience
         position = self.app.queue.put(job)
-        self.app.bus.publish(Queued(job.id, actor, reply_to, position=position))
+        self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
 
     def lease(self) -> Lease:
         """This App's hold on a job from now: renewed by the heartbeat while it lives."""
@@ -307,19 +339,16 @@ class Service:
         for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
             if record.id in self._routes:  # already in this App's queue
                 continue
-            actor = actor_of(record, self.app.settings.bot.locale)
+            audience = Audience.of(record, self.app.settings.bot.locale)
             if record.status == "running":
                 if record.attempts >= max_attempts:
                     await self._fail(
-                        record.id,
-                        actor,
-                        record.reply_to,
-                        UserError("error.interrupted", attempts=record.attempts),
+                        record.id, audience, UserError("error.interrupted", attempts=record.attempts)
                     )
                     continue
                 if not await self.app.store.requeue_interrupted(record.id, owner):
                     continue
-            self._enqueue(Job(record.id, actor.key, record.request, record.priority), actor, record.reply_to)
+            self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
             count += 1
         return count
 
@@ -339,8 +368,8 @@ class Service:
         if outcome == "running":
             return Reply("cancel.done", {"id": generation_id})
         if await self.app.store.mark_cancelled(generation_id):
-            route = self._routes.pop(generation_id, (actor_of(record, actor.locale), record.reply_to))
-            self.app.bus.publish(Cancelled(generation_id, *route))
+            audience = self._routes.pop(generation_id, None) or Audience.of(record, actor.locale)
+            self.app.bus.publish(Cancelled(generation_id, *_fields(audience)))
             await self._ended(generation_id)
             return Reply("cancel.done", {"id": generation_id})
         return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
@@ -351,17 +380,20 @@ class Service:
         if not await self.app.store.mark_running(job.id, self.lease()):
             self._routes.pop(job.id, None)
             return False
-        actor, reply_to = self._routes[job.id]
-        self.app.bus.publish(Started(job.id, actor, reply_to))
+        self.app.bus.publish(Started(job.id, *_fields(self._routes[job.id])))
         return True
 
     def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
-        route = self._routes.get(job.id)
-        if route is not None:
-            self.app.bus.publish(Progress(job.id, *route, step=step, total=total, preview=preview))
+        """``preview``: PNG bytes of a small preview of the image so far, when the engine
+        makes them; the delivery layer shows it with the step."""
+        audience = self._routes.get(job.id)
+        if audience is not None:
+            self.app.bus.publish(
+                Progress(job.id, *_fields(audience), step=step, total=total, preview=preview)
+            )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        actor, reply_to = self._routes[job.id]
+        audience = self._routes[job.id]
         images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
 
         async def keep() -> None:
@@ -383,13 +415,13 @@ class Service:
             return
         record = await self.app.store.get(job.id)
         assert record is not None
-        actions = self.result_actions(record, actor)
+        actions = self.result_actions(record, audience.actor)
         out = tuple(
-            ImageOut(i.record.id, i.path, i.record.seed, i.record.width, i.record.height, i.record.infotext)
+            ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)
             for i in images
         )
         self.app.bus.publish(
-            Finished(job.id, actor, reply_to, images=out, actions=tuple(actions), spoiler=record.spoiler)
+            Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=record.spoiler)
         )
         await self._notify("generation_finished", record)
 
@@ -418,27 +450,31 @@ class Service:
                 log.exception("%s of plugin %s failed", hook_name, impl.plugin_name)
 
     async def job_failed(self, job: Job, error: BaseException) -> None:
-        actor, reply_to = self._routes.pop(job.id)
-        await self._fail(job.id, actor, reply_to, error)
+        await self._fail(job.id, self._routes.pop(job.id), error)
 
     async def job_stopped(self, job: Job) -> None:
-        actor, reply_to = self._routes.pop(job.id)
+        audience = self._routes.pop(job.id)
         if job.stop_reason == "shutdown":
             await self.app.store.requeue_interrupted(job.id, self.app.owner)
             return
         if await self.app.store.mark_cancelled(job.id):
-            self.app.bus.publish(Cancelled(job.id, actor, reply_to))
+            self.app.bus.publish(Cancelled(job.id, *_fields(audience)))
             await self._ended(job.id)
 
-    async def _fail(
-        self, generation_id: str, actor: Actor, reply_to: dict[str, Any], error: BaseException
-    ) -> None:
+    async def _fail(self, generation_id: str, audience: Audience, error: BaseException) -> None:
         """Fail a job this App holds (a process that lost it leaves it to the new holder)."""
-        reply = self.error_reply(error, actor)
+        reply = self.error_reply(error, audience.actor)
         message = self.app.translator.t("en", reply.key, **reply.params)
         if await self.app.store.mark_failed(generation_id, reply.key, message, owner=self.app.owner):
-            self.app.bus.publish(Failed(generation_id, actor, reply_to, key=reply.key, params=reply.params))
+            self.app.bus.publish(
+                Failed(generation_id, *_fields(audience), key=reply.key, params=reply.params)
+            )
             await self._ended(generation_id)
+
+
+def _fields(audience: Audience) -> tuple[Actor, Route, str | None]:
+    """A JobEvent's leading fields after its id."""
+    return (audience.actor, audience.route, audience.thread_key)
 
 
 def actor_of(record: GenerationRecord, default_locale: str) -> Actor:

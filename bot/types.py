@@ -6,8 +6,8 @@ event into an ``Invocation`` and renders ``Reply`` and ``JobEvent`` values back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from pipeline.request import GenerationRequest
@@ -43,14 +43,107 @@ class Attachment:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Where a conversation is on its platform: where a command came from, and where the
+    answers and the events of its jobs go. Stored with every job (``to_json``), so a job
+    recovered after a restart, or a button pressed a week later, still answers there.
+
+    ``thread_id`` is a Discord thread or a Telegram forum topic; ``reply_to_message_id``
+    the message to answer (the command, the result whose button was pressed). An
+    interaction token (Discord) lets the bot answer an interaction until
+    ``token_expires_at``; after that the delivery layer drops it and posts to the chat.
+    ``is_private``: a direct message / private chat (Telegram throttles those less).
+    """
+
+    platform: str
+    chat_id: str | None = None
+    thread_id: str | None = None
+    reply_to_message_id: str | None = None
+    interaction_token: str | None = None
+    token_expires_at: datetime | None = None
+    is_private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token_expires_at is not None and self.token_expires_at.tzinfo is None:
+            raise ValueError("Route.token_expires_at must be timezone-aware")
+
+    @classmethod
+    def of(cls, actor: Actor) -> Route:
+        """The chat an actor spoke in, for callers that have no richer route."""
+        return cls(actor.platform, actor.chat_id)
+
+    @property
+    def destination(self) -> tuple[str, str | None, str | None]:
+        """One conversation: progress is throttled per destination, answers kept in order."""
+        return (self.platform, self.chat_id, self.thread_id)
+
+    def usable(self, now: datetime) -> Route:
+        """This route without an interaction token that has expired by ``now``."""
+        if self.interaction_token is None or self.token_expires_at is None or now < self.token_expires_at:
+            return self
+        return replace(self, interaction_token=None, token_expires_at=None)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"platform": self.platform}
+        for name in ("chat_id", "thread_id", "reply_to_message_id", "interaction_token"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        if self.token_expires_at is not None:
+            data["token_expires_at"] = self.token_expires_at.isoformat()
+        if self.is_private:
+            data["is_private"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Route:
+        expires = data.get("token_expires_at")
+        return cls(
+            platform=str(data["platform"]),
+            chat_id=_text(data.get("chat_id")),
+            thread_id=_text(data.get("thread_id")),
+            reply_to_message_id=_text(data.get("reply_to_message_id")),
+            interaction_token=_text(data.get("interaction_token")),
+            token_expires_at=datetime.fromisoformat(expires) if expires else None,
+            is_private=bool(data.get("is_private", False)),
+        )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """A message the bot sent: where it is (chat and thread) and its platform id. The
+    delivery layer edits it (progress, the result) and answers it (notices)."""
+
+    route: Route
+    message_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"route": self.route.to_json(), "message_id": self.message_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MessageRef:
+        return cls(Route.from_json(data["route"]), str(data["message_id"]))
+
+
+@dataclass(frozen=True)
 class Invocation:
-    """One command from a user: ``/draw a cat --steps 20`` is command "draw" and the rest as text."""
+    """One command from a user: ``/draw a cat --steps 20`` is command "draw" and the rest as text.
+
+    ``route`` is where it came from (and where its jobs answer); without one it is the
+    actor's chat."""
 
     command: str
     text: str
     actor: Actor
-    reply_to: dict[str, Any] = field(default_factory=dict)  # adapter routing data, stored with jobs
+    route: Route = None  # type: ignore[assignment]  # filled from the actor when not given
     attachments: tuple[Attachment, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.route is None:
+            object.__setattr__(self, "route", Route.of(self.actor))
 
 
 @dataclass(frozen=True)
@@ -66,13 +159,32 @@ class Action:
         return self.id.split(":", 1)[0]
 
 
+@dataclass(frozen=True)
+class OutgoingFile:
+    """A file for the user, on any platform: its bytes (an export, a grid) or a stored
+    image by id (read through ``App.images``); the delivery layer hands adapters both, the
+    bytes read. ``kind`` "image" is shown, "document" is attached as is (a PNG as a
+    document keeps its infotext)."""
+
+    name: str
+    kind: str = "document"
+    data: bytes | None = None
+    image_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.image_id is None:
+            raise ValueError("an OutgoingFile needs data or an image_id")
+        if self.kind not in ("image", "document"):
+            raise ValueError(f"OutgoingFile.kind is image or document, got {self.kind!r}")
+
+
 @dataclass
 class Reply:
     """What the core answers to a command, before translation (``key`` + ``params``)."""
 
     key: str
     params: dict[str, Any] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
+    files: list[OutgoingFile] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # machine-readable extras (json console)
     error: bool = False
@@ -148,9 +260,13 @@ class Plan:
 
 @dataclass(frozen=True)
 class JobEvent:
+    """Something that happened to a job, for the conversation in ``route``. ``thread_key``
+    names the chain of variations the job belongs to (its root's id), if any."""
+
     generation_id: str
     actor: Actor
-    reply_to: dict[str, Any]
+    route: Route
+    thread_key: str | None = None
     # set by subclasses
     kind: str = field(init=False, default="event")
 
@@ -170,14 +286,15 @@ class Started(JobEvent):
 class Progress(JobEvent):
     step: int = 0
     total: int = 0
-    preview: bytes | None = None  # PNG of the batch so far (A1111's "Approx cheap"), when due
+    preview: bytes | None = None  # a small PNG of the image so far, when the engine made one
     kind: str = field(init=False, default="progress")
 
 
 @dataclass(frozen=True)
 class ImageOut:
+    """A finished image by id: its bytes come from ``App.images`` (no shared disk assumed)."""
+
     id: str
-    path: Path
     seed: int
     width: int
     height: int

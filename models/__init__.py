@@ -4,12 +4,14 @@ Repositories return plain dataclasses (``models.records``), never ORM rows.
 """
 
 from models.base import Base
+from models.delivery_store import ActionToken, ThreadRoute
 from models.governance import AuditEntry, Ban, QuotaLedger, QuotaOverride, QuotaUsage, WordRule
 from models.preferences import Preference
 from models.styles import SavedPreset, SavedStyle
 from models.tables import Generation, Image, User
 
 __all__ = [
+    "ActionToken",
     "AuditEntry",
     "Ban",
     "Base",
@@ -21,6 +23,7 @@ __all__ = [
     "QuotaUsage",
     "SavedPreset",
     "SavedStyle",
+    "ThreadRoute",
     "User",
     "WordRule",
 ]

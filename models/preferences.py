@@ -96,3 +96,13 @@ class PreferenceStore:
             if scope in found:
                 return found[scope]
         return default
+
+    async def values(self, scope: str, key: str) -> dict[str, Any]:
+        """``key`` in every scope of one kind, by scope id (a plugin's state of all its runs)."""
+        async with self.store.session() as session:
+            rows = await session.execute(
+                select(Preference.scope_id, Preference.value).where(
+                    Preference.scope == scope, Preference.key == key
+                )
+            )
+            return {scope_id: value for scope_id, value in rows}

@@ -45,7 +45,7 @@ class GenerationRecord:
     parent_id: str | None
     chat_id: str | None
     guild_id: str | None
-    reply_to: dict[str, Any]
+    route: dict[str, Any]  # bot.types.Route.to_json()
     actor_roles: tuple[str, ...]
     private: bool
     priority: int
@@ -61,3 +61,15 @@ class GenerationRecord:
     spoiler: bool = False
     owner: str | None = None  # the process holding an open job (models.store.Lease)
     lease_expires_at: datetime | None = None
+    thread_key: str | None = None  # the root id of the chain of variations it belongs to
+    forever_run: str | None = None  # the forever run it belongs to (the run's first job)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """The few columns a plugin scans many jobs by (a forever run's jobs)."""
+
+    id: str
+    status: str
+    batch_size: int
+    forever_run: str | None

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import selectinload
 
 from models.base import utcnow
-from models.records import GenerationRecord, ImageRecord, UserRecord
+from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.tables import OPEN_STATUSES, Generation, Image, User
 from pipeline.request import GenerationRequest
 
@@ -47,6 +47,8 @@ class NewJob:
     private: bool = False
     priority: int = 0
     spoiler: bool = False
+    thread_key: str | None = None  # the root id of the chain of variations it joins
+    forever_run: str | None = None  # the forever run it continues
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Store:
         *,
         chat_id: str | None,
         guild_id: str | None,
-        reply_to: dict[str, Any],
+        route: dict[str, Any],
         roles: Sequence[str],
         lease: Lease | None = None,
     ) -> None:
@@ -174,7 +176,9 @@ class Store:
                         batch_size=req.num_images_per_prompt,
                         chat_id=chat_id,
                         guild_id=guild_id,
-                        reply_to=reply_to,
+                        route=route,
+                        thread_key=job.thread_key,
+                        forever_run=job.forever_run,
                         actor_roles=list(roles),
                         private=job.private,
                         priority=job.priority,
@@ -199,6 +203,21 @@ class Store:
                 .options(*_LOAD)
             )
             return [_record(row) for row in rows]
+
+    async def image(self, image_id: str) -> ImageRecord | None:
+        async with self.session() as session:
+            row = await session.get(Image, image_id)
+            return _image_record(row) if row else None
+
+    async def summaries(self, *, plan: str) -> list[JobSummary]:
+        """Every job of one plan kind, oldest first, by a few columns (no images loaded)."""
+        async with self.session() as session:
+            rows = await session.execute(
+                select(Generation.id, Generation.status, Generation.batch_size, Generation.forever_run)
+                .where(Generation.plan == plan)
+                .order_by(Generation.created_at, Generation.id)
+            )
+            return [JobSummary(*row) for row in rows]
 
     async def list_for_user(
         self, user_id: int, *, limit: int = 20, offset: int = 0
@@ -486,7 +505,9 @@ def _record(row: Generation) -> GenerationRecord:
         parent_id=row.parent_id,
         chat_id=row.chat_id,
         guild_id=row.guild_id,
-        reply_to=dict(row.reply_to or {}),
+        route=dict(row.route or {}),
+        thread_key=row.thread_key,
+        forever_run=row.forever_run,
         actor_roles=tuple(row.actor_roles or ()),
         private=row.private,
         spoiler=row.spoiler,
@@ -501,10 +522,11 @@ def _record(row: Generation) -> GenerationRecord:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        images=tuple(
-            ImageRecord(
-                i.id, i.generation_id, i.index, i.path, i.width, i.height, i.seed, i.subseed, i.infotext
-            )
-            for i in row.images
-        ),
+        images=tuple(_image_record(i) for i in row.images),
+    )
+
+
+def _image_record(i: Image) -> ImageRecord:
+    return ImageRecord(
+        i.id, i.generation_id, i.index, i.path, i.width, i.height, i.seed, i.subseed, i.infotext
     )

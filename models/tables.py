@@ -70,7 +70,15 @@ class Generation(Base):
     model_hash: Mapped[str | None] = mapped_column(String(64))
     chat_id: Mapped[str | None] = mapped_column(String(64))
     guild_id: Mapped[str | None] = mapped_column(String(64))
-    reply_to: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # Where the job answers (bot.types.Route as JSON): platform, chat, thread, message to
+    # reply to, interaction token. ``thread_key`` is the root id of a chain of variations
+    # (posted in one thread), ``forever_run`` the run a forever job belongs to.
+    route: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    thread_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    forever_run: Mapped[str | None] = mapped_column(String(64), index=True)
+    # The platform message that shows the job (bot.types.MessageRef as JSON), once sent:
+    # later events edit it and notices answer it, also after a restart.
+    message_ref: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     actor_roles: Mapped[list[str]] = mapped_column(JSONType, default=list)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     spoiler: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())

@@ -7,7 +7,7 @@ seed), one job at a time. Every next job goes through ``Service.draw``, so quota
 moderation and every other ``check_request`` apply to it as to a typed /draw.
 
 Ids and lineage. A run's id is the id of its first job; its jobs are stored with the plan
-kind "forever", the later ones carry ``reply_to["forever"] = <run id>`` and are children
+kind "forever", the later ones carry the run id (``forever_run``) and are children
 of the first job (so /lineage of any image of a run is short and names the run; the first
 job is the child of the result Forever was pressed on). Each result of a run has a Stop
 button, ``stop:<run id>``; ``/stop ID`` takes the id of any job of the run.
@@ -36,7 +36,6 @@ import sys
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 from bot.draw import options_from_request
 from bot.errors import NotFound, UserError
@@ -44,16 +43,15 @@ from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.service import actor_of, default_plan, is_owner
-from bot.types import Action, Admission, Command, CommandContext, Denial, Plan, Reply
-from models.preferences import Preference, PreferenceStore
+from bot.types import Action, Admission, Command, CommandContext, Denial, Plan, Reply, Route
+from models.preferences import PreferenceStore
 from models.records import GenerationRecord
-from models.tables import OPEN_STATUSES, Generation
+from models.tables import OPEN_STATUSES
 
 log = logging.getLogger(__name__)
 
 FLAG = "forever"  # the /draw option
 PLAN = "forever"  # the plan kind stored on a run's jobs
-RUN = "forever"  # reply_to key of a run's later jobs: the run's id
 SCOPE = "forever"  # preference scope of a run's state; scope id = run id
 
 
@@ -67,7 +65,7 @@ def config(app: Any) -> ForeverConfig:
 
 
 def run_of(record: GenerationRecord) -> str:
-    return str(record.reply_to.get(RUN) or record.id)
+    return record.forever_run or record.id
 
 
 def _new_state() -> dict[str, Any]:
@@ -183,10 +181,14 @@ async def _advance(app: Any, record: GenerationRecord) -> None:
         await _end(app, run_id, state, record, "capped", max=cap)
         return
     actor = actor_of(record, app.settings.bot.locale)
-    reply_to = {**record.reply_to, RUN: run_id}
     try:
         replies = await app.service.draw(
-            actor, record.request.prompt, _repeat_options(record), reply_to, parent_id=run_id
+            actor,
+            record.request.prompt,
+            _repeat_options(record),
+            Route.from_json(record.route),
+            parent_id=run_id,
+            forever_run=run_id,
         )
     except Exception as exc:  # a UserError or a bug: the run ends either way, saying why
         replies = [app.service.error_reply(exc, actor)]
@@ -215,32 +217,17 @@ async def _end(
     reply = Reply(
         f"forever.{why}", {"id": run_id, "images": state["images"], **params}, error=why == "denied"
     )
-    app.service.post(record.id, actor_of(record, app.settings.bot.locale), record.reply_to, reply)
+    app.service.post(record, reply)
 
 
 async def _end_stranded_runs(app: Any) -> None:
     """At startup, before the core recovers open jobs: a run that is not ended and has no
     queued or running job would never go on; end it with a notice."""
-    async with app.store.session() as session:
-        jobs = (
-            await session.execute(
-                select(Generation.id, Generation.reply_to, Generation.status, Generation.batch_size)
-                .where(Generation.plan == PLAN)
-                .order_by(Generation.created_at, Generation.id)
-            )
-        ).all()
-        states = dict(
-            (
-                await session.execute(
-                    select(Preference.scope_id, Preference.value).where(
-                        Preference.scope == SCOPE, Preference.key == "run"
-                    )
-                )
-            ).all()
-        )
+    jobs = await app.store.summaries(plan=PLAN)
+    states = await PreferenceStore(app.store).values(SCOPE, "run")
     runs: dict[str, list[Any]] = {}
     for job in jobs:
-        runs.setdefault(str((job.reply_to or {}).get(RUN) or job.id), []).append(job)
+        runs.setdefault(job.forever_run or job.id, []).append(job)
     for run_id, run_jobs in runs.items():
         state = states.get(run_id) or _new_state()
         if state["ended"] or any(job.status in OPEN_STATUSES for job in run_jobs):
@@ -266,7 +253,7 @@ async def forever_command(ctx: CommandContext) -> list[Reply]:
         ctx.actor,
         record.request.prompt,
         _repeat_options(record),
-        ctx.invocation.reply_to,
+        ctx.invocation.route,
         parent_id=record.id,
     )
 

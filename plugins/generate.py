@@ -74,7 +74,7 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     record = await ctx.app.service.visible(generation_id, ctx.actor)
     options = {**options_from_request(record.request), "seed": -1}
     return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.reply_to, parent_id=record.id
+        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
     )
 
 

@@ -13,6 +13,7 @@ private generation of someone else answers exactly as an id that does not exist
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import zipfile
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ulid import ULID
 
 from bot.commands import parse_args
-from bot.errors import UserError
+from bot.errors import NotFound, UserError
 from bot.governance import (
     audit,
     format_time,
@@ -39,7 +40,7 @@ from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec, parse_int, shown
 from bot.service import may_see
-from bot.types import Command, CommandContext, Reply
+from bot.types import Command, CommandContext, OutgoingFile, Reply
 from models.records import GenerationRecord
 
 _PAGE = re.compile(r"^[+-]?\d+$")
@@ -180,10 +181,6 @@ async def history_command(ctx: CommandContext) -> Reply:
 # /show -----------------------------------------------------------------------------------------
 
 
-def _existing(root: Path, record: GenerationRecord) -> list[Path]:
-    return [root / image.path for image in record.images if (root / image.path).is_file()]
-
-
 async def show_command(ctx: CommandContext) -> Reply:
     """A generation again: its images, parameters, buttons and lineage (parent, children)."""
     app, actor = ctx.app, ctx.actor
@@ -194,7 +191,6 @@ async def show_command(ctx: CommandContext) -> Reply:
     parent = await app.store.get(record.parent_id) if record.parent_id else None
     parent_id = parent.id if parent is not None and may_see(parent, actor) else None
     children = [child.id for child in await app.store.children(record.id) if may_see(child, actor)]
-    files = await asyncio.to_thread(_existing, app.images_dir, record)
     data = {
         **_summary(record),
         "parent_id": parent_id,
@@ -204,7 +200,6 @@ async def show_command(ctx: CommandContext) -> Reply:
         "images": [
             {
                 "id": image.id,
-                "path": str(app.images_dir / image.path),
                 "seed": image.seed,
                 "width": image.width,
                 "height": image.height,
@@ -224,6 +219,7 @@ async def show_command(ctx: CommandContext) -> Reply:
         return Reply("show.unfinished", params, data=data)
     actions = app.service.result_actions(record, actor)
     params = {"id": record.id, "infotext": record.images[0].infotext, "lineage": lineage}
+    files = [OutgoingFile(Path(image.path).name, "image", image_id=image.id) for image in record.images]
     return Reply("show.result", params, files=files, actions=actions, data=data)
 
 
@@ -292,28 +288,33 @@ def export_index(records: list[GenerationRecord]) -> list[dict[str, Any]]:
     ]
 
 
-def write_export(images_dir: Path, folder: Path, owner: str, records: list[GenerationRecord]) -> Path:
-    """On a worker thread: the PNG files byte for byte (their infotext intact) and index.json.
-    The user's earlier exports are removed: only the newest is kept."""
-    folder.mkdir(parents=True, exist_ok=True)
-    prefix = _UNSAFE.sub("_", owner) + "-"
-    for old in folder.glob(prefix + "*.zip"):
-        old.unlink(missing_ok=True)
-    path = folder / f"{prefix}{ULID()}.zip"
+async def read_images(app: Any, records: list[GenerationRecord]) -> dict[str, bytes]:
+    """The PNGs of ``records`` by image id, through the image store; removed ones are left out."""
+    found: dict[str, bytes] = {}
+    for record in records:
+        for image in record.images:
+            try:
+                found[image.id] = await app.images.read(image.id)
+            except NotFound:
+                pass
+    return found
+
+
+def write_export(records: list[GenerationRecord], pngs: dict[str, bytes]) -> bytes:
+    """On a worker thread: the zip of the PNGs byte for byte (their infotext intact) and
+    index.json; an image removed since is listed with ``"file": null``."""
     index = export_index(records)
-    partial = path.with_suffix(".part")
-    with zipfile.ZipFile(partial, "w") as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
         for record, entry in zip(records, index, strict=True):
             for image, listed in zip(record.images, entry["images"], strict=True):
-                source = images_dir / image.path
-                if source.is_file():  # PNG is compressed already: stored as is
-                    archive.write(source, listed["file"], compress_type=zipfile.ZIP_STORED)
+                if image.id in pngs:  # PNG is compressed already: stored as is
+                    archive.writestr(listed["file"], pngs[image.id], compress_type=zipfile.ZIP_STORED)
                 else:
-                    listed["file"] = None  # removed from disk since
+                    listed["file"] = None
         text = json.dumps(index, ensure_ascii=False, indent=1)
         archive.writestr("index.json", text, compress_type=zipfile.ZIP_DEFLATED)
-    partial.replace(path)
-    return path
+    return buffer.getvalue()
 
 
 async def export_command(ctx: CommandContext) -> Reply:
@@ -342,8 +343,9 @@ async def export_command(ctx: CommandContext) -> Reply:
         await audit(ctx, "export", target=owner, count=len(records))
     if not records:
         return Reply("history.empty", {"user": owner}, data={"user": owner, "total": 0, "ids": []})
-    folder = app.settings.bot.data_dir / "exports"
-    path = await asyncio.to_thread(write_export, app.images_dir, folder, actor.key, records)
+    archive = await asyncio.to_thread(write_export, records, await read_images(app, records))
+    name = f"{_UNSAFE.sub('_', owner)}-{ULID()}.zip"
     images = sum(len(record.images) for record in records)
-    data = {"path": str(path), "ids": [r.id for r in records], "count": len(records), "images": images}
-    return Reply("export.done", {"count": len(records), "images": images}, files=[path], data=data)
+    data = {"ids": [r.id for r in records], "count": len(records), "images": images}
+    files = [OutgoingFile(name, "document", data=archive)]
+    return Reply("export.done", {"count": len(records), "images": images}, files=files, data=data)

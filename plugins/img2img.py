@@ -17,7 +17,7 @@ so the refine's row stays reproducible after the original result is deleted.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +29,7 @@ from bot.hookspecs import hookimpl
 from bot.inputs import store_input_image
 from bot.options import OptionSpec, OptionTable
 from bot.types import Action, Attachment, Command, CommandContext, Reply
-from plugins.variations import pick_image, thread_reply_to
+from plugins.variations import pick_image, thread_key_of
 
 
 class Img2ImgConfig(BaseModel):
@@ -68,24 +68,20 @@ def register_commands(register: Any) -> None:
     register(Command("refine", refine, "help.refine"))
 
 
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
 async def refine(ctx: CommandContext) -> list[Reply]:
     app = ctx.app
     parsed = parse_args(ctx.text)
     given = REFINE_OPTIONS.convert(parsed, app.settings.limits)
     record, image = await pick_image(app, ctx.actor, "refine", parsed.text)
-    source = app.images_dir / image.path
-    data = await asyncio.to_thread(_read, source)
-    if data is None:  # the files were removed while the row stayed
-        raise NotFound("error.not_found", id=record.id)
+    try:
+        data = await app.images.read(image.id)
+    except NotFound:  # the files were removed while the row stayed
+        raise NotFound("error.not_found", id=record.id) from None
     stored = await asyncio.to_thread(
-        store_input_image, Attachment(source.name, data), app.images_dir / "inputs", app.settings.limits
+        store_input_image,
+        Attachment(PurePosixPath(image.path).name, data),
+        app.images_dir / "inputs",
+        app.settings.limits,
     )
     options = {
         **options_from_request(record.request),
@@ -98,5 +94,11 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         "init-image": stored.path,
         "denoise": float(given.get("denoise", config(app).refine_denoise)),
     }
-    reply_to = await thread_reply_to(app, record, ctx.invocation.reply_to)
-    return await app.service.draw(ctx.actor, record.request.prompt, options, reply_to, parent_id=record.id)
+    return await app.service.draw(
+        ctx.actor,
+        record.request.prompt,
+        options,
+        ctx.invocation.route,
+        parent_id=record.id,
+        thread_key=await thread_key_of(app, record),
+    )

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from ulid import ULID
 
 from bot.commands import parse_args
 from bot.errors import NotFound, UserError
@@ -32,7 +31,7 @@ from bot.governance import audit, options_of
 from bot.hookspecs import hookimpl
 from bot.options import OptionSpec
 from bot.settings import ConfigError
-from bot.types import Attachment, Command, CommandContext, Reply
+from bot.types import Attachment, Command, CommandContext, OutgoingFile, Reply
 from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
 from models.styles import NAME_LENGTH
 from plugins.scoped_names import (
@@ -505,12 +504,8 @@ async def _import(ctx: CommandContext, rest: str) -> Reply:
     return Reply("style.imported", params, data={"added": added, "replaced": replaced})
 
 
-def write_export(folder: Path, text: str) -> Path:
-    """A fresh folder per export, so the file keeps the name A1111 looks for."""
-    path = folder / str(ULID()) / EXPORT_NAME
-    path.parent.mkdir(parents=True)
-    path.write_bytes(text.encode("utf-8-sig"))  # A1111 writes its styles.csv with a BOM
-    return path
+def export_bytes(text: str) -> bytes:
+    return text.encode("utf-8-sig")  # A1111 writes its styles.csv with a BOM
 
 
 async def _export(ctx: CommandContext, rest: str) -> Reply:
@@ -520,10 +515,9 @@ async def _export(ctx: CommandContext, rest: str) -> Reply:
     if not rows:
         return Reply("style.export_empty", {"where": where(scope)})
     text = StyleDatabase([Style(row.name, row.prompt, row.negative_prompt) for row in rows]).to_csv()
-    path = await asyncio.to_thread(write_export, ctx.app.settings.bot.data_dir / "exports", text)
     return Reply(
         "style.exported",
-        {"count": len(rows), "where": where(scope), "file": path.name},
-        files=[path],
-        data={"file": str(path), "count": len(rows)},
+        {"count": len(rows), "where": where(scope), "file": EXPORT_NAME},
+        files=[OutgoingFile(EXPORT_NAME, "document", data=export_bytes(text))],
+        data={"file": EXPORT_NAME, "count": len(rows)},
     )

@@ -13,10 +13,11 @@ Images are named ``ID.N`` with N counted from 1 (the label of button VN); ``ID``
 image 1. Buttons: ``vary:ID.N`` (subtle) and ``vary:ID.N --strong`` for every image.
 
 Lineage and threads: every job made from a result (a variation, a refine, a reroll, a
-forever run) stores the result as its ``parent_id``. Variations and refines also carry
-``reply_to["thread"]``: the id of the chain's root, the same for the whole chain, so an
-adapter can post them in one Discord thread or Telegram reply chain under the original
-(the other reply_to keys are kept). ``/lineage ID`` walks the parent links to the root.
+forever run) stores the result as its ``parent_id``. Variations and refines also carry a
+``thread_key``: the id of the chain's root, the same for the whole chain, so the delivery
+layer posts them in one Discord thread or Telegram reply chain under the original. They
+answer where the button was pressed (the press's route). ``/lineage ID`` walks the
+parent links to the root.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from bot.options import OptionSpec, OptionTable, parse_int, shown
 from bot.types import Action, Actor, Command, CommandContext, Reply
 from models.records import GenerationRecord, ImageRecord
 
-THREAD = "thread"  # the reply_to key adapters read to post a chain in one thread
 MAX_LINEAGE = 10_000  # parent links followed at most (a guard; chains are acyclic)
 _TARGET = re.compile(r"^\s*([0-9A-Za-z]+)(?:\.(\d+))?\s*$")
 
@@ -94,10 +94,9 @@ async def lineage(app: Any, record: GenerationRecord) -> list[GenerationRecord]:
     return chain[::-1]
 
 
-async def thread_reply_to(app: Any, record: GenerationRecord, reply_to: dict[str, Any]) -> dict[str, Any]:
-    """``reply_to`` plus the thread key of ``record``'s chain (its root's id)."""
-    root = record.reply_to.get(THREAD) or (await lineage(app, record))[0].id
-    return {**reply_to, THREAD: root}
+async def thread_key_of(app: Any, record: GenerationRecord) -> str:
+    """The thread key of ``record``'s chain: its root's id."""
+    return record.thread_key or (await lineage(app, record))[0].id
 
 
 # hooks -----------------------------------------------------------------------------------------
@@ -143,8 +142,14 @@ async def vary(ctx: CommandContext) -> list[Reply]:
         "subseed": -1,
         "subseed-strength": float(strength),
     }
-    reply_to = await thread_reply_to(app, record, ctx.invocation.reply_to)
-    return await app.service.draw(ctx.actor, record.request.prompt, options, reply_to, parent_id=record.id)
+    return await app.service.draw(
+        ctx.actor,
+        record.request.prompt,
+        options,
+        ctx.invocation.route,
+        parent_id=record.id,
+        thread_key=await thread_key_of(app, record),
+    )
 
 
 async def lineage_command(ctx: CommandContext) -> Reply:
@@ -163,7 +168,7 @@ async def lineage_command(ctx: CommandContext) -> Reply:
             "subseed": item.request.subseed,
             "subseed_strength": item.request.subseed_strength,
             "denoising_strength": item.request.denoising_strength,
-            "thread": item.reply_to.get(THREAD),
+            "thread": item.thread_key,
         }
         for item in chain
     ]

@@ -39,7 +39,6 @@ from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.plugins import maybe_await
-from bot.service import actor_of
 from bot.settings import ConfigError
 from bot.types import (
     Action,
@@ -48,6 +47,7 @@ from bot.types import (
     CommandContext,
     Denial,
     DrawRequest,
+    OutgoingFile,
     Plan,
     PlannedJob,
     Reply,
@@ -294,7 +294,7 @@ async def grid_again(ctx: CommandContext) -> list[Reply]:
     cells = await ctx.app.store.list_group(record.group_id)
     options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
     return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.reply_to, parent_id=record.id
+        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
     )
 
 
@@ -326,7 +326,7 @@ async def cell_ended(record: GenerationRecord, app: Any) -> None:
     if not await _claim(app, first.group_id, {"path": path.as_posix(), "cells": [c.id for c in cells]}):
         return
     reply = await compose(app, cells, path)
-    app.service.post(first.id, actor_of(first, app.settings.bot.locale), first.reply_to, reply)
+    app.service.post(first, reply)
 
 
 async def compose(app: Any, cells: list[GenerationRecord], path: Path) -> Reply:
@@ -352,40 +352,55 @@ async def compose(app: Any, cells: list[GenerationRecord], path: Path) -> Reply:
     params = {"cells": len(cells), "shape": spec.shape_text(), **counts}
     if not counts["finished"]:
         return Reply("grid.nothing", params, error=True, data=data)
-    root = app.images_dir
     try:
-        await asyncio.to_thread(_draw, app, spec, by_index, root, root / path)
-    except OSError:  # a cell's PNG removed meanwhile, a full disk
+        sources = [await _first_image(app, cell) for cell in by_index]
+        png = await asyncio.to_thread(_draw, app, spec, by_index, sources, app.images_dir / path)
+    except (OSError, NotFound):  # a cell's PNG removed meanwhile, a full disk
         log.exception("grid %s could not be drawn", first.group_id)
         return unavailable
-    data["grid"] = str(root / path)
+    data["grid"] = str(app.images_dir / path)
     key = "grid.done" if counts["finished"] == len(cells) else "grid.partial"
     actions = [Action(f"grid-again:{first.id}", "action.grid_again")]
-    return Reply(key, params, files=[root / path], actions=actions, data=data)
+    grid = OutgoingFile(path.name, "image", data=png)
+    return Reply(key, params, files=[grid], actions=actions, data=data)
 
 
-def _draw(app: Any, spec: GridSpec, cells: Sequence[GenerationRecord], root: Path, out: Path) -> None:
-    """On a worker thread: load the cells' first images, draw the plot, save it as PNG."""
+async def _first_image(app: Any, cell: GenerationRecord) -> bytes | None:
+    """A finished cell's first PNG, through the image store (no shared disk assumed)."""
+    if cell.status == "finished" and cell.images:
+        return await app.images.read(cell.images[0].id)
+    return None
+
+
+def _draw(
+    app: Any, spec: GridSpec, cells: Sequence[GenerationRecord], sources: list[bytes | None], out: Path
+) -> bytes:
+    """On a worker thread: decode the cells' first images, draw the plot, keep it as PNG
+    beside the images (the grid of record) and return its bytes for the notice."""
+    import io
+
     from PIL import Image
 
     from pipeline.grid import xyz_grid
-    from pipeline.images import save_png
+    from pipeline.images import png_bytes
 
     loaded: list[Image.Image | None] = []
-    for cell in cells:
-        if cell.status == "finished" and cell.images:
-            with Image.open(root / cell.images[0].path) as image:
-                loaded.append(image.convert("RGB"))
-        else:
+    for source in sources:
+        if source is None:
             loaded.append(None)
+            continue
+        with Image.open(io.BytesIO(source)) as image:
+            loaded.append(image.convert("RGB"))
     present = [image for image in loaded if image is not None]
     size = (max(i.width for i in present), max(i.height for i in present))
     images = [image if image is not None else Image.new("RGB", size) for image in loaded]
     infotext = next(c.images[0].infotext for c in [cells[0], *cells] if c.status == "finished" and c.images)
     x, y, z = (choice.labels for choice in spec.axes)
     plot = xyz_grid(images, x, y, z, font_loader(app))
+    data = png_bytes(plot, infotext)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(plot, out, infotext)
+    out.write_bytes(data)
+    return data
 
 
 # hooks -----------------------------------------------------------------------------------------

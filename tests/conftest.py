@@ -195,3 +195,17 @@ class EventLog:
                 await self._changed.wait()
 
         await asyncio.wait_for(loop(), timeout)
+
+
+async def png(app: Any, image: Any) -> bytes:
+    """A finished image's PNG bytes, as adapters get them: through the App's image store."""
+    return await app.images.read(image.id)
+
+
+async def opened(app: Any, image: Any) -> Any:
+    """A finished image as a PIL image (decoded from its stored bytes)."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(await png(app, image)))

@@ -1,53 +1,102 @@
-"""The console adapter: commands on stdin, one line (or one JSON object) per event on stdout.
+"""The console adapter: commands on stdin, one line (or one JSON object) per message on stdout.
 
 It is the reference adapter for scripts and tests: ``atelier console --json`` prints
-every reply and job event as a JSON object. At end of input it waits until every queued
-job (its own and those recovered from an earlier run) has ended, then exits.
+every reply and job event as a JSON object (bot/adapters/console_render.py). It is built
+on the adapter contract like any chat platform (bot/adapters/base.py): no throttling, no
+paging, no upload limits, and every message, edits included, is a new line. At end of
+input it waits until every queued job (its own and those recovered from an earlier run)
+has ended and been printed, then exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import os
 import stat
 import sys
 from typing import Any, TextIO
 
-from bot.errors import UserError
-from bot.events import event_json, event_text, reply_json, reply_text
+from bot.adapters.base import Limits, Outgoing
+from bot.adapters.console_render import message_json, message_text, write_outbox
+from bot.delivery import Delivery
+from bot.errors import NotFound, UserError
 from bot.options import shown
-from bot.types import Actor, Attachment, JobEvent, Reply
+from bot.types import Actor, Attachment, MessageRef, OutgoingFile, Reply, Route
 
 
 class ConsoleAdapter:
-    def __init__(self, app: Any, actor: Actor, *, json_mode: bool = False, out: TextIO | None = None) -> None:
+    platform = "console"
+
+    def __init__(
+        self,
+        app: Any,
+        actor: Actor,
+        *,
+        json_mode: bool = False,
+        out: TextIO | None = None,
+        route: Route | None = None,
+    ) -> None:
         self.app = app
         self.actor = actor
+        self.route = route or Route.of(actor)
         self.json_mode = json_mode
         self.out = out or sys.stdout
+        self.delivery = Delivery(app, self)
+        self._numbers = itertools.count(1)
+
+    # the adapter contract ------------------------------------------------------------------------
+
+    def limits(self, route: Route) -> Limits:
+        return Limits()  # a terminal: every step, every button, any file
+
+    async def start(self) -> None:
+        """Nothing to connect to: stdin is read by ``run``."""
+
+    async def stop(self) -> None:
+        """Nothing to disconnect."""
+
+    async def deliver(self, message: Outgoing) -> MessageRef:
+        if message.kind == "progress":
+            paths: list[str] = []  # a preview is for chat platforms; the console prints the step
+        else:
+            paths = [await self._path(file) for file in message.files]
+        translator = self.app.translator
+        self.emit(
+            message_json(message, paths, translator)
+            if self.json_mode
+            else message_text(message, paths, translator)
+        )
+        where = Route(message.route.platform, message.route.chat_id, message.route.thread_id)
+        return MessageRef(where, str(next(self._numbers)))
+
+    async def _path(self, file: OutgoingFile) -> str:
+        """A stored image at its local path; anything else written to the outbox."""
+        local = getattr(self.app.images, "path", None)
+        if file.image_id is not None and local is not None:
+            try:
+                return str(await local(file.image_id))
+            except NotFound:
+                pass
+        if file.data is None:
+            return ""
+        folder = self.app.settings.bot.data_dir / "outbox"
+        return str(await asyncio.to_thread(write_outbox, folder, file.name, file.data))
+
+    # the terminal ---------------------------------------------------------------------------------
 
     def emit(self, data: dict[str, Any] | str) -> None:
         line = json.dumps(data, ensure_ascii=False) if isinstance(data, dict) else data
         self.out.write(line + "\n")
         self.out.flush()
 
-    def on_event(self, event: JobEvent) -> None:
-        translator = self.app.translator
-        self.emit(event_json(event, translator) if self.json_mode else event_text(event, translator))
-
-    def show(self, replies: list[Reply]) -> None:
-        translator, locale = self.app.translator, self.actor.locale
-        for reply in replies:
-            self.emit(
-                reply_json(reply, translator, locale)
-                if self.json_mode
-                else reply_text(reply, translator, locale)
-            )
+    async def show(self, replies: list[Reply]) -> None:
+        await self.delivery.send(replies, self.actor, self.route)
 
     async def run_lines(self, lines: Any) -> None:
-        """Handle each command, then wait for the queue to drain.
+        """Handle each command, then wait for the queue to drain and its events to print.
 
         A line ending in a backslash continues on the next one (a pasted multi-line
         infotext); ``--attach PATH`` at the end of a command attaches that file, the
@@ -56,6 +105,7 @@ class ConsoleAdapter:
         async for text in commands(lines):
             await self.handle(text)
         await self.app.idle()
+        await self.delivery.idle()
 
     async def handle(self, text: str) -> list[Reply]:
         """One command: its replies are printed and returned.
@@ -64,37 +114,37 @@ class ConsoleAdapter:
         unexpected error becomes the usual "something went wrong (ref ...)" reply.
         """
         try:
-            replies = await self._replies(text)
-            self.show(replies)
+            text, path = split_attach(text)
+            attachments: tuple[Attachment, ...] = ()
+            if path is not None:
+                limit = self.app.settings.limits.max_upload_bytes
+                try:
+                    attachments = (await asyncio.to_thread(read_attachment, path, limit),)
+                except UserError as exc:
+                    replies = [Reply(exc.key, exc.params, error=True)]
+                    await self.show(replies)
+                    return replies
+            return await self.delivery.command(text, self.actor, self.route, attachments)
         except Exception as exc:
             replies = [self.app.service.error_reply(exc, self.actor)]
-            self.show(replies)
-        return replies
-
-    async def _replies(self, text: str) -> list[Reply]:
-        text, path = split_attach(text)
-        attachments: tuple[Attachment, ...] = ()
-        if path is not None:
-            limit = self.app.settings.limits.max_upload_bytes
-            try:
-                attachments = (await asyncio.to_thread(read_attachment, path, limit),)
-            except UserError as exc:
-                return [Reply(exc.key, exc.params, error=True)]
-        return await self.app.service.handle_line(text, self.actor, {"console": True}, attachments)
+            await self.show(replies)
+            return replies
 
     async def run(self, stdin: TextIO | None = None) -> None:
         """Start the App (recovered jobs' events included), serve stdin, stop the App."""
         stream = stdin or sys.stdin
-        unsubscribe = self.app.bus.subscribe(self.on_event)
+        self.delivery.start()
         try:
             recovered = await self.app.start()
+            await self.start()
             if not self.json_mode and stream.isatty():
-                self.show([Reply("console.ready"), Reply("console.noise_note")])
+                await self.show([Reply("console.ready"), Reply("console.noise_note")])
             if recovered:
-                self.show([Reply("console.recovered", {"count": recovered})])
+                await self.show([Reply("console.recovered", {"count": recovered})])
             await self.run_lines(_read_lines(stream))
         finally:
-            unsubscribe()
+            await self.stop()
+            await self.delivery.stop()
             await self.app.stop()
 
 

@@ -10,13 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bot.app import build_app, make_engine
 from bot.settings import ConfigError
 from bot.types import Actor
 from pipeline.checkpoints import CheckpointLibrary
-from tests.conftest import EventLog, make_settings
+from tests.conftest import EventLog, make_settings, opened
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
 OOM_TEXT = "CUDA out of memory. Tried to allocate 64.00 MiB"
@@ -124,15 +123,15 @@ def _fail_first_unet_calls(app: Any, times: int) -> list[int]:
 
 
 async def _draw(app: Any, log: EventLog, line: str) -> tuple[str, Any]:
-    replies = await app.service.handle_line(line, ALICE, {"console": True})
+    replies = await app.service.handle_line(line, ALICE)
     assert not replies[0].error, replies
     (job_id,) = replies[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", job_id) or log.of("failed", job_id))
     return job_id, (log.of("finished", job_id) or log.of("failed", job_id))[0]
 
 
-def _image(event: Any) -> np.ndarray:
-    return np.asarray(Image.open(event.images[0].path).convert("RGB"))
+async def _image(app: Any, event: Any) -> np.ndarray:
+    return np.asarray((await opened(app, event.images[0])).convert("RGB"))
 
 
 DRAW = "/draw a cat --seed 11 --steps 2 --size 64x64"
@@ -150,7 +149,7 @@ async def test_a_job_that_runs_out_of_memory_is_retried_and_finishes(app_with_en
     record = await app.store.get(job_id)
     assert record.status == "finished" and len(record.images) == 1
     _again_id, again = await _draw(app, log, DRAW)
-    assert np.array_equal(_image(event), _image(again))
+    assert np.array_equal(await _image(app, event), await _image(app, again))
 
 
 async def test_without_retry_the_job_fails_with_advice_and_the_next_one_runs(app_with_engine):

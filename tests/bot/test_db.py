@@ -8,6 +8,7 @@ so that the next upgrade simply runs again.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -109,6 +110,64 @@ async def test_an_upgrade_keeps_rows_that_refer_to_a_table_it_copies(database_ur
             )
     finally:
         await engine.dispose()
+
+
+async def test_revision_0008_turns_reply_to_keys_into_a_route_and_columns(database_url: str) -> None:
+    """Rows stored with a reply_to dict keep what it meant: the thread and forever keys
+    become columns, the route is the user's platform and the job's chat, and console keys
+    are dropped; downgrading puts the keys back."""
+    await asyncio.to_thread(db.upgrade, database_url, "0007")
+    engine = create_engine(database_url)
+    old = {
+        "G1": {"console": True},
+        "G2": {"console": True, "thread": "G1"},
+        "G3": {"cli": True, "forever": "G1", "thread": "G1"},
+    }
+    try:
+        async with engine.begin() as connection:
+            tables = await connection.run_sync(
+                lambda c: {n: Table(n, MetaData(), autoload_with=c) for n in ("users", "generations")}
+            )
+            await connection.execute(
+                insert(tables["users"]).values(
+                    id=1, platform="telegram", platform_user_id="7", display_name="", created_at=_NOW
+                )
+            )
+            for job_id, reply_to in old.items():
+                row = {**_generation(job_id, None), "reply_to": reply_to, "chat_id": "-100"}
+                await connection.execute(insert(tables["generations"]).values(row))
+        await asyncio.to_thread(db.upgrade, database_url)
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT id, route, thread_key, forever_run, message_ref FROM generations ORDER BY id")
+            )
+            found = [(i, _json(route), thread, run, ref) for i, route, thread, run, ref in rows]
+        route = {"platform": "telegram", "chat_id": "-100"}
+        assert found == [
+            ("G1", route, None, None, None),
+            ("G2", route, "G1", None, None),
+            ("G3", route, "G1", "G1", None),
+        ]
+        await asyncio.to_thread(_downgrade, database_url, "0007")
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT id, reply_to FROM generations ORDER BY id"))
+            assert [(i, _json(value)) for i, value in rows] == [
+                ("G1", {}),
+                ("G2", {"thread": "G1"}),
+                ("G3", {"thread": "G1", "forever": "G1"}),
+            ]
+    finally:
+        await engine.dispose()
+
+
+def _json(value: object) -> object:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(db.alembic_config(url), revision)
 
 
 def _generation(job_id: str, parent_id: str | None) -> dict:

@@ -39,7 +39,7 @@ def test_every_hook_has_a_test() -> None:
 
 
 async def _draw(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 async def test_hook_register_commands(make_app) -> None:

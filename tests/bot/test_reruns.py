@@ -10,7 +10,7 @@ import pytest
 from bot.adapters.console import ConsoleAdapter
 from bot.types import Actor, Attachment
 from pipeline.infotext import parse
-from tests.conftest import EventLog
+from tests.conftest import EventLog, png
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
 BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
@@ -83,14 +83,14 @@ async def test_an_image_reproduces_from_its_own_infotext(make_app, how: str) -> 
     if how == "pasted":
         replies = await app.service.handle_line("/draw " + image.infotext, ALICE)
     else:
-        data = Path(image.path).read_bytes()
+        data = await png(app, image)
         (info,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(Attachment("x.png", data),))
         replies = await app.service.handle_line(info.data["command"], ALICE)
     (second,) = replies[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", second))
     again = log.of("finished", second)[0].images[0]
     assert again.infotext == image.infotext
-    assert Path(again.path).read_bytes() == Path(image.path).read_bytes()
+    assert await png(app, again) == await png(app, image)
 
 
 async def test_pnginfo_on_an_image_without_parameters(make_app) -> None:
@@ -141,9 +141,9 @@ async def test_hires_and_img2img_through_draw_and_back_from_their_infotext(make_
     assert fields["Size-1"] == "64"  # the first pass's size, as A1111 writes it
     (again,) = (await app.service.handle_line("/draw " + image.infotext, ALICE))[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", again))
-    assert Path(log.of("finished", again)[0].images[0].path).read_bytes() == Path(image.path).read_bytes()
+    assert await png(app, log.of("finished", again)[0].images[0]) == await png(app, image)
 
-    upload = (Attachment("in.png", Path(image.path).read_bytes()),)
+    upload = (Attachment("in.png", await png(app, image)),)
     replies = await app.service.handle_line(
         "/draw a painting --steps 4 --seed 3 --size 64x64", ALICE, attachments=upload
     )

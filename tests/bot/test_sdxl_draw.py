@@ -3,9 +3,6 @@ with it, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from PIL import Image
 from safetensors.torch import save_file
 
 from bot.types import Actor
@@ -13,7 +10,7 @@ from pipeline import hashing
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
 from pipeline.tiny import build_tiny_sdxl
-from tests.conftest import EventLog
+from tests.conftest import EventLog, opened, png
 from tests.pipeline.sdxl_layout import sdxl_to_sgm
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
@@ -41,8 +38,8 @@ async def test_draw_with_an_sdxl_checkpoint_file(make_app, tmp_path) -> None:
     await log.wait_for(lambda: log.of("finished", job) or log.of("failed", job))
     assert log.of("finished", job), log.of("failed", job)
     [image] = log.of("finished", job)[0].images
-    assert Image.open(image.path).size == (72, 64)
-    fields = parse(read_infotext(Path(image.path).read_bytes()))
+    assert (await opened(app, image)).size == (72, 64)
+    fields = parse(read_infotext(await png(app, image)))
     assert fields["Model"] == "tiny-xl"
     assert fields["Model hash"] == hashing.sha256(checkpoint)[:10]
     size = (fields["Size-1"], fields["Size-2"])

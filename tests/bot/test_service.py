@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -12,14 +11,14 @@ from PIL import Image
 from bot.types import Actor
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
-from tests.conftest import EventLog, crash, expire_leases
+from tests.conftest import EventLog, crash, expire_leases, opened, png
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
 BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_id="c")
 
 
 async def draw(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 async def test_draw_queues_progresses_and_finishes_with_infotext(make_app) -> None:
@@ -37,8 +36,8 @@ async def test_draw_queues_progresses_and_finishes_with_infotext(make_app) -> No
     assert [i.seed for i in finished.images] == [5, 6]
     assert f"reroll:{job_id}" in [a.id for a in finished.actions]
     for image in finished.images:
-        data = Path(image.path).read_bytes()
-        assert Image.open(image.path).size == (64, 64)
+        data = await png(app, image)
+        assert (await opened(app, image)).size == (64, 64)
         fields = parse(read_infotext(data))
         assert fields["Prompt"] == "a cat, masterpiece"
         assert fields["Seed"] == str(image.seed)
@@ -96,7 +95,7 @@ async def test_reroll_is_a_child_with_a_new_seed(make_app) -> None:
     log = EventLog(app)
     (first,) = (await draw(app, "/draw a cat --seed 3 --cfg 7.5"))[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", first))
-    replies = await app.service.run_action(f"reroll:{first}", ALICE, {"console": True})
+    replies = await app.service.run_action(f"reroll:{first}", ALICE)
     (second,) = replies[0].data["jobs"]
     await log.wait_for(lambda: log.of("finished", second))
     child = await app.store.get(second)

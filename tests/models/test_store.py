@@ -48,7 +48,7 @@ async def _add(
         jobs,
         chat_id="c1",
         guild_id=None,
-        reply_to={"console": True},
+        route={"platform": "console", "chat_id": "c1"},
         roles=["moderator"],
         lease=held,
     )
@@ -87,7 +87,8 @@ async def test_a_job_keeps_every_parameter_losslessly(store: Store) -> None:
     assert isinstance(record.request.guidance_scale, float)
     assert record.status == "queued"
     assert record.user.display_name == "Alice"
-    assert record.reply_to == {"console": True}
+    assert record.route == {"platform": "console", "chat_id": "c1"}
+    assert (record.thread_key, record.forever_run) == (None, None)
     assert record.actor_roles == ("moderator",)
 
 

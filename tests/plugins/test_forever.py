@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from bot.plugins import call_collect
-from bot.types import Actor
+from bot.types import Actor, Route
 from tests.conftest import EventLog, crash
 from tests.scenario import ConsoleSession, jobs_of
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
 BOB = Actor(platform="console", user_id="bob", name="Bob", chat_id="c")
-ROUTE = {"console": True}
+ROUTE = Route("console", "c")
 
 
 async def draw(app, line: str, actor: Actor = ALICE):
@@ -49,11 +49,8 @@ async def test_a_run_draws_new_seeds_one_job_at_a_time_until_the_cap(make_app) -
     records = [await app.store.get(e.generation_id) for e in finished]
     assert records[0].id == run_id and notice.generation_id == records[-1].id
     assert [r.parent_id for r in records] == [None, run_id, run_id]
-    assert [r.reply_to for r in records] == [
-        ROUTE,
-        {**ROUTE, "forever": run_id},
-        {**ROUTE, "forever": run_id},
-    ]
+    assert [r.forever_run for r in records] == [None, run_id, run_id]
+    assert all(Route.from_json(r.route) == ROUTE for r in records)
     assert {r.plan for r in records} == {"forever"}
     assert records[0].request.seed == 9 and len({r.request.seed for r in records}) == 3
     assert len({r.request.subseed for r in records}) == 3
@@ -175,8 +172,12 @@ async def test_a_recovered_run_goes_on_without_losing_or_repeating_images(make_a
     first = await make_app(**tables)
     going_down: list[asyncio.Task] = []
 
+    queued: list[str] = []
+
     def on_event(event) -> None:  # the process goes down as soon as the run's second job is queued
-        if event.kind == "queued" and event.reply_to.get("forever") and not going_down:
+        if event.kind == "queued":
+            queued.append(event.generation_id)
+        if len(queued) == 2 and not going_down:
             going_down.append(asyncio.get_running_loop().create_task(first.queue.stop(wait=False)))
 
     first.bus.subscribe(on_event)

@@ -29,7 +29,7 @@ TABLES = {"plugins": {"moderation": {"moderators": ["console:mod"]}, "quotas": {
 
 
 async def run(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 async def one(app, line: str, actor: Actor = ALICE):
@@ -149,7 +149,8 @@ async def test_show_reposts_a_result_and_walks_a_reroll_chain(make_app) -> None:
         shown = await one(app, f"/show {current}")
         finished = log.of("finished", current)[0]
         assert shown.key == "show.result"
-        assert shown.files == [image.path for image in finished.images]
+        assert [f.image_id for f in shown.files] == [image.id for image in finished.images]
+        assert {f.kind for f in shown.files} == {"image"}
         assert [a.id for a in shown.actions] == [a.id for a in finished.actions]
         assert f"reroll:{current}" in [a.id for a in shown.actions]
         assert shown.params["infotext"] == finished.images[0].infotext
@@ -188,9 +189,9 @@ async def test_export_zips_the_pngs_with_their_infotext_and_an_index(make_app) -
     assert (
         reply.key == "export.done" and reply.data["count"] == 3 and reply.data["images"] == 4
     )  # batches of 2
-    (path,) = reply.files
-    assert path.parent == app.settings.bot.data_dir / "exports"
-    with zipfile.ZipFile(path) as archive:
+    (file,) = reply.files
+    assert file.kind == "document" and file.name.startswith("console_alice-") and file.name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(file.data)) as archive:
         index = json.loads(archive.read("index.json"))
         assert [entry["id"] for entry in index] == [queued, second, first]
         names = {image["file"] for entry in index for image in entry["images"]}
@@ -204,7 +205,7 @@ async def test_export_zips_the_pngs_with_their_infotext_and_an_index(make_app) -
             assert len(entry["images"]) == len(record.images)
             for listed, image in zip(entry["images"], record.images, strict=True):
                 data = archive.read(listed["file"])
-                stored = (app.images_dir / image.path).read_bytes()
+                stored = await app.images.read(image.id)
                 assert read_infotext(data) == image.infotext == listed["infotext"]
                 assert np.array_equal(png_pixels(data), png_pixels(stored))
                 assert (listed["seed"], listed["width"]) == (image.seed, image.width)
@@ -212,7 +213,6 @@ async def test_export_zips_the_pngs_with_their_infotext_and_an_index(make_app) -
 
     newest = await one(app, "/export --limit 1 --since 1h")
     assert newest.data["ids"] == [queued]
-    assert not path.exists()  # only the newest export is kept
     future = await one(app, "/export --since 2999-01-01")
     assert future.key == "history.empty"
     for line, key in (

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.types import Actor, Attachment
+from bot.types import Actor, Attachment, Route
 from pipeline.infotext import parse
-from tests.conftest import EventLog
+from tests.conftest import EventLog, opened, png
 from tests.scenario import ConsoleSession, jobs_of
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
-ROUTE = {"console": True}
+ROUTE = Route("console", "c", reply_to_message_id="m1")
 
 
 def encoded(size: tuple[int, int], fmt: str = "PNG", color=(200, 80, 40)) -> bytes:
@@ -49,9 +49,10 @@ async def test_refine_sends_a_result_back_through_img2img_as_a_child(make_app) -
 
     (refined,) = await finished(log, await app.service.run_action(f"refine:{job}.2", ALICE, ROUTE))
     record = await app.store.get(refined.generation_id)
-    assert record.parent_id == job and record.reply_to == {**ROUTE, "thread": job}
+    assert record.parent_id == job and record.thread_key == job
+    assert Route.from_json(record.route) == ROUTE  # it answers where the button was pressed
     assert record.request.init_image.startswith(str((app.images_dir / "inputs").resolve()))
-    assert Image.open(record.request.init_image).tobytes() == Image.open(parent.images[1].path).tobytes()
+    assert Image.open(record.request.init_image).tobytes() == (await opened(app, parent.images[1])).tobytes()
     assert record.request.seed not in (5, 6)  # a new seed: another take on each press
     assert (record.request.prompt, record.request.num_inference_steps) == ("a harbour", 4)
     fields = parse(refined.images[0].infotext)
@@ -59,12 +60,12 @@ async def test_refine_sends_a_result_back_through_img2img_as_a_child(make_app) -
     assert len(refined.images) == 2  # the batch size stays
 
     # the refine draws again from its infotext and the same image
-    upload = (Attachment("p.png", Path(parent.images[1].path).read_bytes()),)
+    upload = (Attachment("p.png", await png(app, parent.images[1])),)
     (again,) = await finished(log, await run(app, "/draw " + refined.images[0].infotext, upload))
     assert again.images[0].infotext == refined.images[0].infotext
     diff = np.abs(
-        np.asarray(Image.open(again.images[0].path), np.int16)
-        - np.asarray(Image.open(refined.images[0].path), np.int16)
+        np.asarray((await opened(app, again.images[0])), np.int16)
+        - np.asarray((await opened(app, refined.images[0])), np.int16)
     )
     assert diff.max() <= 1  # a batch image and its solo run, as the engine guarantees
 
@@ -100,7 +101,7 @@ async def test_an_uploaded_png_draws_at_its_size_in_multiples_of_8(make_app) -> 
     (result,) = await finished(log, await run(app, "/draw a watercolour --steps 3 --seed 2", upload))
     image = result.images[0]
     assert (image.width, image.height) == (96, 72)
-    assert Image.open(image.path).size == (96, 72)
+    assert (await opened(app, image)).size == (96, 72)
     fields = parse(image.infotext)
     assert fields["Denoising strength"] == "0.75" and (fields["Size-1"], fields["Size-2"]) == ("96", "72")
     record = await app.store.get(result.generation_id)

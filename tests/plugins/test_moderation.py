@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from bot.types import Actor
 from tests.conftest import EventLog
@@ -16,7 +15,7 @@ CONFIG = {"moderators": ["console:mod"]}
 
 
 async def run(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 def text(app, reply, locale: str = "en") -> str:
@@ -134,7 +133,7 @@ async def test_delete_by_owner_or_moderator_only(make_app) -> None:
     await log.wait_for(lambda: log.of("finished", done))
     await app.idle()
     await app.queue.stop()  # the rest stay queued: no more engine time needed
-    paths = [Path(image.path) for image in log.of("finished", done)[0].images]
+    paths = [await app.images.path(image.id) for image in log.of("finished", done)[0].images]
     assert paths and all(p.is_file() for p in paths)
 
     (refused,) = await run(app, f"/delete {done}", BOB)

@@ -29,7 +29,7 @@ NAI = (
 
 
 async def run(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 async def ok(app, line: str, actor: Actor = ALICE):

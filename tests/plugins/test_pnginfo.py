@@ -14,7 +14,7 @@ from PIL import Image
 
 from bot.types import Actor, Attachment
 from models.preferences import GLOBAL, PreferenceStore
-from tests.conftest import EventLog
+from tests.conftest import EventLog, opened, png
 from tests.scenario import ConsoleSession, jobs_of
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
@@ -22,8 +22,10 @@ BOB = Actor(platform="console", user_id="bob", name="Bob", locale="zh-CN", chat_
 MISSING_MODEL = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: 925997e9, Model: nowhere"
 
 
-def pixels(path: str | Path) -> np.ndarray:
-    with Image.open(path) as image:
+def pixels(source: str | Path | Image.Image) -> np.ndarray:
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert("RGB"))
+    with Image.open(source) as image:
         return np.asarray(image.convert("RGB"))
 
 
@@ -44,7 +46,7 @@ async def test_the_rerun_button_draws_the_same_pixels(make_app) -> None:
     log = EventLog(app)
     line = "/draw a (red:1.2) boat, at dusk --negative fog --steps 3 --cfg 6.5 --seed 77 --sampler DPM++ 2M"
     original = (await finished(app, log, await app.service.handle_line(line, ALICE))).images[0]
-    upload = Attachment("boat.png", Path(original.path).read_bytes())
+    upload = Attachment("boat.png", await png(app, original))
     (info,) = await app.service.handle_line("/pnginfo", ALICE, attachments=(upload,))
     assert info.key == "pnginfo.result"
     (action,) = info.actions
@@ -56,7 +58,7 @@ async def test_the_rerun_button_draws_the_same_pixels(make_app) -> None:
     # anyone who sees the answer may press it; it is their own job
     again = (await finished(app, log, await app.service.run_action(action.id, BOB))).images[0]
     assert again.infotext == original.infotext
-    assert np.array_equal(pixels(again.path), pixels(original.path))
+    assert np.array_equal(pixels(await opened(app, again)), pixels(await opened(app, original)))
     records = [await app.store.get(event.generation_id) for event in log.of("finished")]
     assert [r.user.platform_user_id for r in records] == ["alice", "bob"]
 

@@ -15,11 +15,11 @@ MODERATORS = {"moderators": ["console:mod"]}
 
 
 async def draw(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 async def quota(app, actor: Actor = ALICE, text: str = ""):
-    (reply,) = await app.service.handle_line(f"/quota {text}".strip(), actor, {"console": True})
+    (reply,) = await app.service.handle_line(f"/quota {text}".strip(), actor)
     assert not reply.error, reply
     return reply
 

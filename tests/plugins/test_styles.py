@@ -33,7 +33,7 @@ TRICKY_CSV = (
 
 
 async def run(app, line: str, actor: Actor = ALICE, attachments: tuple[Attachment, ...] = ()):
-    return await app.service.handle_line(line, actor, {"console": True}, attachments)
+    return await app.service.handle_line(line, actor, attachments=attachments)
 
 
 async def ok(app, line: str, actor: Actor = ALICE, attachments: tuple[Attachment, ...] = ()):
@@ -250,19 +250,18 @@ async def test_styles_csv_round_trip_is_byte_identical(make_app) -> None:
         ("user", "console:alice", "水彩", "水彩画，{prompt}", "照片"),
     ]
     exported = await ok(app, "/style export")
-    path = Path(exported.files[0])
-    assert path.name == "styles.csv" and path.is_relative_to(app.settings.bot.data_dir)
-    data = path.read_bytes()
+    (file,) = exported.files
+    assert (file.name, file.kind) == ("styles.csv", "document")
+    data = file.data
     assert data.startswith(b"\xef\xbb\xbfname,prompt,negative_prompt\r\n")  # UTF-8 with BOM, as A1111 writes
     # import into someone else's styles and export again: the same bytes
     second = await ok(app, "/style import", BOB, attachments=(Attachment("styles.csv", data),))
     assert second.data == {"added": 4, "replaced": 0}
-    again = Path((await ok(app, "/style export", BOB)).files[0])
-    assert again.read_bytes() == data and again != path
+    assert (await ok(app, "/style export", BOB)).files[0].data == data
     # importing the same file again replaces every style and keeps their order
     third = await ok(app, "/style import", attachments=(Attachment("styles.csv", data),))
     assert third.data == {"added": 0, "replaced": 4}
-    assert Path((await ok(app, "/style export")).files[0]).read_bytes() == data
+    assert (await ok(app, "/style export")).files[0].data == data
     # a style imported from the file applies like any other
     await app.queue.stop()
     request = await draw(app, "/draw a cat --style quoted,multi", BOB)

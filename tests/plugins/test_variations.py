@@ -11,21 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.events import event_json
 from bot.settings import ConfigError
-from bot.types import Actor
+from bot.types import Actor, Route
 from models.store import Store
 from pipeline.infotext import parse
 from plugins.forever import ForeverConfig
 from plugins.img2img import Img2ImgConfig
 from plugins.variations import VariationsConfig
-from tests.conftest import EventLog
+from tests.conftest import EventLog, opened, png
 from tests.scenario import ConsoleSession, jobs_of
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
 BOB = Actor(platform="console", user_id="bob", name="Bob", chat_id="c")
 ROOT = Path(__file__).resolve().parents[2]
-ROUTE = {"console": True, "channel": "c1"}
+ROUTE = Route("console", "c1", thread_id="t1")
 STRENGTHS = {"variations": {"subtle_strength": 0.2, "strong_strength": 0.6}}
 
 
@@ -40,8 +39,9 @@ async def finished(app, log: EventLog, replies) -> list:
     return [log.of("finished", i)[0] for i in ids]
 
 
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int16)
+def pixels(source) -> np.ndarray:
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    return np.asarray(image, dtype=np.int16)
 
 
 async def test_v_buttons_on_every_image_name_it_and_fit_a_custom_id(make_app) -> None:
@@ -53,12 +53,10 @@ async def test_v_buttons_on_every_image_name_it_and_fit_a_custom_id(make_app) ->
     for number in (1, 2):
         assert f"vary:{job}.{number}" in ids and f"vary:{job}.{number} --strong" in ids
     assert all(len(i) <= 64 for i in ids)  # Telegram callback_data (Discord custom_id allows 100)
-    labels = {a["id"]: a["label"] for a in event_json(result, app.translator)["actions"]}
+    labels = {a.id: app.translator.t("en", a.label_key, **a.params) for a in result.actions}
     assert labels[f"vary:{job}.2"] == "V2" and labels[f"vary:{job}.2 --strong"] == "V2 strong"
-    zh = result.__class__(
-        result.generation_id, Actor("console", "alice", "A", locale="zh-CN"), {}, actions=result.actions
-    )
-    assert {a["label"] for a in event_json(zh, app.translator)["actions"]} >= {"V1", "V1 强"}
+    zh = {app.translator.t("zh-CN", a.label_key, **a.params) for a in result.actions}
+    assert zh >= {"V1", "V1 强"}
 
 
 async def test_a_variation_keeps_the_seed_changes_the_subseed_and_reproduces(make_app) -> None:
@@ -78,13 +76,13 @@ async def test_a_variation_keeps_the_seed_changes_the_subseed_and_reproduces(mak
     fields = parse(subtle.images[0].infotext)
     assert fields["Seed"] == "8" and fields["Variation seed strength"] == "0.2"
     assert fields["Variation seed"] == str(record.request.subseed)
-    original = pixels(parent.images[1].path)
-    varied = pixels(subtle.images[0].path)
+    original = pixels(await opened(app, parent.images[1]))
+    varied = pixels(await opened(app, subtle.images[0]))
     assert np.abs(varied - original).max() > 0  # a different picture ...
     # ... that its own infotext draws again (alone, as a batch image within one level, as any batch image)
     (again,) = await finished(app, log, await run(app, "/draw " + subtle.images[0].infotext))
     assert again.images[0].infotext == subtle.images[0].infotext
-    assert np.abs(pixels(again.images[0].path) - varied).max() <= 1
+    assert np.abs(pixels(await opened(app, again.images[0])) - varied).max() <= 1
 
     (strong,) = await finished(
         app, log, await app.service.run_action(f"vary:{parent.generation_id}.1 --strong", ALICE)
@@ -108,8 +106,8 @@ async def test_a_depth_3_chain_is_walkable_and_keeps_one_thread(make_app) -> Non
         chain.append(child.generation_id)
     records = [await app.store.get(i) for i in chain]
     assert [r.parent_id for r in records] == [None, *chain[:-1]]
-    assert records[0].reply_to == ROUTE
-    assert all(r.reply_to == {**ROUTE, "thread": root.generation_id} for r in records[1:])
+    assert [Route.from_json(r.route) for r in records] == [ROUTE] * 4
+    assert [r.thread_key for r in records] == [None] + [root.generation_id] * 3
     assert {r.request.seed for r in records} == {11}
     assert len({r.request.subseed for r in records[1:]}) == 3
 
@@ -124,7 +122,7 @@ async def test_a_depth_3_chain_is_walkable_and_keeps_one_thread(make_app) -> Non
     # the deepest variation draws again from its infotext, pixel for pixel
     deepest = log.of("finished", chain[-1])[0].images[0]
     (again,) = await finished(app, log, await run(app, "/draw " + deepest.infotext))
-    assert Path(again.images[0].path).read_bytes() == Path(deepest.path).read_bytes()
+    assert await png(app, again.images[0]) == await png(app, deepest)
 
 
 async def test_bad_targets_and_options_are_refused_naming_what_is_allowed(make_app) -> None:
@@ -234,7 +232,7 @@ def test_console_session_varies_a_variation_and_shows_the_lineage(tmp_path: Path
 
     async def threads() -> list:
         try:
-            return [(await store.get(i)).reply_to.get("thread") for i in chain]
+            return [(await store.get(i)).thread_key for i in chain]
         finally:
             await store.close()
 

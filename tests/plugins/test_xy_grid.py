@@ -5,6 +5,7 @@ infotext, Z axes, third-party axes, bad input, the cell cap and cancelled cells.
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ SLOW = 900  # seconds: the tiny engine is quick, a shared CPU may not be
 
 
 async def run(app, line: str, actor: Actor = ALICE):
-    return await app.service.handle_line(line, actor, {"console": True})
+    return await app.service.handle_line(line, actor)
 
 
 def text(app, reply, locale: str = "en") -> str:
@@ -88,8 +89,10 @@ async def test_a_3x3_grid_is_labelled_in_a1111_order_and_every_cell_reproduces_f
     assert reply.data["cells"] == jobs and reply.data["missing"] == []
     assert text(app, reply) == "Grid of 9 cells (3 × 3) is ready."
     assert [a.id for a in reply.actions] == [f"grid-again:{jobs[0]}"]
-    path = Path(reply.files[0])
-    grid = Image.open(path).convert("RGB")
+    (file,) = reply.files
+    assert file.kind == "image" and file.name.endswith("-grid.png")
+    assert Path(reply.data["grid"]).read_bytes() == file.data  # kept beside the images
+    grid = Image.open(io.BytesIO(file.data)).convert("RGB")
     pad_left = 64 * 3 // 4  # A1111: three quarters of a cell when rows have labels
     assert grid.width == pad_left + 3 * 64
     pad_top = grid.height - 3 * 64
@@ -102,7 +105,7 @@ async def test_a_3x3_grid_is_labelled_in_a1111_order_and_every_cell_reproduces_f
     assert not has_ink(grid.crop((0, 0, pad_left, pad_top)))  # the corner stays white
     assert not same_pixels(cell_image(app, records[0]), cell_image(app, records[2]))  # steps matter
 
-    infotext = read_infotext(path.read_bytes())
+    infotext = read_infotext(file.data)
     assert infotext == records[0].images[0].infotext
     fields = parse(infotext)
     assert (fields["Script"], fields["X Type"], fields["X Values"]) == ("X/Y/Z plot", "Steps", "2-4")
@@ -135,14 +138,14 @@ async def test_a_z_axis_puts_one_titled_grid_per_value_side_by_side(make_app) ->
     ]
     assert records[0].label == "Steps: 1 | Euler"  # A1111 shows the bare sampler name
     assert notice.reply.data["cells"] == jobs
-    grid = Image.open(notice.reply.files[0]).convert("RGB")
+    grid = Image.open(io.BytesIO(notice.reply.files[0].data)).convert("RGB")
     assert grid.width == 2 * (2 * 64)  # no Y labels: no left band; the Z grids side by side
     top = grid.height - 64  # Z titles, then each grid's X labels, above the cells
     assert top > 0
     for index, record in enumerate(records):
         x, z = index % 2, index // 2
         assert same_pixels(tile(grid, z * 128 + x * 64, top), cell_image(app, record)), record.label
-    fields = parse(read_infotext(Path(notice.reply.files[0]).read_bytes()))
+    fields = parse(read_infotext(notice.reply.files[0].data))
     assert (fields["Z Type"], fields["Z Values"]) == ("Sampler", "Euler, DDIM")
     assert "Y Type" not in fields
 
@@ -159,7 +162,7 @@ async def test_costly_axes_run_outermost_and_cells_keep_their_grid_places(make_a
     assert [r.group_index for r in records] == [0, 1, 2, 3]
     # the grid is in image order (x + y*|X|) whatever order the cells ran in
     assert notice.reply.data["cells"] == [jobs[0], jobs[2], jobs[1], jobs[3]]
-    grid = Image.open(notice.reply.files[0]).convert("RGB")
+    grid = Image.open(io.BytesIO(notice.reply.files[0].data)).convert("RGB")
     pad_left, pad_top = 48, grid.height - 2 * 64
     for place, job in enumerate(notice.reply.data["cells"]):
         x, y = place % 2, place // 2
@@ -195,7 +198,7 @@ async def test_a_third_party_axis_drives_cells_and_grid_options_compose_with_dra
     assert parse(records[0].images[0].infotext)["X Type"] == "Mood"
 
     # the grid's button runs it again with a new seed, axes and all
-    again = await app.service.run_action(notice.reply.actions[0].id, ALICE, {"console": True})
+    again = await app.service.run_action(notice.reply.actions[0].id, ALICE)
     again_jobs = again[0].data["jobs"]
     second = await grid_notice(app, log, again_jobs)
     rerun = [await app.store.get(job) for job in again_jobs]
@@ -310,7 +313,7 @@ async def test_cancelled_cells_are_black_in_the_grid_and_the_notice_says_so(make
     assert reply.key == "grid.partial" and reply.data["missing"] == cancelled
     assert f"{len(finished)} finished, 0 failed and {len(cancelled)} cancelled" in text(app, reply)
     assert "格已取消" in text(app, reply, "zh-CN")
-    grid = Image.open(reply.files[0]).convert("RGB")
+    grid = Image.open(io.BytesIO(reply.files[0].data)).convert("RGB")
     pad_left, pad_top = 48, grid.height - 2 * 64
     for place, job in enumerate(reply.data["cells"]):
         cell = tile(grid, pad_left + 64 * (place % 3), pad_top + 64 * (place // 3))
