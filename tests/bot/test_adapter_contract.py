@@ -10,6 +10,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from bot.adapters.base import Limits
@@ -30,24 +31,12 @@ LIMITS = Limits(
 )
 
 
-def tiny_png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (40, 90, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PREVIEW = tiny_png()
-
-
-def with_previews(app: Any) -> None:
-    """Stands in for the engine's previews (wired into pipeline/ separately): every step
-    reaches the core with a small PNG, as the engine will send it."""
-    original = app.service.job_progress
-
-    def job_progress(job: Any, step: int, total: int, preview: bytes | None = None) -> None:
-        original(job, step, total, preview=preview or PREVIEW)
-
-    app.service.job_progress = job_progress
+@pytest.fixture
+def previews(tiny_engine: Any) -> Any:
+    """The engine's live previews on every step (the default is every 5th)."""
+    tiny_engine.preview_every = 1
+    yield
+    tiny_engine.preview_every = 0
 
 
 async def start_bot(make_app: Callable[..., Any], server: FakePlatform) -> tuple[Any, FakeChat]:
@@ -55,7 +44,6 @@ async def start_bot(make_app: Callable[..., Any], server: FakePlatform) -> tuple
     chat = FakeChat(app, server, limits=LIMITS)
     await chat.start()  # before the App: recovered jobs' events reach the chat too
     await app.start()
-    with_previews(app)
     return app, chat
 
 
@@ -84,7 +72,9 @@ def holder(server: FakePlatform, label: str, near: str) -> str:
     raise AssertionError(f"no button {label!r} near {near}")
 
 
-async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_thread(make_app) -> None:
+async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_thread(
+    make_app, previews
+) -> None:
     server = FakePlatform()
     app, chat = await start_bot(make_app, server)
     accepted, *_ = await chat.type("/draw a lighthouse --steps 40 --size 128x128 --seed 3")
@@ -109,7 +99,9 @@ async def test_draw_to_result_then_a_press_after_a_restart_lands_in_the_chains_t
     progress = [c for c in calls if c.message.kind == "progress"]
     steps = [c.message.source.step for c in progress]
     assert steps and steps == sorted(set(steps)) and steps[-1] <= 40
-    assert all(c.message.files[0].data == PREVIEW for c in progress)
+    shown_previews = [Image.open(io.BytesIO(c.message.files[0].data)) for c in progress if c.message.files]
+    assert shown_previews and {p.size for p in shown_previews} == {(16, 16)}  # 128 px / 8: the latents
+    assert all(c.message.files for c in progress if c.message.source.step < 40)  # the last has none
     for earlier, later in zip(tracked, tracked[1:], strict=False):
         if later.message.kind == "progress":
             assert later.at - earlier.at >= INTERVAL - 0.02
