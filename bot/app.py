@@ -12,12 +12,12 @@ from typing import Any
 
 import pluggy
 
-from bot import db
+from bot import config_checks, db
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
 from bot.image_store import ImageStore, LocalImageStore
 from bot.leases import Heartbeat, new_owner_id
-from bot.plugins import Registry, build_plugin_manager, call_collect, collect
+from bot.plugins import Registry, available_plugin_names, build_plugin_manager, call_collect, collect
 from bot.service import Service, core_commands
 from bot.settings import ConfigError, Settings
 from bot.types import Command
@@ -89,6 +89,7 @@ class App:
             log.warning(
                 "models folder %s does not exist: only the built-in checkpoints are available", models_dir
             )
+        await asyncio.to_thread(config_checks.check_default_checkpoint, self.settings, self.library)
         await self.queue.start()
         self.started = True
         await call_collect(self.pm.hook.startup, app=self)
@@ -129,6 +130,9 @@ def build_app(
     pm = build_plugin_manager(settings.plugins.disabled)
     for plugin in plugins:
         pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
+    registered = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+    config_checks.check_plugin_names(settings, available_plugin_names() | registered)
+    config_checks.check_sampler_defaults(settings)
     if library is None:
         from pipeline.checkpoints import CheckpointLibrary
 

@@ -73,6 +73,15 @@ def build_plugin_manager(
     return pm
 
 
+def available_plugin_names(
+    builtins: Iterable[str] = DEFAULT_PLUGINS, entry_point_group: str = ENTRY_POINT_GROUP
+) -> set[str]:
+    """Every plugin that could be loaded, enabled or not: what config may name."""
+    return {builtin_name(module) for module in builtins} | {
+        ep.name for ep in entry_points(group=entry_point_group)
+    }
+
+
 def plugin_hooks(pm: pluggy.PluginManager) -> list[tuple[str, list[str]]]:
     """Every registered plugin with the hooks it implements (for ``atelier plugins``)."""
     out = []
@@ -130,14 +139,12 @@ async def maybe_await(value: Any) -> Any:
 
 
 async def call_collect(hook: Any, **kwargs: Any) -> list[Any]:
-    """Call a collect hook whose implementations may be async; results in call order."""
-    pending = list(hook(**kwargs))
+    """Call a collect hook whose implementations may be async, one at a time in pluggy's
+    call order; results in that order. When one raises, the later ones are not called at
+    all (calling the hook as a whole would have made their coroutines already, and left
+    them never awaited)."""
     results = []
-    try:
-        while pending:
-            results.append(await maybe_await(pending.pop(0)))
-    finally:
-        for rest in pending:  # one raised: the others never run, and say nothing about it
-            if inspect.iscoroutine(rest):
-                rest.close()
+    for impl in reversed(hook.get_hookimpls()):
+        result = impl.function(*(kwargs[name] for name in impl.argnames))
+        results.append(await maybe_await(result))
     return results

@@ -197,7 +197,40 @@ def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Sett
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    problems = defaults_problems(settings.defaults, settings.limits)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
     return settings.model_copy(update={"secrets": secrets or Secrets()})
+
+
+def defaults_problems(defaults: DefaultsSettings, limits: LimitsSettings) -> list[str]:
+    """``[defaults]`` must be a request the bot accepts: a default outside ``[limits]``
+    would run unchecked (500 steps under a 150-step limit) or fail every /draw, and a
+    size that is not a multiple of 8 would give images whose infotext names another size."""
+    problems = []
+
+    def within(key: str, value: float, low: float, high: float, limits_text: str) -> None:
+        if not low <= value <= high:
+            problems.append(f"[defaults] {key}: {value} is outside {low}-{high} ({limits_text})")
+
+    within("steps", defaults.steps, limits.min_steps, limits.max_steps, "[limits] min_steps-max_steps")
+    within("cfg_scale", defaults.cfg_scale, limits.min_cfg, limits.max_cfg, "[limits] min_cfg-max_cfg")
+    for key in ("width", "height"):
+        value = getattr(defaults, key)
+        within(key, value, limits.min_size, limits.max_size, "[limits] min_size-max_size")
+        if value % 8:
+            problems.append(f"[defaults] {key}: {value} is not a multiple of 8 (e.g. {value // 8 * 8})")
+    if defaults.width * defaults.height > limits.max_pixels:
+        problems.append(
+            f"[defaults] width x height: {defaults.width * defaults.height} pixels is over "
+            f"[limits] max_pixels = {limits.max_pixels}"
+        )
+    within("clip_skip", defaults.clip_skip, 1, limits.max_clip_skip, "1-[limits] max_clip_skip")
+    within("batch_size", defaults.batch_size, 1, limits.max_batch_size, "1-[limits] max_batch_size")
+    within("count", defaults.count, 1, limits.max_count, "1-[limits] max_count")
+    if defaults.ensd < 0:
+        problems.append(f"[defaults] ensd: {defaults.ensd} is negative")
+    return problems
 
 
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:

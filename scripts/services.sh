@@ -10,5 +10,12 @@ if ! pg_isready -q -h "$host" -p 5432 2>/dev/null; then
   fi
 fi
 if pg_isready -q -h "$host" -p 5432 2>/dev/null; then
+  # The tests' default: user postgres without a password, database "test". A server that
+  # wants a password or lacks the database is not an error: say what to set instead.
+  if command -v psql >/dev/null 2>&1 && ! psql -h "$host" -p 5432 -U postgres -d test -w -Atc "select 1" >/dev/null 2>&1; then
+    echo "PostgreSQL at $host:5432 does not let user postgres into database test without a password;" \
+      "set ATELIER_TEST_POSTGRES_URL=postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE to run its tests" >&2
+    exit 0
+  fi
   echo "postgresql+asyncpg://postgres@$host:5432/test"
 fi
