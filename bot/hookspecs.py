@@ -19,9 +19,10 @@ hookimpl = pluggy.HookimplMarker("atelier")
 @hookspec
 def register_commands(register: Any) -> None:
     """Called once at startup. Call ``register(Command(...))`` for each command the plugin
-    adds (its name, handler and options). A name registered twice fails at startup naming
-    both plugins. Actions on results (buttons) are commands too: ``Action.id`` is
-    ``<command>:<argument>``."""
+    adds, declared with the schema of ``bot.schema`` (handler, description, arguments,
+    options, subcommands, file, moderator flag), from which dispatch and /help are
+    built. A name registered twice fails at startup naming both plugins. Actions on results (buttons) are commands too
+    (``hidden``): ``Action.id`` is ``<command>:<argument>``."""
 
 
 @hookspec
