@@ -13,10 +13,12 @@ from typing import Any
 import pluggy
 
 from bot import db
+from bot.autocomplete import core_sources
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
 from bot.leases import Heartbeat, new_owner_id
 from bot.plugins import Registry, build_plugin_manager, call_collect, collect
+from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
 from bot.settings import ConfigError, Settings
 from bot.types import Command
@@ -52,6 +54,9 @@ class App:
     presets: Registry[PresetEntry] = field(default_factory=lambda: Registry("negative preset"))
     options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
     grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # xy_grid.GridAxis
+    autocomplete: Registry[AutocompleteSource] = field(
+        default_factory=lambda: Registry("autocomplete source")
+    )
     queue: Any = None
     owner: str = field(default_factory=new_owner_id)  # holds this App's jobs (bot/leases.py)
     service: Service = field(init=False)
@@ -151,6 +156,9 @@ def build_app(
     collect(pm, "register_negative_presets", app.presets, PresetEntry)
     register_plugin_options(app)
     collect(pm, "register_grid_axes", app.grid_axes)
+    for source in core_sources():
+        app.autocomplete.add(source.name, source, "core")
+    collect(pm, "register_autocomplete", app.autocomplete)
     return app
 
 

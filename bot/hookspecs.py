@@ -26,6 +26,15 @@ def register_commands(register: Any) -> None:
 
 
 @hookspec
+def register_autocomplete(register: Any) -> None:
+    """Called once at startup. Call ``register(AutocompleteSource(name, callback))``
+    (``bot.schema``) for each source of suggestions the plugin adds; ``callback`` is
+    ``async (AutocompleteContext) -> list[Choice]``. Arguments and options name sources
+    with ``autocomplete="name"``; adapters ask ``bot.autocomplete.complete``. A name
+    registered twice (the core's included) fails at startup naming both."""
+
+
+@hookspec
 def register_styles(register: Any) -> None:
     """Called once at startup. Call ``register(name, prompt, negative_prompt)`` for each
     global style. Per-user and per-guild styles live in the store, not here."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bot.autocomplete import list_choices
 from bot.commands import parse_args
 from bot.draw import join_parts
 from bot.errors import NotFound, UserError
@@ -33,6 +34,9 @@ from bot.options import OptionSpec
 from bot.settings import ConfigError
 from bot.types import (
     Argument,
+    AutocompleteContext,
+    AutocompleteSource,
+    Choice,
     Command,
     CommandContext,
     Reply,
@@ -48,6 +52,7 @@ from plugins.scoped_names import (
     check_length,
     check_name,
     find,
+    labelled,
     listed,
     listing,
     mirror,
@@ -127,6 +132,17 @@ def register_commands(register: Any) -> None:
         ),
     )
     register(Command("preset", description="cmd.preset", subcommands=subcommands, default="list"))
+
+
+@hookimpl
+def register_autocomplete(register: Any) -> None:
+    register(AutocompleteSource(PRESETS, complete_presets))
+
+
+async def complete_presets(ctx: AutocompleteContext) -> list[Choice]:
+    """The presets ``ctx.actor`` may use, each named with where it comes from."""
+    await load(ctx.app, own_scopes(ctx.actor))
+    return list_choices(labelled(ctx.app, PRESETS, ctx.actor, ctx.app.presets), ctx.partial)
 
 
 @hookimpl

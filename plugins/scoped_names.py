@@ -189,6 +189,17 @@ def refreshed(load: Callable[[Any, Sequence[Scope]], Awaitable[None]], handler: 
     return run
 
 
+def labelled(app: Any, kind: str, actor: Actor, registry: Any) -> list[tuple[str, str]]:
+    """Every name the actor may use with where it comes from, in the actor's language:
+    the one that applies first when a name is in several scopes."""
+    found: dict[str, tuple[str, str]] = {}
+    for scope_kind, names in listing(app, kind, actor, registry).items():
+        label = app.translator.t(actor.locale, f"saved.scope.{scope_kind}")
+        for name in names:
+            found.setdefault(name_key(name), (name, label))
+    return list(found.values())
+
+
 SCOPE_OPTIONS = (
     OptionSpec("chat", "flag", description="option.scope.chat"),
     OptionSpec("guild", "flag", description="option.scope.guild"),

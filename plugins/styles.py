@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ulid import ULID
 
+from bot.autocomplete import list_choices
 from bot.commands import parse_args
 from bot.errors import NotFound, UserError
 from bot.governance import audit
@@ -35,6 +36,9 @@ from bot.settings import ConfigError
 from bot.types import (
     Argument,
     Attachment,
+    AutocompleteContext,
+    AutocompleteSource,
+    Choice,
     Command,
     CommandContext,
     FileInput,
@@ -50,6 +54,7 @@ from plugins.scoped_names import (
     check_length,
     check_name,
     find,
+    labelled,
     listed,
     listing,
     mirror,
@@ -357,6 +362,18 @@ def register_commands(register: Any) -> None:
         Command("export", refreshed(load, _export), "cmd.style.export", options=SCOPE_OPTIONS),
     )
     register(Command("style", description="cmd.style", subcommands=subcommands, default="list"))
+
+
+@hookimpl
+def register_autocomplete(register: Any) -> None:
+    register(AutocompleteSource(STYLES, complete_styles))
+
+
+async def complete_styles(ctx: AutocompleteContext) -> list[Choice]:
+    """The styles ``ctx.actor`` may use: their own, the chat's, the server's, the global
+    ones, each named with where it comes from; in a list, the last name is completed."""
+    await load(ctx.app, own_scopes(ctx.actor))
+    return list_choices(labelled(ctx.app, STYLES, ctx.actor, ctx.app.styles), ctx.partial)
 
 
 def find_style(app: Any, actor: Any, name: str) -> Any:
