@@ -17,6 +17,7 @@ from bot.autocomplete import core_sources
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
 from bot.leases import Heartbeat, new_owner_id
+from bot.platforms import check_commands
 from bot.plugins import Registry, build_plugin_manager, call_collect, collect
 from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
@@ -159,6 +160,7 @@ def build_app(
     for source in core_sources():
         app.autocomplete.add(source.name, source, "core")
     collect(pm, "register_autocomplete", app.autocomplete)
+    check_commands(app)
     return app
 
 

@@ -20,8 +20,10 @@ hookimpl = pluggy.HookimplMarker("atelier")
 def register_commands(register: Any) -> None:
     """Called once at startup. Call ``register(Command(...))`` for each command the plugin
     adds, declared with the schema of ``bot.schema`` (handler, description, arguments,
-    options, subcommands, file, moderator flag), from which dispatch and /help are
-    built. A name registered twice fails at startup naming both plugins. Actions on results (buttons) are commands too
+    options, subcommands, file, moderator flag), from which dispatch, /help and every
+    platform's command list are built. A name registered twice, or a command that breaks
+    a platform's rules (name, description in English and Chinese, at most 25 fields),
+    fails at startup naming the plugin. Actions on results (buttons) are commands too
     (``hidden``): ``Action.id`` is ``<command>:<argument>``."""
 
 
