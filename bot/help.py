@@ -30,9 +30,7 @@ def argument_label(argument: Argument, translator: Translator, locale: str) -> s
     if argument.label:
         return localized(argument.label, translator, locale)
     key = f"schema.arg.{argument.name}"
-    if translator.catalogs.get(locale, {}).get(key) or translator.has(key):
-        return translator.t(locale, key)
-    return argument.name.upper()
+    return translator.t(locale, key) if translator.has(key) else argument.name.upper()
 
 
 def value_label(spec: OptionSpec, translator: Translator, locale: str) -> str:
@@ -197,10 +195,11 @@ def usage_of(ctx: CommandContext) -> str:
 
 
 def missing_argument(ctx: CommandContext, argument: str | None = None) -> UserError:
-    """ "/style save needs NAME. Usage: ..." for the named argument (by default the
-    command's first), with the usage line of the schema."""
+    """The error "/style save needs NAME. Usage: ..." for the named argument (by default
+    the command's first), with the usage line of the schema."""
     command = ctx.command
     arguments = command.arguments if command is not None else ()
     found = next((arg for arg in arguments if arg.name == argument or argument is None), None)
     what = argument_label(found, ctx.app.translator, ctx.actor.locale) if found is not None else ""
-    return UserError("error.missing_argument", name=" ".join(ctx.path), what=what, usage=usage_of(ctx))
+    name = " ".join(ctx.path or (ctx.invocation.command,))
+    return UserError("error.missing_argument", name=name, what=what, usage=usage_of(ctx))

@@ -229,6 +229,8 @@ def _arguments_problem(app: Any, command: Command) -> str | None:
             return f"{what}: unknown kind {argument.kind!r} (one of {', '.join(ARGUMENT_KINDS)})"
         if argument.kind in ("text", "raw") and index != len(command.arguments) - 1:
             return f"{what}: a {argument.kind} argument takes the rest of the line, so it comes last"
+        if argument.required and not all(arg.required for arg in command.arguments[:index]):
+            return f"{what}: a required argument cannot follow an optional one"
         if not DISCORD_NAME.match(argument.name):
             return f"{what}: the name must be 1-32 characters of a-z, 0-9, - and _"
         if argument.autocomplete and app.autocomplete.get(argument.autocomplete) is None:

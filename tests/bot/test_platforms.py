@@ -70,6 +70,15 @@ BROKEN = [
         "argument 'words': a text argument takes the rest of the line, so it comes last",
     ),
     (
+        Command(
+            "shout",
+            noop,
+            TEXT,
+            (Argument("who", "user", TEXT, required=False), Argument("n", "integer", TEXT)),
+        ),
+        "argument 'n': a required argument cannot follow an optional one",
+    ),
+    (
         Command("shout", noop, TEXT, (Argument("who", "user", {"en": "Who"}),)),
         "command /shout of plugin 'Extra': argument 'who' has no zh-CN description",
     ),
