@@ -13,11 +13,14 @@ from typing import Any
 import pluggy
 
 from bot import config_checks, db
+from bot.autocomplete import core_sources
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
 from bot.image_store import ImageStore, LocalImageStore
 from bot.leases import Heartbeat, new_owner_id
+from bot.platforms import check_commands
 from bot.plugins import Registry, available_plugin_names, build_plugin_manager, call_collect, collect
+from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
 from bot.settings import ConfigError, Settings
 from bot.types import Command
@@ -53,6 +56,9 @@ class App:
     presets: Registry[PresetEntry] = field(default_factory=lambda: Registry("negative preset"))
     options: Registry[Any] = field(default_factory=lambda: Registry("/draw option"))  # bot.options.OptionSpec
     grid_axes: Registry[Any] = field(default_factory=lambda: Registry("grid axis"))  # xy_grid.GridAxis
+    autocomplete: Registry[AutocompleteSource] = field(
+        default_factory=lambda: Registry("autocomplete source")
+    )
     queue: Any = None
     images: ImageStore = None  # type: ignore[assignment]  # the local images folder unless given
     owner: str = field(default_factory=new_owner_id)  # holds this App's jobs (bot/leases.py)
@@ -159,6 +165,10 @@ def build_app(
     collect(pm, "register_negative_presets", app.presets, PresetEntry)
     register_plugin_options(app)
     collect(pm, "register_grid_axes", app.grid_axes)
+    for source in core_sources():
+        app.autocomplete.add(source.name, source, "core")
+    collect(pm, "register_autocomplete", app.autocomplete)
+    check_commands(app)
     return app
 
 

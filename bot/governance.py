@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.errors import OptionValueError, PermissionDenied, UserError
-from bot.options import int_in_range, number_in_range, parse_int, shown
+from bot.options import int_in_range, parse_int, shown
 from bot.types import Actor, CommandContext
 from models.moderation_store import ModerationStore
 
@@ -90,27 +90,6 @@ def whole_number(name: str, raw: str | None, *, minimum: int = 0, maximum: int =
     return int_in_range(name, raw or "", minimum, maximum)
 
 
-def number(name: str, raw: str | None, *, minimum: float = 0, maximum: float = 1e9) -> float:
-    return float(number_in_range(name, raw or "", minimum, maximum))
-
-
-def options_of(parsed_options: list[tuple[str, str | None]], allowed: dict[str, bool]) -> dict[str, Any]:
-    """Options of a moderator command: ``allowed`` maps each name to whether it takes a value."""
-    found: dict[str, Any] = {}
-    names = ", ".join("--" + n for n in allowed)
-    for name, value in parsed_options:
-        if name not in allowed:
-            raise UserError("error.unknown_option", name=shown(name), suggestion="", allowed=names)
-        if name in found:
-            raise UserError("error.duplicate_option", name=name)
-        if allowed[name] and value is None:
-            raise UserError("error.missing_value", name=name)
-        if not allowed[name] and value is not None:
-            raise UserError("error.unexpected_value", name=name, value=shown(value))
-        found[name] = value if allowed[name] else True
-    return found
-
-
 async def audit(
     ctx: CommandContext,
     action: str,
@@ -126,7 +105,8 @@ async def audit(
         scope=scope or scope_of(ctx.actor),
         allowed=allowed,
         target=target,
-        detail={"command": f"/{ctx.invocation.command} {ctx.text}".strip(), **detail},
+        # the text as typed: dispatch hands handlers the positional part only
+        detail={"command": f"/{ctx.invocation.command} {ctx.invocation.text}".strip(), **detail},
     )
 
 

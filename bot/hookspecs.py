@@ -19,9 +19,21 @@ hookimpl = pluggy.HookimplMarker("atelier")
 @hookspec
 def register_commands(register: Any) -> None:
     """Called once at startup. Call ``register(Command(...))`` for each command the plugin
-    adds (its name, handler and options). A name registered twice fails at startup naming
-    both plugins. Actions on results (buttons) are commands too: ``Action.id`` is
-    ``<command>:<argument>``."""
+    adds, declared with the schema of ``bot.schema`` (handler, description, arguments,
+    options, subcommands, file, moderator flag), from which dispatch, /help and every
+    platform's command list are built. A name registered twice, or a command that breaks
+    a platform's rules (name, description in English and Chinese, at most 25 fields),
+    fails at startup naming the plugin. Actions on results (buttons) are commands too
+    (``hidden``): ``Action.id`` is ``<command>:<argument>``."""
+
+
+@hookspec
+def register_autocomplete(register: Any) -> None:
+    """Called once at startup. Call ``register(AutocompleteSource(name, callback))``
+    (``bot.schema``) for each source of suggestions the plugin adds; ``callback`` is
+    ``async (AutocompleteContext) -> list[Choice]``. Arguments and options name sources
+    with ``autocomplete="name"``; adapters ask ``bot.autocomplete.complete``. A name
+    registered twice (the core's included) fails at startup naming both."""
 
 
 @hookspec

@@ -33,12 +33,24 @@ _SIZE = re.compile(r"^(\d+)\s*[xX×*]\s*(\d+)$")
 
 @dataclass(frozen=True)
 class OptionSpec:
+    """One ``--name value`` option. ``kind`` decides the conversion: "int", "number",
+    "seed", "size", "pair", "choice" and "flag" are converted and range-checked here;
+    the others ("str", "names", "axis", "id", "duration", "since") stay text for the
+    handler, and only say how /help and the platforms show the value.
+
+    ``description`` is a ``bot.schema.Text`` (a catalog key, or the text per locale).
+    ``autocomplete`` names a source of ``bot.autocomplete``. ``advanced`` options are
+    typed in one free-text field on platforms that limit a command's fields (Discord: 25).
+    """
+
     name: str
-    kind: str  # "int", "number", "size", "str", "choice", "flag", "seed"
+    kind: str
     aliases: tuple[str, ...] = ()
     bounds: Callable[[LimitsSettings], tuple[Any, Any]] | None = None
     choices: Callable[[], list[str]] | None = None
-    help: str = ""
+    description: Any = ""  # bot.schema.Text
+    autocomplete: str | None = None
+    advanced: bool = False
 
 
 @dataclass
@@ -205,41 +217,137 @@ def check_prompt_length(what: str, text: str, limits: LimitsSettings) -> None:
 
 
 def draw_options() -> OptionTable:
-    """The built-in /draw options; plugins add theirs through ``register_commands``."""
+    """The built-in /draw options; plugins add theirs through ``register_options``."""
     table = OptionTable()
     for spec in (
-        OptionSpec("negative", "str", ("neg", "negative-prompt"), help="negative prompt"),
-        OptionSpec("steps", "int", bounds=lambda lim: (lim.min_steps, lim.max_steps)),
-        OptionSpec("cfg", "number", ("cfg-scale", "guidance"), bounds=lambda lim: (lim.min_cfg, lim.max_cfg)),
-        OptionSpec("size", "size", ("wxh",)),
-        OptionSpec("seed", "seed"),
-        OptionSpec("subseed", "seed", ("variation-seed", "var-seed")),
+        OptionSpec("negative", "str", ("neg", "negative-prompt"), description="option.negative"),
         OptionSpec(
-            "subseed-strength", "number", ("variation-strength", "var-strength"), bounds=lambda _: (0, 1)
+            "steps", "int", bounds=lambda lim: (lim.min_steps, lim.max_steps), description="option.steps"
         ),
-        OptionSpec("sampler", "str"),
-        OptionSpec("scheduler", "str", ("schedule", "schedule-type")),
-        OptionSpec("batch", "int", ("batch-size",), bounds=lambda lim: (1, lim.max_batch_size)),
-        OptionSpec("count", "int", ("n-iter", "batch-count"), bounds=lambda lim: (1, lim.max_count)),
-        OptionSpec("checkpoint", "str", ("model", "ckpt")),
-        OptionSpec("vae", "str", ("sd-vae",)),
-        OptionSpec("clip-skip", "int", ("clipskip",), bounds=lambda lim: (1, lim.max_clip_skip)),
-        OptionSpec("rng", "choice", choices=lambda: list(RNG_CHOICES)),
-        OptionSpec("ensd", "int", ("eta-noise-seed-delta",), bounds=lambda _: (0, 2**31 - 1)),
-        OptionSpec("eta", "number", bounds=lambda _: (0, 1)),
-        OptionSpec("seed-resize-from", "pair"),
-        OptionSpec("denoise", "number", ("denoising-strength", "strength"), bounds=lambda _: (0, 1)),
-        OptionSpec("hires", "flag", ("hr", "hires-fix")),
-        OptionSpec("hr-scale", "number", ("hires-scale", "upscale"), bounds=lambda _: (1, 4)),
-        OptionSpec("hr-steps", "int", ("hires-steps",), bounds=lambda lim: (0, lim.max_steps)),
         OptionSpec(
-            "hr-upscaler", "choice", ("hires-upscaler", "upscaler"), choices=lambda: list(HIRES_UPSCALERS)
+            "cfg",
+            "number",
+            ("cfg-scale", "guidance"),
+            bounds=lambda lim: (lim.min_cfg, lim.max_cfg),
+            description="option.cfg",
         ),
-        OptionSpec("hr-resize", "pair", ("hires-resize",)),
-        OptionSpec("hr-prompt", "str", ("hires-prompt",)),
-        OptionSpec("hr-negative", "str", ("hires-negative",)),
-        OptionSpec("hr-sampler", "str", ("hires-sampler",)),
-        OptionSpec("hr-scheduler", "str", ("hires-scheduler",)),
+        OptionSpec("size", "size", ("wxh",), description="option.size"),
+        OptionSpec("seed", "seed", description="option.seed"),
+        OptionSpec(
+            "subseed", "seed", ("variation-seed", "var-seed"), description="option.subseed", advanced=True
+        ),
+        OptionSpec(
+            "subseed-strength",
+            "number",
+            ("variation-strength", "var-strength"),
+            bounds=lambda _: (0, 1),
+            description="option.subseed-strength",
+            advanced=True,
+        ),
+        OptionSpec("sampler", "str", description="option.sampler", autocomplete="samplers"),
+        OptionSpec(
+            "scheduler",
+            "str",
+            ("schedule", "schedule-type"),
+            description="option.scheduler",
+            autocomplete="schedules",
+        ),
+        OptionSpec(
+            "batch",
+            "int",
+            ("batch-size",),
+            bounds=lambda lim: (1, lim.max_batch_size),
+            description="option.batch",
+        ),
+        OptionSpec(
+            "count",
+            "int",
+            ("n-iter", "batch-count"),
+            bounds=lambda lim: (1, lim.max_count),
+            description="option.count",
+        ),
+        OptionSpec(
+            "checkpoint",
+            "str",
+            ("model", "ckpt"),
+            description="option.checkpoint",
+            autocomplete="checkpoints",
+        ),
+        OptionSpec("vae", "str", ("sd-vae",), description="option.vae", autocomplete="vaes"),
+        OptionSpec(
+            "clip-skip",
+            "int",
+            ("clipskip",),
+            bounds=lambda lim: (1, lim.max_clip_skip),
+            description="option.clip-skip",
+            advanced=True,
+        ),
+        OptionSpec(
+            "rng", "choice", choices=lambda: list(RNG_CHOICES), description="option.rng", advanced=True
+        ),
+        OptionSpec(
+            "ensd",
+            "int",
+            ("eta-noise-seed-delta",),
+            bounds=lambda _: (0, 2**31 - 1),
+            description="option.ensd",
+            advanced=True,
+        ),
+        OptionSpec("eta", "number", bounds=lambda _: (0, 1), description="option.eta", advanced=True),
+        OptionSpec("seed-resize-from", "pair", description="option.seed-resize-from", advanced=True),
+        OptionSpec(
+            "denoise",
+            "number",
+            ("denoising-strength", "strength"),
+            bounds=lambda _: (0, 1),
+            description="option.denoise",
+        ),
+        OptionSpec("hires", "flag", ("hr", "hires-fix"), description="option.hires"),
+        OptionSpec(
+            "hr-scale",
+            "number",
+            ("hires-scale", "upscale"),
+            bounds=lambda _: (1, 4),
+            description="option.hr-scale",
+            advanced=True,
+        ),
+        OptionSpec(
+            "hr-steps",
+            "int",
+            ("hires-steps",),
+            bounds=lambda lim: (0, lim.max_steps),
+            description="option.hr-steps",
+            advanced=True,
+        ),
+        OptionSpec(
+            "hr-upscaler",
+            "choice",
+            ("hires-upscaler", "upscaler"),
+            choices=lambda: list(HIRES_UPSCALERS),
+            description="option.hr-upscaler",
+            advanced=True,
+        ),
+        OptionSpec("hr-resize", "pair", ("hires-resize",), description="option.hr-resize", advanced=True),
+        OptionSpec("hr-prompt", "str", ("hires-prompt",), description="option.hr-prompt", advanced=True),
+        OptionSpec(
+            "hr-negative", "str", ("hires-negative",), description="option.hr-negative", advanced=True
+        ),
+        OptionSpec(
+            "hr-sampler",
+            "str",
+            ("hires-sampler",),
+            description="option.hr-sampler",
+            autocomplete="samplers",
+            advanced=True,
+        ),
+        OptionSpec(
+            "hr-scheduler",
+            "str",
+            ("hires-scheduler",),
+            description="option.hr-scheduler",
+            autocomplete="schedules",
+            advanced=True,
+        ),
     ):
         table.add(spec)
     return table

@@ -23,18 +23,22 @@ from typing import TYPE_CHECKING, Any
 from ulid import ULID
 
 from bot.commands import parse_args, split_command
+from bot.dispatch import run_command
 from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
+from bot.help import help_command
 from bot.inputs import check_uploads, store_input_image
 from bot.leases import owner_gone
 from bot.options import draw_options
 from bot.plugins import maybe_await
 from bot.reruns import draw_line, options_from_infotext, split_infotext
 from bot.result_files import discard_staged, put_in_place, stage_images
+from bot.schema import DRAW_OPTIONS
 from bot.types import (
     Action,
     Actor,
     Admission,
+    Argument,
     Attachment,
     Cancelled,
     Command,
@@ -42,6 +46,7 @@ from bot.types import (
     Denial,
     DrawRequest,
     Failed,
+    FileInput,
     Finished,
     ImageOut,
     Invocation,
@@ -116,7 +121,7 @@ class Service:
                     allowed=", ".join("/" + n for n in visible),
                 )
             check_uploads(invocation.attachments, self.app.settings.limits.max_upload_bytes)
-            result = await command.handler(CommandContext(invocation, self.app))
+            result = await run_command(self.app, command, invocation)
         except UserError as exc:
             return [Reply(exc.key, exc.params, error=True)]
         except Exception as exc:
@@ -513,26 +518,25 @@ def _may_touch(record: GenerationRecord, actor: Actor) -> bool:
 
 
 async def cancel_command(ctx: CommandContext) -> Reply:
-    generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="cancel", what="ID")
-    return await ctx.app.service.cancel(generation_id, ctx.actor)
-
-
-async def help_command(ctx: CommandContext) -> list[Reply]:
-    app = ctx.app
-    replies = [Reply("help.header")]
-    for command in sorted(app.commands.items.values(), key=lambda c: c.name):
-        if command.hidden or not command.help_key:
-            continue
-        params = {"options": ", ".join("--" + n for n in app.service.options.names())}
-        replies.append(Reply(command.help_key, params))
-    return replies
+    return await ctx.app.service.cancel(ctx.text.strip(), ctx.actor)
 
 
 def core_commands(service: Service) -> list[Command]:
+    """/draw, /cancel and /help: the commands that work with every plugin disabled."""
     return [
-        Command("draw", service.draw_command, "help.draw"),
-        Command("cancel", cancel_command, "help.cancel"),
-        Command("help", help_command, "help.help"),
+        Command(
+            "draw",
+            service.draw_command,
+            "cmd.draw",
+            arguments=(Argument("prompt", "text", "arg.prompt", required=False),),
+            options=DRAW_OPTIONS,
+            attachment=FileInput("file.draw"),
+        ),
+        Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command(
+            "help",
+            help_command,
+            "cmd.help",
+            arguments=(Argument("command", "text", "arg.command", required=False, autocomplete="commands"),),
+        ),
     ]

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+# the command schema's types, importable where plugins import the other core types
+from bot.options import OptionSpec as OptionSpec
+from bot.schema import Argument as Argument
+from bot.schema import AutocompleteContext as AutocompleteContext
+from bot.schema import AutocompleteSource as AutocompleteSource
+from bot.schema import Choice as Choice
+from bot.schema import Command as Command
+from bot.schema import FileInput as FileInput
 from pipeline.request import GenerationRequest
 
 
@@ -332,10 +340,17 @@ class Notice(JobEvent):
 
 @dataclass(frozen=True)
 class CommandContext:
-    """What a command handler gets: the invocation and the App (the core's public surface)."""
+    """What a command handler gets: the invocation, the App (the core's public surface)
+    and what dispatch read from the text with the command's schema (``bot.schema``):
+    the command or subcommand that runs, its path (``("style", "save")``), the text left
+    for its positional arguments and its converted options."""
 
     invocation: Invocation
     app: Any
+    command: Command | None = None
+    path: tuple[str, ...] = ()
+    rest: str | None = None  # the positional text; None: the invocation's whole text
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def actor(self) -> Actor:
@@ -343,14 +358,4 @@ class CommandContext:
 
     @property
     def text(self) -> str:
-        return self.invocation.text
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command (or an action's target). ``handler(ctx)`` returns replies (list, one, or None)."""
-
-    name: str
-    handler: Any  # async (CommandContext) -> list[Reply] | Reply | None
-    help_key: str | None = None
-    hidden: bool = False  # actions' targets that need not appear in /help
+        return self.invocation.text if self.rest is None else self.rest

@@ -43,7 +43,7 @@ from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.service import actor_of, default_plan, is_owner
-from bot.types import Action, Admission, Command, CommandContext, Denial, Plan, Reply, Route
+from bot.types import Action, Admission, Argument, Command, CommandContext, Denial, Plan, Reply, Route
 from models.preferences import PreferenceStore
 from models.records import GenerationRecord
 from models.tables import OPEN_STATUSES
@@ -91,7 +91,7 @@ async def startup(app: Any) -> None:
 
 @hookimpl
 def register_options(register: Any) -> None:
-    register(OptionSpec(FLAG, "flag", help="keep drawing new seeds until stopped"))
+    register(OptionSpec(FLAG, "flag", description="option.forever"))
 
 
 @hookimpl
@@ -151,8 +151,8 @@ async def generation_ended(record: Any, app: Any) -> None:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("forever", forever_command, "help.forever"))
-    register(Command("stop", stop_command, "help.stop"))
+    register(Command("forever", forever_command, "cmd.forever", (Argument("id", "id", "arg.generation"),)))
+    register(Command("stop", stop_command, "cmd.stop", (Argument("id", "id", "arg.forever_run"),)))
 
 
 # the run ---------------------------------------------------------------------------------------
@@ -246,8 +246,6 @@ async def _end_stranded_runs(app: Any) -> None:
 async def forever_command(ctx: CommandContext) -> list[Reply]:
     """``/forever ID``: a run of that result's request, a child of it."""
     generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="forever", what="ID")
     record = await ctx.app.service.visible(generation_id, ctx.actor)
     return await ctx.app.service.draw(
         ctx.actor,
@@ -262,8 +260,6 @@ async def stop_command(ctx: CommandContext) -> Reply:
     """``/stop ID`` (ID of any job of the run): no new job; a queued one is cancelled."""
     app, actor = ctx.app, ctx.actor
     generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="stop", what="ID")
     record = await app.service.visible(generation_id, actor)
     if record.plan != PLAN:
         raise NotFound("forever.not_a_run", id=generation_id)

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.draw import options_from_request
-from bot.errors import UserError
-from bot.governance import require_moderator
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.service import default_plan
-from bot.types import Action, Admission, Command, CommandContext, Reply
+from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 
 @hookimpl(trylast=True)
@@ -61,16 +59,24 @@ def _refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("reroll", reroll, "help.reroll"))
-    register(Command("samplers", samplers, "help.samplers"))
-    register(Command("models", models, "help.models"))
+    register(Command("reroll", reroll, "cmd.reroll", arguments=(Argument("id", "id", "arg.generation"),)))
+    register(Command("samplers", samplers, "cmd.samplers"))
+    register(
+        Command(
+            "models",
+            description="cmd.models",
+            subcommands=(
+                Command("list", models, "cmd.models.list"),
+                Command("refresh", refresh_models, "cmd.models.refresh", moderator=True),
+            ),
+            default="list",
+        )
+    )
 
 
 async def reroll(ctx: CommandContext) -> list[Reply]:
     """The same request with a new random seed, as a child of the original."""
     generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="reroll", what="ID")
     record = await ctx.app.service.visible(generation_id, ctx.actor)
     options = {**options_from_request(record.request), "seed": -1}
     return await ctx.app.service.draw(
@@ -142,20 +148,18 @@ def _unreadable_reply(ctx: CommandContext, data: dict[str, Any]) -> list[Reply]:
     return [Reply("models.unreadable", {"count": len(skipped), "list": "\n".join(lines)})]
 
 
+async def refresh_models(ctx: CommandContext) -> list[Reply]:
+    """``/models refresh`` (moderators): rescan the folder after files were added or removed."""
+    await asyncio.to_thread(ctx.app.library.refresh)
+    data = await asyncio.to_thread(model_lists, ctx.app)
+    counts = {kind: len(data[kind]) for kind in ("checkpoints", "vaes", "loras", "hypernetworks")}
+    refreshed = Reply("models.refreshed", {**counts, "embeddings": len(data["embeddings"])}, data=data)
+    return [refreshed, *_unreadable_reply(ctx, data)]
+
+
 async def models(ctx: CommandContext) -> list[Reply]:
     """The checkpoints (short hash when known, the default marked) and the other model files,
-    then the files that were skipped and why; ``/models refresh`` (moderators) rescans the
-    folder after files were added or removed."""
-    argument = ctx.text.strip().casefold()
-    if argument == "refresh":
-        await require_moderator(ctx, "models.refresh")
-        await asyncio.to_thread(ctx.app.library.refresh)
-        data = await asyncio.to_thread(model_lists, ctx.app)
-        counts = {kind: len(data[kind]) for kind in ("checkpoints", "vaes", "loras", "hypernetworks")}
-        refreshed = Reply("models.refreshed", {**counts, "embeddings": len(data["embeddings"])}, data=data)
-        return [refreshed, *_unreadable_reply(ctx, data)]
-    if argument:
-        raise UserError("error.unknown_subcommand", name="models", value=ctx.text.strip(), allowed="refresh")
+    then the files that were skipped and why."""
     data = await asyncio.to_thread(model_lists, ctx.app)
     hashes, default = data["checkpoint_hashes"], data["default_checkpoint"]
     checkpoints = [

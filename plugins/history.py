@@ -24,23 +24,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ulid import ULID
 
-from bot.commands import parse_args
-from bot.errors import NotFound, UserError
+from bot.errors import CommandSyntaxError, NotFound, UserError
 from bot.governance import (
     audit,
     format_time,
     named_user,
-    options_of,
     parse_duration,
     require_moderator,
     user_key,
     whole_number,
 )
+from bot.help import usage_of
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec, parse_int, shown
 from bot.service import may_see
-from bot.types import Command, CommandContext, OutgoingFile, Reply
+from bot.types import Argument, Command, CommandContext, OutgoingFile, Reply
 from models.records import GenerationRecord
 
 _PAGE = re.compile(r"^[+-]?\d+$")
@@ -49,10 +48,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 PROMPT_CHARS = 48  # of the prompt shown on a /history line
 
 
+MAX_EXPORT = 5000  # generations in one /export at most, whatever the config says
+
+
 class HistoryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     page_size: int = Field(10, ge=1, le=50)
-    export_limit: int = Field(200, ge=1, le=5000)
+    export_limit: int = Field(200, ge=1, le=MAX_EXPORT)
 
 
 def config(app: Any) -> HistoryConfig:
@@ -72,7 +74,7 @@ def startup(app: Any) -> None:
 
 @hookimpl
 def register_options(register: Any) -> None:
-    register(OptionSpec("private", "flag", help="only you and moderators can see the result"))
+    register(OptionSpec("private", "flag", description="option.private"))
 
 
 @hookimpl
@@ -86,9 +88,26 @@ async def check_request(request: Any, actor: Any, app: Any) -> None:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("history", history_command, "help.history"))
-    register(Command("show", show_command, "help.show"))
-    register(Command("export", export_command, "help.export"))
+    history_arguments = (
+        Argument("user", "user", "arg.other_user", required=False),
+        Argument("page", "integer", "arg.page", required=False),
+    )
+    register(Command("history", history_command, "cmd.history", history_arguments, guard=history_guard))
+    register(Command("show", show_command, "cmd.show", (Argument("id", "id", "arg.generation"),)))
+    export_options = (
+        OptionSpec("since", "since", description="option.export.since"),
+        OptionSpec("limit", "int", bounds=lambda _: (1, MAX_EXPORT), description="option.export.limit"),
+    )
+    register(
+        Command(
+            "export",
+            export_command,
+            "cmd.export",
+            (Argument("user", "user", "arg.other_user", required=False),),
+            export_options,
+            guard=export_guard,
+        )
+    )
 
 
 # /history --------------------------------------------------------------------------------------
@@ -103,7 +122,9 @@ def _history_args(ctx: CommandContext) -> tuple[str | None, str | None]:
         elif not _PAGE.match(word) and who is None:
             who = user_key(word, ctx.actor)
         else:
-            raise UserError("history.usage", value=shown(ctx.text))
+            raise CommandSyntaxError(
+                "error.unexpected_text", command="history", value=shown(ctx.text), usage=usage_of(ctx)
+            )
     return who, page
 
 
@@ -154,10 +175,17 @@ def _line(ctx: CommandContext, record: GenerationRecord) -> str:
     )
 
 
+async def history_guard(ctx: CommandContext) -> None:
+    await _others_for_moderators(ctx, "history", [w for w in ctx.text.split() if not _PAGE.match(w)])
+
+
+async def export_guard(ctx: CommandContext) -> None:
+    await _others_for_moderators(ctx, "export", ctx.text.split())
+
+
 async def history_command(ctx: CommandContext) -> Reply:
     """``/history [page]``; moderators: ``/history @user [page]``. Newest first."""
     app = ctx.app
-    await _others_for_moderators(ctx, "history", [w for w in ctx.text.split() if not _PAGE.match(w)])
     who, page_text = _history_args(ctx)
     key = who or ctx.actor.key
     platform, _, platform_user_id = key.partition(":")
@@ -184,10 +212,7 @@ async def history_command(ctx: CommandContext) -> Reply:
 async def show_command(ctx: CommandContext) -> Reply:
     """A generation again: its images, parameters, buttons and lineage (parent, children)."""
     app, actor = ctx.app, ctx.actor
-    generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="show", what="ID")
-    record = await app.service.visible(generation_id, actor)
+    record = await app.service.visible(ctx.text.strip(), actor)
     parent = await app.store.get(record.parent_id) if record.parent_id else None
     parent_id = parent.id if parent is not None and may_see(parent, actor) else None
     children = [child.id for child in await app.store.children(record.id) if may_see(child, actor)]
@@ -322,19 +347,15 @@ async def export_command(ctx: CommandContext) -> Reply:
     moderators: ``/export @user ...`` (written to the audit log, as it hands over files)."""
     app, actor = ctx.app, ctx.actor
     cfg = config(app)
-    await _others_for_moderators(ctx, "export", ctx.text.split())
-    parsed = parse_args(ctx.text)
     owner = actor.key
-    if parsed.text:
-        if len(parsed.text.split()) != 1:
-            raise UserError("history.export_usage", value=shown(parsed.text), max=cfg.export_limit)
-        owner = user_key(parsed.text, actor)
+    if ctx.text:
+        owner = user_key(ctx.text, actor)
         if owner != actor.key:
             await require_moderator(ctx, "export", owner)  # quotes can make it differ from the first word
-    options = options_of(parsed.options, {"since": True, "limit": True})
+    options = ctx.options
     limit = cfg.export_limit
-    if "limit" in options:
-        limit = whole_number("limit", options["limit"], minimum=1, maximum=cfg.export_limit)
+    if "limit" in options:  # within the configured limit, which the schema cannot know
+        limit = whole_number("limit", str(options["limit"]), minimum=1, maximum=cfg.export_limit)
     since = _since(options["since"]) if "since" in options else None
     platform, _, platform_user_id = owner.partition(":")
     user = await app.store.find_user(platform, platform_user_id)

@@ -22,14 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.commands import parse_args
 from bot.draw import options_from_request
 from bot.errors import NotFound
 from bot.hookspecs import hookimpl
 from bot.inputs import store_input_image
-from bot.options import OptionSpec, OptionTable
+from bot.options import OptionSpec
 from bot.types import Action, Attachment, Command, CommandContext, Reply
-from plugins.variations import pick_image, thread_key_of
+from plugins.variations import IMAGE, pick_image, thread_key_of
 
 
 class Img2ImgConfig(BaseModel):
@@ -41,13 +40,15 @@ def config(app: Any) -> Img2ImgConfig:
     return app.settings.plugin_config("img2img", Img2ImgConfig)  # type: ignore[return-value]
 
 
-def _refine_options() -> OptionTable:
-    table = OptionTable()
-    table.add(OptionSpec("denoise", "number", ("denoising-strength", "strength"), bounds=lambda _: (0, 1)))
-    return table
-
-
-REFINE_OPTIONS = _refine_options()
+REFINE_OPTIONS = (
+    OptionSpec(
+        "denoise",
+        "number",
+        ("denoising-strength", "strength"),
+        bounds=lambda _: (0, 1),
+        description="option.denoise",
+    ),
+)
 
 
 @hookimpl
@@ -65,14 +66,12 @@ def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("refine", refine, "help.refine"))
+    register(Command("refine", refine, "cmd.refine", (IMAGE,), REFINE_OPTIONS))
 
 
 async def refine(ctx: CommandContext) -> list[Reply]:
-    app = ctx.app
-    parsed = parse_args(ctx.text)
-    given = REFINE_OPTIONS.convert(parsed, app.settings.limits)
-    record, image = await pick_image(app, ctx.actor, "refine", parsed.text)
+    app, given = ctx.app, ctx.options
+    record, image = await pick_image(app, ctx.actor, ctx.text)
     try:
         data = await app.images.read(image.id)
     except NotFound:  # the files were removed while the row stayed

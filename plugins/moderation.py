@@ -18,25 +18,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bot.commands import parse_args
 from bot.errors import NotFound, PermissionDenied, UserError
 from bot.governance import (
     GLOBAL,
     audit,
     format_time,
-    named_user,
-    options_of,
     parse_duration,
     require_moderator,
     scope_of,
     user_key,
-    whole_number,
 )
+from bot.help import missing_argument
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
-from bot.options import shown
+from bot.options import OptionSpec
 from bot.service import is_owner
-from bot.types import Admission, Command, CommandContext, Denial, Reply
+from bot.types import Admission, Argument, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
 GLOBAL_MODERATOR = "global_moderator"
@@ -159,14 +156,33 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
     return Denial(f"moderation.nsfw_{nsfw}", {"word": found})
 
 
+USER = Argument("user", "user", "arg.user")
+GLOBAL_FLAG = OptionSpec("global", "flag", description="option.moderation.global")
+WORD_OPTIONS = (OptionSpec("regex", "str", description="option.words.regex"), GLOBAL_FLAG)
+WORD = Argument("word", "text", "arg.word", required=False)  # or --regex PATTERN
+
+
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("ban", ban_command, "help.ban"))
-    register(Command("unban", unban_command, "help.unban"))
-    register(Command("bans", bans_command, "help.bans"))
-    register(Command("words", words_command, "help.words"))
-    register(Command("audit", audit_command, "help.audit"))
-    register(Command("delete", delete_command, "help.delete"))
+    """Every command here but /delete is for moderators as a whole: dispatch checks the
+    role (and audits a refusal) before it reads any argument."""
+    ban_options = (
+        OptionSpec("for", "duration", description="option.ban.for"),
+        OptionSpec("reason", "str", description="option.ban.reason"),
+        GLOBAL_FLAG,
+    )
+    register(Command("ban", ban_command, "cmd.ban", (USER,), ban_options, moderator=True))
+    register(Command("unban", unban_command, "cmd.unban", (USER,), (GLOBAL_FLAG,), moderator=True))
+    register(Command("bans", bans_command, "cmd.bans", moderator=True))
+    words = (
+        Command("list", list_words, "cmd.words.list"),
+        Command("add", add_word, "cmd.words.add", (WORD,), WORD_OPTIONS),
+        Command("remove", remove_word, "cmd.words.remove", (WORD,), WORD_OPTIONS),
+    )
+    register(Command("words", description="cmd.words", subcommands=words, default="list", moderator=True))
+    limit = OptionSpec("limit", "int", bounds=lambda _: (1, 200), description="option.audit.limit")
+    register(Command("audit", audit_command, "cmd.audit", options=(limit,), moderator=True))
+    register(Command("delete", delete_command, "cmd.delete", (Argument("id", "id", "arg.generation"),)))
 
 
 # commands --------------------------------------------------------------------------------------
@@ -185,14 +201,8 @@ def _where(scope: str) -> Any:
 
 
 async def ban_command(ctx: CommandContext) -> Reply:
-    await require_moderator(ctx, "ban", named_user(ctx.text, ctx.actor))
-    parsed = parse_args(ctx.text)
-    target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    if target is None:
-        raise UserError(
-            "error.missing_argument", name="ban", what="@USER [--for 1d] [--reason TEXT] [--global]"
-        )
-    options = options_of(parsed.options, {"for": True, "reason": True, "global": False})
+    target = user_key(ctx.text, ctx.actor)
+    options = ctx.options
     scope = _target_scope(ctx, options)
     expires = datetime.now(UTC) + parse_duration(options["for"]) if "for" in options else None
     reason = options.get("reason", "")
@@ -213,12 +223,8 @@ async def ban_command(ctx: CommandContext) -> Reply:
 
 
 async def unban_command(ctx: CommandContext) -> Reply:
-    await require_moderator(ctx, "unban", named_user(ctx.text, ctx.actor))
-    parsed = parse_args(ctx.text)
-    target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    if target is None:
-        raise UserError("error.missing_argument", name="unban", what="@USER [--global]")
-    scope = _target_scope(ctx, options_of(parsed.options, {"global": False}))
+    target = user_key(ctx.text, ctx.actor)
+    scope = _target_scope(ctx, ctx.options)
     removed = await ModerationStore(ctx.app.store).unban(target, scope)
     await audit(ctx, "unban", target=target, scope=scope, removed=removed)
     if not removed:
@@ -227,7 +233,6 @@ async def unban_command(ctx: CommandContext) -> Reply:
 
 
 async def bans_command(ctx: CommandContext) -> Reply:
-    await require_moderator(ctx, "bans")
     bans = await ModerationStore(ctx.app.store).bans([scope_of(ctx.actor), GLOBAL])
     if not bans:
         return Reply("moderation.no_bans")
@@ -240,53 +245,50 @@ async def bans_command(ctx: CommandContext) -> Reply:
     return Reply("moderation.bans", {"count": len(bans), "list": "\n".join(lines)}, data=data)
 
 
-async def words_command(ctx: CommandContext) -> Reply:
-    words = ctx.text.split(maxsplit=1)
-    sub = words[0].lower() if words else "list"
-    known = sub in ("list", "add", "remove")
-    await require_moderator(ctx, f"words.{sub}" if known else "words")  # before the usage is checked
-    if not known:
-        raise UserError("moderation.words_usage", value=shown(sub))
-    parsed = parse_args(words[1] if len(words) > 1 else "")
-    options = options_of(parsed.options, {"regex": True, "global": False})
-    scope = _target_scope(ctx, options)
-    store = ModerationStore(ctx.app.store)
-    if sub == "list":
-        rules = await store.rules([scope_of(ctx.actor), GLOBAL])
-        cfg = config(ctx.app)
-        listed = [f"{r.kind}: {r.pattern}" for r in rules]
-        listed += [f"word: {w} (config)" for w in cfg.blocked_words]
-        listed += [f"regex: {p} (config)" for p in cfg.blocked_patterns]
-        return Reply("moderation.words", {"list": "\n".join(listed) or "-"})
+async def list_words(ctx: CommandContext) -> Reply:
+    rules = await ModerationStore(ctx.app.store).rules([scope_of(ctx.actor), GLOBAL])
+    cfg = config(ctx.app)
+    listed = [f"{r.kind}: {r.pattern}" for r in rules]
+    listed += [f"word: {w} (config)" for w in cfg.blocked_words]
+    listed += [f"regex: {p} (config)" for p in cfg.blocked_patterns]
+    return Reply("moderation.words", {"list": "\n".join(listed) or "-"})
+
+
+def _rule(ctx: CommandContext) -> tuple[str, str]:
+    """``(kind, pattern)``: a word, or with ``--regex`` a pattern (then no word)."""
+    options = ctx.options
     kind = "regex" if "regex" in options else "word"
-    pattern = (options["regex"] if kind == "regex" else parsed.text).strip()
-    if not pattern or (kind == "regex" and parsed.text.strip()):
-        raise UserError("error.missing_argument", name=f"words {sub}", what="WORD (or --regex PATTERN)")
+    pattern = (options["regex"] if kind == "regex" else ctx.text).strip()
+    if not pattern or (kind == "regex" and ctx.text.strip()):
+        raise missing_argument(ctx)
     if kind == "regex":
         try:
             re.compile(pattern)
         except re.error as exc:
             raise UserError("moderation.bad_regex", pattern=pattern, detail=str(exc)) from None
-    if sub == "add":
-        changed = await store.add_rule(scope, kind, pattern, ctx.actor.key)
-    else:
-        changed = await store.remove_rule(scope, kind, pattern)
-    await audit(ctx, f"words.{sub}", target=pattern, scope=scope, kind=kind, changed=changed)
-    if sub == "remove" and not changed:
+    return kind, pattern
+
+
+async def add_word(ctx: CommandContext) -> Reply:
+    kind, pattern = _rule(ctx)
+    scope = _target_scope(ctx, ctx.options)
+    changed = await ModerationStore(ctx.app.store).add_rule(scope, kind, pattern, ctx.actor.key)
+    await audit(ctx, "words.add", target=pattern, scope=scope, kind=kind, changed=changed)
+    return Reply("moderation.word_added", {"word": pattern, "where": _where(scope)})
+
+
+async def remove_word(ctx: CommandContext) -> Reply:
+    kind, pattern = _rule(ctx)
+    scope = _target_scope(ctx, ctx.options)
+    changed = await ModerationStore(ctx.app.store).remove_rule(scope, kind, pattern)
+    await audit(ctx, "words.remove", target=pattern, scope=scope, kind=kind, changed=changed)
+    if not changed:
         raise NotFound("moderation.no_such_word", word=pattern)
-    return Reply(f"moderation.word_{sub}ed", {"word": pattern, "where": _where(scope)})
+    return Reply("moderation.word_removed", {"word": pattern, "where": _where(scope)})
 
 
 async def audit_command(ctx: CommandContext) -> Reply:
-    await require_moderator(ctx, "audit")
-    parsed = parse_args(ctx.text)
-    options = options_of(parsed.options, {"limit": True})
-    cfg = config(ctx.app)
-    limit = (
-        whole_number("limit", options["limit"], minimum=1, maximum=200)
-        if "limit" in options
-        else cfg.audit_limit
-    )
+    limit = ctx.options.get("limit", config(ctx.app).audit_limit)
     scopes = [scope_of(ctx.actor)]
     if GLOBAL_MODERATOR in ctx.actor.roles:
         scopes.append(GLOBAL)
@@ -307,8 +309,6 @@ async def audit_command(ctx: CommandContext) -> Reply:
 
 async def delete_command(ctx: CommandContext) -> Reply:
     generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="delete", what="ID")
     app = ctx.app
     record = await app.service.visible(generation_id, ctx.actor)
     owner = is_owner(record, ctx.actor)

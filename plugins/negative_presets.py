@@ -22,32 +22,44 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bot.autocomplete import list_choices
 from bot.commands import parse_args
 from bot.draw import join_parts
 from bot.errors import NotFound, UserError
-from bot.governance import audit, options_of
+from bot.governance import audit
+from bot.help import missing_argument
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.settings import ConfigError
-from bot.types import Command, CommandContext, Reply
+from bot.types import (
+    Argument,
+    AutocompleteContext,
+    AutocompleteSource,
+    Choice,
+    Command,
+    CommandContext,
+    Reply,
+)
 from models.preferences import PreferenceStore
 from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
 from models.styles import NAME_LENGTH
 from plugins.scoped_names import (
     CONFIG_OWNER,
+    SCOPE_OPTIONS,
     available,
     by_scope,
     check_length,
     check_name,
-    dispatch,
     find,
+    labelled,
     listed,
     listing,
     mirror,
     names_in,
     own_scopes,
     refill,
+    refreshed,
     split_name,
     split_names,
     target_scope,
@@ -94,12 +106,43 @@ def register_negative_presets(register: Any) -> None:
 
 @hookimpl
 def register_options(register: Any) -> None:
-    register(OptionSpec("preset", "str", ("presets",), help="negative presets, comma-separated, or none"))
+    register(OptionSpec("preset", "names", ("presets",), description="option.preset", autocomplete=PRESETS))
 
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("preset", preset_command, "help.preset"))
+    name = Argument("name", "word", "arg.preset_name", autocomplete=PRESETS)
+    subcommands = (
+        Command("list", refreshed(load, _list), "cmd.preset.list"),
+        Command("show", refreshed(load, _show), "cmd.preset.show", (name,)),
+        Command(
+            "save",
+            refreshed(load, _save),
+            "cmd.preset.save",
+            (Argument("name", "word", "arg.preset_new_name"), Argument("text", "text", "arg.preset_text")),
+            SCOPE_OPTIONS,
+        ),
+        Command("delete", refreshed(load, _delete), "cmd.preset.delete", (name,), SCOPE_OPTIONS),
+        Command(
+            "default",
+            refreshed(load, _default),
+            "cmd.preset.default",
+            (Argument("names", "text", "arg.preset_default", required=False, autocomplete=PRESETS),),
+            SCOPE_OPTIONS,
+        ),
+    )
+    register(Command("preset", description="cmd.preset", subcommands=subcommands, default="list"))
+
+
+@hookimpl
+def register_autocomplete(register: Any) -> None:
+    register(AutocompleteSource(PRESETS, complete_presets))
+
+
+async def complete_presets(ctx: AutocompleteContext) -> list[Choice]:
+    """The presets ``ctx.actor`` may use, each named with where it comes from."""
+    await load(ctx.app, own_scopes(ctx.actor))
+    return list_choices(labelled(ctx.app, PRESETS, ctx.actor, ctx.app.presets), ctx.partial)
 
 
 @hookimpl
@@ -173,22 +216,11 @@ def modify_request(draft: Any, actor: Any, app: Any) -> None:
 # /preset ---------------------------------------------------------------------------------------
 
 
-async def preset_command(ctx: CommandContext) -> Reply:
-    handlers = {"list": _list, "show": _show, "save": _save, "delete": _delete, "default": _default}
-    return await dispatch(ctx, handlers, "list", lambda: load(ctx.app, own_scopes(ctx.actor)))
-
-
-def _options(rest: str, scoped: bool = True) -> tuple[str, dict[str, Any]]:
-    parsed = parse_args(rest)
-    return parsed.text, options_of(parsed.options, {"chat": False, "guild": False} if scoped else {})
-
-
 def _scope_of(preset: Any) -> str:
     return preset.scope if isinstance(preset, SavedText) else "global"
 
 
-async def _list(ctx: CommandContext, rest: str) -> Reply:
-    _options(rest, scoped=False)
+async def _list(ctx: CommandContext) -> Reply:
     found = listing(ctx.app, PRESETS, ctx.actor, ctx.app.presets)
     scope, names = default_names(ctx.app, ctx.actor)
     params = {kind: listed(names) for kind, names in found.items()}
@@ -202,10 +234,8 @@ def _default_text(scope: Scope | None, names: list[str]) -> Any:
     return Msg("preset.default_where", {"names": ", ".join(names), "where": where(scope or "global")})
 
 
-async def _show(ctx: CommandContext, rest: str) -> Reply:
-    name, _ = _options(rest, scoped=False)
-    if not name:
-        raise UserError("error.missing_argument", name="preset show", what="NAME")
+async def _show(ctx: CommandContext) -> Reply:
+    name = ctx.text
     preset = find_preset(ctx.app, own_scopes(ctx.actor), name)
     if preset is None:
         raise _unknown(ctx.app, ctx.actor, name)
@@ -216,17 +246,14 @@ async def _show(ctx: CommandContext, rest: str) -> Reply:
     )
 
 
-async def _save(ctx: CommandContext, rest: str) -> Reply:
-    text, options = _options(rest)
-    name, negative = split_name(text)
-    if not name:
-        raise UserError("error.missing_argument", name="preset save", what="NAME TEXT")
-    scope = await target_scope(ctx, options, "preset.save", name)
+async def _save(ctx: CommandContext) -> Reply:
+    name, negative = split_name(ctx.text)
+    scope = await target_scope(ctx, ctx.options, "preset.save", name)
     cfg, limits = config(ctx.app), ctx.app.settings.limits
     check_name(name, cfg.max_name_length, RESERVED)
     negative = parse_args(negative).text
     if not negative.strip():
-        raise UserError("preset.empty")
+        raise missing_argument(ctx, "text")
     check_length(name, "negative", negative, limits)
     try:
         added, _ = await StyleStore(ctx.app.store).save_presets(
@@ -244,11 +271,9 @@ async def _save(ctx: CommandContext, rest: str) -> Reply:
     )
 
 
-async def _delete(ctx: CommandContext, rest: str) -> Reply:
-    name, options = _options(rest)
-    if not name:
-        raise UserError("error.missing_argument", name="preset delete", what="NAME [--chat | --guild]")
-    scope = await target_scope(ctx, options, "preset.delete", name)
+async def _delete(ctx: CommandContext) -> Reply:
+    name = ctx.text
+    scope = await target_scope(ctx, ctx.options, "preset.delete", name)
     removed = await StyleStore(ctx.app.store).delete_preset(scope, name)
     if removed is not None:
         # a default of the same scope that named it would only dangle
@@ -269,13 +294,13 @@ async def _delete(ctx: CommandContext, rest: str) -> Reply:
     return Reply("preset.deleted", {"name": removed.name, "where": where(scope)})
 
 
-async def _default(ctx: CommandContext, rest: str) -> Reply:
+async def _default(ctx: CommandContext) -> Reply:
     """``/preset default``: what applies; ``NAME[,NAME]``, ``none`` or ``reset`` changes it."""
-    text, options = _options(rest)
+    text, options = ctx.text, ctx.options
     app = ctx.app
     if not text:
         if options:
-            raise UserError("error.missing_argument", name="preset default", what="NAME | none | reset")
+            raise missing_argument(ctx)
         scope, names = default_names(app, ctx.actor)
         return Reply("preset.default_is", {"default": _default_text(scope, names)}, data={"default": names})
     scope = await target_scope(ctx, options, "preset.default", text)

@@ -19,11 +19,12 @@ from typing import Any
 from ulid import ULID
 
 from bot.errors import NotFound, UserError
+from bot.help import missing_argument
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import shown
 from bot.reruns import draw_line, options_from_infotext
-from bot.types import Action, Command, CommandContext, Reply
+from bot.types import Action, Argument, Command, CommandContext, FileInput, Reply
 from models.preferences import GLOBAL, PreferenceStore
 
 READABLE_FORMATS = ("PNG", "JPEG", "WEBP")  # where A1111 (and NovelAI) keep parameters
@@ -33,8 +34,17 @@ KEY_PREFIX = "pnginfo."
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("pnginfo", pnginfo, "help.pnginfo"))
-    register(Command("rerun", rerun, hidden=True))
+    register(
+        Command(
+            "pnginfo",
+            pnginfo,
+            "cmd.pnginfo",
+            # raw: a pasted infotext is read as it is, whatever dashes it holds
+            arguments=(Argument("source", "raw", "arg.pnginfo_source", required=False),),
+            attachment=FileInput("file.pnginfo"),
+        )
+    )
+    register(Command("rerun", rerun, hidden=True, arguments=(Argument("key", "word"),)))
 
 
 def _image_infotext(name: str, data: bytes) -> str | None:
@@ -69,7 +79,7 @@ async def _source_text(ctx: CommandContext) -> str | None:
         record = await ctx.app.service.visible(text.upper(), ctx.actor)
         return record.images[0].infotext if record.images else None
     if not text:
-        raise UserError("error.missing_argument", name="pnginfo", what="PNG")
+        raise missing_argument(ctx)
     return text
 
 

@@ -20,25 +20,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.commands import parse_args
 from bot.errors import UserError
 from bot.governance import (
     GLOBAL,
     audit,
     format_time,
-    named_user,
-    number,
-    options_of,
     require_moderator,
     scope_key,
     scope_of,
     user_key,
-    whole_number,
 )
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
+from bot.options import OptionSpec
 from bot.service import default_plan
-from bot.types import Admission, Command, CommandContext, Denial, DrawRequest, Reply
+from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply
 from models.quota_store import Limits, QuotaStore, Usage
 
 log = logging.getLogger(__name__)
@@ -285,21 +281,31 @@ async def _settle(record: Any, app: Any, outcome: str) -> None:
     )
 
 
+AMOUNTS = (
+    OptionSpec("images", "int", bounds=lambda _: (0, 10**9), description="option.quota.images"),
+    OptionSpec("gpu-seconds", "number", bounds=lambda _: (0, 10**9), description="option.quota.gpu-seconds"),
+)
+
+
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("quota", quota_command, "help.quota"))
+    user = Argument("user", "user", "arg.user")
+    subcommands = (
+        Command(
+            "show", quota_command, "cmd.quota.show", (Argument("user", "user", "arg.other_user", False),)
+        ),
+        Command("set", _moderate, "cmd.quota.set", (user,), AMOUNTS, moderator=True),
+        Command("reset", _moderate, "cmd.quota.reset", (user,), moderator=True),
+        Command("grant", _moderate, "cmd.quota.grant", (user,), AMOUNTS, moderator=True),
+    )
+    register(Command("quota", description="cmd.quota", subcommands=subcommands, default="show"))
 
 
 # /quota ----------------------------------------------------------------------------------------
 
-_SUBCOMMANDS = ("set", "reset", "grant")
-
 
 async def quota_command(ctx: CommandContext) -> Reply:
-    words = ctx.text.split(maxsplit=1)
-    if words and words[0].lower() in _SUBCOMMANDS:
-        sub, rest = words[0].lower(), (words[1] if len(words) > 1 else "")
-        return await _moderate(ctx, sub, rest)
+    """``/quota [@user]``: one's own budget, or (moderators) another user's."""
     text = ctx.text.strip()
     if not text:
         return await _status(ctx, ctx.actor.key, ctx.actor.roles)
@@ -343,18 +349,15 @@ def _images_left(budget: Budget, usage: Usage) -> int:
     return max(budget.images + usage.bonus_images - usage.images_used - usage.images_reserved, 0)
 
 
-async def _moderate(ctx: CommandContext, sub: str, rest: str) -> Reply:
-    await require_moderator(ctx, f"quota.{sub}", named_user(rest, ctx.actor))
-    parsed = parse_args(rest)
-    target = user_key(parsed.text, ctx.actor) if parsed.text else None
-    if target is None:
-        raise UserError("error.missing_argument", name=f"quota {sub}", what="@USER")
-    allowed = {} if sub == "reset" else {"images": True, "gpu-seconds": True}
-    options = options_of(parsed.options, allowed)
+async def _moderate(ctx: CommandContext) -> Reply:
+    """``/quota set|reset|grant @user [--images N] [--gpu-seconds S]`` (moderators)."""
+    sub = ctx.path[-1]
+    target = user_key(ctx.text, ctx.actor)
+    options = ctx.options
     if sub != "reset" and not options:
-        raise UserError("error.missing_argument", name=f"quota {sub}", what="--images N / --gpu-seconds S")
-    images = whole_number("images", options["images"]) if "images" in options else None
-    seconds = number("gpu-seconds", options["gpu-seconds"]) if "gpu-seconds" in options else None
+        raise UserError("quota.no_amount", command=" ".join(ctx.path))
+    images = options.get("images")
+    seconds = float(options["gpu-seconds"]) if "gpu-seconds" in options else None
     app, scope = ctx.app, scope_of(ctx.actor)
     where = usage_scope(config(app), scope)
     quotas = QuotaStore(app.store)

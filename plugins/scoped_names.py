@@ -23,6 +23,7 @@ from bot.commands import QUOTES
 from bot.errors import UserError
 from bot.governance import require_moderator
 from bot.i18n import Msg
+from bot.options import OptionSpec
 from bot.types import Actor, CommandContext, Reply
 from models.preferences import actor_scopes
 from models.style_store import SavedText, Scope, name_key
@@ -174,22 +175,32 @@ async def target_scope(
     return (kind, scopes[kind])
 
 
-Handler = Callable[[CommandContext, str], Awaitable[Reply]]
+Handler = Callable[[CommandContext], Awaitable[Reply]]
 
 
-async def dispatch(
-    ctx: CommandContext, handlers: dict[str, Handler], default: str, before: Callable[[], Awaitable[None]]
-) -> Reply:
-    """``/<command> <subcommand> <rest>``: run ``before`` (a mirror refresh), then the handler."""
-    words = ctx.text.strip().split(maxsplit=1)
-    sub = words[0].lower() if words else default
-    handler = handlers.get(sub)
-    if handler is None:
-        raise UserError(
-            "error.unknown_subcommand",
-            name=ctx.invocation.command,
-            value=words[0],
-            allowed=", ".join(handlers),
-        )
-    await before()
-    return await handler(ctx, words[1] if len(words) > 1 else "")
+def refreshed(load: Callable[[Any, Sequence[Scope]], Awaitable[None]], handler: Handler) -> Handler:
+    """``handler`` run after the caller's scopes are read again from the store, so what
+    another process wrote shows up (see the module's docstring)."""
+
+    async def run(ctx: CommandContext) -> Reply:
+        await load(ctx.app, own_scopes(ctx.actor))
+        return await handler(ctx)
+
+    return run
+
+
+def labelled(app: Any, kind: str, actor: Actor, registry: Any) -> list[tuple[str, str]]:
+    """Every name the actor may use with where it comes from, in the actor's language:
+    the one that applies first when a name is in several scopes."""
+    found: dict[str, tuple[str, str]] = {}
+    for scope_kind, names in listing(app, kind, actor, registry).items():
+        label = app.translator.t(actor.locale, f"saved.scope.{scope_kind}")
+        for name in names:
+            found.setdefault(name_key(name), (name, label))
+    return list(found.values())
+
+
+SCOPE_OPTIONS = (
+    OptionSpec("chat", "flag", description="option.scope.chat"),
+    OptionSpec("guild", "flag", description="option.scope.guild"),
+)

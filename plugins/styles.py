@@ -25,29 +25,43 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bot.autocomplete import list_choices
 from bot.commands import parse_args
 from bot.errors import NotFound, UserError
-from bot.governance import audit, options_of
+from bot.governance import audit
 from bot.hookspecs import hookimpl
 from bot.options import OptionSpec
 from bot.settings import ConfigError
-from bot.types import Attachment, Command, CommandContext, OutgoingFile, Reply
+from bot.types import (
+    Argument,
+    Attachment,
+    AutocompleteContext,
+    AutocompleteSource,
+    Choice,
+    Command,
+    CommandContext,
+    FileInput,
+    OutgoingFile,
+    Reply,
+)
 from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
 from models.styles import NAME_LENGTH
 from plugins.scoped_names import (
     CONFIG_OWNER,
+    SCOPE_OPTIONS,
     available,
     by_scope,
     check_length,
     check_name,
-    dispatch,
     find,
+    labelled,
     listed,
     listing,
     mirror,
     names_in,
     own_scopes,
     refill,
+    refreshed,
     split_name,
     split_names,
     target_scope,
@@ -313,12 +327,53 @@ async def startup(app: Any) -> None:
 
 @hookimpl
 def register_options(register: Any) -> None:
-    register(OptionSpec("style", "str", ("styles",), help="saved styles to apply, comma-separated"))
+    register(OptionSpec("style", "names", ("styles",), description="option.style", autocomplete=STYLES))
 
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("style", style_command, "help.style"))
+    name = Argument("name", "word", "arg.style_name", autocomplete=STYLES)
+    new_name = Argument("name", "word", "arg.style_new_name")
+    prompt = Argument("prompt", "text", "arg.style_prompt", required=False)
+    save_options = (
+        OptionSpec("negative", "str", ("neg", "negative-prompt"), description="option.style.negative"),
+        OptionSpec("from", "id", description="option.style.from"),
+        *SCOPE_OPTIONS,
+    )
+    subcommands = (
+        Command("list", refreshed(load, _list), "cmd.style.list"),
+        Command("show", refreshed(load, _show), "cmd.style.show", (name,)),
+        Command(
+            "save",
+            refreshed(load, _save),
+            "cmd.style.save",
+            (new_name, prompt),
+            save_options,
+            details="details.style.save",
+        ),
+        Command("delete", refreshed(load, _delete), "cmd.style.delete", (name,), SCOPE_OPTIONS),
+        Command(
+            "import",
+            refreshed(load, _import),
+            "cmd.style.import",
+            options=SCOPE_OPTIONS,
+            attachment=FileInput("file.style_import", required=True),
+        ),
+        Command("export", refreshed(load, _export), "cmd.style.export", options=SCOPE_OPTIONS),
+    )
+    register(Command("style", description="cmd.style", subcommands=subcommands, default="list"))
+
+
+@hookimpl
+def register_autocomplete(register: Any) -> None:
+    register(AutocompleteSource(STYLES, complete_styles))
+
+
+async def complete_styles(ctx: AutocompleteContext) -> list[Choice]:
+    """The styles ``ctx.actor`` may use: their own, the chat's, the server's, the global
+    ones, each named with where it comes from; in a list, the last name is completed."""
+    await load(ctx.app, own_scopes(ctx.actor))
+    return list_choices(labelled(ctx.app, STYLES, ctx.actor, ctx.app.styles), ctx.partial)
 
 
 def find_style(app: Any, actor: Any, name: str) -> Any:
@@ -347,26 +402,6 @@ def modify_request(draft: Any, actor: Any, app: Any) -> None:
 
 
 # /style ----------------------------------------------------------------------------------------
-
-
-async def style_command(ctx: CommandContext) -> Reply:
-    handlers = {
-        "list": _list,
-        "show": _show,
-        "save": _save,
-        "delete": _delete,
-        "import": _import,
-        "export": _export,
-    }
-    return await dispatch(ctx, handlers, "list", lambda: load(ctx.app, own_scopes(ctx.actor)))
-
-
-def _options(rest: str, allowed: dict[str, bool]) -> tuple[str, dict[str, Any]]:
-    parsed = parse_args(rest)
-    named = [
-        ("negative" if name in ("neg", "negative-prompt") else name, value) for name, value in parsed.options
-    ]
-    return parsed.text, options_of(named, allowed)
 
 
 def _style_data(style: Any, scope: str) -> dict[str, Any]:
@@ -399,11 +434,9 @@ async def _store(
     return result
 
 
-async def _save(ctx: CommandContext, rest: str) -> Reply:
-    text, options = _options(rest, {"negative": True, "from": True, "chat": False, "guild": False})
-    name, prompt = split_name(text)
-    if not name:
-        raise UserError("error.missing_argument", name="style save", what="NAME PROMPT [--negative TEXT]")
+async def _save(ctx: CommandContext) -> Reply:
+    options = ctx.options
+    name, prompt = split_name(ctx.text)
     scope = await target_scope(ctx, options, "style.save", name)
     check_name(name, config(ctx.app).max_name_length)
     prompt, negative = parse_args(prompt).text, options.get("negative", "")
@@ -423,16 +456,13 @@ async def _save(ctx: CommandContext, rest: str) -> Reply:
     )
 
 
-async def _list(ctx: CommandContext, rest: str) -> Reply:
-    _options(rest, {})
+async def _list(ctx: CommandContext) -> Reply:
     found = listing(ctx.app, STYLES, ctx.actor, ctx.app.styles)
     return Reply("style.list", {kind: listed(names) for kind, names in found.items()}, data={"styles": found})
 
 
-async def _show(ctx: CommandContext, rest: str) -> Reply:
-    name, _ = _options(rest, {})
-    if not name:
-        raise UserError("error.missing_argument", name="style show", what="NAME")
+async def _show(ctx: CommandContext) -> Reply:
+    name = ctx.text
     style = find_style(ctx.app, ctx.actor, name)
     scope = style.scope if isinstance(style, SavedText) else "global"
     params = {
@@ -444,11 +474,9 @@ async def _show(ctx: CommandContext, rest: str) -> Reply:
     return Reply("style.show", params, data={"style": _style_data(style, scope)})
 
 
-async def _delete(ctx: CommandContext, rest: str) -> Reply:
-    name, options = _options(rest, {"chat": False, "guild": False})
-    if not name:
-        raise UserError("error.missing_argument", name="style delete", what="NAME [--chat | --guild]")
-    scope = await target_scope(ctx, options, "style.delete", name)
+async def _delete(ctx: CommandContext) -> Reply:
+    name = ctx.text
+    scope = await target_scope(ctx, ctx.options, "style.delete", name)
     removed = await StyleStore(ctx.app.store).delete_style(scope, name)
     await load(ctx.app, [scope])
     if removed is None:
@@ -478,9 +506,8 @@ def read_upload(attachment: Attachment, max_bytes: int) -> list[Style]:
     return styles
 
 
-async def _import(ctx: CommandContext, rest: str) -> Reply:
-    _, options = _options(rest, {"chat": False, "guild": False})
-    scope = await target_scope(ctx, options, "style.import")
+async def _import(ctx: CommandContext) -> Reply:
+    scope = await target_scope(ctx, ctx.options, "style.import")
     if not ctx.invocation.attachments:
         raise UserError("style.import_no_file")
     attachment = ctx.invocation.attachments[0]
@@ -508,9 +535,8 @@ def export_bytes(text: str) -> bytes:
     return text.encode("utf-8-sig")  # A1111 writes its styles.csv with a BOM
 
 
-async def _export(ctx: CommandContext, rest: str) -> Reply:
-    _, options = _options(rest, {"chat": False, "guild": False})
-    scope = await target_scope(ctx, options, "style.export", write=False)
+async def _export(ctx: CommandContext) -> Reply:
+    scope = await target_scope(ctx, ctx.options, "style.export", write=False)
     rows = list(mirror(ctx.app, STYLES).get(scope, {}).values())
     if not rows:
         return Reply("style.export_empty", {"where": where(scope)})

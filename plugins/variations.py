@@ -27,12 +27,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.commands import parse_args
 from bot.draw import options_from_request
 from bot.errors import OptionValueError, UserError
 from bot.hookspecs import hookimpl
-from bot.options import OptionSpec, OptionTable, parse_int, shown
-from bot.types import Action, Actor, Command, CommandContext, Reply
+from bot.options import OptionSpec, parse_int, shown
+from bot.types import Action, Actor, Argument, Command, CommandContext, Reply
 from models.records import GenerationRecord, ImageRecord
 
 MAX_LINEAGE = 10_000  # parent links followed at most (a guard; chains are acyclic)
@@ -49,25 +48,28 @@ def config(app: Any) -> VariationsConfig:
     return app.settings.plugin_config("variations", VariationsConfig)  # type: ignore[return-value]
 
 
-def _vary_options() -> OptionTable:
-    table = OptionTable()
-    table.add(OptionSpec("strength", "number", ("variation-strength",), bounds=lambda _: (0.01, 1)))
-    table.add(OptionSpec("strong", "flag"))
-    table.add(OptionSpec("count", "int", ("n-iter",), bounds=lambda lim: (1, lim.max_count)))
-    return table
-
-
-VARY_OPTIONS = _vary_options()
+VARY_OPTIONS = (
+    OptionSpec(
+        "strength",
+        "number",
+        ("variation-strength",),
+        bounds=lambda _: (0.01, 1),
+        description="option.vary.strength",
+    ),
+    OptionSpec("strong", "flag", description="option.vary.strong"),
+    OptionSpec(
+        "count", "int", ("n-iter",), bounds=lambda lim: (1, lim.max_count), description="option.count"
+    ),
+)
+IMAGE = Argument("image", "image", "arg.image")  # ID or ID.N
 
 
 # what variations, refines and forever runs share -------------------------------------------------
 
 
-async def pick_image(app: Any, actor: Actor, command: str, text: str) -> tuple[GenerationRecord, ImageRecord]:
+async def pick_image(app: Any, actor: Actor, text: str) -> tuple[GenerationRecord, ImageRecord]:
     """The result and image an ``ID`` or ``ID.N`` names, when the actor may see it and it
     has finished (its images exist)."""
-    if not text.strip():
-        raise UserError("error.missing_argument", name=command, what="ID[.N]")
     match = _TARGET.match(text)
     if match is None:
         raise UserError("variations.bad_target", value=shown(text))
@@ -119,8 +121,8 @@ def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("vary", vary, "help.vary"))
-    register(Command("lineage", lineage_command, "help.lineage"))
+    register(Command("vary", vary, "cmd.vary", (IMAGE,), VARY_OPTIONS))
+    register(Command("lineage", lineage_command, "cmd.lineage", (Argument("id", "id", "arg.generation"),)))
 
 
 # commands --------------------------------------------------------------------------------------
@@ -128,12 +130,10 @@ def register_commands(register: Any) -> None:
 
 async def vary(ctx: CommandContext) -> list[Reply]:
     """``/vary ID[.N] [--strong | --strength X] [--count N]``: a variation of one image."""
-    app = ctx.app
-    parsed = parse_args(ctx.text)
-    given = VARY_OPTIONS.convert(parsed, app.settings.limits)
+    app, given = ctx.app, ctx.options
     if "strong" in given and "strength" in given:
         raise UserError("variations.strength_twice")
-    record, image = await pick_image(app, ctx.actor, "vary", parsed.text)
+    record, image = await pick_image(app, ctx.actor, ctx.text)
     cfg = config(app)
     strength = given.get("strength", cfg.strong_strength if given.get("strong") else cfg.subtle_strength)
     options = {
@@ -154,10 +154,7 @@ async def vary(ctx: CommandContext) -> list[Reply]:
 
 async def lineage_command(ctx: CommandContext) -> Reply:
     """``/lineage ID``: the ids from the chain's root down to ID, with what each changed."""
-    generation_id = ctx.text.strip()
-    if not generation_id:
-        raise UserError("error.missing_argument", name="lineage", what="ID")
-    record = await ctx.app.service.visible(generation_id, ctx.actor)
+    record = await ctx.app.service.visible(ctx.text.strip(), ctx.actor)
     chain = await lineage(ctx.app, record)
     steps = [
         {

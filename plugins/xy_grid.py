@@ -34,19 +34,23 @@ from bot.commands import parse_args
 from bot.draw import freeze, options_from_request
 from bot.errors import NotFound, PermissionDenied, UserError
 from bot.governance import GLOBAL as GLOBAL_SCOPE
-from bot.governance import audit, options_of, require_moderator, whole_number
+from bot.governance import audit, require_moderator, whole_number
+from bot.help import missing_argument
 from bot.hookspecs import hookimpl
 from bot.i18n import Msg
 from bot.options import OptionSpec
 from bot.plugins import maybe_await
+from bot.schema import DRAW_OPTIONS
 from bot.settings import ConfigError
 from bot.types import (
     Action,
     Admission,
+    Argument,
     Command,
     CommandContext,
     Denial,
     DrawRequest,
+    FileInput,
     OutgoingFile,
     Plan,
     PlannedJob,
@@ -249,16 +253,22 @@ async def current_cap(app: Any, actor: Any) -> int:
     return int(found) if found is not None else config(app).max_cells
 
 
-async def cap_command(ctx: CommandContext, words: list[str], options: list[tuple[str, str | None]]) -> Reply:
-    if not words and not options:
+async def cap_guard(ctx: CommandContext) -> None:
+    """Anyone may see the cap; changing it (any argument or option) is for moderators,
+    refused before the text is read, so every attempt is audited."""
+    if ctx.text.strip():
+        await require_moderator(ctx, "grid.cap")
+
+
+async def cap_command(ctx: CommandContext) -> Reply:
+    words = ctx.text.split()
+    if not words and not ctx.options:
         cap = await current_cap(ctx.app, ctx.actor)
         return Reply("grid.cap", {"max": cap}, data={"max_cells": cap})
-    await require_moderator(ctx, "grid.cap")
-    flags = options_of(options, {"global": False})
     if len(words) != 1:
-        raise UserError("error.missing_argument", name="grid cap", what="N [--global]")
+        raise missing_argument(ctx)
     cap = whole_number("cap", words[0], minimum=1, maximum=HARD_MAX_CELLS)
-    scope = GLOBAL if flags.get("global") else _local_scope(ctx.actor)
+    scope = GLOBAL if ctx.options.get("global") else _local_scope(ctx.actor)
     if scope == GLOBAL and GLOBAL_MODERATOR not in ctx.actor.roles:
         raise PermissionDenied("error.global_moderators_only", command="grid cap")
     await PreferenceStore(ctx.app.store).set(scope, CAP_KEY, cap, by=ctx.actor.key)
@@ -271,17 +281,19 @@ async def cap_command(ctx: CommandContext, words: list[str], options: list[tuple
 
 
 async def grid_command(ctx: CommandContext) -> list[Reply] | Reply:
-    parsed = parse_args(ctx.text)
-    words = parsed.text.split()
-    given = {name for name, _ in parsed.options}
-    if words[:1] == ["cap"] and not given & set(AXIS_OPTIONS):
-        return await cap_command(ctx, words[1:], parsed.options)
+    given = {name for name, _ in parse_args(ctx.text).options}
     if not given & set(AXIS_OPTIONS):
         raise UserError("error.grid.no_axes")
     replies = await ctx.app.service.draw_command(ctx)
     if replies and replies[0].key == "draw.accepted":
         replies.insert(1, Reply("grid.planned", {"cells": replies[0].params["count"]}))
     return replies
+
+
+async def axes_command(ctx: CommandContext) -> Reply:
+    """The axes a grid can use, third-party ones included, by their A1111 names."""
+    names = [axis.name for axis in ctx.app.grid_axes.items.values()]
+    return Reply("grid.axes", {"axes": ", ".join(names)}, data={"axes": names})
 
 
 async def grid_again(ctx: CommandContext) -> list[Reply]:
@@ -419,7 +431,7 @@ def startup(app: Any) -> None:
 @hookimpl
 def register_options(register: Any) -> None:
     for option in AXIS_OPTIONS:
-        register(OptionSpec(option, "str", help=f'grid {option.upper()} axis: "NAME: VALUES"'))
+        register(OptionSpec(option, "axis", description=f"option.{option}"))
 
 
 @hookimpl
@@ -430,8 +442,26 @@ def register_grid_axes(register: Any) -> None:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register(Command("grid", grid_command, "help.grid"))
-    register(Command("grid-again", grid_again, hidden=True))
+    plot = Command(
+        "plot",
+        grid_command,
+        "cmd.grid.plot",
+        (Argument("prompt", "text", "arg.prompt", required=False),),
+        DRAW_OPTIONS,
+        attachment=FileInput("file.draw"),
+        details="details.grid.plot",
+    )
+    cap = Command(
+        "cap",
+        cap_command,
+        "cmd.grid.cap",
+        (Argument("cells", "integer", "arg.grid_cap", required=False),),
+        (OptionSpec("global", "flag", description="option.moderation.global"),),
+        guard=cap_guard,
+    )
+    axes = Command("axes", axes_command, "cmd.grid.axes")
+    register(Command("grid", description="cmd.grid", subcommands=(plot, cap, axes), default="plot"))
+    register(Command("grid-again", grid_again, hidden=True, arguments=(Argument("id", "id"),)))
 
 
 @hookimpl

@@ -150,7 +150,7 @@ async def test_models_refresh_is_for_moderators_and_finds_new_files(make_app, tm
     [denied] = await app.service.handle_line("/models refresh", ALICE)
     assert denied.error and denied.key == "error.moderators_only"
     [bad] = await app.service.handle_line("/models reload", MOD)
-    assert bad.error and bad.key == "error.unknown_subcommand" and bad.params["allowed"] == "refresh"
+    assert bad.error and bad.key == "error.unknown_subcommand" and bad.params["allowed"] == "list, refresh"
     assert app.library.names() == ["tiny"]
     tiny = CheckpointLibrary(None).load("tiny")
     save_file(pipeline_to_a1111(tiny), str(models / "Stable-diffusion" / "fresh.safetensors"))

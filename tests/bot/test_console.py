@@ -384,5 +384,5 @@ def test_hostile_lines_do_not_end_the_console_process(tmp_path: Path) -> None:
         "error.seed_range",
         "error.duration_range",
     ]
-    assert keys[6] == "help.header" and keys[-1] == "error.missing_argument"
+    assert keys[6] == "error.unknown_command" and keys[-1] == "error.missing_argument"
     assert "error.internal" not in keys

@@ -14,7 +14,7 @@ from bot import hookspecs
 from bot.app import build_app
 from bot.hookspecs import hookimpl
 from bot.plugins import DEFAULT_PLUGINS, PluginError, builtin_name
-from bot.types import Action, Actor, Admission, Command, Denial, Plan, PlannedJob, Reply
+from bot.types import Action, Actor, Admission, Argument, Command, Denial, Plan, PlannedJob, Reply
 from tests.conftest import EventLog, make_settings
 
 ALICE = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
@@ -33,7 +33,7 @@ def test_every_hook_has_a_test() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     hooks = _hook_names()
-    assert len(hooks) == 16
+    assert len(hooks) == 17
     missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
     assert not missing, f"hooks without a test: {missing}"
 
@@ -49,12 +49,15 @@ async def test_hook_register_commands(make_app) -> None:
             async def ping(ctx):
                 return Reply("draw.accepted", {"count": 0, "ids": ctx.text})
 
-            register(Command("ping", ping, None))
+            text = Argument("text", "text", {"en": "What to say back", "zh-CN": "要回复的文字"})
+            register(Command("ping", ping, {"en": "Say it back", "zh-CN": "原样回复"}, arguments=(text,)))
 
     app = await make_app(extra_plugins=(Ping(),))
     replies = await _draw(app, "/ping hello")
     assert replies[0].params == {"count": 0, "ids": "hello"}
     assert app.commands.owners["ping"] != "core"
+    (missing,) = await _draw(app, "/ping")  # the schema's argument is required
+    assert missing.key == "error.missing_argument" and missing.params["usage"] == "/ping TEXT"
 
 
 def test_hook_register_commands_duplicate_names_fail_naming_both(tmp_path: Path) -> None:
@@ -99,7 +102,12 @@ async def test_hook_register_options(make_app) -> None:
     class Mood:
         @hookimpl
         def register_options(self, register):
-            register(OptionSpec("mood", "choice", aliases=("m",), choices=lambda: ["calm", "wild"]))
+            mood = {"en": "The picture's mood", "zh-CN": "画面的情绪"}
+            register(
+                OptionSpec(
+                    "mood", "choice", aliases=("m",), choices=lambda: ["calm", "wild"], description=mood
+                )
+            )
 
         @hookimpl
         def modify_request(self, draft, actor, app):
@@ -352,7 +360,7 @@ async def test_hook_handle_error(make_app) -> None:
             async def crash(ctx):
                 raise MemoryError("boom")
 
-            register(Command("crash", crash))
+            register(Command("crash", crash, {"en": "Fail", "zh-CN": "出错"}))
 
     class Advice:
         @hookimpl

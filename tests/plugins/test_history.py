@@ -86,7 +86,7 @@ async def test_history_pages_newest_first_and_only_moderators_see_others(make_ap
     bad = await one(app, "/history 4")
     assert bad.error and bad.key == "history.bad_page" and "pages are 1 to 3" in text(app, bad)
     assert "没有第 4 页" in text(app, bad, "zh-CN")
-    assert (await one(app, "/history 2 3")).key == "history.usage"
+    assert (await one(app, "/history 2 3")).key == "error.unexpected_text"
 
     # someone else's history: refused (and audited) for users, shown to moderators
     refused = await one(app, "/history @alice", BOB)

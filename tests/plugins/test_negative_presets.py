@@ -206,7 +206,7 @@ BAD_INPUT = [
     ("/preset save none x", "saved.reserved_name"),
     ("/preset save RESET x", "saved.reserved_name"),
     ("/preset save a,b x", "saved.bad_name"),
-    ("/preset save empty", "preset.empty"),
+    ("/preset save empty", "error.missing_argument"),  # the text
     ("/preset save", "error.missing_argument"),
     ("/preset show", "error.missing_argument"),
     ("/preset show nope", "preset.unknown"),

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bot.platforms import command_tree, telegram_commands
 from bot.plugins import DEFAULT_PLUGINS, builtin_name
 from bot.types import Actor
 from tests.scenario import ConsoleSession, jobs_of
@@ -21,17 +23,32 @@ PLUGIN = '''
 """A third-party Atelier plugin: only public hooks, nothing imported from plugins/."""
 
 from bot.hookspecs import hookimpl
-from bot.types import Command, Reply
+from bot.types import Argument, Command, OptionSpec, Reply
 from plugins.xy_grid import GridAxis
 
 
 async def greet(ctx):
-    return Reply("greeting", data={"hello": ctx.actor.name, "said": ctx.text})
+    return Reply("greeting", data={"hello": ctx.actor.name, "said": ctx.text, "loud": ctx.options.get("loud", False)})
 
 
 @hookimpl
 def register_commands(register):
-    register(Command("greet", greet))
+    register(
+        Command(
+            "greet",
+            greet,
+            {"en": "Greet someone", "zh-CN": "打个招呼"},
+            arguments=(
+                Argument(
+                    "words",
+                    "text",
+                    {"en": "What to say", "zh-CN": "要说的话"},
+                    label={"en": "WORDS", "zh-CN": "话语"},
+                ),
+            ),
+            options=(OptionSpec("loud", "flag", description={"en": "Shout it", "zh-CN": "大声说"}),),
+        )
+    )
 
 
 @hookimpl
@@ -74,8 +91,22 @@ async def test_an_entry_point_plugin_adds_a_command_a_style_and_a_grid_axis(make
     app = await make_app()
     assert app.pm.get_plugin("postcards") is not None
     assert app.commands.owners["greet"] == "postcards"
-    (reply,) = await app.service.handle_line("/greet world", ALICE)
-    assert reply.data == {"hello": "Alice", "said": "world"}
+    (reply,) = await app.service.handle_line("/greet world --loud", ALICE)
+    assert reply.data == {"hello": "Alice", "said": "world", "loud": True}
+    # declared with the schema, it is on every platform and in /help, in both languages
+    assert ("greet", "Greet someone") in telegram_commands(app, "en")
+    assert ("greet", "打个招呼") in telegram_commands(app, "zh-CN")
+    (node,) = [node for node in command_tree(app) if node.name == "greet"]
+    assert [(f.name, f.type, f.required) for f in node.fields] == [
+        ("words", "string", True),
+        ("loud", "boolean", False),
+    ]
+    (listing,) = await app.service.handle_line("/help", ALICE)
+    assert "/greet — Greet someone" in app.translator.t("en", listing.key, **listing.params)
+    (page,) = await app.service.handle_line("/help greet", replace(ALICE, locale="zh-CN"))
+    assert app.translator.t("zh-CN", page.key, **page.params) == (
+        "/greet — 打个招呼\n用法：/greet 话语 [--loud]\n参数：\n  话语 — 要说的话\n选项：\n  --loud — 大声说"
+    )
     style = app.styles.get("postcard")
     assert (style.prompt, style.negative_prompt, app.styles.owners["postcard"]) == (
         "vintage postcard, {prompt}",

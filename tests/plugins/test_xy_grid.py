@@ -245,7 +245,7 @@ async def test_a_third_party_axis_drives_cells_and_grid_options_compose_with_dra
             "没有 --hires",
         ),
         ('--x "steps: 1,2" --count 2', "error.grid.count", "leave out --count (got 2)", "去掉 --count"),
-        ("--steps 2", "error.grid.no_axes", "/grid needs at least one axis", "至少需要一个轴"),
+        ("--steps 2", "error.grid.no_axes", "/grid plot needs at least one axis", "至少需要一个轴"),
     ],
 )
 async def test_bad_grid_input_is_refused_in_the_users_language_and_nothing_is_stored(
