@@ -113,17 +113,29 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    secrets = settings.secrets
-    chat = (secrets.discord_token and settings.discord.enabled) or (
-        secrets.telegram_token and settings.telegram.enabled
-    )
-    if chat:
-        print(
-            "atelier: the Discord and Telegram adapters are not part of this version; "
-            "starting the console instead",
-            file=sys.stderr,
-        )
-    return cmd_console(args, settings)
+    """The chat platforms whose tokens are set, in one process; else the console."""
+    from bot.runner import StartError, build_adapters, chosen_platforms, serve
+
+    platforms = chosen_platforms(settings)
+    if not platforms:
+        return cmd_console(args, settings)
+    from bot.app import build_app
+
+    async def go() -> None:
+        app = build_app(settings)
+        try:
+            adapters = build_adapters(app, settings, platforms)
+        except BaseException:
+            await app.store.close()
+            raise
+        await serve(app, adapters)
+
+    try:
+        asyncio.run(go())
+    except StartError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
