@@ -150,7 +150,7 @@ async def test_files_fit_the_upload_limits_and_what_cannot_be_sent_is_said(make_
     big = noise_png(96)  # about 28 KB: over both limits
     small = noise_png(40)  # about 5 KB: over the image limit only
     reply = Reply(
-        "help.header",
+        "denied",
         files=[
             OutgoingFile("small.png", "image", data=small),
             OutgoingFile("big.png", "image", data=big),
@@ -174,7 +174,7 @@ async def test_files_fit_the_upload_limits_and_what_cannot_be_sent_is_said(make_
     assert lines[2].startswith("export.zip (") and "upload limit (20 KiB)" in lines[2]
     assert notice.reply_to.message_id == server.calls[0].posted  # a notice answers the job's message
     zh = Actor(PLATFORM, "bob", "Bob", locale="zh-CN", chat_id="group")
-    gone = Reply("help.header", files=[OutgoingFile("x.png", "image", image_id="01NOPE")])
+    gone = Reply("denied", files=[OutgoingFile("x.png", "image", image_id="01NOPE")])
     app.bus.publish(Notice(job, zh, GROUP, reply=gone))
     await chat.delivery.idle()
     assert server.calls[-1].message.text.endswith("x.png 已不再保存，无法发送。")
