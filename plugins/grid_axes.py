@@ -164,7 +164,10 @@ class GridSpec:
         return x * y * z
 
     def shape_text(self) -> str:
-        return " × ".join(str(n) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing)
+        """``10 Steps × 20 CFG Scale``: each axis's count with its name, so a one-axis grid's
+        shape does not just repeat its cell count."""
+        used = [(n, c) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing]
+        return " × ".join(f"{n} {c.axis.name}" for n, c in used)
 
     def index(self, position: tuple[int, int, int]) -> int:
         """A1111's image index of a cell: x + y*|X| + z*|X|*|Y|."""

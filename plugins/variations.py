@@ -27,7 +27,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
 from bot.errors import OptionValueError, UserError
 from bot.hookspecs import hookimpl
 from bot.options import OptionSpec, parse_int, shown
@@ -136,19 +135,14 @@ async def vary(ctx: CommandContext) -> list[Reply]:
     record, image = await pick_image(app, ctx.actor, ctx.text)
     cfg = config(app)
     strength = given.get("strength", cfg.strong_strength if given.get("strong") else cfg.subtle_strength)
-    options = {
-        **options_from_request(record.request, count=given.get("count", 1)),
+    changes = {
+        "count": given.get("count", 1),
         "seed": image.seed,
         "subseed": -1,
         "subseed-strength": float(strength),
     }
-    return await app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        options,
-        ctx.invocation.route,
-        parent_id=record.id,
-        thread_key=await thread_key_of(app, record),
+    return await app.service.redraw(
+        record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )
 
 

@@ -304,10 +304,8 @@ async def grid_again(ctx: CommandContext) -> list[Reply]:
     if record.plan != "grid" or record.group_index != 0:
         raise NotFound("error.not_found", id=ctx.text.strip())
     cells = await ctx.app.store.list_group(record.group_id)
-    options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
-    return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
-    )
+    changes = {"seed": -1, "subseed": -1, _AGAIN: cells}
+    return await ctx.app.service.redraw(record, changes, ctx.actor, ctx.invocation.route)
 
 
 # composing the grid when its last cell ends ------------------------------------------------------
