@@ -284,7 +284,7 @@ class Service:
         not called again: the stored prompts already hold the styles and presets that
         applied then, and today's defaults must not change what the user asked for."""
         stored = record.request
-        options = {**options_from_request(stored), "private": record.private, **changes}
+        options = {**options_from_request(stored), **changes}
         negative = options.pop("negative")
         draft = RequestDraft(
             prompt=stored.prompt,

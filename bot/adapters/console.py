@@ -68,7 +68,7 @@ class ConsoleAdapter:
         self.emit(
             message_json(message, paths, translator)
             if self.json_mode
-            else message_text(message, paths, translator)
+            else message_text(message, paths, translator, self.actor.locale)
         )
         where = Route(message.route.platform, message.route.chat_id, message.route.thread_id)
         return MessageRef(where, str(next(self._numbers)))

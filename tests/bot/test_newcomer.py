@@ -72,8 +72,8 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
         assert _infotext(s, job)["Steps"] == "2"
 
         # 4. a missing file is "not found"; a bad /history page is a usage error
-        (missing,) = s.command(f"/pnginfo --attach {tmp_path / 'nope.png'}")
-        assert missing["key"] == "console.attach_missing" and "nope.png" in missing["text"], missing
+        (missing,) = s.command("/pnginfo --attach nope.png")
+        assert missing["key"] == "console.attach_missing" and "nope.png\" was not found" in missing["text"]
         (page,) = s.command("/history abc")
         assert page["key"] == "error.unexpected_text", page
 
@@ -105,3 +105,33 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
             (wrong,) = s.command(f"/draw a cat --sampler {typed!r}".replace("'", '"'))
             assert wrong["key"] == "error.unknown_sampler", wrong
             assert f'Did you mean "{meant}' in wrong["text"], wrong
+
+
+def test_the_text_console_shows_files_and_how_to_press_buttons(tmp_path: Path) -> None:
+    """11. Without --json, a result's buttons are the commands to type, and an export says
+    where its file is."""
+    import subprocess
+    import sys
+
+    from tests.scenario import console_env
+
+    script = "/draw a cat --steps 2 --seed 3\n/export\n/style save ink ink drawing, {prompt}\n/style export\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "console", "--user", "alice"],
+        input=script,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=console_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Buttons (type the command to press one):" in out, out
+    for command in ("/reroll ", "/vary ", "/refine ", "/forever "):
+        assert command in out, (command, out)
+    zips = [line.strip() for line in out.splitlines() if line.strip().endswith(".zip")]
+    csvs = [line.strip() for line in out.splitlines() if line.strip().endswith("styles.csv")]
+    assert zips and Path(zips[0]).is_file(), out
+    assert csvs and Path(csvs[0]).is_file(), out
