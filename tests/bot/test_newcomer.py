@@ -73,7 +73,7 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
 
         # 4. a missing file is "not found"; a bad /history page is a usage error
         (missing,) = s.command("/pnginfo --attach nope.png")
-        assert missing["key"] == "console.attach_missing" and "nope.png\" was not found" in missing["text"]
+        assert missing["key"] == "console.attach_missing" and 'nope.png" was not found' in missing["text"]
         (page,) = s.command("/history abc")
         assert page["key"] == "error.unexpected_text", page
 
