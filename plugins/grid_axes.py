@@ -164,10 +164,12 @@ class GridSpec:
         return x * y * z
 
     def shape_text(self) -> str:
-        """``10 Steps × 20 CFG Scale``: each axis's count with its name, so a one-axis grid's
-        shape does not just repeat its cell count."""
+        """``3 × 2``; a one-axis grid's shape is its axis's name (``Seed``), since its count
+        would only repeat the number of cells."""
         used = [(n, c) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing]
-        return " × ".join(f"{n} {c.axis.name}" for n, c in used)
+        if len(used) == 1:
+            return used[0][1].axis.name
+        return " × ".join(str(n) for n, _ in used)
 
     def index(self, position: tuple[int, int, int]) -> int:
         """A1111's image index of a cell: x + y*|X| + z*|X|*|Y|."""

@@ -106,3 +106,15 @@ async def test_quota_status_of_an_unlimited_budget_reads_naturally(make_app) -> 
         (reply,) = await app.service.handle_line("/quota", actor)
         text = app.translator.t(locale, reply.key, **reply.params)
         assert not any(word in text for word in banned), text
+
+
+def test_english_words_a_new_user_meets() -> None:
+    t = default_translator()
+    assert t.t("en", "error.missing_argument", name="show", what="ID", usage="/show ID") == (
+        "/show needs an argument: ID. Usage: /show ID"
+    )
+    suggestion = Msg("error.did_you_mean", {"match": "Euler a"})
+    text = t.t(
+        "en", "error.unknown_sampler", name="euler_a", suggestion=suggestion, available="Euler a, Euler"
+    )
+    assert 'Unknown sampler "euler_a". Did you mean "Euler a"? Available:' in text
