@@ -115,7 +115,7 @@ def test_the_text_console_shows_files_and_how_to_press_buttons(tmp_path: Path) -
 
     from tests.scenario import console_env
 
-    script = "/draw a cat --steps 2 --seed 3\n/export\n/style save ink ink drawing, {prompt}\n/style export\n"
+    script = "/draw a cat --steps 2 --seed 3\n/export\n/export\n/style save ink ink drawing, {prompt}\n/style export\n"
     result = subprocess.run(
         [sys.executable, "-m", "bot.cli", "console", "--user", "alice"],
         input=script,
@@ -133,5 +133,7 @@ def test_the_text_console_shows_files_and_how_to_press_buttons(tmp_path: Path) -
         assert command in out, (command, out)
     zips = [line.strip() for line in out.splitlines() if line.strip().endswith(".zip")]
     csvs = [line.strip() for line in out.splitlines() if line.strip().endswith("styles.csv")]
-    assert zips and Path(zips[0]).is_file(), out
+    # 10. a second export keeps the first one's file
+    assert len(zips) == 2 and zips[0] != zips[1], out
+    assert all(Path(path).is_file() for path in zips), out
     assert csvs and Path(csvs[0]).is_file(), out
