@@ -37,16 +37,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
-from bot.errors import NotFound, UserError
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import actor_of, default_plan, is_owner
+from bot.api import (
+    OPEN_STATUSES,
+    GenerationRecord,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PreferenceStore,
+    UserError,
+    actor_of,
+    default_plan,
+    hookimpl,
+    is_owner,
+    options_from_request,
+)
 from bot.types import Action, Admission, Argument, Command, CommandContext, Denial, Plan, Reply, Route
-from models.preferences import PreferenceStore
-from models.records import GenerationRecord
-from models.tables import OPEN_STATUSES
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bot.draw import options_from_request
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.service import default_plan
+from bot.api import Msg, default_plan, hookimpl, options_from_request
 from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 

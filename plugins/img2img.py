@@ -22,13 +22,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
-from bot.errors import NotFound
-from bot.hookspecs import hookimpl
-from bot.inputs import store_input_image
-from bot.options import OptionSpec
+from bot.api import (
+    IMAGE,
+    NotFound,
+    OptionSpec,
+    hookimpl,
+    options_from_request,
+    pick_image,
+    store_input_image,
+    thread_key_of,
+)
 from bot.types import Action, Attachment, Command, CommandContext, Reply
-from plugins.variations import IMAGE, pick_image, thread_key_of
 
 
 class Img2ImgConfig(BaseModel):
