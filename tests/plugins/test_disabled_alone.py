@@ -18,6 +18,7 @@ ROUTE = Route("console", "c")
 BUILTINS = [builtin_name(module) for module in DEFAULT_PLUGINS]
 TABLES = {"moderation": {"moderators": ["console:mod"]}, "forever": {"max_images": 2}}
 
+
 async def run(app: Any, line: str, actor: Actor = ALICE) -> list[Any]:
     replies = await app.service.handle_line(line, actor, ROUTE)
     assert replies and not any(r.error for r in replies), (line, replies)
@@ -121,7 +122,9 @@ def test_every_builtin_has_a_scenario() -> None:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("disabled", BUILTINS)
 async def test_the_core_and_every_other_plugin_work_with_one_disabled(make_app, disabled: str) -> None:
-    app = await make_app(plugins={"disabled": [disabled], **{k: v for k, v in TABLES.items() if k != disabled}})
+    app = await make_app(
+        plugins={"disabled": [disabled], **{k: v for k, v in TABLES.items() if k != disabled}}
+    )
     assert app.pm.get_plugin(disabled) is None
     log = EventLog(app)
     await drawn(app, log, "/draw a cat --seed 1")
