@@ -29,22 +29,29 @@ def new_draft(
     prompt: str, options: dict[str, Any], settings: Settings, parent_id: str | None = None
 ) -> RequestDraft:
     """The draft with config defaults under the user's options."""
-    d = settings.defaults
-    defaults = GenerationRequest(
-        prompt="", negative_prompt=d.negative_prompt, seed=-1, subseed=-1, num_inference_steps=d.steps,
-        guidance_scale=d.cfg_scale, width=d.width, height=d.height, sampler_name=d.sampler, scheduler=d.scheduler,
-        num_images_per_prompt=d.batch_size, checkpoint=settings.engine.default_checkpoint, clip_skip=d.clip_skip,
-        rng=d.rng, ensd=d.ensd,
-    )  # fmt: skip
-    filled = options_from_request(defaults, count=d.count)
+    filled = default_options(settings)
     filled.update(options)
     negative = filled.pop("negative", None)
     return RequestDraft(
         prompt=prompt,
-        negative_prompt=d.negative_prompt if negative is None else negative,
+        negative_prompt=settings.defaults.negative_prompt if negative is None else negative,
         options=filled,
         parent_id=parent_id,
     )
+
+
+def default_options(settings: Settings) -> dict[str, Any]:
+    """/draw's options before the user's: ``[defaults]`` and the default checkpoint."""
+    d = settings.defaults
+    return {
+        "negative": d.negative_prompt, "steps": d.steps, "cfg": d.cfg_scale, "size": (d.width, d.height),
+        "seed": -1, "subseed": -1, "subseed-strength": 0.0, "sampler": d.sampler, "scheduler": d.scheduler,
+        "batch": d.batch_size, "count": d.count, "checkpoint": settings.engine.default_checkpoint, "vae": None,
+        "clip-skip": d.clip_skip, "rng": d.rng, "ensd": d.ensd, "eta": None, "seed-resize-from": (0, 0),
+        "denoise": None, "hires": False, "hr-scale": 2.0, "hr-steps": 0, "hr-upscaler": "Latent",
+        "hr-resize": (0, 0), "hr-prompt": "", "hr-negative": "", "hr-sampler": None, "hr-scheduler": None,
+        "init-image": None,
+    }  # fmt: skip
 
 
 def join_parts(base: str, parts: list[tuple[int, str]]) -> str:

@@ -38,15 +38,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.errors import NotFound, UserError
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import actor_of, default_plan, is_owner
+from bot.api import (
+    OPEN_STATUSES,
+    GenerationRecord,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PreferenceStore,
+    UserError,
+    actor_of,
+    default_plan,
+    hookimpl,
+    is_owner,
+    redraw,
+)
 from bot.types import Action, Admission, Argument, Command, CommandContext, Denial, Plan, Reply, Route
-from models.preferences import PreferenceStore
-from models.records import GenerationRecord
-from models.tables import OPEN_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +189,8 @@ async def _advance(app: Any, record: GenerationRecord) -> None:
         return
     actor = actor_of(record, app.settings.bot.locale)
     try:
-        replies = await app.service.redraw(
+        replies = await redraw(
+            app,
             record,
             _repeat_changes(),
             actor,
@@ -248,7 +255,7 @@ async def forever_command(ctx: CommandContext) -> list[Reply]:
     """``/forever ID``: a run of that result's request, a child of it."""
     generation_id = ctx.text.strip()
     record = await ctx.app.service.visible(generation_id, ctx.actor)
-    replies = await ctx.app.service.redraw(record, _repeat_changes(), ctx.actor, ctx.invocation.route)
+    replies = await redraw(ctx.app, record, _repeat_changes(), ctx.actor, ctx.invocation.route)
     jobs = replies[0].data.get("jobs", []) if replies and not replies[0].error else []
     if jobs:  # remembered so that /stop with the id the user typed stops this run
         prefs = PreferenceStore(ctx.app.store)

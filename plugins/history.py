@@ -24,23 +24,27 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ulid import ULID
 
-from bot.errors import CommandSyntaxError, NotFound, UserError
-from bot.governance import (
+from bot.api import (
+    CommandSyntaxError,
+    GenerationRecord,
+    Msg,
+    NotFound,
+    OptionSpec,
+    UserError,
     audit,
     format_time,
+    hookimpl,
+    may_see,
     named_user,
     parse_duration,
+    parse_int,
     require_moderator,
+    shown,
+    usage_of,
     user_key,
     whole_number,
 )
-from bot.help import usage_of
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec, parse_int, shown
-from bot.service import may_see
 from bot.types import Argument, Command, CommandContext, OutgoingFile, Reply
-from models.records import GenerationRecord
 
 _PAGE = re.compile(r"^[+-]?\d+$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

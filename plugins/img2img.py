@@ -22,12 +22,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.errors import NotFound
-from bot.hookspecs import hookimpl
-from bot.inputs import store_input_image
-from bot.options import OptionSpec
+from bot.api import (
+    IMAGE,
+    NotFound,
+    OptionSpec,
+    hookimpl,
+    pick_image,
+    redraw,
+    store_input_image,
+    thread_key_of,
+)
 from bot.types import Action, Attachment, Command, CommandContext, Reply
-from plugins.variations import IMAGE, pick_image, thread_key_of
 
 
 class Img2ImgConfig(BaseModel):
@@ -91,6 +96,6 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         "init-image": stored.path,
         "denoise": float(given.get("denoise", config(app).refine_denoise)),
     }
-    return await app.service.redraw(
-        record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
+    return await redraw(
+        app, record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )

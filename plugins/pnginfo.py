@@ -18,14 +18,20 @@ from typing import Any
 
 from ulid import ULID
 
-from bot.errors import NotFound, UserError
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import shown
-from bot.reruns import draw_line, options_from_infotext, unknown_hash_note
+from bot.api import GLOBAL_SCOPE as GLOBAL
+from bot.api import (
+    Msg,
+    NotFound,
+    PreferenceStore,
+    UserError,
+    draw_line,
+    hookimpl,
+    missing_argument,
+    options_from_infotext,
+    shown,
+    unknown_hash_note,
+)
 from bot.types import Action, Argument, Command, CommandContext, FileInput, Reply
-from models.preferences import GLOBAL, PreferenceStore
 
 READABLE_FORMATS = ("PNG", "JPEG", "WEBP")  # where A1111 (and NovelAI) keep parameters
 _ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)

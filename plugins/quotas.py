@@ -20,20 +20,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.errors import UserError
-from bot.governance import (
+from bot.api import (
     GLOBAL,
+    Msg,
+    OptionSpec,
+    UserError,
     audit,
+    default_plan,
     format_time,
+    hookimpl,
     require_moderator,
     scope_key,
     scope_of,
     user_key,
 )
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import default_plan
 from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply
 from models.quota_store import Limits, QuotaStore, Usage
 

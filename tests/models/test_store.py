@@ -11,7 +11,8 @@ from sqlalchemy import inspect
 from bot import db
 from models import Base
 from models.base import utcnow
-from models.store import Lease, NewImage, NewJob, Store
+from models.records import ImageRecord
+from models.store import Lease, NewJob, Store
 from pipeline.request import GenerationRequest
 
 
@@ -96,7 +97,7 @@ async def test_status_changes_happen_once(store: Store) -> None:
     await _add(store, "J1")
     assert await store.mark_running("J1", lease("A"))
     assert not await store.mark_running("J1", lease("A"))
-    image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
     assert await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
     assert not await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
     assert not await store.mark_failed("J1", "error.internal", "boom")
@@ -139,7 +140,7 @@ async def test_a_held_job_is_claimed_and_ended_only_by_its_holder(store: Store) 
     await _add(store, "J1", "J2", held=lease("A"))
     assert not await store.mark_running("J1", lease("B"))
     assert await store.mark_running("J1", lease("A"))
-    image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
     assert not await store.finish("J1", [image], owner="B", model_hash=None, device_seconds=0.5)
     assert not await store.mark_failed("J1", "error.internal", "boom", owner="B")
     assert not await store.requeue_interrupted("J1", "B")

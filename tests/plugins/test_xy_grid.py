@@ -383,7 +383,7 @@ def test_legend_margins_follow_a1111() -> None:
 
 async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
     app = await make_app(start=False)
-    from plugins.grid_axes import find_axis
+    from bot.grid_axes import find_axis
 
     for name, expected in [
         ("cfg", "CFG Scale"),

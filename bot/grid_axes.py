@@ -19,7 +19,7 @@ from bot.draw import random_seed
 from bot.errors import UserError
 from bot.i18n import Msg
 from bot.options import convert_value
-from plugins.xy_axes import (
+from pipeline.xy_axes import (
     AXES,
     AxisContext,
     AxisKind,
