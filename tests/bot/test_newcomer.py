@@ -7,6 +7,7 @@ default preset, and a forever run stopped by the id the user typed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -137,3 +138,22 @@ def test_the_text_console_shows_files_and_how_to_press_buttons(tmp_path: Path) -
     assert len(zips) == 2 and zips[0] != zips[1], out
     assert all(Path(path).is_file() for path in zips), out
     assert csvs and Path(csvs[0]).is_file(), out
+
+
+async def test_lines_that_arrive_together_are_one_command() -> None:
+    """1. The console's reader: a paste joins its command; a line typed later does not."""
+    from bot.adapters.console import commands
+
+    async def typed():
+        for line in PASTE.split("\n"):
+            yield line + "\n"
+        await asyncio.sleep(0.3)
+        yield "a lonely line\n"
+        yield "/help\n"
+        await asyncio.sleep(0.3)
+        yield "/draw a \\\n"
+        await asyncio.sleep(0.3)
+        yield "cat\n"
+
+    got = [text async for text in commands(typed())]
+    assert got == [PASTE, "a lonely line", "/help", "/draw a \ncat"]
