@@ -6,8 +6,9 @@ A plugin imports from here, from ``bot.types`` (the data it receives and returns
 What is here:
 
 - the hook marker (``hookimpl``), messages (``Msg``), errors and the option types;
-- drawing: ``draw`` (the /draw path for an actor), ``options_from_request`` (the options
-  that rebuild a stored request), ``default_plan``;
+- drawing: ``draw`` (the /draw path for an actor), ``redraw`` (a child of a stored
+  request: reroll, variation, refine), ``options_from_request`` (the options that rebuild
+  a stored request), ``default_plan``;
 - records and visibility: ``visible`` (a generation the actor may see, else "not found",
   the core's one rule), ``is_owner``/``may_see``, ``group_jobs``, ``pick_image``,
   ``lineage``/``thread_key_of`` (the chain a result grew from);
@@ -69,7 +70,7 @@ from bot.inputs import store_input_image
 from bot.lineage import IMAGE, MAX_LINEAGE, lineage, pick_image, thread_key_of
 from bot.options import OptionSpec, convert_value, parse_int, shown
 from bot.plugins import maybe_await
-from bot.reruns import draw_line, options_from_infotext
+from bot.reruns import draw_line, options_from_infotext, unknown_hash_note
 from bot.schema import DRAW_OPTIONS
 from bot.scoped_names import (
     CONFIG_OWNER,
@@ -178,6 +179,7 @@ __all__ = [
     "plugin_state",
     "post_notice",
     "random_seed",
+    "redraw",
     "read_axis",
     "read_grid",
     "read_values",
@@ -192,6 +194,7 @@ __all__ = [
     "store_input_image",
     "target_scope",
     "thread_key_of",
+    "unknown_hash_note",
     "usage_of",
     "user_key",
     "valid_name",
@@ -217,6 +220,26 @@ async def draw(
     them in a chain's thread, ``forever_run`` in a forever run."""
     return await app.service.draw(
         actor, prompt, options, route, parent_id=parent_id, thread_key=thread_key, forever_run=forever_run
+    )
+
+
+async def redraw(
+    app: Any,
+    record: GenerationRecord,
+    changes: dict[str, Any],
+    actor: Actor,
+    route: Route,
+    *,
+    parent_id: str | None = None,
+    thread_key: str | None = None,
+    forever_run: str | None = None,
+) -> list[Reply]:
+    """A child of ``record`` (a reroll, variation, refine, the next job of a run): the
+    stored, effective request with only ``changes`` (/draw option values) applied, checked,
+    planned and queued like /draw. Styles and presets are not applied again. ``parent_id``
+    defaults to ``record``'s id."""
+    return await app.service.redraw(
+        record, changes, actor, route, parent_id=parent_id, thread_key=thread_key, forever_run=forever_run
     )
 
 

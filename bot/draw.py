@@ -7,10 +7,12 @@ limits forbid.
 
 from __future__ import annotations
 
+import difflib
 import random
 from typing import Any
 
 from bot.errors import OptionValueError, UserError
+from bot.i18n import Msg
 from bot.options import MAX_SEED, check_prompt_length
 from bot.settings import Settings
 from bot.types import Actor, DrawRequest, RequestDraft
@@ -163,8 +165,23 @@ def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
     try:
         selection = samplers.select_sampler(name.strip(), resolve_scheduler(scheduler))
     except samplers.UnknownSampler as exc:
-        raise UserError(exc.key, **exc.params) from None
+        raise UserError(exc.key, **{**exc.params, "suggestion": sampler_suggestion(name)}) from None
     return selection.name, selection.schedule
+
+
+def sampler_suggestion(name: str) -> Msg | str:
+    """ "Did you mean ...?" with the closest sampler name (``euler_a`` -> Euler a), or ""."""
+    from pipeline import samplers
+
+    def folded(text: str) -> str:
+        return " ".join(text.replace("_", " ").replace("-", " ").casefold().split())
+
+    names = {folded(s.name): s.name for s in samplers.list_samplers()}
+    for info in samplers.list_samplers():
+        for alias in getattr(info, "aliases", ()):
+            names.setdefault(folded(alias), info.name)
+    close = difflib.get_close_matches(folded(name), list(names), n=1, cutoff=0.6)
+    return Msg("error.did_you_mean", {"match": names[close[0]]}) if close else ""
 
 
 def resolve_scheduler(name: str) -> str:

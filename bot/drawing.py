@@ -7,23 +7,37 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ulid import ULID
 
 from bot.access import Audience
 from bot.commands import parse_args
-from bot.draw import freeze, new_draft
+from bot.draw import freeze, new_draft, options_from_request
+from bot.help import missing_argument
 from bot.inputs import store_input_image
 from bot.plugins import maybe_await
-from bot.reruns import draw_line, options_from_infotext, split_infotext
-from bot.types import Actor, Admission, CommandContext, Denial, DrawRequest, Plan, PlannedJob, Reply, Route
+from bot.reruns import draw_line, options_from_infotext, split_infotext, unknown_hash_note
+from bot.types import (
+    Actor,
+    Admission,
+    CommandContext,
+    Denial,
+    DrawRequest,
+    Plan,
+    PlannedJob,
+    Reply,
+    RequestDraft,
+    Route,
+)
 from models.store import NewJob
 from pipeline.queue import Job
 
 if TYPE_CHECKING:
     from bot.app import App
     from bot.options import OptionTable
+    from models.records import GenerationRecord
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +65,7 @@ class Drawing:
 
     async def draw_command(self, ctx: CommandContext) -> list[Reply]:
         text = ctx.text
+        notes: list[Reply] = []
         pasted = split_infotext(text) if "\n" in text.strip() else None
         if pasted is not None:
             # a pasted A1111 infotext: its fields become options, then the normal checks apply
@@ -59,8 +74,12 @@ class Drawing:
                 name in ("checkpoint", "model", "ckpt") for name, _ in parse_args(overrides).options
             )
             prompt, fields = options_from_infotext(body, self.app.library, with_model=with_model)
+            note = unknown_hash_note(body, self.app.library, fields.get("checkpoint"))
+            notes += [note] if note is not None else []
             text = draw_line(prompt, fields).removeprefix("/draw ") + " " + overrides
         parsed = parse_args(text)
+        if not parsed.text.strip() and not parsed.options and not ctx.invocation.attachments:
+            raise missing_argument(ctx)  # a bare /draw: its usage, never an empty-prompt job
         options = self.options.convert(parsed, self.app.settings.limits)
         if ctx.invocation.attachments:
             stored = await asyncio.to_thread(
@@ -71,7 +90,8 @@ class Drawing:
             )
             options["init-image"] = stored.path
             options.setdefault("size", stored.size)  # the upload's own, in multiples of 8
-        return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.route)
+        replies = await self.draw(ctx.actor, parsed.text, options, ctx.invocation.route)
+        return replies + notes if replies and not replies[0].error else replies
 
     async def draw(
         self,
@@ -91,6 +111,45 @@ class Drawing:
         app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
         # names resolve against the models folder (scans, hashes): off the event loop
         request = await asyncio.to_thread(freeze, draft, actor, app.settings, app.library)
+        return await self._queue_request(request, route, thread_key=thread_key, forever_run=forever_run)
+
+    async def redraw(
+        self,
+        record: GenerationRecord,
+        changes: dict[str, Any],
+        actor: Actor,
+        route: Route,
+        *,
+        parent_id: str | None = None,
+        thread_key: str | None = None,
+        forever_run: str | None = None,
+    ) -> list[Reply]:
+        """A child of ``record`` (reroll, variation, refine, forever): its stored, effective
+        request with only ``changes`` (/draw option values) applied. ``modify_request`` is
+        not called again: the stored prompts already hold the styles and presets that
+        applied then, and today's defaults must not change what the user asked for."""
+        stored = record.request
+        options = {**options_from_request(stored), **changes}
+        negative = options.pop("negative")
+        draft = RequestDraft(
+            prompt=stored.prompt,
+            negative_prompt=negative,
+            options=options,
+            parent_id=record.id if parent_id is None else parent_id,
+            styles=list(stored.styles),
+            negative_presets=list(stored.negative_presets),
+        )
+        app = self.app
+        request = await asyncio.to_thread(freeze, draft, actor, app.settings, app.library)
+        if stored.extra:
+            request = replace(request, generation=request.generation.replace(extra=dict(stored.extra)))
+        return await self._queue_request(request, route, thread_key=thread_key, forever_run=forever_run)
+
+    async def _queue_request(
+        self, request: DrawRequest, route: Route, *, thread_key: str | None, forever_run: str | None
+    ) -> list[Reply]:
+        """check_request, plan_generation, store and queue a frozen request."""
+        app = self.app
         checked = await self._check(request)
         if isinstance(checked, Denial):
             return [Reply(checked.key, checked.params, error=True)]

@@ -164,7 +164,12 @@ class GridSpec:
         return x * y * z
 
     def shape_text(self) -> str:
-        return " × ".join(str(n) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing)
+        """``3 × 2``; a one-axis grid's shape is its axis's name (``Seed``), since its count
+        would only repeat the number of cells."""
+        used = [(n, c) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing]
+        if len(used) == 1:
+            return used[0][1].axis.name
+        return " × ".join(str(n) for n, _ in used)
 
     def index(self, position: tuple[int, int, int]) -> int:
         """A1111's image index of a cell: x + y*|X| + z*|X|*|Y|."""

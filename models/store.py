@@ -120,8 +120,12 @@ class Store:
                 except Exception:  # lost a race on the unique key: the other insert won
                     user = await _find_user(session, platform, platform_user_id)
                     assert user is not None
-            elif display_name and user.display_name != display_name:
-                user.display_name = display_name
+            else:
+                if display_name and user.display_name != display_name:
+                    user.display_name = display_name
+                if locale and user.locale != locale:
+                    # later notices (a grid, a stopped run) answer in the language used last
+                    user.locale = locale
             return _user_record(user)
 
     # generations ---------------------------------------------------------------------------

@@ -180,7 +180,18 @@ def _line(ctx: CommandContext, record: GenerationRecord) -> str:
 
 
 async def history_guard(ctx: CommandContext) -> None:
-    await _others_for_moderators(ctx, "history", [w for w in ctx.text.split() if not _PAGE.match(w)])
+    words = [w for w in ctx.text.split() if not _PAGE.match(w)]
+    if words and not _names_a_user(words[0]):
+        # "/history abc" is a mistyped page, not an attempt on a user called abc
+        raise CommandSyntaxError(
+            "error.unexpected_text", command="history", value=shown(ctx.text), usage=usage_of(ctx)
+        )
+    await _others_for_moderators(ctx, "history", words)
+
+
+def _names_a_user(word: str) -> bool:
+    """A user is named the way a chat writes one: @name, a mention, or platform:id."""
+    return word.startswith(("@", "<@")) or ":" in word
 
 
 async def export_guard(ctx: CommandContext) -> None:

@@ -27,8 +27,8 @@ from bot.api import (
     NotFound,
     OptionSpec,
     hookimpl,
-    options_from_request,
     pick_image,
+    redraw,
     store_input_image,
     thread_key_of,
 )
@@ -86,8 +86,7 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         app.images_dir / "inputs",
         app.settings.limits,
     )
-    options = {
-        **options_from_request(record.request),
+    changes = {
         "seed": -1,
         "subseed": -1,
         "subseed-strength": 0,
@@ -97,11 +96,6 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         "init-image": stored.path,
         "denoise": float(given.get("denoise", config(app).refine_denoise)),
     }
-    return await app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        options,
-        ctx.invocation.route,
-        parent_id=record.id,
-        thread_key=await thread_key_of(app, record),
+    return await redraw(
+        app, record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )

@@ -29,6 +29,7 @@ from bot.api import (
     missing_argument,
     options_from_infotext,
     shown,
+    unknown_hash_note,
 )
 from bot.types import Action, Argument, Command, CommandContext, FileInput, Reply
 
@@ -88,7 +89,7 @@ async def _source_text(ctx: CommandContext) -> str | None:
     return text
 
 
-async def pnginfo(ctx: CommandContext) -> Reply:
+async def pnginfo(ctx: CommandContext) -> Reply | list[Reply]:
     text = await _source_text(ctx)
     if not text:
         return Reply("pnginfo.none")
@@ -107,12 +108,14 @@ async def pnginfo(ctx: CommandContext) -> Reply:
         )
         actions.append(Action(f"rerun:{key}", "action.rerun"))
     command = draw_line(prompt, options)
-    return Reply(
+    result = Reply(
         "pnginfo.result",
         {"infotext": text, "command": command},
         actions=actions,
         data={"command": command},
     )
+    note = unknown_hash_note(text, ctx.app.library, options.get("checkpoint"))
+    return result if note is None else [result, note]
 
 
 async def rerun(ctx: CommandContext) -> list[Reply]:

@@ -325,14 +325,21 @@ async def _status(ctx: CommandContext, who: str, roles: Any) -> Reply:
     params = {
         "user": who,
         "period": Msg(f"quota.period.{budget.period}"),
-        "left": left if budget.images else Msg("quota.unlimited"),
-        "budget": budget.images + usage.bonus_images if budget.images else Msg("quota.unlimited"),
+        "images": Msg("quota.images_left", {"left": left, "budget": budget.images + usage.bonus_images})
+        if budget.images
+        else Msg("quota.images_unlimited"),
         "used": usage.images_used,
         "reserved": usage.images_reserved,
-        "seconds_used": round(usage.seconds_used, 1),
-        "seconds_budget": round(budget.gpu_seconds + usage.bonus_seconds, 1)
+        # an unlimited budget has its own wording: no "of unlimited s"
+        "seconds": Msg(
+            "quota.seconds_left",
+            {
+                "used": round(usage.seconds_used, 1),
+                "budget": round(budget.gpu_seconds + usage.bonus_seconds, 1),
+            },
+        )
         if budget.gpu_seconds
-        else Msg("quota.unlimited"),
+        else Msg("quota.seconds_unlimited", {"used": round(usage.seconds_used, 1)}),
         "refill": format_time(refill),
     }
     data = {

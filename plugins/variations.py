@@ -32,8 +32,8 @@ from bot.api import (
     UserError,
     hookimpl,
     lineage,
-    options_from_request,
     pick_image,
+    redraw,
     thread_key_of,
 )
 from bot.types import Action, Argument, Command, CommandContext, Reply
@@ -99,19 +99,14 @@ async def vary(ctx: CommandContext) -> list[Reply]:
     record, image = await pick_image(app, ctx.actor, ctx.text)
     cfg = config(app)
     strength = given.get("strength", cfg.strong_strength if given.get("strong") else cfg.subtle_strength)
-    options = {
-        **options_from_request(record.request, count=given.get("count", 1)),
+    changes = {
+        "count": given.get("count", 1),
         "seed": image.seed,
         "subseed": -1,
         "subseed-strength": float(strength),
     }
-    return await app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        options,
-        ctx.invocation.route,
-        parent_id=record.id,
-        thread_key=await thread_key_of(app, record),
+    return await redraw(
+        app, record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )
 
 

@@ -64,6 +64,7 @@ from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests im
     read_axis,
     read_grid,
     read_values,
+    redraw,
     require_moderator,
     whole_number,
 )
@@ -313,10 +314,8 @@ async def grid_again(ctx: CommandContext) -> list[Reply]:
     if record.plan != "grid" or record.group_index != 0:
         raise NotFound("error.not_found", id=ctx.text.strip())
     cells = await group_jobs(ctx.app, record.group_id)
-    options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
-    return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
-    )
+    changes = {"seed": -1, "subseed": -1, _AGAIN: cells}
+    return await redraw(ctx.app, record, changes, ctx.actor, ctx.invocation.route)
 
 
 # composing the grid when its last cell ends ------------------------------------------------------

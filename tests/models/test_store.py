@@ -192,3 +192,12 @@ async def test_renewing_keeps_jobs_and_releasing_frees_them(store: Store) -> Non
     assert await store.adopt(lease("B")) == []
     assert await store.release("A") == 1  # a graceful stop: no need to wait for the lease
     assert [r.id for r in await store.adopt(lease("B"))] == ["J1"]
+
+
+async def test_a_user_keeps_the_language_used_last(store: Store) -> None:
+    """Later notices (a finished grid, a stopped run) are written in the user's language:
+    the one of their latest command, not of their first."""
+    first = await store.ensure_user("console", "li", "Li", "en")
+    again = await store.ensure_user("console", "li", "Li", "zh-CN")
+    assert (first.locale, again.locale) == ("en", "zh-CN")
+    assert (await store.ensure_user("console", "li", "Li")).locale == "zh-CN"
