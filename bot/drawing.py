@@ -18,7 +18,7 @@ from bot.draw import freeze, new_draft, options_from_request
 from bot.help import missing_argument
 from bot.inputs import store_input_image
 from bot.plugins import maybe_await
-from bot.reruns import draw_line, options_from_infotext, split_infotext, unknown_hash_note
+from bot.reruns import options_from_infotext, split_infotext, unknown_hash_note
 from bot.types import (
     Actor,
     Admission,
@@ -64,23 +64,30 @@ class Drawing:
     options: OptionTable
 
     async def draw_command(self, ctx: CommandContext) -> list[Reply]:
-        text = ctx.text
+        limits = self.app.settings.limits
         notes: list[Reply] = []
-        pasted = split_infotext(text) if "\n" in text.strip() else None
-        if pasted is not None:
-            # a pasted A1111 infotext: its fields become options, then the normal checks apply
+        pasted = split_infotext(ctx.text) if "\n" in ctx.text.strip() else None
+        if pasted is None:
+            parsed = parse_args(ctx.text)
+            if not parsed.text.strip() and not parsed.options and not ctx.invocation.attachments:
+                raise missing_argument(ctx)  # a bare /draw: its usage, never an empty-prompt job
+            prompt, options = parsed.text, self.options.convert(parsed, limits)
+        else:
+            # a pasted A1111 infotext: its fields are the options (checked as typed ones are),
+            # and options typed after it win over them
             body, overrides = pasted
-            with_model = not any(
-                name in ("checkpoint", "model", "ckpt") for name, _ in parse_args(overrides).options
+            typed = parse_args(overrides)
+            with_model = not any(name in ("checkpoint", "model", "ckpt") for name, _ in typed.options)
+            # model names and hashes are looked up in the models folder: off the event loop
+            prompt, fields = await asyncio.to_thread(
+                options_from_infotext, body, self.app.library, with_model=with_model
             )
-            prompt, fields = options_from_infotext(body, self.app.library, with_model=with_model)
-            note = unknown_hash_note(body, self.app.library, fields.get("checkpoint"))
+            note = await asyncio.to_thread(
+                unknown_hash_note, body, self.app.library, fields.get("checkpoint")
+            )
             notes += [note] if note is not None else []
-            text = draw_line(prompt, fields).removeprefix("/draw ") + " " + overrides
-        parsed = parse_args(text)
-        if not parsed.text.strip() and not parsed.options and not ctx.invocation.attachments:
-            raise missing_argument(ctx)  # a bare /draw: its usage, never an empty-prompt job
-        options = self.options.convert(parsed, self.app.settings.limits)
+            options = {**self.options.check(fields, limits), **self.options.convert(typed, limits)}
+            prompt = " ".join(part for part in (prompt, typed.text.strip()) if part)
         if ctx.invocation.attachments:
             stored = await asyncio.to_thread(
                 store_input_image,
@@ -90,7 +97,7 @@ class Drawing:
             )
             options["init-image"] = stored.path
             options.setdefault("size", stored.size)  # the upload's own, in multiples of 8
-        replies = await self.draw(ctx.actor, parsed.text, options, ctx.invocation.route)
+        replies = await self.draw(ctx.actor, prompt, options, ctx.invocation.route)
         return replies + notes if replies and not replies[0].error else replies
 
     async def draw(

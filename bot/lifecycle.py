@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bot.access import Audience, may_touch
-from bot.errors import NotFound, UserError
+from bot.access import Audience, is_owner, may_touch
+from bot.errors import NotFound, PermissionDenied, UserError
+from bot.governance import scope_of
 from bot.leases import owner_gone
 from bot.result_files import discard_staged, put_in_place, stage_images
 from bot.types import (
     Action,
     Actor,
     Cancelled,
+    Deleted,
     Failed,
     Finished,
     ImageOut,
+    MessageRef,
     Progress,
     Queued,
     Reply,
@@ -34,6 +39,8 @@ from bot.types import (
     Started,
 )
 from models.base import utcnow
+from models.delivery_store import DeliveryStore
+from models.moderation_store import ModerationStore
 from models.records import GenerationRecord
 from models.store import Lease
 from pipeline.queue import Job
@@ -101,6 +108,43 @@ class JobLifecycle:
             return Reply("cancel.done", {"id": generation_id})
         return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
 
+    async def delete(self, generation_id: str, actor: Actor) -> Reply:
+        """Delete an ended generation, its image rows and files: its owner's or a
+        moderator's to do. Anyone else is refused as at a moderator command, and the
+        attempt audited; a moderator deleting someone else's result is audited too. A
+        ``Deleted`` event then tells the job's conversation, so the adapter removes (or
+        edits) the message that showed it."""
+        record = await self.visible(generation_id.strip(), actor)
+        owner = is_owner(record, actor)
+        if not owner and not actor.is_moderator:
+            await self._audit_delete(actor, record, allowed=False)
+            raise PermissionDenied("error.moderators_only", command="delete")
+        if record.status in ("queued", "running"):
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        stored = await DeliveryStore(self.app.store).message(record.id)  # gone with the row
+        paths = await self.app.store.delete(record.id)
+        if paths is None:
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
+        if not owner:
+            await self._audit_delete(actor, record, allowed=True)
+        audience = Audience.of(record, actor.locale)
+        message = MessageRef.from_json(stored) if stored else None
+        self.app.bus.publish(
+            Deleted(record.id, replace(audience.actor, locale=actor.locale), audience.route,
+                    audience.thread_key, message=message)
+        )  # fmt: skip
+        return Reply("moderation.deleted", {"id": record.id})
+
+    async def _audit_delete(self, actor: Actor, record: GenerationRecord, *, allowed: bool) -> None:
+        detail: dict[str, Any] = {"command": f"/delete {record.id}"}
+        if allowed:
+            detail.update(owner=f"{record.user.platform}:{record.user.platform_user_id}")
+            detail.update(prompt=record.request.prompt[:200])
+        await ModerationStore(self.app.store).audit(
+            actor.key, "delete", scope=scope_of(actor), allowed=allowed, target=record.id, detail=detail
+        )
+
     # JobListener ------------------------------------------------------------------------------
 
     async def job_started(self, job: Job) -> bool:
@@ -158,6 +202,8 @@ class JobLifecycle:
         actions: list[Action] = []
         for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
             actions.extend(found or [])
+        # the core's own, last: who may press it is checked on the press (owner or moderator)
+        actions.append(Action(f"delete:{record.id}", "action.delete"))
         return actions
 
     async def _ended(self, generation_id: str) -> None:
@@ -202,3 +248,8 @@ class JobLifecycle:
 def _fields(audience: Audience) -> tuple[Actor, Route, str | None]:
     """A JobEvent's leading fields after its id."""
     return (audience.actor, audience.route, audience.thread_key)
+
+
+def _remove_files(root: Path, paths: list[str]) -> None:
+    for relative in paths:
+        (root / relative).unlink(missing_ok=True)

@@ -162,8 +162,12 @@ async def cancel_command(ctx: CommandContext) -> Reply:
     return await ctx.app.service.cancel(ctx.text.strip(), ctx.actor)
 
 
+async def delete_command(ctx: CommandContext) -> Reply:
+    return await ctx.app.service.delete(ctx.text.strip(), ctx.actor)
+
+
 def core_commands(service: Service) -> list[Command]:
-    """/draw, /cancel and /help: the commands that work with every plugin disabled."""
+    """/draw, /cancel, /delete and /help: the commands that work with every plugin disabled."""
     return [
         Command(
             "draw",
@@ -174,6 +178,7 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command("delete", delete_command, "cmd.delete", arguments=(Argument("id", "id", "arg.generation"),)),
         Command(
             "help",
             help_command,
