@@ -1,0 +1,173 @@
+"""The Telegram adapter end to end: the real python-telegram-bot client against the fake
+Bot API on 127.0.0.1 (tests/fakes/telegram_api.py), the tiny offline engine behind it.
+
+One bot serves the whole module, as one serves many chats; each test talks in chats
+of its own. The restart test runs ``atelier run`` itself, twice."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.runner import StartError
+from bot.settings import Secrets
+from pipeline.images import read_infotext
+from tests.conftest import make_settings
+from tests.fakes.telegram_api import BOT_USER, Call, FakeTelegram, user_json
+
+TOKEN = "123456:TEST"
+
+
+@dataclass
+class Bot:
+    tg: FakeTelegram
+    app: Any
+    adapter: Any
+
+
+def secrets_for(tg: FakeTelegram, token: str = TOKEN) -> Secrets:
+    return Secrets(telegram_token=token, telegram_base_url=tg.base_url, telegram_base_file_url=tg.base_file_url)
+
+
+@pytest.fixture(scope="module")
+async def bot(tmp_path_factory: pytest.TempPathFactory, tiny_library: Any, tiny_engine: Any) -> AsyncIterator[Bot]:
+    from bot.adapters.telegram import build
+    from bot.app import build_app
+
+    tmp = tmp_path_factory.mktemp("telegram")
+    tiny_engine.preview_every = 1  # a preview on every step: the throttling decides what is shown
+    async with FakeTelegram(tokens=(TOKEN,)) as tg:
+        settings = make_settings(tmp, f"sqlite+aiosqlite:///{tmp / 'atelier.db'}")
+        settings = settings.model_copy(update={"secrets": secrets_for(tg)})
+        app = build_app(settings, engines=[tiny_engine], library=tiny_library)
+        adapter = build(app, settings)
+        await adapter.start()
+        await app.start()
+        try:
+            yield Bot(tg, app, adapter)
+        finally:
+            await adapter.stop()
+            await app.stop(wait=False)
+            tiny_engine.preview_every = 0
+
+
+def replies_to(tg: FakeTelegram, chat: int, message_id: int) -> list[dict[str, Any]]:
+    return [
+        m
+        for (c, _), m in tg.messages.items()
+        if c == chat and (m.get("reply_to_message") or {}).get("message_id") == message_id
+    ]
+
+
+def text_of(message: dict[str, Any]) -> str:
+    return message.get("text") or message.get("caption") or ""
+
+
+def documents(tg: FakeTelegram, chat: int) -> list[Call]:
+    return [c for c in tg.sent("sendDocument", chat) if "document" in c.files]
+
+
+async def until(predicate: Any, timeout: float = 60.0) -> Any:
+    async def loop() -> Any:
+        while not (value := predicate()):
+            await asyncio.sleep(0.02)
+        return value
+
+    return await asyncio.wait_for(loop(), timeout)
+
+
+async def result_of(tg: FakeTelegram, chat: int, count: int = 1, timeout: float = 90.0) -> list[Call]:
+    """The first ``count`` original PNGs sent to ``chat`` (they come last in a result)."""
+    return await until(lambda: documents(tg, chat)[count - 1 :] and documents(tg, chat), timeout)
+
+
+def keyboard_message(tg: FakeTelegram, chat: int) -> dict[str, Any]:
+    (message,) = [m for (c, _), m in tg.messages.items() if c == chat and tg.keyboard(m)][-1:]
+    return message
+
+
+def job_of(text: str) -> str:
+    return text.split("]", 1)[0].lstrip("[")
+
+
+async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_png(bot: Bot) -> None:
+    tg, chat = bot.tg, 101
+    alice = user_json(101, "Alice")
+    start = time.monotonic()
+    command = tg.send_text(chat, alice, "/draw a lighthouse --steps 40 --size 128x128 --seed 3")
+    queued = await until(lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "queued" in text_of(m)])
+    assert time.monotonic() - start < 3
+    (sent,) = await result_of(tg, chat)
+    job = job_of(text_of(queued[0]))
+    record = await bot.app.store.get(job)
+    assert record is not None and record.status == "finished"
+
+    # progress: a photo with the step replaced the "queued" text, then edits of it, at most 1 per second
+    calls = [c for c in tg.sent(chat_id=chat) if c.at >= tg.sent("sendMessage", chat)[0].at]
+    progress = [c for c in calls if c.method in ("sendPhoto", "editMessageMedia", "editMessageCaption")]
+    steps = [c for c in progress if "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))]
+    assert len(steps) >= 2
+    assert all(b.at - a.at >= 0.95 for a, b in zip(steps, steps[1:], strict=False))
+    first = steps[0]
+    assert first.method == "sendPhoto" and Image.open(io.BytesIO(first.files["photo"])).size == (16, 16)
+    assert tg.sent("deleteMessage", chat)  # the "queued" text made way for the photo
+
+    # the result: the photo with the parameters and a keyboard, the original PNG answering it
+    result = keyboard_message(tg, chat)
+    assert result["photo"] and f"[{job}] done (seed 3)" in result["caption"]
+    assert "Steps: 40" in result["caption"] and len(result["caption"]) <= 1024
+    assert all(len(data.encode()) <= 64 for data in tg.keyboard(result))
+    png = sent.files["document"]
+    assert png == await bot.app.images.read(record.images[0].id)
+    assert read_infotext(png) == record.images[0].infotext
+    assert sent.file_names["document"].endswith(".png")
+    assert sent.params["reply_parameters"]["message_id"] == result["message_id"]
+
+
+async def test_commands_are_set_in_english_and_chinese_and_a_zh_user_gets_chinese(bot: Bot) -> None:
+    tg, chat = bot.tg, 102
+    assert {"draw", "help"} <= {c["command"] for c in tg.commands[("default", "")]}
+    zh_draw = next(c for c in tg.commands[("default", "zh")] if c["command"] == "draw")
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in zh_draw["description"])
+    wang = user_json(102, "Wang", language_code="zh-CN")
+    command = tg.send_text(chat, wang, "/draw 一只猫 --steps 2")
+    queued = await until(lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "已排队" in text_of(m)])
+    assert queued
+    await result_of(tg, chat)
+
+
+async def test_bad_input_gets_a_translated_error_and_nothing_is_stored(bot: Bot) -> None:
+    tg, chat = bot.tg, 103
+    li = user_json(103, "Li", language_code="zh-hans")
+    before = await bot.app.store.count_for_user((await bot.app.store.ensure_user("telegram", "103", "li")).id)
+    for text, expected in (("/draw a cat --steps 0", "steps"), ("/draw a cat --style nope", "nope")):
+        command = tg.send_text(chat, li, text)
+        (answer,) = await until(lambda command=command: replies_to(tg, chat, command["message_id"]))
+        assert expected in answer["text"] and any("\u4e00" <= ch <= "\u9fff" for ch in answer["text"])
+    command = tg.send_text(chat, li, "/draw a cat", caption_file=("document", b"not a picture", "notes.txt"))
+    (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
+    assert "图片" in answer["text"]
+    user = await bot.app.store.ensure_user("telegram", "103", "li")
+    assert await bot.app.store.count_for_user(user.id) == before == 0
+
+
+async def test_bad_token_stops_the_start_with_a_clear_message(bot: Bot) -> None:
+    from bot.adapters.telegram import build
+
+    settings = bot.app.settings.model_copy(update={"secrets": secrets_for(bot.tg, "999:WRONG")})
+    adapter = build(bot.app, settings)
+    with pytest.raises(StartError, match="ATELIER_TELEGRAM_TOKEN"):
+        await adapter.start()
+    assert BOT_USER["username"] == bot.adapter.username
