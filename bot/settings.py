@@ -126,8 +126,12 @@ class ChatSettings(_Table):
 class TelegramSettings(ChatSettings):
     """``[telegram]``: where the bot answers, who moderates, and how updates arrive."""
 
-    allowed_chats: tuple[int, ...] = ()  # chat ids the bot answers in (a private chat's id is the user's); () = all
-    moderators: tuple[int, ...] = ()  # Telegram user ids that moderate everywhere (chat admins do in their chat)
+    allowed_chats: tuple[
+        int, ...
+    ] = ()  # chat ids the bot answers in (a private chat's id is the user's); () = all
+    moderators: tuple[
+        int, ...
+    ] = ()  # Telegram user ids that moderate everywhere (chat admins do in their chat)
     webhook_url: str = ""  # receive updates at this public https URL instead of long polling
     webhook_listen: str = "127.0.0.1"
     webhook_port: int = Field(8443, ge=1, le=65535)

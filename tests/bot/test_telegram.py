@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +18,7 @@ from PIL import Image
 
 from bot.runner import StartError
 from bot.settings import Secrets
+from bot.types import Route
 from pipeline.images import read_infotext
 from tests.conftest import make_settings
 from tests.fakes.telegram_api import BOT_USER, Call, FakeTelegram, user_json
@@ -38,11 +34,15 @@ class Bot:
 
 
 def secrets_for(tg: FakeTelegram, token: str = TOKEN) -> Secrets:
-    return Secrets(telegram_token=token, telegram_base_url=tg.base_url, telegram_base_file_url=tg.base_file_url)
+    return Secrets(
+        telegram_token=token, telegram_base_url=tg.base_url, telegram_base_file_url=tg.base_file_url
+    )
 
 
 @pytest.fixture(scope="module")
-async def bot(tmp_path_factory: pytest.TempPathFactory, tiny_library: Any, tiny_engine: Any) -> AsyncIterator[Bot]:
+async def bot(
+    tmp_path_factory: pytest.TempPathFactory, tiny_library: Any, tiny_engine: Any
+) -> AsyncIterator[Bot]:
     from bot.adapters.telegram import build
     from bot.app import build_app
 
@@ -76,7 +76,7 @@ def text_of(message: dict[str, Any]) -> str:
 
 
 def documents(tg: FakeTelegram, chat: int) -> list[Call]:
-    return [c for c in tg.sent("sendDocument", chat) if "document" in c.files]
+    return [c for c in tg.sent("sendDocument", chat) if "document" in c.files and c.status == 200]
 
 
 async def until(predicate: Any, timeout: float = 60.0) -> Any:
@@ -98,6 +98,18 @@ def keyboard_message(tg: FakeTelegram, chat: int) -> dict[str, Any]:
     return message
 
 
+def queued_jobs(tg: FakeTelegram, chat: int, message_id: int) -> list[str]:
+    """The jobs whose "queued" message answered ``message_id`` (the messages themselves
+    make way for a preview later, so the calls are read)."""
+    return [
+        job_of(c.params["text"])
+        for c in tg.sent("sendMessage", chat)
+        if (c.params.get("reply_parameters") or {}).get("message_id") == message_id
+        and c.params["text"].startswith("[")
+        and "queued" in c.params["text"]
+    ]
+
+
 def job_of(text: str) -> str:
     return text.split("]", 1)[0].lstrip("[")
 
@@ -107,7 +119,9 @@ async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_
     alice = user_json(101, "Alice")
     start = time.monotonic()
     command = tg.send_text(chat, alice, "/draw a lighthouse --steps 40 --size 128x128 --seed 3")
-    queued = await until(lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "queued" in text_of(m)])
+    queued = await until(
+        lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "queued" in text_of(m)]
+    )
     assert time.monotonic() - start < 3
     (sent,) = await result_of(tg, chat)
     job = job_of(text_of(queued[0]))
@@ -117,7 +131,11 @@ async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_
     # progress: a photo with the step replaced the "queued" text, then edits of it, at most 1 per second
     calls = [c for c in tg.sent(chat_id=chat) if c.at >= tg.sent("sendMessage", chat)[0].at]
     progress = [c for c in calls if c.method in ("sendPhoto", "editMessageMedia", "editMessageCaption")]
-    steps = [c for c in progress if "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))]
+    steps = [
+        c
+        for c in progress
+        if "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))
+    ]
     assert len(steps) >= 2
     assert all(b.at - a.at >= 0.95 for a, b in zip(steps, steps[1:], strict=False))
     first = steps[0]
@@ -143,7 +161,9 @@ async def test_commands_are_set_in_english_and_chinese_and_a_zh_user_gets_chines
     assert any("\u4e00" <= ch <= "\u9fff" for ch in zh_draw["description"])
     wang = user_json(102, "Wang", language_code="zh-CN")
     command = tg.send_text(chat, wang, "/draw 一只猫 --steps 2")
-    queued = await until(lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "已排队" in text_of(m)])
+    queued = await until(
+        lambda: [m for m in replies_to(tg, chat, command["message_id"]) if "已排队" in text_of(m)]
+    )
     assert queued
     await result_of(tg, chat)
 
@@ -171,3 +191,96 @@ async def test_bad_token_stops_the_start_with_a_clear_message(bot: Bot) -> None:
     with pytest.raises(StartError, match="ATELIER_TELEGRAM_TOKEN"):
         await adapter.start()
     assert BOT_USER["username"] == bot.adapter.username
+
+
+def button(message: dict[str, Any], label: str) -> str:
+    rows = message["reply_markup"]["inline_keyboard"]
+    (data,) = [b["callback_data"] for row in rows for b in row if b["text"] == label]
+    return data
+
+
+async def drawn(
+    tg: FakeTelegram, chat: int, user: dict[str, Any], text: str, **kwargs: Any
+) -> dict[str, Any]:
+    """Send a /draw and wait for its result: the message with the keyboard."""
+    before = len(documents(tg, chat))
+    tg.send_text(chat, user, text, **kwargs)
+    await result_of(tg, chat, before + 1)
+    return keyboard_message(tg, chat)
+
+
+async def test_presses_are_answered_at_once_and_a_variation_answers_its_result(bot: Bot) -> None:
+    tg, chat = bot.tg, -1001
+    tg.chat(chat, type="supergroup")
+    alice, bob = user_json(11, "Alice"), user_json(12, "Bob")
+    result = await drawn(tg, chat, alice, "/draw@atelier_bot a red boat --steps 2 --seed 5")
+    assert {"Reroll", "V1", "Forever"} <= {
+        b["text"] for row in result["reply_markup"]["inline_keyboard"] for b in row
+    }
+
+    # someone else's reroll: answered within 2 s, a new job answering the result
+    pressed = time.monotonic()
+    query = tg.press(chat, result["message_id"], bob, button(result, "Reroll"))
+    await until(
+        lambda: [c for c in tg.sent("answerCallbackQuery") if c.params["callback_query_id"] == query], 2
+    )
+    assert time.monotonic() - pressed < 2
+    (reroll,) = await until(lambda: queued_jobs(tg, chat, result["message_id"]))
+
+    # the owner's V1: the variation's messages answer the result it varies
+    tg.press(chat, result["message_id"], alice, button(result, "V1"))
+    (_, job) = await until(
+        lambda: (
+            queued_jobs(tg, chat, result["message_id"])[1:] and queued_jobs(tg, chat, result["message_id"])
+        )
+    )
+    await until(lambda: [c for c in documents(tg, chat) if job in str(c.file_names)], 90)
+    record = await bot.app.store.get(job)
+    assert record is not None and record.parent_id is not None
+
+    # a command for another bot is not ours
+    calls = len(tg.calls)
+    tg.send_text(chat, alice, "/draw@other_bot a cat")
+    await asyncio.sleep(0.5)
+    assert not [c for c in tg.calls[calls:] if c.method.startswith("send")]
+
+
+async def test_a_429_on_the_upload_is_waited_out_and_a_413_sends_a_smaller_file(bot: Bot) -> None:
+    tg, chat = bot.tg, 105
+    carol = user_json(105, "Carol")
+    await bot.app.idle()  # the failures below are for this chat's uploads
+    await bot.adapter.delivery.idle()
+    tg.fail_next("sendDocument", 429, retry_after=1)
+    await drawn(tg, chat, carol, "/draw a tower --steps 2")
+    failed, sent = tg.sent("sendDocument", chat)[-2:]
+    assert failed.status == 429 and sent.at - failed.at >= 1.0
+    assert sent.file_names["document"].endswith(".png")
+
+    tg.fail_next("sendDocument", 413)
+    await drawn(tg, chat, carol, "/draw a bridge --steps 2")
+    failed, sent = tg.sent("sendDocument", chat)[-2:]
+    assert failed.status == 413 and sent.file_names["document"].endswith("-smaller.jpg")
+    assert len(sent.files["document"]) < len(failed.files["document"])
+
+
+async def test_groups_are_edited_every_3_s_and_forum_topics_keep_their_topic(bot: Bot) -> None:
+    tg, chat = bot.tg, -1002
+    tg.chat(chat, type="supergroup", is_forum=True)
+    dave = user_json(13, "Dave")
+    assert bot.adapter.limits(Route("telegram", str(chat))).progress_interval == 3.0
+    assert bot.adapter.limits(Route("telegram", "13", is_private=True)).progress_interval == 1.0
+    started = time.monotonic()
+    result = await drawn(tg, chat, dave, "/draw a slow river --steps 60", thread_id=7)
+    took = time.monotonic() - started
+    progress = [
+        c
+        for c in tg.sent(chat_id=chat)
+        if c.method in ("sendPhoto", "editMessageMedia", "editMessageCaption")
+        and "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))
+    ]
+    assert all(b.at - a.at >= 2.95 for a, b in zip(progress, progress[1:], strict=False))
+    assert len(progress) >= min(2, int(took // 3)), took
+    assert result["message_thread_id"] == 7
+    assert {
+        c.params.get("message_thread_id") for c in tg.sent(chat_id=chat) if c.method.startswith("send")
+    } == {"7"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -48,7 +49,11 @@ SERVER_ERROR_WAIT = 1.0  # before calling again after a 5xx or a timeout
 T = TypeVar("T")
 
 
-def seconds(value: int | float | timedelta) -> float:
+def waited(exc: TelegramRetryAfter) -> float:
+    """Seconds to wait, whichever type this version of the library gives them in."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int today, timedelta in a later major version
+        value = exc.retry_after
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
@@ -261,7 +266,7 @@ class Sender:
             try:
                 return await call()
             except TelegramRetryAfter as exc:
-                wait = seconds(exc.retry_after)
+                wait = waited(exc)
                 if progress or attempt == ATTEMPTS:
                     raise RetryAfter(wait) from exc
                 log.info("Telegram asks to wait %.1f s", wait)
