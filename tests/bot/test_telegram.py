@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -270,7 +275,7 @@ async def test_groups_are_edited_every_3_s_and_forum_topics_keep_their_topic(bot
     assert bot.adapter.limits(Route("telegram", str(chat))).progress_interval == 3.0
     assert bot.adapter.limits(Route("telegram", "13", is_private=True)).progress_interval == 1.0
     started = time.monotonic()
-    result = await drawn(tg, chat, dave, "/draw a slow river --steps 60", thread_id=7)
+    result = await drawn(tg, chat, dave, "/draw a slow river --steps 12", thread_id=7)
     took = time.monotonic() - started
     progress = [
         c
@@ -284,3 +289,75 @@ async def test_groups_are_edited_every_3_s_and_forum_topics_keep_their_topic(bot
     assert {
         c.params.get("message_thread_id") for c in tg.sent(chat_id=chat) if c.method.startswith("send")
     } == {"7"}
+
+
+def run_bot(tmp: Path, tg: FakeTelegram) -> subprocess.Popen[bytes]:
+    """``atelier run`` with the token and the fake's URLs in its environment."""
+    config = tmp / "config.toml"
+    (tmp / "data").mkdir(exist_ok=True)
+    if not config.exists():
+        config.write_text(
+            f'[bot]\ndata_dir = "{tmp / "data"}"\n'
+            f'[engine]\nmodels_dir = "{tmp / "models"}"\ndevice = "cpu"\n'
+            "[defaults]\nsteps = 2\nwidth = 64\nheight = 64\n"
+            "[telegram]\npoll_timeout = 1\n",
+            encoding="utf-8",
+        )
+    env = {
+        **os.environ,
+        "ATELIER_CONFIG": str(config),
+        "HF_HUB_OFFLINE": "1",
+        "ATELIER_TELEGRAM_TOKEN": TOKEN,
+        "ATELIER_TELEGRAM_BASE_URL": tg.base_url,
+        "ATELIER_TELEGRAM_BASE_FILE_URL": tg.base_file_url,
+    }
+    env.pop("ATELIER_DATABASE_URL", None)
+    env.pop("ATELIER_DISCORD_TOKEN", None)
+    log = open(tmp / "bot.log", "ab")  # noqa: SIM115  (the process writes it; closed with the test's tmp)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"], env=env, cwd=tmp, stdout=log, stderr=log
+    )
+
+
+async def serving(tg: FakeTelegram, starts: int) -> None:
+    """Until the ``starts``-th process polls for updates."""
+
+    def polling() -> bool:
+        started, polls = tg.sent("getMe"), tg.sent("getUpdates")
+        return len(started) >= starts and bool(polls) and polls[-1].at > started[-1].at
+
+    await until(polling, 120)
+
+
+async def stopped(process: subprocess.Popen[bytes], tmp: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    code = await until(lambda: process.poll() is not None, 60) and process.returncode
+    assert code == 0, (tmp / "bot.log").read_text(errors="replace")[-3000:]
+
+
+async def test_a_press_after_sigterm_and_a_restart_still_works(tmp_path: Path) -> None:
+    async with FakeTelegram(tokens=(TOKEN,)) as tg:
+        chat, erin = 106, user_json(106, "Erin")
+        process = run_bot(tmp_path, tg)
+        try:
+            await serving(tg, 1)
+            tg.send_text(chat, erin, "/draw a quiet harbour --seed 9")
+            await result_of(tg, chat, 1, 120)
+            result = keyboard_message(tg, chat)
+        finally:
+            await stopped(process, tmp_path)
+
+        process = run_bot(tmp_path, tg)
+        try:
+            await serving(tg, 2)
+            pressed = time.monotonic()
+            query = tg.press(chat, result["message_id"], erin, button(result, "Reroll"))
+            await until(
+                lambda: [c for c in tg.sent("answerCallbackQuery") if c.params["callback_query_id"] == query]
+            )
+            assert time.monotonic() - pressed < 2
+            (job,) = await until(lambda: queued_jobs(tg, chat, result["message_id"]))
+            await result_of(tg, chat, 2, 120)
+            assert job in str(documents(tg, chat)[-1].file_names)
+        finally:
+            await stopped(process, tmp_path)

@@ -8,6 +8,7 @@ answered while a command is still being stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -138,6 +139,7 @@ class TelegramAdapter:
         name = addressed(text, self.username)
         if name is None:
             return
+        await self._app_started()
         actor = actor_of(user, chat, self.settings.bot.locale, await self._roles(chat, user.id))
         route = route_of(message)
         try:
@@ -161,6 +163,7 @@ class TelegramAdapter:
             return
         if not self._allowed(message.chat.id):
             return
+        await self._app_started()
         actor = actor_of(query.from_user, message.chat, self.settings.bot.locale)
         actor = replace(actor, roles=await self._roles(message.chat, query.from_user.id))
         route = route_of(message)  # a variation answers the result whose button was pressed
@@ -171,6 +174,13 @@ class TelegramAdapter:
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("handling a Telegram update failed", exc_info=context.error)
+
+    async def _app_started(self) -> None:
+        """Updates waiting since the bot was off arrive as soon as polling starts, which is
+        before the App has upgraded the database and started (``atelier run`` starts
+        the adapters first); they wait for it."""
+        while not self.app.started:  # noqa: ASYNC110  (the App has a flag, no event)
+            await asyncio.sleep(0.05)
 
     # who, where, what --------------------------------------------------------------------------------
 
