@@ -27,6 +27,7 @@ from bot.dispatch import run_command
 from bot.draw import freeze, new_draft
 from bot.errors import NotFound, UserError
 from bot.help import help_command
+from bot.identity import link_command, unlink_command
 from bot.inputs import check_uploads, store_input_image
 from bot.leases import owner_gone
 from bot.options import draw_options
@@ -60,6 +61,7 @@ from bot.types import (
     Started,
 )
 from models.base import utcnow
+from models.identity_store import IdentityStore
 from models.records import GenerationRecord
 from models.store import Lease, NewJob
 from pipeline.errors import EngineError
@@ -111,7 +113,7 @@ class Service:
     async def handle(self, invocation: Invocation) -> list[Reply]:
         """Run one command; errors become replies (translated by the adapter)."""
         try:
-            invocation = self._with_roles(invocation)
+            invocation = await self._with_person(self._with_roles(invocation))
             command = self.app.commands.get(invocation.command)
             if command is None:
                 visible = sorted(c.name for c in self.app.commands.items.values() if not c.hidden)
@@ -139,6 +141,15 @@ class Service:
         if extra <= actor.roles:
             return invocation
         return replace(invocation, actor=replace(actor, roles=actor.roles | frozenset(extra)))
+
+    async def _with_person(self, invocation: Invocation) -> Invocation:
+        """Name the person a linked identity is one with (``/link``), so that everything
+        keyed by ``actor.key`` is theirs together."""
+        actor = invocation.actor
+        person = await IdentityStore(self.app.store).person_of(actor.identity)
+        if person == actor.person:
+            return invocation
+        return replace(invocation, actor=replace(actor, person=person))
 
     async def handle_line(
         self,
@@ -287,7 +298,9 @@ class Service:
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
-        user = await self.app.store.ensure_user(actor.platform, actor.user_id, actor.name, actor.locale)
+        platform, _, user_id = actor.key.partition(":")  # a linked identity's jobs are its person's
+        name = actor.name if actor.person is None else ""  # the person keeps their own name
+        user = await self.app.store.ensure_user(platform, user_id, name, actor.locale)
         group = new_id()
         jobs = [
             NewJob(
@@ -505,7 +518,7 @@ def _raised_in_pipeline(exc: BaseException) -> bool:
 
 
 def is_owner(record: GenerationRecord, actor: Actor) -> bool:
-    return (record.user.platform, record.user.platform_user_id) == (actor.platform, actor.user_id)
+    return f"{record.user.platform}:{record.user.platform_user_id}" == actor.key
 
 
 def may_see(record: GenerationRecord, actor: Actor) -> bool:
@@ -533,6 +546,13 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command(
+            "link",
+            link_command,
+            "cmd.link",
+            arguments=(Argument("code", "text", "arg.link_code", required=False),),
+        ),
+        Command("unlink", unlink_command, "cmd.unlink"),
         Command(
             "help",
             help_command,

@@ -361,3 +361,46 @@ async def test_a_press_after_sigterm_and_a_restart_still_works(tmp_path: Path) -
             assert job in str(documents(tg, chat)[-1].file_names)
         finally:
             await stopped(process, tmp_path)
+
+
+async def test_link_from_the_console_and_telegram_joins_the_histories_and_unlink_separates(bot: Bot) -> None:
+    from bot.adapters.console import ConsoleAdapter
+    from bot.types import Actor
+
+    tg, chat, store = bot.tg, 107, bot.app.store
+    frank = user_json(107, "Frank")
+    console = ConsoleAdapter(
+        bot.app, Actor("console", "frank", "frank", chat_id="console"), out=io.StringIO()
+    )
+    (accepted, *_) = await console.handle("/draw a console cat --steps 2")
+    await drawn(tg, chat, frank, "/draw a telegram cat --steps 2")
+    own = await store.ensure_user("telegram", "107", "frank")
+    assert await store.count_for_user(own.id) == 1
+
+    # a code from Telegram, sent from the console: one person (nothing is joined before)
+    command = tg.send_text(chat, frank, "/link")
+    (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
+    code = answer["text"].split("\n")[0].rsplit(" ", 1)[-1]
+    (wrong,) = await console.handle("/link NOTACODE")
+    assert wrong.error and wrong.key == "link.refused.unknown"
+    (done,) = await console.handle(f"/link {code}")
+    assert done.key == "link.done" and done.data["person"] == "telegram:107" and done.data["moved"] == 1
+    (again,) = await console.handle(f"/link {code}")  # a code works once
+    assert again.key == "link.refused.unknown"
+    assert await store.count_for_user(own.id) == 2
+    console_user = await store.ensure_user("console", "frank", "frank")
+    assert await store.count_for_user(console_user.id) == 0
+
+    # from either side: one history; a job asked from the console joins it too
+    (history,) = await console.handle("/history")
+    assert history.data["total"] == 2 and accepted.data["jobs"][0] in history.data["ids"]
+    command = tg.send_text(chat, frank, "/history")
+    (shown_history,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
+    assert accepted.data["jobs"][0] in shown_history["text"]
+
+    # /unlink: each account takes back what it asked for
+    (separated,) = await console.handle("/unlink")
+    assert separated.key == "link.unlinked"
+    assert await store.count_for_user(own.id) == 1 and await store.count_for_user(console_user.id) == 1
+    (none,) = await console.handle("/unlink")
+    assert none.key == "link.none"
