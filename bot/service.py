@@ -146,6 +146,8 @@ class Service:
         """Name the person a linked identity is one with (``/link``), so that everything
         keyed by ``actor.key`` is theirs together."""
         actor = invocation.actor
+        if not self.app.started:  # no store to ask yet (an App built for /help alone)
+            return invocation
         person = await IdentityStore(self.app.store).person_of(actor.identity)
         if person == actor.person:
             return invocation
