@@ -243,6 +243,23 @@ async def test_presses_are_answered_at_once_and_a_variation_answers_its_result(b
     record = await bot.app.store.get(job)
     assert record is not None and record.parent_id is not None
 
+    # Delete: refused for someone else, done for the owner (the photo and its PNG leave the chat)
+    refused_at = len(tg.calls)
+    tg.press(chat, result["message_id"], bob, button(result, "Delete"))
+    refusal = await until(
+        lambda: [
+            c for c in tg.calls[refused_at:] if c.method == "sendMessage" and "moderator" in c.params["text"]
+        ]
+    )
+    assert refusal[0].params["reply_parameters"]["message_id"] == result["message_id"]
+    assert (chat, result["message_id"]) in tg.messages
+    assert [m for m in replies_to(tg, chat, result["message_id"]) if "document" in m]  # the original PNG
+    query = tg.press(chat, result["message_id"], alice, button(result, "Delete"))
+    await until(lambda: (chat, result["message_id"]) not in tg.messages)
+    assert [c for c in tg.sent("answerCallbackQuery") if c.params["callback_query_id"] == query]
+    await until(lambda: not [m for m in replies_to(tg, chat, result["message_id"]) if "document" in m])
+    assert await bot.app.store.get(job_of(result["caption"])) is None
+
     # a command for another bot is not ours
     calls = len(tg.calls)
     tg.send_text(chat, alice, "/draw@other_bot a cat")

@@ -72,6 +72,7 @@ class TelegramAdapter:
         self.delivery = Delivery(app, self)
         self.username: str | None = None
         self._media: dict[tuple[str, str], bool] = {}
+        self._originals: dict[tuple[str, str], list[str]] = {}
         self._admins: dict[tuple[str, str], tuple[float, bool]] = {}
 
     # the adapter contract ------------------------------------------------------------------------
@@ -124,10 +125,12 @@ class TelegramAdapter:
         await self.application.shutdown()
 
     async def deliver(self, message: Outgoing) -> MessageRef:
-        if len(self._media) > MEDIA_MEMORY:
-            for key in list(self._media)[: MEDIA_MEMORY // 2]:
-                self._media.pop(key, None)
-        return await Sender(self.application.bot, media=self._media).deliver(message)
+        for memory in (self._media, self._originals):
+            if len(memory) > MEDIA_MEMORY:
+                for key in list(memory)[: MEDIA_MEMORY // 2]:
+                    memory.pop(key, None)
+        sender = Sender(self.application.bot, media=self._media, originals=self._originals)
+        return await sender.deliver(message)
 
     # updates -------------------------------------------------------------------------------------
 

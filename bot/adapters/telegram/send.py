@@ -87,13 +87,18 @@ def keyboard(message: Outgoing) -> InlineKeyboardMarkup | None:
 class Sender:
     """One ``deliver`` call's worth of Bot API calls, with Telegram's retries."""
 
-    def __init__(self, bot: Any, *, media: dict[tuple[str, str], bool]) -> None:
+    def __init__(
+        self, bot: Any, *, media: dict[tuple[str, str], bool], originals: dict[tuple[str, str], list[str]]
+    ) -> None:
         self.bot = bot
         self.media = media  # (chat, message) -> whether that message shows a photo
+        self.originals = originals  # (chat, message) -> the documents sent under it
 
     async def deliver(self, message: Outgoing) -> MessageRef:
         route = message.route
         where = Route(route.platform, route.chat_id, route.thread_id, is_private=route.is_private)
+        if message.kind == "deleted" and message.edit is not None and await self._remove(where, message.edit):
+            return message.edit
         photos = [f for f in message.files if f.kind == "image"]
         documents = [f for f in message.files if f.kind == "document"]
         if message.kind == "finished":
@@ -106,6 +111,21 @@ class Sender:
         if documents:
             await self._documents(where, documents, shown, message)
         return MessageRef(where, shown)
+
+    async def _remove(self, where: Route, shown: MessageRef) -> bool:
+        """A deleted result leaves the chat: its message and the originals under it
+        (those this process sent). False when Telegram refused (a message older than 48
+        hours in a group): the message is then edited to say it was deleted."""
+        chat = int(where.chat_id or 0)
+        try:
+            await self._call(lambda: self.bot.delete_message(chat, int(shown.message_id)))
+        except (BadRequest, NetworkError) as exc:
+            log.info("could not delete the message of a deleted result: %s", exc)
+            return False
+        for document in self.originals.pop((str(where.chat_id), shown.message_id), []):
+            await self._forget(where, document)
+        self.media.pop((str(where.chat_id), shown.message_id), None)
+        return True
 
     # the message itself --------------------------------------------------------------------------
 
@@ -221,17 +241,20 @@ class Sender:
                     **self._placement(where, shown),
                 )
 
-            await self._upload(send, document, False)
+            sent = await self._upload(send, document, False)
+            self.originals.setdefault((str(where.chat_id), shown), []).append(str(sent.message_id))
             return
         for start in range(0, len(documents), MEDIA_GROUP_LIMIT):
             chunk = documents[start : start + MEDIA_GROUP_LIMIT]
             media = [InputMediaDocument(d.data or b"", filename=d.name) for d in chunk]
             try:
-                await self._call(
+                group = await self._call(
                     lambda media=media: self.bot.send_media_group(
                         int(where.chat_id or 0), media, **self._placement(where, shown)
                     )
                 )
+                kept = self.originals.setdefault((str(where.chat_id), shown), [])
+                kept.extend(str(m.message_id) for m in group)
             except NetworkError as exc:
                 if not too_large(exc):
                     raise
