@@ -421,3 +421,21 @@ async def test_link_from_the_console_and_telegram_joins_the_histories_and_unlink
     assert await store.count_for_user(own.id) == 1 and await store.count_for_user(console_user.id) == 1
     (none,) = await console.handle("/unlink")
     assert none.key == "link.none"
+
+
+async def test_a_batch_is_a_media_group_and_a_png_with_pnginfo_in_its_caption_is_read(bot: Bot) -> None:
+    tg, chat = bot.tg, 108
+    grace = user_json(108, "Grace")
+    tg.send_text(chat, grace, "/draw two moons --steps 2 --batch 2 --seed 4")
+    groups = await until(lambda: [c for c in tg.sent("sendMediaGroup", chat) if c.status == 200][1:], 90)
+    photos, originals = (c.params["media"] for c in groups[:2])
+    assert [m["type"] for m in photos] == ["photo", "photo"]
+    assert [m["type"] for m in originals] == ["document", "document"]
+    png = groups[1].files[originals[0]["media"].removeprefix("attach://")]
+    assert "Seed: 4" in read_infotext(png)
+    result = await until(lambda: [m for (c, _), m in tg.messages.items() if c == chat and tg.keyboard(m)])
+    assert "done (seed 4, 5)" in text_of(result[0])
+
+    command = tg.send_text(chat, grace, "/pnginfo", caption_file=("document", png, "moons.png"))
+    (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
+    assert "Seed: 4" in answer["text"] and "two moons" in answer["text"]

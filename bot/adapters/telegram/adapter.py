@@ -103,16 +103,20 @@ class TelegramAdapter:
         updater = self.application.updater
         assert updater is not None
         allowed = [Update.MESSAGE, Update.CALLBACK_QUERY]
-        if self.config.webhook_url:
-            await updater.start_webhook(
-                listen=self.config.webhook_listen,
-                port=self.config.webhook_port,
-                webhook_url=self.config.webhook_url,
-                secret_token=self.settings.secrets.telegram_webhook_secret,
-                allowed_updates=allowed,
-            )
-        else:
-            await updater.start_polling(timeout=self.config.poll_timeout, allowed_updates=allowed)
+        try:
+            if self.config.webhook_url:
+                await updater.start_webhook(
+                    listen=self.config.webhook_listen,
+                    port=self.config.webhook_port,
+                    webhook_url=self.config.webhook_url,
+                    secret_token=self.settings.secrets.telegram_webhook_secret,
+                    allowed_updates=allowed,
+                )
+            else:
+                await updater.start_polling(timeout=self.config.poll_timeout, allowed_updates=allowed)
+        except (RuntimeError, OSError, TelegramError) as exc:  # no webhook extra, a port in use, refused
+            await self.stop()
+            raise StartError(f"Telegram updates could not start: {exc}") from None
         log.info("Telegram: serving as @%s", self.username)
 
     async def stop(self) -> None:
@@ -149,7 +153,8 @@ class TelegramAdapter:
             attachments: tuple[Attachment, ...] = ()
             if message.text is None and name in ATTACHMENT_COMMANDS:
                 attachments = await self._attachments(message)
-            await self.delivery.command(command_line(text), actor, route, attachments)
+            line = "/help" if name == "start" else command_line(text)  # what Telegram sends first
+            await self.delivery.command(line, actor, route, attachments)
         except Exception as exc:
             await self.delivery.send([self.app.service.error_reply(exc, actor)], actor, route)
 
