@@ -429,7 +429,11 @@ async def test_a_batch_is_a_media_group_and_a_png_with_pnginfo_in_its_caption_is
     tg, chat = bot.tg, 108
     grace = user_json(108, "Grace")
     tg.send_text(chat, grace, "/draw two moons --steps 2 --batch 2 --seed 4")
-    groups = await until(lambda: [c for c in tg.sent("sendMediaGroup", chat) if c.status == 200][1:], 90)
+
+    def sent_groups() -> list[Call]:
+        return [c for c in tg.sent("sendMediaGroup", chat) if c.status == 200]
+
+    groups = await until(lambda: sent_groups()[1:] and sent_groups(), 90)
     photos, originals = (c.params["media"] for c in groups[:2])
     assert [m["type"] for m in photos] == ["photo", "photo"]
     assert [m["type"] for m in originals] == ["document", "document"]
