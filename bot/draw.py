@@ -218,7 +218,7 @@ def resolve_vae(library: Any, name: str | None) -> str | None:
     except UnknownNetwork:
         available = ", ".join(vae_names(models_dir)) or "-"
         raise UserError("error.unknown_network", kind="VAE", name=name, available=available) from None
-    return next(stem for stem, found in vae_names(models_dir).items() if found == path)
+    return path.stem  # the name vae_names lists it under
 
 
 def check_networks(library: Any, *prompts: str) -> None:

@@ -78,8 +78,13 @@ class Drawing:
             body, overrides = pasted
             typed = parse_args(overrides)
             with_model = not any(name in ("checkpoint", "model", "ckpt") for name, _ in typed.options)
-            prompt, fields = options_from_infotext(body, self.app.library, with_model=with_model)
-            note = unknown_hash_note(body, self.app.library, fields.get("checkpoint"))
+            # model names and hashes are looked up in the models folder: off the event loop
+            prompt, fields = await asyncio.to_thread(
+                options_from_infotext, body, self.app.library, with_model=with_model
+            )
+            note = await asyncio.to_thread(
+                unknown_hash_note, body, self.app.library, fields.get("checkpoint")
+            )
             notes += [note] if note is not None else []
             options = {**self.options.check(fields, limits), **self.options.convert(typed, limits)}
             prompt = " ".join(part for part in (prompt, typed.text.strip()) if part)
