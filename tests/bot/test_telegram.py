@@ -262,6 +262,12 @@ async def test_presses_are_answered_at_once_and_a_variation_answers_its_result(b
     await until(lambda: not [m for m in replies_to(tg, chat, result["message_id"]) if "document" in m])
     assert await bot.app.store.get(job_of(result["caption"])) is None
 
+    # a chat administrator moderates there: they may delete someone else's result
+    tg.chat(chat).admins.add(14)
+    admin_result = await drawn(tg, chat, alice, "/draw a green boat --steps 2")
+    tg.press(chat, admin_result["message_id"], user_json(14, "Ada"), button(admin_result, "Delete"))
+    await until(lambda: (chat, admin_result["message_id"]) not in tg.messages)
+
     # a command for another bot is not ours
     calls = len(tg.calls)
     tg.send_text(chat, alice, "/draw@other_bot a cat")
