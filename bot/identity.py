@@ -4,7 +4,8 @@
 on another platform, and from then on both accounts share one history, one set of saved
 styles and presets, and one quota (everything keyed by ``Actor.key``). ``/unlink``
 separates them again: each account takes back the generations it asked for. Nothing is
-linked without the code. The core resolves the person before every command
+linked without the code, and a code is only shown in a private chat (or the local
+console), where no one else reads it. The core resolves the person before every command
 (``Service.handle``), so every adapter, the console included, gets it for free.
 """
 
@@ -21,6 +22,10 @@ async def link_command(ctx: CommandContext) -> Reply:
     actor = ctx.actor
     code = ctx.text.strip()
     if not code:
+        route = ctx.invocation.route
+        if actor.platform != "console" and (route is None or not route.is_private):
+            # a code shown in a group could be redeemed by anyone who reads it
+            raise UserError("link.private_only")
         made = await store.new_code(actor.identity)
         minutes = int(CODE_LIFETIME.total_seconds() // 60)
         return Reply("link.code", {"code": made, "minutes": minutes}, data={"code": made})

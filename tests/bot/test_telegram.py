@@ -402,6 +402,12 @@ async def test_link_from_the_console_and_telegram_joins_the_histories_and_unlink
     own = await store.ensure_user("telegram", "107", "frank")
     assert await store.count_for_user(own.id) == 1
 
+    # a code is shown only in a private chat: in a group anyone could read and use it
+    tg.chat(-1003, type="supergroup")
+    in_group = tg.send_text(-1003, frank, "/link")
+    (refused,) = await until(lambda: replies_to(tg, -1003, in_group["message_id"]))
+    assert "private chat" in refused["text"]
+
     # a code from Telegram, sent from the console: one person (nothing is joined before)
     command = tg.send_text(chat, frank, "/link")
     (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
