@@ -457,3 +457,9 @@ async def test_a_batch_is_a_media_group_and_a_png_with_pnginfo_in_its_caption_is
     command = tg.send_text(chat, grace, "/pnginfo", caption_file=("document", png, "moons.png"))
     (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
     assert "Seed: 4" in answer["text"] and "two moons" in answer["text"]
+
+    # a photo with /draw in its caption is the init image (img2img)
+    before = len(documents(tg, chat))
+    tg.send_text(chat, grace, "/draw the moons redrawn --steps 2", caption_file=("photo", png, "moons.png"))
+    (*_, redrawn) = await result_of(tg, chat, before + 1)
+    assert "Denoising strength" in read_infotext(redrawn.files["document"])
