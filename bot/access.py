@@ -41,7 +41,7 @@ def actor_of(record: GenerationRecord, default_locale: str) -> Actor:
 
 
 def is_owner(record: GenerationRecord, actor: Actor) -> bool:
-    return (record.user.platform, record.user.platform_user_id) == (actor.platform, actor.user_id)
+    return f"{record.user.platform}:{record.user.platform_user_id}" == actor.key
 
 
 def may_see(record: GenerationRecord, actor: Actor) -> bool:

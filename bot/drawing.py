@@ -218,7 +218,9 @@ class Drawing:
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
         actor = request.actor
-        user = await self.app.store.ensure_user(actor.platform, actor.user_id, actor.name, actor.locale)
+        platform, _, user_id = actor.key.partition(":")  # a linked identity's jobs are its person's
+        name = actor.name if actor.person is None else ""  # the person keeps their own name
+        user = await self.app.store.ensure_user(platform, user_id, name, actor.locale)
         group = new_id()
         jobs = [
             NewJob(

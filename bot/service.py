@@ -19,6 +19,7 @@ from bot.dispatch import run_command
 from bot.drawing import Drawing, default_plan, new_id
 from bot.errors import NotFound, UserError
 from bot.help import help_command
+from bot.identity import link_command, unlink_command
 from bot.inputs import check_uploads
 from bot.lifecycle import JobLifecycle
 from bot.options import draw_options
@@ -35,6 +36,7 @@ from bot.types import (
     Reply,
     Route,
 )
+from models.identity_store import IdentityStore
 from models.records import GenerationRecord
 from pipeline.errors import EngineError
 
@@ -69,7 +71,7 @@ class Service(Drawing, JobLifecycle):
     async def handle(self, invocation: Invocation) -> list[Reply]:
         """Run one command; errors become replies (translated by the adapter)."""
         try:
-            invocation = self._with_roles(invocation)
+            invocation = await self._with_person(self._with_roles(invocation))
             command = self.app.commands.get(invocation.command)
             if command is None:
                 visible = sorted(c.name for c in self.app.commands.items.values() if not c.hidden)
@@ -97,6 +99,17 @@ class Service(Drawing, JobLifecycle):
         if extra <= actor.roles:
             return invocation
         return replace(invocation, actor=replace(actor, roles=actor.roles | frozenset(extra)))
+
+    async def _with_person(self, invocation: Invocation) -> Invocation:
+        """Name the person a linked identity is one with (``/link``), so that everything
+        keyed by ``actor.key`` is theirs together."""
+        actor = invocation.actor
+        if not self.app.started:  # no store to ask yet (an App built for /help alone)
+            return invocation
+        person = await IdentityStore(self.app.store).person_of(actor.identity)
+        if person == actor.person:
+            return invocation
+        return replace(invocation, actor=replace(actor, person=person))
 
     async def handle_line(
         self,
@@ -178,6 +191,13 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command(
+            "link",
+            link_command,
+            "cmd.link",
+            arguments=(Argument("code", "text", "arg.link_code", required=False),),
+        ),
+        Command("unlink", unlink_command, "cmd.unlink"),
         Command("delete", delete_command, "cmd.delete", arguments=(Argument("id", "id", "arg.generation"),)),
         Command(
             "help",

@@ -123,12 +123,30 @@ class ChatSettings(_Table):
     enabled: bool = True
 
 
+class TelegramSettings(ChatSettings):
+    """``[telegram]``: where the bot answers, who moderates, and how updates arrive."""
+
+    allowed_chats: tuple[
+        int, ...
+    ] = ()  # chat ids the bot answers in (a private chat's id is the user's); () = all
+    moderators: tuple[
+        int, ...
+    ] = ()  # Telegram user ids that moderate everywhere (chat admins do in their chat)
+    webhook_url: str = ""  # receive updates at this public https URL instead of long polling
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(8443, ge=1, le=65535)
+    poll_timeout: int = Field(30, ge=0, le=50)  # seconds one getUpdates long poll may wait
+
+
 class Secrets(BaseModel):
     """Read from the environment only; never printed."""
 
     model_config = ConfigDict(frozen=True)
     discord_token: str | None = Field(None, repr=False)
     telegram_token: str | None = Field(None, repr=False)
+    telegram_base_url: str | None = None  # a self-hosted Bot API server (or a test's fake)
+    telegram_base_file_url: str | None = None
+    telegram_webhook_secret: str | None = Field(None, repr=False)
     database_url: str | None = Field(None, repr=False)
 
 
@@ -141,7 +159,7 @@ class Settings(_Table):
     queue: QueueSettings = QueueSettings()
     plugins: PluginsSettings = PluginsSettings()
     discord: ChatSettings = ChatSettings()
-    telegram: ChatSettings = ChatSettings()
+    telegram: TelegramSettings = TelegramSettings()
     secrets: Secrets = Field(Secrets(), exclude=True)
 
     @property
@@ -180,6 +198,9 @@ def secrets_from_env(environ: dict[str, str] | os._Environ[str]) -> Secrets:
     return Secrets(
         discord_token=get("DISCORD_TOKEN"),
         telegram_token=get("TELEGRAM_TOKEN"),
+        telegram_base_url=get("TELEGRAM_BASE_URL"),
+        telegram_base_file_url=get("TELEGRAM_BASE_FILE_URL"),
+        telegram_webhook_secret=get("TELEGRAM_WEBHOOK_SECRET"),
         database_url=get("DATABASE_URL"),
     )
 

@@ -33,10 +33,17 @@ class Actor:
     guild_id: str | None = None
     roles: frozenset[str] = frozenset()
     nsfw_allowed: bool = False
+    person: str | None = None  # the user key this identity is linked to (/link), set by the core
+
+    @property
+    def identity(self) -> str:
+        """This platform account's own user key."""
+        return f"{self.platform}:{self.user_id}"
 
     @property
     def key(self) -> str:
-        return f"{self.platform}:{self.user_id}"
+        """Whose history, styles, presets and quota these are: the person's, once linked."""
+        return self.person or self.identity
 
     @property
     def is_moderator(self) -> bool:

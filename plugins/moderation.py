@@ -108,14 +108,21 @@ def startup(app: Any) -> None:
     config(app)  # a bad [plugins.moderation] table fails at startup, naming the key
 
 
+def _keys(actor: Any) -> set[str]:
+    """The account's own key and, once linked (/link), its person's: a ban or a moderator
+    entry of either holds, so linking neither escapes a ban nor loses a role."""
+    return {actor.key, getattr(actor, "identity", actor.key)}
+
+
 @hookimpl
 def actor_roles(actor: Any, app: Any) -> set[str]:
     cfg = config(app)
     roles: set[str] = set()
-    if actor.key in cfg.moderators:
+    keys = _keys(actor)
+    if keys & set(cfg.moderators):
         roles |= {"moderator", GLOBAL_MODERATOR}
     scope = cfg.scopes.get(scope_of(actor))
-    if scope is not None and actor.key in scope.moderators:
+    if scope is not None and keys & set(scope.moderators):
         roles.add("moderator")
     if actor.roles & set(cfg.moderator_roles):
         roles.add("moderator")
@@ -127,7 +134,8 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
     cfg = config(app)
     scope = scope_of(actor)
     store = ModerationStore(app.store)
-    bans = await store.bans([scope, GLOBAL], user_key=actor.key)
+    bans = [ban for key in sorted(_keys(actor)) for ban in await store.bans([scope, GLOBAL], user_key=key)]
+    bans.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at.timestamp() if b.expires_at else 0)))
     if bans and not actor.is_moderator:
         ban = bans[0]
         reason = ban.reason or Msg("moderation.no_reason")

@@ -34,7 +34,7 @@ from bot.api import (
     scope_of,
     user_key,
 )
-from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply
+from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply, Route
 from models.quota_store import Limits, QuotaStore, Usage
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,9 @@ async def generation_ended(record: Any, app: Any) -> None:
 async def _settle(record: Any, app: Any, outcome: str) -> None:
     """Bill or release the job's reservation in the period and scope it was admitted in."""
     cfg = config(app)
-    scope = scope_key(record.user.platform, record.guild_id, record.chat_id)
+    # where it was asked: a linked person's user row may be on another platform
+    platform = json_platform(record.route) or record.user.platform
+    scope = scope_key(platform, record.guild_id, record.chat_id)
     who = f"{record.user.platform}:{record.user.platform_user_id}"
     budget = budget_for(cfg, scope, tuple(record.actor_roles))
     period, _ = period_of(budget.period, record.created_at)
@@ -383,3 +385,10 @@ async def _moderate(ctx: CommandContext) -> Reply:
             await quotas.grant(target, where, period, images=images or 0, seconds=seconds or 0.0)
     await audit(ctx, f"quota.{sub}", target=target, images=images, gpu_seconds=seconds)
     return Reply(f"quota.{sub}_done", {"user": target})
+
+
+def json_platform(route: Any) -> str | None:
+    """The platform of a job's stored route (its chat's platform)."""
+    if not route:
+        return None
+    return Route.from_json(route).platform

@@ -33,6 +33,7 @@ class Call:
     files: dict[str, bytes]
     at: float
     file_names: dict[str, str] = field(default_factory=dict)
+    status: int = 200  # what the fake answered: a failure told by fail_next keeps its status
 
 
 @dataclass
@@ -240,12 +241,14 @@ class FakeTelegram:
         if token not in self.tokens:
             return _error(401, "Unauthorized")
         params, files, names = await _read_params(request)
-        self.calls.append(Call(method, params, files, time.monotonic(), names))
+        call = Call(method, params, files, time.monotonic(), names)
+        self.calls.append(call)
         self._names = names
         try:
             failures = self.failures.get(method)
             if failures:
                 failure = failures.pop(0)
+                call.status = failure.status
                 extra = {"parameters": {"retry_after": failure.retry_after}} if failure.retry_after else {}
                 description = failure.description or {
                     429: f"Too Many Requests: retry after {failure.retry_after}",
