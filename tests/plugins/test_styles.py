@@ -194,7 +194,7 @@ async def test_unknown_styles_are_refused_with_the_names_available(make_app) -> 
 BAD_INPUT = [
     ("/style save a,b x", "saved.bad_name"),
     ('/style save "#note" x', "saved.bad_name"),
-    ("/style save -dash x", "saved.bad_name"),
+    ("/style save -dash x", "error.single_dash"),  # read as a mistyped option, and said so
     ('/style save "a\u201dq" x', "saved.bad_name"),
     (f"/style save {'n' * 65} x", "saved.bad_name"),
     ("/style save empty", "style.empty"),
