@@ -18,6 +18,7 @@ import inspect
 import logging
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ulid import ULID
@@ -25,7 +26,8 @@ from ulid import ULID
 from bot.commands import parse_args, split_command
 from bot.dispatch import run_command
 from bot.draw import freeze, new_draft
-from bot.errors import NotFound, UserError
+from bot.errors import NotFound, PermissionDenied, UserError
+from bot.governance import scope_of
 from bot.help import help_command
 from bot.inputs import check_uploads, store_input_image
 from bot.leases import owner_gone
@@ -43,6 +45,7 @@ from bot.types import (
     Cancelled,
     Command,
     CommandContext,
+    Deleted,
     Denial,
     DrawRequest,
     Failed,
@@ -50,6 +53,7 @@ from bot.types import (
     Finished,
     ImageOut,
     Invocation,
+    MessageRef,
     Notice,
     Plan,
     PlannedJob,
@@ -60,6 +64,8 @@ from bot.types import (
     Started,
 )
 from models.base import utcnow
+from models.delivery_store import DeliveryStore
+from models.moderation_store import ModerationStore
 from models.records import GenerationRecord
 from models.store import Lease, NewJob
 from pipeline.errors import EngineError
@@ -379,6 +385,43 @@ class Service:
             return Reply("cancel.done", {"id": generation_id})
         return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
 
+    async def delete(self, generation_id: str, actor: Actor) -> Reply:
+        """Delete an ended generation, its image rows and files: its owner's or a
+        moderator's to do. Anyone else is refused as at a moderator command, and the
+        attempt audited; a moderator deleting someone else's result is audited too. A
+        ``Deleted`` event then tells the job's conversation, so the adapter removes (or
+        edits) the message that showed it."""
+        record = await self.visible(generation_id.strip(), actor)
+        owner = is_owner(record, actor)
+        if not owner and not actor.is_moderator:
+            await self._audit_delete(actor, record, allowed=False)
+            raise PermissionDenied("error.moderators_only", command="delete")
+        if record.status in ("queued", "running"):
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        stored = await DeliveryStore(self.app.store).message(record.id)  # gone with the row
+        paths = await self.app.store.delete(record.id)
+        if paths is None:
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
+        if not owner:
+            await self._audit_delete(actor, record, allowed=True)
+        audience = Audience.of(record, actor.locale)
+        message = MessageRef.from_json(stored) if stored else None
+        self.app.bus.publish(
+            Deleted(record.id, replace(audience.actor, locale=actor.locale), audience.route,
+                    audience.thread_key, message=message)
+        )  # fmt: skip
+        return Reply("moderation.deleted", {"id": record.id})
+
+    async def _audit_delete(self, actor: Actor, record: GenerationRecord, *, allowed: bool) -> None:
+        detail: dict[str, Any] = {"command": f"/delete {record.id}"}
+        if allowed:
+            detail.update(owner=f"{record.user.platform}:{record.user.platform_user_id}")
+            detail.update(prompt=record.request.prompt[:200])
+        await ModerationStore(self.app.store).audit(
+            actor.key, "delete", scope=scope_of(actor), allowed=allowed, target=record.id, detail=detail
+        )
+
     # JobListener ------------------------------------------------------------------------------
 
     async def job_started(self, job: Job) -> bool:
@@ -436,6 +479,8 @@ class Service:
         actions: list[Action] = []
         for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
             actions.extend(found or [])
+        # the core's own, last: who may press it is checked on the press (owner or moderator)
+        actions.append(Action(f"delete:{record.id}", "action.delete"))
         return actions
 
     async def _ended(self, generation_id: str) -> None:
@@ -517,12 +562,21 @@ def _may_touch(record: GenerationRecord, actor: Actor) -> bool:
     return is_owner(record, actor) or actor.is_moderator
 
 
+def _remove_files(root: Path, paths: list[str]) -> None:
+    for relative in paths:
+        (root / relative).unlink(missing_ok=True)
+
+
 async def cancel_command(ctx: CommandContext) -> Reply:
     return await ctx.app.service.cancel(ctx.text.strip(), ctx.actor)
 
 
+async def delete_command(ctx: CommandContext) -> Reply:
+    return await ctx.app.service.delete(ctx.text.strip(), ctx.actor)
+
+
 def core_commands(service: Service) -> list[Command]:
-    """/draw, /cancel and /help: the commands that work with every plugin disabled."""
+    """/draw, /cancel, /delete and /help: the commands that work with every plugin disabled."""
     return [
         Command(
             "draw",
@@ -533,6 +587,7 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command("delete", delete_command, "cmd.delete", arguments=(Argument("id", "id", "arg.generation"),)),
         Command(
             "help",
             help_command,
