@@ -1,0 +1,300 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord
+(gateway, REST and CDN on 127.0.0.1, tests/fakes/discord_api.py), a real App with the
+tiny engine. A user's session: /draw with options, the deferred answer, throttled
+progress with previews, the result with its PNG, embed and buttons, presses, threads,
+errors, expired tokens, rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import discord
+import pytest
+from PIL import Image
+
+from bot.adapters.discord.adapter import DiscordAdapter
+from bot.adapters.discord.tree import HASH_KEY, command_payloads
+from bot.runner import StartError
+from models.preferences import GLOBAL, PreferenceStore
+from pipeline.images import read_infotext
+from tests.fakes.discord_api import FakeDiscord, user_json
+
+GUILD, CHANNEL = "700000000000000001", "700000000000000010"
+ALICE = user_json("500000000000000005", "alice")
+BOB = user_json("500000000000000006", "bob")
+
+
+@pytest.fixture(autouse=True)
+def restore_discord_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter points discord.py at the fake; every test gets Discord's own back."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    )
+
+
+@pytest.fixture
+def previews(tiny_engine: Any) -> Any:
+    tiny_engine.preview_every = 1
+    yield
+    tiny_engine.preview_every = 0
+
+
+@asynccontextmanager
+async def running(make_app: Callable[..., Any], dc: FakeDiscord, **tables: Any) -> AsyncIterator[Any]:
+    """A bot on the fake: its adapter starts before the App, as ``atelier run`` does."""
+    discord_table = {"api_base": dc.api_base, "gateway_url": dc.gateway_url, **tables.pop("discord", {})}
+    app = await make_app(start=False, discord=discord_table, **tables)
+    adapter = DiscordAdapter(app, app.settings, "fake-token")
+    await adapter.start()
+    await app.start()
+    try:
+        yield app, adapter
+    finally:
+        await adapter.stop()
+
+
+def server(dc: FakeDiscord) -> None:
+    dc.guild(GUILD, owner_id="1")
+    dc.channel(GUILD, CHANNEL)
+
+
+def option(name: str, value: Any) -> dict[str, Any]:
+    kind = (
+        4 if isinstance(value, int) and not isinstance(value, bool) else 5 if isinstance(value, bool) else 3
+    )
+    return {"name": name, "type": kind, "value": value}
+
+
+def results(dc: FakeDiscord, channel: str | None = None) -> list[dict[str, Any]]:
+    """Messages that show a finished job: an image and buttons."""
+    return [
+        m
+        for m in dc.messages.values()
+        if m["attachments"] and m["components"] and (channel is None or m["channel_id"] == channel)
+    ]
+
+
+def buttons(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for row in message["components"] for b in row["components"]]
+
+
+def button(message: dict[str, Any], label: str) -> str:
+    return next(b["custom_id"] for b in buttons(message) if b["label"] == label)
+
+
+async def draw(dc: FakeDiscord, *options: dict[str, Any], user: dict[str, Any] = ALICE, **where: Any) -> Any:
+    where.setdefault("guild_id", GUILD)
+    where.setdefault("channel_id", CHANNEL)
+    return await dc.slash("draw", list(options), user=user, **where)
+
+
+async def result_of(dc: FakeDiscord, count: int = 1, **kwargs: Any) -> dict[str, Any]:
+    await dc.wait_for(lambda: len(results(dc, **kwargs)) >= count, timeout=120)
+    return results(dc, **kwargs)[count - 1]
+
+
+def png_of(dc: FakeDiscord, message: dict[str, Any]) -> bytes:
+    return dc.files[message["attachments"][0]["id"]]
+
+
+# the whole session ------------------------------------------------------------------------------
+
+
+async def test_draw_defers_shows_progress_and_the_result_with_buttons(make_app, previews) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            assert [c["name"] for c in dc.commands["global"]] == [c["name"] for c in command_payloads(app)]
+            interaction = await draw(
+                dc, option("prompt", "a lighthouse"), option("steps", 120), option("seed", "3"),
+                option("size", "128x128"),
+            )  # fmt: skip
+            await dc.wait_for(lambda: interaction.responded)
+            callback = dc.sent("POST", rf"/interactions/{interaction.id}/.*/callback")[0]
+            assert interaction.response["type"] == 5  # deferred within Discord's 3 seconds
+            assert callback.at - dc.requests[0].at >= 0 and dc.now() - interaction.created < 60
+            result = await result_of(dc)
+
+        # the deferred message became the job's message: queued, progress edits, the result
+        assert result.get("original") and result["interaction_token"] == interaction.token
+        edits = dc.sent("PATCH", rf"/webhooks/\d+/{interaction.token}/messages/.*")
+        progress = [e for e in edits if "step" in (e.body.get("content") or "")]
+        assert progress and all(e.files for e in progress[:-1])  # each with the preview image
+        preview = Image.open(io.BytesIO(next(iter(progress[0].files.values()))))
+        assert preview.size == (16, 16)
+        assert all(b.at - a.at >= 1.9 for a, b in zip(progress, progress[1:], strict=False))
+        # the result: the user mentioned, the PNG with its parameters, an embed, buttons
+        record = (await app.store.list_open()) or None
+        assert record is None
+        assert result["content"].startswith(f"<@{ALICE['id']}> [")
+        infotext = read_infotext(png_of(dc, result))
+        assert infotext.startswith("a lighthouse\n") and "Steps: 120" in infotext and "Seed: 3" in infotext
+        assert "Steps: 120" in result["embeds"][0]["description"]
+        labels = [b["label"] for b in buttons(result)]
+        assert labels[0] == "Reroll" and "V1" in labels and labels[-1] == "Delete"
+        ids = [b["custom_id"] for b in buttons(result)]
+        assert all(len(i) <= 100 for i in ids) and any(i.startswith("reroll:") for i in ids)
+        assert len(result["components"]) <= 5 and all(len(r["components"]) <= 5 for r in result["components"])
+
+
+async def test_reroll_and_v2_make_new_generations_and_a_variation_opens_a_thread(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), option("batch", 2), option("seed", "11"))
+            first = await result_of(dc)
+            await dc.click(first["id"], button(first, "Reroll"), user=ALICE)
+            reroll = await result_of(dc, 2)
+            assert reroll["channel_id"] == CHANNEL and reroll["id"] != first["id"]
+
+            await dc.click(first["id"], button(first, "V2"), user=ALICE)
+            thread = await dc.wait_for(lambda: dc.messages[first["id"]].get("thread"))
+            variation = await result_of(dc, channel=thread["id"])
+            assert thread["parent_id"] == CHANNEL
+            # a variation pressed inside the thread stays in it
+            await dc.click(variation["id"], button(variation, "V1"), user=ALICE)
+            await result_of(dc, 2, channel=thread["id"])
+            assert sum(1 for m in dc.messages.values() if m.get("thread")) == 1
+
+        rows = (
+            {r.id: r for r in await app.store.list_for_user_all()}
+            if hasattr(app.store, "list_for_user_all")
+            else {}
+        )
+        assert rows is not None
+
+
+async def test_delete_by_someone_else_is_refused_and_the_owner_deletes(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"))
+            result = await result_of(dc)
+            delete = button(result, "Delete")
+            job = delete.removeprefix("delete:")
+            await dc.click(result["id"], delete, user=BOB)
+            refused = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "moderators" in refused["content"] and await app.store.get(job) is not None
+
+            await dc.click(result["id"], delete, user=ALICE)
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+            assert await app.store.get(job) is None
+
+
+# errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ([option("steps", 0)], "steps"),
+        ([option("checkpoint", "nope")], "nope"),
+        ([option("size", "4096x4096")], "4096"),
+    ],
+)
+async def test_bad_options_get_an_ephemeral_translated_error_and_store_nothing(
+    make_app, options, words, tmp_path
+) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), *options, locale="zh-CN")
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert words in error["content"] and any("\u4e00" <= ch <= "\u9fff" for ch in error["content"])
+            assert not [m for m in dc.messages.values() if m.get("original") and not m["flags"] & 64]
+            assert await app.store.count_by_status() == {}
+            images = app.images_dir
+            assert not images.exists() or not any(p.is_file() for p in images.rglob("*.png"))
+
+
+async def test_a_429_on_the_followup_is_waited_out(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            dc.fail_next("POST", r"/webhooks/\d+/[^/]+", 429, retry_after=0.3)
+            await draw(dc, option("prompt", "a cat"))
+            await result_of(dc)
+        posts = dc.sent("POST", r"/webhooks/\d+/[^/]+")
+        assert len(posts) >= 2 and posts[1].at - posts[0].at >= 0.25
+
+
+async def test_a_result_after_the_token_expired_is_posted_to_the_channel_with_a_mention(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            interaction = await draw(dc, option("prompt", "a cat"), option("steps", 30))
+            await dc.wait_for(lambda: interaction.responded)
+            dc.clock_offset = 16 * 60  # the job ends after the interaction's 15 minutes
+            await dc.wait_for(
+                lambda: any(m["attachments"] and "interaction_token" not in m for m in dc.messages.values()),
+                timeout=120,
+            )
+        posted = next(m for m in dc.messages.values() if m["attachments"] and "interaction_token" not in m)
+        assert posted["channel_id"] == CHANNEL and posted["content"].startswith(f"<@{ALICE['id']}>")
+        assert dc.sent("POST", rf"/channels/{CHANNEL}/messages")
+
+
+# where and who ------------------------------------------------------------------------------------
+
+
+async def test_a_dm_in_chinese_with_an_attachment_drives_img2img(make_app) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, "PNG")
+    async with FakeDiscord() as dc:
+        async with running(make_app, dc) as (app, _):
+            attachment = dc.add_attachment(picture.getvalue(), "red.png")
+            await dc.slash(
+                "draw",
+                [option("prompt", "a red cat"), {"name": "file", "type": 11, "value": attachment["id"]}],
+                user=ALICE,
+                locale="zh-CN",
+                attachments={attachment["id"]: attachment},
+            )
+            result = await result_of(dc)
+        assert result["channel_id"] == f"8{ALICE['id']}"  # the DM channel
+        assert "重新生成" in [b["label"] for b in buttons(result)]
+        infotext = read_infotext(png_of(dc, result))
+        assert "Denoising strength" in infotext
+
+
+async def test_autocomplete_suggests_samplers(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            options = [
+                option("prompt", "a cat"),
+                {"name": "sampler", "type": 3, "value": "eul", "focused": True},
+            ]
+            interaction = await dc.slash("draw", options, user=ALICE, guild_id=GUILD, command_type=4)
+            await dc.wait_for(lambda: interaction.responded)
+        choices = interaction.response["data"]["choices"]
+        assert choices and all("eul" in c["value"].lower() for c in choices)
+
+
+async def test_the_tree_is_registered_only_when_it_changed(make_app) -> None:
+    async with FakeDiscord() as dc:
+        async with running(make_app, dc) as (app, adapter):
+            await dc.wait_for(lambda: dc.sent("PUT", r"/applications/\d+/commands"))
+            await asyncio.sleep(0.2)  # the hash is stored after Discord answered
+            assert await PreferenceStore(app.store).get(GLOBAL, HASH_KEY)
+            assert await adapter.sync() is False
+            assert await adapter.sync(force=True) is True
+            assert await adapter.sync(guild=GUILD) is True
+        assert len(dc.sent("PUT", r"/applications/\d+/commands")) == 2
+        assert dc.sent("PUT", rf"/applications/\d+/guilds/{GUILD}/commands")
+
+
+async def test_a_rejected_token_stops_the_start(make_app) -> None:
+    async with FakeDiscord(tokens=("other",)) as dc:
+        app = await make_app(start=False, discord={"api_base": dc.api_base, "gateway_url": dc.gateway_url})
+        with pytest.raises(StartError, match="refused the token"):
+            await DiscordAdapter(app, app.settings, "fake-token").start()
