@@ -19,6 +19,7 @@ from PIL import Image
 from bot.adapters.discord.adapter import DiscordAdapter
 from bot.adapters.discord.tree import HASH_KEY, command_payloads
 from bot.runner import StartError
+from bot.types import Route
 from models.preferences import GLOBAL, PreferenceStore
 from pipeline.images import read_infotext
 from tests.fakes.discord_api import FakeDiscord, user_json
@@ -94,7 +95,7 @@ async def draw(dc: FakeDiscord, *options: dict[str, Any], user: dict[str, Any] =
 
 
 async def result_of(dc: FakeDiscord, count: int = 1, **kwargs: Any) -> dict[str, Any]:
-    await dc.wait_for(lambda: len(results(dc, **kwargs)) >= count, timeout=120)
+    await dc.wait_for(lambda: len(results(dc, **kwargs)) >= count, timeout=300)
     return results(dc, **kwargs)[count - 1]
 
 
@@ -108,12 +109,16 @@ def png_of(dc: FakeDiscord, message: dict[str, Any]) -> bytes:
 async def test_draw_defers_shows_progress_and_the_result_with_buttons(make_app, previews) -> None:
     async with FakeDiscord() as dc:
         server(dc)
-        async with running(make_app, dc) as (app, _):
-            assert [c["name"] for c in dc.commands["global"]] == [c["name"] for c in command_payloads(app)]
+        async with running(make_app, dc) as (app, adapter):
+            # every step is shown here (how many steps fit 2 s depends on the machine; the
+            # throttling itself is the delivery layer's, timed in test_delivery.py)
+            assert adapter.limits(Route("discord", CHANNEL)).progress_interval == 2.0
+            adapter.progress_interval = 0
             interaction = await draw(
-                dc, option("prompt", "a lighthouse"), option("steps", 120), option("seed", "3"),
-                option("size", "128x128"),
-            )  # fmt: skip
+                dc, option("prompt", "a lighthouse"), option("steps", 6), option("seed", "3")
+            )
+            await dc.wait_for(lambda: dc.commands.get("global"))
+            assert [c["name"] for c in dc.commands["global"]] == [c["name"] for c in command_payloads(app)]
             await dc.wait_for(lambda: interaction.responded)
             callback = dc.sent("POST", rf"/interactions/{interaction.id}/.*/callback")[0]
             assert interaction.response["type"] == 5  # deferred within Discord's 3 seconds
@@ -126,17 +131,16 @@ async def test_draw_defers_shows_progress_and_the_result_with_buttons(make_app, 
         progress = [e for e in edits if "step" in (e.body.get("content") or "")]
         assert progress and all(e.files for e in progress[:-1])  # each with the preview image
         preview = Image.open(io.BytesIO(next(iter(progress[0].files.values()))))
-        assert preview.size == (16, 16)
-        assert all(b.at - a.at >= 1.9 for a, b in zip(progress, progress[1:], strict=False))
+        assert preview.size == (8, 8)  # the latents of 64 px
         # the result: the user mentioned, the PNG with its parameters, an embed, buttons
         record = (await app.store.list_open()) or None
         assert record is None
         assert result["content"].startswith(f"<@{ALICE['id']}> [")
         infotext = read_infotext(png_of(dc, result))
-        assert infotext.startswith("a lighthouse\n") and "Steps: 120" in infotext and "Seed: 3" in infotext
-        assert "Steps: 120" in result["embeds"][0]["description"]
+        assert infotext.startswith("a lighthouse\n") and "Steps: 6" in infotext and "Seed: 3" in infotext
+        assert "Steps: 6" in result["embeds"][0]["description"]
         labels = [b["label"] for b in buttons(result)]
-        assert labels[0] == "Reroll" and "V1" in labels and labels[-1] == "Delete"
+        assert {"Reroll", "V1", "Delete"} <= set(labels) and labels[-1] == "Delete"
         ids = [b["custom_id"] for b in buttons(result)]
         assert all(len(i) <= 100 for i in ids) and any(i.startswith("reroll:") for i in ids)
         assert len(result["components"]) <= 5 and all(len(r["components"]) <= 5 for r in result["components"])

@@ -56,6 +56,7 @@ def point_at(api_base: str | None, gateway_url: str | None) -> None:
 class DiscordAdapter:
     platform = PLATFORM
     ready_timeout = 60.0
+    progress_interval = 2.0  # seconds between two progress edits of one channel
 
     def __init__(self, app: Any, settings: Any, token: str) -> None:
         self.app = app
@@ -75,7 +76,7 @@ class DiscordAdapter:
     def limits(self, route: Route) -> Limits:
         upload = self.upload_limits.get(route.thread_id or route.chat_id or "", DEFAULT_UPLOAD)
         return Limits(
-            progress_interval=2.0,
+            progress_interval=self.progress_interval,
             buttons_per_row=5,
             rows_per_message=5,
             action_id_bytes=100,  # custom_id
@@ -109,7 +110,7 @@ class DiscordAdapter:
 
     async def _sync_once_started(self) -> None:
         """Register the tree once the App is up (its store migrated): adapters start first."""
-        while not self.app.started:
+        while not self.app.started:  # noqa: ASYNC110  (the App has no event to wait on)
             await asyncio.sleep(0.05)
         try:
             await self.sync()
