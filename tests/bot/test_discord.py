@@ -165,12 +165,9 @@ async def test_reroll_and_v2_make_new_generations_and_a_variation_opens_a_thread
             await result_of(dc, 2, channel=thread["id"])
             assert sum(1 for m in dc.messages.values() if m.get("thread")) == 1
 
-        rows = (
-            {r.id: r for r in await app.store.list_for_user_all()}
-            if hasattr(app.store, "list_for_user_all")
-            else {}
-        )
-        assert rows is not None
+        job = button(first, "Reroll").removeprefix("reroll:")
+        children = await app.store.children(job)
+        assert len(children) == 2 and {c.thread_key for c in children} == {None, job}
 
 
 async def test_delete_by_someone_else_is_refused_and_the_owner_deletes(make_app) -> None:
