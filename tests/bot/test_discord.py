@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -23,6 +26,7 @@ from bot.types import Route
 from models.preferences import GLOBAL, PreferenceStore
 from pipeline.images import read_infotext
 from tests.fakes.discord_api import FakeDiscord, user_json
+from tests.scenario import console_env
 
 GUILD, CHANNEL = "700000000000000001", "700000000000000010"
 ALICE = user_json("500000000000000005", "alice")
@@ -187,6 +191,48 @@ async def test_delete_by_someone_else_is_refused_and_the_owner_deletes(make_app)
             await dc.click(result["id"], delete, user=ALICE)
             await dc.wait_for(lambda: result["id"] not in dc.messages)
             assert await app.store.get(job) is None
+
+
+async def bot_process(tmp_path: Path, dc: FakeDiscord) -> asyncio.subprocess.Process:
+    """``atelier run`` with a Discord token, pointed at the fake."""
+    env = console_env(tmp_path)
+    env.update(
+        ATELIER_DISCORD_TOKEN="fake-token",
+        ATELIER_DISCORD_API_BASE=dc.api_base,
+        ATELIER_DISCORD_GATEWAY_URL=dc.gateway_url,
+    )
+    env.pop("ATELIER_TELEGRAM_TOKEN", None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def stopped(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    return process.returncode or 0, err.decode(errors="replace")
+
+
+async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started(tmp_path) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        process = await bot_process(tmp_path, dc)
+        try:
+            await dc.wait_for(lambda: dc.identifications >= 1, timeout=180)
+            await draw(dc, option("prompt", "a cat"))
+            first = await result_of(dc)
+            code, log = await stopped(process)
+            assert code == 0, log
+
+            process = await bot_process(tmp_path, dc)
+            await dc.wait_for(lambda: dc.identifications >= 2, timeout=180)
+            await dc.click(first["id"], button(first, "Reroll"), user=ALICE)
+            again = await result_of(dc, 2)
+            assert again["id"] != first["id"] and again["channel_id"] == CHANNEL
+        finally:
+            if process.returncode is None:
+                code, log = await stopped(process)
+        assert code == 0, log
 
 
 # errors -----------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class DiscordAdapter:
         self.upload_limits: dict[str, int] = {}  # channel id -> bytes
         self._task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        # set once the App has started: an interaction that comes earlier (deferred at
+        # once) waits for it, as the store may not even exist before
+        self.serving = asyncio.Event()
 
     # the adapter contract ---------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class DiscordAdapter:
         """Register the tree once the App is up (its store migrated): adapters start first."""
         while not self.app.started:  # noqa: ASYNC110  (the App has no event to wait on)
             await asyncio.sleep(0.05)
+        self.serving.set()
         try:
             await self.sync()
         except Exception:

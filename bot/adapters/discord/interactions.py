@@ -66,6 +66,7 @@ class Interactions:
     async def _command(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(thinking=True)  # first, before any database or GPU work
         self.adapter.deferred.add(interaction.token)
+        await self.adapter.serving.wait()
         data: dict[str, Any] = dict(interaction.data or {})
         path, values = _read(data)
         node = _node(self.app, path)
@@ -85,12 +86,14 @@ class Interactions:
 
     async def _press(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer()  # the pressed message stays as it is
+        await self.adapter.serving.wait()
         custom_id = str((interaction.data or {}).get("custom_id", ""))
         message = interaction.message
         actor, route = self.who(interaction, reply_to=str(message.id) if message else None)
         await self.adapter.delivery.press(custom_id, actor, route)
 
     async def _complete(self, interaction: discord.Interaction) -> None:
+        await self.adapter.serving.wait()
         path, values, focused = _read_focused(dict(interaction.data or {}))
         node = _node(self.app, path)
         field = next((f for f in node.fields if f.name == focused), None) if node else None
