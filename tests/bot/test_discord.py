@@ -22,6 +22,7 @@ from PIL import Image
 from bot.adapters.discord.adapter import DiscordAdapter
 from bot.adapters.discord.tree import HASH_KEY, command_payloads
 from bot.runner import StartError
+from bot.settings import load_settings
 from bot.types import Route
 from models.preferences import GLOBAL, PreferenceStore
 from pipeline.images import read_infotext
@@ -345,3 +346,30 @@ async def test_a_rejected_token_stops_the_start(make_app) -> None:
         app = await make_app(start=False, discord={"api_base": dc.api_base, "gateway_url": dc.gateway_url})
         with pytest.raises(StartError, match="refused the token"):
             await DiscordAdapter(app, app.settings, "fake-token").start()
+
+
+async def test_atelier_discord_sync_registers_in_one_guild(tmp_path) -> None:
+    async with FakeDiscord() as dc:
+        env = console_env(tmp_path)
+        env.update(
+            ATELIER_DISCORD_TOKEN="fake-token",
+            ATELIER_DISCORD_API_BASE=dc.api_base,
+            ATELIER_DISCORD_GATEWAY_URL=dc.gateway_url,
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "discord", "sync", "--guild", GUILD,
+            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == f"registered the slash commands in guild {GUILD}"
+    assert "draw" in [c["name"] for c in dc.commands[GUILD]] and "global" not in dc.commands
+
+
+def test_discord_settings_come_from_the_file_and_the_environment(tmp_path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[discord]\nallowed_guilds = [700]\nmoderator_roles = ['42']\n", encoding="utf-8")
+    env = {"ATELIER_DISCORD_API_BASE": "http://proxy/api/v10", "ATELIER_DISCORD_GATEWAY_URL": "ws://proxy/gw"}
+    settings = load_settings(path, env).discord
+    assert (settings.allowed_guilds, settings.moderator_roles) == (("700",), ("42",))
+    assert (settings.api_base, settings.gateway_url) == ("http://proxy/api/v10", "ws://proxy/gw")

@@ -89,15 +89,7 @@ class DiscordAdapter:
         )
 
     async def start(self) -> None:
-        point_at(self.settings.api_base, self.settings.gateway_url)
-        try:
-            await self.client.login(self._token)
-        except discord.LoginFailure:
-            await self.client.close()
-            raise StartError("Discord refused the token in ATELIER_DISCORD_TOKEN") from None
-        except (OSError, discord.HTTPException) as exc:
-            await self.client.close()
-            raise StartError(f"cannot reach Discord ({discord.http.Route.BASE}): {exc}") from None
+        await self.login()
         self.delivery.start()
         self._task = asyncio.create_task(self.client.connect(reconnect=True), name="discord gateway")
         ready = asyncio.create_task(self.client.wait_until_ready())
@@ -110,6 +102,18 @@ class DiscordAdapter:
             await self.stop()
             raise StartError(f"Discord's gateway refused the connection: {problem}")
         self._sync_task = asyncio.create_task(self._sync_once_started(), name="discord commands")
+
+    async def login(self) -> None:
+        """Check the token with Discord's REST API (the gateway comes after)."""
+        point_at(self.settings.api_base, self.settings.gateway_url)
+        try:
+            await self.client.login(self._token)
+        except discord.LoginFailure:
+            await self.client.close()
+            raise StartError("Discord refused the token in ATELIER_DISCORD_TOKEN") from None
+        except (OSError, discord.HTTPException) as exc:
+            await self.client.close()
+            raise StartError(f"cannot reach Discord ({discord.http.Route.BASE}): {exc}") from None
 
     async def _sync_once_started(self) -> None:
         """Register the tree once the App is up (its store migrated): adapters start first."""
