@@ -1,4 +1,4 @@
-"""The default plan and the basic result actions (reroll, and cancel while it runs).
+"""The default plan and the basic result actions (reroll, remix with a new prompt).
 
 Built in, but it uses only public hooks: with it disabled /draw still works (the core
 falls back to the same one-job-per-batch plan) and results simply have no buttons.
@@ -25,7 +25,7 @@ def plan_generation(request: Any, app: Any) -> Any:
 
 @hookimpl
 def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
-    return [Action(f"reroll:{record.id}", "action.reroll")]
+    return [Action(f"reroll:{record.id}", "action.reroll"), Action(f"remix:{record.id}", "action.remix")]
 
 
 @hookimpl
@@ -60,6 +60,17 @@ def _refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
 @hookimpl
 def register_commands(register: Any) -> None:
     register(Command("reroll", reroll, "cmd.reroll", arguments=(Argument("id", "id", "arg.generation"),)))
+    register(
+        Command(
+            "remix",
+            remix,
+            "cmd.remix",
+            arguments=(
+                Argument("id", "id", "arg.generation"),
+                Argument("prompt", "text", "arg.prompt", required=False),
+            ),
+        )
+    )
     register(Command("samplers", samplers, "cmd.samplers"))
     register(
         Command(
@@ -81,6 +92,20 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     options = {**options_from_request(record.request), "seed": -1}
     return await ctx.app.service.draw(
         ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
+    )
+
+
+async def remix(ctx: CommandContext) -> list[Reply]:
+    """The same request with a new prompt (and a new seed), as a child of the original.
+    Without a prompt it says how to give one: a chat whose buttons cannot ask for text
+    (Discord opens a form for it) shows the command to type."""
+    generation_id, _, prompt = ctx.text.strip().partition(" ")
+    record = await ctx.app.service.visible(generation_id, ctx.actor)
+    if not prompt.strip():
+        return [Reply("remix.prompt_needed", {"id": record.id, "prompt": record.request.prompt}, error=True)]
+    options = {**options_from_request(record.request), "seed": -1}
+    return await ctx.app.service.draw(
+        ctx.actor, prompt.strip(), options, ctx.invocation.route, parent_id=record.id
     )
 
 

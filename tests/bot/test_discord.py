@@ -175,7 +175,7 @@ async def test_reroll_and_v2_make_new_generations_and_a_variation_opens_a_thread
         assert len(children) == 2 and {c.thread_key for c in children} == {None, job}
 
 
-async def test_delete_by_someone_else_is_refused_and_the_owner_deletes(make_app) -> None:
+async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(make_app) -> None:
     async with FakeDiscord() as dc:
         server(dc)
         async with running(make_app, dc) as (app, _):
@@ -189,7 +189,8 @@ async def test_delete_by_someone_else_is_refused_and_the_owner_deletes(make_app)
             )
             assert "moderators" in refused["content"] and await app.store.get(job) is not None
 
-            await dc.click(result["id"], delete, user=ALICE)
+            # the server's owner is an administrator: a moderator
+            await dc.click(result["id"], delete, user=user_json("1", "owner"))
             await dc.wait_for(lambda: result["id"] not in dc.messages)
             assert await app.store.get(job) is None
 
@@ -234,6 +235,17 @@ async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started
             if process.returncode is None:
                 code, log = await stopped(process)
         assert code == 0, log
+
+
+async def test_a_server_not_allowed_gets_an_ephemeral_answer_and_nothing_runs(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc, discord={"allowed_guilds": ["1"]}) as (app, _):
+            interaction = await draw(dc, option("prompt", "a cat"))
+            await dc.wait_for(lambda: interaction.responded)
+            assert await app.store.count_by_status() == {}
+        assert interaction.response["type"] == 4 and interaction.response["data"]["flags"] == 64
+        assert "does not answer in this server" in interaction.response["data"]["content"]
 
 
 # errors -----------------------------------------------------------------------------------------
@@ -373,3 +385,27 @@ def test_discord_settings_come_from_the_file_and_the_environment(tmp_path) -> No
     settings = load_settings(path, env).discord
     assert (settings.allowed_guilds, settings.moderator_roles) == (("700",), ("42",))
     assert (settings.api_base, settings.gateway_url) == ("http://proxy/api/v10", "ws://proxy/gw")
+
+
+async def test_remix_asks_for_the_prompt_in_a_form_and_draws_it(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"))
+            first = await result_of(dc)
+            remix = button(first, "Remix")
+            pressed = await dc.click(first["id"], remix, user=ALICE)
+            await dc.wait_for(lambda: pressed.responded)
+            form = pressed.response
+            assert form["type"] == 9 and form["data"]["custom_id"] == remix
+            assert "a cat" in str(form["data"]["components"])
+            await dc.submit_modal(
+                remix,
+                {"prompt": "a dog"},
+                user=ALICE,
+                guild_id=GUILD,
+                channel_id=CHANNEL,
+                message_id=first["id"],
+            )
+            second = await result_of(dc, 2)
+        assert read_infotext(png_of(dc, second)).startswith("a dog\n")

@@ -18,6 +18,7 @@ import discord
 from ulid import ULID
 
 from bot.autocomplete import complete
+from bot.errors import NotFound
 from bot.platforms import FILE, command_line
 from bot.types import Actor, Attachment, Invocation, Route
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REMIX = "remix:"  # the action Discord asks the new prompt for, in a form
+PROMPT_FIELD = "prompt"
+MAX_PROMPT = 4000  # a text input's limit
 SUBCOMMAND_TYPES = (1, 2)
 USER_TYPE = 6
 ATTACHMENT_TYPE = 11
@@ -46,7 +50,11 @@ class Interactions:
             if kind == discord.InteractionType.autocomplete:
                 await self._complete(interaction)
                 return
-            if kind not in (discord.InteractionType.application_command, discord.InteractionType.component):
+            if kind not in (
+                discord.InteractionType.application_command,
+                discord.InteractionType.component,
+                discord.InteractionType.modal_submit,
+            ):
                 return
             if not self._allowed(interaction):
                 text = self.app.translator.t(locale_of(interaction), "discord.not_here")
@@ -54,6 +62,8 @@ class Interactions:
                 return
             if kind == discord.InteractionType.application_command:
                 await self._command(interaction)
+            elif kind == discord.InteractionType.modal_submit:
+                await self._remix(interaction)
             else:
                 await self._press(interaction)
         except Exception:
@@ -85,12 +95,50 @@ class Interactions:
             await interaction.delete_original_response()
 
     async def _press(self, interaction: discord.Interaction) -> None:
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if custom_id.startswith(REMIX) and " " not in custom_id:
+            await self._remix_form(interaction, custom_id)
+            return
         await interaction.response.defer()  # the pressed message stays as it is
         await self.adapter.serving.wait()
-        custom_id = str((interaction.data or {}).get("custom_id", ""))
         message = interaction.message
         actor, route = self.who(interaction, reply_to=str(message.id) if message else None)
         await self.adapter.delivery.press(custom_id, actor, route)
+
+    async def _remix_form(self, interaction: discord.Interaction, action: str) -> None:
+        """Remix asks for the new prompt in a form, filled with the result's own."""
+        await self.adapter.serving.wait()
+        locale = locale_of(interaction)
+        actor, _ = self.who(interaction)
+        try:
+            prompt = (await self.app.service.visible(action.removeprefix(REMIX), actor)).request.prompt
+        except NotFound:
+            prompt = ""  # the command answers "not found" once the form is sent
+        t = self.app.translator.t
+        modal = discord.ui.Modal(title=t(locale, "discord.remix_title"), custom_id=action, timeout=None)
+        field = discord.ui.TextInput(
+            label=t(locale, "discord.remix_prompt"),
+            custom_id=PROMPT_FIELD,
+            default=prompt[:MAX_PROMPT] or None,
+            style=discord.TextStyle.paragraph,
+            max_length=MAX_PROMPT,
+        )
+        modal.add_item(field)
+        await interaction.response.send_modal(modal)
+        modal.stop()  # its answer reaches this listener, not discord.py's modal store
+
+    async def _remix(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
+        await self.adapter.serving.wait()
+        data: dict[str, Any] = dict(interaction.data or {})
+        action = str(data.get("custom_id", ""))
+        if not action.startswith(REMIX):
+            return
+        prompt = _field_value(data.get("components") or [], PROMPT_FIELD) or ""
+        message = interaction.message
+        actor, route = self.who(interaction, reply_to=str(message.id) if message else None)
+        text = f"{action.removeprefix(REMIX)} {prompt.strip()}".strip()
+        await self.adapter.delivery.handle(Invocation("remix", text, actor, route))
 
     async def _complete(self, interaction: discord.Interaction) -> None:
         await self.adapter.serving.wait()
@@ -181,6 +229,20 @@ def _node(app: Any, path: list[str]) -> Any:
     from bot.adapters.discord.tree import find_node
 
     return find_node(app, path) if path else None
+
+
+def _field_value(components: list[Any], custom_id: str) -> str | None:
+    """A form field's value, however deep Discord nests it (rows, labels)."""
+    for component in components:
+        if not isinstance(component, dict):
+            continue
+        if component.get("custom_id") == custom_id and "value" in component:
+            return str(component["value"])
+        nested = component.get("components") or ([component["component"]] if "component" in component else [])
+        found = _field_value(nested, custom_id)
+        if found is not None:
+            return found
+    return None
 
 
 def _read(data: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
