@@ -291,7 +291,7 @@ async def test_a_result_after_the_token_expired_is_posted_to_the_channel_with_a_
     async with FakeDiscord() as dc:
         server(dc)
         async with running(make_app, dc):
-            interaction = await draw(dc, option("prompt", "a cat"), option("steps", 30))
+            interaction = await draw(dc, option("prompt", "a cat"), option("steps", 10))
             await dc.wait_for(lambda: interaction.responded)
             dc.clock_offset = 16 * 60  # the job ends after the interaction's 15 minutes
             await dc.wait_for(

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import io
 import logging
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +42,7 @@ MAX_CONTENT = 2000
 MAX_LABEL = 80
 MAX_EMBED = 4096
 INVALID_TOKEN = 50027  # "Invalid Webhook Token": the interaction's 15 minutes are over
+UNKNOWN_MESSAGE = 10008
 THREAD_NAME = 100
 ORIGINAL = "@original"  # the message of a deferred interaction
 
@@ -68,6 +70,7 @@ class DiscordAdapter:
         self.client.event(self.on_interaction)
         self.deferred: set[str] = set()  # slash commands whose "thinking" message is unused
         self.upload_limits: dict[str, int] = {}  # channel id -> bytes
+        self.dead_tokens: set[str] = set()  # tokens Discord refused: the channel from now on
         self._task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         # set once the App has started: an interaction that comes earlier (deferred at
@@ -160,27 +163,40 @@ class DiscordAdapter:
             raise
 
     async def _deliver(self, message: Outgoing) -> MessageRef:
-        now = utcnow()
         if message.kind == "deleted":
             return await self._remove(message)
         if message.edit is not None:
-            edit_route = message.edit.route.usable(now)
+            edit_route = self._usable(message.edit.route)
             if edit_route.interaction_token and not message.open_thread:
                 try:
                     return await self._webhook_edit(edit_route, message)
                 except discord.HTTPException as exc:
-                    if not _token_gone(exc):
+                    if not self._token_gone(exc, edit_route):
                         raise
             return await self._channel_edit(message)
-        route = message.route.usable(now)
+        route = self._usable(message.route)
         if route.interaction_token and not message.open_thread:
             try:
                 return await self._webhook_send(route, message)
             except discord.HTTPException as exc:
-                if not _token_gone(exc):
+                if not self._token_gone(exc, route):
                     raise
-                self.deferred.discard(route.interaction_token)
         return await self._channel_send(message)
+
+    def _usable(self, route: Route) -> Route:
+        """The route with its interaction token while it lasts, else without."""
+        route = route.usable(utcnow())
+        if route.interaction_token in self.dead_tokens:
+            return replace(route, interaction_token=None, token_expires_at=None)
+        return route
+
+    def _token_gone(self, exc: discord.HTTPException, route: Route) -> bool:
+        """Whether Discord refused the interaction's token (its 15 minutes are over)."""
+        if exc.code == INVALID_TOKEN or exc.status == 401:
+            self.dead_tokens.add(route.interaction_token or "")
+            self.deferred.discard(route.interaction_token or "")
+            return True
+        return exc.status == 404 and message_gone(exc)
 
     async def _webhook_send(self, route: Route, message: Outgoing) -> MessageRef:
         webhook = self._webhook(route)
@@ -343,8 +359,8 @@ def _thread_name(message: Outgoing) -> str:
     return f"variations of {message.reply_to.message_id if message.reply_to else ''}"[:THREAD_NAME]
 
 
-def _token_gone(exc: discord.HTTPException) -> bool:
-    return exc.code == INVALID_TOKEN or exc.status in (401, 404)
+def message_gone(exc: discord.HTTPException) -> bool:
+    return exc.code == UNKNOWN_MESSAGE
 
 
 def token_expiry() -> Any:
