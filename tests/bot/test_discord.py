@@ -409,3 +409,33 @@ async def test_remix_asks_for_the_prompt_in_a_form_and_draws_it(make_app) -> Non
             )
             second = await result_of(dc, 2)
         assert read_infotext(png_of(dc, second)).startswith("a dog\n")
+
+
+async def test_a_png_over_the_servers_upload_limit_becomes_a_preview_and_a_note(make_app) -> None:
+    async with FakeDiscord() as dc:
+        dc.guild(GUILD, owner_id="1", upload_limit=3000)  # under a 64 px noise PNG
+        dc.channel(GUILD, CHANNEL)
+        async with running(make_app, dc):
+            await draw(dc, option("prompt", "a cat"))
+            result = await result_of(dc)
+        (preview,) = result["attachments"]
+        assert preview["filename"].endswith(".jpg") and len(dc.files[preview["id"]]) <= 3000
+        assert "over this chat's upload limit" in result["content"] and "/show " in result["content"]
+
+
+async def test_a_fault_of_the_bot_answers_with_a_reference_and_logs_the_trace(
+    make_app, monkeypatch, caplog
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("bot.adapters.discord.interactions.command_line", broken)
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            await draw(dc, option("prompt", "a cat"))
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+    ref = error["content"].rsplit("ref ", 1)[1].rstrip(").")
+    assert len(ref) == 8 and f"(ref {ref})" in caplog.text and "a bug" in caplog.text

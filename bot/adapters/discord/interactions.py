@@ -164,6 +164,9 @@ class Interactions:
         log.exception("discord interaction failed (ref %s)", ref)
         text = self.app.translator.t(locale_of(interaction), "error.internal", ref=ref)
         try:
+            if interaction.token in self.adapter.deferred:  # only its user sees the error
+                self.adapter.deferred.discard(interaction.token)
+                await interaction.delete_original_response()
             if interaction.response.is_done():
                 await interaction.followup.send(text, ephemeral=True)
             elif interaction.type != discord.InteractionType.autocomplete:
