@@ -439,3 +439,19 @@ async def test_a_fault_of_the_bot_answers_with_a_reference_and_logs_the_trace(
             )
     ref = error["content"].rsplit("ref ", 1)[1].rstrip(").")
     assert len(ref) == 8 and f"(ref {ref})" in caplog.text and "a bug" in caplog.text
+
+
+async def test_an_nsfw_prompt_runs_only_in_a_channel_marked_nsfw(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        dc.channel(GUILD, "700000000000000011", name="after-dark", nsfw=True)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a nude statue"))
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "only allowed in channels marked NSFW" in error["content"]
+            assert await app.store.count_by_status() == {}
+            await draw(dc, option("prompt", "a nude statue"), channel_id="700000000000000011")
+            result = await result_of(dc)
+        assert result["channel_id"] == "700000000000000011"
