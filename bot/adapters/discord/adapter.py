@@ -257,13 +257,18 @@ class DiscordAdapter:
     async def _remove(self, message: Outgoing) -> MessageRef:
         """A deleted generation's message goes away (the webhook's while it lasts)."""
         assert message.edit is not None
-        where = message.edit.route.usable(utcnow())
+        where = self._usable(message.edit.route)
+        message_id = int(message.edit.message_id)
         try:
             if where.interaction_token:
-                await self._webhook(where).delete_message(int(message.edit.message_id))
-            else:
-                channel = await self._channel(where.thread_id or where.chat_id)
-                await channel.get_partial_message(int(message.edit.message_id)).delete()
+                try:
+                    await self._webhook(where).delete_message(message_id)
+                    return message.edit
+                except discord.HTTPException as exc:
+                    if not self._token_gone(exc, where):
+                        raise
+            channel = await self._channel(where.thread_id or where.chat_id)
+            await channel.get_partial_message(message_id).delete()
         except discord.NotFound:
             pass
         return message.edit
