@@ -130,8 +130,8 @@ class DiscordSettings(ChatSettings):
     ``moderator_roles``: role ids whose members are moderators, beside administrators and
     members with Manage Server."""
 
-    api_base: str | None = None
-    gateway_url: str | None = None
+    api_base: str = ""  # "" = Discord's own
+    gateway_url: str = ""
     allowed_guilds: tuple[str, ...] = ()
     moderator_roles: tuple[str, ...] = ()
 

@@ -346,6 +346,12 @@ async def test_the_tree_is_registered_only_when_it_changed(make_app) -> None:
             await dc.wait_for(lambda: dc.sent("PUT", r"/applications/\d+/commands"))
             await asyncio.sleep(0.2)  # the hash is stored after Discord answered
             assert await PreferenceStore(app.store).get(GLOBAL, HASH_KEY)
+            draw_command = next(c for c in dc.commands["global"] if c["name"] == "draw")
+            assert draw_command["name_localizations"] == {"zh-CN": "画图", "zh-TW": "画图"}
+            assert draw_command["description_localizations"]["zh-CN"] == app.translator.t("zh-CN", "cmd.draw")
+            steps = next(o for o in draw_command["options"] if o["name"] == "steps")
+            assert (steps["type"], steps["min_value"], steps["max_value"]) == (4, 1, 150)
+            assert next(o for o in draw_command["options"] if o["name"] == "sampler")["autocomplete"] is True
             assert await adapter.sync() is False
             assert await adapter.sync(force=True) is True
             assert await adapter.sync(guild=GUILD) is True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Any
 
 from bot.platforms import Field, Node, command_tree
@@ -26,6 +27,7 @@ FIELD_TYPES = {"string": 3, "integer": 4, "boolean": 5, "user": 6, "number": 10,
 CONTEXTS = [0, 1]  # in servers and in the bot's DMs
 # Discord's locales for Chinese: both read the Chinese catalog
 CHINESE = ("zh-CN", "zh-TW")
+NAME = re.compile(r"^[-_\w]{1,32}$")  # Discord: letters of any script, digits, - and _
 
 
 def _localized(texts: dict[str, str]) -> dict[str, str]:
@@ -68,11 +70,24 @@ def _sub(node: Node) -> dict[str, Any]:
     }
 
 
+def _names(app: Any, name: str) -> dict[str, str]:
+    """A command's Chinese name where the catalog has one (``discord.name.<name>``); a
+    plugin's command without one keeps its English name in every language."""
+    key = f"discord.name.{name}"
+    if not app.translator.has(key):
+        return {}
+    chinese = app.translator.t("zh-CN", key)
+    if not NAME.match(chinese):
+        return {}
+    return dict.fromkeys(CHINESE, chinese)
+
+
 def command_payloads(app: Any) -> list[dict[str, Any]]:
     return [
         {
             "type": 1,
             "name": node.name,
+            "name_localizations": _names(app, node.name),
             "description": node.description["en"],
             "description_localizations": _localized(node.description),
             "options": _options(node),
