@@ -11,10 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bot.draw import options_from_request
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.service import default_plan
+from bot.api import Msg, default_plan, draw, hookimpl, options_from_request, redraw, visible
 from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 
@@ -89,10 +86,7 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     """The same request with a new random seed, as a child of the original."""
     generation_id = ctx.text.strip()
     record = await ctx.app.service.visible(generation_id, ctx.actor)
-    options = {**options_from_request(record.request), "seed": -1}
-    return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
-    )
+    return await redraw(ctx.app, record, {"seed": -1}, ctx.actor, ctx.invocation.route)
 
 
 async def remix(ctx: CommandContext) -> list[Reply]:
@@ -100,13 +94,11 @@ async def remix(ctx: CommandContext) -> list[Reply]:
     Without a prompt it says how to give one: a chat whose buttons cannot ask for text
     (Discord opens a form for it) shows the command to type."""
     generation_id, _, prompt = ctx.text.strip().partition(" ")
-    record = await ctx.app.service.visible(generation_id, ctx.actor)
+    record = await visible(ctx.app, generation_id, ctx.actor)
     if not prompt.strip():
         return [Reply("remix.prompt_needed", {"id": record.id, "prompt": record.request.prompt}, error=True)]
     options = {**options_from_request(record.request), "seed": -1}
-    return await ctx.app.service.draw(
-        ctx.actor, prompt.strip(), options, ctx.invocation.route, parent_id=record.id
-    )
+    return await draw(ctx.app, ctx.actor, prompt.strip(), options, ctx.invocation.route, parent_id=record.id)
 
 
 async def samplers(ctx: CommandContext) -> Reply:

@@ -16,19 +16,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bot.errors import NotFound, PermissionDenied, UserError
-from bot.governance import (
+from bot.api import (
     GLOBAL,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PermissionDenied,
+    UserError,
     audit,
     format_time,
+    hookimpl,
+    missing_argument,
     parse_duration,
     scope_of,
     user_key,
 )
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
 from bot.types import Admission, Argument, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
