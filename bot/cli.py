@@ -1,4 +1,4 @@
-"""``atelier run | console | generate | worker | db upgrade | plugins``."""
+"""``atelier run | console | generate | worker | db upgrade | plugins | discord sync``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     dbsub.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(
         func=cmd_db_upgrade
     )
+
+    discord_parser = sub.add_parser("discord", help="Discord maintenance")
+    discord_sub = discord_parser.add_subparsers(dest="discord_command", required=True)
+    sync = discord_sub.add_parser(
+        "sync", help="register the slash commands now, even when they did not change since the last time"
+    )
+    sync.add_argument("--guild", help="register in this server only (changes show there at once)")
+    sync.set_defaults(func=cmd_discord_sync)
 
     sub.add_parser("plugins", help="list plugins and the hooks each implements").set_defaults(
         func=cmd_plugins
@@ -195,6 +203,39 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
     db.upgrade(settings.database_url)
     print(f"database at revision {db.current_revision(settings.database_url)}")
+    return 0
+
+
+def cmd_discord_sync(args: argparse.Namespace, settings: Settings) -> int:
+    """Register the command tree with Discord (globally or in one guild), ignoring the
+    stored hash: after a manual change on Discord's side, or to try a new plugin in one
+    server first."""
+    if not settings.secrets.discord_token:
+        print("atelier: set ATELIER_DISCORD_TOKEN to register the Discord commands", file=sys.stderr)
+        return 2
+    from bot import db
+    from bot.adapters.discord import build
+    from bot.app import build_app
+    from bot.runner import StartError
+
+    async def go() -> None:
+        await asyncio.to_thread(db.upgrade, settings.database_url)  # the hash is kept in the store
+        app = build_app(settings)
+        adapter = build(app, settings)
+        try:
+            await adapter.login()
+            await adapter.sync(guild=args.guild, force=True)
+        finally:
+            await adapter.client.close()
+            await app.store.close()
+
+    try:
+        asyncio.run(go())
+    except StartError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return 1
+    where = f"in guild {args.guild}" if args.guild else "globally"
+    print(f"registered the slash commands {where}")
     return 0
 
 

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LOCALES = ("en", "zh-CN")
 ENV_PREFIX = "ATELIER_"
@@ -138,6 +138,25 @@ class TelegramSettings(ChatSettings):
     poll_timeout: int = Field(30, ge=0, le=50)  # seconds one getUpdates long poll may wait
 
 
+class DiscordSettings(ChatSettings):
+    """``api_base``/``gateway_url``: a Discord REST proxy (or a test server) instead of
+    Discord's own; also ``ATELIER_DISCORD_API_BASE``/``ATELIER_DISCORD_GATEWAY_URL``.
+    ``allowed_guilds``: the servers the bot answers in (empty: all; DMs always).
+    ``moderator_roles``: role ids whose members are moderators, beside administrators and
+    members with Manage Server."""
+
+    api_base: str = ""  # "" = Discord's own
+    gateway_url: str = ""
+    allowed_guilds: tuple[str, ...] = ()
+    moderator_roles: tuple[str, ...] = ()
+
+    @field_validator("allowed_guilds", "moderator_roles", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        # snowflakes are written as numbers or strings in TOML; kept as strings
+        return tuple(str(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 class Secrets(BaseModel):
     """Read from the environment only; never printed."""
 
@@ -158,7 +177,7 @@ class Settings(_Table):
     limits: LimitsSettings = LimitsSettings()
     queue: QueueSettings = QueueSettings()
     plugins: PluginsSettings = PluginsSettings()
-    discord: ChatSettings = ChatSettings()
+    discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
     secrets: Secrets = Field(Secrets(), exclude=True)
 
@@ -269,4 +288,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             raise ConfigError(f"configuration file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for name, key in (("DISCORD_API_BASE", "api_base"), ("DISCORD_GATEWAY_URL", "gateway_url")):
+        if env.get(ENV_PREFIX + name):
+            data.setdefault("discord", {})[key] = env[ENV_PREFIX + name]
     return parse_settings(data, secrets_from_env(env))

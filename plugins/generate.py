@@ -1,4 +1,4 @@
-"""The default plan and the basic result actions (reroll, and cancel while it runs).
+"""The default plan and the basic result actions (reroll, remix with a new prompt).
 
 Built in, but it uses only public hooks: with it disabled /draw still works (the core
 falls back to the same one-job-per-batch plan) and results simply have no buttons.
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bot.api import Msg, default_plan, hookimpl, redraw
+from bot.api import Msg, default_plan, draw, hookimpl, options_from_request, redraw, visible
 from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 
@@ -22,7 +22,7 @@ def plan_generation(request: Any, app: Any) -> Any:
 
 @hookimpl
 def result_actions(record: Any, actor: Any, app: Any) -> list[Action]:
-    return [Action(f"reroll:{record.id}", "action.reroll")]
+    return [Action(f"reroll:{record.id}", "action.reroll"), Action(f"remix:{record.id}", "action.remix")]
 
 
 @hookimpl
@@ -57,6 +57,17 @@ def _refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
 @hookimpl
 def register_commands(register: Any) -> None:
     register(Command("reroll", reroll, "cmd.reroll", arguments=(Argument("id", "id", "arg.generation"),)))
+    register(
+        Command(
+            "remix",
+            remix,
+            "cmd.remix",
+            arguments=(
+                Argument("id", "id", "arg.generation"),
+                Argument("prompt", "text", "arg.prompt", required=False),
+            ),
+        )
+    )
     register(Command("samplers", samplers, "cmd.samplers"))
     register(
         Command(
@@ -76,6 +87,18 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     generation_id = ctx.text.strip()
     record = await ctx.app.service.visible(generation_id, ctx.actor)
     return await redraw(ctx.app, record, {"seed": -1}, ctx.actor, ctx.invocation.route)
+
+
+async def remix(ctx: CommandContext) -> list[Reply]:
+    """The same request with a new prompt (and a new seed), as a child of the original.
+    Without a prompt it says how to give one: a chat whose buttons cannot ask for text
+    (Discord opens a form for it) shows the command to type."""
+    generation_id, _, prompt = ctx.text.strip().partition(" ")
+    record = await visible(ctx.app, generation_id, ctx.actor)
+    if not prompt.strip():
+        return [Reply("remix.prompt_needed", {"id": record.id, "prompt": record.request.prompt}, error=True)]
+    options = {**options_from_request(record.request), "seed": -1}
+    return await draw(ctx.app, ctx.actor, prompt.strip(), options, ctx.invocation.route, parent_id=record.id)
 
 
 async def samplers(ctx: CommandContext) -> Reply:

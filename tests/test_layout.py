@@ -97,10 +97,16 @@ IMPORT_ALL = """
 import importlib, pkgutil, sys
 import bot, plugins, pipeline, models
 skip = ("bot.adapters.discord", "bot.adapters.telegram")
+
+def load(package):  # walk_packages would import the adapters' packages to look inside them
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if info.name not in skip:
+            module = importlib.import_module(info.name)
+            if info.ispkg:
+                load(module)
+
 for package in (bot, plugins, pipeline, models):
-    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        if not info.name.startswith(skip):
-            importlib.import_module(info.name)
+    load(package)
 leaks = sorted(m for m in sys.modules if m.split(".")[0] in ("discord", "telegram"))
 assert not leaks, leaks
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import selectinload
 
 from bot.leases import new_owner_id, owner_gone
@@ -73,6 +74,49 @@ def _rows(tmp_path: Path, database: str | None) -> dict[str, Row]:
             await store.close()
 
     return asyncio.run(read())
+
+
+def _in_transaction(tmp_path: Path, database: str | None) -> bool:
+    """Whether some process holds a write transaction (SQLite) or has one open (PostgreSQL)."""
+    if database is None:
+        connection = sqlite3.connect(tmp_path / "data" / "atelier.db", timeout=0.2)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            connection.close()
+
+    async def busy() -> bool:
+        store = Store.from_url(database)
+        try:
+            async with store.session() as session:
+                count = await session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+                    )
+                )
+                return bool(count)
+        finally:
+            await store.close()
+
+    return asyncio.run(busy())
+
+
+def _hang(session: ConsoleSession, tmp_path: Path, database: str | None) -> None:
+    """SIGSTOP a bot process between two of its database transactions. A process stopped in
+    the middle of one keeps its locks, which no lease can take back (SQLite's write lock
+    stops every writer); what leases cover is a process that hangs while drawing."""
+    for _ in range(200):
+        os.kill(session.process.pid, signal.SIGSTOP)
+        if not _in_transaction(tmp_path, database):
+            return
+        os.kill(session.process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the database never went quiet")
 
 
 def _files(tmp_path: Path) -> tuple[int, list[Path]]:
@@ -145,7 +189,7 @@ def test_processes_sharing_a_database_run_each_job_once(tmp_path: Path, process_
         (hung,) = jobs_of(alice.command("/draw a windmill --steps 20 --seed 7"))
         (waiting,) = jobs_of(alice.command("/draw a mill pond --steps 2 --seed 8"))
         alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == hung)
-        os.kill(alice.process.pid, signal.SIGSTOP)
+        _hang(alice, tmp_path, process_database)
         try:
             bob.finished(hung, timeout=300)
             bob.finished(waiting, timeout=300)

@@ -102,6 +102,7 @@ class FakeDiscord:
         self._sequence = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
         self._identified = asyncio.Event()
+        self.identifications = 0  # IDENTIFYs answered: a restarted bot identifies again
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -268,6 +269,9 @@ class FakeDiscord:
         for guild in self.guilds.values():
             await self._dispatch(socket, "GUILD_CREATE", self._guild_json(guild))
         self._identified.set()
+        self.identifications += 1
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _dispatch(self, socket: web.WebSocketResponse, event: str, data: Any) -> None:
         await socket.send_str(json.dumps({"op": 0, "t": event, "s": next(self._sequence), "d": data}))

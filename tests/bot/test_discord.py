@@ -1,0 +1,463 @@
+"""The Discord adapter end to end: the real discord.py client against a fake Discord
+(gateway, REST and CDN on 127.0.0.1, tests/fakes/discord_api.py), a real App with the
+tiny engine. A user's session: /draw with options, the deferred answer, throttled
+progress with previews, the result with its PNG, embed and buttons, presses, threads,
+errors, expired tokens, rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from PIL import Image
+
+from bot.adapters.discord.adapter import DiscordAdapter
+from bot.adapters.discord.tree import HASH_KEY, command_payloads
+from bot.runner import StartError
+from bot.settings import load_settings
+from bot.types import Route
+from models.preferences import GLOBAL, PreferenceStore
+from pipeline.images import read_infotext
+from tests.fakes.discord_api import FakeDiscord, user_json
+from tests.scenario import console_env
+
+GUILD, CHANNEL = "700000000000000001", "700000000000000010"
+ALICE = user_json("500000000000000005", "alice")
+BOB = user_json("500000000000000006", "bob")
+
+
+@pytest.fixture(autouse=True)
+def restore_discord_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter points discord.py at the fake; every test gets Discord's own back."""
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    )
+
+
+@pytest.fixture
+def previews(tiny_engine: Any) -> Any:
+    tiny_engine.preview_every = 1
+    yield
+    tiny_engine.preview_every = 0
+
+
+@asynccontextmanager
+async def running(make_app: Callable[..., Any], dc: FakeDiscord, **tables: Any) -> AsyncIterator[Any]:
+    """A bot on the fake: its adapter starts before the App, as ``atelier run`` does."""
+    discord_table = {"api_base": dc.api_base, "gateway_url": dc.gateway_url, **tables.pop("discord", {})}
+    app = await make_app(start=False, discord=discord_table, **tables)
+    adapter = DiscordAdapter(app, app.settings, "fake-token")
+    await adapter.start()
+    await app.start()
+    try:
+        yield app, adapter
+    finally:
+        await adapter.stop()
+
+
+def server(dc: FakeDiscord) -> None:
+    dc.guild(GUILD, owner_id="1")
+    dc.channel(GUILD, CHANNEL)
+
+
+def option(name: str, value: Any) -> dict[str, Any]:
+    kind = (
+        4 if isinstance(value, int) and not isinstance(value, bool) else 5 if isinstance(value, bool) else 3
+    )
+    return {"name": name, "type": kind, "value": value}
+
+
+def results(dc: FakeDiscord, channel: str | None = None) -> list[dict[str, Any]]:
+    """Messages that show a finished job: an image and buttons."""
+    return [
+        m
+        for m in dc.messages.values()
+        if m["attachments"] and m["components"] and (channel is None or m["channel_id"] == channel)
+    ]
+
+
+def buttons(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for row in message["components"] for b in row["components"]]
+
+
+def button(message: dict[str, Any], label: str) -> str:
+    return next(b["custom_id"] for b in buttons(message) if b["label"] == label)
+
+
+async def draw(dc: FakeDiscord, *options: dict[str, Any], user: dict[str, Any] = ALICE, **where: Any) -> Any:
+    where.setdefault("guild_id", GUILD)
+    where.setdefault("channel_id", CHANNEL)
+    return await dc.slash("draw", list(options), user=user, **where)
+
+
+async def result_of(dc: FakeDiscord, count: int = 1, **kwargs: Any) -> dict[str, Any]:
+    await dc.wait_for(lambda: len(results(dc, **kwargs)) >= count, timeout=300)
+    return results(dc, **kwargs)[count - 1]
+
+
+def png_of(dc: FakeDiscord, message: dict[str, Any]) -> bytes:
+    return dc.files[message["attachments"][0]["id"]]
+
+
+# the whole session ------------------------------------------------------------------------------
+
+
+async def test_draw_defers_shows_progress_and_the_result_with_buttons(make_app, previews) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, adapter):
+            # every step is shown here (how many steps fit 2 s depends on the machine; the
+            # throttling itself is the delivery layer's, timed in test_delivery.py)
+            assert adapter.limits(Route("discord", CHANNEL)).progress_interval == 2.0
+            adapter.progress_interval = 0
+            interaction = await draw(
+                dc, option("prompt", "a lighthouse"), option("steps", 6), option("seed", "3")
+            )
+            await dc.wait_for(lambda: dc.commands.get("global"))
+            assert [c["name"] for c in dc.commands["global"]] == [c["name"] for c in command_payloads(app)]
+            await dc.wait_for(lambda: interaction.responded)
+            callback = dc.sent("POST", rf"/interactions/{interaction.id}/.*/callback")[0]
+            assert interaction.response["type"] == 5  # deferred within Discord's 3 seconds
+            assert callback.at - dc.requests[0].at >= 0 and dc.now() - interaction.created < 60
+            result = await result_of(dc)
+
+        # the deferred message became the job's message: queued, progress edits, the result
+        assert result.get("original") and result["interaction_token"] == interaction.token
+        edits = dc.sent("PATCH", rf"/webhooks/\d+/{interaction.token}/messages/.*")
+        progress = [e for e in edits if "step" in (e.body.get("content") or "")]
+        assert progress and all(e.files for e in progress[:-1])  # each with the preview image
+        preview = Image.open(io.BytesIO(next(iter(progress[0].files.values()))))
+        assert preview.size == (8, 8)  # the latents of 64 px
+        # the result: the user mentioned, the PNG with its parameters, an embed, buttons
+        record = (await app.store.list_open()) or None
+        assert record is None
+        assert result["content"].startswith(f"<@{ALICE['id']}> [")
+        infotext = read_infotext(png_of(dc, result))
+        assert infotext.startswith("a lighthouse\n") and "Steps: 6" in infotext and "Seed: 3" in infotext
+        assert "Steps: 6" in result["embeds"][0]["description"]
+        labels = [b["label"] for b in buttons(result)]
+        assert {"Reroll", "V1", "Delete"} <= set(labels) and labels[-1] == "Delete"
+        ids = [b["custom_id"] for b in buttons(result)]
+        assert all(len(i) <= 100 for i in ids) and any(i.startswith("reroll:") for i in ids)
+        assert len(result["components"]) <= 5 and all(len(r["components"]) <= 5 for r in result["components"])
+
+
+async def test_reroll_and_v2_make_new_generations_and_a_variation_opens_a_thread(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), option("batch", 2), option("seed", "11"))
+            first = await result_of(dc)
+            await dc.click(first["id"], button(first, "Reroll"), user=ALICE)
+            reroll = await result_of(dc, 2)
+            assert reroll["channel_id"] == CHANNEL and reroll["id"] != first["id"]
+
+            await dc.click(first["id"], button(first, "V2"), user=ALICE)
+            thread = await dc.wait_for(lambda: dc.messages[first["id"]].get("thread"))
+            variation = await result_of(dc, channel=thread["id"])
+            assert thread["parent_id"] == CHANNEL
+            # a variation pressed inside the thread stays in it
+            await dc.click(variation["id"], button(variation, "V1"), user=ALICE)
+            await result_of(dc, 2, channel=thread["id"])
+            assert sum(1 for m in dc.messages.values() if m.get("thread")) == 1
+
+        job = button(first, "Reroll").removeprefix("reroll:")
+        children = await app.store.children(job)
+        assert len(children) == 2 and {c.thread_key for c in children} == {None, job}
+
+
+async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"))
+            result = await result_of(dc)
+            delete = button(result, "Delete")
+            job = delete.removeprefix("delete:")
+            await dc.click(result["id"], delete, user=BOB)
+            refused = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "moderators" in refused["content"] and await app.store.get(job) is not None
+
+            # the server's owner is an administrator: a moderator
+            await dc.click(result["id"], delete, user=user_json("1", "owner"))
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+            assert await app.store.get(job) is None
+
+
+async def bot_process(tmp_path: Path, dc: FakeDiscord) -> asyncio.subprocess.Process:
+    """``atelier run`` with a Discord token, pointed at the fake."""
+    env = console_env(tmp_path)
+    env.update(
+        ATELIER_DISCORD_TOKEN="fake-token",
+        ATELIER_DISCORD_API_BASE=dc.api_base,
+        ATELIER_DISCORD_GATEWAY_URL=dc.gateway_url,
+    )
+    env.pop("ATELIER_TELEGRAM_TOKEN", None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def stopped(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    return process.returncode or 0, err.decode(errors="replace")
+
+
+async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started(tmp_path) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        process = await bot_process(tmp_path, dc)
+        try:
+            await dc.wait_for(lambda: dc.identifications >= 1, timeout=180)
+            await draw(dc, option("prompt", "a cat"))
+            first = await result_of(dc)
+            code, log = await stopped(process)
+            assert code == 0, log
+
+            process = await bot_process(tmp_path, dc)
+            await dc.wait_for(lambda: dc.identifications >= 2, timeout=180)
+            await dc.click(first["id"], button(first, "Reroll"), user=ALICE)
+            again = await result_of(dc, 2)
+            assert again["id"] != first["id"] and again["channel_id"] == CHANNEL
+        finally:
+            if process.returncode is None:
+                code, log = await stopped(process)
+        assert code == 0, log
+
+
+async def test_a_server_not_allowed_gets_an_ephemeral_answer_and_nothing_runs(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc, discord={"allowed_guilds": ["1"]}) as (app, _):
+            interaction = await draw(dc, option("prompt", "a cat"))
+            await dc.wait_for(lambda: interaction.responded)
+            assert await app.store.count_by_status() == {}
+        assert interaction.response["type"] == 4 and interaction.response["data"]["flags"] == 64
+        assert "does not answer in this server" in interaction.response["data"]["content"]
+
+
+# errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ([option("steps", 0)], "steps"),
+        ([option("checkpoint", "nope")], "nope"),
+        ([option("size", "4096x4096")], "4096"),
+    ],
+)
+async def test_bad_options_get_an_ephemeral_translated_error_and_store_nothing(
+    make_app, options, words, tmp_path
+) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), *options, locale="zh-CN")
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert words in error["content"] and any("\u4e00" <= ch <= "\u9fff" for ch in error["content"])
+            assert not [m for m in dc.messages.values() if m.get("original") and not m["flags"] & 64]
+            assert await app.store.count_by_status() == {}
+            images = app.images_dir
+            assert not images.exists() or not any(p.is_file() for p in images.rglob("*.png"))
+
+
+async def test_a_429_on_the_followup_is_waited_out(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            dc.fail_next("POST", r"/webhooks/\d+/[^/]+", 429, retry_after=0.3)
+            await draw(dc, option("prompt", "a cat"))
+            await result_of(dc)
+        posts = dc.sent("POST", r"/webhooks/\d+/[^/]+")
+        assert len(posts) >= 2 and posts[1].at - posts[0].at >= 0.25
+
+
+async def test_a_result_after_the_token_expired_is_posted_to_the_channel_with_a_mention(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            interaction = await draw(dc, option("prompt", "a cat"), option("steps", 10))
+            await dc.wait_for(lambda: interaction.responded)
+            dc.clock_offset = 16 * 60  # the job ends after the interaction's 15 minutes
+            await dc.wait_for(
+                lambda: any(m["attachments"] and "interaction_token" not in m for m in dc.messages.values()),
+                timeout=120,
+            )
+        posted = next(m for m in dc.messages.values() if m["attachments"] and "interaction_token" not in m)
+        assert posted["channel_id"] == CHANNEL and posted["content"].startswith(f"<@{ALICE['id']}>")
+        assert dc.sent("POST", rf"/channels/{CHANNEL}/messages")
+
+
+# where and who ------------------------------------------------------------------------------------
+
+
+async def test_a_dm_in_chinese_with_an_attachment_drives_img2img(make_app) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, "PNG")
+    async with FakeDiscord() as dc:
+        async with running(make_app, dc) as (app, _):
+            attachment = dc.add_attachment(picture.getvalue(), "red.png")
+            await dc.slash(
+                "draw",
+                [option("prompt", "a red cat"), {"name": "file", "type": 11, "value": attachment["id"]}],
+                user=ALICE,
+                locale="zh-CN",
+                attachments={attachment["id"]: attachment},
+            )
+            result = await result_of(dc)
+        assert result["channel_id"] == f"8{ALICE['id']}"  # the DM channel
+        assert "重新生成" in [b["label"] for b in buttons(result)]
+        infotext = read_infotext(png_of(dc, result))
+        assert "Denoising strength" in infotext
+
+
+async def test_autocomplete_suggests_samplers(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            options = [
+                option("prompt", "a cat"),
+                {"name": "sampler", "type": 3, "value": "eul", "focused": True},
+            ]
+            interaction = await dc.slash("draw", options, user=ALICE, guild_id=GUILD, command_type=4)
+            await dc.wait_for(lambda: interaction.responded)
+        choices = interaction.response["data"]["choices"]
+        assert choices and all("eul" in c["value"].lower() for c in choices)
+
+
+async def test_the_tree_is_registered_only_when_it_changed(make_app) -> None:
+    async with FakeDiscord() as dc:
+        async with running(make_app, dc) as (app, adapter):
+            await dc.wait_for(lambda: dc.sent("PUT", r"/applications/\d+/commands"))
+            await asyncio.sleep(0.2)  # the hash is stored after Discord answered
+            assert await PreferenceStore(app.store).get(GLOBAL, HASH_KEY)
+            draw_command = next(c for c in dc.commands["global"] if c["name"] == "draw")
+            assert draw_command["name_localizations"] == {"zh-CN": "画图", "zh-TW": "画图"}
+            assert draw_command["description_localizations"]["zh-CN"] == app.translator.t("zh-CN", "cmd.draw")
+            steps = next(o for o in draw_command["options"] if o["name"] == "steps")
+            assert (steps["type"], steps["min_value"], steps["max_value"]) == (4, 1, 150)
+            assert next(o for o in draw_command["options"] if o["name"] == "sampler")["autocomplete"] is True
+            assert await adapter.sync() is False
+            assert await adapter.sync(force=True) is True
+            assert await adapter.sync(guild=GUILD) is True
+        assert len(dc.sent("PUT", r"/applications/\d+/commands")) == 2
+        assert dc.sent("PUT", rf"/applications/\d+/guilds/{GUILD}/commands")
+
+
+async def test_a_rejected_token_stops_the_start(make_app) -> None:
+    async with FakeDiscord(tokens=("other",)) as dc:
+        app = await make_app(start=False, discord={"api_base": dc.api_base, "gateway_url": dc.gateway_url})
+        with pytest.raises(StartError, match="refused the token"):
+            await DiscordAdapter(app, app.settings, "fake-token").start()
+
+
+async def test_atelier_discord_sync_registers_in_one_guild(tmp_path) -> None:
+    async with FakeDiscord() as dc:
+        env = console_env(tmp_path)
+        env.update(
+            ATELIER_DISCORD_TOKEN="fake-token",
+            ATELIER_DISCORD_API_BASE=dc.api_base,
+            ATELIER_DISCORD_GATEWAY_URL=dc.gateway_url,
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "discord", "sync", "--guild", GUILD,
+            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == f"registered the slash commands in guild {GUILD}"
+    assert "draw" in [c["name"] for c in dc.commands[GUILD]] and "global" not in dc.commands
+
+
+def test_discord_settings_come_from_the_file_and_the_environment(tmp_path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[discord]\nallowed_guilds = [700]\nmoderator_roles = ['42']\n", encoding="utf-8")
+    env = {"ATELIER_DISCORD_API_BASE": "http://proxy/api/v10", "ATELIER_DISCORD_GATEWAY_URL": "ws://proxy/gw"}
+    settings = load_settings(path, env).discord
+    assert (settings.allowed_guilds, settings.moderator_roles) == (("700",), ("42",))
+    assert (settings.api_base, settings.gateway_url) == ("http://proxy/api/v10", "ws://proxy/gw")
+
+
+async def test_remix_asks_for_the_prompt_in_a_form_and_draws_it(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"))
+            first = await result_of(dc)
+            remix = button(first, "Remix")
+            pressed = await dc.click(first["id"], remix, user=ALICE)
+            await dc.wait_for(lambda: pressed.responded)
+            form = pressed.response
+            assert form["type"] == 9 and form["data"]["custom_id"] == remix
+            assert "a cat" in str(form["data"]["components"])
+            await dc.submit_modal(
+                remix,
+                {"prompt": "a dog"},
+                user=ALICE,
+                guild_id=GUILD,
+                channel_id=CHANNEL,
+                message_id=first["id"],
+            )
+            second = await result_of(dc, 2)
+        assert read_infotext(png_of(dc, second)).startswith("a dog\n")
+
+
+async def test_a_png_over_the_servers_upload_limit_becomes_a_preview_and_a_note(make_app) -> None:
+    async with FakeDiscord() as dc:
+        dc.guild(GUILD, owner_id="1", upload_limit=3000)  # under a 64 px noise PNG
+        dc.channel(GUILD, CHANNEL)
+        async with running(make_app, dc):
+            await draw(dc, option("prompt", "a cat"))
+            result = await result_of(dc)
+        (preview,) = result["attachments"]
+        assert preview["filename"].endswith(".jpg") and len(dc.files[preview["id"]]) <= 3000
+        assert "over this chat's upload limit" in result["content"] and "/show " in result["content"]
+
+
+async def test_a_fault_of_the_bot_answers_with_a_reference_and_logs_the_trace(
+    make_app, monkeypatch, caplog
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("bot.adapters.discord.interactions.command_line", broken)
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            await draw(dc, option("prompt", "a cat"))
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+    ref = error["content"].rsplit("ref ", 1)[1].rstrip(").")
+    assert len(ref) == 8 and f"(ref {ref})" in caplog.text and "a bug" in caplog.text
+
+
+async def test_an_nsfw_prompt_runs_only_in_a_channel_marked_nsfw(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        dc.channel(GUILD, "700000000000000011", name="after-dark", nsfw=True)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a nude statue"))
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "only allowed in channels marked NSFW" in error["content"]
+            assert await app.store.count_by_status() == {}
+            await draw(dc, option("prompt", "a nude statue"), channel_id="700000000000000011")
+            result = await result_of(dc)
+        assert result["channel_id"] == "700000000000000011"
