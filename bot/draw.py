@@ -32,7 +32,8 @@ def new_draft(
         prompt="", negative_prompt=d.negative_prompt, seed=-1, subseed=-1, num_inference_steps=d.steps,
         guidance_scale=d.cfg_scale, width=d.width, height=d.height, sampler_name=d.sampler, scheduler=d.scheduler,
         num_images_per_prompt=d.batch_size, checkpoint=settings.engine.default_checkpoint, clip_skip=d.clip_skip,
-        rng=d.rng, ensd=d.ensd,
+        rng=d.rng, ensd=d.ensd, s_churn=d.s_churn, s_tmin=d.s_tmin, s_tmax=d.s_tmax, s_noise=d.s_noise,
+        schedule_sigma_min=d.schedule_sigma_min, schedule_sigma_max=d.schedule_sigma_max, schedule_rho=d.schedule_rho,
     )  # fmt: skip
     filled = options_from_request(defaults, count=d.count)
     filled.update(options)
@@ -95,6 +96,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
         num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint, vae=vae,
         clip_skip=opts["clip-skip"], rng=opts["rng"], ensd=opts["ensd"],
         eta=None if opts["eta"] is None else float(opts["eta"]),
+        **{field: float(opts[name]) for name, field in SAMPLER_SETTING_OPTIONS},
         seed_resize_from_w=resize_w, seed_resize_from_h=resize_h, init_image=opts["init-image"],
         denoising_strength=None if denoise is None else float(denoise), enable_hr=bool(opts["hires"]),
         hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
@@ -122,7 +124,20 @@ def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str
         "hr-resize": (request.hr_resize_x, request.hr_resize_y), "hr-prompt": request.hr_prompt,
         "hr-negative": request.hr_negative_prompt, "hr-sampler": request.hr_sampler_name,
         "hr-scheduler": request.hr_scheduler, "init-image": request.init_image,
+        **{name: getattr(request, field) for name, field in SAMPLER_SETTING_OPTIONS},
     }  # fmt: skip
+
+
+# /draw options of A1111's sampler settings -> GenerationRequest fields
+SAMPLER_SETTING_OPTIONS = (
+    ("s-churn", "s_churn"),
+    ("s-tmin", "s_tmin"),
+    ("s-tmax", "s_tmax"),
+    ("s-noise", "s_noise"),
+    ("schedule-sigma-min", "schedule_sigma_min"),
+    ("schedule-sigma-max", "schedule_sigma_max"),
+    ("schedule-rho", "schedule_rho"),
+)
 
 
 # options that become GenerationRequest fields; the rest stay in DrawRequest.options for plugins

@@ -70,6 +70,14 @@ class DefaultsSettings(_Table):
     clip_skip: int = 1
     rng: Literal["CPU", "GPU", "NV"] = "CPU"
     ensd: int = 0
+    # A1111's sampler settings; 0 for s_tmax and the schedule values means "not set"
+    s_churn: float = Field(0.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float = Field(0.0, ge=0)
+    s_noise: float = Field(1.0, ge=0)
+    schedule_sigma_min: float = Field(0.0, ge=0)
+    schedule_sigma_max: float = Field(0.0, ge=0)
+    schedule_rho: float = Field(0.0, ge=0)
     batch_size: int = 1
     count: int = 1
 

@@ -43,6 +43,7 @@ from pipeline import (
     oom,
     previews,
     rng,
+    sampler_args,
     samplers,
     sdxl,
     timestep_samplers,
@@ -62,6 +63,7 @@ from pipeline.passes import (
     eta_fields,
     plan_passes,
     schedule_fields,
+    schedule_overrides,
 )
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
@@ -501,10 +503,11 @@ class Engine:
             eta=request.eta,
             solver_type=step_pass.info.solver_type,
             callback=progress.span(offset, step_pass.steps),
-            extra={"eps_model_cfgpp": denoiser.eps_cfgpp, "is_img2img": start is not None},
+            extra={"eps_model_cfgpp": denoiser.eps_cfgpp},
         )
         plan = step_pass.plan
         if name in TIMESTEP_SAMPLERS:
+            ctx.extra.update(sampler_args.loop_arguments(name, request, None, img2img=start is not None))
             timesteps = samplers.timesteps(name, plan.schedule_steps)
             timesteps = timesteps[: len(timesteps) - plan.start_index]
             x = (
@@ -515,9 +518,15 @@ class Engine:
             with self.memory.using(model.pipe.unet):
                 return loop(x, timesteps, ctx)
         schedule = samplers.sigma_schedule(
-            name, step_pass.selection.schedule, plan.schedule_steps, sdxl=model.is_sdxl
+            name,
+            step_pass.selection.schedule,
+            plan.schedule_steps,
+            sdxl=model.is_sdxl,
+            **schedule_overrides(request),
         )
-        sigmas = schedule.sigmas[plan.start_index :].to(self.device)
+        sigmas = schedule.sigmas[plan.start_index :]
+        ctx.extra.update(sampler_args.loop_arguments(name, request, sigmas, img2img=start is not None))
+        sigmas = sigmas.to(self.device)
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
         with self.memory.using(model.pipe.unet):
             return loop(x, sigmas, ctx)
@@ -545,7 +554,9 @@ class Engine:
     ) -> list[str]:  # fmt: skip
         info = model.info
         sampler = job.first.selection
-        extra = schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
+        extra = schedule_fields(
+            sampler.name, sampler.schedule, request.num_inference_steps, **schedule_overrides(request)
+        )
         used = self.embeddings.used(
             [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
         )
@@ -554,6 +565,7 @@ class Engine:
         if used:
             extra["TI hashes"] = ti_hashes_field(used)
         extra.update(eta_fields(sampler.name, request.eta))
+        extra.update(sampler_args.sigma_fields(sampler.name, request))
         extra.update(request.extra)
         vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []
