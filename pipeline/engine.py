@@ -491,6 +491,7 @@ class Engine:
             prediction_type=model.prediction_type,
             sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
             before_call=progress.check,
+            image_cond=self._inpainting_cond(model, noise),
         )
         progress.previews_from(denoiser.latest_x0, sdxl=model.is_sdxl)
         ctx = SamplingContext(
@@ -530,6 +531,23 @@ class Engine:
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
         with self.memory.using(model.pipe.unet):
             return loop(x, sigmas, ctx)
+
+    def _inpainting_cond(self, model: _LoadedModel, noise: torch.Tensor) -> torch.Tensor | None:
+        """The extra UNet input of an inpainting checkpoint (more input channels than
+        latent ones) when no mask is given, as A1111 fills it for txt2img and for img2img
+        at the default mask weight 1: a mask channel of ones, then the latents of a
+        mid-grey image (0 in the VAE's [-1, 1] range). None for other checkpoints."""
+        unet_channels = int(model.pipe.unet.config.in_channels)
+        if unet_channels <= noise.shape[1]:
+            return None
+        batch, _, height, width = noise.shape
+        grey = torch.zeros(1, 3, height * LATENT_FACTOR, width * LATENT_FACTOR)
+        encoded = self.memory.encode(model.pipe.vae, grey).to(noise.device, torch.float32)
+        mask = torch.ones(batch, 1, height, width, device=noise.device)
+        cond = torch.cat([mask, encoded.expand(batch, -1, -1, -1)], dim=1)
+        if noise.shape[1] + cond.shape[1] != unet_channels:
+            raise ValueError(f"a UNet with {unet_channels} input channels is not an SD inpainting model")
+        return cond
 
     def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: SamplingPass) -> Any:
         first_pass = step_pass.base_steps is None
