@@ -34,6 +34,7 @@ def new_draft(
         num_images_per_prompt=d.batch_size, checkpoint=settings.engine.default_checkpoint, clip_skip=d.clip_skip,
         rng=d.rng, ensd=d.ensd, s_churn=d.s_churn, s_tmin=d.s_tmin, s_tmax=d.s_tmax, s_noise=d.s_noise,
         schedule_sigma_min=d.schedule_sigma_min, schedule_sigma_max=d.schedule_sigma_max, schedule_rho=d.schedule_rho,
+        noise_multiplier=d.noise_multiplier, extra_noise=d.extra_noise,
     )  # fmt: skip
     filled = options_from_request(defaults, count=d.count)
     filled.update(options)
@@ -137,6 +138,8 @@ SAMPLER_SETTING_OPTIONS = (
     ("schedule-sigma-min", "schedule_sigma_min"),
     ("schedule-sigma-max", "schedule_sigma_max"),
     ("schedule-rho", "schedule_rho"),
+    ("noise-multiplier", "noise_multiplier"),
+    ("extra-noise", "extra_noise"),
 )
 
 

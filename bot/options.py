@@ -350,6 +350,20 @@ def draw_options() -> OptionTable:
             description="option.schedule-rho",
             advanced=True,
         ),
+        OptionSpec(
+            "noise-multiplier",
+            "number",
+            bounds=lambda _: (0, 1.5),
+            description="option.noise-multiplier",
+            advanced=True,
+        ),
+        OptionSpec(
+            "extra-noise",
+            "number",
+            bounds=lambda _: (0, 1),
+            description="option.extra-noise",
+            advanced=True,
+        ),
         OptionSpec("seed-resize-from", "pair", description="option.seed-resize-from", advanced=True),
         OptionSpec(
             "denoise",

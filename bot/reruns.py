@@ -141,6 +141,8 @@ _FIELDS = (
     ("Schedule min sigma", "schedule-sigma-min", float),
     ("Schedule max sigma", "schedule-sigma-max", float),
     ("Schedule rho", "schedule-rho", float),
+    ("Noise multiplier", "noise-multiplier", float),
+    ("Extra noise", "extra-noise", float),
     ("Denoising strength", "denoise", float),
     ("Hires upscale", "hr-scale", float),
     ("Hires steps", "hr-steps", int),

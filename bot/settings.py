@@ -78,6 +78,8 @@ class DefaultsSettings(_Table):
     schedule_sigma_min: float = Field(0.0, ge=0)
     schedule_sigma_max: float = Field(0.0, ge=0)
     schedule_rho: float = Field(0.0, ge=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    extra_noise: float = Field(0.0, ge=0)
     batch_size: int = 1
     count: int = 1
 

@@ -482,6 +482,8 @@ class Engine:
         loop = sampler_loop(name)
         image_rng = self._image_rng(request, shape)
         noise = image_rng.next().to(self.device)
+        if start is not None and step_pass.base_steps is None and request.noise_multiplier != 1.0:
+            noise = noise * request.noise_multiplier  # img2img only, not the hires pass
         with self.memory.using(*memory.text_encoders(model.pipe)):
             conds = self._conds(model, request, step_pass)
         denoiser = CFGDenoiser(
@@ -511,11 +513,12 @@ class Engine:
             ctx.extra.update(sampler_args.loop_arguments(name, request, None, img2img=start is not None))
             timesteps = samplers.timesteps(name, plan.schedule_steps)
             timesteps = timesteps[: len(timesteps) - plan.start_index]
-            x = (
-                noise
-                if start is None
-                else _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
-            )
+            x = noise
+            if start is not None:
+                x = _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
+                if request.extra_noise > 0:
+                    alpha = float(ctx.alphas_cumprod[timesteps[-1]])
+                    x = x + noise * request.extra_noise * alpha**0.5
             with self.memory.using(model.pipe.unet):
                 return loop(x, timesteps, ctx)
         schedule = samplers.sigma_schedule(
@@ -529,6 +532,8 @@ class Engine:
         ctx.extra.update(sampler_args.loop_arguments(name, request, sigmas, img2img=start is not None))
         sigmas = sigmas.to(self.device)
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
+        if start is not None and request.extra_noise > 0:
+            x = x + noise * request.extra_noise
         with self.memory.using(model.pipe.unet):
             return loop(x, sigmas, ctx)
 
@@ -582,6 +587,7 @@ class Engine:
         extra.update(active.infotext_fields())  # A1111 order: Hires *, Lora hashes, TI hashes
         if used:
             extra["TI hashes"] = ti_hashes_field(used)
+        extra.update(sampler_args.noise_fields(request))
         extra.update(eta_fields(sampler.name, request.eta))
         extra.update(sampler_args.sigma_fields(sampler.name, request))
         extra.update(request.extra)

@@ -60,6 +60,8 @@ class GenerationRequest:
     schedule_sigma_min: float = 0.0
     schedule_sigma_max: float = 0.0
     schedule_rho: float = 0.0
+    noise_multiplier: float = 1.0  # img2img "Noise multiplier"
+    extra_noise: float = 0.0  # "Extra noise" of img2img and the hires pass
     uni_pc_variant: str = "bh1"
     uni_pc_order: int = 3
     uni_pc_skip_type: str = "time_uniform"

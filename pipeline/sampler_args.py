@@ -90,3 +90,14 @@ def sigma_fields(name: str, request: GenerationRequest) -> dict[str, Any]:
     if name in _S_NOISE_SAMPLERS and request.s_noise != 1.0:
         fields["Sigma noise"] = request.s_noise
     return fields
+
+
+def noise_fields(request: GenerationRequest) -> dict[str, Any]:
+    """ "Noise multiplier" (img2img's start noise, when not 1) and "Extra noise" (added to
+    the start latent of img2img and the hires pass, when > 0)."""
+    fields: dict[str, Any] = {}
+    if request.init_image is not None and request.noise_multiplier != 1.0:
+        fields["Noise multiplier"] = request.noise_multiplier
+    if (request.init_image is not None or request.enable_hr) and request.extra_noise > 0:
+        fields["Extra noise"] = request.extra_noise
+    return fields

@@ -157,7 +157,9 @@ def test_infotext_fields_round_trip_through_a_paste() -> None:
     )
     assert "Sigma churn: 0.75, Sigma tmin: 0.2, Sigma tmax: 3.5, Sigma noise: 1.002" in text
     _, options = options_from_infotext(text, None, with_model=False)
-    assert {field: options[name] for name, field in SAMPLER_SETTING_OPTIONS} == ROUND_TRIP
+    assert {
+        field: options[name] for name, field in SAMPLER_SETTING_OPTIONS if field in ROUND_TRIP
+    } == ROUND_TRIP
 
 
 def test_eta_ddim_is_read_back_as_the_request_eta() -> None:
@@ -177,7 +179,7 @@ def test_a_pasted_infotext_with_the_settings_reproduces_the_image(engine) -> Non
     )
     _, options = options_from_infotext(text, None, with_model=False)
     pasted = _request(scheduler=options["scheduler"]).replace(
-        **{field: options[name] for name, field in SAMPLER_SETTING_OPTIONS}
+        **{field: options[name] for name, field in SAMPLER_SETTING_OPTIONS if field in ROUND_TRIP}
     )
     again = engine.generate(pasted)
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(first.images[0].image))
@@ -196,3 +198,31 @@ def test_the_engine_passes_the_churn_settings_to_the_loop(engine, monkeypatch) -
     monkeypatch.setitem(kdiffusion.SAMPLERS, "Euler", spy)
     engine.generate(_request(**SETTINGS))
     assert seen == [SETTINGS]
+
+
+def test_noise_fields_belong_to_img2img_and_hires() -> None:
+    from pipeline.sampler_args import noise_fields
+
+    assert noise_fields(_request(noise_multiplier=0.9, extra_noise=0.1)) == {}
+    img2img = _request(init_image="x.png", noise_multiplier=0.9, extra_noise=0.1)
+    assert noise_fields(img2img) == {"Noise multiplier": 0.9, "Extra noise": 0.1}
+    assert noise_fields(_request(enable_hr=True, noise_multiplier=0.9, extra_noise=0.1)) == {
+        "Extra noise": 0.1
+    }
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_img2img_noise_settings_change_the_image_and_a_paste_reproduces_it(engine, tmp_path, sampler) -> None:
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE), (30, 160, 220)).save(init)
+    base = _request(sampler_name=sampler, init_image=str(init), denoising_strength=0.6)
+    plain = engine.generate(base).images[0]
+    noisy = engine.generate(base.replace(noise_multiplier=0.8, extra_noise=0.2)).images[0]
+    assert "Noise multiplier: 0.8" in noisy.infotext and "Extra noise: 0.2" in noisy.infotext
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(noisy.image))
+    _, options = options_from_infotext(noisy.infotext, None, with_model=False)
+    pasted = base.replace(noise_multiplier=options["noise-multiplier"], extra_noise=options["extra-noise"])
+    again = engine.generate(pasted).images[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(noisy.image))
