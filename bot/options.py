@@ -364,6 +364,23 @@ def draw_options() -> OptionTable:
             description="option.extra-noise",
             advanced=True,
         ),
+        OptionSpec(
+            "unipc-variant",
+            "choice",
+            choices=lambda: ["bh1", "bh2"],
+            description="option.unipc-variant",
+            advanced=True,
+        ),
+        OptionSpec(
+            "unipc-order", "int", bounds=lambda _: (1, 50), description="option.unipc-order", advanced=True
+        ),
+        OptionSpec(
+            "unipc-skip-type",
+            "choice",
+            choices=lambda: ["time_uniform", "time_quadratic", "logSNR"],
+            description="option.unipc-skip-type",
+            advanced=True,
+        ),
         OptionSpec("seed-resize-from", "pair", description="option.seed-resize-from", advanced=True),
         OptionSpec(
             "denoise",

@@ -590,6 +590,7 @@ class Engine:
         extra.update(sampler_args.noise_fields(request))
         extra.update(eta_fields(sampler.name, request.eta))
         extra.update(sampler_args.sigma_fields(sampler.name, request))
+        extra.update(sampler_args.unipc_fields(sampler.name, request))
         extra.update(request.extra)
         vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []

@@ -101,3 +101,19 @@ def noise_fields(request: GenerationRequest) -> dict[str, Any]:
     if (request.init_image is not None or request.enable_hr) and request.extra_noise > 0:
         fields["Extra noise"] = request.extra_noise
     return fields
+
+
+_UNIPC_DEFAULTS = {"UniPC variant": "bh1", "UniPC order": 3, "UniPC skip type": "time_uniform"}
+
+
+def unipc_fields(name: str, request: GenerationRequest) -> dict[str, Any]:
+    """UniPC's settings under the names A1111's paste reads them by, when they differ from
+    A1111's defaults (A1111 itself does not record them, so its images always have those)."""
+    if name != _UNIPC:
+        return {}
+    values = {
+        "UniPC variant": request.uni_pc_variant,
+        "UniPC order": request.uni_pc_order,
+        "UniPC skip type": request.uni_pc_skip_type,
+    }
+    return {key: value for key, value in values.items() if value != _UNIPC_DEFAULTS[key]}

@@ -407,6 +407,7 @@ def builtin_axes() -> list[GridAxis]:
         _from_a1111("Schedule min sigma", _set("schedule-sigma-min")),
         _from_a1111("Schedule max sigma", _set("schedule-sigma-max")),
         _from_a1111("Schedule rho", _set("schedule-rho"), "rho"),
+        _from_a1111("UniPC Order", _set("unipc-order"), "unipc-order"),
         GridAxis("ENSD", "int", _set("ensd"), ("eta noise seed delta",)),
         GridAxis("RNG source", "str", _set("rng"), ("rng",), choices=lambda: ["CPU", "GPU", "NV"]),
         GridAxis("Network strength", "float", _network_strength, ("lora strength", "lora weight")),

@@ -261,6 +261,7 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("Schedule min sigma", "float"),
         AxisSpec("Schedule max sigma", "float"),
         AxisSpec("Schedule rho", "float"),
+        AxisSpec("UniPC Order", "int", cost=0.5),
     )
 }
 

@@ -226,3 +226,32 @@ def test_img2img_noise_settings_change_the_image_and_a_paste_reproduces_it(engin
     pasted = base.replace(noise_multiplier=options["noise-multiplier"], extra_noise=options["extra-noise"])
     again = engine.generate(pasted).images[0]
     assert np.array_equal(np.asarray(again.image), np.asarray(noisy.image))
+
+
+def test_unipc_settings_are_written_when_not_a1111s_and_read_back() -> None:
+    from pipeline.sampler_args import unipc_fields
+
+    assert unipc_fields("UniPC", _request()) == {}
+    assert unipc_fields("DDIM", _request(uni_pc_order=2)) == {}
+    request = _request(sampler_name="UniPC", uni_pc_variant="bh2", uni_pc_order=2, uni_pc_skip_type="logSNR")
+    fields = unipc_fields("UniPC", request)
+    assert fields == {"UniPC variant": "bh2", "UniPC order": 2, "UniPC skip type": "logSNR"}
+    text = infotext.format(
+        infotext.InfotextParams(
+            prompt="a cat", steps=6, sampler="UniPC", cfg_scale=7, seed=5, width=64, height=64, extra=fields
+        )
+    )
+    _, options = options_from_infotext(text, None, with_model=False)
+    assert (options["unipc-variant"], options["unipc-order"], options["unipc-skip-type"]) == (
+        "bh2",
+        2,
+        "logSNR",
+    )
+
+
+def test_unipc_settings_reach_the_loop_and_change_the_image(engine) -> None:
+    base = _request(sampler_name="UniPC", num_inference_steps=5)
+    plain = engine.generate(base).images[0]
+    other = engine.generate(base.replace(uni_pc_order=1)).images[0]
+    assert "UniPC order: 1" in other.infotext
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(other.image))

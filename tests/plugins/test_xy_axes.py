@@ -91,7 +91,7 @@ def test_seed_minus_one_stays() -> None:
     assert _exact(parse_axis_values("Seed", "-1, 5")) == _exact([-1, 5])
 
 
-@pytest.mark.parametrize("axis", ["Var. seed", "Clip skip"])
+@pytest.mark.parametrize("axis", ["Var. seed", "Clip skip", "UniPC Order"])
 def test_other_int_axes(axis: str) -> None:
     assert _exact(parse_axis_values(axis, "1-3")) == _exact([1, 2, 3])
 
