@@ -717,6 +717,9 @@ def _check_special_tokens(info: CheckpointInfo, tokenizer: Any, folder: Path) ->
         )
 
 
+_UNET_INPUTS = (4, 9)  # latents; latents + mask + masked-image latents (SD inpainting)
+
+
 def _has_vocab(folder: Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
@@ -759,6 +762,12 @@ def _assemble_single_file(
     if definition is not None:
         shaped: dict[str, Any] = {"original_config": definition, "local_files_only": True}
         unet = UNet2DConditionModel.from_single_file(state, **shaped)
+        if unet.config.in_channels not in _UNET_INPUTS:
+            raise CheckpointLoadError(
+                info.name,
+                f"its UNet takes {unet.config.in_channels} input channels; "
+                "4 (text to image) and 9 (inpainting) are supported",
+            )
         vae = AutoencoderKL.from_single_file(state, **shaped)
     else:
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)

@@ -76,17 +76,17 @@ model:
 
 
 def _write_yaml(path: Path, *, in_channels: int = 4, version: str = "clip-tiny") -> None:
-    conditioning = "hybrid" if in_channels == 9 else "crossattn"
+    conditioning = "crossattn" if in_channels == 4 else "hybrid"
     path.write_text(YAML.format(in_channels=in_channels, conditioning=conditioning, version=version))
 
 
-def _inpainting_pipeline():
+def _inpainting_pipeline(channels: int = 9):
     """The tiny pipeline with a seeded 9-channel UNet (4 latent + 1 mask + 4 masked image)."""
     from diffusers import UNet2DConditionModel
 
     pipe = build_tiny_pipeline()
     config = dict(pipe.unet.config)
-    config["in_channels"] = 9
+    config["in_channels"] = channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         pipe.unet = UNet2DConditionModel.from_config(config).eval()
@@ -107,6 +107,8 @@ def models(tmp_path_factory) -> Path:
     _write_yaml(sd_dir / "shaped.yaml")
     save_file(pipeline_to_a1111(_inpainting_pipeline()), sd_dir / "inpaint.safetensors")
     _write_yaml(sd_dir / "inpaint.yaml", in_channels=9)
+    save_file(pipeline_to_a1111(_inpainting_pipeline(8)), sd_dir / "pix2pix.safetensors")
+    _write_yaml(sd_dir / "pix2pix.yaml", in_channels=8)
     bad = sd_dir / "clip-bad"
     pipe.text_encoder.config.save_pretrained(bad)
     pipe.tokenizer.save_pretrained(bad)
@@ -178,3 +180,8 @@ def test_an_inpainting_checkpoint_runs_img2img(models, tmp_path) -> None:
 def test_a_tokenizer_without_clips_start_token_is_refused_naming_its_folder(models) -> None:
     with pytest.raises(CheckpointLoadError, match="clip-bad"):
         _library(models).load("badtok")
+
+
+def test_a_unet_with_other_input_channels_is_refused_at_load(models) -> None:
+    with pytest.raises(CheckpointLoadError, match="8 input channels"):
+        _library(models).load("pix2pix")
