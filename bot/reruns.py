@@ -54,7 +54,7 @@ def options_from_infotext(text: str, library: Any, *, with_model: bool = True) -
     options: dict[str, Any] = {"negative": fields.get("Negative prompt", "")}
     try:
         for key, name, convert in _FIELDS:
-            if key in fields and fields[key] != "":
+            if key in fields and fields[key] != "" and not (key in _ZERO_UNSET and not fields[key]):
                 options[name] = convert(str(fields[key]))
         if "Size-1" in fields and "Size-2" in fields:
             options["size"] = (int(fields["Size-1"]), int(fields["Size-2"]))
@@ -122,6 +122,9 @@ def draw_line(prompt: str, options: dict[str, Any]) -> str:
             parts.append(f"--{name} {quote_value(str(value))}")
     return " ".join(parts)
 
+
+# fields the reader fills with 0 when absent, which means "not set"
+_ZERO_UNSET = frozenset({"Schedule min sigma", "Schedule max sigma", "Schedule rho"})
 
 _FIELDS = (
     ("Steps", "steps", int),
