@@ -8,6 +8,10 @@ option is ``--name`` at the start of a word, followed by a value: a quoted strin
 ``--name=value`` works too. Options that take no value are flags. Inside a quoted
 stretch of the prompt, ``--`` starts no option.
 
+Phones turn a typed ``--`` into a long dash, so ``—steps`` and ``–steps`` are ``--steps``.
+A single dash before a name (``-steps 4``) is refused, saying how to write it, rather than
+left in the prompt where it would silently change nothing; ``--seed -1`` is a number.
+
 This module only splits text; converting and range-checking values is ``bot.options``.
 """
 
@@ -19,7 +23,9 @@ from dataclasses import dataclass, field
 from bot.errors import CommandSyntaxError
 
 QUOTES = {'"': '"', "\u201c": "\u201d"}
-_OPTION = re.compile(r"--([A-Za-z][A-Za-z0-9_-]*)")
+DASHES = "-\u2014\u2013"  # "-", em dash, en dash
+_OPTION = re.compile(r"(?:--|\u2014\u2014?|\u2013\u2013?)([A-Za-z][A-Za-z0-9_-]*)")
+_SINGLE_DASH = re.compile(r"-([A-Za-z][A-Za-z0-9_-]+)")
 _COMMAND = re.compile(r"^/([A-Za-z][\w-]*)(?:@\w+)?(?:\s+|$)")
 
 
@@ -73,8 +79,12 @@ def _next_option(text: str, pos: int) -> int:
                 quote_close = None
         elif ch in QUOTES and _is_word_start(text, i):
             quote_close, quote_open = QUOTES[ch], i
-        elif ch == "-" and _is_word_start(text, i) and _OPTION.match(text, i):
-            return i
+        elif ch in DASHES and _is_word_start(text, i):
+            if _OPTION.match(text, i):
+                return i
+            single = _SINGLE_DASH.match(text, i)
+            if single:
+                raise CommandSyntaxError("error.single_dash", name=single.group(1).lower())
         i += 1
     if quote_close is not None:
         raise CommandSyntaxError("error.unclosed_quote", quote=text[quote_open], text=text[quote_open:][:60])

@@ -7,10 +7,12 @@ limits forbid.
 
 from __future__ import annotations
 
+import difflib
 import random
 from typing import Any
 
 from bot.errors import OptionValueError, UserError
+from bot.i18n import Msg
 from bot.options import MAX_SEED, check_prompt_length
 from bot.settings import Settings
 from bot.types import Actor, DrawRequest, RequestDraft
@@ -27,25 +29,32 @@ def new_draft(
     prompt: str, options: dict[str, Any], settings: Settings, parent_id: str | None = None
 ) -> RequestDraft:
     """The draft with config defaults under the user's options."""
-    d = settings.defaults
-    defaults = GenerationRequest(
-        prompt="", negative_prompt=d.negative_prompt, seed=-1, subseed=-1, num_inference_steps=d.steps,
-        guidance_scale=d.cfg_scale, width=d.width, height=d.height, sampler_name=d.sampler, scheduler=d.scheduler,
-        num_images_per_prompt=d.batch_size, checkpoint=settings.engine.default_checkpoint, clip_skip=d.clip_skip,
-        rng=d.rng, ensd=d.ensd, s_churn=d.s_churn, s_tmin=d.s_tmin, s_tmax=d.s_tmax, s_noise=d.s_noise,
-        schedule_sigma_min=d.schedule_sigma_min, schedule_sigma_max=d.schedule_sigma_max, schedule_rho=d.schedule_rho,
-        noise_multiplier=d.noise_multiplier, extra_noise=d.extra_noise, uni_pc_variant=d.uni_pc_variant,
-        uni_pc_order=d.uni_pc_order, uni_pc_skip_type=d.uni_pc_skip_type,
-    )  # fmt: skip
-    filled = options_from_request(defaults, count=d.count)
+    filled = default_options(settings)
     filled.update(options)
     negative = filled.pop("negative", None)
     return RequestDraft(
         prompt=prompt,
-        negative_prompt=d.negative_prompt if negative is None else negative,
+        negative_prompt=settings.defaults.negative_prompt if negative is None else negative,
         options=filled,
         parent_id=parent_id,
     )
+
+
+def default_options(settings: Settings) -> dict[str, Any]:
+    """/draw's options before the user's: ``[defaults]`` and the default checkpoint."""
+    d = settings.defaults
+    return {
+        "negative": d.negative_prompt, "steps": d.steps, "cfg": d.cfg_scale, "size": (d.width, d.height),
+        "seed": -1, "subseed": -1, "subseed-strength": 0.0, "sampler": d.sampler, "scheduler": d.scheduler,
+        "batch": d.batch_size, "count": d.count, "checkpoint": settings.engine.default_checkpoint, "vae": None,
+        "clip-skip": d.clip_skip, "rng": d.rng, "ensd": d.ensd, "eta": None, "seed-resize-from": (0, 0),
+        "denoise": None, "hires": False, "hr-scale": 2.0, "hr-steps": 0, "hr-upscaler": "Latent",
+        "hr-resize": (0, 0), "hr-prompt": "", "hr-negative": "", "hr-sampler": None, "hr-scheduler": None,
+        "init-image": None, "s-churn": d.s_churn, "s-tmin": d.s_tmin, "s-tmax": d.s_tmax, "s-noise": d.s_noise,
+        "schedule-sigma-min": d.schedule_sigma_min, "schedule-sigma-max": d.schedule_sigma_max,
+        "schedule-rho": d.schedule_rho, "noise-multiplier": d.noise_multiplier, "extra-noise": d.extra_noise,
+        "unipc-variant": d.uni_pc_variant, "unipc-order": d.uni_pc_order, "unipc-skip-type": d.uni_pc_skip_type,
+    }  # fmt: skip
 
 
 def join_parts(base: str, parts: list[tuple[int, str]]) -> str:
@@ -196,8 +205,23 @@ def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
     try:
         selection = samplers.select_sampler(name.strip(), resolve_scheduler(scheduler))
     except samplers.UnknownSampler as exc:
-        raise UserError(exc.key, **exc.params) from None
+        raise UserError(exc.key, **{**exc.params, "suggestion": sampler_suggestion(name)}) from None
     return selection.name, selection.schedule
+
+
+def sampler_suggestion(name: str) -> Msg | str:
+    """ "Did you mean ...?" with the closest sampler name (``euler_a`` -> Euler a), or ""."""
+    from pipeline import samplers
+
+    def folded(text: str) -> str:
+        return " ".join(text.replace("_", " ").replace("-", " ").casefold().split())
+
+    names = {folded(s.name): s.name for s in samplers.list_samplers()}
+    for info in samplers.list_samplers():
+        for alias in getattr(info, "aliases", ()):
+            names.setdefault(folded(alias), info.name)
+    close = difflib.get_close_matches(folded(name), list(names), n=1, cutoff=0.6)
+    return Msg("error.did_you_mean", {"match": names[close[0]]}) if close else ""
 
 
 def resolve_scheduler(name: str) -> str:
@@ -234,7 +258,7 @@ def resolve_vae(library: Any, name: str | None) -> str | None:
     except UnknownNetwork:
         available = ", ".join(vae_names(models_dir)) or "-"
         raise UserError("error.unknown_network", kind="VAE", name=name, available=available) from None
-    return next(stem for stem, found in vae_names(models_dir).items() if found == path)
+    return path.stem  # the name vae_names lists it under
 
 
 def check_networks(library: Any, *prompts: str) -> None:

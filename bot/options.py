@@ -83,6 +83,26 @@ class OptionTable:
             values[spec.name] = convert_value(spec, raw, limits)
         return values
 
+    def check(self, values: dict[str, Any], limits: LimitsSettings) -> dict[str, Any]:
+        """Typed values from elsewhere than typed text (an infotext's fields) through the same
+        converters and limits as typed options; empty values are left out."""
+        lookup = self.lookup()
+        checked: dict[str, Any] = {}
+        for name, value in values.items():
+            spec = lookup[name]
+            if value is None or value == "" or value is False:
+                continue
+            if spec.kind == "flag":
+                checked[spec.name] = True
+            elif spec.kind in ("int", "seed", "number", "size", "pair"):
+                raw = f"{value[0]}x{value[1]}" if isinstance(value, tuple) else str(value)
+                checked[spec.name] = convert_value(spec, raw, limits)
+            elif spec.kind == "choice":
+                checked[spec.name] = convert_value(spec, str(value), limits)
+            else:
+                checked[spec.name] = value  # text as it is: never re-tokenized
+        return checked
+
 
 def _unknown_option(name: str, canonical: list[str], every: list[str]) -> CommandSyntaxError:
     close = difflib.get_close_matches(name, every, n=1)

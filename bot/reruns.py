@@ -14,6 +14,7 @@ from typing import Any
 
 from bot.commands import quote_value
 from bot.errors import UserError
+from bot.types import Reply
 
 _INT = re.compile(r"^-?\d+$")
 
@@ -106,6 +107,17 @@ def _checkpoint(fields: dict[str, Any], library: Any) -> str | None:
         hash=model_hash or "?",
         available=", ".join(library.names()),
     )
+
+
+def unknown_hash_note(text: str, library: Any, checkpoint: str | None) -> Reply | None:
+    """A note when the infotext's ``Model hash`` matches no checkpoint although one was
+    found by its ``Model`` name: the user learns that the weights may not be the same."""
+    from pipeline.infotext import parse
+
+    model_hash = parse(text).get("Model hash")
+    if not model_hash or checkpoint is None or library.lookup(str(model_hash)) is not None:
+        return None
+    return Reply("note.model_hash_unknown", {"hash": str(model_hash), "checkpoint": checkpoint})
 
 
 def draw_line(prompt: str, options: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ulid import ULID
 
-from models.store import NewImage
+from models.records import ImageRecord
 from pipeline.request import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class StagedImage:
     """An image written under ``staged`` until its job is stored as finished, then ``path``."""
 
-    record: NewImage
+    record: ImageRecord
     path: Path
     staged: Path
 
@@ -51,8 +51,16 @@ def stage_images(root: Path, generation_id: str, result: GenerationResult) -> li
         save_png(image.image, temporary, image.infotext)
         log.debug("saved %s in %.3fs", relative, time.perf_counter() - started)
         width, height = image.image.size
-        record = NewImage(
-            str(ULID()), index, relative.as_posix(), width, height, image.seed, image.subseed, image.infotext
+        record = ImageRecord(
+            str(ULID()),
+            generation_id,
+            index,
+            relative.as_posix(),
+            width,
+            height,
+            image.seed,
+            image.subseed,
+            image.infotext,
         )
         staged.append(StagedImage(record, path, temporary))
     return staged

@@ -1,106 +1,64 @@
 """The core: commands in, replies and job events out.
 
-``handle(invocation)`` dispatches a command; ``draw(...)`` is the path of DESIGN.md §2
-(draft -> modify_request -> freeze -> check_request -> plan_generation -> store ->
-queue). The service is also the queue's ``JobListener``: it records every state change
-in the store first and then publishes the event, so what users see is what is stored.
-
-Jobs are held by this App (``App.owner``) under a lease (bot/leases.py): stored with it,
-claimed and ended only while this App still holds them. ``recover`` takes over the jobs
-of processes that are gone and routes their events as stored on the row (the job's user
-and ``route``).
+``handle(invocation)`` dispatches a command by its schema; ``draw(...)`` is the path of
+DESIGN.md §2 (bot/drawing.py); the job lifecycle (bot/lifecycle.py) makes the service the
+queue's ``JobListener``: every state change is stored first and then published, so what
+users see is what is stored. Who may see or touch a generation is bot/access.py.
+Plugins do not import this module: they use ``bot.api``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ulid import ULID
-
-from bot.commands import parse_args, split_command
+from bot.access import Audience, actor_of, is_owner, may_see, may_touch
+from bot.commands import split_command
 from bot.dispatch import run_command
-from bot.draw import freeze, new_draft
+from bot.drawing import Drawing, default_plan, new_id
 from bot.errors import NotFound, UserError
 from bot.help import help_command
-from bot.inputs import check_uploads, store_input_image
-from bot.leases import owner_gone
+from bot.inputs import check_uploads
+from bot.lifecycle import JobLifecycle
 from bot.options import draw_options
-from bot.plugins import maybe_await
-from bot.reruns import draw_line, options_from_infotext, split_infotext
-from bot.result_files import discard_staged, put_in_place, stage_images
 from bot.schema import DRAW_OPTIONS
 from bot.types import (
-    Action,
     Actor,
-    Admission,
     Argument,
     Attachment,
-    Cancelled,
     Command,
     CommandContext,
-    Denial,
-    DrawRequest,
-    Failed,
     FileInput,
-    Finished,
-    ImageOut,
     Invocation,
     Notice,
-    Plan,
-    PlannedJob,
-    Progress,
-    Queued,
     Reply,
     Route,
-    Started,
 )
-from models.base import utcnow
 from models.records import GenerationRecord
-from models.store import Lease, NewJob
 from pipeline.errors import EngineError
-from pipeline.queue import Job
-from pipeline.request import GenerationResult
 
 if TYPE_CHECKING:
     from bot.app import App
 
+__all__ = [
+    "Service",
+    "actor_of",
+    "core_commands",
+    "default_plan",
+    "is_owner",
+    "may_see",
+    "may_touch",
+    "new_id",
+]
+
 log = logging.getLogger(__name__)
 
 
-def new_id() -> str:
-    return str(ULID())
+class Service(Drawing, JobLifecycle):
+    """One App's core: dispatch here, the /draw path in ``Drawing`` (bot/drawing.py), the
+    queue's side in ``JobLifecycle`` (bot/lifecycle.py), access rules in bot/access.py."""
 
-
-def default_plan(request: DrawRequest) -> Plan:
-    """One job per batch; A1111's seeds: batch k starts at seed + k*batch (subseed likewise)."""
-    base = request.generation
-    size = base.num_images_per_prompt
-    jobs = []
-    for k in range(request.count):
-        seed = base.seed if base.subseed_strength else base.seed + k * size
-        jobs.append(PlannedJob(base.replace(seed=seed, subseed=base.subseed + k * size)))
-    return Plan(tuple(jobs))
-
-
-@dataclass(frozen=True)
-class Audience:
-    """Who to tell about a job, and where: what its events carry."""
-
-    actor: Actor
-    route: Route
-    thread_key: str | None = None
-
-    @classmethod
-    def of(cls, record: GenerationRecord, default_locale: str) -> Audience:
-        return cls(actor_of(record, default_locale), Route.from_json(record.route), record.thread_key)
-
-
-class Service:
     def __init__(self, app: App) -> None:
         self.app = app
         self.options = draw_options()
@@ -183,180 +141,6 @@ class Service:
         log.error("unexpected error (ref %s)", ref, exc_info=exc)
         return Reply("error.internal", {"ref": ref}, error=True)
 
-    # the /draw path ----------------------------------------------------------------------------
-
-    async def draw_command(self, ctx: CommandContext) -> list[Reply]:
-        text = ctx.text
-        pasted = split_infotext(text) if "\n" in text.strip() else None
-        if pasted is not None:
-            # a pasted A1111 infotext: its fields become options, then the normal checks apply
-            body, overrides = pasted
-            with_model = not any(
-                name in ("checkpoint", "model", "ckpt") for name, _ in parse_args(overrides).options
-            )
-            prompt, fields = options_from_infotext(body, self.app.library, with_model=with_model)
-            text = draw_line(prompt, fields).removeprefix("/draw ") + " " + overrides
-        parsed = parse_args(text)
-        options = self.options.convert(parsed, self.app.settings.limits)
-        if ctx.invocation.attachments:
-            stored = await asyncio.to_thread(
-                store_input_image,
-                ctx.invocation.attachments[0],
-                self.app.images_dir / "inputs",
-                self.app.settings.limits,
-            )
-            options["init-image"] = stored.path
-            options.setdefault("size", stored.size)  # the upload's own, in multiples of 8
-        return await self.draw(ctx.actor, parsed.text, options, ctx.invocation.route)
-
-    async def draw(
-        self,
-        actor: Actor,
-        prompt: str,
-        options: dict[str, Any],
-        route: Route,
-        *,
-        parent_id: str | None = None,
-        thread_key: str | None = None,
-        forever_run: str | None = None,
-    ) -> list[Reply]:
-        """The /draw path for ``actor``; its jobs answer at ``route``. ``thread_key`` puts
-        them in a chain's thread (variations), ``forever_run`` in a forever run."""
-        app = self.app
-        draft = new_draft(prompt, options, app.settings, parent_id)
-        app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
-        request = freeze(draft, actor, app.settings, app.library)
-        checked = await self._check(request)
-        if isinstance(checked, Denial):
-            return [Reply(checked.key, checked.params, error=True)]
-        plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
-        priority = min((a.priority for a in checked), default=0)
-        max_running = min((a.max_running for a in checked if a.max_running), default=None)
-        spoiler = any(a.spoiler for a in checked)
-        try:
-            ids = await self.submit(
-                plan,
-                request,
-                route,
-                priority=priority,
-                max_running=max_running,
-                spoiler=spoiler,
-                thread_key=thread_key,
-                forever_run=forever_run,
-            )
-        except Exception:
-            for impl in app.pm.hook.request_dropped.get_hookimpls():
-                try:
-                    await maybe_await(impl.function(request=request, app=app))
-                except Exception:
-                    log.exception("request_dropped of plugin %s failed", impl.plugin_name)
-            raise
-        accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
-        return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
-
-    async def _check(self, request: DrawRequest) -> Denial | list[Admission]:
-        """``check_request`` in call order; after the first Denial nothing more is awaited,
-        so a trylast check that reserves (quotas) only runs when all others admitted."""
-        app = self.app
-        results = list(app.pm.hook.check_request(request=request, actor=request.actor, app=app))
-        admissions: list[Admission] = []
-        try:
-            while results:
-                result = await maybe_await(results.pop(0))
-                if isinstance(result, Denial):
-                    return result
-                if isinstance(result, Admission):
-                    admissions.append(result)
-        finally:
-            for rest in results:
-                if inspect.iscoroutine(rest):
-                    rest.close()
-        return admissions
-
-    async def submit(
-        self,
-        plan: Plan,
-        request: DrawRequest,
-        route: Route,
-        *,
-        priority: int = 0,
-        max_running: int | None = None,
-        spoiler: bool = False,
-        thread_key: str | None = None,
-        forever_run: str | None = None,
-    ) -> list[str]:
-        """Store every job (one transaction), then queue them; a job is a row before it runs."""
-        actor = request.actor
-        user = await self.app.store.ensure_user(actor.platform, actor.user_id, actor.name, actor.locale)
-        group = new_id()
-        jobs = [
-            NewJob(
-                id=new_id(),
-                request=planned.request,
-                group_id=group,
-                group_index=index,
-                kind=planned.kind,
-                plan=plan.kind,
-                label=planned.label,
-                parent_id=request.parent_id,
-                private=bool(request.options.get("private")),  # the history plugin's --private
-                priority=priority,
-                spoiler=spoiler,
-                thread_key=thread_key,
-                forever_run=forever_run,
-            )
-            for index, planned in enumerate(plan.jobs)
-        ]
-        await self.app.store.add_jobs(
-            user.id,
-            jobs,
-            chat_id=actor.chat_id,
-            guild_id=actor.guild_id,
-            route=route.to_json(),
-            roles=sorted(actor.roles),
-            lease=self.lease(),
-        )
-        audience = Audience(actor, route, thread_key)
-        for job in jobs:
-            self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
-        return [job.id for job in jobs]
-
-    def _enqueue(self, job: Job, audience: Audience) -> None:
-        self._routes[job.id] = audience
-        position = self.app.queue.put(job)
-        self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
-
-    def lease(self) -> Lease:
-        """This App's hold on a job from now: renewed by the heartbeat while it lives."""
-        seconds = self.app.settings.queue.lease_seconds
-        return Lease(self.app.owner, utcnow() + timedelta(seconds=seconds))
-
-    async def renew_leases(self) -> int:
-        return await self.app.store.renew(self.lease())
-
-    async def recover(self) -> int:
-        """Take over and queue the open jobs of processes that are gone (their lease ran out,
-        or they exited on this machine); a job interrupted while running counts an attempt,
-        and one interrupted ``max_attempts`` times fails. Returns how many were queued."""
-        count = 0
-        max_attempts = self.app.settings.queue.max_attempts
-        owner = self.app.owner
-        for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
-            if record.id in self._routes:  # already in this App's queue
-                continue
-            audience = Audience.of(record, self.app.settings.bot.locale)
-            if record.status == "running":
-                if record.attempts >= max_attempts:
-                    await self._fail(
-                        record.id, audience, UserError("error.interrupted", attempts=record.attempts)
-                    )
-                    continue
-                if not await self.app.store.requeue_interrupted(record.id, owner):
-                    continue
-            self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
-            count += 1
-        return count
-
     async def visible(self, generation_id: str, actor: Actor) -> GenerationRecord:
         """The generation, or NotFound when it does not exist or is someone else's private
         one (the same answer, so a private id cannot be told from a missing one)."""
@@ -364,136 +148,6 @@ class Service:
         if record is None or not may_see(record, actor):
             raise NotFound("error.not_found", id=generation_id)
         return record
-
-    async def cancel(self, generation_id: str, actor: Actor) -> Reply:
-        record = await self.app.store.get(generation_id)
-        if record is None or not _may_touch(record, actor):
-            raise NotFound("error.not_found", id=generation_id)
-        outcome = self.app.queue.cancel(generation_id)
-        if outcome == "running":
-            return Reply("cancel.done", {"id": generation_id})
-        if await self.app.store.mark_cancelled(generation_id):
-            audience = self._routes.pop(generation_id, None) or Audience.of(record, actor.locale)
-            self.app.bus.publish(Cancelled(generation_id, *_fields(audience)))
-            await self._ended(generation_id)
-            return Reply("cancel.done", {"id": generation_id})
-        return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
-
-    # JobListener ------------------------------------------------------------------------------
-
-    async def job_started(self, job: Job) -> bool:
-        if not await self.app.store.mark_running(job.id, self.lease()):
-            self._routes.pop(job.id, None)
-            return False
-        self.app.bus.publish(Started(job.id, *_fields(self._routes[job.id])))
-        return True
-
-    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
-        """``preview``: PNG bytes of a small preview of the image so far, when the engine
-        makes them; the delivery layer shows it with the step."""
-        audience = self._routes.get(job.id)
-        if audience is not None:
-            self.app.bus.publish(
-                Progress(job.id, *_fields(audience), step=step, total=total, preview=preview)
-            )
-
-    async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        audience = self._routes[job.id]
-        images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
-
-        async def keep() -> None:
-            await asyncio.to_thread(put_in_place, images)
-
-        try:
-            stored = await self.app.store.finish(
-                job.id,
-                [image.record for image in images],
-                owner=self.app.owner,
-                model_hash=result.model_hash,
-                device_seconds=result.device_seconds,
-                keep=keep,
-            )
-        finally:
-            await asyncio.to_thread(discard_staged, images)
-        self._routes.pop(job.id, None)
-        if not stored:  # cancelled, failed or taken over meanwhile: the row says how it ended
-            return
-        record = await self.app.store.get(job.id)
-        assert record is not None
-        actions = self.result_actions(record, audience.actor)
-        out = tuple(
-            ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)
-            for i in images
-        )
-        self.app.bus.publish(
-            Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=record.spoiler)
-        )
-        await self._notify("generation_finished", record)
-
-    def result_actions(self, record: GenerationRecord, actor: Actor) -> list[Action]:
-        """The buttons plugins offer on a finished job (``result_actions``), in hook order;
-        the same for a fresh result and for one shown again later (/show)."""
-        actions: list[Action] = []
-        for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
-            actions.extend(found or [])
-        return actions
-
-    async def _ended(self, generation_id: str) -> None:
-        """A job failed or was cancelled (its status is stored): tell ``generation_ended``."""
-        record = await self.app.store.get(generation_id)
-        if record is not None:
-            await self._notify("generation_ended", record)
-
-    async def _notify(self, hook_name: str, record: GenerationRecord) -> None:
-        """Call a per-job hook plugin by plugin: one plugin's error never stops the others."""
-        for impl in getattr(self.app.pm.hook, hook_name).get_hookimpls():
-            try:
-                result = impl.function(record=record, app=self.app)
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("%s of plugin %s failed", hook_name, impl.plugin_name)
-
-    async def job_failed(self, job: Job, error: BaseException) -> None:
-        await self._fail(job.id, self._routes.pop(job.id), error)
-
-    async def job_stopped(self, job: Job) -> None:
-        audience = self._routes.pop(job.id)
-        if job.stop_reason == "shutdown":
-            await self.app.store.requeue_interrupted(job.id, self.app.owner)
-            return
-        if await self.app.store.mark_cancelled(job.id):
-            self.app.bus.publish(Cancelled(job.id, *_fields(audience)))
-            await self._ended(job.id)
-
-    async def _fail(self, generation_id: str, audience: Audience, error: BaseException) -> None:
-        """Fail a job this App holds (a process that lost it leaves it to the new holder)."""
-        reply = self.error_reply(error, audience.actor)
-        message = self.app.translator.t("en", reply.key, **reply.params)
-        if await self.app.store.mark_failed(generation_id, reply.key, message, owner=self.app.owner):
-            self.app.bus.publish(
-                Failed(generation_id, *_fields(audience), key=reply.key, params=reply.params)
-            )
-            await self._ended(generation_id)
-
-
-def _fields(audience: Audience) -> tuple[Actor, Route, str | None]:
-    """A JobEvent's leading fields after its id."""
-    return (audience.actor, audience.route, audience.thread_key)
-
-
-def actor_of(record: GenerationRecord, default_locale: str) -> Actor:
-    """Rebuild who asked from a stored job (restart recovery, cancels from other processes)."""
-    user = record.user
-    return Actor(
-        platform=user.platform,
-        user_id=user.platform_user_id,
-        name=user.display_name,
-        locale=user.locale or default_locale,
-        chat_id=record.chat_id,
-        guild_id=record.guild_id,
-        roles=frozenset(record.actor_roles),
-    )
 
 
 def _raised_in_pipeline(exc: BaseException) -> bool:
@@ -504,25 +158,16 @@ def _raised_in_pipeline(exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("pipeline.")
 
 
-def is_owner(record: GenerationRecord, actor: Actor) -> bool:
-    return (record.user.platform, record.user.platform_user_id) == (actor.platform, actor.user_id)
-
-
-def may_see(record: GenerationRecord, actor: Actor) -> bool:
-    """Public results are the community's; private ones their owner's and moderators'."""
-    return not record.private or actor.is_moderator or is_owner(record, actor)
-
-
-def _may_touch(record: GenerationRecord, actor: Actor) -> bool:
-    return is_owner(record, actor) or actor.is_moderator
-
-
 async def cancel_command(ctx: CommandContext) -> Reply:
     return await ctx.app.service.cancel(ctx.text.strip(), ctx.actor)
 
 
+async def delete_command(ctx: CommandContext) -> Reply:
+    return await ctx.app.service.delete(ctx.text.strip(), ctx.actor)
+
+
 def core_commands(service: Service) -> list[Command]:
-    """/draw, /cancel and /help: the commands that work with every plugin disabled."""
+    """/draw, /cancel, /delete and /help: the commands that work with every plugin disabled."""
     return [
         Command(
             "draw",
@@ -533,6 +178,7 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        Command("delete", delete_command, "cmd.delete", arguments=(Argument("id", "id", "arg.generation"),)),
         Command(
             "help",
             help_command,

@@ -330,6 +330,15 @@ class Cancelled(JobEvent):
 
 
 @dataclass(frozen=True)
+class Deleted(JobEvent):
+    """A generation was deleted (its owner or a moderator): ``message`` is the message
+    that showed it, as the delivery layer kept it, so the adapter removes or edits it."""
+
+    message: MessageRef | None = None
+    kind: str = field(init=False, default="deleted")
+
+
+@dataclass(frozen=True)
 class Notice(JobEvent):
     """A message a plugin posts later about a job or a group of jobs (a finished grid, a
     stopped run): rendered like a ``Reply`` (text, files, actions), routed like the job."""

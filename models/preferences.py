@@ -71,6 +71,22 @@ class PreferenceStore:
                 )
             await session.commit()
 
+    async def claim(self, scope: Scope, key: str, value: Any, *, by: str = "") -> bool:
+        """Store ``value`` only if the key has none yet: exactly one caller gets True, across
+        tasks and processes (the first insert of the row wins)."""
+        async with self.store.session() as session:
+            result = await session.execute(
+                insert_ignore(session, Preference).values(
+                    scope=scope[0],
+                    scope_id=scope[1],
+                    key=key,
+                    value=value,
+                    updated_by=by,
+                    updated_at=utcnow(),
+                )
+            )
+            return bool(result.rowcount)
+
     async def delete(self, scope: Scope, key: str) -> bool:
         async with self.store.session() as session:
             result = await session.execute(

@@ -13,6 +13,7 @@ too, so a process that lost a job (it stalled past its lease) can no longer end 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -57,18 +58,6 @@ class Lease:
 
     owner: str
     expires_at: datetime
-
-
-@dataclass(frozen=True)
-class NewImage:
-    id: str
-    index: int
-    path: str
-    width: int
-    height: int
-    seed: int
-    subseed: int
-    infotext: str
 
 
 def sqlite_pragmas(dbapi_connection: Any, *, foreign_keys: bool = True, busy_timeout_ms: int = 30000) -> None:
@@ -131,8 +120,12 @@ class Store:
                 except Exception:  # lost a race on the unique key: the other insert won
                     user = await _find_user(session, platform, platform_user_id)
                     assert user is not None
-            elif display_name and user.display_name != display_name:
-                user.display_name = display_name
+            else:
+                if display_name and user.display_name != display_name:
+                    user.display_name = display_name
+                if locale and user.locale != locale:
+                    # later notices (a grid, a stopped run) answer in the language used last
+                    user.locale = locale
             return _user_record(user)
 
     # generations ---------------------------------------------------------------------------
@@ -281,7 +274,7 @@ class Store:
     async def finish(
         self,
         generation_id: str,
-        images: Sequence[NewImage],
+        images: Sequence[ImageRecord],
         *,
         owner: str,
         model_hash: str | None,
@@ -314,7 +307,11 @@ class Store:
             if keep is not None:
                 await keep()
             for image in images:
-                session.add(Image(generation_id=generation_id, **image.__dict__))
+                if image.generation_id != generation_id:
+                    raise ValueError(
+                        f"image {image.id} belongs to {image.generation_id}, not {generation_id}"
+                    )
+                session.add(Image(**dataclasses.asdict(image)))
             return True
 
     # leases ---------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class UnknownSampler(EngineError):
             f"unknown sampler {name!r}; available: {', '.join(available)}",
             name=name,
             available=", ".join(available),
+            suggestion="",  # the bot adds its "did you mean"
         )
 
 

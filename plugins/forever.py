@@ -10,7 +10,8 @@ Ids and lineage. A run's id is the id of its first job; its jobs are stored with
 kind "forever", the later ones carry the run id (``forever_run``) and are children
 of the first job (so /lineage of any image of a run is short and names the run; the first
 job is the child of the result Forever was pressed on). Each result of a run has a Stop
-button, ``stop:<run id>``; ``/stop ID`` takes the id of any job of the run.
+button, ``stop:<run id>``; ``/stop ID`` takes the id of any job of the run, or the id of
+the result the run was started from (the id the user just typed after /forever).
 
 A run ends, with a Notice to its user saying why, when
 - the user (or a moderator) stops it: no new job is started, a queued one is cancelled,
@@ -37,22 +38,28 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
-from bot.errors import NotFound, UserError
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import actor_of, default_plan, is_owner
+from bot.api import (
+    OPEN_STATUSES,
+    GenerationRecord,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PreferenceStore,
+    UserError,
+    actor_of,
+    default_plan,
+    hookimpl,
+    is_owner,
+    redraw,
+)
 from bot.types import Action, Admission, Argument, Command, CommandContext, Denial, Plan, Reply, Route
-from models.preferences import PreferenceStore
-from models.records import GenerationRecord
-from models.tables import OPEN_STATUSES
 
 log = logging.getLogger(__name__)
 
 FLAG = "forever"  # the /draw option
 PLAN = "forever"  # the plan kind stored on a run's jobs
 SCOPE = "forever"  # preference scope of a run's state; scope id = run id
+SOURCE_KEY = "runs"  # in the scope of a result: the runs /forever started from it
 
 
 class ForeverConfig(BaseModel):
@@ -72,8 +79,8 @@ def _new_state() -> dict[str, Any]:
     return {"images": 0, "handled": None, "ended": None}
 
 
-def _repeat_options(record: GenerationRecord) -> dict[str, Any]:
-    return {**options_from_request(record.request), "seed": -1, "subseed": -1, FLAG: True}
+def _repeat_changes() -> dict[str, Any]:
+    return {"seed": -1, "subseed": -1, FLAG: True}
 
 
 def _other_planners(app: Any) -> Any:
@@ -182,10 +189,11 @@ async def _advance(app: Any, record: GenerationRecord) -> None:
         return
     actor = actor_of(record, app.settings.bot.locale)
     try:
-        replies = await app.service.draw(
+        replies = await redraw(
+            app,
+            record,
+            _repeat_changes(),
             actor,
-            record.request.prompt,
-            _repeat_options(record),
             Route.from_json(record.route),
             parent_id=run_id,
             forever_run=run_id,
@@ -247,21 +255,38 @@ async def forever_command(ctx: CommandContext) -> list[Reply]:
     """``/forever ID``: a run of that result's request, a child of it."""
     generation_id = ctx.text.strip()
     record = await ctx.app.service.visible(generation_id, ctx.actor)
-    return await ctx.app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        _repeat_options(record),
-        ctx.invocation.route,
-        parent_id=record.id,
-    )
+    replies = await redraw(ctx.app, record, _repeat_changes(), ctx.actor, ctx.invocation.route)
+    jobs = replies[0].data.get("jobs", []) if replies and not replies[0].error else []
+    if jobs:  # remembered so that /stop with the id the user typed stops this run
+        prefs = PreferenceStore(ctx.app.store)
+        runs = await prefs.get((SCOPE, record.id), SOURCE_KEY, [])
+        await prefs.set((SCOPE, record.id), SOURCE_KEY, [*runs, jobs[0]], by=ctx.actor.key)
+    return replies
+
+
+async def _run_record(app: Any, record: GenerationRecord, actor: Any) -> GenerationRecord | None:
+    """The job of a run that ``record`` names: itself when it is a run's job, else the first
+    job of the latest run started from it that has not ended."""
+    if record.plan == PLAN:
+        return record
+    prefs = PreferenceStore(app.store)
+    for run_id in reversed(await prefs.get((SCOPE, record.id), SOURCE_KEY, [])):
+        state = await prefs.get((SCOPE, run_id), "run")
+        if state is not None and state["ended"]:
+            continue
+        try:
+            return await app.service.visible(run_id, actor)
+        except NotFound:
+            continue
+    return None
 
 
 async def stop_command(ctx: CommandContext) -> Reply:
     """``/stop ID`` (ID of any job of the run): no new job; a queued one is cancelled."""
     app, actor = ctx.app, ctx.actor
     generation_id = ctx.text.strip()
-    record = await app.service.visible(generation_id, actor)
-    if record.plan != PLAN:
+    record = await _run_record(app, await app.service.visible(generation_id, actor), actor)
+    if record is None:
         raise NotFound("forever.not_a_run", id=generation_id)
     run_id = run_of(record)
     if not (is_owner(record, actor) or actor.is_moderator):

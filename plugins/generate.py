@@ -11,10 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bot.draw import options_from_request
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.service import default_plan
+from bot.api import Msg, default_plan, hookimpl, redraw
 from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 
@@ -78,10 +75,7 @@ async def reroll(ctx: CommandContext) -> list[Reply]:
     """The same request with a new random seed, as a child of the original."""
     generation_id = ctx.text.strip()
     record = await ctx.app.service.visible(generation_id, ctx.actor)
-    options = {**options_from_request(record.request), "seed": -1}
-    return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
-    )
+    return await redraw(ctx.app, record, {"seed": -1}, ctx.actor, ctx.invocation.route)
 
 
 async def samplers(ctx: CommandContext) -> Reply:

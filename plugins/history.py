@@ -24,23 +24,27 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ulid import ULID
 
-from bot.errors import CommandSyntaxError, NotFound, UserError
-from bot.governance import (
+from bot.api import (
+    CommandSyntaxError,
+    GenerationRecord,
+    Msg,
+    NotFound,
+    OptionSpec,
+    UserError,
     audit,
     format_time,
+    hookimpl,
+    may_see,
     named_user,
     parse_duration,
+    parse_int,
     require_moderator,
+    shown,
+    usage_of,
     user_key,
     whole_number,
 )
-from bot.help import usage_of
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec, parse_int, shown
-from bot.service import may_see
 from bot.types import Argument, Command, CommandContext, OutgoingFile, Reply
-from models.records import GenerationRecord
 
 _PAGE = re.compile(r"^[+-]?\d+$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -176,7 +180,18 @@ def _line(ctx: CommandContext, record: GenerationRecord) -> str:
 
 
 async def history_guard(ctx: CommandContext) -> None:
-    await _others_for_moderators(ctx, "history", [w for w in ctx.text.split() if not _PAGE.match(w)])
+    words = [w for w in ctx.text.split() if not _PAGE.match(w)]
+    if words and not _names_a_user(words[0]):
+        # "/history abc" is a mistyped page, not an attempt on a user called abc
+        raise CommandSyntaxError(
+            "error.unexpected_text", command="history", value=shown(ctx.text), usage=usage_of(ctx)
+        )
+    await _others_for_moderators(ctx, "history", words)
+
+
+def _names_a_user(word: str) -> bool:
+    """A user is named the way a chat writes one: @name, a mention, or platform:id."""
+    return word.startswith(("@", "<@")) or ":" in word
 
 
 async def export_guard(ctx: CommandContext) -> None:

@@ -22,13 +22,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
-from bot.errors import NotFound
-from bot.hookspecs import hookimpl
-from bot.inputs import store_input_image
-from bot.options import OptionSpec
+from bot.api import (
+    IMAGE,
+    NotFound,
+    OptionSpec,
+    hookimpl,
+    pick_image,
+    redraw,
+    store_input_image,
+    thread_key_of,
+)
 from bot.types import Action, Attachment, Command, CommandContext, Reply
-from plugins.variations import IMAGE, pick_image, thread_key_of
 
 
 class Img2ImgConfig(BaseModel):
@@ -82,8 +86,7 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         app.images_dir / "inputs",
         app.settings.limits,
     )
-    options = {
-        **options_from_request(record.request),
+    changes = {
         "seed": -1,
         "subseed": -1,
         "subseed-strength": 0,
@@ -93,11 +96,6 @@ async def refine(ctx: CommandContext) -> list[Reply]:
         "init-image": stored.path,
         "denoise": float(given.get("denoise", config(app).refine_denoise)),
     }
-    return await app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        options,
-        ctx.invocation.route,
-        parent_id=record.id,
-        thread_key=await thread_key_of(app, record),
+    return await redraw(
+        app, record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )

@@ -1,4 +1,4 @@
-"""Moderation: moderator roles, bans, word lists and regexes, NSFW rules, /delete, audit log.
+"""Moderation: moderator roles, bans, word lists and regexes, NSFW rules, audit log.
 
 Moderators are the user ids in config (global moderators: they may also act on the
 ``global`` scope), plus anyone whose adapter-given roles include one of
@@ -9,30 +9,28 @@ so a banned user or a blocked word is refused before quotas reserve anything.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bot.errors import NotFound, PermissionDenied, UserError
-from bot.governance import (
+from bot.api import (
     GLOBAL,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PermissionDenied,
+    UserError,
     audit,
     format_time,
+    hookimpl,
+    missing_argument,
     parse_duration,
-    require_moderator,
     scope_of,
     user_key,
 )
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import is_owner
 from bot.types import Admission, Argument, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
@@ -164,8 +162,8 @@ WORD = Argument("word", "text", "arg.word", required=False)  # or --regex PATTER
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    """Every command here but /delete is for moderators as a whole: dispatch checks the
-    role (and audits a refusal) before it reads any argument."""
+    """Every command here is for moderators as a whole: dispatch checks the role (and
+    audits a refusal) before it reads any argument. /delete is the core's (owners too)."""
     ban_options = (
         OptionSpec("for", "duration", description="option.ban.for"),
         OptionSpec("reason", "str", description="option.ban.reason"),
@@ -182,7 +180,6 @@ def register_commands(register: Any) -> None:
     register(Command("words", description="cmd.words", subcommands=words, default="list", moderator=True))
     limit = OptionSpec("limit", "int", bounds=lambda _: (1, 200), description="option.audit.limit")
     register(Command("audit", audit_command, "cmd.audit", options=(limit,), moderator=True))
-    register(Command("delete", delete_command, "cmd.delete", (Argument("id", "id", "arg.generation"),)))
 
 
 # commands --------------------------------------------------------------------------------------
@@ -305,27 +302,3 @@ async def audit_command(ctx: CommandContext) -> Reply:
         ]
     }
     return Reply("moderation.audit", {"count": len(entries), "list": "\n".join(lines) or "-"}, data=data)
-
-
-async def delete_command(ctx: CommandContext) -> Reply:
-    generation_id = ctx.text.strip()
-    app = ctx.app
-    record = await app.service.visible(generation_id, ctx.actor)
-    owner = is_owner(record, ctx.actor)
-    if not owner:
-        await require_moderator(ctx, "delete", generation_id)
-    if record.status in ("queued", "running"):
-        raise UserError("moderation.delete_open", id=generation_id, status=record.status)
-    paths = await app.store.delete(generation_id)
-    if paths is None:
-        raise UserError("moderation.delete_open", id=generation_id, status=record.status)
-    await asyncio.to_thread(_remove_files, app.images_dir, paths)
-    if not owner:
-        owner_key = f"{record.user.platform}:{record.user.platform_user_id}"
-        await audit(ctx, "delete", target=generation_id, owner=owner_key, prompt=record.request.prompt[:200])
-    return Reply("moderation.deleted", {"id": generation_id})
-
-
-def _remove_files(root: Path, paths: list[str]) -> None:
-    for relative in paths:
-        (root / relative).unlink(missing_ok=True)

@@ -22,16 +22,40 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.autocomplete import list_choices
-from bot.commands import parse_args
-from bot.draw import join_parts
-from bot.errors import NotFound, UserError
-from bot.governance import audit
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.settings import ConfigError
+from bot.api import (
+    CONFIG_OWNER,
+    SCOPE_OPTIONS,
+    ConfigError,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PreferenceStore,
+    UserError,
+    audit,
+    available,
+    by_scope,
+    check_length,
+    check_name,
+    find,
+    hookimpl,
+    join_parts,
+    labelled,
+    list_choices,
+    listed,
+    listing,
+    mirror,
+    missing_argument,
+    names_in,
+    own_scopes,
+    parse_args,
+    refill,
+    refreshed,
+    split_name,
+    split_names,
+    target_scope,
+    valid_name,
+    where,
+)
 from bot.types import (
     Argument,
     AutocompleteContext,
@@ -41,31 +65,8 @@ from bot.types import (
     CommandContext,
     Reply,
 )
-from models.preferences import PreferenceStore
 from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
 from models.styles import NAME_LENGTH
-from plugins.scoped_names import (
-    CONFIG_OWNER,
-    SCOPE_OPTIONS,
-    available,
-    by_scope,
-    check_length,
-    check_name,
-    find,
-    labelled,
-    listed,
-    listing,
-    mirror,
-    names_in,
-    own_scopes,
-    refill,
-    refreshed,
-    split_name,
-    split_names,
-    target_scope,
-    valid_name,
-    where,
-)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ async def complete_presets(ctx: AutocompleteContext) -> list[Choice]:
 
 @hookimpl
 async def startup(app: Any) -> None:
-    from bot.app import PresetEntry
+    from bot.api import PresetEntry
 
     cfg = config(app)
     for name, text in cfg.presets.items():

@@ -18,14 +18,20 @@ from typing import Any
 
 from ulid import ULID
 
-from bot.errors import NotFound, UserError
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import shown
-from bot.reruns import draw_line, options_from_infotext
+from bot.api import GLOBAL_SCOPE as GLOBAL
+from bot.api import (
+    Msg,
+    NotFound,
+    PreferenceStore,
+    UserError,
+    draw_line,
+    hookimpl,
+    missing_argument,
+    options_from_infotext,
+    shown,
+    unknown_hash_note,
+)
 from bot.types import Action, Argument, Command, CommandContext, FileInput, Reply
-from models.preferences import GLOBAL, PreferenceStore
 
 READABLE_FORMATS = ("PNG", "JPEG", "WEBP")  # where A1111 (and NovelAI) keep parameters
 _ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$", re.IGNORECASE)
@@ -83,7 +89,7 @@ async def _source_text(ctx: CommandContext) -> str | None:
     return text
 
 
-async def pnginfo(ctx: CommandContext) -> Reply:
+async def pnginfo(ctx: CommandContext) -> Reply | list[Reply]:
     text = await _source_text(ctx)
     if not text:
         return Reply("pnginfo.none")
@@ -102,12 +108,14 @@ async def pnginfo(ctx: CommandContext) -> Reply:
         )
         actions.append(Action(f"rerun:{key}", "action.rerun"))
     command = draw_line(prompt, options)
-    return Reply(
+    result = Reply(
         "pnginfo.result",
         {"infotext": text, "command": command},
         actions=actions,
         data={"command": command},
     )
+    note = unknown_hash_note(text, ctx.app.library, options.get("checkpoint"))
+    return result if note is None else [result, note]
 
 
 async def rerun(ctx: CommandContext) -> list[Reply]:

@@ -20,20 +20,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.errors import UserError
-from bot.governance import (
+from bot.api import (
     GLOBAL,
+    Msg,
+    OptionSpec,
+    UserError,
     audit,
+    default_plan,
     format_time,
+    hookimpl,
     require_moderator,
     scope_key,
     scope_of,
     user_key,
 )
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.service import default_plan
 from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply
 from models.quota_store import Limits, QuotaStore, Usage
 
@@ -325,14 +325,21 @@ async def _status(ctx: CommandContext, who: str, roles: Any) -> Reply:
     params = {
         "user": who,
         "period": Msg(f"quota.period.{budget.period}"),
-        "left": left if budget.images else Msg("quota.unlimited"),
-        "budget": budget.images + usage.bonus_images if budget.images else Msg("quota.unlimited"),
+        "images": Msg("quota.images_left", {"left": left, "budget": budget.images + usage.bonus_images})
+        if budget.images
+        else Msg("quota.images_unlimited"),
         "used": usage.images_used,
         "reserved": usage.images_reserved,
-        "seconds_used": round(usage.seconds_used, 1),
-        "seconds_budget": round(budget.gpu_seconds + usage.bonus_seconds, 1)
+        # an unlimited budget has its own wording: no "of unlimited s"
+        "seconds": Msg(
+            "quota.seconds_left",
+            {
+                "used": round(usage.seconds_used, 1),
+                "budget": round(budget.gpu_seconds + usage.bonus_seconds, 1),
+            },
+        )
         if budget.gpu_seconds
-        else Msg("quota.unlimited"),
+        else Msg("quota.seconds_unlimited", {"used": round(usage.seconds_used, 1)}),
         "refill": format_time(refill),
     }
     data = {

@@ -25,13 +25,36 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.autocomplete import list_choices
-from bot.commands import parse_args
-from bot.errors import NotFound, UserError
-from bot.governance import audit
-from bot.hookspecs import hookimpl
-from bot.options import OptionSpec
-from bot.settings import ConfigError
+from bot.api import (
+    CONFIG_OWNER,
+    SCOPE_OPTIONS,
+    ConfigError,
+    NotFound,
+    OptionSpec,
+    UserError,
+    audit,
+    available,
+    by_scope,
+    check_length,
+    check_name,
+    find,
+    hookimpl,
+    labelled,
+    list_choices,
+    listed,
+    listing,
+    mirror,
+    names_in,
+    own_scopes,
+    parse_args,
+    refill,
+    refreshed,
+    split_name,
+    split_names,
+    target_scope,
+    valid_name,
+    where,
+)
 from bot.types import (
     Argument,
     Attachment,
@@ -46,28 +69,6 @@ from bot.types import (
 )
 from models.style_store import SavedText, Scope, ScopeFull, StyleStore, name_key
 from models.styles import NAME_LENGTH
-from plugins.scoped_names import (
-    CONFIG_OWNER,
-    SCOPE_OPTIONS,
-    available,
-    by_scope,
-    check_length,
-    check_name,
-    find,
-    labelled,
-    listed,
-    listing,
-    mirror,
-    names_in,
-    own_scopes,
-    refill,
-    refreshed,
-    split_name,
-    split_names,
-    target_scope,
-    valid_name,
-    where,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ async def load(app: Any, scopes: Sequence[Scope] | None = None) -> None:
 
 @hookimpl
 async def startup(app: Any) -> None:
-    from bot.app import StyleEntry
+    from bot.api import StyleEntry
 
     for style in await asyncio.to_thread(config_styles, config(app)):
         if app.styles.owners.get(name_key(style.name)) != CONFIG_OWNER:  # a restarted App has them

@@ -22,20 +22,21 @@ parent links to the root.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.draw import options_from_request
-from bot.errors import OptionValueError, UserError
-from bot.hookspecs import hookimpl
-from bot.options import OptionSpec, parse_int, shown
-from bot.types import Action, Actor, Argument, Command, CommandContext, Reply
-from models.records import GenerationRecord, ImageRecord
-
-MAX_LINEAGE = 10_000  # parent links followed at most (a guard; chains are acyclic)
-_TARGET = re.compile(r"^\s*([0-9A-Za-z]+)(?:\.(\d+))?\s*$")
+from bot.api import (
+    IMAGE,
+    OptionSpec,
+    UserError,
+    hookimpl,
+    lineage,
+    pick_image,
+    redraw,
+    thread_key_of,
+)
+from bot.types import Action, Argument, Command, CommandContext, Reply
 
 
 class VariationsConfig(BaseModel):
@@ -61,44 +62,6 @@ VARY_OPTIONS = (
         "count", "int", ("n-iter",), bounds=lambda lim: (1, lim.max_count), description="option.count"
     ),
 )
-IMAGE = Argument("image", "image", "arg.image")  # ID or ID.N
-
-
-# what variations, refines and forever runs share -------------------------------------------------
-
-
-async def pick_image(app: Any, actor: Actor, text: str) -> tuple[GenerationRecord, ImageRecord]:
-    """The result and image an ``ID`` or ``ID.N`` names, when the actor may see it and it
-    has finished (its images exist)."""
-    match = _TARGET.match(text)
-    if match is None:
-        raise UserError("variations.bad_target", value=shown(text))
-    record = await app.service.visible(match.group(1), actor)
-    if record.status != "finished" or not record.images:
-        raise UserError("variations.unfinished", id=record.id, status=record.status)
-    number = parse_int(match.group(2) or "1") or 0
-    if not 1 <= number <= len(record.images):
-        value = shown(match.group(2) or "1")
-        raise OptionValueError("variations.bad_index", id=record.id, value=value, max=len(record.images))
-    return record, record.images[number - 1]
-
-
-async def lineage(app: Any, record: GenerationRecord) -> list[GenerationRecord]:
-    """The chain from the root to ``record``, root first (a deleted ancestor ends it)."""
-    chain = [record]
-    seen = {record.id}
-    while chain[-1].parent_id and chain[-1].parent_id not in seen and len(chain) < MAX_LINEAGE:
-        parent = await app.store.get(chain[-1].parent_id)
-        if parent is None:
-            break
-        chain.append(parent)
-        seen.add(parent.id)
-    return chain[::-1]
-
-
-async def thread_key_of(app: Any, record: GenerationRecord) -> str:
-    """The thread key of ``record``'s chain: its root's id."""
-    return record.thread_key or (await lineage(app, record))[0].id
 
 
 # hooks -----------------------------------------------------------------------------------------
@@ -136,19 +99,14 @@ async def vary(ctx: CommandContext) -> list[Reply]:
     record, image = await pick_image(app, ctx.actor, ctx.text)
     cfg = config(app)
     strength = given.get("strength", cfg.strong_strength if given.get("strong") else cfg.subtle_strength)
-    options = {
-        **options_from_request(record.request, count=given.get("count", 1)),
+    changes = {
+        "count": given.get("count", 1),
         "seed": image.seed,
         "subseed": -1,
         "subseed-strength": float(strength),
     }
-    return await app.service.draw(
-        ctx.actor,
-        record.request.prompt,
-        options,
-        ctx.invocation.route,
-        parent_id=record.id,
-        thread_key=await thread_key_of(app, record),
+    return await redraw(
+        app, record, changes, ctx.actor, ctx.invocation.route, thread_key=await thread_key_of(app, record)
     )
 
 

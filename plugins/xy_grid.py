@@ -14,7 +14,7 @@ nothing; when no cell finished there is no grid, only a notice.
 
 The cell cap is ``[plugins.xy_grid] max_cells``; moderators change it per guild/chat
 (``/grid cap N``) or everywhere (``--global``) at run time. A1111's text rules live in
-``plugins.xy_axes``, the axes and the grid's shape in ``plugins.grid_axes``; their public
+``pipeline.xy_axes``, the axes and the grid's shape in ``bot.grid_axes``; their public
 names (``GridAxis`` for third-party axes among them) are importable from here.
 """
 
@@ -30,18 +30,47 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.commands import parse_args
-from bot.draw import freeze, options_from_request
-from bot.errors import NotFound, PermissionDenied, UserError
-from bot.governance import GLOBAL as GLOBAL_SCOPE
-from bot.governance import audit, require_moderator, whole_number
-from bot.help import missing_argument
-from bot.hookspecs import hookimpl
-from bot.i18n import Msg
-from bot.options import OptionSpec
-from bot.plugins import maybe_await
-from bot.schema import DRAW_OPTIONS
-from bot.settings import ConfigError
+from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests import them here)
+    AXIS_OPTIONS,
+    DRAW_OPTIONS,
+    HARD_MAX_CELLS,
+    SCRIPT,
+    AxisChoice,
+    ConfigError,
+    GenerationRecord,
+    GridAxis,
+    GridCell,
+    GridSpec,
+    Msg,
+    NotFound,
+    OptionSpec,
+    PermissionDenied,
+    PreferenceStore,
+    UserError,
+    actor_scopes,
+    audit,
+    builtin_axes,
+    find_axis,
+    freeze,
+    grid_from_infotext_fields,
+    group_jobs,
+    hookimpl,
+    loop_order,
+    maybe_await,
+    missing_argument,
+    options_from_request,
+    parse_args,
+    plugin_state,
+    read_axis,
+    read_grid,
+    read_values,
+    redraw,
+    require_moderator,
+    whole_number,
+)
+from bot.api import GLOBAL as GLOBAL_SCOPE
+from bot.api import GLOBAL_SCOPE as GLOBAL
+from bot.api import PreferenceScope as Scope
 from bot.types import (
     Action,
     Admission,
@@ -57,27 +86,8 @@ from bot.types import (
     Reply,
     RequestDraft,
 )
-from models.preferences import GLOBAL, PreferenceStore, Scope, actor_scopes
-from models.records import GenerationRecord
-from models.tables import OPEN_STATUSES
 from pipeline.request import GenerationRequest
-from plugins.grid_axes import (  # noqa: F401  (GridAxis & co. are the plugin API, importable here)
-    AXIS_OPTIONS,
-    HARD_MAX_CELLS,
-    SCRIPT,
-    AxisChoice,
-    GridAxis,
-    GridCell,
-    GridSpec,
-    builtin_axes,
-    find_axis,
-    grid_from_infotext_fields,
-    loop_order,
-    read_axis,
-    read_grid,
-    read_values,
-)
-from plugins.xy_axes import (  # noqa: F401  (re-exported: the parity API and tests import them here)
+from pipeline.xy_axes import (  # noqa: F401  (re-exported: the parity API and tests import them here)
     _FLOAT_COUNT,
     _FLOAT_RANGE,
     _INT_COUNT,
@@ -303,36 +313,25 @@ async def grid_again(ctx: CommandContext) -> list[Reply]:
     record = await ctx.app.service.visible(ctx.text.strip(), ctx.actor)
     if record.plan != "grid" or record.group_index != 0:
         raise NotFound("error.not_found", id=ctx.text.strip())
-    cells = await ctx.app.store.list_group(record.group_id)
-    options = {**options_from_request(record.request), "seed": -1, "subseed": -1, _AGAIN: cells}
-    return await ctx.app.service.draw(
-        ctx.actor, record.request.prompt, options, ctx.invocation.route, parent_id=record.id
-    )
+    cells = await group_jobs(ctx.app, record.group_id)
+    changes = {"seed": -1, "subseed": -1, _AGAIN: cells}
+    return await redraw(ctx.app, record, changes, ctx.actor, ctx.invocation.route)
 
 
 # composing the grid when its last cell ends ------------------------------------------------------
 
 
 async def _claim(app: Any, group_id: str, value: dict[str, Any]) -> bool:
-    """Exactly one caller wins, across tasks and processes: the first insert of the row."""
-    from models.preferences import Preference
-    from models.sql import insert_ignore
-
-    async with app.store.session() as session:
-        result = await session.execute(
-            insert_ignore(session, Preference).values(
-                scope="grid", scope_id=group_id, key=POSTED_KEY, value=value
-            )
-        )
-        return bool(result.rowcount)
+    """Exactly one caller wins, across tasks and processes: the first to store the key."""
+    return await plugin_state(app).claim(("grid", group_id), POSTED_KEY, value)
 
 
 async def cell_ended(record: GenerationRecord, app: Any) -> None:
     if record.plan != "grid":
         return
-    if await app.store.list_group(record.group_id, statuses=OPEN_STATUSES, limit=1):
+    if await group_jobs(app, record.group_id, open_only=True):
         return  # cells still to run: the last one to end composes
-    cells = await app.store.list_group(record.group_id)
+    cells = await group_jobs(app, record.group_id)
     first = cells[0]
     path = Path(first.created_at.astimezone(UTC).strftime("%Y-%m-%d")) / f"{first.group_id}-grid.png"
     if not await _claim(app, first.group_id, {"path": path.as_posix(), "cells": [c.id for c in cells]}):

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from bot.adapters.base import Limits, Outgoing
 from bot.adapters.console_render import message_json, message_text, write_outbox
+from bot.commands import split_command
 from bot.delivery import Delivery
 from bot.errors import NotFound, UserError
 from bot.options import shown
@@ -67,7 +68,7 @@ class ConsoleAdapter:
         self.emit(
             message_json(message, paths, translator)
             if self.json_mode
-            else message_text(message, paths, translator)
+            else message_text(message, paths, translator, self.actor.locale)
         )
         where = Route(message.route.platform, message.route.chat_id, message.route.thread_id)
         return MessageRef(where, str(next(self._numbers)))
@@ -98,9 +99,11 @@ class ConsoleAdapter:
     async def run_lines(self, lines: Any) -> None:
         """Handle each command, then wait for the queue to drain and its events to print.
 
-        A line ending in a backslash continues on the next one (a pasted multi-line
-        infotext); ``--attach PATH`` at the end of a command attaches that file, the
-        console's equivalent of a Discord attachment or a Telegram photo.
+        A paste is one message: lines that arrive together with a command line (see
+        ``commands``) are its text, so a pasted A1111 infotext reaches /draw or /pnginfo
+        whole. A line ending in a backslash continues on the next one; ``--attach PATH``
+        at the end of a command attaches that file, the console's equivalent of a Discord
+        attachment or a Telegram photo.
         """
         async for text in commands(lines):
             await self.handle(text)
@@ -114,6 +117,11 @@ class ConsoleAdapter:
         unexpected error becomes the usual "something went wrong (ref ...)" reply.
         """
         try:
+            if split_command(text) is None:
+                # a chat message that is no command starts nothing; say how it was read
+                replies = [Reply("error.not_a_command", {"text": shown(text)}, error=True)]
+                await self.show(replies)
+                return replies
             text, path = split_attach(text)
             attachments: tuple[Attachment, ...] = ()
             if path is not None:
@@ -148,19 +156,68 @@ class ConsoleAdapter:
             await self.app.stop()
 
 
-async def commands(lines: Any) -> Any:
-    """The commands in a stream of raw lines: continued lines joined, blanks and
-    ``#`` comments skipped."""
-    pending: list[str] = []
-    async for raw in lines:
-        line = raw.rstrip("\r\n")
-        if line.endswith("\\"):
-            pending.append(line[:-1])
-            continue
-        text = "\n".join([*pending, line]).strip()
-        pending = []
-        if text and not text.startswith("#"):
-            yield text
+PASTE_BURST_S = 0.05  # lines this close behind a command line came with it (a paste)
+
+
+async def commands(lines: Any, burst: float = PASTE_BURST_S) -> Any:
+    """The commands in a stream of raw lines, blanks and ``#`` comments skipped.
+
+    A terminal hands a paste over line by line. Lines that do not start with ``/`` and
+    arrive within ``burst`` seconds after a command line (or after a line already joined
+    to it) belong to that command: a pasted three-line infotext is one text. A line
+    ending in a backslash continues on the next one whenever it comes.
+    """
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for raw in lines:
+                await queue.put(raw)
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(pump())
+    held: str | None = None  # a command line that a paste may still continue
+    continued: list[str] = []
+    try:
+        while True:
+            if held is not None and not continued:
+                try:
+                    raw = await asyncio.wait_for(queue.get(), burst)
+                except TimeoutError:
+                    yield held
+                    held = None
+                    continue
+            else:
+                raw = await queue.get()
+            if raw is None:
+                break
+            line = raw.rstrip("\r\n")
+            if line.endswith("\\"):
+                continued.append(line[:-1])
+                continue
+            text = "\n".join([*continued, line])
+            continued = []
+            stripped = text.strip()
+            if held is not None and stripped and not stripped.startswith(("/", "#")):
+                held += "\n" + stripped
+                continue
+            if held is not None:
+                yield held
+                held = None
+            if not stripped or stripped.startswith("#"):
+                continue
+            if stripped.startswith("/"):
+                held = stripped
+            else:
+                yield stripped
+        rest = "\n".join(continued).strip()
+        if held is not None:
+            yield held + ("\n" + rest if rest else "")
+        elif rest and not rest.startswith("#"):
+            yield rest
+    finally:
+        task.cancel()
 
 
 def split_attach(text: str) -> tuple[str, str | None]:

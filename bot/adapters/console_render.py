@@ -30,15 +30,32 @@ def write_outbox(folder: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def message_text(message: Outgoing, paths: list[str], translator: Translator) -> str:
+def message_text(message: Outgoing, paths: list[str], translator: Translator, locale: str = "en") -> str:
+    """A message for a person at a terminal: its text, where its files are, and its
+    buttons as the commands that press them (``/vary ID.2``)."""
     source = message.source
     if isinstance(source, Finished):
-        return translator.t(
+        text = translator.t(
             source.actor.locale, "event.finished", id=source.generation_id, paths=" ".join(paths)
         )
-    if isinstance(source, Notice):
-        return f"[{source.generation_id}] {message.text}" + (f" {' '.join(paths)}" if paths else "")
-    return message.text
+        paths = []
+    elif isinstance(source, Notice):
+        text = f"[{source.generation_id}] {message.text}"
+    else:
+        text = message.text
+    lines = [text]
+    if paths:
+        lines.append(translator.t(locale, "console.files", paths="\n  ".join(paths)))
+    commands = [f"{b.label}: {typed_command(b.id)}" for b in flat_buttons(message)]
+    if commands:
+        lines.append(translator.t(locale, "console.actions", actions="\n  ".join(commands)))
+    return "\n".join(lines)
+
+
+def typed_command(action_id: str) -> str:
+    """What to type for a button: ``vary:ID.2`` -> ``/vary ID.2``."""
+    name, _, argument = action_id.partition(":")
+    return f"/{name} {argument}".rstrip()
 
 
 def message_json(message: Outgoing, paths: list[str], translator: Translator) -> dict[str, Any]:
@@ -49,7 +66,7 @@ def message_json(message: Outgoing, paths: list[str], translator: Translator) ->
     data: dict[str, Any] = {
         "event": message.kind,
         "id": message.generation_id,
-        "text": message_text(message, paths, translator),
+        "text": _event_text(message, paths, translator),
     }
     if isinstance(source, Queued):
         data["position"] = source.position
@@ -76,6 +93,18 @@ def message_json(message: Outgoing, paths: list[str], translator: Translator) ->
         data.update(_reply_json(source.reply, message.text, paths, actions))
         data.update(event="notice", id=source.generation_id, error=source.reply.error)
     return data
+
+
+def _event_text(message: Outgoing, paths: list[str], translator: Translator) -> str:
+    """The one-line text of an event in JSON mode (paths and actions have their own fields)."""
+    source = message.source
+    if isinstance(source, Finished):
+        return translator.t(
+            source.actor.locale, "event.finished", id=source.generation_id, paths=" ".join(paths)
+        )
+    if isinstance(source, Notice):
+        return f"[{source.generation_id}] {message.text}" + (f" {' '.join(paths)}" if paths else "")
+    return message.text
 
 
 def _reply_json(reply: Reply, text: str, paths: list[str], actions: list[dict[str, str]]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from bot.types import (
     Actor,
     Attachment,
     Cancelled,
+    Deleted,
     Failed,
     Finished,
     Invocation,
@@ -207,6 +208,9 @@ class Delivery:
 
     async def _send_event(self, conversation: _Conversation, event: JobEvent) -> None:
         job = event.generation_id
+        if isinstance(event, Deleted):
+            await self._send_deleted(conversation, event)
+            return
         if isinstance(event, FINAL):
             conversation.progress.pop(job, None)  # a step that had to wait never follows the end
         tracked = await self._tracked(job)
@@ -233,6 +237,21 @@ class Delivery:
                 await self._keep_thread(event.thread_key, ref.route)
         if isinstance(event, FINAL):
             self._messages.pop(job, None)  # the store has it for later notices
+
+    async def _send_deleted(self, conversation: _Conversation, event: Deleted) -> None:
+        """The message that showed a deleted generation is replaced (the adapter may remove
+        it instead); nothing is sent when no message showed it on this platform."""
+        tracked = self._messages.pop(event.generation_id, None) or event.message
+        if tracked is None or tracked.route.platform != self.adapter.platform:
+            return
+        draft = event_draft(event, self.app.translator)
+        message = Outgoing(
+            tracked.route, draft.kind, draft.text, event.generation_id, edit=tracked, source=event
+        )
+        try:
+            await self.adapter.deliver(message)
+        except Exception:  # already gone, or no access: nothing left to show
+            log.warning("could not remove the message of deleted %s", event.generation_id, exc_info=True)
 
     async def _send_draft(
         self,

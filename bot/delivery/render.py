@@ -12,6 +12,7 @@ from bot.i18n import Translator
 from bot.types import (
     Action,
     Cancelled,
+    Deleted,
     Failed,
     Finished,
     JobEvent,
@@ -62,6 +63,8 @@ def event_draft(event: JobEvent, translator: Translator) -> Draft:
         return Draft(event.kind, translator.t(locale, "event.failed", id=short, reason=reason))
     if isinstance(event, Cancelled):
         return Draft(event.kind, translator.t(locale, "event.cancelled", id=short))
+    if isinstance(event, Deleted):
+        return Draft(event.kind, translator.t(locale, "event.deleted", id=short))
     if isinstance(event, Notice):
         draft = reply_draft(event.reply, translator, locale)
         return Draft(event.kind, draft.text, draft.files, draft.actions, show_id=short)

@@ -164,3 +164,19 @@ def test_every_option_converter_answers_any_value_with_a_value_or_a_user_error(s
         return
     if spec.kind in ("int", "seed"):
         assert isinstance(value, int) and abs(value) <= 2**63
+
+
+@pytest.mark.parametrize("dash", ["\u2014", "\u2013", "\u2014\u2014", "--"])
+def test_phone_dashes_start_options(dash: str) -> None:
+    parsed = parse_args(f"a cat {dash}steps 4 {dash}seed -1")
+    assert parsed.text == "a cat"
+    assert parsed.options == [("steps", "4"), ("seed", "-1")]
+
+
+def test_a_single_dash_option_is_refused_naming_the_right_spelling() -> None:
+    with pytest.raises(CommandSyntaxError) as caught:
+        parse_args("a cat -steps 4")
+    assert caught.value.key == "error.single_dash" and caught.value.params == {"name": "steps"}
+    # numbers and dashes inside words are no options
+    assert parse_args("a half-elf --seed -1 --cfg -2.5").options == [("seed", "-1"), ("cfg", "-2.5")]
+    assert parse_args('"a cat -steps 4"').text == "a cat -steps 4"

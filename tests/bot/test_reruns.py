@@ -154,3 +154,22 @@ async def test_hires_and_img2img_through_draw_and_back_from_their_infotext(make_
     assert (await app.store.get(refined)).request.init_image.endswith(".png")
     refused = await app.service.handle_line("/draw x --hires", ALICE, attachments=upload)
     assert refused[0].error and refused[0].key == "error.hires_img2img"
+
+
+async def test_a_pasted_infotext_becomes_options_without_being_retyped(make_app) -> None:
+    """The infotext's fields are the request's values as they are: a prompt holding option-like
+    text, quotes or a trailing backslash stays the prompt; an option after the infotext wins
+    over its field; a field out of the limits is refused with the usual range message."""
+    app = await make_app()
+    prompt = 'a "quoted" sign saying --steps 99 and -- dashes \\'
+    infotext = f"{prompt}\nNegative prompt: it's --cfg 3\nSteps: 3, Sampler: Euler, CFG scale: 6, Seed: 11, Size: 64x64"
+    replies = await app.service.handle_line(f"/draw {infotext}\n--steps 2", ALICE)
+    assert not replies[0].error, app.translator.t("en", replies[0].key, **replies[0].params)
+    (job_id,) = replies[0].data["jobs"]
+    await app.service.cancel(job_id, ALICE)
+    req = (await app.store.get(job_id)).request
+    assert (req.prompt, req.negative_prompt) == (prompt, "it's --cfg 3")
+    assert (req.num_inference_steps, req.guidance_scale, req.seed, req.width) == (2, 6, 11, 64)
+    too_many = infotext.replace("Steps: 3", "Steps: 9999")
+    (refused,) = await app.service.handle_line(f"/draw {too_many}", ALICE)
+    assert refused.error and refused.key == "error.out_of_range" and refused.params["name"] == "steps"

@@ -11,7 +11,8 @@ from sqlalchemy import inspect
 from bot import db
 from models import Base
 from models.base import utcnow
-from models.store import Lease, NewImage, NewJob, Store
+from models.records import ImageRecord
+from models.store import Lease, NewJob, Store
 from pipeline.request import GenerationRequest
 
 
@@ -96,7 +97,7 @@ async def test_status_changes_happen_once(store: Store) -> None:
     await _add(store, "J1")
     assert await store.mark_running("J1", lease("A"))
     assert not await store.mark_running("J1", lease("A"))
-    image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
     assert await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
     assert not await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5)
     assert not await store.mark_failed("J1", "error.internal", "boom")
@@ -139,7 +140,7 @@ async def test_a_held_job_is_claimed_and_ended_only_by_its_holder(store: Store) 
     await _add(store, "J1", "J2", held=lease("A"))
     assert not await store.mark_running("J1", lease("B"))
     assert await store.mark_running("J1", lease("A"))
-    image = NewImage("I1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
     assert not await store.finish("J1", [image], owner="B", model_hash=None, device_seconds=0.5)
     assert not await store.mark_failed("J1", "error.internal", "boom", owner="B")
     assert not await store.requeue_interrupted("J1", "B")
@@ -191,3 +192,12 @@ async def test_renewing_keeps_jobs_and_releasing_frees_them(store: Store) -> Non
     assert await store.adopt(lease("B")) == []
     assert await store.release("A") == 1  # a graceful stop: no need to wait for the lease
     assert [r.id for r in await store.adopt(lease("B"))] == ["J1"]
+
+
+async def test_a_user_keeps_the_language_used_last(store: Store) -> None:
+    """Later notices (a finished grid, a stopped run) are written in the user's language:
+    the one of their latest command, not of their first."""
+    first = await store.ensure_user("console", "li", "Li", "en")
+    again = await store.ensure_user("console", "li", "Li", "zh-CN")
+    assert (first.locale, again.locale) == ("en", "zh-CN")
+    assert (await store.ensure_user("console", "li", "Li")).locale == "zh-CN"

@@ -383,7 +383,7 @@ def test_legend_margins_follow_a1111() -> None:
 
 async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
     app = await make_app(start=False)
-    from plugins.grid_axes import find_axis
+    from bot.grid_axes import find_axis
 
     for name, expected in [
         ("cfg", "CFG Scale"),
@@ -501,3 +501,10 @@ async def test_grid_again_of_a_private_grid_is_refused_to_the_same_id_on_another
     assert viewer[0].key == "draw.accepted"  # a public grid is the community's, the new one the viewer's
     record = await app.store.get(viewer[0].data["jobs"][0])
     assert (record.user.platform, record.user.platform_user_id) == ("telegram", "123")
+
+
+async def test_a_one_axis_grid_names_its_axis_not_its_count_twice(make_app) -> None:
+    app = await make_app(plugins={**QUOTAS, "xy_grid": {"max_cells": 4}})
+    (reply,) = await run(app, '/grid a cat --x "seed: 1-6"')
+    assert reply.key == "error.grid.too_many_cells"
+    assert text(app, reply) == "This grid has 6 cells (Seed); at most 4 are allowed here. Use fewer values."

@@ -19,7 +19,7 @@ from bot.draw import random_seed
 from bot.errors import UserError
 from bot.i18n import Msg
 from bot.options import convert_value
-from plugins.xy_axes import (
+from pipeline.xy_axes import (
     AXES,
     AxisContext,
     AxisKind,
@@ -164,7 +164,12 @@ class GridSpec:
         return x * y * z
 
     def shape_text(self) -> str:
-        return " × ".join(str(n) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing)
+        """``3 × 2``; a one-axis grid's shape is its axis's name (``Seed``), since its count
+        would only repeat the number of cells."""
+        used = [(n, c) for n, c in zip(self.shape, self.axes, strict=True) if not c.is_nothing]
+        if len(used) == 1:
+            return used[0][1].axis.name
+        return " × ".join(str(n) for n, _ in used)
 
     def index(self, position: tuple[int, int, int]) -> int:
         """A1111's image index of a cell: x + y*|X| + z*|X|*|Y|."""

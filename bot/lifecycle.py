@@ -1,0 +1,255 @@
+"""A job's life after it is stored: queued under this App's lease, started, progress,
+finished, failed, stopped or cancelled; recovered from processes that are gone. Each state
+change is stored first and then published on the bus, so what users see is what is stored.
+``JobLifecycle`` is a part of ``bot.service.Service`` and is the queue's ``JobListener``.
+
+Jobs are held by this App (``App.owner``) under a lease (bot/leases.py): stored with it,
+claimed and ended only while this App still holds them. ``recover`` takes over the jobs
+of processes that are gone and routes their events as stored on the row (the job's user
+and ``route``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.access import Audience, is_owner, may_touch
+from bot.errors import NotFound, PermissionDenied, UserError
+from bot.governance import scope_of
+from bot.leases import owner_gone
+from bot.result_files import discard_staged, put_in_place, stage_images
+from bot.types import (
+    Action,
+    Actor,
+    Cancelled,
+    Deleted,
+    Failed,
+    Finished,
+    ImageOut,
+    MessageRef,
+    Progress,
+    Queued,
+    Reply,
+    Route,
+    Started,
+)
+from models.base import utcnow
+from models.delivery_store import DeliveryStore
+from models.moderation_store import ModerationStore
+from models.records import GenerationRecord
+from models.store import Lease
+from pipeline.queue import Job
+from pipeline.request import GenerationResult
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger(__name__)
+
+
+class JobLifecycle:
+    """Jobs from the queue's point of view; ``_routes`` says whom each queued job answers."""
+
+    app: App
+    _routes: dict[str, Audience]
+
+    def _enqueue(self, job: Job, audience: Audience) -> None:
+        self._routes[job.id] = audience
+        position = self.app.queue.put(job)
+        self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
+
+    def lease(self) -> Lease:
+        """This App's hold on a job from now: renewed by the heartbeat while it lives."""
+        seconds = self.app.settings.queue.lease_seconds
+        return Lease(self.app.owner, utcnow() + timedelta(seconds=seconds))
+
+    async def renew_leases(self) -> int:
+        return await self.app.store.renew(self.lease())
+
+    async def recover(self) -> int:
+        """Take over and queue the open jobs of processes that are gone (their lease ran out,
+        or they exited on this machine); a job interrupted while running counts an attempt,
+        and one interrupted ``max_attempts`` times fails. Returns how many were queued."""
+        count = 0
+        max_attempts = self.app.settings.queue.max_attempts
+        owner = self.app.owner
+        for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
+            if record.id in self._routes:  # already in this App's queue
+                continue
+            audience = Audience.of(record, self.app.settings.bot.locale)
+            if record.status == "running":
+                if record.attempts >= max_attempts:
+                    await self._fail(
+                        record.id, audience, UserError("error.interrupted", attempts=record.attempts)
+                    )
+                    continue
+                if not await self.app.store.requeue_interrupted(record.id, owner):
+                    continue
+            self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
+            count += 1
+        return count
+
+    async def cancel(self, generation_id: str, actor: Actor) -> Reply:
+        record = await self.app.store.get(generation_id)
+        if record is None or not may_touch(record, actor):
+            raise NotFound("error.not_found", id=generation_id)
+        outcome = self.app.queue.cancel(generation_id)
+        if outcome == "running":
+            return Reply("cancel.done", {"id": generation_id})
+        if await self.app.store.mark_cancelled(generation_id):
+            audience = self._routes.pop(generation_id, None) or Audience.of(record, actor.locale)
+            self.app.bus.publish(Cancelled(generation_id, *_fields(audience)))
+            await self._ended(generation_id)
+            return Reply("cancel.done", {"id": generation_id})
+        return Reply("cancel.too_late", {"id": generation_id, "status": record.status}, error=True)
+
+    async def delete(self, generation_id: str, actor: Actor) -> Reply:
+        """Delete an ended generation, its image rows and files: its owner's or a
+        moderator's to do. Anyone else is refused as at a moderator command, and the
+        attempt audited; a moderator deleting someone else's result is audited too. A
+        ``Deleted`` event then tells the job's conversation, so the adapter removes (or
+        edits) the message that showed it."""
+        record = await self.visible(generation_id.strip(), actor)
+        owner = is_owner(record, actor)
+        if not owner and not actor.is_moderator:
+            await self._audit_delete(actor, record, allowed=False)
+            raise PermissionDenied("error.moderators_only", command="delete")
+        if record.status in ("queued", "running"):
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        stored = await DeliveryStore(self.app.store).message(record.id)  # gone with the row
+        paths = await self.app.store.delete(record.id)
+        if paths is None:
+            raise UserError("moderation.delete_open", id=record.id, status=record.status)
+        await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
+        if not owner:
+            await self._audit_delete(actor, record, allowed=True)
+        audience = Audience.of(record, actor.locale)
+        message = MessageRef.from_json(stored) if stored else None
+        self.app.bus.publish(
+            Deleted(record.id, replace(audience.actor, locale=actor.locale), audience.route,
+                    audience.thread_key, message=message)
+        )  # fmt: skip
+        return Reply("moderation.deleted", {"id": record.id})
+
+    async def _audit_delete(self, actor: Actor, record: GenerationRecord, *, allowed: bool) -> None:
+        detail: dict[str, Any] = {"command": f"/delete {record.id}"}
+        if allowed:
+            detail.update(owner=f"{record.user.platform}:{record.user.platform_user_id}")
+            detail.update(prompt=record.request.prompt[:200])
+        await ModerationStore(self.app.store).audit(
+            actor.key, "delete", scope=scope_of(actor), allowed=allowed, target=record.id, detail=detail
+        )
+
+    # JobListener ------------------------------------------------------------------------------
+
+    async def job_started(self, job: Job) -> bool:
+        if not await self.app.store.mark_running(job.id, self.lease()):
+            self._routes.pop(job.id, None)
+            return False
+        self.app.bus.publish(Started(job.id, *_fields(self._routes[job.id])))
+        return True
+
+    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
+        """``preview``: PNG bytes of a small preview of the image so far, when the engine
+        makes them; the delivery layer shows it with the step."""
+        audience = self._routes.get(job.id)
+        if audience is not None:
+            self.app.bus.publish(
+                Progress(job.id, *_fields(audience), step=step, total=total, preview=preview)
+            )
+
+    async def job_finished(self, job: Job, result: GenerationResult) -> None:
+        audience = self._routes[job.id]
+        images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
+
+        async def keep() -> None:
+            await asyncio.to_thread(put_in_place, images)
+
+        try:
+            stored = await self.app.store.finish(
+                job.id,
+                [image.record for image in images],
+                owner=self.app.owner,
+                model_hash=result.model_hash,
+                device_seconds=result.device_seconds,
+                keep=keep,
+            )
+        finally:
+            await asyncio.to_thread(discard_staged, images)
+        self._routes.pop(job.id, None)
+        if not stored:  # cancelled, failed or taken over meanwhile: the row says how it ended
+            return
+        record = await self.app.store.get(job.id)
+        assert record is not None
+        actions = self.result_actions(record, audience.actor)
+        out = tuple(
+            ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)
+            for i in images
+        )
+        self.app.bus.publish(
+            Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=record.spoiler)
+        )
+        await self._notify("generation_finished", record)
+
+    def result_actions(self, record: GenerationRecord, actor: Actor) -> list[Action]:
+        """The buttons plugins offer on a finished job (``result_actions``), in hook order;
+        the same for a fresh result and for one shown again later (/show)."""
+        actions: list[Action] = []
+        for found in self.app.pm.hook.result_actions(record=record, actor=actor, app=self.app):
+            actions.extend(found or [])
+        # the core's own, last: who may press it is checked on the press (owner or moderator)
+        actions.append(Action(f"delete:{record.id}", "action.delete"))
+        return actions
+
+    async def _ended(self, generation_id: str) -> None:
+        """A job failed or was cancelled (its status is stored): tell ``generation_ended``."""
+        record = await self.app.store.get(generation_id)
+        if record is not None:
+            await self._notify("generation_ended", record)
+
+    async def _notify(self, hook_name: str, record: GenerationRecord) -> None:
+        """Call a per-job hook plugin by plugin: one plugin's error never stops the others."""
+        for impl in getattr(self.app.pm.hook, hook_name).get_hookimpls():
+            try:
+                result = impl.function(record=record, app=self.app)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("%s of plugin %s failed", hook_name, impl.plugin_name)
+
+    async def job_failed(self, job: Job, error: BaseException) -> None:
+        await self._fail(job.id, self._routes.pop(job.id), error)
+
+    async def job_stopped(self, job: Job) -> None:
+        audience = self._routes.pop(job.id)
+        if job.stop_reason == "shutdown":
+            await self.app.store.requeue_interrupted(job.id, self.app.owner)
+            return
+        if await self.app.store.mark_cancelled(job.id):
+            self.app.bus.publish(Cancelled(job.id, *_fields(audience)))
+            await self._ended(job.id)
+
+    async def _fail(self, generation_id: str, audience: Audience, error: BaseException) -> None:
+        """Fail a job this App holds (a process that lost it leaves it to the new holder)."""
+        reply = self.error_reply(error, audience.actor)
+        message = self.app.translator.t("en", reply.key, **reply.params)
+        if await self.app.store.mark_failed(generation_id, reply.key, message, owner=self.app.owner):
+            self.app.bus.publish(
+                Failed(generation_id, *_fields(audience), key=reply.key, params=reply.params)
+            )
+            await self._ended(generation_id)
+
+
+def _fields(audience: Audience) -> tuple[Actor, Route, str | None]:
+    """A JobEvent's leading fields after its id."""
+    return (audience.actor, audience.route, audience.thread_key)
+
+
+def _remove_files(root: Path, paths: list[str]) -> None:
+    for relative in paths:
+        (root / relative).unlink(missing_ok=True)
