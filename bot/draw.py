@@ -50,7 +50,10 @@ def default_options(settings: Settings) -> dict[str, Any]:
         "clip-skip": d.clip_skip, "rng": d.rng, "ensd": d.ensd, "eta": None, "seed-resize-from": (0, 0),
         "denoise": None, "hires": False, "hr-scale": 2.0, "hr-steps": 0, "hr-upscaler": "Latent",
         "hr-resize": (0, 0), "hr-prompt": "", "hr-negative": "", "hr-sampler": None, "hr-scheduler": None,
-        "init-image": None,
+        "init-image": None, "s-churn": d.s_churn, "s-tmin": d.s_tmin, "s-tmax": d.s_tmax, "s-noise": d.s_noise,
+        "schedule-sigma-min": d.schedule_sigma_min, "schedule-sigma-max": d.schedule_sigma_max,
+        "schedule-rho": d.schedule_rho, "noise-multiplier": d.noise_multiplier, "extra-noise": d.extra_noise,
+        "unipc-variant": d.uni_pc_variant, "unipc-order": d.uni_pc_order, "unipc-skip-type": d.uni_pc_skip_type,
     }  # fmt: skip
 
 
@@ -103,7 +106,10 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
         width=width, height=height, seed=seed, subseed=subseed, subseed_strength=float(opts["subseed-strength"]),
         num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint, vae=vae,
         clip_skip=opts["clip-skip"], rng=opts["rng"], ensd=opts["ensd"],
-        eta=None if opts["eta"] is None else float(opts["eta"]),
+        eta=_eta(opts["eta"], sampler, settings),
+        **{field: float(opts[name]) for name, field in SAMPLER_SETTING_OPTIONS},
+        **{field: opts[name] for name, field in UNIPC_OPTIONS},
+        uni_pc_lower_order_final=settings.defaults.uni_pc_lower_order_final,
         seed_resize_from_w=resize_w, seed_resize_from_h=resize_h, init_image=opts["init-image"],
         denoising_strength=None if denoise is None else float(denoise), enable_hr=bool(opts["hires"]),
         hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
@@ -131,11 +137,45 @@ def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str
         "hr-resize": (request.hr_resize_x, request.hr_resize_y), "hr-prompt": request.hr_prompt,
         "hr-negative": request.hr_negative_prompt, "hr-sampler": request.hr_sampler_name,
         "hr-scheduler": request.hr_scheduler, "init-image": request.init_image,
+        **{name: getattr(request, field) for name, field in SAMPLER_SETTING_OPTIONS},
+        **{name: getattr(request, field) for name, field in UNIPC_OPTIONS},
     }  # fmt: skip
+
+
+# /draw options of A1111's sampler settings -> GenerationRequest fields
+SAMPLER_SETTING_OPTIONS = (
+    ("s-churn", "s_churn"),
+    ("s-tmin", "s_tmin"),
+    ("s-tmax", "s_tmax"),
+    ("s-noise", "s_noise"),
+    ("schedule-sigma-min", "schedule_sigma_min"),
+    ("schedule-sigma-max", "schedule_sigma_max"),
+    ("schedule-rho", "schedule_rho"),
+    ("noise-multiplier", "noise_multiplier"),
+    ("extra-noise", "extra_noise"),
+)
+# /draw options of A1111's UniPC settings (kept as typed: str, int, bool)
+UNIPC_OPTIONS = (
+    ("unipc-variant", "uni_pc_variant"),
+    ("unipc-order", "uni_pc_order"),
+    ("unipc-skip-type", "uni_pc_skip_type"),
+)
 
 
 # options that become GenerationRequest fields; the rest stay in DrawRequest.options for plugins
 _OPTION_FIELDS = frozenset(options_from_request(GenerationRequest(prompt="", seed=0))) - {"negative"}
+
+
+def _eta(value: Any, sampler: str, settings: Settings) -> float | None:
+    """The request's eta: the option, else the [defaults] setting for the sampler's kind
+    ("Eta for DDIM" / "Eta for k-diffusion samplers"); None where that is A1111's default."""
+    if value is not None:
+        return float(value)
+    d = settings.defaults
+    setting, a1111_default = (
+        (d.eta_ddim, 0.0) if sampler in ("DDIM", "DDIM CFG++") else (d.eta_ancestral, 1.0)
+    )
+    return None if setting == a1111_default else float(setting)
 
 
 def _check_hires_size(width: int, height: int, opts: dict[str, Any], limits: Any) -> None:

@@ -55,7 +55,7 @@ def options_from_infotext(text: str, library: Any, *, with_model: bool = True) -
     options: dict[str, Any] = {"negative": fields.get("Negative prompt", "")}
     try:
         for key, name, convert in _FIELDS:
-            if key in fields and fields[key] != "":
+            if key in fields and fields[key] != "" and not (key in _ZERO_UNSET and not fields[key]):
                 options[name] = convert(str(fields[key]))
         if "Size-1" in fields and "Size-2" in fields:
             options["size"] = (int(fields["Size-1"]), int(fields["Size-2"]))
@@ -135,6 +135,9 @@ def draw_line(prompt: str, options: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+# fields the reader fills with 0 when absent, which means "not set"
+_ZERO_UNSET = frozenset({"Schedule min sigma", "Schedule max sigma", "Schedule rho"})
+
 _FIELDS = (
     ("Steps", "steps", int),
     ("CFG scale", "cfg", _number),
@@ -145,6 +148,19 @@ _FIELDS = (
     ("ENSD", "ensd", int),
     ("RNG", "rng", str),
     ("Eta", "eta", float),
+    ("Eta DDIM", "eta", float),
+    ("Sigma churn", "s-churn", float),
+    ("Sigma tmin", "s-tmin", float),
+    ("Sigma tmax", "s-tmax", float),
+    ("Sigma noise", "s-noise", float),
+    ("Schedule min sigma", "schedule-sigma-min", float),
+    ("Schedule max sigma", "schedule-sigma-max", float),
+    ("Schedule rho", "schedule-rho", float),
+    ("Noise multiplier", "noise-multiplier", float),
+    ("Extra noise", "extra-noise", float),
+    ("UniPC variant", "unipc-variant", str),
+    ("UniPC order", "unipc-order", int),
+    ("UniPC skip type", "unipc-skip-type", str),
     ("Denoising strength", "denoise", float),
     ("Hires upscale", "hr-scale", float),
     ("Hires steps", "hr-steps", int),

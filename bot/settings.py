@@ -70,6 +70,22 @@ class DefaultsSettings(_Table):
     clip_skip: int = 1
     rng: Literal["CPU", "GPU", "NV"] = "CPU"
     ensd: int = 0
+    # A1111's sampler settings; 0 for s_tmax and the schedule values means "not set"
+    s_churn: float = Field(0.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float = Field(0.0, ge=0)
+    s_noise: float = Field(1.0, ge=0)
+    schedule_sigma_min: float = Field(0.0, ge=0)
+    schedule_sigma_max: float = Field(0.0, ge=0)
+    schedule_rho: float = Field(0.0, ge=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    extra_noise: float = Field(0.0, ge=0)
+    eta_ancestral: float = Field(1.0, ge=0, le=1)
+    eta_ddim: float = Field(0.0, ge=0, le=1)
+    uni_pc_variant: Literal["bh1", "bh2"] = "bh1"
+    uni_pc_order: int = Field(3, ge=1, le=50)
+    uni_pc_skip_type: Literal["time_uniform", "time_quadratic", "logSNR"] = "time_uniform"
+    uni_pc_lower_order_final: bool = True
     batch_size: int = 1
     count: int = 1
 

@@ -431,14 +431,23 @@ class CheckpointLibrary:
                 raise CheckpointLoadError(info.name, problem)
             tokenizers = (self._tokenizer(info, config), self._tokenizer(info, config, "tokenizer_2"))
             return sdxl.assemble_single_file(state, config, tokenizers, info.prediction_type or "epsilon")
-        return _assemble_single_file(info, state, config, self._tokenizer(info, config))
+        definition = model_definition(info.config_path) if info.config_path is not None else None
+        encoder = _text_encoder_folder(info, definition)
+        tokenizer = self._tokenizer(info, config, first=encoder)
+        return _assemble_single_file(info, state, config, tokenizer, definition, encoder)
 
-    def _tokenizer(self, info: CheckpointInfo, config: Path, subfolder: str = "tokenizer") -> Any:
-        """The CLIP tokenizer in ``config/<subfolder>``; SDXL's second one may also come from
+    def _tokenizer(
+        self, info: CheckpointInfo, config: Path, subfolder: str = "tokenizer", *, first: Path | None = None
+    ) -> Any:
+        """The CLIP tokenizer in ``first`` (the yaml's text-encoder folder, as A1111 loads
+        both from it), ``config/<subfolder>``; SDXL's second one may also come from
         ``config/tokenizer``; else ``tokenizer_dir``."""
         from transformers import CLIPTokenizer
 
         candidates = [config / subfolder, config / "tokenizer", self.tokenizer_dir]
+        if first is not None:
+            candidates = [first / "tokenizer", first, *candidates]
+        candidates = [f for f in candidates if f is None or f == self.tokenizer_dir or _has_vocab(f)]
         folder = next((f for f in candidates if f is not None and f.is_dir()), None)
         if folder is None:
             raise CheckpointLoadError(
@@ -450,6 +459,7 @@ class CheckpointLibrary:
         extra = {"pad_token": "!"} if open_clip and folder != config / subfolder else {}
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **extra)
         _check_tokenizer(info, tokenizer)
+        _check_special_tokens(info, tokenizer, folder)
         return tokenizer
 
 
@@ -494,6 +504,42 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     Raises :class:`ConfigFileError` for a file that is not UTF-8 YAML (or is too large or
     too deeply nested); values of the wrong type are ignored, so a crafted file cannot
     make this format an exponentially aliased structure."""
+    data = _load_yaml(path)
+    model = _mapping(data, "model")
+    params = _mapping(model, "params")
+    found: dict[str, Any] = {}
+    parameterization = params.get("parameterization")
+    if isinstance(parameterization, str):
+        found["prediction_type"] = "v_prediction" if parameterization == "v" else "epsilon"
+    if isinstance(params.get("use_ema"), (bool, int)):
+        found["use_ema"] = bool(params["use_ema"])
+    target = model.get("target")
+    cond_target = _mapping(params, "cond_stage_config").get("target")
+    target = target if isinstance(target, str) else ""
+    cond_target = cond_target if isinstance(cond_target, str) else ""
+    if target.startswith("sgm."):
+        found["family"] = "sdxl"
+    elif "OpenCLIP" in cond_target:
+        found["family"] = "sd2"
+    elif "FrozenCLIPEmbedder" in cond_target:
+        found["family"] = "sd1"
+    return found
+
+
+def model_definition(path: Path) -> dict[str, Any] | None:
+    """The whole ``.yaml`` when it defines the model's networks (A1111's
+    ``instantiate_from_config``: ``model.params.unet_config`` and ``first_stage_config``),
+    else None (a yaml that only sets the parameterization or ``use_ema``)."""
+    data = _load_yaml(path)
+    params = _mapping(_mapping(data, "model"), "params")
+    unet = _mapping(_mapping(params, "unet_config"), "params")
+    vae = _mapping(_mapping(_mapping(params, "first_stage_config"), "params"), "ddconfig")
+    if not unet or not vae:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load_yaml(path: Path) -> Any:
     import yaml
 
     try:
@@ -515,25 +561,7 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
         raise ConfigFileError(f"it is not valid YAML ({problem}{where})") from exc
     except (RecursionError, ValueError, TypeError) as exc:
         raise ConfigFileError(f"it is not a model config YAML ({type(exc).__name__})") from exc
-    model = _mapping(data, "model")
-    params = _mapping(model, "params")
-    found: dict[str, Any] = {}
-    parameterization = params.get("parameterization")
-    if isinstance(parameterization, str):
-        found["prediction_type"] = "v_prediction" if parameterization == "v" else "epsilon"
-    if isinstance(params.get("use_ema"), (bool, int)):
-        found["use_ema"] = bool(params["use_ema"])
-    target = model.get("target")
-    cond_target = _mapping(params, "cond_stage_config").get("target")
-    target = target if isinstance(target, str) else ""
-    cond_target = cond_target if isinstance(cond_target, str) else ""
-    if target.startswith("sgm."):
-        found["family"] = "sdxl"
-    elif "OpenCLIP" in cond_target:
-        found["family"] = "sd2"
-    elif "FrozenCLIPEmbedder" in cond_target:
-        found["family"] = "sd1"
-    return found
+    return data
 
 
 def _mapping(data: Any, key: str) -> dict[Any, Any]:
@@ -675,23 +703,84 @@ def _check_tokenizer(info: CheckpointInfo, tokenizer: Any) -> None:
         raise CheckpointLoadError(info.name, f"its tokenizer is missing or empty ({size} tokens)")
 
 
+def _check_special_tokens(info: CheckpointInfo, tokenizer: Any, folder: Path) -> None:
+    """A1111 wraps every prompt chunk in the tokenizer's start and end tokens; one that
+    lacks them, or whose ids are not the CLIP ones the chunking uses, cannot serve the
+    checkpoint, and is refused here rather than failing every draw."""
+    from pipeline.clip import BOS_ID, EOS_ID
+
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if ids != (BOS_ID, EOS_ID):
+        raise CheckpointLoadError(
+            info.name,
+            f"the tokenizer in {folder} has start/end token ids {ids}, not CLIP's ({BOS_ID}, {EOS_ID})",
+        )
+
+
+_UNET_INPUTS = (4, 9)  # latents; latents + mask + masked-image latents (SD inpainting)
+
+
+def _has_vocab(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def _text_encoder_folder(info: CheckpointInfo, definition: dict[str, Any] | None) -> Path | None:
+    """The local folder the yaml's ``cond_stage_config.params.version`` names (absolute, or
+    relative to the yaml), which A1111 builds the text encoder and tokenizer from; None
+    when it names a hub model (the family's packaged text-encoder config then applies)."""
+    if definition is None or info.config_path is None:
+        return None
+    params = _mapping(_mapping(_mapping(definition, "model"), "params"), "cond_stage_config")
+    version = _mapping(params, "params").get("version")
+    if not isinstance(version, str) or not version:
+        return None
+    folder = info.config_path.parent / version
+    return folder if folder.is_dir() else None
+
+
 def _assemble_single_file(
-    info: CheckpointInfo, state: dict[str, torch.Tensor], config: Path, tokenizer: Any
+    info: CheckpointInfo,
+    state: dict[str, torch.Tensor],
+    config: Path,
+    tokenizer: Any,
+    definition: dict[str, Any] | None = None,
+    encoder_folder: Path | None = None,
 ) -> StableDiffusionPipeline:
     """The pipeline from an already safely loaded state dict and a family's configs.
 
-    The components are converted one by one from the dict, so diffusers never opens the
-    file itself (its own ``.ckpt`` reader is not the allow-list one)."""
+    With a ``definition`` (the checkpoint's ``.yaml``) the UNet and VAE have the shapes it
+    declares (channels, attention resolutions, heads, context dimension, input channels),
+    as A1111's ``instantiate_from_config`` builds them, and the text encoder comes from
+    the folder it names; otherwise from the family's packaged configs. The components
+    are converted one by one from the dict, so diffusers never opens the file itself
+    (its own ``.ckpt`` reader is not the allow-list one)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel
 
     common: dict[str, Any] = {"config": str(config), "local_files_only": True}
-    unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
-    vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-    text_encoder = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, state, subfolder="text_encoder", **common
-    )
+    if definition is not None:
+        shaped: dict[str, Any] = {"original_config": definition, "local_files_only": True}
+        unet = UNet2DConditionModel.from_single_file(state, **shaped)
+        if unet.config.in_channels not in _UNET_INPUTS:
+            raise CheckpointLoadError(
+                info.name,
+                f"its UNet takes {unet.config.in_channels} input channels; "
+                "4 (text to image) and 9 (inpainting) are supported",
+            )
+        vae = AutoencoderKL.from_single_file(state, **shaped)
+    else:
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+    if encoder_folder is not None:
+        subfolder = "text_encoder" if (encoder_folder / "text_encoder" / "config.json").is_file() else ""
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder=subfolder, config=str(encoder_folder), local_files_only=True
+        )
+    else:
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, state, subfolder="text_encoder", **common
+        )
     scheduler = PNDMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True)
     scheduler = PNDMScheduler.from_config(scheduler.config, prediction_type=info.prediction_type or "epsilon")
     pipe = StableDiffusionPipeline(

@@ -122,6 +122,7 @@ class CFGDenoiser:
         prediction_type: str = "epsilon",
         sigma_to_timestep: SigmaToTimestep = samplers.sigma_to_timestep,
         before_call: Callable[[], None] | None = None,
+        image_cond: torch.Tensor | None = None,
     ) -> None:
         if not conds.parts:
             raise ValueError("the positive prompt needs at least one part")
@@ -133,6 +134,8 @@ class CFGDenoiser:
         self.v_prediction = prediction_type == "v_prediction"
         self.sigma_to_timestep = sigma_to_timestep
         self.before_call = before_call
+        # (B, C', H, W) channels an inpainting UNet takes after the latents (A1111's c_concat)
+        self.image_cond = image_cond
         self.calls = 0
         # What the latest call saw and returned, kept by reference only: a live preview
         # turns it into x0 when one is asked for (``latest_x0``), so steps without a
@@ -228,6 +231,8 @@ class CFGDenoiser:
         batch, parts = x_in.shape[0], len(self._weights)
         prepared = self._prepare(k, batch)
         dtype = prepared.cond.dtype
+        if self.image_cond is not None:
+            x_in = torch.cat([x_in, self.image_cond.to(x_in)], dim=1)
         x_cond, t_cond = x_in, t
         if parts > 1:
             x_cond, t_cond = x_in.repeat_interleave(parts, 0), t.repeat_interleave(parts)

@@ -43,6 +43,7 @@ from pipeline import (
     oom,
     previews,
     rng,
+    sampler_args,
     samplers,
     sdxl,
     timestep_samplers,
@@ -62,6 +63,7 @@ from pipeline.passes import (
     eta_fields,
     plan_passes,
     schedule_fields,
+    schedule_overrides,
 )
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
 from pipeline.sampling import SamplingContext, StepCallback
@@ -480,6 +482,8 @@ class Engine:
         loop = sampler_loop(name)
         image_rng = self._image_rng(request, shape)
         noise = image_rng.next().to(self.device)
+        if start is not None and step_pass.base_steps is None and request.noise_multiplier != 1.0:
+            noise = noise * request.noise_multiplier  # img2img only, not the hires pass
         with self.memory.using(*memory.text_encoders(model.pipe)):
             conds = self._conds(model, request, step_pass)
         denoiser = CFGDenoiser(
@@ -489,6 +493,7 @@ class Engine:
             prediction_type=model.prediction_type,
             sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
             before_call=progress.check,
+            image_cond=self._inpainting_cond(model, noise),
         )
         progress.previews_from(denoiser.latest_x0, sdxl=model.is_sdxl)
         ctx = SamplingContext(
@@ -501,26 +506,53 @@ class Engine:
             eta=request.eta,
             solver_type=step_pass.info.solver_type,
             callback=progress.span(offset, step_pass.steps),
-            extra={"eps_model_cfgpp": denoiser.eps_cfgpp, "is_img2img": start is not None},
+            extra={"eps_model_cfgpp": denoiser.eps_cfgpp},
         )
         plan = step_pass.plan
         if name in TIMESTEP_SAMPLERS:
+            ctx.extra.update(sampler_args.loop_arguments(name, request, None, img2img=start is not None))
             timesteps = samplers.timesteps(name, plan.schedule_steps)
             timesteps = timesteps[: len(timesteps) - plan.start_index]
-            x = (
-                noise
-                if start is None
-                else _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
-            )
+            x = noise
+            if start is not None:
+                x = _noised_at_timestep(start, noise, ctx.alphas_cumprod, timesteps[-1])
+                if request.extra_noise > 0:
+                    alpha = float(ctx.alphas_cumprod[timesteps[-1]])
+                    x = x + noise * request.extra_noise * alpha**0.5
             with self.memory.using(model.pipe.unet):
                 return loop(x, timesteps, ctx)
         schedule = samplers.sigma_schedule(
-            name, step_pass.selection.schedule, plan.schedule_steps, sdxl=model.is_sdxl
+            name,
+            step_pass.selection.schedule,
+            plan.schedule_steps,
+            sdxl=model.is_sdxl,
+            **schedule_overrides(request),
         )
-        sigmas = schedule.sigmas[plan.start_index :].to(self.device)
+        sigmas = schedule.sigmas[plan.start_index :]
+        ctx.extra.update(sampler_args.loop_arguments(name, request, sigmas, img2img=start is not None))
+        sigmas = sigmas.to(self.device)
         x = noise * sigmas[0] if start is None else start + noise * sigmas[0]
+        if start is not None and request.extra_noise > 0:
+            x = x + noise * request.extra_noise
         with self.memory.using(model.pipe.unet):
             return loop(x, sigmas, ctx)
+
+    def _inpainting_cond(self, model: _LoadedModel, noise: torch.Tensor) -> torch.Tensor | None:
+        """The extra UNet input of an inpainting checkpoint (more input channels than
+        latent ones) when no mask is given, as A1111 fills it for txt2img and for img2img
+        at the default mask weight 1: a mask channel of ones, then the latents of a
+        mid-grey image (0 in the VAE's [-1, 1] range). None for other checkpoints."""
+        unet_channels = int(model.pipe.unet.config.in_channels)
+        if unet_channels <= noise.shape[1]:
+            return None
+        batch, _, height, width = noise.shape
+        grey = torch.zeros(1, 3, height * LATENT_FACTOR, width * LATENT_FACTOR)
+        encoded = self.memory.encode(model.pipe.vae, grey).to(noise.device, torch.float32)
+        mask = torch.ones(batch, 1, height, width, device=noise.device)
+        cond = torch.cat([mask, encoded.expand(batch, -1, -1, -1)], dim=1)
+        if noise.shape[1] + cond.shape[1] != unet_channels:
+            raise ValueError(f"a UNet with {unet_channels} input channels is not an SD inpainting model")
+        return cond
 
     def _conds(self, model: _LoadedModel, request: GenerationRequest, step_pass: SamplingPass) -> Any:
         first_pass = step_pass.base_steps is None
@@ -545,7 +577,9 @@ class Engine:
     ) -> list[str]:  # fmt: skip
         info = model.info
         sampler = job.first.selection
-        extra = schedule_fields(sampler.name, sampler.schedule, request.num_inference_steps)
+        extra = schedule_fields(
+            sampler.name, sampler.schedule, request.num_inference_steps, **schedule_overrides(request)
+        )
         used = self.embeddings.used(
             [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
         )
@@ -553,7 +587,10 @@ class Engine:
         extra.update(active.infotext_fields())  # A1111 order: Hires *, Lora hashes, TI hashes
         if used:
             extra["TI hashes"] = ti_hashes_field(used)
+        extra.update(sampler_args.noise_fields(request))
         extra.update(eta_fields(sampler.name, request.eta))
+        extra.update(sampler_args.sigma_fields(sampler.name, request))
+        extra.update(sampler_args.unipc_fields(sampler.name, request))
         extra.update(request.extra)
         vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []

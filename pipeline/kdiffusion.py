@@ -175,17 +175,15 @@ class _Churn:
     def apply(self, x: torch.Tensor, sigma: torch.Tensor, ctx: SamplingContext) -> tuple[torch.Tensor, Any]:
         """Raise the noise level to σ̂ = σ·(1 + γ) by adding noise; returns (x, σ̂).
 
-        Noise is drawn only when γ > 0, so with the default s_churn = 0 these samplers are
-        deterministic and leave the noise stream alone.
+        As in k-diffusion, the noise is drawn at the start of every step whatever γ is, and
+        added only when γ > 0: every step advances the per-image stream by one draw, so a
+        churned step later in the schedule gets the same noise as in A1111.
         """
-        gamma = 0.0
-        sigma_hat = sigma
-        if self.s_churn > 0:
-            in_range = self.s_tmin <= sigma <= self.s_tmax
-            gamma = min(self.s_churn / self.steps, 2**0.5 - 1) if in_range else 0.0
-            sigma_hat = sigma * (gamma + 1)
+        in_range = self.s_tmin <= sigma <= self.s_tmax
+        gamma = min(self.s_churn / self.steps, 2**0.5 - 1) if in_range else 0.0
+        eps = _randn_like(ctx) * self.s_noise
+        sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            eps = _randn_like(ctx) * self.s_noise
             x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
         return x, sigma_hat
 
@@ -281,8 +279,8 @@ def sample_dpm_2(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) ->
 def sample_dpm_2_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """DPM-Solver-2 down to σ_down plus ancestral noise.
 
-    Unlike Euler a, k-diffusion adds this sampler's noise on every step, the last one
-    included (where σ_up = 0), so it draws one noise per step.
+    k-diffusion adds this sampler's noise only after a DPM-Solver-2 step, so a step whose
+    σ_down is 0 (the final step to σ = 0) is a plain Euler step and draws nothing.
     """
     steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
     for i in range(steps):
@@ -294,7 +292,7 @@ def sample_dpm_2_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingC
             x = x + d * dt
         else:
             x = _dpm2_midpoint(ctx, x, d, sigmas[i], sigma_down)
-        x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         ctx.step(i, steps)
     return x
 

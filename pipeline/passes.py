@@ -121,16 +121,28 @@ def _strength(request: GenerationRequest, default: float) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_schedule_fields(sampler: str, schedule: str, steps: int) -> tuple[tuple[str, Any], ...]:
-    return tuple(samplers.sigma_schedule(sampler, schedule, steps).infotext_fields.items())
+def _cached_schedule_fields(
+    sampler: str, schedule: str, steps: int, overrides: tuple[tuple[str, float], ...]
+) -> tuple[tuple[str, Any], ...]:
+    return tuple(samplers.sigma_schedule(sampler, schedule, steps, **dict(overrides)).infotext_fields.items())
 
 
-def schedule_fields(sampler: str, schedule: str, steps: int) -> dict[str, Any]:
+def schedule_overrides(request: GenerationRequest) -> dict[str, float]:
+    """The request's "Schedule min/max sigma" and "Schedule rho" as :func:`samplers.sigma_schedule` takes them."""
+    return {
+        "sigma_min": request.schedule_sigma_min,
+        "sigma_max": request.schedule_sigma_max,
+        "rho": request.schedule_rho,
+    }
+
+
+def schedule_fields(sampler: str, schedule: str, steps: int, **overrides: float) -> dict[str, Any]:
     """What A1111's σ schedule adds to the infotext: the resolved ``Schedule type`` (Karras for
-    DPM++ 2M on Automatic) and Beta's alpha/beta. Timestep samplers compute no σ's."""
+    DPM++ 2M on Automatic), the applied σ min/max/ρ overrides and Beta's alpha/beta.
+    Timestep samplers compute no σ's."""
     if sampler in TIMESTEP_SAMPLERS:
         return {}
-    return dict(_cached_schedule_fields(sampler, schedule, steps))
+    return dict(_cached_schedule_fields(sampler, schedule, steps, tuple(sorted(overrides.items()))))
 
 
 # k-diffusion samplers whose function takes eta (A1111 writes ``Eta`` when it is not 1).

@@ -51,6 +51,21 @@ class GenerationRequest:
     rng: str = "CPU"
     ensd: int = 0
     eta: float | None = None
+    # A1111's sampler settings (§9.3), k-diffusion's defaults; s_tmax 0 means no bound
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
+    # "Schedule min sigma" / "Schedule max sigma" / "Schedule rho": 0 = the model's / scheduler's
+    schedule_sigma_min: float = 0.0
+    schedule_sigma_max: float = 0.0
+    schedule_rho: float = 0.0
+    noise_multiplier: float = 1.0  # img2img "Noise multiplier"
+    extra_noise: float = 0.0  # "Extra noise" of img2img and the hires pass
+    uni_pc_variant: str = "bh1"
+    uni_pc_order: int = 3
+    uni_pc_skip_type: str = "time_uniform"
+    uni_pc_lower_order_final: bool = True
     styles: tuple[str, ...] = ()
     negative_presets: tuple[str, ...] = ()  # names of the presets in the negative prompt; not in the infotext
     # img2img: a PNG/JPEG/WebP file path and A1111's denoising strength (§9.6)

@@ -7,9 +7,9 @@ from diffusers because diffusers' schedulers interpolate σ linearly and compute
 float32, which is close to A1111 but not equal (§9.2).
 
 Everything is derived from the model's discrete noise table with A1111's default
-settings. Not modelled: the "Downcast alphas_cumprod" back-compat option (which casts ᾱ
-to float16 before σ is computed; it is off by default and only set by pre-v1.7.0-225
-infotexts), the sigma min/max/rho and "old karras sigmas" overrides, "Always discard
+settings, apart from the schedule's σ min/max/ρ overrides. Not modelled: the "Downcast
+alphas_cumprod" back-compat option (which casts ᾱ to float16 before σ is computed; it is
+off by default and only set by pre-v1.7.0-225 infotexts), "old karras sigmas", "Always discard
 next-to-last sigma", and quantized k-diffusion timesteps. The sampling loops themselves
 live elsewhere; this module only says which σ's and timesteps they visit.
 """
@@ -389,6 +389,13 @@ def _table_for(info: SamplerInfo) -> _NoiseTable:
     return _lcm_table() if info.name == "LCM" else _sd_table()
 
 
+def model_sigma_range(sampler: str) -> tuple[float, float]:
+    """(σ_min, σ_max) of the model's noise table as the sampler sees it (the table's ends)."""
+    info, _ = _resolve_infos(sampler, "Automatic")
+    table = _table_for(info)
+    return table.sigma_min, table.sigma_max
+
+
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
@@ -528,8 +535,23 @@ def _check_steps(steps: int) -> int:
     return value
 
 
-def sigma_schedule(sampler: str, scheduler: str, steps: int, *, sdxl: bool = False) -> SigmaSchedule:
-    """A1111's ``get_sigmas`` with default settings for one sampler and Schedule type.
+def sigma_schedule(
+    sampler: str,
+    scheduler: str,
+    steps: int,
+    *,
+    sdxl: bool = False,
+    sigma_min: float = 0.0,
+    sigma_max: float = 0.0,
+    rho: float = 0.0,
+) -> SigmaSchedule:
+    """A1111's ``get_sigmas`` for one sampler and Schedule type.
+
+    ``sigma_min``, ``sigma_max`` and ``rho`` are the settings "Schedule min sigma", "Schedule
+    max sigma" and "Schedule rho" (0 = the model's σ range, the scheduler's own ρ). As in
+    A1111 they only reach an explicit scheduler (not Automatic on a sampler without a
+    default), a value equal to the model's end is not an override, ρ only reaches Karras
+    and Polyexponential, and each applied override adds its infotext field.
 
     Names resolve as in generation (:func:`resolve`), so unknown text means Automatic and
     an unknown sampler means DPM++ 2M. Discarding samplers get the schedule for
@@ -547,11 +569,19 @@ def sigma_schedule(sampler: str, scheduler: str, steps: int, *, sdxl: bool = Fal
         sigmas = table.default_sigmas(n)
     else:
         fields["Schedule type"] = chosen.label
+        lo, hi = table.sigma_min, table.sigma_max
+        if sigma_min != 0 and sigma_min != lo:
+            lo = fields["Schedule min sigma"] = sigma_min
+        if sigma_max != 0 and sigma_max != hi:
+            hi = fields["Schedule max sigma"] = sigma_max
+        schedule_args: dict[str, float] = {}
+        if chosen.default_rho is not None and rho != 0 and rho != chosen.default_rho:
+            schedule_args["rho"] = fields["Schedule rho"] = rho
         if chosen.name == "beta":
             fields["Beta schedule alpha"] = _BETA_DIST_ALPHA
             fields["Beta schedule beta"] = _BETA_DIST_BETA
-        inputs = _ScheduleInput(n, table, table.sigma_min, table.sigma_max, bool(sdxl))
-        sigmas = _SCHEDULE_FUNCTIONS[chosen.name](inputs)
+        inputs = _ScheduleInput(n, table, lo, hi, bool(sdxl))
+        sigmas = _SCHEDULE_FUNCTIONS[chosen.name](inputs, **schedule_args)
     if info.discard_penultimate_sigma:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return SigmaSchedule(sigmas=sigmas, infotext_fields=fields)

@@ -14,7 +14,7 @@ Each sampler is ``fn(x, timesteps, ctx) -> x`` over :class:`pipeline.sampling.Sa
 * ``ctx.eps_model(x, t)`` is one CFG-denoiser call returning ε; ``t`` is a float32
   tensor of shape ``[batch]`` (whole numbers for DDIM/PLMS, fractional for UniPC).
 * ``ctx.alphas_cumprod`` is the model's (1000,) float32 ᾱ; ``ctx.noise()`` one per-step
-  noise draw (DDIM/DDIM CFG++ with eta ≠ 0 only); ``ctx.step(i, total)`` follows every
+  noise draw (DDIM/DDIM CFG++: one per update, whatever eta is); ``ctx.step(i, total)`` follows every
   sampler step, ``total`` being the number of steps the loop makes.
 
 Settings read from ``ctx.extra`` (A1111's option names and defaults):
@@ -135,7 +135,7 @@ def _ddim_update(
 
 def _draw_noise(ctx: SamplingContext) -> torch.Tensor:
     if ctx.noise is None:
-        raise ValueError("DDIM with eta != 0 needs ctx.noise")
+        raise ValueError("DDIM needs ctx.noise")
     return ctx.noise()
 
 
@@ -144,8 +144,8 @@ def _ddim_loop(
 ) -> torch.Tensor:
     """A1111's DDIM loop: len(timesteps) − 1 updates, the lowest timestep only a target (§9.4).
 
-    With eta ≠ 0 every update draws exactly one noise tensor (ENSD-affected, §8.5), even
-    when σ_t happens to be 0; with eta = 0 nothing is drawn.
+    Every update draws exactly one noise tensor whatever eta is (A1111 adds σ_t·z, which
+    is 0 at eta 0 but still advances the per-image stream, §8.5).
     """
     alphas = _alphas(ctx)
     ts = _check_timesteps(timesteps, alphas.numel())
@@ -155,8 +155,7 @@ def _ddim_loop(
         step = _DdimStep.between(alphas, ts[i], ts[i - 1], eta)
         eps_x0, eps_dir = eps_pair(x, _t_batch(ts[i], x))
         x = _ddim_update(x, eps_x0, eps_dir, step)
-        if eta != 0:
-            x = x + _scalar(step.sigma, x) * _draw_noise(ctx)
+        x = x + _scalar(step.sigma, x) * _draw_noise(ctx)
         ctx.step(index, total)
     return x
 
@@ -181,7 +180,7 @@ def ddim_cfgpp(x: torch.Tensor, timesteps: Sequence[int], ctx: SamplingContext) 
 
         ε_λ   = ε_u + (cfg/12.5)·(ε_c − ε_u)          (ctx.extra["eps_model_cfgpp"], first)
         x̂0    = (x − √(1−ᾱ_t)·ε_λ) / √ᾱ_t
-        x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ_t²)·ε_u + σ_t·z   (ε_u: second; z only if eta ≠ 0)
+        x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ_t²)·ε_u + σ_t·z   (ε_u: second; z drawn at any eta)
 
     Same timesteps, calls and noise draws as :func:`ddim`.
     """

@@ -253,6 +253,15 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("Face restore", "str", format_bare),
         AxisSpec("Always discard next-to-last sigma", "str"),
         AxisSpec("Size", "str"),
+        AxisSpec("Eta", "float"),
+        AxisSpec("Sigma Churn", "float"),
+        AxisSpec("Sigma min", "float"),
+        AxisSpec("Sigma max", "float"),
+        AxisSpec("Sigma noise", "float"),
+        AxisSpec("Schedule min sigma", "float"),
+        AxisSpec("Schedule max sigma", "float"),
+        AxisSpec("Schedule rho", "float"),
+        AxisSpec("UniPC Order", "int", cost=0.5),
     )
 }
 

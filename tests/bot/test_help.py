@@ -52,7 +52,7 @@ def allowed_words(app) -> set[str]:
         for spec in level.option_specs(app.service.options.specs):
             words.update(re.findall(r"[A-Za-z]+", spec.name))
             if spec.choices is not None:
-                words.update(re.findall(r"[A-Za-z]+", " ".join(spec.choices())))
+                words.update(re.findall(r"[A-Za-z][A-Za-z0-9]*", " ".join(spec.choices())))
     return words
 
 

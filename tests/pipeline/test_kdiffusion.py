@@ -281,11 +281,11 @@ def test_dpm_fast_spends_exactly_n_calls_from_sigma_max_to_sigma_min() -> None:
         ("Euler a", lambda n: n - 1),  # none after the step to σ = 0
         ("DPM++ 2S a", lambda n: n - 1),
         ("LCM", lambda n: n - 1),
-        ("DPM2 a", lambda n: n),  # k-diffusion adds its noise on the last step too (σ_up = 0)
+        ("DPM2 a", lambda n: n - 1),  # none on the final step to σ = 0 (σ_down = 0)
         ("DPM fast", lambda n: len(kdiffusion._fast_orders(n))),  # after every solver step
-        ("Euler", lambda n: 0),
-        ("Heun", lambda n: 0),
-        ("DPM2", lambda n: 0),
+        ("Euler", lambda n: n),  # one at the start of every step, churn or not
+        ("Heun", lambda n: n),
+        ("DPM2", lambda n: n),
         ("LMS", lambda n: 0),
         ("DPM++ 2M", lambda n: 0),
         ("Restart", lambda n: 0),  # below 20 steps it is plain Heun
@@ -299,7 +299,7 @@ def test_noise_draw_counts(name: str, expected: Callable[[int], int], steps: int
 def test_ancestral_samplers_draw_even_at_eta_zero() -> None:
     """The draw happens whatever σ_up is, so η does not shift the noise stream."""
     assert run("Euler a", 8, eta=0.0).draws == 7
-    assert run("DPM2 a", 8, "Karras", eta=0.0).draws == 8
+    assert run("DPM2 a", 8, "Karras", eta=0.0).draws == 7
     assert run("DPM fast", 8, eta=0.0).draws == len(kdiffusion._fast_orders(8))
 
 
@@ -326,7 +326,7 @@ def test_churn_adds_noise_and_raises_sigma(name: str) -> None:
     result = run(name, steps, "Karras", extra=extra)
     sigmas = result.sigmas[:-1]
     in_range = [0.5 <= float(s) <= 10.0 for s in sigmas]
-    assert result.draws == sum(in_range)
+    assert result.draws == steps  # drawn every step, added only where churned
     gamma = min(1.0 / steps, 2**0.5 - 1)
     first_calls = result.model_sigmas[:: 1 if name == "Euler" else 2]
     for sigma, churned, call in zip(sigmas, in_range, first_calls, strict=False):
@@ -335,9 +335,10 @@ def test_churn_adds_noise_and_raises_sigma(name: str) -> None:
     assert not torch.equal(result.out, run(name, steps, "Karras").out)
 
 
-def test_churn_zero_is_deterministic_and_draws_nothing() -> None:
+def test_churn_zero_is_deterministic_whatever_it_draws() -> None:
     result = run("Euler", 6, extra={"s_churn": 0.0, "s_noise": 2.0})
-    assert result.draws == 0
+    assert result.draws == 6
+    torch.testing.assert_close(result.out, run("Euler", 6).out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -408,7 +409,7 @@ def test_dpmpp_2m_last_step_is_the_denoised_prediction() -> None:
 
     sigmas = sigma_schedule("DPM++ 2M", "Karras", 5).sigmas
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigmas[0]
-    out = SAMPLERS["DPM++ 2M"](x, sigmas, SamplingContext(model=model))
+    out = SAMPLERS["DPM++ 2M"](x, sigmas, SamplingContext(model=model, noise=lambda: torch.zeros_like(x)))
     assert torch.equal(out, outputs[-1])
     for name in ("DPM++ 2M SDE", "DPM++ 3M SDE"):
         outputs.clear()
@@ -595,7 +596,7 @@ def test_errors() -> None:
     sigmas = sigma_schedule("Euler", "Automatic", 4).sigmas
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="model"):
-        SAMPLERS["Euler"](x, sigmas, SamplingContext())
+        SAMPLERS["Euler"](x, sigmas, SamplingContext(noise=lambda: torch.zeros(SHAPE)))
     with pytest.raises(ValueError, match="noise"):
         SAMPLERS["Euler a"](x, sigmas, SamplingContext(model=gaussian_denoiser(MU, S)))
     with pytest.raises(ValueError, match="sigmas"):
@@ -641,7 +642,7 @@ def test_euler_matches_diffusers(diffusers_schedulers) -> None:
     scheduler.set_timesteps(12)
     scheduler.sigmas = sigmas.clone()
     theirs = _diffusers_loop(scheduler, sigmas, x, lambda x, s: model(x, s.view(1).expand(x.shape[0])))
-    ours = SAMPLERS["Euler"](x, sigmas, SamplingContext(model=model))
+    ours = SAMPLERS["Euler"](x, sigmas, SamplingContext(model=model, noise=lambda: torch.zeros_like(x)))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -676,7 +677,7 @@ def test_heun_matches_diffusers(diffusers_schedulers) -> None:
     scheduler.set_timesteps(8)
     scheduler.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
     theirs = _diffusers_loop(scheduler, sigmas, x, lambda x, s: model(x, s.view(1).expand(x.shape[0])))
-    ours = SAMPLERS["Heun"](x, sigmas, SamplingContext(model=model))
+    ours = SAMPLERS["Heun"](x, sigmas, SamplingContext(model=model, noise=lambda: torch.zeros_like(x)))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -690,7 +691,7 @@ def test_lms_matches_diffusers(diffusers_schedulers) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = _diffusers_loop(scheduler, sigmas, x, lambda x, s: model(x, s.view(1).expand(x.shape[0])))
-    ours = SAMPLERS["LMS"](x, sigmas, SamplingContext(model=model))
+    ours = SAMPLERS["LMS"](x, sigmas, SamplingContext(model=model, noise=lambda: torch.zeros_like(x)))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 

@@ -67,6 +67,7 @@ class Recorder:
         assert t.dtype == torch.float32
         assert torch.all(t == t[0])
         self.calls.append(float(t[0]))
+        self.shape = x.shape
         return self.eps(x, t)
 
     def cfgpp(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +86,9 @@ def context(
     """A context over ``model`` (a fresh :class:`Recorder` by default) and the SD ᾱ table."""
     model = model or Recorder()
     settings: dict[str, object] = {"eps_model_cfgpp": model.cfgpp, **(extra or {})}
+    if noise is None:  # DDIM draws at any eta; a fixed stream keeps runs comparable
+        gen = torch.Generator().manual_seed(1234)
+        noise = lambda: torch.randn(model.shape, generator=gen)  # noqa: E731
     return SamplingContext(
         eps_model=model,
         alphas_cumprod=ALPHAS.clone(),
@@ -322,7 +326,7 @@ def test_ddim_eta_matches_diffusers_with_the_same_noise() -> None:
 
 
 @pytest.mark.parametrize("name", ["DDIM", "DDIM CFG++"])
-@pytest.mark.parametrize(("eta", "draws"), [(None, 0), (0.0, 0), (0.5, 19), (1.0, 19)])
+@pytest.mark.parametrize(("eta", "draws"), [(None, 19), (0.0, 19), (0.5, 19), (1.0, 19)])
 def test_eta_draws_one_noise_per_iteration(name: str, eta: float | None, draws: int) -> None:
     count = 0
 
@@ -392,7 +396,10 @@ def test_cfgpp_uses_the_guided_eps_for_x0_and_the_uncond_eps_for_the_direction()
         raise AssertionError("CFG++ must not call ctx.eps_model")
 
     ctx = SamplingContext(
-        eps_model=no_plain_model, alphas_cumprod=ALPHAS.clone(), extra={"eps_model_cfgpp": cfgpp}
+        eps_model=no_plain_model,
+        alphas_cumprod=ALPHAS.clone(),
+        noise=lambda: torch.ones_like(x),  # drawn at eta 0 too, scaled by σ_t = 0
+        extra={"eps_model_cfgpp": cfgpp},
     )
     out = ddim_cfgpp(x, samplers.timesteps("DDIM CFG++", 2), ctx)
     assert calls == [501.0]
@@ -554,9 +561,12 @@ def test_missing_eps_model_raises(name: str) -> None:
         SAMPLERS[name](start_noise(), samplers.timesteps(name, 5), SamplingContext(alphas_cumprod=ALPHAS))
 
 
-def test_eta_without_noise_source_raises() -> None:
+@pytest.mark.parametrize("eta", [None, 0.0, 1.0])
+def test_ddim_without_noise_source_raises_at_any_eta(eta: float | None) -> None:
+    ctx = context(eta=eta)
+    ctx.noise = None
     with pytest.raises(ValueError, match="noise"):
-        ddim(start_noise(), samplers.timesteps("DDIM", 5), context(eta=1.0))
+        ddim(start_noise(), samplers.timesteps("DDIM", 5), ctx)
 
 
 @pytest.mark.parametrize("name", LOOP_SAMPLERS)

@@ -91,7 +91,7 @@ def test_seed_minus_one_stays() -> None:
     assert _exact(parse_axis_values("Seed", "-1, 5")) == _exact([-1, 5])
 
 
-@pytest.mark.parametrize("axis", ["Var. seed", "Clip skip"])
+@pytest.mark.parametrize("axis", ["Var. seed", "Clip skip", "UniPC Order"])
 def test_other_int_axes(axis: str) -> None:
     assert _exact(parse_axis_values(axis, "1-3")) == _exact([1, 2, 3])
 
@@ -145,7 +145,21 @@ def test_cfg_scale_values(text: str, expected: list[float]) -> None:
     assert _exact(parse_axis_values("CFG Scale", text)) == _exact(expected)
 
 
-@pytest.mark.parametrize("axis", ["Var. strength", "Denoising"])
+@pytest.mark.parametrize(
+    "axis",
+    [
+        "Var. strength",
+        "Denoising",
+        "Eta",
+        "Sigma Churn",
+        "Sigma min",
+        "Sigma max",
+        "Sigma noise",
+        "Schedule min sigma",
+        "Schedule max sigma",
+        "Schedule rho",
+    ],
+)
 def test_other_float_axes(axis: str) -> None:
     assert _exact(parse_axis_values(axis, "0-1 [3]")) == _exact([0.0, 0.5, 1.0])
 

@@ -393,8 +393,44 @@ async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
         ("Variation seed", "Var. seed"),
         ("prompt s/r", "Prompt S/R"),
         ("CHECKPOINT", "Checkpoint name"),
+        ("sigma churn", "Sigma Churn"),
+        ("Sigma min", "Sigma min"),
+        ("s tmax", "Sigma max"),
+        ("schedule rho", "Schedule rho"),
+        ("eta", "Eta"),
     ]:
         assert find_axis(app, name).name == expected
+
+
+async def test_a_grid_over_sigma_churn_renders_and_each_cell_keeps_its_churn(make_app) -> None:
+    app = await make_app(plugins=QUOTAS)
+    log = EventLog(app)
+    line = '/grid a cat --x "Sigma Churn: 0, 0.5" --y "Sigma max: 0, 2" --sampler Euler --steps 4 --seed 7'
+    replies = await run(app, line)
+    assert [r.key for r in replies] == ["draw.accepted", "grid.planned"], replies
+    jobs = replies[0].data["jobs"]
+    notice = await grid_notice(app, log, jobs)
+    records = [await app.store.get(job) for job in jobs]
+    assert [(r.request.s_churn, r.request.s_tmax) for r in records] == [
+        (0.0, 0.0),
+        (0.5, 0.0),
+        (0.0, 2.0),
+        (0.5, 2.0),
+    ]
+    assert [r.label for r in records][:2] == [
+        "Sigma Churn: 0.0 | Sigma max: 0.0",
+        "Sigma Churn: 0.5 | Sigma max: 0.0",
+    ]
+    assert all(r.status == "finished" for r in records)
+    assert notice.reply.key == "grid.done" and notice.reply.data["missing"] == []
+    churned = parse(records[1].images[0].infotext)
+    assert churned["Sigma churn"] == "0.5" and "Sigma tmax" not in churned
+    assert parse(records[3].images[0].infotext)["Sigma tmax"] == "2.0"
+    assert "Sigma churn" not in parse(records[0].images[0].infotext)
+    assert not same_pixels(cell_image(app, records[0]), cell_image(app, records[1]))  # churn matters
+    (file,) = notice.reply.files
+    grid = Image.open(io.BytesIO(file.data)).convert("RGB")
+    assert grid.width == 64 * 3 // 4 + 2 * 64
 
 
 def test_config_toml_lists_the_grid_settings_with_their_defaults() -> None:
