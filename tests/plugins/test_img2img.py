@@ -83,6 +83,33 @@ async def test_refine_sends_a_result_back_through_img2img_as_a_child(make_app) -
     assert "--denoise must be from 0 to 1" in app.translator.t("en", bad.key, **bad.params)
 
 
+async def test_upscale_enlarges_an_image_and_redraws_it_with_its_seed(make_app) -> None:
+    app = await make_app(plugins={"img2img": {"upscale_denoise": 0.3}}, limits={"max_pixels": 16384})
+    log = EventLog(app)
+    (source,) = await finished(log, await run(app, "/draw a harbour --seed 21 --batch 2"))
+    job = source.generation_id
+    assert {f"upscale:{job}.1", f"upscale:{job}.2"} <= {a.id for a in source.actions}
+    (big,) = await finished(log, await app.service.run_action(f"upscale:{job}.2", ALICE, ROUTE))
+    record = await app.store.get(big.generation_id)
+    assert record.parent_id == job and len(big.images) == 1
+    fields = parse(big.images[0].infotext)
+    assert (fields["Size-1"], fields["Size-2"]) == ("128", "128")
+    assert fields["Seed"] == str(source.images[1].seed) and fields["Denoising strength"] == "0.3"
+    assert (await opened(app, big.images[0])).size == (128, 128)
+    # the same press draws the same picture: the image's own seed, not a new one
+    (again,) = await finished(log, await run(app, f"/upscale {job}.2"))
+    assert await png(app, again.images[0]) == await png(app, big.images[0])
+    (custom,) = await finished(log, await run(app, f"/upscale {job}.1 --scale 1.5 --denoise 0.5"))
+    assert parse(custom.images[0].infotext)["Size-1"] == "96"
+    before = await app.store.count_by_status()
+    (refused,) = await run(app, f"/upscale {job}.1 --scale 3")
+    assert refused.error and refused.key == "error.upscale_too_large"
+    assert "at most 2048 px a side and 16384 pixels" in app.translator.t("en", refused.key, **refused.params)
+    (bad,) = await run(app, f"/upscale {job}.1 --scale 9")
+    assert bad.error and bad.key == "error.out_of_range"
+    assert await app.store.count_by_status() == before
+
+
 async def test_refine_of_a_hires_result_runs_img2img_at_its_final_size(make_app) -> None:
     app = await make_app()
     log = EventLog(app)
