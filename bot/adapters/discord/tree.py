@@ -34,10 +34,11 @@ def _localized(texts: dict[str, str]) -> dict[str, str]:
     return {locale: texts["zh-CN"] for locale in CHINESE}
 
 
-def _field(field: Field) -> dict[str, Any]:
+def _field(app: Any, field: Field) -> dict[str, Any]:
     data: dict[str, Any] = {
         "type": FIELD_TYPES[field.type],
         "name": field.name,
+        "name_localizations": _names(app, field.name, "discord.field."),
         "description": field.description["en"],
         "description_localizations": _localized(field.description),
         "required": field.required,
@@ -54,26 +55,29 @@ def _field(field: Field) -> dict[str, Any]:
     return data
 
 
-def _options(node: Node) -> list[dict[str, Any]]:
+def _options(app: Any, node: Node) -> list[dict[str, Any]]:
     if not node.subcommands:
-        return [_field(field) for field in node.fields]
-    return [_sub(sub) for sub in node.subcommands]
+        return [_field(app, field) for field in node.fields]
+    return [_sub(app, sub) for sub in node.subcommands]
 
 
-def _sub(node: Node) -> dict[str, Any]:
+def _sub(app: Any, node: Node) -> dict[str, Any]:
     return {
         "type": GROUP if node.subcommands else SUBCOMMAND,
         "name": node.name,
+        "name_localizations": _names(app, node.name, "discord.subcommand."),
         "description": node.description["en"],
         "description_localizations": _localized(node.description),
-        "options": _options(node),
+        "options": _options(app, node),
     }
 
 
-def _names(app: Any, name: str) -> dict[str, str]:
-    """A command's Chinese name where the catalog has one (``discord.name.<name>``); a
-    plugin's command without one keeps its English name in every language."""
-    key = f"discord.name.{name}"
+def _names(app: Any, name: str, prefix: str = "discord.name.") -> dict[str, str]:
+    """The Chinese name of a command (``discord.name.<name>``), a subcommand
+    (``discord.subcommand.<name>``) or a field (``discord.field.<name>``) where the catalog
+    has one; a plugin's without one keeps its English name in every language. Discord
+    sends interactions with the English names, so these are for reading only."""
+    key = f"{prefix}{name}"
     if not app.translator.has(key):
         return {}
     chinese = app.translator.t("zh-CN", key)
@@ -90,7 +94,7 @@ def command_payloads(app: Any) -> list[dict[str, Any]]:
             "name_localizations": _names(app, node.name),
             "description": node.description["en"],
             "description_localizations": _localized(node.description),
-            "options": _options(node),
+            "options": _options(app, node),
             "contexts": CONTEXTS,
             "integration_types": [0],
         }
