@@ -195,6 +195,26 @@ async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(ma
             assert await app.store.get(job) is None
 
 
+async def test_members_of_a_configured_moderator_role_are_moderators(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        dc.guilds[GUILD].roles["4242"] = 0  # roles with no permissions of their own
+        dc.guilds[GUILD].roles["5151"] = 0
+        async with running(make_app, dc, discord={"moderator_roles": ["4242"]}) as (app, _):
+            await draw(dc, option("prompt", "a cat"))
+            result = await result_of(dc)
+            delete = button(result, "Delete")
+            job = delete.removeprefix("delete:")
+            await dc.click(result["id"], delete, user=user_json("78", "member"), roles=("5151",))
+            refused = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "moderators" in refused["content"] and await app.store.get(job) is not None
+            await dc.click(result["id"], delete, user=user_json("77", "helper"), roles=("4242",))
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+            assert await app.store.get(job) is None
+
+
 async def bot_process(tmp_path: Path, dc: FakeDiscord) -> asyncio.subprocess.Process:
     """``atelier run`` with a Discord token, pointed at the fake."""
     env = console_env(tmp_path)
