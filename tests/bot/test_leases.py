@@ -170,7 +170,9 @@ def test_processes_sharing_a_database_run_each_job_once(tmp_path: Path, process_
     try:
         # 1. Bob's process starts while Alice's serves: it takes none of her jobs, and in
         #    more than a lease her heartbeat keeps them.
-        (slow,) = jobs_of(alice.command("/draw a slow comet --steps 150 --size 256x256", timeout=300))
+        # long enough to still run when Bob has started and a lease and a half has passed,
+        # on a fast machine too (it is cancelled once that is checked)
+        (slow,) = jobs_of(alice.command("/draw a slow comet --steps 150 --size 768x768", timeout=300))
         queued = [jobs_of(alice.command(f"/draw a lighthouse --steps 2 --seed {n}"))[0] for n in range(3)]
         alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == slow, timeout=300)
         bob = _session(tmp_path, "bob", process_database)
