@@ -265,8 +265,14 @@ async def test_presses_are_answered_at_once_and_a_variation_answers_its_result(b
     # a chat administrator moderates there: they may delete someone else's result
     tg.chat(chat).admins.add(14)
     admin_result = await drawn(tg, chat, alice, "/draw a green boat --steps 2")
+    pressed_at = len(tg.calls)
     tg.press(chat, admin_result["message_id"], user_json(14, "Ada"), button(admin_result, "Delete"))
     await until(lambda: (chat, admin_result["message_id"]) not in tg.messages)
+    await until(  # the answer to the press comes after the message is gone
+        lambda: [
+            c for c in tg.calls[pressed_at:] if c.method == "sendMessage" and "Deleted" in c.params["text"]
+        ]
+    )
 
     # a command for another bot is not ours
     calls = len(tg.calls)
