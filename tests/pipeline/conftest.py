@@ -17,3 +17,16 @@ import pytest
 def engine(tiny_engine: Any) -> Any:
     """The session's CPU engine over ``tiny_library``; it swaps schedulers on the shared pipeline."""
     return tiny_engine
+
+
+def bf16_generate(engine, request):
+    """``engine.generate`` in bfloat16, skipped where torch's CPU kernels for it are off (its
+    bfloat16 packing needs AVX-512, which ``ATEN_CPU_CAPABILITY=default`` turns off)."""
+    import pytest
+
+    try:
+        return engine.generate(request)
+    except RuntimeError as exc:
+        if "avx512" in str(exc):
+            pytest.skip(f"bfloat16 CPU kernels unavailable: {exc}")
+        raise

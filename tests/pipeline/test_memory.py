@@ -35,6 +35,7 @@ from pipeline.memory import (
 )
 from pipeline.request import GenerationRequest
 from pipeline.tiny import build_tiny_pipeline
+from tests.pipeline.conftest import bf16_generate
 from tests.pipeline.test_networks import _hypernet_state, _kohya_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
@@ -293,7 +294,7 @@ def test_no_half_vae_runs_the_vae_in_float32_beside_a_half_unet(caplog):
     handle = pipe.vae.decoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline.vae"):
-            result = engine.generate(_request())
+            result = bf16_generate(engine, _request())
     finally:
         handle.remove()
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16

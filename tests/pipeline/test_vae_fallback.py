@@ -16,6 +16,7 @@ from pipeline.errors import OutOfMemory
 from pipeline.networks import UnknownNetwork
 from pipeline.request import GenerationRequest
 from pipeline.tiny import build_tiny_pipeline
+from tests.pipeline.conftest import bf16_generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 
@@ -68,7 +69,7 @@ def test_nan_half_decode_is_retried_in_fp32(bf16_engine, monkeypatch, caplog):
     pipe = bf16_engine.library.load("tiny")
     calls = _inject_half_nan(pipe.vae.decoder, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="pipeline.vae"):
-        result = bf16_engine.generate(_request())
+        result = bf16_generate(bf16_engine, _request())
     pixels = _pixels(result)
     assert calls == [torch.bfloat16, torch.float32]
     assert pixels.max() > 0, "the image is black"
@@ -83,7 +84,7 @@ def test_clean_half_decode_is_not_retried(bf16_engine, monkeypatch, caplog):
     calls: list[torch.dtype] = []
     monkeypatch.setattr(pipe.vae.decoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     with caplog.at_level(logging.WARNING, logger="pipeline.vae"):
-        bf16_engine.generate(_request())
+        bf16_generate(bf16_engine, _request())
     assert calls == [1]
     assert not [r for r in caplog.records if r.name == "pipeline.vae"]
 
