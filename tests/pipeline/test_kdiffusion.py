@@ -338,7 +338,8 @@ def test_churn_adds_noise_and_raises_sigma(name: str) -> None:
 def test_churn_zero_is_deterministic_whatever_it_draws() -> None:
     result = run("Euler", 6, extra={"s_churn": 0.0, "s_noise": 2.0})
     assert result.draws == 6
-    torch.testing.assert_close(result.out, run("Euler", 6).out, rtol=0, atol=0)
+    # churn 0 and no churn run different branches of the loop: compared with a tolerance
+    torch.testing.assert_close(result.out, run("Euler", 6).out, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
