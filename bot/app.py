@@ -155,7 +155,11 @@ def build_app(
             hash_cache=settings.bot.data_dir / "cache" / "hashes.json",
         )
     if engines is None:
-        engines = [make_engine(settings, library)]
+        devices = settings.engine.devices or (settings.engine.device,)
+        engines = [
+            make_engine(settings, library if index == 0 else library.for_device(), device=device)
+            for index, device in enumerate(devices)
+        ]
     app = App(
         settings=settings,
         pm=pm,
@@ -193,18 +197,24 @@ def register_plugin_options(app: App) -> None:
         app.service.options.add(spec)
 
 
-def make_engine(settings: Settings, library: Any) -> Any:
-    """The engine for ``[engine]``; logs one line saying how it runs. Raises ``ConfigError``
-    for a setting this machine cannot honour (xformers asked for but unavailable)."""
+def make_engine(settings: Settings, library: Any, *, device: str | None = None) -> Any:
+    """The engine for ``[engine]`` on ``device`` (default ``[engine] device``); logs one line
+    saying how it runs. Raises ``ConfigError`` for a setting this machine cannot honour
+    (xformers asked for but unavailable, a CUDA device it does not have)."""
     import torch
 
     from pipeline.engine import Engine
     from pipeline.memory import MemorySettings, SettingError
 
     config = settings.engine
-    device = config.device
+    device = device or config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ConfigError(f"[engine] device {device!r}: this machine has {count} CUDA device(s)")
     precision = config.precision
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,8 +43,13 @@ class DatabaseSettings(_Table):
     echo: bool = False
 
 
+_DEVICE = r"^(auto|cpu|cuda|cuda:\d+)$"
+
+
 class EngineSettings(_Table):
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    device: str = Field("auto", pattern=_DEVICE)
+    # one worker per device, each with its own loaded checkpoints; () = ``device`` alone
+    devices: tuple[Annotated[str, Field(pattern=_DEVICE)], ...] = ()
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     models_dir: Path = Path("data/models")
     default_checkpoint: str = "tiny"

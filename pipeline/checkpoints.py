@@ -45,6 +45,7 @@ for the first load and then gets the cached object.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -52,7 +53,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -137,6 +138,16 @@ class CheckpointInfo:
         return f"{base} [{self.sha256}]" if self.sha256 else base
 
 
+@dataclass
+class _CatalogState:
+    """What a library's scan found; shared by its devices' views (``for_device``)."""
+
+    infos: dict[str, CheckpointInfo] | None = None
+    refused: dict[str, CheckpointLoadError] = field(default_factory=dict)
+    unreadable: list[UnreadableFile] = field(default_factory=list)
+    checks: FileChecks = field(default_factory=FileChecks)
+
+
 class CheckpointLibrary:
     """Lists, resolves and loads checkpoints.
 
@@ -175,19 +186,34 @@ class CheckpointLibrary:
         self.config_dirs = {k: Path(v) for k, v in (config_dirs or {}).items()}
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self._lock = threading.RLock()
-        self._infos: dict[str, CheckpointInfo] | None = None
-        self._refused: dict[str, CheckpointLoadError] = {}
-        self._unreadable: list[UnreadableFile] = []
-        self._checks = FileChecks()
+        self._shared = _CatalogState()  # shared with this library's other devices' views
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self.residency: Any = None  # pipeline.memory.Residency | None
         self._in_use: Counter[str] = Counter()
 
+    def for_device(self) -> CheckpointLibrary:
+        """This library for one more device (multi-GPU): the same catalog (scans, hashes,
+        refusals, a refresh seen by all), its own loaded pipelines, memory budget and holds."""
+        other = copy.copy(self)
+        other._loaded = OrderedDict()
+        other._in_use = Counter()
+        other.residency = None
+        return other
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether the checkpoint called ``name`` is loaded here (False for an unknown name)."""
+        try:
+            key = self.resolve(name).name
+        except Exception:
+            return False
+        with self._lock:
+            return key in self._loaded
+
     def refresh(self) -> None:
         """Rescan the models folder; pipelines already loaded stay cached."""
-        self._checks.clear()
+        self._shared.checks.clear()
         with self._lock:
-            self._infos = None
+            self._shared.infos = None
             self._catalog()
 
     def names(self) -> list[str]:
@@ -201,14 +227,14 @@ class CheckpointLibrary:
         out, with the reasons."""
         with self._lock:
             self._catalog()
-            return list(self._unreadable)
+            return list(self._shared.unreadable)
 
     def model_files(self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None) -> ModelFiles:
         """The usable VAEs, LoRAs, hypernetworks and embeddings, and every unreadable file of
         the ``kinds`` asked for (checkpoints from the last scan; the other folders checked
         now, each file once while it is unchanged). ``models_dir`` is checked instead of
         the library's own folder when the library has none."""
-        found = self._checks.model_files(self.models_dir or models_dir, kinds)
+        found = self._shared.checks.model_files(self.models_dir or models_dir, kinds)
         skipped = [entry for entry in self.unreadable() if entry.kind in kinds]
         return dataclasses.replace(found, unreadable=skipped + found.unreadable)
 
@@ -221,8 +247,9 @@ class CheckpointLibrary:
             folded = name.casefold()
             info = next((i for i in catalog.values() if i.name.casefold() == folded), None)
         if info is None:
-            refused = self._refused.get(name) or next(
-                (error for key, error in self._refused.items() if key.casefold() == name.casefold()), None
+            refused = self._shared.refused.get(name) or next(
+                (error for key, error in self._shared.refused.items() if key.casefold() == name.casefold()),
+                None,
             )
             if refused is not None:
                 raise _again(refused)
@@ -311,10 +338,10 @@ class CheckpointLibrary:
 
     def _catalog(self) -> dict[str, CheckpointInfo]:
         with self._lock:
-            if self._infos is None:
-                self._refused, self._unreadable = {}, []
-                self._infos = self._scan()
-            return self._infos
+            if self._shared.infos is None:
+                self._shared.refused, self._shared.unreadable = {}, []
+                self._shared.infos = self._scan()
+            return self._shared.infos
 
     def _update(self, info: CheckpointInfo) -> CheckpointInfo:
         with self._lock:
@@ -359,8 +386,8 @@ class CheckpointLibrary:
                 _check_folder_weights(folder, folder.name, self.models_dir)
             except _Skipped as skipped:
                 logger.warning("skipping checkpoint folder %s: %s", folder, skipped.error)
-                self._refused[folder.name] = skipped.error
-                self._unreadable.extend(skipped.files)
+                self._shared.refused[folder.name] = skipped.error
+                self._shared.unreadable.extend(skipped.files)
                 continue
             infos.append(
                 CheckpointInfo(
@@ -383,8 +410,8 @@ class CheckpointLibrary:
             except _Skipped as skipped:
                 name = path.relative_to(root).with_suffix("").as_posix()
                 logger.warning("skipping checkpoint %s: %s", path, skipped.error)
-                self._refused[name] = skipped.error
-                self._unreadable.extend(skipped.files)
+                self._shared.refused[name] = skipped.error
+                self._shared.unreadable.extend(skipped.files)
         return infos
 
     # -- loading -------------------------------------------------------------------------

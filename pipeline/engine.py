@@ -381,6 +381,11 @@ class Engine:
             )
         return results
 
+    def resident(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` is loaded on this engine's device (a queue with several
+        devices gives a job to the one that has its checkpoint, when it can)."""
+        return self.library.is_loaded(checkpoint)
+
     # -- model -------------------------------------------------------------------------
 
     def _model(self, name: str) -> _LoadedModel:

@@ -3,7 +3,9 @@
 Ordering: higher priority first; then rounds, then arrival. A job's round is how many
 jobs its owner already had waiting or running when it arrived, so a user's first job
 outranks everyone's second, and a burst from one user cannot starve a newcomer. Rounds
-are fixed at arrival, so the position a user is told stays true as others join. Each worker is
+are fixed at arrival, so the position a user is told stays true as others join. With
+several devices, a worker takes, among the jobs of the front's priority and round, one
+whose checkpoint its device has loaded (a runner's ``resident``). Each worker is
 an asyncio task that hands the engine call to its own single-thread executor, so torch
 never runs on the event loop; progress crosses back with ``call_soon_threadsafe``.
 
@@ -156,15 +158,15 @@ class LocalQueue:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _next(self, batches: bool) -> list[Job]:
-        """The next job to run and, with ``batches``, the waiting jobs that join its batch;
-        [] when the queue stops."""
+    async def _next(self, runner: Runner, batches: bool) -> list[Job]:
+        """The next job for ``runner`` and, with ``batches``, the waiting jobs that join its
+        batch; [] when the queue stops."""
         assert self._changed is not None
         async with self._changed:
             await self._changed.wait_for(lambda: self._stopping or bool(self._runnable()))
             if self._stopping:
                 return []
-            head = self._runnable()[0]
+            head = self._pick(runner)
             self._take(head)
         jobs = [head]
         key = self._key(head) if batches and self.max_batch > 1 else None
@@ -183,6 +185,22 @@ class LocalQueue:
                     await asyncio.wait_for(self._changed.wait(), left)
                 except TimeoutError:
                     pass
+
+    def _pick(self, runner: Runner) -> Job:
+        """The first runnable job, or with several devices the first one as near the front
+        (same priority and round) whose checkpoint is loaded on ``runner``'s device."""
+        runnable = self._runnable()
+        head = runnable[0]
+        resident = getattr(runner, "resident", None)
+        if len(self.runners) < 2 or resident is None or resident(head.request.checkpoint):
+            return head
+        rank = (head.priority, self._rounds.get(head.id, 0))
+        for job in runnable[1:]:
+            if (job.priority, self._rounds.get(job.id, 0)) != rank:
+                break
+            if resident(job.request.checkpoint):
+                return job
+        return head
 
     def _take(self, job: Job) -> None:
         self._waiting.remove(job)
@@ -217,7 +235,7 @@ class LocalQueue:
     async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
         batches = callable(getattr(runner, "generate_batch", None))
         while True:
-            jobs = await self._next(batches)
+            jobs = await self._next(runner, batches)
             if not jobs:
                 return
             try:

@@ -311,3 +311,47 @@ async def test_one_bad_request_fails_alone_and_a_cancelled_member_is_stopped() -
     assert ("finished", "d4") in recorder.log
     assert ("stopped:cancel", "f6") in recorder.log and ("finished", "g7") in recorder.log
     assert ("finished", "f6") not in recorder.log
+
+
+class ResidentRunner(GatedRunner):
+    """A device with some checkpoints loaded."""
+
+    def __init__(self, loaded: set[str]) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+    def resident(self, checkpoint: str) -> bool:
+        return checkpoint in self.loaded
+
+
+def _on(owner: str, seed: int, checkpoint: str) -> Job:
+    return Job(f"{owner}{seed}", owner, GenerationRequest(prompt="x", seed=seed, checkpoint=checkpoint))
+
+
+async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fair_order() -> None:
+    holds_x, holds_y = ResidentRunner({"x"}), ResidentRunner({"y"})
+    recorder = Recorder()
+    queue = LocalQueue([holds_x, holds_y], recorder)
+    await queue.start()
+    try:
+        queue.put(_on("a", 1, "z"))  # both devices busy
+        queue.put(_on("b", 2, "z"))
+        await asyncio.sleep(0.05)
+        queue.put(_on("c", 3, "y"))  # first in line, loaded on the other device
+        queue.put(_on("d", 4, "x"))
+        queue.put(_on("a", 5, "x"))  # a's second job: a later round, not taken before c's
+        holds_x.gate.release()
+        await asyncio.sleep(0.05)
+        assert holds_x.order[-1] in (1, 2) and queue.position("d4") == 0  # d4 runs on the x device
+        holds_x.gate.release()
+        await asyncio.sleep(0.05)
+        # the x device, free again, takes c3 (the front) before a's second job, loaded or not
+        assert queue.position("c3") == 0 and queue.position("a5") == 1
+        holds_y.gate.release()
+        holds_y.gate.release()
+        holds_x.gate.release()
+        await asyncio.wait_for(queue.join(), 10)
+    finally:
+        await queue.stop()
+    assert holds_x.order[1:] == [4, 3]
+    assert sorted(holds_x.order[:1] + holds_y.order) == [1, 2, 5]
