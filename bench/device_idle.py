@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as tmp:
         fractions, gaps = asyncio.run(_bench(Path(tmp), args))
-    print(f"jobs={args.jobs} busy={args.busy_ms:g} ms size={args.size}x{args.size} rounds={args.rounds} (sqlite)")
+    print(
+        f"jobs={args.jobs} busy={args.busy_ms:g} ms size={args.size}x{args.size} rounds={args.rounds} (sqlite)"
+    )
     print(f"device busy   median {100 * statistics.median(fractions):.1f} % of wall time (target >= 95 %)")
     print(f"              rounds {', '.join(f'{100 * f:.1f} %' for f in fractions)}")
     print(f"gap per job   median {1000 * statistics.median(gaps):.2f} ms")

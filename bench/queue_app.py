@@ -50,7 +50,6 @@ class StandInRunner:
             device_seconds=self.busy_seconds,
         )
 
-
     def _image(self) -> Any:
         """A gradient with some noise: PNG encoding costs about what it does for a generated
         picture (a flat one compresses unrealistically fast). Made once, off the clock."""
@@ -64,9 +63,7 @@ class StandInRunner:
 
 
 @asynccontextmanager
-async def bench_app(
-    tmp: Path, runner: StandInRunner, postgres_url: str | None = None
-) -> AsyncIterator[Any]:
+async def bench_app(tmp: Path, runner: StandInRunner, postgres_url: str | None = None) -> AsyncIterator[Any]:
     """A started App whose only device is ``runner``; quotas on, but without limits."""
     from bot.app import build_app
     from bot.settings import parse_settings
@@ -121,8 +118,8 @@ async def hold_device(app: Any, runner: StandInRunner) -> None:
     await wait_until(lambda: app.queue.position(job_id) == 0)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.perf_counter() + timeout
+async def wait_until(predicate: Callable[[], bool], seconds: float = 120) -> None:
+    deadline = time.perf_counter() + seconds
     while not predicate():
         if time.perf_counter() > deadline:
             raise TimeoutError("the jobs did not finish in time")

@@ -107,7 +107,9 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
     p50 = statistics.median(latencies)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     print(f"{backend}:")
-    print(f"  throughput            {total / elapsed:.0f} jobs/s ({total} jobs in {elapsed:.2f} s; target >= 300)")
+    print(
+        f"  throughput            {total / elapsed:.0f} jobs/s ({total} jobs in {elapsed:.2f} s; target >= 300)"
+    )
     print(f"  submit -> queued      p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms (target p99 < 50 ms)")
     print(f"  one submit            {per_submit[0]:.1f} statements, {per_submit[1]:.1f} commits")
     print(
