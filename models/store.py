@@ -13,10 +13,12 @@ too, so a process that lost a job (it stalled past its lease) can no longer end 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -86,10 +88,20 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     return engine
 
 
+@dataclass(eq=False)
+class Transaction:
+    """A unit of work opened by ``Store.transaction``; ``committed`` once it has been."""
+
+    session: AsyncSession
+    task: asyncio.Task[Any] | None
+    committed: bool = False
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
 
     @classmethod
     def from_url(cls, url: str, *, echo: bool = False) -> Store:
@@ -100,8 +112,38 @@ class Store:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work; inside ``transaction()`` (in the task that opened it) it is a
+        part of that one, committed or rolled back with it."""
+        outer = self.current_transaction()
+        if outer is not None:
+            yield outer.session
+            return
         async with self.sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Make every ``session()`` this task opens inside one transaction: all of it is
+        stored, or none. Tasks started inside get sessions of their own (one session is
+        never used by two tasks at once). Within an open one, joins it."""
+        outer = self.current_transaction()
+        if outer is not None:
+            yield outer
+            return
+        async with self.sessions() as session:
+            unit = Transaction(session, asyncio.current_task())
+            token = self._current.set(unit)
+            try:
+                async with session.begin():
+                    yield unit
+            finally:
+                self._current.reset(token)
+            unit.committed = True
+
+    def current_transaction(self) -> Transaction | None:
+        """The ``transaction()`` this task is in, if any."""
+        unit = self._current.get()
+        return unit if unit is not None and unit.task is asyncio.current_task() else None
 
     # users -------------------------------------------------------------------------------
 
