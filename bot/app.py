@@ -72,7 +72,13 @@ class App:
         self.service = Service(self)
         self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
         if self.queue is None:
-            self.queue = LocalQueue(self.engines, self.service)
+            queue = self.settings.queue
+            self.queue = LocalQueue(
+                self.engines,
+                self.service,
+                max_batch=queue.max_batch,
+                batch_window=queue.batch_window_ms / 1000,
+            )
         if self.images is None:
             self.images = LocalImageStore(self.images_dir, self.store)
 

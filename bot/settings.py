@@ -120,6 +120,10 @@ class QueueSettings(_Table):
     backend: Literal["local"] = "local"
     max_attempts: int = Field(3, ge=1)
     lease_seconds: float = Field(30, ge=1)
+    # micro-batching: compatible jobs of any users share one UNet batch of at most
+    # ``max_batch`` images; a batch that is not full waits at most ``batch_window_ms``
+    max_batch: int = Field(8, ge=1, le=64)
+    batch_window_ms: float = Field(50, ge=0, le=5000)
 
 
 class PluginsSettings(BaseModel):

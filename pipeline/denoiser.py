@@ -18,8 +18,9 @@ call gets both as diffusers' ``added_cond_kwargs``, for cond and uncond alike.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +47,23 @@ Cond = torch.Tensor | PooledCond
 # cond is ``(T, C)`` tokens, or a ``PooledCond`` for SDXL.
 Schedule = Sequence[tuple[int, Cond]]
 SigmaToTimestep = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnetCall:
+    """One UNet evaluation a denoiser asks for: latents rows, timesteps, text embeddings
+    (and SDXL's extra conditioning) for the same rows, run in ``dtype``."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    emb: torch.Tensor
+    dtype: torch.dtype
+    added: dict[str, torch.Tensor] | None = None
+
+
+# A denoiser evaluation as steps: yields the UNet calls it needs and is sent their outputs
+# (one float32 tensor per call); its return value is the evaluation's result.
+Steps = Generator[list[UnetCall], list[torch.Tensor], Any]
 
 # DDIM CFG++ guides with cfg / 12.5 (§9.1).
 CFGPP_DIVISOR = 12.5
@@ -149,10 +167,15 @@ class CFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Denoised x0 for latents ``x`` (B, C, H, W) at noise levels ``sigma`` (B,)."""
+        return _drive(self.x0_steps(x, sigma), self._run_calls, self.before_call)
+
+    def x0_steps(self, x: torch.Tensor, sigma: torch.Tensor) -> Steps:
+        """``__call__`` as steps: yields the UNet calls it needs and is sent their outputs
+        (how ``BatchedDenoiser`` runs several requests' calls as one)."""
         sigma = _per_image(sigma, x).to(device=x.device, dtype=torch.float32)
         t = self.sigma_to_timestep(sigma.detach().cpu()).to(x.device)
         c_in = _view(torch.rsqrt(sigma * sigma + 1.0), x)
-        cond_out, uncond_out = self._evaluate(x * c_in, t)
+        cond_out, uncond_out = yield from self._evaluate(x * c_in, t)
         cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
         uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
         denoised = self._combine(cond_x0, uncond_x0, self.cfg_scale)
@@ -182,21 +205,27 @@ class CFGDenoiser:
 
     def eps_at_timestep(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Guided eps for the timestep samplers: ``x`` is at ᾱ scale, ``t`` a UNet timestep."""
-        cond_eps, uncond_eps = self._eps(x, t)
+        return _drive(self.eps_steps(x, t), self._run_calls, self.before_call)
+
+    def eps_steps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
+        cond_eps, uncond_eps = yield from self._eps(x, t)
         eps = self._combine(cond_eps, uncond_eps, self.cfg_scale)
         self._latest = ("eps", eps, x, t)
         return eps
 
     def eps_cfgpp(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """DDIM CFG++'s pair: eps guided with cfg / 12.5, and the unconditional eps."""
-        cond_eps, uncond_eps = self._eps(x, t)
+        return _drive(self.eps_cfgpp_steps(x, t), self._run_calls, self.before_call)
+
+    def eps_cfgpp_steps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
+        cond_eps, uncond_eps = yield from self._eps(x, t)
         eps = self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR)
         self._latest = ("eps", eps, x, t)
         return eps, uncond_eps
 
-    def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
         t = _per_image(torch.as_tensor(t), x).to(x.device)
-        cond_out, uncond_out = self._evaluate(x, t)
+        cond_out, uncond_out = yield from self._evaluate(x, t)
         if not self.v_prediction:
             return cond_out, uncond_out
         # eps = √ᾱ·v + √(1−ᾱ)·x for a v-prediction at ᾱ scale.
@@ -219,13 +248,11 @@ class CFGDenoiser:
             result = result + (cond[:, j] - uncond) * (weight * scale)
         return result
 
-    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor) -> Steps:
         """Raw UNet outputs for call ``k``: conds (B, J, C, H, W) and uncond (B, C, H, W), float32.
 
         Cond and uncond share one UNet call when their token lengths are equal (§10).
         """
-        if self.before_call is not None:
-            self.before_call()
         k = self.calls
         self.calls += 1
         batch, parts = x_in.shape[0], len(self._weights)
@@ -238,24 +265,17 @@ class CFGDenoiser:
             x_cond, t_cond = x_in.repeat_interleave(parts, 0), t.repeat_interleave(parts)
         if prepared.joint is not None:
             x_joint, t_joint = torch.cat([x_cond, x_in]), torch.cat([t_cond, t])
-            out = self._unet(x_joint, t_joint, prepared.joint, dtype, prepared.joint_added)
+            (out,) = yield [UnetCall(x_joint, t_joint, prepared.joint, dtype, prepared.joint_added)]
             cond_out, uncond_out = out[: batch * parts], out[batch * parts :]
         else:
-            cond_out = self._unet(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added)
-            uncond_out = self._unet(x_in, t, prepared.uncond, dtype, prepared.uncond_added)
+            cond_out, uncond_out = yield [
+                UnetCall(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added),
+                UnetCall(x_in, t, prepared.uncond, dtype, prepared.uncond_added),
+            ]
         return cond_out.unflatten(0, (batch, parts)), uncond_out
 
-    def _unet(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        emb: torch.Tensor,
-        dtype: torch.dtype,
-        added: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        extra = {} if added is None else {"added_cond_kwargs": added}
-        out = self.unet(x.to(dtype), t.float(), encoder_hidden_states=emb, return_dict=False, **extra)[0]
-        return out.float()
+    def _run_calls(self, calls: list[UnetCall]) -> list[torch.Tensor]:
+        return [_run_unet(self.unet, call) for call in calls]
 
     def _prepare(self, k: int, batch: int) -> _Prepared:
         chosen = [scheduled_at(schedule, k) for schedule, _ in self.conds.parts]
@@ -265,6 +285,107 @@ class CFGDenoiser:
         if prepared is None:
             prepared = self._prepared[key] = _expand(chosen, uncond, batch, self.conds.time_ids)
         return prepared
+
+
+class BatchedDenoiser:
+    """Several requests' denoisers as one batch (micro-batching): latents rows are the
+    members' rows in order (``sizes`` each); every member keeps its own conds, CFG scale,
+    ``AND`` weights and call counter, and their UNet calls of one evaluation run together,
+    one UNet call per embedding shape. Each image is computed as in its solo run; only
+    the float rounding of a larger UNet batch can differ.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[CFGDenoiser],
+        sizes: Sequence[int],
+        *,
+        before_call: Callable[[], None] | None = None,
+    ) -> None:
+        if not members or len(members) != len(sizes):
+            raise ValueError("a batch needs one size per member denoiser")
+        self.members = list(members)
+        self.sizes = [int(size) for size in sizes]
+        self.unet = members[0].unet
+        self.before_call = before_call
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigmas = _per_image(sigma, x).split(self.sizes)
+        steps = [
+            m.x0_steps(part, s) for m, part, s in zip(self.members, x.split(self.sizes), sigmas, strict=True)
+        ]
+        return torch.cat(self._together(steps))
+
+    def eps_at_timestep(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        ts = _per_image(torch.as_tensor(t), x).split(self.sizes)
+        steps = [
+            m.eps_steps(part, s) for m, part, s in zip(self.members, x.split(self.sizes), ts, strict=True)
+        ]
+        return torch.cat(self._together(steps))
+
+    def eps_cfgpp(self, x: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        ts = _per_image(torch.as_tensor(t), x).split(self.sizes)
+        parts = zip(self.members, x.split(self.sizes), ts, strict=True)
+        pairs = self._together([m.eps_cfgpp_steps(part, s) for m, part, s in parts])
+        return torch.cat([eps for eps, _ in pairs]), torch.cat([uncond for _, uncond in pairs])
+
+    def latest_x0(self) -> torch.Tensor | None:
+        latest = [member.latest_x0() for member in self.members]
+        if any(x0 is None for x0 in latest):
+            return None
+        return torch.cat(latest)  # type: ignore[arg-type]
+
+    def _together(self, steps: list[Steps]) -> list[Any]:
+        """Drive every member's evaluation in lockstep, their UNet calls run together."""
+        results: list[Any] = [None] * len(steps)
+        pending = {index: next(step) for index, step in enumerate(steps)}
+        while pending:
+            if self.before_call is not None:
+                self.before_call()
+            outputs = self._run_calls(list(pending.values()))
+            for index, out in zip(list(pending), outputs, strict=True):
+                try:
+                    pending[index] = steps[index].send(out)
+                except StopIteration as done:
+                    results[index] = done.value
+                    del pending[index]
+        return results
+
+    def _run_calls(self, wanted: list[list[UnetCall]]) -> list[list[torch.Tensor]]:
+        """Each member's calls, grouped by what can share a UNet batch (embedding shape,
+        extra conditioning, dtype) and run one call per group; outputs split back."""
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for member, calls in enumerate(wanted):
+            for position, call in enumerate(calls):
+                groups.setdefault(_batch_key(call), []).append((member, position))
+        outputs: list[list[torch.Tensor]] = [[torch.empty(0)] * len(calls) for calls in wanted]
+        for places in groups.values():
+            calls = [wanted[m][p] for m, p in places]
+            if len(calls) == 1:
+                out = _run_unet(self.unet, calls[0])
+                pieces = [out]
+            else:
+                joined = UnetCall(
+                    torch.cat([c.x for c in calls]),
+                    torch.cat([c.t for c in calls]),
+                    torch.cat([c.emb for c in calls]),
+                    calls[0].dtype,
+                    None if calls[0].added is None else {
+                        key: torch.cat([c.added[key] for c in calls])  # type: ignore[index]
+                        for key in calls[0].added
+                    },
+                )  # fmt: skip
+                pieces = list(_run_unet(self.unet, joined).split([c.x.shape[0] for c in calls]))
+            for (member, position), piece in zip(places, pieces, strict=True):
+                outputs[member][position] = piece
+        return outputs
+
+
+def _batch_key(call: UnetCall) -> tuple:
+    added = None
+    if call.added is not None:
+        added = tuple(sorted((key, tuple(value.shape[1:])) for key, value in call.added.items()))
+    return (tuple(call.x.shape[1:]), tuple(call.emb.shape[1:]), call.emb.dtype, call.dtype, added)
 
 
 def _tokens(cond: Cond) -> torch.Tensor:
@@ -310,3 +431,27 @@ def _per_image(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _view(per_image: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, 1) for broadcasting against ``x``."""
     return per_image.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _run_unet(unet: torch.nn.Module, call: UnetCall) -> torch.Tensor:
+    extra = {} if call.added is None else {"added_cond_kwargs": call.added}
+    x = call.x.to(call.dtype)
+    out = unet(x, call.t.float(), encoder_hidden_states=call.emb, return_dict=False, **extra)[0]
+    return out.float()
+
+
+def _drive(
+    steps: Steps,
+    run: Callable[[list[UnetCall]], list[torch.Tensor]],
+    before_call: Callable[[], None] | None = None,
+) -> Any:
+    """Run an evaluation's steps to their result, each batch of UNet calls through ``run``
+    (``before_call`` first: where the engine checks for a stop)."""
+    try:
+        calls = next(steps)
+        while True:
+            if before_call is not None:
+                before_call()
+            calls = steps.send(run(calls))
+    except StopIteration as done:
+        return done.value

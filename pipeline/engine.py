@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline import (
+    batching,
     clip,
     conditioning,
     extra_networks,
@@ -50,7 +51,7 @@ from pipeline import (
     vae,
 )
 from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
-from pipeline.denoiser import CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
+from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import GenerationCancelled
 from pipeline.hashing import short_hash
@@ -78,6 +79,8 @@ LATENT_CHANNELS = 4
 
 ProgressCallback = Callable[[int, int], None]
 PreviewCallback = Callable[[int, bytes], None]  # (user step, PNG bytes of the batch's preview)
+# a micro-batch's previews: (user step, one PNG per request, in order)
+BatchPreviewCallback = Callable[[int, list[bytes]], None]
 StopCheck = Callable[[], bool]
 SamplerLoop = Callable[..., torch.Tensor]
 
@@ -107,10 +110,12 @@ class _Progress:
         total: int,
         on_progress: ProgressCallback | None,
         should_stop: StopCheck | None,
-        on_preview: PreviewCallback | None = None,
+        on_preview: BatchPreviewCallback | None = None,
         preview_every: int = 0,
+        sizes: Sequence[int] = (),
     ):
         self.total = total
+        self.sizes = list(sizes)  # images per member of a micro-batch: one preview each
         self.on_progress = on_progress
         self.should_stop = should_stop
         self.reported = 0
@@ -153,13 +158,14 @@ class _Progress:
             return
         self.previewed = step
         try:
-            png = previews.batch_preview_png(latents, sdxl=self._sdxl)
+            parts = latents.split(self.sizes) if self.sizes else [latents]
+            pngs = [previews.batch_preview_png(part, sdxl=self._sdxl) for part in parts]
         except Exception:  # a preview is a nicety: the job goes on without them
             logger.exception("live preview failed; no more previews for this job")
             self.on_preview = None
             return
         assert self.on_preview is not None
-        self.on_preview(step, png)
+        self.on_preview(step, pngs)
 
     def finish(self) -> None:
         self.report(self.total)
@@ -175,6 +181,8 @@ class _Progress:
 
 # --------------------------------------------------------------------------------------
 # A loaded checkpoint and what the engine caches for it
+
+_Member = tuple[GenerationRequest, PassPlan]  # a request of a (micro-)batch and its passes
 
 
 _CHUNK_CACHE_SIZE = 64
@@ -309,28 +317,69 @@ class Engine:
 
         ``device_seconds`` covers the whole call on this thread, a model load included.
         """
+        previews = None if on_preview is None else lambda step, pngs: on_preview(step, pngs[0])
+        (result,) = self.generate_batch(
+            [request], on_progress=on_progress, should_stop=should_stop, on_preview=previews
+        )
+        return result
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
+        on_preview: BatchPreviewCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Several requests that may share a UNet batch (equal ``batching.batch_key``, from
+        any users) run as one: each keeps its own prompt, negative prompt, CFG scale, seeds
+        and noise, so each image is its solo run's (up to the float rounding of a larger
+        UNet batch). One result per request, in order; progress and stops are the batch's,
+        previews one per request. Raises as ``generate`` does, and ``ValueError`` for
+        requests that cannot share a batch.
+
+        ``device_seconds`` is shared among the requests by their image counts.
+        """
+        if not requests:
+            return []
+        if len(requests) > 1 and len({batching.batch_key(r) for r in requests}) != 1:
+            raise ValueError("these requests cannot share a batch (see pipeline.batching.batch_key)")
+        if len(requests) > 1 and batching.batch_key(requests[0]) is None:
+            raise ValueError("this request cannot join a batch (see pipeline.batching.batch_key)")
         started = time.perf_counter()
-        job = plan_passes(request)
-        active = self.networks.for_prompt(request.prompt)
-        progress = _Progress(job.total_steps, on_progress, should_stop, on_preview, self.preview_every)
-        with self._lock, self.library.in_use(request.checkpoint):
-            model = self._model(request.checkpoint)
-            separate = self._separate_vae(model, request.vae)
+        lead = requests[0]
+        jobs = [plan_passes(request) for request in requests]
+        active = self.networks.for_prompt(lead.prompt)
+        sizes = [request.num_images_per_prompt for request in requests]
+        progress = _Progress(
+            jobs[0].total_steps, on_progress, should_stop, on_preview, self.preview_every,
+            sizes=sizes if len(requests) > 1 else (),
+        )  # fmt: skip
+        with self._lock, self.library.in_use(lead.checkpoint):
+            model = self._model(lead.checkpoint)
+            separate = self._separate_vae(model, lead.vae)
             progress.check()
             with _vae_swapped(model.pipe, separate):
-                images = self._run_guarded(model, request, job, progress, active)
+                images = self._run_guarded(model, list(zip(requests, jobs, strict=True)), progress, active)
         progress.finish()
-        texts = self._infotexts(request, model, job, active, separate)
-        seeds, subseeds = request.image_seeds(), request.image_subseeds()
-        return GenerationResult(
-            images=[
-                GeneratedImage(image=image, seed=seed, subseed=subseed, infotext=text)
-                for image, seed, subseed, text in zip(images, seeds, subseeds, texts, strict=True)
-            ],
-            model_name=model.info.name,
-            model_hash=model.info.sha256,
-            device_seconds=time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        results = []
+        for request, job, size in zip(requests, jobs, sizes, strict=True):
+            own, images = images[:size], images[size:]
+            texts = self._infotexts(request, model, job, active, separate)
+            seeds, subseeds = request.image_seeds(), request.image_subseeds()
+            results.append(
+                GenerationResult(
+                    images=[
+                        GeneratedImage(image=image, seed=seed, subseed=subseed, infotext=text)
+                        for image, seed, subseed, text in zip(own, seeds, subseeds, texts, strict=True)
+                    ],
+                    model_name=model.info.name,
+                    model_hash=model.info.sha256,
+                    device_seconds=seconds * size / sum(sizes),
+                )
+            )
+        return results
 
     # -- model -------------------------------------------------------------------------
 
@@ -381,10 +430,9 @@ class Engine:
     # -- one batch -----------------------------------------------------------------------
 
     def _run_guarded(
-        self, model: _LoadedModel, request: GenerationRequest, job: PassPlan, progress: _Progress,
-        active: ActiveNetworks,
+        self, model: _LoadedModel, members: list[_Member], progress: _Progress, active: ActiveNetworks,
     ) -> list[Any]:  # fmt: skip
-        """Run with the request's networks applied (removed again however the run ends); out
+        """Run with the requests' networks applied (removed again however the run ends); out
         of memory, run once more in the next lower memory mode with VAE tiling, if allowed."""
         oom_detail = ""
         for number, (mode, tiling) in enumerate(self.memory.attempts()):
@@ -398,35 +446,32 @@ class Engine:
                     active.applied(model.pipe, device=self.device),
                     torch.inference_mode(),
                 ):
-                    return self._run(model, request, job, progress)
+                    return self._run(model, members, progress)
             except Exception as exc:
                 if not oom.is_oom(exc):
                     raise
                 oom_detail = oom.describe(exc)
             # Outside the except block, so the traceback's frames (and their tensors) are gone.
             oom.release_memory(self.device)
+        request, job = members[0]
         target = (job.target.width, job.target.height) if job.target is not None else None
         raise oom.out_of_memory(oom_detail, request, target)
 
-    def _run(
-        self, model: _LoadedModel, request: GenerationRequest, job: PassPlan, progress: _Progress
-    ) -> list[Any]:
+    def _run(self, model: _LoadedModel, members: list[_Member], progress: _Progress) -> list[Any]:
+        request, job = members[0]
         shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
         init = None if request.init_image is None else self._init_latents(model, request)
-        x = self._sample(model, request, job.first, shape, init, progress, 0)
+        first = [(request, job.first) for request, job in members]
+        x = self._sample(model, first, shape, init, progress, 0)
         if job.second is not None and job.target is not None:
-            x = self._hires_pass(model, request, job, x, progress)
+            x = self._hires_pass(model, members, x, progress)
         return self._decode(model, x)
 
     def _hires_pass(
-        self,
-        model: _LoadedModel,
-        request: GenerationRequest,
-        job: PassPlan,
-        x: torch.Tensor,
-        progress: _Progress,
+        self, model: _LoadedModel, members: list[_Member], x: torch.Tensor, progress: _Progress
     ) -> torch.Tensor:
         """Upscale the first pass, crop it to the target and denoise it again (§9.6)."""
+        request, job = members[0]
         assert job.second is not None and job.target is not None
         progress.check()
         if request.hr_upscaler in hires.LATENT_UPSCALERS:
@@ -435,9 +480,8 @@ class Engine:
             images = hires.upscale_images(self._decode(model, x), request.hr_upscaler, job.target)
             upscaled = self.memory.encode(model.pipe.vae, latents.images_to_tensor(images))
         start = hires.crop_latents(upscaled, job.target).to(self.device, torch.float32)
-        return self._sample(
-            model, request, job.second, tuple(start.shape[1:]), start, progress, job.first.steps
-        )
+        second = [(request, job.second) for request, job in members]
+        return self._sample(model, second, tuple(start.shape[1:]), start, progress, job.first.steps)
 
     def _init_latents(self, model: _LoadedModel, request: GenerationRequest) -> torch.Tensor:
         """The init image's latents, one copy per image of the batch."""
@@ -465,8 +509,7 @@ class Engine:
     def _sample(
         self,
         model: _LoadedModel,
-        request: GenerationRequest,
-        step_pass: SamplingPass,
+        passes: list[tuple[GenerationRequest, SamplingPass]],
         shape: tuple[int, ...],
         start: torch.Tensor | None,
         progress: _Progress,
@@ -474,34 +517,50 @@ class Engine:
     ) -> torch.Tensor:
         """One pass: noise, conds, denoiser and the sampler's loop; returns the latents.
 
+        ``passes`` holds one (request, pass) per member of a micro-batch (one for a lone
+        request): each brings its own noise, conds and CFG scale, its rows in order; the
+        rest (sampler, schedule, steps, settings) is equal among them and read from the first.
         ``start`` is the clean latent img2img and hires continue from (None for txt2img);
         the pass reports user steps ``offset+1 …`` and the denoiser checks for a stop
         before every UNet call (DPM adaptive makes many between its step callbacks).
         """
+        request, step_pass = passes[0]
         name = step_pass.selection.name
         loop = sampler_loop(name)
-        image_rng = self._image_rng(request, shape)
-        noise = image_rng.next().to(self.device)
+        image_rngs = [self._image_rng(member, shape) for member, _ in passes]
+
+        def next_noise() -> torch.Tensor:
+            return torch.cat([image_rng.next() for image_rng in image_rngs]).to(self.device)
+
+        noise = next_noise()
         if start is not None and step_pass.base_steps is None and request.noise_multiplier != 1.0:
             noise = noise * request.noise_multiplier  # img2img only, not the hires pass
         with self.memory.using(*memory.text_encoders(model.pipe)):
-            conds = self._conds(model, request, step_pass)
-        denoiser = CFGDenoiser(
-            model.pipe.unet,
-            conds,
-            request.guidance_scale,
-            prediction_type=model.prediction_type,
-            sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
-            before_call=progress.check,
-            image_cond=self._inpainting_cond(model, noise),
-        )
+            conds = [self._conds(model, member, member_pass) for member, member_pass in passes]
+        sizes = [member.num_images_per_prompt for member, _ in passes]
+        members = [
+            CFGDenoiser(
+                model.pipe.unet,
+                member_conds,
+                member.guidance_scale,
+                prediction_type=model.prediction_type,
+                sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
+                before_call=progress.check,
+                image_cond=self._inpainting_cond(model, member_noise),
+            )
+            for (member, _), member_conds, member_noise in zip(passes, conds, noise.split(sizes), strict=True)
+        ]
+        denoiser: CFGDenoiser | BatchedDenoiser = members[0]
+        if len(members) > 1:
+            denoiser = BatchedDenoiser(members, sizes, before_call=progress.check)
         progress.previews_from(denoiser.latest_x0, sdxl=model.is_sdxl)
+        seeds = [seed for member, _ in passes for seed in member.image_seeds()]
         ctx = SamplingContext(
             model=denoiser,
             eps_model=denoiser.eps_at_timestep,
             alphas_cumprod=sd_alphas_cumprod(),
-            noise=lambda: image_rng.next().to(self.device),
-            seeds=request.image_seeds(),
+            noise=next_noise,
+            seeds=seeds,
             rng_source=rng.effective_source(request.rng, self.device),
             eta=request.eta,
             solver_type=step_pass.info.solver_type,

@@ -7,9 +7,17 @@ are fixed at arrival, so the position a user is told stays true as others join. 
 an asyncio task that hands the engine call to its own single-thread executor, so torch
 never runs on the event loop; progress crosses back with ``call_soon_threadsafe``.
 
-The device never waits on bookkeeping: once the engine call returns, the job's end
+Micro-batching: with ``max_batch`` above 1, a worker that takes a job also takes the
+waiting jobs that can share its UNet batch (equal ``batch_key``; from any user), in queue
+order, while their images fit in ``max_batch``; when the batch is not full and nothing
+else waits, it waits up to ``batch_window`` seconds for more to arrive, never longer. The
+batch runs as one ``Runner.generate_batch`` call and each job gets its own result; if the
+batch fails as a whole, each job runs again alone, so one job's error never fails its
+neighbours.
+
+The device never waits on bookkeeping: once the engine call returns, the jobs' ends
 (``job_finished``, ``job_failed`` or ``job_stopped``: saving images, storing, settling)
-runs as a task of its own and the worker takes its next job at once. A worker's ends run
+run as tasks of their own and the worker takes its next job at once. A worker's ends run
 one after another in the order its jobs ran, as they did on the device's path, so hooks
 that look at a group of jobs see them end one at a time. A finishing job no longer
 counts against its owner's ``max_running`` (it holds no device); ``join`` and ``stop``
@@ -23,23 +31,45 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
+from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+End = tuple[Job, Callable[[], Awaitable[None]]]  # a job that left the device, and how it ends
+
 
 class LocalQueue:
-    def __init__(self, runners: Sequence[Runner], listener: JobListener, *, max_finishing: int = 8) -> None:
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        listener: JobListener,
+        *,
+        max_batch: int = 1,
+        batch_window: float = 0.0,
+        batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
+        max_finishing: int = 16,
+    ) -> None:
+        """``max_batch``: most images in one micro-batch (1: no batching); ``batch_window``:
+        seconds a batch that is not full waits for compatible jobs; ``batch_key``: which
+        requests may share a batch (default ``pipeline.batching.batch_key``);
+        ``max_finishing``: most jobs of one worker ending at once, off the device."""
         if not runners:
             raise ValueError("LocalQueue needs at least one runner (device)")
         self.runners = list(runners)
         self.listener = listener
+        self.max_batch = max_batch
+        self.batch_window = batch_window
+        if batch_key is None:
+            from pipeline.batching import batch_key
+        self.batch_key = batch_key
         self._waiting: list[Job] = []
         self._rounds: dict[str, int] = {}
+        self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
         self._running: dict[str, Job] = {}
         self._finishing: dict[str, asyncio.Task[None]] = {}  # jobs off the device, still ending
         self.max_finishing = max_finishing
@@ -72,6 +102,7 @@ class LocalQueue:
             if job.id == job_id:
                 self._waiting.remove(job)
                 self._rounds.pop(job_id, None)
+                self._keys.pop(job_id, None)
                 self._notify()
                 return "queued"
         job = self._running.get(job_id)
@@ -151,48 +182,154 @@ class LocalQueue:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _next(self) -> Job | None:
+    async def _next(self, batches: bool) -> list[Job]:
+        """The next job to run and, with ``batches``, the waiting jobs that join its batch;
+        [] when the queue stops."""
         assert self._changed is not None
         async with self._changed:
             await self._changed.wait_for(lambda: self._stopping or bool(self._runnable()))
             if self._stopping:
-                return None
-            job = self._runnable()[0]
-            self._waiting.remove(job)
-            self._running[job.id] = job
-            return job
+                return []
+            head = self._runnable()[0]
+            self._take(head)
+        jobs = [head]
+        key = self._key(head) if batches and self.max_batch > 1 else None
+        if key is None:
+            return jobs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_window
+        while True:
+            async with self._changed:
+                self._join_batch(jobs, key)
+                left = deadline - loop.time()
+                # other work waiting (it could not join) runs next: the device never idles for it
+                if self._images(jobs) >= self.max_batch or left <= 0 or self._stopping or self._runnable():
+                    return jobs
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                except TimeoutError:
+                    pass
+
+    def _take(self, job: Job) -> None:
+        self._waiting.remove(job)
+        self._running[job.id] = job
+
+    @staticmethod
+    def _images(jobs: list[Job]) -> int:
+        return sum(job.request.num_images_per_prompt for job in jobs)
+
+    def _join_batch(self, jobs: list[Job], key: Hashable) -> None:
+        """Waiting jobs with ``key``, in queue order, while their images fit and their
+        owner stays within ``max_running``."""
+        running: dict[str, int] = {}
+        for job in self._running.values():
+            running[job.owner] = running.get(job.owner, 0) + 1
+        for job in self._ordered():
+            if self._images(jobs) + job.request.num_images_per_prompt > self.max_batch:
+                continue
+            if job.max_running is not None and running.get(job.owner, 0) >= job.max_running:
+                continue
+            if self._key(job) != key:
+                continue
+            self._take(job)
+            running[job.owner] = running.get(job.owner, 0) + 1
+            jobs.append(job)
+
+    def _key(self, job: Job) -> Hashable | None:
+        if job.id not in self._keys:
+            self._keys[job.id] = self.batch_key(job.request)
+        return self._keys[job.id]
 
     async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
-        ends: list[asyncio.Task[None]] = []  # this worker's pending ends, oldest first
+        batches = callable(getattr(runner, "generate_batch", None))
+        pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
         while True:
-            ends = [end for end in ends if not end.done()]
-            if len(ends) >= self.max_finishing:
-                await asyncio.wait({ends[0]})
+            pending = [task for task in pending if not task.done()]
+            if len(pending) >= self.max_finishing:
+                await asyncio.wait({pending[0]})
                 continue
-            job = await self._next()
-            if job is None:
+            jobs = await self._next(batches)
+            if not jobs:
                 return
+            ends: list[End] = []
             try:
-                end = await self._run(job, runner, executor)
+                if len(jobs) == 1:
+                    await self._run(jobs[0], runner, executor, ends)
+                else:
+                    await self._run_batch(jobs, runner, executor, ends)
             except Exception:  # a listener bug must not kill the worker
-                log.exception("job %s: unexpected error in the queue", job.id)
-                end = None
-            if end is not None:
-                after = ends[-1] if ends else None
-                task = asyncio.create_task(self._finish(job, end, after), name=f"finish-{job.id}")
-                self._finishing[job.id] = task
-                ends.append(task)
-            self._running.pop(job.id, None)
-            self._rounds.pop(job.id, None)
-            await self._notify_async()
+                log.exception("jobs %s: unexpected error in the queue", ", ".join(job.id for job in jobs))
+            finally:
+                for job, end in ends:
+                    after = pending[-1] if pending else None
+                    task = asyncio.create_task(self._finish(job, end, after), name=f"finish-{job.id}")
+                    self._finishing[job.id] = task
+                    pending.append(task)
+                for job in jobs:
+                    self._running.pop(job.id, None)
+                    self._rounds.pop(job.id, None)
+                    self._keys.pop(job.id, None)
+                await self._notify_async()
+
+    async def _run_batch(
+        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, ends: list[End]
+    ) -> None:
+        """Run ``jobs`` as one micro-batch: progress and previews go to each job; a job
+        cancelled meanwhile is reported stopped (the batch stops only when all are). How
+        each job ends is added to ``ends``."""
+        started = [job for job in jobs if await self.listener.job_started(job)]
+        if len(started) < 2:
+            for job in started:
+                await self._run(job, runner, executor, ends, claimed=True)
+            return
+        loop = asyncio.get_running_loop()
+        previews: list[list[bytes] | None] = [None]
+
+        def on_preview(_step: int, pngs: list[bytes]) -> None:
+            previews[0] = pngs
+
+        def on_progress(step: int, total: int) -> None:
+            pngs, previews[0] = previews[0], None
+            for index, job in enumerate(started):
+                png = pngs[index] if pngs is not None else None
+                loop.call_soon_threadsafe(self.listener.job_progress, job, step, total, png)
+
+        def call() -> object:
+            return runner.generate_batch(  # type: ignore[attr-defined]
+                [job.request for job in started],
+                on_progress=on_progress,
+                should_stop=lambda: all(job.stop.is_set() for job in started),
+                on_preview=on_preview,
+            )
+
+        try:
+            results = await loop.run_in_executor(executor, call)
+        except GenerationCancelled:
+            ends.extend((job, functools.partial(self.listener.job_stopped, job)) for job in started)
+        except Exception:
+            log.warning("a batch of %d jobs failed; running each alone", len(started), exc_info=True)
+            for job in started:
+                await self._run(job, runner, executor, ends, claimed=True)
+        else:
+            for job, result in zip(started, results, strict=True):  # type: ignore[call-overload]
+                if job.stop.is_set():
+                    ends.append((job, functools.partial(self.listener.job_stopped, job)))
+                else:
+                    ends.append((job, functools.partial(self.listener.job_finished, job, result)))
 
     async def _run(
-        self, job: Job, runner: Runner, executor: ThreadPoolExecutor
-    ) -> Callable[[], Awaitable[None]] | None:
-        """Claim and run the job on the device; returns how it ends, for ``_finish``
-        (None when the listener refused it)."""
-        if not await self.listener.job_started(job):
-            return None
+        self,
+        job: Job,
+        runner: Runner,
+        executor: ThreadPoolExecutor,
+        ends: list[End],
+        *,
+        claimed: bool = False,
+    ) -> None:
+        """Run one job on the device and add how it ends to ``ends``; ``claimed``:
+        ``job_started`` already said yes (a batch run alone)."""
+        if not claimed and not await self.listener.job_started(job):
+            return
         loop = asyncio.get_running_loop()
 
         preview: list[bytes | None] = [None]  # the engine hands a step's preview just before its progress
@@ -212,10 +349,11 @@ class LocalQueue:
         try:
             result = await loop.run_in_executor(executor, call)
         except GenerationCancelled:
-            return functools.partial(self.listener.job_stopped, job)
+            ends.append((job, functools.partial(self.listener.job_stopped, job)))
         except Exception as exc:
-            return functools.partial(self.listener.job_failed, job, exc)
-        return functools.partial(self.listener.job_finished, job, result)  # type: ignore[arg-type]
+            ends.append((job, functools.partial(self.listener.job_failed, job, exc)))
+        else:
+            ends.append((job, functools.partial(self.listener.job_finished, job, result)))  # type: ignore[arg-type]
 
     async def _finish(
         self, job: Job, end: Callable[[], Awaitable[None]], after: asyncio.Task[None] | None

@@ -9,6 +9,7 @@ import io
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -62,7 +63,11 @@ def has_ink(region: Image.Image) -> bool:
 
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    return a.size == b.size and a.tobytes() == b.tobytes()
+    """Equal up to the float rounding of a larger UNet batch (cells and reruns may run in
+    different micro-batches): no channel differs by more than one level."""
+    if a.size != b.size:
+        return False
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()) <= 1
 
 
 async def test_a_3x3_grid_is_labelled_in_a1111_order_and_every_cell_reproduces_from_its_infotext(

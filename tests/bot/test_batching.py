@@ -1,0 +1,68 @@
+"""Micro-batching through the bot: two users' compatible /draws run as one UNet batch and
+each user gets their own result, progress and preview; an incompatible one runs apart."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bot.types import Actor
+from pipeline.images import read_infotext
+from pipeline.infotext import parse
+from tests.conftest import EventLog, opened, png
+
+ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
+BOB = Actor(platform="telegram", user_id="42", name="Bob", locale="zh-CN", chat_id="7")
+
+
+async def test_two_users_draws_share_a_batch_and_each_gets_their_own_image(make_app, monkeypatch) -> None:
+    app = await make_app()
+    engine = app.engines[0]
+    batches: list[list[str]] = []
+    generate_batch = engine.generate_batch
+
+    def recording(requests, **kwargs):
+        batches.append([request.prompt for request in requests])
+        return generate_batch(requests, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_batch", recording)
+    await app.queue.stop()  # the device is busy: the jobs wait together
+    log = EventLog(app)
+    common = "--steps 3 --size 64x64 --sampler Euler"
+    lines = [
+        (ALICE, f"/draw a red fox {common} --seed 5 --cfg 6"),
+        (BOB, f"/draw a blue owl {common} --negative blurry --seed 9 --cfg 8.5 --batch 2"),
+        (ALICE, "/draw a green frog --steps 4 --size 64x64 --sampler Euler --seed 3"),  # 4 steps: apart
+    ]
+    jobs = []
+    for actor, line in lines:
+        (accepted,) = await app.service.handle_line(line, actor)
+        assert not accepted.error, accepted
+        jobs.extend(accepted.data["jobs"])
+    await app.queue.start()
+    await log.wait_for(lambda: all(log.of("finished", job) for job in jobs))
+    # the fox and the owl as one batch (in queue order); the frog alone (generate runs a batch of one)
+    assert batches == [["a red fox", "a blue owl"], ["a green frog"]]
+
+    for job, prompt, negative, seeds, cfg in (
+        (jobs[0], "a red fox", "", [5], "6"),
+        (jobs[1], "a blue owl", "blurry", [9, 10], "8.5"),
+        (jobs[2], "a green frog", "", [3], "7"),
+    ):
+        (finished,) = log.of("finished", job)
+        assert [image.seed for image in finished.images] == seeds
+        assert log.of("progress", job)[-1].step == log.of("progress", job)[-1].total
+        record = await app.store.get(job)
+        solo = engine.generate(record.request)
+        for image, alone in zip(finished.images, solo.images, strict=True):
+            fields = parse(read_infotext(await png(app, image)))
+            assert (fields["Prompt"], fields.get("Negative prompt"), fields["CFG scale"]) == (
+                prompt,
+                negative,
+                cfg,
+            )
+            assert fields["Seed"] == str(image.seed)
+            pixels = np.asarray(await opened(app, image), dtype=np.int16)
+            assert np.abs(pixels - np.asarray(alone.image, dtype=np.int16)).max() <= 1
+    # billing: a batch's device time is shared by its jobs' images (1 and 2 of 3)
+    fox, owl = await app.store.get(jobs[0]), await app.store.get(jobs[1])
+    assert abs(owl.device_seconds - 2 * fox.device_seconds) < 1e-6
