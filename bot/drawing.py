@@ -155,35 +155,43 @@ class Drawing:
     async def _queue_request(
         self, request: DrawRequest, route: Route, *, thread_key: str | None, forever_run: str | None
     ) -> list[Reply]:
-        """check_request, plan_generation, store and queue a frozen request."""
+        """check_request, plan_generation, store and queue a frozen request. The checks
+        (and what they reserve) and the stored jobs are one transaction; the jobs are
+        queued once it is committed."""
         app = self.app
-        checked = await self._check(request)
-        if isinstance(checked, Denial):
-            return [Reply(checked.key, checked.params, error=True)]
-        plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
-        priority = min((a.priority for a in checked), default=0)
-        max_running = min((a.max_running for a in checked if a.max_running), default=None)
-        spoiler = any(a.spoiler for a in checked)
+        admitted = False
         try:
-            ids = await self.submit(
-                plan,
-                request,
-                route,
-                priority=priority,
-                max_running=max_running,
-                spoiler=spoiler,
-                thread_key=thread_key,
-                forever_run=forever_run,
-            )
+            async with app.store.transaction():
+                checked = await self._check(request)
+                if isinstance(checked, Denial):
+                    return [Reply(checked.key, checked.params, error=True)]
+                admitted = True
+                plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
+                max_running = min((a.max_running for a in checked if a.max_running), default=None)
+                jobs = await self._store(
+                    plan,
+                    request,
+                    route,
+                    priority=min((a.priority for a in checked), default=0),
+                    spoiler=any(a.spoiler for a in checked),
+                    thread_key=thread_key,
+                    forever_run=forever_run,
+                )
         except Exception:
-            for impl in app.pm.hook.request_dropped.get_hookimpls():
-                try:
-                    await maybe_await(impl.function(request=request, app=app))
-                except Exception:
-                    log.exception("request_dropped of plugin %s failed", impl.plugin_name)
+            if admitted:
+                await self._drop(request)
             raise
+        ids = self._enqueue_all(jobs, request, route, thread_key, max_running)
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
+
+    async def _drop(self, request: DrawRequest) -> None:
+        """``request_dropped``, plugin by plugin: one plugin's error never stops the others."""
+        for impl in self.app.pm.hook.request_dropped.get_hookimpls():
+            try:
+                await maybe_await(impl.function(request=request, app=self.app))
+            except Exception:
+                log.exception("request_dropped of plugin %s failed", impl.plugin_name)
 
     async def _check(self, request: DrawRequest) -> Denial | list[Admission]:
         """``check_request`` in call order; after the first Denial nothing more is awaited,
@@ -217,6 +225,30 @@ class Drawing:
         forever_run: str | None = None,
     ) -> list[str]:
         """Store every job (one transaction), then queue them; a job is a row before it runs."""
+        async with self.app.store.transaction():
+            jobs = await self._store(
+                plan,
+                request,
+                route,
+                priority=priority,
+                spoiler=spoiler,
+                thread_key=thread_key,
+                forever_run=forever_run,
+            )
+        return self._enqueue_all(jobs, request, route, thread_key, max_running)
+
+    async def _store(
+        self,
+        plan: Plan,
+        request: DrawRequest,
+        route: Route,
+        *,
+        priority: int,
+        spoiler: bool,
+        thread_key: str | None,
+        forever_run: str | None,
+    ) -> list[NewJob]:
+        """The plan's jobs as rows of the actor's user, held by this App."""
         actor = request.actor
         platform, _, user_id = actor.key.partition(":")  # a linked identity's jobs are its person's
         name = actor.name if actor.person is None else ""  # the person keeps their own name
@@ -249,6 +281,17 @@ class Drawing:
             roles=sorted(actor.roles),
             lease=self.lease(),
         )
+        return jobs
+
+    def _enqueue_all(
+        self,
+        jobs: list[NewJob],
+        request: DrawRequest,
+        route: Route,
+        thread_key: str | None,
+        max_running: int | None,
+    ) -> list[str]:
+        actor = request.actor
         audience = Audience(actor, route, thread_key)
         for job in jobs:
             self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)

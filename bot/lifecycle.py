@@ -171,7 +171,7 @@ class JobLifecycle:
             await asyncio.to_thread(put_in_place, images)
 
         try:
-            stored = await self.app.store.finish(
+            record = await self.app.store.finish(
                 job.id,
                 [image.record for image in images],
                 owner=self.app.owner,
@@ -182,10 +182,8 @@ class JobLifecycle:
         finally:
             await asyncio.to_thread(discard_staged, images)
         self._routes.pop(job.id, None)
-        if not stored:  # cancelled, failed or taken over meanwhile: the row says how it ended
+        if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return
-        record = await self.app.store.get(job.id)
-        assert record is not None
         actions = self.result_actions(record, audience.actor)
         out = tuple(
             ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)

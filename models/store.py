@@ -13,10 +13,12 @@ too, so a process that lost a job (it stalled past its lease) can no longer end 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,13 +63,17 @@ class Lease:
 
 
 def sqlite_pragmas(dbapi_connection: Any, *, foreign_keys: bool = True, busy_timeout_ms: int = 30000) -> None:
-    """Per-connection SQLite settings: WAL (readers never block the writer), a busy timeout
-    (a writer waits for another process's write instead of failing), foreign keys."""
+    """Per-connection SQLite settings: WAL (readers never block the writer) with
+    ``synchronous=NORMAL`` (a commit appends to the log without waiting for the disk; a
+    power cut may lose the last commits but never corrupts the database), a busy timeout
+    (a writer waits for another process's write instead of failing), foreign keys. An
+    in-memory database keeps its own journal, and its durability setting means nothing."""
     cursor = dbapi_connection.cursor()
     # first: switching a fresh database to WAL needs the lock another process may hold
     cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
@@ -82,10 +88,20 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     return engine
 
 
+@dataclass(eq=False)
+class Transaction:
+    """A unit of work opened by ``Store.transaction``; ``committed`` once it has been."""
+
+    session: AsyncSession
+    task: asyncio.Task[Any] | None
+    committed: bool = False
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
 
     @classmethod
     def from_url(cls, url: str, *, echo: bool = False) -> Store:
@@ -96,8 +112,38 @@ class Store:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work; inside ``transaction()`` (in the task that opened it) it is a
+        part of that one, committed or rolled back with it."""
+        outer = self.current_transaction()
+        if outer is not None:
+            yield outer.session
+            return
         async with self.sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Make every ``session()`` this task opens inside one transaction: all of it is
+        stored, or none. Tasks started inside get sessions of their own (one session is
+        never used by two tasks at once). Within an open one, joins it."""
+        outer = self.current_transaction()
+        if outer is not None:
+            yield outer
+            return
+        async with self.sessions() as session:
+            unit = Transaction(session, asyncio.current_task())
+            token = self._current.set(unit)
+            try:
+                async with session.begin():
+                    yield unit
+            finally:
+                self._current.reset(token)
+            unit.committed = True
+
+    def current_transaction(self) -> Transaction | None:
+        """The ``transaction()`` this task is in, if any."""
+        unit = self._current.get()
+        return unit if unit is not None and unit.task is asyncio.current_task() else None
 
     # users -------------------------------------------------------------------------------
 
@@ -280,15 +326,20 @@ class Store:
         model_hash: str | None,
         device_seconds: float,
         keep: Callable[[], Awaitable[None]] | None = None,
-    ) -> bool:
+    ) -> GenerationRecord | None:
         """Images and the finished status in one transaction: a job finishes exactly once,
-        and only in the process that holds it.
+        and only in the process that holds it. Returns the finished job (read in the same
+        transaction, so its end needs no second look), or None when this process did not
+        win it.
 
         ``keep`` runs once the job is won, before the commit: it puts the image files in
         place, so a process that lost the job writes none and no image row is ever stored
         without its file (if ``keep`` fails, nothing is stored)."""
+        for image in images:
+            if image.generation_id != generation_id:
+                raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
         async with self.session() as session:
-            result = await session.execute(
+            row = await session.scalar(
                 update(Generation)
                 .where(
                     Generation.id == generation_id,
@@ -301,18 +352,16 @@ class Store:
                     model_hash=model_hash,
                     device_seconds=device_seconds,
                 )
+                .returning(Generation),
+                execution_options={"synchronize_session": False},
             )
-            if result.rowcount != 1:
-                return False
+            if row is None:
+                return None
             if keep is not None:
                 await keep()
-            for image in images:
-                if image.generation_id != generation_id:
-                    raise ValueError(
-                        f"image {image.id} belongs to {image.generation_id}, not {generation_id}"
-                    )
-                session.add(Image(**dataclasses.asdict(image)))
-            return True
+            session.add_all(Image(**dataclasses.asdict(image)) for image in images)
+            user = await session.get_one(User, row.user_id)
+            return _record(row, user=user, images=images)
 
     # leases ---------------------------------------------------------------------------------
 
@@ -488,10 +537,14 @@ def _user_record(user: User) -> UserRecord:
     return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
 
 
-def _record(row: Generation) -> GenerationRecord:
+def _record(
+    row: Generation, *, user: User | None = None, images: Sequence[ImageRecord] | None = None
+) -> GenerationRecord:
+    """The record of a row loaded with ``_LOAD``, or of one whose ``user`` and ``images``
+    the caller has at hand."""
     return GenerationRecord(
         id=row.id,
-        user=_user_record(row.user),
+        user=_user_record(user or row.user),
         request=GenerationRequest.from_dict(row.params),
         status=row.status,
         group_id=row.group_id,
@@ -519,7 +572,7 @@ def _record(row: Generation) -> GenerationRecord:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        images=tuple(_image_record(i) for i in row.images),
+        images=tuple(images) if images is not None else tuple(_image_record(i) for i in row.images),
     )
 
 

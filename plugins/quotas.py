@@ -2,7 +2,8 @@
 
 Admission reserves the request's images in the current period with one conditional
 UPDATE (``models.quota_store``), so concurrent requests never admit more than the budget
-on SQLite or PostgreSQL. A job that finishes moves its reservation to "used" (images and
+on SQLite or PostgreSQL. The core runs the checks and stores the jobs in one transaction:
+a request that is not stored leaves no reservation behind. A job that finishes moves its reservation to "used" (images and
 its GPU-seconds); one that fails or is cancelled releases it. Both go through a ledger
 keyed by generation id, so a job that is retried or reported twice is billed once.
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Period = Literal["hourly", "daily", "weekly", "monthly"]
 RESERVED = "quotas.reserved"  # on DrawRequest.options: what check_request reserved, for request_dropped
+RESERVED_IN = "quotas.reserved_in"  # the store transaction the reservation was made in, if any
 
 
 class BudgetOverride(BaseModel):
@@ -201,6 +203,7 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
     )
     if await quotas.reserve(actor.key, where, period, images=images, jobs=jobs, limits=limits):
         request.options[RESERVED] = (actor.key, where, period, images, jobs)
+        request.options[RESERVED_IN] = app.store.current_transaction()
         return Admission(0, max_running=budget.max_running) if budget.max_running else None
     usage = await quotas.usage(actor.key, where, period)
     if budget.max_queued and usage.jobs_open + jobs > budget.max_queued:
@@ -212,6 +215,7 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
         relaxed = Limits(open_jobs=limits.open_jobs)
         if await quotas.reserve(actor.key, where, period, images=0, jobs=jobs, limits=relaxed):
             request.options[RESERVED] = (actor.key, where, period, 0, jobs)
+            request.options[RESERVED_IN] = app.store.current_transaction()
             return Admission(
                 cfg.relaxed_priority, "quota.relaxed", {"refill": format_time(refill)},
                 max_running=budget.max_running or None,
@@ -243,9 +247,11 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
 
 @hookimpl
 async def request_dropped(request: Any, app: Any) -> None:
-    """The admitted request was never stored: give its reservation back."""
+    """The admitted request was never stored: give its reservation back, unless it was made
+    in the request's own transaction (the core submits in one), which took it back already."""
     reserved = request.options.pop(RESERVED, None)
-    if reserved is not None:
+    within = request.options.pop(RESERVED_IN, None)
+    if reserved is not None and (within is None or within.committed):
         who, where, period, images, jobs = reserved
         await QuotaStore(app.store).release(who, where, period, images=images, jobs=jobs)
 

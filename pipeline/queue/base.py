@@ -25,7 +25,11 @@ class Job:
 
 
 class JobListener(Protocol):
-    """What the queue reports; implemented by the bot's service. Called on the event loop."""
+    """What the queue reports; implemented by the bot's service. Called on the event loop.
+
+    ``job_finished``, ``job_failed`` and ``job_stopped`` run off the device's path: the
+    device may already run the next job (and ``job_started`` be called for it) while one
+    of them saves and stores the last. A device's jobs end one at a time, in order."""
 
     async def job_started(self, job: Job) -> bool:
         """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is skipped."""
@@ -68,8 +72,11 @@ class JobQueue(Protocol):
 
     async def start(self) -> None: ...
 
-    async def stop(self, *, wait: bool = True) -> None: ...
+    async def stop(self, *, wait: bool = True) -> None:
+        """Stop taking jobs; returns once the jobs that ran have ended (finished, failed or
+        stopped, stored). Without ``wait`` running jobs stop at their next step."""
+        ...
 
     async def join(self) -> None:
-        """Wait until nothing is queued or running."""
+        """Wait until nothing is queued, running, or ending after its run."""
         ...

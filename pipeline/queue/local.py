@@ -16,14 +16,24 @@ else waits, it waits up to ``batch_window`` seconds for more to arrive, never lo
 batch runs as one ``Runner.generate_batch`` call and each job gets its own result; if the
 batch fails as a whole, each job runs again alone, so one job's error never fails its
 neighbours.
+
+The device never waits on bookkeeping: once the engine call returns, the jobs' ends
+(``job_finished``, ``job_failed`` or ``job_stopped``: saving images, storing, settling)
+run as tasks of their own and the worker takes its next job at once. A worker's ends run
+one after another in the order its jobs ran, as they did on the device's path, so hooks
+that look at a group of jobs see them end one at a time. A finishing job no longer
+counts against its owner's ``max_running`` (it holds no device); ``join`` and ``stop``
+wait for the ends too. At most ``max_finishing`` ends per worker are pending: beyond
+that the worker waits, so images that are slow to save cannot pile up without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.errors import GenerationCancelled
@@ -31,6 +41,8 @@ from pipeline.queue.base import Job, JobListener, Runner
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+End = tuple[Job, Callable[[], Awaitable[None]]]  # a job that left the device, and how it ends
 
 
 class LocalQueue:
@@ -42,10 +54,12 @@ class LocalQueue:
         max_batch: int = 1,
         batch_window: float = 0.0,
         batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
+        max_finishing: int = 16,
     ) -> None:
         """``max_batch``: most images in one micro-batch (1: no batching); ``batch_window``:
         seconds a batch that is not full waits for compatible jobs; ``batch_key``: which
-        requests may share a batch (default ``pipeline.batching.batch_key``)."""
+        requests may share a batch (default ``pipeline.batching.batch_key``);
+        ``max_finishing``: most jobs of one worker ending at once, off the device."""
         if not runners:
             raise ValueError("LocalQueue needs at least one runner (device)")
         self.runners = list(runners)
@@ -59,6 +73,8 @@ class LocalQueue:
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
         self._running: dict[str, Job] = {}
+        self._finishing: dict[str, asyncio.Task[None]] = {}  # jobs off the device, still ending
+        self.max_finishing = max_finishing
         self._seq = itertools.count()
         self._changed: asyncio.Condition | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -76,7 +92,7 @@ class LocalQueue:
         return self.position(job.id) or 1
 
     def position(self, job_id: str) -> int | None:
-        if job_id in self._running:
+        if job_id in self._running or job_id in self._finishing:
             return 0
         for index, job in enumerate(self._ordered()):
             if job.id == job_id:
@@ -106,7 +122,8 @@ class LocalQueue:
             self._workers.append(asyncio.create_task(self._work(runner, executor), name=f"worker-{index}"))
 
     async def stop(self, *, wait: bool = True) -> None:
-        """Stop taking jobs. Without ``wait``, running jobs stop at their next step as interrupted."""
+        """Stop taking jobs and wait for the ends of those that ran. Without ``wait``, running
+        jobs stop at their next step as interrupted."""
         self._stopping = True
         if not wait:
             for job in self._running.values():
@@ -115,6 +132,8 @@ class LocalQueue:
         if self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        while self._finishing:  # what ran is stored before the queue stops
+            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
         self._executors.clear()
@@ -122,7 +141,9 @@ class LocalQueue:
     async def join(self) -> None:
         assert self._changed is not None, "start() the queue first"
         async with self._changed:
-            await self._changed.wait_for(lambda: not self._waiting and not self._running)
+            await self._changed.wait_for(
+                lambda: not self._waiting and not self._running and not self._finishing
+            )
 
     @property
     def waiting(self) -> int:
@@ -130,7 +151,12 @@ class LocalQueue:
 
     @property
     def running(self) -> int:
+        """Jobs on a device (not those finishing after it)."""
         return len(self._running)
+
+    @property
+    def finishing(self) -> int:
+        return len(self._finishing)
 
     # internals ----------------------------------------------------------------------------------
 
@@ -234,31 +260,45 @@ class LocalQueue:
 
     async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
         batches = callable(getattr(runner, "generate_batch", None))
+        pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
         while True:
+            pending = [task for task in pending if not task.done()]
+            if len(pending) >= self.max_finishing:
+                await asyncio.wait({pending[0]})
+                continue
             jobs = await self._next(runner, batches)
             if not jobs:
                 return
+            ends: list[End] = []
             try:
                 if len(jobs) == 1:
-                    await self._run(jobs[0], runner, executor)
+                    await self._run(jobs[0], runner, executor, ends)
                 else:
-                    await self._run_batch(jobs, runner, executor)
+                    await self._run_batch(jobs, runner, executor, ends)
             except Exception:  # a listener bug must not kill the worker
                 log.exception("jobs %s: unexpected error in the queue", ", ".join(job.id for job in jobs))
             finally:
+                for job, end in ends:
+                    after = pending[-1] if pending else None
+                    task = asyncio.create_task(self._finish(job, end, after), name=f"finish-{job.id}")
+                    self._finishing[job.id] = task
+                    pending.append(task)
                 for job in jobs:
                     self._running.pop(job.id, None)
                     self._rounds.pop(job.id, None)
                     self._keys.pop(job.id, None)
                 await self._notify_async()
 
-    async def _run_batch(self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor) -> None:
+    async def _run_batch(
+        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, ends: list[End]
+    ) -> None:
         """Run ``jobs`` as one micro-batch: progress and previews go to each job; a job
-        cancelled meanwhile is reported stopped (the batch stops only when all are)."""
+        cancelled meanwhile is reported stopped (the batch stops only when all are). How
+        each job ends is added to ``ends``."""
         started = [job for job in jobs if await self.listener.job_started(job)]
         if len(started) < 2:
             for job in started:
-                await self._run(job, runner, executor, claimed=True)
+                await self._run(job, runner, executor, ends, claimed=True)
             return
         loop = asyncio.get_running_loop()
         previews: list[list[bytes] | None] = [None]
@@ -283,23 +323,29 @@ class LocalQueue:
         try:
             results = await loop.run_in_executor(executor, call)
         except GenerationCancelled:
-            for job in started:
-                await self.listener.job_stopped(job)
+            ends.extend((job, functools.partial(self.listener.job_stopped, job)) for job in started)
         except Exception:
             log.warning("a batch of %d jobs failed; running each alone", len(started), exc_info=True)
             for job in started:
-                await self._run(job, runner, executor, claimed=True)
+                await self._run(job, runner, executor, ends, claimed=True)
         else:
             for job, result in zip(started, results, strict=True):  # type: ignore[call-overload]
                 if job.stop.is_set():
-                    await self.listener.job_stopped(job)
+                    ends.append((job, functools.partial(self.listener.job_stopped, job)))
                 else:
-                    await self.listener.job_finished(job, result)
+                    ends.append((job, functools.partial(self.listener.job_finished, job, result)))
 
     async def _run(
-        self, job: Job, runner: Runner, executor: ThreadPoolExecutor, *, claimed: bool = False
+        self,
+        job: Job,
+        runner: Runner,
+        executor: ThreadPoolExecutor,
+        ends: list[End],
+        *,
+        claimed: bool = False,
     ) -> None:
-        """Run one job; ``claimed``: ``job_started`` already said yes (a batch run alone)."""
+        """Run one job on the device and add how it ends to ``ends``; ``claimed``:
+        ``job_started`` already said yes (a batch run alone)."""
         if not claimed and not await self.listener.job_started(job):
             return
         loop = asyncio.get_running_loop()
@@ -321,8 +367,22 @@ class LocalQueue:
         try:
             result = await loop.run_in_executor(executor, call)
         except GenerationCancelled:
-            await self.listener.job_stopped(job)
+            ends.append((job, functools.partial(self.listener.job_stopped, job)))
         except Exception as exc:
-            await self.listener.job_failed(job, exc)
+            ends.append((job, functools.partial(self.listener.job_failed, job, exc)))
         else:
-            await self.listener.job_finished(job, result)  # type: ignore[arg-type]
+            ends.append((job, functools.partial(self.listener.job_finished, job, result)))  # type: ignore[arg-type]
+
+    async def _finish(
+        self, job: Job, end: Callable[[], Awaitable[None]], after: asyncio.Task[None] | None
+    ) -> None:
+        """End ``job`` off the device's path, after the worker's previous job has ended."""
+        try:
+            if after is not None:
+                await asyncio.wait({after})
+            await end()
+        except Exception:  # a listener bug must not lose the other jobs' ends
+            log.exception("job %s: unexpected error while ending it", job.id)
+        finally:
+            self._finishing.pop(job.id, None)
+            await self._notify_async()

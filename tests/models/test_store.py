@@ -201,3 +201,16 @@ async def test_a_user_keeps_the_language_used_last(store: Store) -> None:
     again = await store.ensure_user("console", "li", "Li", "zh-CN")
     assert (first.locale, again.locale) == ("en", "zh-CN")
     assert (await store.ensure_user("console", "li", "Li")).locale == "zh-CN"
+
+
+async def test_a_sqlite_file_runs_in_wal_with_normal_sync(tmp_path) -> None:
+    """Commits append to the write-ahead log without waiting for the disk each time."""
+    from sqlalchemy import text
+
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}")
+    try:
+        async with store.engine.connect() as connection:
+            assert (await connection.scalar(text("PRAGMA journal_mode"))).lower() == "wal"
+            assert await connection.scalar(text("PRAGMA synchronous")) == 1  # NORMAL
+    finally:
+        await store.close()

@@ -169,6 +169,126 @@ async def test_max_running_keeps_an_owners_extra_jobs_waiting_for_others() -> No
         await queue.stop()
 
 
+class SlowEnds(Recorder):
+    """Ends (finished, failed) wait until the test opens ``ends``; ``broken`` ones raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends = asyncio.Event()
+        self.broken: set[str] = set()
+        self.ended: list[str] = []
+
+    async def job_finished(self, job: Job, result) -> None:
+        await self.ends.wait()
+        if job.id in self.broken:
+            raise RuntimeError("a listener bug")
+        self.ended.append(job.id)
+
+
+async def _until(predicate) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), 10)
+
+
+async def test_the_device_runs_the_next_job_while_the_last_one_ends() -> None:
+    runner, listener = GatedRunner(), SlowEnds()
+    queue = LocalQueue([runner], listener)
+    await queue.start()
+    try:
+        for seed in (1, 2, 3):
+            queue.put(_job("a", seed))
+        runner.gate.release()
+        runner.gate.release()
+        await _until(lambda: runner.order == [1, 2] and queue.finishing == 2)
+        assert listener.ended == [] and queue.position("a1") == 0  # a1's end waits on the listener
+        joined = asyncio.create_task(queue.join())
+        runner.gate.release()
+        await _until(lambda: runner.order == [1, 2, 3])
+        await asyncio.sleep(0.05)
+        assert not joined.done()  # join waits for the ends too
+        listener.ends.set()
+        await asyncio.wait_for(joined, 10)
+        assert listener.ended == ["a1", "a2", "a3"]  # one device's jobs end in the order they ran
+        assert queue.finishing == 0 and queue.position("a1") is None
+    finally:
+        listener.ends.set()
+        await queue.stop()
+
+
+async def test_stop_waits_for_the_ends_of_the_jobs_that_ran() -> None:
+    runner, listener = GatedRunner(), SlowEnds()
+    queue = LocalQueue([runner], listener)
+    await queue.start()
+    queue.put(_job("a", 1))
+    runner.gate.release()
+    await _until(lambda: runner.order == [1])
+    stopping = asyncio.create_task(queue.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    listener.ends.set()
+    await asyncio.wait_for(stopping, 10)
+    assert listener.ended == ["a1"]
+
+
+async def test_a_listener_error_at_the_end_keeps_the_worker_and_the_other_ends() -> None:
+    runner, listener = GatedRunner(), SlowEnds()
+    listener.broken.add("a1")
+    queue = LocalQueue([runner], listener)
+    await queue.start()
+    try:
+        queue.put(_job("a", 1))
+        queue.put(_job("a", 2))
+        listener.ends.set()
+        await _drain(runner, queue, 2)
+        assert listener.ended == ["a2"] and runner.order == [1, 2]
+    finally:
+        await queue.stop()
+
+
+async def test_a_job_that_is_ending_does_not_hold_its_owners_running_cap() -> None:
+    runner, listener = GatedRunner(), SlowEnds()
+    queue = LocalQueue([runner], listener)
+    await queue.start()
+    try:
+        for seed in (1, 2):
+            job = _job("a", seed)
+            job.max_running = 1
+            queue.put(job)
+        runner.gate.release()
+        await _until(lambda: runner.order == [1])
+        await _until(lambda: queue.running == 1 and queue.waiting == 0)  # a2 is on the device
+        assert queue.finishing == 1
+        runner.gate.release()
+        listener.ends.set()
+        await asyncio.wait_for(queue.join(), 10)
+        assert listener.ended == ["a1", "a2"]
+    finally:
+        listener.ends.set()
+        await queue.stop()
+
+
+async def test_pending_ends_beyond_the_limit_hold_the_device() -> None:
+    runner, listener = GatedRunner(), SlowEnds()
+    queue = LocalQueue([runner], listener, max_finishing=2)
+    await queue.start()
+    try:
+        for seed in (1, 2, 3, 4):
+            queue.put(_job("a", seed))
+            runner.gate.release()
+        await _until(lambda: runner.order == [1, 2])
+        await asyncio.sleep(0.05)
+        assert runner.order == [1, 2] and queue.waiting == 2  # two ends pending: the worker waits
+        listener.ends.set()
+        await asyncio.wait_for(queue.join(), 10)
+        assert listener.ended == ["a1", "a2", "a3", "a4"]
+    finally:
+        listener.ends.set()
+        await queue.stop()
+
+
 # -- micro-batching -----------------------------------------------------------------------
 
 

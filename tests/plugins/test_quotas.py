@@ -36,6 +36,24 @@ async def test_200_concurrent_requests_admit_exactly_the_budget(make_app) -> Non
     assert status.data["images_left"] == 0 and status.data["images_reserved"] == 10
 
 
+async def test_a_request_that_is_not_stored_leaves_its_reservation_undone_once(make_app, monkeypatch) -> None:
+    """The checks and the jobs are one transaction: the failed request's reservation goes
+    with it, and giving it back does not take another request's."""
+    app = await make_app(plugins={"quotas": {"images": 10}})
+    await app.queue.stop()  # the first request's job stays queued, its image reserved
+    assert (await draw(app, "/draw a cat --batch 2"))[0].key == "draw.accepted"
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(app.store, "add_jobs", broken)
+    assert (await draw(app, "/draw a cat --batch 3"))[0].key == "error.internal"
+    monkeypatch.undo()
+    status = await quota(app)
+    assert (status.data["images_reserved"], status.data["images_left"]) == (2, 8)
+    assert await app.store.count_by_status() == {"queued": 1}
+
+
 async def test_quota_after_finished_failed_and_cancelled_jobs(make_app) -> None:
     app = await make_app(plugins={"quotas": {"images": 10}})
     log = EventLog(app)

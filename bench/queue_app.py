@@ -1,0 +1,148 @@
+"""What the queue benches share: a real App (store, service, LocalQueue, built-in plugins)
+over a SQLite file or a fresh PostgreSQL database, with a stand-in runner for the engine,
+and a counter of the SQL statements and commits a piece of work sends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bot.types import Actor
+
+ACTOR = Actor(platform="console", user_id="bench", name="Bench", locale="en", chat_id="c")
+
+
+class StandInRunner:
+    """The device: ``busy_seconds`` of sleep (the GIL released, as torch releases it), then
+    one ``size`` x ``size`` image. Records when each call ran. While ``gate`` is closed a
+    call waits before it starts (to line jobs up behind a running one)."""
+
+    def __init__(self, busy_seconds: float = 0.0, size: int = 8) -> None:
+        self.busy_seconds = busy_seconds
+        self.size = size
+        self.spans: list[tuple[float, float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self._picture: Any = None
+        self._image()
+
+    def generate(self, request: Any, *, on_progress=None, should_stop=None, on_preview=None) -> Any:
+        from pipeline.request import GeneratedImage, GenerationResult
+
+        self.gate.wait()
+        started = time.perf_counter()
+        if self.busy_seconds:
+            time.sleep(self.busy_seconds)
+        image = self._image()
+        if on_progress is not None:
+            on_progress(request.num_inference_steps, request.num_inference_steps)
+        self.spans.append((started, time.perf_counter()))
+        return GenerationResult(
+            images=[GeneratedImage(image, request.seed, request.subseed, "bench")],
+            model_name="tiny",
+            model_hash=None,
+            device_seconds=self.busy_seconds,
+        )
+
+    def _image(self) -> Any:
+        """A gradient with some noise: PNG encoding costs about what it does for a generated
+        picture (a flat one compresses unrealistically fast). Made once, off the clock."""
+        if self._picture is None:
+            from PIL import Image
+
+            gradient = Image.linear_gradient("L").resize((self.size, self.size))
+            noise = Image.effect_noise((self.size, self.size), 8)
+            self._picture = Image.merge("RGB", (noise, gradient, gradient.rotate(90)))
+        return self._picture.copy()
+
+
+@asynccontextmanager
+async def bench_app(tmp: Path, runner: StandInRunner, postgres_url: str | None = None) -> AsyncIterator[Any]:
+    """A started App whose only device is ``runner``; quotas on, but without limits."""
+    from bot.app import build_app
+    from bot.settings import parse_settings
+    from pipeline.checkpoints import CheckpointLibrary
+
+    url = await _fresh_postgres_database(postgres_url) if postgres_url else ""
+    settings = parse_settings(
+        {
+            "bot": {"data_dir": str(tmp / "data")},
+            "database": {"url": url},
+            "engine": {"models_dir": str(tmp / "models"), "device": "cpu"},
+            "defaults": {"steps": 4, "width": 64, "height": 64},
+            "plugins": {"quotas": {"images": 0, "max_queued": 0}},
+        }
+    )
+    app = build_app(settings, engines=[runner], library=CheckpointLibrary(None))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+        if postgres_url:
+            await _drop_postgres_database(postgres_url, url)
+
+
+class Counter:
+    """SQL statements and commits on ``app``'s engine while ``counting``."""
+
+    def __init__(self, app: Any) -> None:
+        from sqlalchemy import event
+
+        self.statements = 0
+        self.commits = 0
+        self.counting = False
+        engine = app.store.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._commit)
+
+    def _statement(self, *_args: Any) -> None:
+        self.statements += self.counting
+
+    def _commit(self, *_args: Any) -> None:
+        self.commits += self.counting
+
+
+async def hold_device(app: Any, runner: StandInRunner) -> None:
+    """Close the runner's gate and put one job on the device, so that what is submitted
+    next waits in the queue until ``runner.gate.set()``."""
+    runner.gate.clear()
+    replies = await app.service.handle_line("/draw the plug", ACTOR)
+    (job_id,) = replies[0].data["jobs"]
+    await wait_until(lambda: app.queue.position(job_id) == 0)
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 120) -> None:
+    deadline = time.perf_counter() + seconds
+    while not predicate():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the jobs did not finish in time")
+        await asyncio.sleep(0.001)
+
+
+async def _fresh_postgres_database(base_url: str) -> str:
+    import asyncpg
+
+    name = f"atelier_bench_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(base_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return base_url.rsplit("/", 1)[0] + "/" + name
+
+
+async def _drop_postgres_database(base_url: str, url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(base_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -1,0 +1,29 @@
+"""bench/device_idle.py and bench/queue_throughput.py keep working (a few jobs on SQLite)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_short_run_reports_how_busy_the_device_was(capsys):
+    args = ["--jobs", "4", "--busy-ms", "1", "--size", "16", "--rounds", "1"]
+    assert _load("device_idle").main(args) == 0
+    assert "device busy   median" in capsys.readouterr().out
+
+
+def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys):
+    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "sqlite"]
+    assert _load("queue_throughput").main(args) == 0
+    out = capsys.readouterr().out
+    assert "jobs/s" in out and "submit -> queued" in out and "one submit" in out
