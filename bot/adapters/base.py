@@ -23,6 +23,9 @@ class Limits:
 
     ``progress_interval``: seconds between two progress messages in one conversation
     (Discord 2, Telegram 1 in private chats and 3 in groups); 0 sends every step.
+    ``progress_per_chat``: the interval holds for the whole chat, its threads (forum
+    topics) together, rather than for each conversation (Telegram limits a group, not a
+    topic).
     ``action_id_bytes``: the longest button id (Telegram callback data: 64); longer action
     ids travel as short tokens that a press resolves. ``image_bytes``: the largest image
     shown inline; ``document_bytes``: the largest file attached as a document.
@@ -30,6 +33,7 @@ class Limits:
     """
 
     progress_interval: float = 0.0
+    progress_per_chat: bool = False
     buttons_per_row: int | None = None
     rows_per_message: int | None = None
     action_id_bytes: int | None = None

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINAL = (Finished, Failed, Cancelled)
+THROTTLE_MEMORY = 256  # throttles kept before those that have run out are dropped
+
+Destination = tuple[str, str | None, str | None]  # platform, chat, thread: one conversation
 
 
 @dataclass
@@ -52,9 +55,10 @@ class _Item:
 
 @dataclass
 class _Conversation:
+    key: Destination
+    throttle: tuple[str | None, ...]  # the conversations sharing its progress interval
     queue: deque[_Item] = field(default_factory=deque)
     progress: dict[str, Progress] = field(default_factory=dict)  # job -> its newest waiting step
-    next_progress: float = 0.0  # loop time before which no progress is sent here
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -67,7 +71,8 @@ class Delivery:
         self.app = app
         self.adapter = adapter
         self.store = DeliveryStore(app.store)
-        self._conversations: dict[tuple[str, str | None, str | None], _Conversation] = {}
+        self._conversations: dict[Destination, _Conversation] = {}
+        self._throttles: dict[tuple[str | None, ...], float] = {}  # -> loop time before which no progress
         self._messages: dict[str, MessageRef] = {}  # open jobs' messages; the store keeps all
         self._unsubscribe: Any = None
 
@@ -132,7 +137,7 @@ class Delivery:
         if not replies:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(route.destination, _Item(replies=(actor, route, replies), done=done))
+        self._enqueue(route, _Item(replies=(actor, route, replies), done=done))
         await done
 
     # the queue of each conversation --------------------------------------------------------------
@@ -140,48 +145,77 @@ class Delivery:
     def _on_event(self, event: JobEvent) -> None:
         if event.route.platform != self.adapter.platform:
             return
-        key = event.route.destination
-        conversation = self._conversations.setdefault(key, _Conversation())
+        conversation = self._conversation(event.route)
         if isinstance(event, Progress) and self.adapter.limits(event.route).progress_interval > 0:
             conversation.progress[event.generation_id] = event  # a newer step replaces it in place
-            self._wake(key, conversation)
+            self._wake(conversation)
             return
         if isinstance(event, FINAL):
             conversation.progress.pop(event.generation_id, None)
-        self._enqueue(key, _Item(event=event))
+        self._enqueue(event.route, _Item(event=event))
 
-    def _enqueue(self, key: tuple[str, str | None, str | None], item: _Item) -> None:
-        conversation = self._conversations.setdefault(key, _Conversation())
+    def _conversation(self, route: Route) -> _Conversation:
+        """The conversation of ``route``. Its progress is throttled with the others of its
+        chat where the adapter says the interval holds per chat (forum topics of one
+        Telegram group), else on its own."""
+        key = route.destination
+        conversation = self._conversations.get(key)
+        if conversation is None:
+            per_chat = self.adapter.limits(route).progress_per_chat
+            throttle = (route.platform, route.chat_id) if per_chat else key
+            conversation = self._conversations[key] = _Conversation(key, throttle)
+        return conversation
+
+    def _enqueue(self, route: Route, item: _Item) -> None:
+        conversation = self._conversation(route)
         conversation.queue.append(item)
-        self._wake(key, conversation)
+        self._wake(conversation)
 
-    def _wake(self, key: tuple[str, str | None, str | None], conversation: _Conversation) -> None:
+    def _wake(self, conversation: _Conversation) -> None:
         conversation.wake.set()
         if conversation.task is None:
-            conversation.task = asyncio.create_task(self._work(key, conversation), name=f"deliver {key}")
+            conversation.task = asyncio.create_task(
+                self._work(conversation), name=f"deliver {conversation.key}"
+            )
 
-    async def _work(self, key: tuple[str, str | None, str | None], conversation: _Conversation) -> None:
+    async def _work(self, conversation: _Conversation) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 if conversation.queue:
                     await self._send(conversation, conversation.queue.popleft())
                 elif conversation.progress:
-                    wait = conversation.next_progress - loop.time()
+                    now = loop.time()
+                    wait = self._throttles.get(conversation.throttle, 0.0) - now
                     if wait > 0:  # a new event wakes it: a final one goes out at once
                         conversation.wake.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(conversation.wake.wait(), wait)
                         continue
-                    job_id = next(iter(conversation.progress))
-                    await self._send(conversation, _Item(event=conversation.progress.pop(job_id)))
+                    step = conversation.progress.pop(next(iter(conversation.progress)))
+                    # the turn is taken now: a conversation sharing the throttle waits for
+                    # this step's send, not only for its end
+                    interval = self.adapter.limits(step.route).progress_interval
+                    self._throttles[conversation.throttle] = now + interval
+                    await self._send(conversation, _Item(event=step))
                 else:
                     return
         finally:
             conversation.task = None
-            idle = not conversation.queue and not conversation.progress
-            if idle and conversation.next_progress <= loop.time():
-                self._conversations.pop(key, None)
+            if not conversation.queue and not conversation.progress:
+                if self._conversations.get(conversation.key) is conversation:
+                    del self._conversations[conversation.key]
+                self._drop_throttles(conversation.throttle, loop.time())
+
+    def _drop_throttles(self, throttle: tuple[str | None, ...], now: float) -> None:
+        """Forget a throttle that has run out (it holds nothing back any more); once many
+        are kept, every one that has."""
+        if self._throttles.get(throttle, now) <= now:
+            self._throttles.pop(throttle, None)
+        if len(self._throttles) > THROTTLE_MEMORY:
+            for key, until in list(self._throttles.items()):
+                if until <= now:
+                    del self._throttles[key]
 
     async def _send(self, conversation: _Conversation, item: _Item) -> None:
         """Deliver one item; nothing it raises stops the conversation's queue."""
@@ -301,7 +335,8 @@ class Delivery:
                 ref = await self.adapter.deliver(message)
             except RetryAfter as exc:
                 wait = min(max(exc.seconds, 0.0), self.max_retry_wait)
-                conversation.next_progress = max(conversation.next_progress, loop.time() + wait)
+                held = self._throttles.get(conversation.throttle, 0.0)
+                self._throttles[conversation.throttle] = max(held, loop.time() + wait)
                 if progress is not None:
                     conversation.progress.setdefault(progress.generation_id, progress)
                     return None
@@ -314,8 +349,8 @@ class Delivery:
                 elif progress is not None or attempt == self.attempts:
                     log.exception("could not deliver %s of %s", message.kind, message.generation_id)
                     return None
-            else:
-                conversation.next_progress = loop.time() + limits.progress_interval
+            else:  # every message sent counts against the interval
+                self._throttles[conversation.throttle] = loop.time() + limits.progress_interval
                 return ref
         log.error(
             "gave up delivering %s of %s after %d tries", message.kind, message.generation_id, self.attempts

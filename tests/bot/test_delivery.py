@@ -95,6 +95,40 @@ async def test_progress_is_throttled_per_chat_coalesced_and_the_end_never_waits(
     assert chat.limits(private).progress_interval == pytest.approx(0.5 / 3)
 
 
+async def test_the_threads_of_one_chat_share_its_progress_interval_when_the_adapter_says_so(
+    make_app,
+) -> None:
+    """Telegram limits a group, not each of its forum topics: with ``progress_per_chat``
+    two jobs in two threads of one chat are edited no more often, together, than the
+    interval allows one conversation."""
+    interval = 0.4
+    app, chat, server = await chat_app(make_app, progress_interval=interval, progress_per_chat=True)
+    topics = [Route(PLATFORM, "forum", "t1"), Route(PLATFORM, "forum", "t2")]
+    jobs = [await queued_job(app, chat, topic) for topic in topics]
+    elsewhere = Route(PLATFORM, "other")
+    other = await queued_job(app, chat, elsewhere)
+    await asyncio.sleep(interval)  # the "queued" messages' turns are over: each topic could send
+    for step in (1, 2, 3):  # both jobs keep stepping while the chat's turns come
+        for job, topic in zip(jobs, topics, strict=True):
+            app.bus.publish(Progress(job, ALICE, topic, step=step, total=3))
+        await asyncio.sleep(interval / 2)
+    app.bus.publish(Progress(other, ALICE, elsewhere, step=1, total=3))
+
+    def sent(where: str) -> list[Any]:
+        return [c for c in server.calls if c.message.kind == "progress" and c.message.route.chat_id == where]
+
+    await until(lambda: {c.message.generation_id for c in sent("forum")} == set(jobs))
+    await until(lambda: len(sent("other")) == 1)  # another chat's throttle is its own
+    await chat.delivery.idle()
+    forum = [c for c in server.calls if c.message.route.chat_id == "forum"]
+    progress = sent("forum")
+    assert len(progress) >= 2 and {c.message.route.thread_id for c in progress} == {"t1", "t2"}
+    # every send in the chat, either topic, counts: no step follows another message in sooner
+    for before, step in zip(forum, forum[1:], strict=False):
+        if step.message.kind == "progress":
+            assert step.at - before.at >= interval - 0.02, [(c.message.kind, c.at) for c in forum]
+
+
 async def test_only_the_adapters_platform_in_the_actors_language(make_app) -> None:
     app, chat, server = await chat_app(make_app)
     job = await queued_job(app, chat)

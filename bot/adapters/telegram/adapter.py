@@ -80,6 +80,7 @@ class TelegramAdapter:
     def limits(self, route: Route) -> Limits:
         return Limits(
             progress_interval=1.0 if route.is_private else 3.0,
+            progress_per_chat=True,  # a group's limit is the chat's: its forum topics count together
             buttons_per_row=5,
             action_id_bytes=64,
             image_bytes=PHOTO_BYTES,
