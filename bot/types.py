@@ -130,17 +130,36 @@ def _text(value: Any) -> str | None:
 @dataclass(frozen=True)
 class MessageRef:
     """A message the bot sent: where it is (chat and thread) and its platform id. The
-    delivery layer edits it (progress, the result) and answers it (notices)."""
+    delivery layer edits it (progress, the result) and answers it (notices).
+
+    What an adapter needs to edit or remove it in a later process travels with it (the
+    delivery layer stores the whole reference on the job row): ``media`` says the
+    message shows an image (a platform that cannot turn a text message into an image
+    must know which it is), ``attached`` names the further messages sent with it for the
+    same job (a batch's images, the original files under a result), which leave with it.
+    """
 
     route: Route
     message_id: str
+    media: bool = False
+    attached: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"route": self.route.to_json(), "message_id": self.message_id}
+        data: dict[str, Any] = {"route": self.route.to_json(), "message_id": self.message_id}
+        if self.media:
+            data["media"] = True
+        if self.attached:
+            data["attached"] = list(self.attached)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MessageRef:
-        return cls(Route.from_json(data["route"]), str(data["message_id"]))
+        return cls(
+            Route.from_json(data["route"]),
+            str(data["message_id"]),
+            media=bool(data.get("media", False)),
+            attached=tuple(str(m) for m in data.get("attached") or ()),
+        )
 
 
 @dataclass(frozen=True)

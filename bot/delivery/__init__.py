@@ -10,8 +10,8 @@ and job events reach a conversation:
 - every job has one tracked message (stored on its row, so it outlives a restart):
   progress edits it, the result edits it (the adapter may replace it instead), notices
   about the job or its group answer it;
-- progress is throttled per conversation with the adapter's interval for the route, and
-  coalesced: only a job's newest step waits, a final event never waits behind it;
+- progress is throttled per conversation (or per chat, where the adapter's limits say
+  so) with the adapter's interval for the route, and coalesced: only a job's newest step waits, a final event never waits behind it;
 - buttons are paged to the platform's limits, with tokens for ids too long (``pages``);
   files are fitted to its upload limits (``fitting``);
 - a send that fails is retried a bounded number of times (waiting what ``RetryAfter``

@@ -18,6 +18,7 @@ from bot.types import (
     Action,
     Actor,
     Finished,
+    MessageRef,
     Notice,
     OutgoingFile,
     Progress,
@@ -242,6 +243,10 @@ async def test_an_expired_interaction_token_is_dropped_and_notices_find_the_mess
 def test_a_route_round_trips_through_json_and_refuses_a_naive_expiry() -> None:
     route = Route("discord", "c1", "t9", "m5", "tok", datetime(2026, 1, 1, 12, tzinfo=UTC), is_private=True)
     assert Route.from_json(route.to_json()) == route
+    ref = MessageRef(route, "m7", media=True, attached=("m8", "m9"))
+    assert MessageRef.from_json(ref.to_json()) == ref
+    plain = {"route": route.to_json(), "message_id": 7}  # as stored before media and attached
+    assert MessageRef.from_json(plain) == MessageRef(route, "7")
     assert Route.from_json({"platform": "telegram", "chat_id": -100}) == Route("telegram", "-100")
     with pytest.raises(ValueError, match="timezone-aware"):
         Route("discord", token_expires_at=datetime(2026, 1, 1))

@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from bot.adapters.base import Outgoing
 from bot.runner import StartError
 from bot.settings import Secrets
-from bot.types import Route
+from bot.types import MessageRef, OutgoingFile, Route
+from models.delivery_store import DeliveryStore
 from pipeline.images import read_infotext
 from tests.conftest import make_settings
 from tests.fakes.telegram_api import BOT_USER, Call, FakeTelegram, user_json
@@ -159,6 +161,34 @@ async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_
     assert read_infotext(png) == record.images[0].infotext
     assert sent.file_names["document"].endswith(".png")
     assert sent.params["reply_parameters"]["message_id"] == result["message_id"]
+
+    # what a later process needs is stored with the job: the message is a photo, the PNG under it
+    stored = await DeliveryStore(bot.app.store).message(job)
+    assert stored is not None
+    ref = MessageRef.from_json(stored)
+    (original,) = [m for m in replies_to(tg, chat, result["message_id"]) if "document" in m]
+    assert ref.message_id == str(result["message_id"]) and ref.media
+    assert ref.attached == (str(original["message_id"]),)
+    # so a new adapter (a restarted process) edits the photo in place, as this one would
+    from bot.adapters.telegram import build
+
+    fresh = build(bot.app, bot.app.settings)
+    await fresh.application.initialize()
+    try:
+        calls = len(tg.calls)
+        step = Outgoing(
+            ref.route,
+            "progress",
+            f"[{job}] step 1/2",
+            job,
+            (OutgoingFile("p.png", "image", bytes(png)),),
+            edit=ref,
+        )
+        again = await fresh.deliver(step)
+    finally:
+        await fresh.application.shutdown()
+    assert [c.method for c in tg.calls[calls:]] == ["editMessageMedia"]
+    assert again == ref
 
 
 async def test_commands_are_set_in_english_and_chinese_and_a_zh_user_gets_chinese(bot: Bot) -> None:
@@ -367,16 +397,29 @@ async def stopped(process: subprocess.Popen[bytes], tmp: Path) -> None:
 
 
 async def test_a_press_after_sigterm_and_a_restart_still_works(tmp_path: Path) -> None:
+    """Buttons, and what was sent for a result (its photos and PNGs), outlive the process
+    that sent them: after a restart a press still runs, and Delete removes them all."""
     async with FakeTelegram(tokens=(TOKEN,)) as tg:
         chat, erin = 106, user_json(106, "Erin")
+        batch_chat, hana = 109, user_json(109, "Hana")
         process = run_bot(tmp_path, tg)
         try:
             await serving(tg, 1)
             tg.send_text(chat, erin, "/draw a quiet harbour --seed 9")
+            tg.send_text(batch_chat, hana, "/draw two lanterns --batch 2 --seed 2")
             await result_of(tg, chat, 1, 120)
             result = keyboard_message(tg, chat)
+            await until(
+                lambda: len([c for c in tg.sent("sendMediaGroup", batch_chat) if c.status == 200]) == 2
+            )
+            batch = keyboard_message(tg, batch_chat)
         finally:
             await stopped(process, tmp_path)
+        # the batch: its message with the keyboard, two photos, two PNGs
+        parts = [
+            m for (c, m), body in tg.messages.items() if c == batch_chat and {"photo", "document"} & set(body)
+        ]
+        assert len(parts) == 4 and batch["message_id"] not in parts
 
         process = run_bot(tmp_path, tg)
         try:
@@ -390,6 +433,15 @@ async def test_a_press_after_sigterm_and_a_restart_still_works(tmp_path: Path) -
             (job,) = await until(lambda: queued_jobs(tg, chat, result["message_id"]))
             await result_of(tg, chat, 2, 120)
             assert job in str(documents(tg, chat)[-1].file_names)
+
+            # Delete, pressed in the new process: the photo and the PNG the old one sent leave
+            (original,) = [m for m in replies_to(tg, chat, result["message_id"]) if "document" in m]
+            tg.press(chat, result["message_id"], erin, button(result, "Delete"))
+            await until(lambda: (chat, original["message_id"]) not in tg.messages, 30)
+            assert (chat, result["message_id"]) not in tg.messages
+            tg.press(batch_chat, batch["message_id"], hana, button(batch, "Delete"))
+            gone = [batch["message_id"], *parts]
+            await until(lambda: not [m for m in gone if (batch_chat, m) in tg.messages], 30)
         finally:
             await stopped(process, tmp_path)
 

@@ -52,7 +52,7 @@ def test_a_results_caption_carries_its_parameters_within_1024_characters() -> No
 
 
 async def test_a_429_is_waited_out_and_a_5xx_tried_again(no_waiting: list[float]) -> None:
-    sender = Sender(None, media={}, originals={})
+    sender = Sender(None)
     call = failing(TelegramRetryAfter(3), NetworkError("Internal Server Error"))
     assert await sender._call(call) == "sent"
     assert len(call.calls) == 3 and no_waiting == [
@@ -62,14 +62,14 @@ async def test_a_429_is_waited_out_and_a_5xx_tried_again(no_waiting: list[float]
 
 
 async def test_a_progress_step_hands_the_wait_to_the_delivery_layer(no_waiting: list[float]) -> None:
-    sender = Sender(None, media={}, originals={})
+    sender = Sender(None)
     with pytest.raises(RetryAfter) as raised:
         await sender._call(failing(TelegramRetryAfter(5)), progress=True)
     assert raised.value.seconds == 5.0 and no_waiting == []
 
 
 async def test_a_bad_request_or_a_413_is_not_tried_again() -> None:
-    sender = Sender(None, media={}, originals={})
+    sender = Sender(None)
     for error in (BadRequest("message to edit not found"), NetworkError("Request Entity Too Large")):
         call = failing(error)
         with pytest.raises(NetworkError):

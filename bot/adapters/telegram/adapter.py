@@ -42,7 +42,6 @@ PHOTO_BYTES = 10 * 1024 * 1024  # Telegram shows photos up to 10 MB
 DOCUMENT_BYTES = 50 * 1024 * 1024  # the public Bot API's upload limit
 LOCAL_DOCUMENT_BYTES = 2000 * 1024 * 1024  # a self-hosted Bot API server's
 ADMIN_CACHE_SECONDS = 300.0  # how long a chat administrator check is trusted
-MEDIA_MEMORY = 4096  # tracked messages whose kind (photo or text) is remembered
 COMMAND_LANGUAGES = (("en", None), ("zh-CN", "zh"))  # our locale, Telegram's language_code
 
 
@@ -71,8 +70,6 @@ class TelegramAdapter:
         self.application.add_error_handler(self._on_error)
         self.delivery = Delivery(app, self)
         self.username: str | None = None
-        self._media: dict[tuple[str, str], bool] = {}
-        self._originals: dict[tuple[str, str], list[str]] = {}
         self._admins: dict[tuple[str, str], tuple[float, bool]] = {}
 
     # the adapter contract ------------------------------------------------------------------------
@@ -130,12 +127,7 @@ class TelegramAdapter:
         await self.application.shutdown()
 
     async def deliver(self, message: Outgoing) -> MessageRef:
-        for memory in (self._media, self._originals):
-            if len(memory) > MEDIA_MEMORY:
-                for key in list(memory)[: MEDIA_MEMORY // 2]:
-                    memory.pop(key, None)
-        sender = Sender(self.application.bot, media=self._media, originals=self._originals)
-        return await sender.deliver(message)
+        return await Sender(self.application.bot).deliver(message)
 
     # updates -------------------------------------------------------------------------------------
 

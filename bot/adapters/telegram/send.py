@@ -8,6 +8,11 @@ parameters (at most 1024 characters) and the inline keyboard, followed by the or
 PNG as a document, which Telegram keeps byte for byte (the infotext intact). A batch
 is a media group of photos and one of documents, under a message with the keyboard.
 
+Nothing is remembered here: the reference returned for a job's message says whether it
+shows a photo (``media``) and names the photos and documents sent with it
+(``attached``); the delivery layer stores it on the job's row, so a later process edits
+the message the right way and removes everything of a deleted result.
+
 Every call is retried here, not by the delivery layer, so that a message of several
 calls is never sent twice: a 429 waits its ``retry_after``, a 5xx is tried again, a 413
 sends a smaller file. Only a progress step is handed back (``RetryAfter``): the
@@ -87,12 +92,10 @@ def keyboard(message: Outgoing) -> InlineKeyboardMarkup | None:
 class Sender:
     """One ``deliver`` call's worth of Bot API calls, with Telegram's retries."""
 
-    def __init__(
-        self, bot: Any, *, media: dict[tuple[str, str], bool], originals: dict[tuple[str, str], list[str]]
-    ) -> None:
+    def __init__(self, bot: Any) -> None:
         self.bot = bot
-        self.media = media  # (chat, message) -> whether that message shows a photo
-        self.originals = originals  # (chat, message) -> the documents sent under it
+        self.media = False  # whether the message shown now is a photo
+        self.attached: list[str] = []  # the job's other messages: a batch's photos, the originals
 
     async def deliver(self, message: Outgoing) -> MessageRef:
         route = message.route
@@ -105,26 +108,27 @@ class Sender:
             documents = self._originals(photos, documents)
         progress = message.kind == "progress"
         if message.edit is not None:
+            self.media, self.attached = message.edit.media, list(message.edit.attached)
             shown = await self._edit(message, where, photos, progress)
         else:
             shown = await self._send(message, where, photos, progress)
         if documents:
             await self._documents(where, documents, shown, message)
-        return MessageRef(where, shown)
+        return MessageRef(where, shown, media=self.media, attached=tuple(self.attached))
 
     async def _remove(self, where: Route, shown: MessageRef) -> bool:
-        """A deleted result leaves the chat: its message and the originals under it
-        (those this process sent). False when Telegram refused (a message older than 48
-        hours in a group): the message is then edited to say it was deleted."""
+        """A deleted result leaves the chat: its message and every message sent with it
+        (a batch's photos, the originals), whichever process sent them. False when
+        Telegram refused (a message older than 48 hours in a group): the message is then
+        edited to say it was deleted."""
         chat = int(where.chat_id or 0)
         try:
             await self._call(lambda: self.bot.delete_message(chat, int(shown.message_id)))
         except (BadRequest, NetworkError) as exc:
             log.info("could not delete the message of a deleted result: %s", exc)
             return False
-        for document in self.originals.pop((str(where.chat_id), shown.message_id), []):
-            await self._forget(where, document)
-        self.media.pop((str(where.chat_id), shown.message_id), None)
+        for other in shown.attached:
+            await self._forget(where, other)
         return True
 
     # the message itself --------------------------------------------------------------------------
@@ -144,12 +148,13 @@ class Sender:
             ),
             progress,
         )
-        return self._keep(where, sent, media=False)
+        self.media = False
+        return str(sent.message_id)
 
     async def _edit(self, message: Outgoing, where: Route, photos: list[OutgoingFile], progress: bool) -> str:
         assert message.edit is not None
         target = message.edit.message_id
-        has_photo = self.media.get((str(where.chat_id), target), False)
+        has_photo = message.edit.media
         chat = int(where.chat_id or 0)
         if len(photos) == 1 and not has_photo:
             # a text message cannot become a photo: the photo takes its place
@@ -204,12 +209,14 @@ class Sender:
             )
 
         sent = await self._upload(send, photo, progress)
-        return self._keep(where, sent, media=True)
+        self.media = True
+        return str(sent.message_id)
 
     async def _album(
         self, message: Outgoing, where: Route, photos: list[OutgoingFile], answer: str | None
     ) -> str:
-        """The photos of a batch as media groups; returns the first photo's id."""
+        """The photos of a batch as media groups (attached to the job's message);
+        returns the first photo's id."""
         first = answer
         for start in range(0, len(photos), MEDIA_GROUP_LIMIT):
             chunk = photos[start : start + MEDIA_GROUP_LIMIT]
@@ -221,6 +228,7 @@ class Sender:
                     int(where.chat_id or 0), media, **self._placement(where, answer)
                 )
             )
+            self.attached.extend(str(m.message_id) for m in sent)
             if start == 0 and sent:
                 first = str(sent[0].message_id)
         return first or ""
@@ -242,7 +250,7 @@ class Sender:
                 )
 
             sent = await self._upload(send, document, False)
-            self.originals.setdefault((str(where.chat_id), shown), []).append(str(sent.message_id))
+            self.attached.append(str(sent.message_id))
             return
         for start in range(0, len(documents), MEDIA_GROUP_LIMIT):
             chunk = documents[start : start + MEDIA_GROUP_LIMIT]
@@ -253,8 +261,7 @@ class Sender:
                         int(where.chat_id or 0), media, **self._placement(where, shown)
                     )
                 )
-                kept = self.originals.setdefault((str(where.chat_id), shown), [])
-                kept.extend(str(m.message_id) for m in group)
+                self.attached.extend(str(m.message_id) for m in group)
             except NetworkError as exc:
                 if not too_large(exc):
                     raise
@@ -315,7 +322,6 @@ class Sender:
             await self.bot.delete_message(int(where.chat_id or 0), int(message_id))
         except Exception as exc:  # noqa: BLE001  (the replacement is sent; this is tidying)
             log.info("could not delete replaced message %s: %s", message_id, exc)
-        self.media.pop((str(where.chat_id), message_id), None)
 
     # helpers -------------------------------------------------------------------------------------
 
@@ -337,8 +343,3 @@ class Sender:
         if answer:
             placement["reply_parameters"] = ReplyParameters(int(answer), allow_sending_without_reply=True)
         return placement
-
-    def _keep(self, where: Route, sent: Any, *, media: bool) -> str:
-        message_id = str(sent.message_id)
-        self.media[(str(where.chat_id), message_id)] = media
-        return message_id
