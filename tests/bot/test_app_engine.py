@@ -172,3 +172,41 @@ async def test_a_second_oom_in_the_retry_fails_cleanly(app_with_engine):
     assert failed.kind == "failed" and failed.key == "error.out_of_memory" and raised == [1, 1]
     _next_id, finished = await _draw(app, log, DRAW)
     assert finished.kind == "finished"
+
+
+# -- several devices ------------------------------------------------------------------------------
+
+
+async def test_several_devices_each_load_their_own_checkpoints_and_run_jobs_at_once(app_with_engine):
+    app = await app_with_engine(devices=["cpu", "cpu"])
+    first, second = app.engines
+    assert first.library is app.library and second.library is not first.library
+    assert second.library.names() == first.library.names()  # one catalog
+    log = EventLog(app)
+    seen: dict[str, set[str]] = {"first": set(), "second": set()}
+    for name, engine in (("first", first), ("second", second)):
+        generate_batch = engine.generate_batch
+
+        def recording(requests, _generate=generate_batch, _name=name, **kwargs):
+            seen[_name].update(request.prompt for request in requests)
+            return _generate(requests, **kwargs)
+
+        engine.generate_batch = recording
+    await app.queue.stop()  # the jobs wait together; both devices are free when it starts again
+    jobs = []
+    for prompt, steps in (("a cat", 30), ("a dog", 31)):
+        (accepted,) = await app.service.handle_line(f"/draw {prompt} --steps {steps} --size 64x64", ALICE)
+        jobs += accepted.data["jobs"]
+    (other,) = await app.service.handle_line("/draw a fox --steps 32 --size 64x64", Actor(
+        platform="console", user_id="bob", name="Bob", locale="en", chat_id="c"))  # fmt: skip
+    jobs += other.data["jobs"]
+    await app.queue.start()
+    await log.wait_for(lambda: all(log.of("finished", job) for job in jobs), timeout=120)
+    assert seen["first"] and seen["second"]  # both devices drew
+    assert first.library.is_loaded("tiny") and second.library.is_loaded("tiny")
+    app.library.refresh()  # a refresh on one device's library is seen by the other's
+    assert second.library.names() == first.library.names()
+    with pytest.raises(ConfigError, match="CUDA device"):
+        make_engine(
+            make_settings(Path("."), engine={"devices": ["cuda:3"]}), CheckpointLibrary(None), device="cuda:3"
+        )
