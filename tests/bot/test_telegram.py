@@ -143,7 +143,8 @@ async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_
         for c in progress
         if "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))
     ]
-    took = sent.at - calls[0].at  # from "queued" to the original PNG
+    # from the first step shown to the original PNG (a busy machine may take seconds to start)
+    took = sent.at - (steps[0].at if steps else calls[0].at)
     assert len(steps) >= min(2, int(took - 1)), took  # a machine fast enough may finish first
     assert all(b.at - a.at >= 0.95 for a, b in zip(steps, steps[1:], strict=False))
     if steps:
@@ -345,6 +346,8 @@ async def test_groups_are_edited_every_3_s_and_forum_topics_keep_their_topic(bot
         and "step" in str(c.params.get("caption") or c.params.get("media", {}).get("caption"))
     ]
     assert all(b.at - a.at >= 2.95 for a, b in zip(progress, progress[1:], strict=False))
+    if progress:  # from the first step shown (a busy machine may take seconds to start)
+        took -= progress[0].at - started
     assert len(progress) >= min(2, int(took // 3)), took
     assert result["message_thread_id"] == 7
     assert {
