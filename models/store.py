@@ -272,19 +272,32 @@ class Store:
             )
             return [_record(row) for row in rows]
 
-    async def mark_running(self, generation_id: str, lease: Lease) -> bool:
-        """Claim a queued job for ``lease.owner``; counts the attempt. False when it is no
-        longer queued or another live process holds it."""
-        return await self._transition(
-            generation_id,
-            ("queued",),
-            _takeable(lease.owner, utcnow()),
-            status="running",
-            started_at=utcnow(),
-            attempts=Generation.attempts + 1,
-            owner=lease.owner,
-            lease_expires_at=lease.expires_at,
-        )
+    async def mark_running(self, generation_id: str, lease: Lease) -> GenerationRecord | None:
+        """Claim a queued job for ``lease.owner``; counts the attempt. Returns the job as
+        claimed (read in the same transaction: who asked and where its events go), or None
+        when it is no longer queued or another live process holds it."""
+        now = utcnow()
+        async with self.session() as session:
+            result = await session.execute(
+                update(Generation)
+                .where(
+                    Generation.id == generation_id,
+                    Generation.status == "queued",
+                    _takeable(lease.owner, now),
+                )
+                .values(
+                    status="running",
+                    started_at=now,
+                    attempts=Generation.attempts + 1,
+                    owner=lease.owner,
+                    lease_expires_at=lease.expires_at,
+                )
+            )
+            if result.rowcount != 1:
+                return None
+            row = await session.get(Generation, generation_id, options=_LOAD, populate_existing=True)
+            assert row is not None
+            return _record(row)
 
     async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
         """A running job of ``owner`` that stopped without an end (shutdown, a dead process
