@@ -77,7 +77,7 @@ async def _round(queue, collector: _Collector, jobs: list) -> float:
     collector.expect(len(jobs))
     started = time.perf_counter()
     for job in jobs:
-        queue.put(job)
+        await queue.put(job)
     await collector.done.wait()
     elapsed = time.perf_counter() - started
     if collector.failures:

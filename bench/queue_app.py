@@ -115,7 +115,11 @@ async def hold_device(app: Any, runner: StandInRunner) -> None:
     runner.gate.clear()
     replies = await app.service.handle_line("/draw the plug", ACTOR)
     (job_id,) = replies[0].data["jobs"]
-    await wait_until(lambda: app.queue.position(job_id) == 0)
+    deadline = time.perf_counter() + 120
+    while await app.queue.position(job_id) != 0:
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the job did not reach the device in time")
+        await asyncio.sleep(0.001)
 
 
 async def wait_until(predicate: Callable[[], bool], seconds: float = 120) -> None:

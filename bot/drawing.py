@@ -181,7 +181,7 @@ class Drawing:
             if admitted:
                 await self._drop(request)
             raise
-        ids = self._enqueue_all(jobs, request, route, thread_key, max_running)
+        ids = await self._enqueue_all(jobs, request, route, thread_key, max_running)
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
@@ -235,7 +235,7 @@ class Drawing:
                 thread_key=thread_key,
                 forever_run=forever_run,
             )
-        return self._enqueue_all(jobs, request, route, thread_key, max_running)
+        return await self._enqueue_all(jobs, request, route, thread_key, max_running)
 
     async def _store(
         self,
@@ -283,7 +283,7 @@ class Drawing:
         )
         return jobs
 
-    def _enqueue_all(
+    async def _enqueue_all(
         self,
         jobs: list[NewJob],
         request: DrawRequest,
@@ -294,5 +294,5 @@ class Drawing:
         actor = request.actor
         audience = Audience(actor, route, thread_key)
         for job in jobs:
-            self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
+            await self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
         return [job.id for job in jobs]

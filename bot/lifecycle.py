@@ -5,8 +5,13 @@ change is stored first and then published on the bus, so what users see is what 
 
 Jobs are held by this App (``App.owner``) under a lease (bot/leases.py): stored with it,
 claimed and ended only while this App still holds them. ``recover`` takes over the jobs
-of processes that are gone and routes their events as stored on the row (the job's user
-and ``route``).
+of processes that are gone.
+
+Whom a job's events go to (its ``Audience``: the job's user, ``route`` and thread key) is
+read from its row when the job is claimed (``job_started``) and carried on the queue's
+``Job`` as its ``context``, so progress needs no database read and nothing about a job
+is kept in this App's memory: a job stored and queued by one process is run and answered
+by another just the same.
 """
 
 from __future__ import annotations
@@ -53,14 +58,13 @@ log = logging.getLogger(__name__)
 
 
 class JobLifecycle:
-    """Jobs from the queue's point of view; ``_routes`` says whom each queued job answers."""
+    """Jobs from the queue's point of view; whom a job answers comes from its row."""
 
     app: App
-    _routes: dict[str, Audience]
 
-    def _enqueue(self, job: Job, audience: Audience) -> None:
-        self._routes[job.id] = audience
-        position = self.app.queue.put(job)
+    async def _enqueue(self, job: Job, audience: Audience) -> None:
+        """Queue a stored job; ``audience`` is only whom the ``Queued`` event tells."""
+        position = await self.app.queue.put(job)
         self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
 
     def lease(self) -> Lease:
@@ -79,7 +83,7 @@ class JobLifecycle:
         max_attempts = self.app.settings.queue.max_attempts
         owner = self.app.owner
         for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
-            if record.id in self._routes:  # already in this App's queue
+            if await self.app.queue.position(record.id) is not None:  # already in this App's queue
                 continue
             audience = Audience.of(record, self.app.settings.bot.locale)
             if record.status == "running":
@@ -90,7 +94,7 @@ class JobLifecycle:
                     continue
                 if not await self.app.store.requeue_interrupted(record.id, owner):
                     continue
-            self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
+            await self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
             count += 1
         return count
 
@@ -98,11 +102,11 @@ class JobLifecycle:
         record = await self.app.store.get(generation_id)
         if record is None or not may_touch(record, actor):
             raise NotFound("error.not_found", id=generation_id)
-        outcome = self.app.queue.cancel(generation_id)
+        outcome = await self.app.queue.cancel(generation_id)
         if outcome == "running":
             return Reply("cancel.done", {"id": generation_id})
         if await self.app.store.mark_cancelled(generation_id):
-            audience = self._routes.pop(generation_id, None) or Audience.of(record, actor.locale)
+            audience = Audience.of(record, actor.locale)
             self.app.bus.publish(Cancelled(generation_id, *_fields(audience)))
             await self._ended(generation_id)
             return Reply("cancel.done", {"id": generation_id})
@@ -148,23 +152,24 @@ class JobLifecycle:
     # JobListener ------------------------------------------------------------------------------
 
     async def job_started(self, job: Job) -> bool:
-        if not await self.app.store.mark_running(job.id, self.lease()):
-            self._routes.pop(job.id, None)
+        """Claim the job; whom its events tell is read from the claimed row and kept on the job."""
+        record = await self.app.store.mark_running(job.id, self.lease())
+        if record is None:
             return False
-        self.app.bus.publish(Started(job.id, *_fields(self._routes[job.id])))
+        job.context = audience = Audience.of(record, self.app.settings.bot.locale)
+        self.app.bus.publish(Started(job.id, *_fields(audience)))
         return True
 
     def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
         """``preview``: PNG bytes of a small preview of the image so far, when the engine
         makes them; the delivery layer shows it with the step."""
-        audience = self._routes.get(job.id)
-        if audience is not None:
+        audience = job.context
+        if isinstance(audience, Audience):
             self.app.bus.publish(
                 Progress(job.id, *_fields(audience), step=step, total=total, preview=preview)
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        audience = self._routes[job.id]
         images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
 
         async def keep() -> None:
@@ -181,9 +186,9 @@ class JobLifecycle:
             )
         finally:
             await asyncio.to_thread(discard_staged, images)
-        self._routes.pop(job.id, None)
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return
+        audience = await self._audience(job)
         actions = self.result_actions(record, audience.actor)
         out = tuple(
             ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)
@@ -221,16 +226,25 @@ class JobLifecycle:
                 log.exception("%s of plugin %s failed", hook_name, impl.plugin_name)
 
     async def job_failed(self, job: Job, error: BaseException) -> None:
-        await self._fail(job.id, self._routes.pop(job.id), error)
+        await self._fail(job.id, await self._audience(job), error)
 
     async def job_stopped(self, job: Job) -> None:
-        audience = self._routes.pop(job.id)
         if job.stop_reason == "shutdown":
             await self.app.store.requeue_interrupted(job.id, self.app.owner)
             return
         if await self.app.store.mark_cancelled(job.id):
-            self.app.bus.publish(Cancelled(job.id, *_fields(audience)))
+            self.app.bus.publish(Cancelled(job.id, *_fields(await self._audience(job))))
             await self._ended(job.id)
+
+    async def _audience(self, job: Job) -> Audience:
+        """Whom ``job`` answers: as read when it was claimed, else from its row."""
+        if isinstance(job.context, Audience):
+            return job.context
+        record = await self.app.store.get(job.id)
+        if record is None:
+            raise NotFound("error.not_found", id=job.id)
+        job.context = audience = Audience.of(record, self.app.settings.bot.locale)
+        return audience
 
     async def _fail(self, generation_id: str, audience: Audience, error: BaseException) -> None:
         """Fail a job this App holds (a process that lost it leaves it to the new holder)."""

@@ -64,7 +64,6 @@ class Service(Drawing, JobLifecycle):
     def __init__(self, app: App) -> None:
         self.app = app
         self.options = draw_options()
-        self._routes: dict[str, Audience] = {}  # job id -> who to tell
 
     # commands ---------------------------------------------------------------------------------
 

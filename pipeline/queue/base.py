@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeline.request import GenerationRequest, GenerationResult
 
@@ -18,6 +18,9 @@ class Job:
     seq: int = 0  # arrival order, set by the queue
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # "cancel" (user) or "shutdown" (run it again later)
+    # the listener's own, carried with the job and never looked at by the queue (the bot: who
+    # to tell about it, read from the job's row when it is claimed)
+    context: Any = None
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -32,7 +35,8 @@ class JobListener(Protocol):
     of them saves and stores the last. A device's jobs end one at a time, in order."""
 
     async def job_started(self, job: Job) -> bool:
-        """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is skipped."""
+        """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is
+        skipped. A claim may set ``job.context`` for the calls that follow."""
         ...
 
     def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
@@ -60,13 +64,19 @@ class Runner(Protocol):
 
 
 class JobQueue(Protocol):
-    def put(self, job: Job) -> int:
+    """Where jobs wait for a device. The calls are async: a queue may answer them from the
+    store, so a job put by one process can be cancelled, run and ended by another."""
+
+    async def put(self, job: Job) -> int:
         """Add a job; returns its 1-based position (1 = next to run)."""
         ...
 
-    def position(self, job_id: str) -> int | None: ...
+    async def position(self, job_id: str) -> int | None:
+        """0 while the job runs (or ends after its run), 1 and up while it waits, None when
+        this queue does not have it."""
+        ...
 
-    def cancel(self, job_id: str) -> str:
+    async def cancel(self, job_id: str) -> str:
         """'queued' (removed), 'running' (stops at the next step) or 'unknown'."""
         ...
 

@@ -8,6 +8,8 @@ several devices, a worker takes, among the jobs of the front's priority and roun
 whose checkpoint its device has loaded (a runner's ``resident``). Each worker is
 an asyncio task that hands the engine call to its own single-thread executor, so torch
 never runs on the event loop; progress crosses back with ``call_soon_threadsafe``.
+The order lives in this process's memory: ``position`` is this queue's answer, and a job
+another process queued is not in it (the job's row says where it is).
 
 Micro-batching: with ``max_batch`` above 1, a worker that takes a job also takes the
 waiting jobs that can share its UNet batch (equal ``batch_key``; from any user), in queue
@@ -83,15 +85,20 @@ class LocalQueue:
 
     # the JobQueue protocol ------------------------------------------------------------------
 
-    def put(self, job: Job) -> int:
+    async def put(self, job: Job) -> int:
         job.seq = next(self._seq)
         open_jobs = [*self._waiting, *self._running.values()]
         self._rounds[job.id] = sum(1 for other in open_jobs if other.owner == job.owner)
         self._waiting.append(job)
         self._notify()
-        return self.position(job.id) or 1
+        return self._position(job.id) or 1
 
-    def position(self, job_id: str) -> int | None:
+    async def position(self, job_id: str) -> int | None:
+        """This process's answer: the order lives in its memory, so a job another process
+        queued is None here."""
+        return self._position(job_id)
+
+    def _position(self, job_id: str) -> int | None:
         if job_id in self._running or job_id in self._finishing:
             return 0
         for index, job in enumerate(self._ordered()):
@@ -99,7 +106,7 @@ class LocalQueue:
                 return index + 1
         return None
 
-    def cancel(self, job_id: str) -> str:
+    async def cancel(self, job_id: str) -> str:
         for job in self._waiting:
             if job.id == job_id:
                 self._waiting.remove(job)

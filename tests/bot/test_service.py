@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from bot.types import Actor
+from bot.types import Actor, Route
 from pipeline.images import read_infotext
 from pipeline.infotext import parse
 from tests.conftest import EventLog, crash, expire_leases, opened, png
@@ -146,6 +146,74 @@ async def test_restart_runs_queued_and_interrupted_jobs_once(make_app) -> None:
         record = await second.store.get(job_id)
         assert record.status == "finished" and len(record.images) == 1
     assert (await second.store.get(ids[0])).attempts == 2
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["queued", "interrupted"])
+async def test_an_adopted_job_answers_whom_its_row_names(make_app, running: bool) -> None:
+    """A job stored and queued by one App, whose process died before it ended, is run by
+    another App that never saw the submit: every event goes to the actor, route and
+    thread the row names."""
+    carol = Actor(
+        platform="console",
+        user_id="carol",
+        name="Carol",
+        locale="zh-CN",
+        chat_id="room-7",
+        guild_id="guild-3",
+        roles=frozenset({"gold"}),
+    )
+    route = Route("console", chat_id="room-7", thread_id="topic-2", reply_to_message_id="m-41")
+    first = await make_app()
+    await first.queue.stop()  # nothing runs in the first App
+    first_log = EventLog(first)
+    replies = await first.service.draw(carol, "a cat", {"steps": 3}, route, thread_key="chain-9")
+    (job_id,) = replies[0].data["jobs"]
+    if running:
+        await first.store.mark_running(job_id, first.service.lease())  # running when it died
+    await crash(first)
+    second = await make_app(start=False)
+    log = EventLog(second)
+    assert await second.start() == 1
+    await log.wait_for(lambda: log.of("finished", job_id))
+    assert [e.kind for e in first_log.events] == ["queued"]  # the first App ran nothing
+    kinds = [e.kind for e in log.events]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "finished" and "progress" in kinds
+    for event in log.events:
+        assert (event.generation_id, event.route, event.thread_key) == (job_id, route, "chain-9")
+        actor = event.actor
+        assert (actor.key, actor.name, actor.locale, actor.chat_id, actor.guild_id) == (
+            "console:carol",
+            "Carol",
+            "zh-CN",
+            "room-7",
+            "guild-3",
+        )
+        assert "gold" in actor.roles
+    record = await second.store.get(job_id)
+    assert (record.status, record.owner, record.attempts) == ("finished", second.owner, 1 + running)
+
+
+async def test_a_job_queued_elsewhere_is_cancelled_where_its_row_says(make_app) -> None:
+    """A queued job this App took over is cancelled with its event routed from the row."""
+    route = Route("console", chat_id="c", thread_id="topic-5")
+    first = await make_app()
+    await first.queue.stop()
+    replies = await first.service.draw(BOB, "a cat", {}, route, thread_key="chain-5")
+    (job_id,) = replies[0].data["jobs"]
+    await crash(first)
+    second = await make_app(start=False)
+    await second.start(recover=False)
+    await second.queue.stop()  # adopted, but not run: it waits in the second App's queue
+    log = EventLog(second)
+    assert await second.service.recover() == 1
+    assert await second.queue.position(job_id) == 1
+    done = await second.service.cancel(job_id, BOB)
+    assert done.key == "cancel.done"
+    (cancelled,) = log.of("cancelled", job_id)
+    assert (cancelled.route, cancelled.thread_key, cancelled.actor.key) == (route, "chain-5", BOB.key)
+    assert cancelled.actor.locale == "zh-CN"
+    assert await second.queue.position(job_id) is None
+    assert (await second.store.get(job_id)).status == "cancelled"
 
 
 async def test_a_job_interrupted_too_often_fails_with_a_message(make_app) -> None:

@@ -67,16 +67,16 @@ async def test_a_users_first_job_outranks_everyones_second() -> None:
     queue = LocalQueue([runner], recorder)
     await queue.start()
     try:
-        queue.put(_job("a", 1))  # starts at once and waits at the gate
+        await queue.put(_job("a", 1))  # starts at once and waits at the gate
         await asyncio.sleep(0.05)
         positions = [
-            queue.put(_job("a", 2)),
-            queue.put(_job("a", 3)),
-            queue.put(_job("b", 4)),
-            queue.put(_job("c", 5, priority=5)),
+            await queue.put(_job("a", 2)),
+            await queue.put(_job("a", 3)),
+            await queue.put(_job("b", 4)),
+            await queue.put(_job("c", 5, priority=5)),
         ]
         assert positions == [1, 2, 1, 1]
-        assert [queue.position(i) for i in ("a1", "c5", "b4", "a2", "a3")] == [0, 1, 2, 3, 4]
+        assert [await queue.position(i) for i in ("a1", "c5", "b4", "a2", "a3")] == [0, 1, 2, 3, 4]
         await _drain(runner, queue, 5)
         assert runner.order == [1, 5, 4, 2, 3]
         assert all(name.startswith("atelier-device-0") for name in runner.threads)
@@ -90,15 +90,58 @@ async def test_cancel_queued_and_running() -> None:
     queue = LocalQueue([runner], recorder)
     await queue.start()
     try:
-        queue.put(_job("a", 1))
-        queue.put(_job("a", 2))
+        await queue.put(_job("a", 1))
+        await queue.put(_job("a", 2))
         await asyncio.sleep(0.05)
-        assert queue.cancel("a2") == "queued"
-        assert queue.cancel("a1") == "running"
-        assert queue.cancel("zz") == "unknown"
+        assert await queue.cancel("a2") == "queued"
+        assert await queue.cancel("a1") == "running"
+        assert await queue.cancel("zz") == "unknown"
         await _drain(runner, queue, 1)
         assert ("stopped:cancel", "a1") in recorder.log
         assert runner.order == []
+    finally:
+        await queue.stop()
+
+
+class Claims(Recorder):
+    """A Recorder that says when a job is claimed and keeps what the claim put on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed = asyncio.Event()
+        self.contexts: dict[str, object] = {}
+
+    async def job_started(self, job: Job) -> bool:
+        job.context = f"answer {job.id} here"
+        self.claimed.set()
+        return await super().job_started(job)
+
+    def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
+        self.contexts[job.id] = job.context
+        super().job_progress(job, step, total, preview)
+
+
+async def test_the_async_api_answers_positions_and_cancels() -> None:
+    runner, listener = GatedRunner(), Claims()
+    queue = LocalQueue([runner], listener)
+    assert await queue.position("a1") is None
+    assert await queue.put(_job("a", 1)) == 1  # queued before the device runs: next in line
+    assert await queue.put(_job("a", 2)) == 2
+    assert await queue.put(_job("b", 3)) == 2  # b's first job outranks a's second
+    await queue.start()
+    try:
+        await asyncio.wait_for(listener.claimed.wait(), 10)
+        assert [await queue.position(i) for i in ("a1", "b3", "a2")] == [0, 1, 2]
+        assert await queue.cancel("b3") == "queued"
+        assert await queue.position("b3") is None and await queue.position("a2") == 1
+        assert await queue.cancel("b3") == "unknown"  # gone already
+        assert await queue.cancel("nobody") == "unknown"
+        await _drain(runner, queue, 2)
+        assert runner.order == [1, 2]
+        assert ("started", "b3") not in listener.log
+        # what the claim put on a job is carried to its progress; the queue never reads it
+        assert listener.contexts == {"a1": "answer a1 here", "a2": "answer a2 here"}
+        assert await queue.position("a1") is None
     finally:
         await queue.stop()
 
@@ -109,8 +152,8 @@ async def test_a_job_the_listener_refuses_is_skipped() -> None:
     queue = LocalQueue([runner], recorder)
     await queue.start()
     try:
-        queue.put(_job("a", 1))
-        queue.put(_job("a", 2))
+        await queue.put(_job("a", 1))
+        await queue.put(_job("a", 2))
         await _drain(runner, queue, 1)
         assert runner.order == [2]
     finally:
@@ -121,7 +164,7 @@ async def test_stop_without_wait_interrupts_the_running_job() -> None:
     runner, recorder = GatedRunner(), Recorder()
     queue = LocalQueue([runner], recorder)
     await queue.start()
-    queue.put(_job("a", 1))
+    await queue.put(_job("a", 1))
     await asyncio.sleep(0.05)
     stopping = asyncio.create_task(queue.stop(wait=False))
     await asyncio.sleep(0.05)
@@ -135,8 +178,8 @@ async def test_two_devices_run_two_jobs_at_once() -> None:
     queue = LocalQueue([first, second], recorder)
     await queue.start()
     try:
-        queue.put(_job("a", 1))
-        queue.put(_job("b", 2))
+        await queue.put(_job("a", 1))
+        await queue.put(_job("b", 2))
         await asyncio.sleep(0.05)
         assert queue.running == 2
         first.gate.release()
@@ -155,12 +198,12 @@ async def test_max_running_keeps_an_owners_extra_jobs_waiting_for_others() -> No
         for seed in (1, 2):
             job = _job("a", seed)
             job.max_running = 1
-            queue.put(job)
+            await queue.put(job)
         await asyncio.sleep(0.05)
         assert queue.running == 1  # two devices, but a's cap is one
-        queue.put(_job("b", 3))
+        await queue.put(_job("b", 3))
         await asyncio.sleep(0.05)
-        assert queue.running == 2 and queue.position("a2") == 1
+        assert queue.running == 2 and await queue.position("a2") == 1
         for runner in (first, second, first, second):
             runner.gate.release()
         await asyncio.wait_for(queue.join(), 10)
@@ -199,11 +242,11 @@ async def test_the_device_runs_the_next_job_while_the_last_one_ends() -> None:
     await queue.start()
     try:
         for seed in (1, 2, 3):
-            queue.put(_job("a", seed))
+            await queue.put(_job("a", seed))
         runner.gate.release()
         runner.gate.release()
         await _until(lambda: runner.order == [1, 2] and queue.finishing == 2)
-        assert listener.ended == [] and queue.position("a1") == 0  # a1's end waits on the listener
+        assert listener.ended == [] and await queue.position("a1") == 0  # a1's end waits on the listener
         joined = asyncio.create_task(queue.join())
         runner.gate.release()
         await _until(lambda: runner.order == [1, 2, 3])
@@ -212,7 +255,7 @@ async def test_the_device_runs_the_next_job_while_the_last_one_ends() -> None:
         listener.ends.set()
         await asyncio.wait_for(joined, 10)
         assert listener.ended == ["a1", "a2", "a3"]  # one device's jobs end in the order they ran
-        assert queue.finishing == 0 and queue.position("a1") is None
+        assert queue.finishing == 0 and await queue.position("a1") is None
     finally:
         listener.ends.set()
         await queue.stop()
@@ -222,7 +265,7 @@ async def test_stop_waits_for_the_ends_of_the_jobs_that_ran() -> None:
     runner, listener = GatedRunner(), SlowEnds()
     queue = LocalQueue([runner], listener)
     await queue.start()
-    queue.put(_job("a", 1))
+    await queue.put(_job("a", 1))
     runner.gate.release()
     await _until(lambda: runner.order == [1])
     stopping = asyncio.create_task(queue.stop())
@@ -239,8 +282,8 @@ async def test_a_listener_error_at_the_end_keeps_the_worker_and_the_other_ends()
     queue = LocalQueue([runner], listener)
     await queue.start()
     try:
-        queue.put(_job("a", 1))
-        queue.put(_job("a", 2))
+        await queue.put(_job("a", 1))
+        await queue.put(_job("a", 2))
         listener.ends.set()
         await _drain(runner, queue, 2)
         assert listener.ended == ["a2"] and runner.order == [1, 2]
@@ -256,7 +299,7 @@ async def test_a_job_that_is_ending_does_not_hold_its_owners_running_cap() -> No
         for seed in (1, 2):
             job = _job("a", seed)
             job.max_running = 1
-            queue.put(job)
+            await queue.put(job)
         runner.gate.release()
         await _until(lambda: runner.order == [1])
         await _until(lambda: queue.running == 1 and queue.waiting == 0)  # a2 is on the device
@@ -276,7 +319,7 @@ async def test_pending_ends_beyond_the_limit_hold_the_device() -> None:
     await queue.start()
     try:
         for seed in (1, 2, 3, 4):
-            queue.put(_job("a", seed))
+            await queue.put(_job("a", seed))
             runner.gate.release()
         await _until(lambda: runner.order == [1, 2])
         await asyncio.sleep(0.05)
@@ -358,7 +401,7 @@ async def test_jobs_waiting_behind_a_busy_device_run_as_one_batch_in_fair_order(
     queue = LocalQueue([runner], recorder, max_batch=4, batch_window=0, batch_key=_compatible)
     await queue.start()
     try:
-        queue.put(_batch_job("a", 1, "alone"))  # the device is busy with it
+        await queue.put(_batch_job("a", 1, "alone"))  # the device is busy with it
         await asyncio.sleep(0.05)
         for job in (
             _batch_job("a", 2),
@@ -368,7 +411,7 @@ async def test_jobs_waiting_behind_a_busy_device_run_as_one_batch_in_fair_order(
             _batch_job("d", 6),
             _batch_job("e", 7, priority=5),
         ):
-            queue.put(job)
+            await queue.put(job)
         await _drain(runner, queue, 4)
     finally:
         await queue.stop()
@@ -393,10 +436,10 @@ async def test_a_batch_waits_for_its_window_only_until_it_is_full() -> None:
     queue = LocalQueue([runner], recorder, max_batch=2, batch_window=30, batch_key=_compatible)
     await queue.start()
     try:
-        queue.put(_batch_job("a", 1))
+        await queue.put(_batch_job("a", 1))
         await asyncio.sleep(0.05)  # within the window: the device has not started yet
         assert runner.calls == [] and recorder.log == []
-        queue.put(_batch_job("b", 2))  # fills the batch: it starts at once
+        await queue.put(_batch_job("b", 2))  # fills the batch: it starts at once
         await _drain(runner, queue, 1)
     finally:
         await queue.stop()
@@ -408,21 +451,21 @@ async def test_one_bad_request_fails_alone_and_a_cancelled_member_is_stopped() -
     queue = LocalQueue([runner], recorder, max_batch=8, batch_window=0, batch_key=_compatible)
     await queue.start()
     try:
-        queue.put(_batch_job("a", 1, "alone"))
+        await queue.put(_batch_job("a", 1, "alone"))
         await asyncio.sleep(0.05)
         for owner, seed in (("b", 2), ("c", 13), ("d", 4)):
-            queue.put(_batch_job(owner, seed))
+            await queue.put(_batch_job(owner, seed))
         runner.gate.release()  # a1
         await asyncio.sleep(0.05)
         runner.gate.release()  # the batch, which fails; then each alone
         await _drain(runner, queue, 2)
-        queue.put(_batch_job("e", 5, "alone"))
+        await queue.put(_batch_job("e", 5, "alone"))
         await asyncio.sleep(0.05)
-        queue.put(_batch_job("f", 6))
-        queue.put(_batch_job("g", 7))
+        await queue.put(_batch_job("f", 6))
+        await queue.put(_batch_job("g", 7))
         runner.gate.release()  # e5
         await asyncio.sleep(0.05)
-        assert queue.cancel("f6") == "running"  # a member of the running batch
+        assert await queue.cancel("f6") == "running"  # a member of the running batch
         await _drain(runner, queue, 1)
     finally:
         await queue.stop()
@@ -454,19 +497,19 @@ async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fa
     queue = LocalQueue([holds_x, holds_y], recorder)
     await queue.start()
     try:
-        queue.put(_on("a", 1, "z"))  # both devices busy
-        queue.put(_on("b", 2, "z"))
+        await queue.put(_on("a", 1, "z"))  # both devices busy
+        await queue.put(_on("b", 2, "z"))
         await asyncio.sleep(0.05)
-        queue.put(_on("c", 3, "y"))  # first in line, loaded on the other device
-        queue.put(_on("d", 4, "x"))
-        queue.put(_on("a", 5, "x"))  # a's second job: a later round, not taken before c's
+        await queue.put(_on("c", 3, "y"))  # first in line, loaded on the other device
+        await queue.put(_on("d", 4, "x"))
+        await queue.put(_on("a", 5, "x"))  # a's second job: a later round, not taken before c's
         holds_x.gate.release()
         await asyncio.sleep(0.05)
-        assert holds_x.order[-1] in (1, 2) and queue.position("d4") == 0  # d4 runs on the x device
+        assert holds_x.order[-1] in (1, 2) and await queue.position("d4") == 0  # d4 runs on the x device
         holds_x.gate.release()
         await asyncio.sleep(0.05)
         # the x device, free again, takes c3 (the front) before a's second job, loaded or not
-        assert queue.position("c3") == 0 and queue.position("a5") == 1
+        assert await queue.position("c3") == 0 and await queue.position("a5") == 1
         holds_y.gate.release()
         holds_y.gate.release()
         holds_x.gate.release()
