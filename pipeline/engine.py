@@ -347,6 +347,8 @@ class Engine:
         if len(requests) > 1 and batching.batch_key(requests[0]) is None:
             raise ValueError("this request cannot join a batch (see pipeline.batching.batch_key)")
         started = time.perf_counter()
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled()  # stopped before it began (its claim was refused): load nothing
         lead = requests[0]
         jobs = [plan_passes(request) for request in requests]
         active = self.networks.for_prompt(lead.prompt)
