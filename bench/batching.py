@@ -20,7 +20,6 @@ import statistics
 import time
 
 
-
 def _say(text: str, *args: object) -> None:
     print(text % args, flush=True)
 
