@@ -383,6 +383,18 @@ class Engine:
             )
         return results
 
+    def warm_up(self, checkpoint: str) -> float:
+        """Load ``checkpoint`` and run one tiny generation with it, so that the first
+        user's job pays for neither (imports, the model load, the device's first kernels).
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        request = GenerationRequest(
+            prompt="", seed=0, num_inference_steps=1, width=64, height=64, checkpoint=checkpoint,
+            sampler_name="Euler",
+        )  # fmt: skip
+        self.generate(request)
+        return time.perf_counter() - started
+
     def resident(self, checkpoint: str) -> bool:
         """Whether ``checkpoint`` is loaded on this engine's device (a queue with several
         devices gives a job to the one that has its checkpoint, when it can)."""

@@ -57,11 +57,14 @@ class LocalQueue:
         batch_window: float = 0.0,
         batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
         max_finishing: int = 16,
+        warm_up: str | None = None,
     ) -> None:
         """``max_batch``: most images in one micro-batch (1: no batching); ``batch_window``:
         seconds a batch that is not full waits for compatible jobs; ``batch_key``: which
         requests may share a batch (default ``pipeline.batching.batch_key``);
-        ``max_finishing``: most jobs of one worker ending at once, off the device."""
+        ``max_finishing``: most jobs of one worker ending at once, off the device;
+        ``warm_up``: a checkpoint each device loads and warms (``Runner.warm_up``) before
+        its first job."""
         if not runners:
             raise ValueError("LocalQueue needs at least one runner (device)")
         self.runners = list(runners)
@@ -71,6 +74,7 @@ class LocalQueue:
         if batch_key is None:
             from pipeline.batching import batch_key
         self.batch_key = batch_key
+        self.warm_up = warm_up
         self._waiting: list[Job] = []
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
@@ -262,6 +266,13 @@ class LocalQueue:
 
     async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
         batches = callable(getattr(runner, "generate_batch", None))
+        warm_up = getattr(runner, "warm_up", None)
+        if self.warm_up and warm_up is not None:
+            try:  # jobs that come meanwhile wait: the device is busy
+                seconds = await asyncio.get_running_loop().run_in_executor(executor, warm_up, self.warm_up)
+                log.info("%s loaded and warmed in %.2f s", self.warm_up, seconds)
+            except Exception:  # the first job will say what is wrong with it
+                log.warning("warming up %s failed", self.warm_up, exc_info=True)
         pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
         while True:
             pending = [task for task in pending if not task.done()]
