@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import statistics
-import sys
 import time
 
-logger = logging.getLogger("bench.batching")
+
+def _say(text: str, *args: object) -> None:
+    print(text % args, flush=True)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ async def _main(args: argparse.Namespace) -> int:
             batched_times.append(t_batched)
             solo_times.append(t_solo)
             ratios.append(t_solo / t_batched)
-            logger.info(
+            _say(
                 "round %d: batched %.3f s, one at a time %.3f s, ratio %.2f",
                 number,
                 t_batched,
@@ -151,13 +151,13 @@ async def _main(args: argparse.Namespace) -> int:
         await batched.stop()
         await solo.stop()
     ratio = statistics.median(ratios)
-    logger.info(
+    _say(
         "%d users, %dx%d, %d steps, Euler a, %s: batched %.3f s, one at a time %.3f s (medians)",
         args.users, args.size, args.size, args.steps, args.device,
         statistics.median(batched_times), statistics.median(solo_times),
     )  # fmt: skip
-    logger.info("speed-up (one at a time / batched, median of per-round ratios): %.2fx (target >= 2x)", ratio)
-    logger.info(
+    _say("speed-up (one at a time / batched, median of per-round ratios): %.2fx (target >= 2x)", ratio)
+    _say(
         "images byte for byte equal to their solo run: %d of %d; largest channel difference: %d level(s)",
         identical, args.users, worst,
     )  # fmt: skip
@@ -165,7 +165,6 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     return asyncio.run(_main(_parse_args(argv)))
 
 

@@ -78,6 +78,7 @@ class App:
                 self.service,
                 max_batch=queue.max_batch,
                 batch_window=queue.batch_window_ms / 1000,
+                warm_up=self.settings.engine.default_checkpoint if self.settings.engine.warm_up else None,
             )
         if self.images is None:
             self.images = LocalImageStore(self.images_dir, self.store)

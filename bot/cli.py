@@ -159,6 +159,9 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     text = join_words(words)
     actor = Actor(platform="console", user_id="cli", name="cli", locale=settings.bot.locale, chat_id="cli")
 
+    # one job: warming the device up first would only delay it
+    settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"warm_up": False})})
+
     async def go() -> int:
         app = build_app(settings)
         adapter = OneShotAdapter(app, output)

@@ -62,6 +62,7 @@ class EngineSettings(_Table):
     memory_budget_gb: float = Field(0.0, ge=0)
     oom_retry: bool = True
     preview_every: int = Field(5, ge=0, le=1000)
+    warm_up: bool = True  # load and warm default_checkpoint on every device at start
 
 
 class DefaultsSettings(_Table):

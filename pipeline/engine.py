@@ -347,6 +347,8 @@ class Engine:
         if len(requests) > 1 and batching.batch_key(requests[0]) is None:
             raise ValueError("this request cannot join a batch (see pipeline.batching.batch_key)")
         started = time.perf_counter()
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled()  # stopped before it began (its claim was refused): load nothing
         lead = requests[0]
         jobs = [plan_passes(request) for request in requests]
         active = self.networks.for_prompt(lead.prompt)
@@ -380,6 +382,18 @@ class Engine:
                 )
             )
         return results
+
+    def warm_up(self, checkpoint: str) -> float:
+        """Load ``checkpoint`` and run one tiny generation with it, so that the first
+        user's job pays for neither (imports, the model load, the device's first kernels).
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        request = GenerationRequest(
+            prompt="", seed=0, num_inference_steps=1, width=64, height=64, checkpoint=checkpoint,
+            sampler_name="Euler",
+        )  # fmt: skip
+        self.generate(request)
+        return time.perf_counter() - started
 
     def resident(self, checkpoint: str) -> bool:
         """Whether ``checkpoint`` is loaded on this engine's device (a queue with several

@@ -24,7 +24,8 @@ def make_settings(tmp_path: Path, database_url: str = "", **tables: dict[str, An
     data: dict[str, Any] = {
         "bot": {"data_dir": str(tmp_path / "data")},
         "database": {"url": database_url},
-        "engine": {"models_dir": str(tmp_path / "models"), "device": "cpu"},
+        # warm_up off: an App in a test draws what the test asks for and nothing else
+        "engine": {"models_dir": str(tmp_path / "models"), "device": "cpu", "warm_up": False},
         "defaults": {"steps": 4, "width": 64, "height": 64},
     }
     for table, values in tables.items():

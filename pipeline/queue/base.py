@@ -53,6 +53,11 @@ class JobListener(Protocol):
 
 
 class Runner(Protocol):
+    """A device's engine. Optional, used when present: ``generate_batch(requests, *,
+    on_progress, should_stop, on_preview)`` runs compatible requests as one micro-batch
+    (one result per request; ``on_preview(step, pngs)`` gets a PNG per request), and
+    ``resident(checkpoint) -> bool`` says whether a checkpoint is loaded on the device."""
+
     def generate(
         self,
         request: GenerationRequest,

@@ -32,11 +32,13 @@ that the worker waits, so images that are slow to save cannot pile up without bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
@@ -57,11 +59,14 @@ class LocalQueue:
         batch_window: float = 0.0,
         batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
         max_finishing: int = 16,
+        warm_up: str | None = None,
     ) -> None:
         """``max_batch``: most images in one micro-batch (1: no batching); ``batch_window``:
         seconds a batch that is not full waits for compatible jobs; ``batch_key``: which
         requests may share a batch (default ``pipeline.batching.batch_key``);
-        ``max_finishing``: most jobs of one worker ending at once, off the device."""
+        ``max_finishing``: most jobs of one worker ending at once, off the device;
+        ``warm_up``: a checkpoint each device loads and warms (``Runner.warm_up``) before
+        its first job."""
         if not runners:
             raise ValueError("LocalQueue needs at least one runner (device)")
         self.runners = list(runners)
@@ -71,6 +76,7 @@ class LocalQueue:
         if batch_key is None:
             from pipeline.batching import batch_key
         self.batch_key = batch_key
+        self.warm_up = warm_up
         self._waiting: list[Job] = []
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
@@ -267,6 +273,13 @@ class LocalQueue:
 
     async def _work(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
         batches = callable(getattr(runner, "generate_batch", None))
+        warm_up = getattr(runner, "warm_up", None)
+        if self.warm_up and warm_up is not None:
+            try:  # jobs that come meanwhile wait: the device is busy
+                seconds = await asyncio.get_running_loop().run_in_executor(executor, warm_up, self.warm_up)
+                log.info("%s loaded and warmed in %.2f s", self.warm_up, seconds)
+            except Exception:  # the first job will say what is wrong with it
+                log.warning("warming up %s failed", self.warm_up, exc_info=True)
         pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
         while True:
             pending = [task for task in pending if not task.done()]
@@ -302,12 +315,8 @@ class LocalQueue:
         """Run ``jobs`` as one micro-batch: progress and previews go to each job; a job
         cancelled meanwhile is reported stopped (the batch stops only when all are). How
         each job ends is added to ``ends``."""
-        started = [job for job in jobs if await self.listener.job_started(job)]
-        if len(started) < 2:
-            for job in started:
-                await self._run(job, runner, executor, ends, claimed=True)
-            return
         loop = asyncio.get_running_loop()
+        claims = _Claims(self.listener, jobs)
         previews: list[list[bytes] | None] = [None]
 
         def on_preview(_step: int, pngs: list[bytes]) -> None:
@@ -315,28 +324,32 @@ class LocalQueue:
 
         def on_progress(step: int, total: int) -> None:
             pngs, previews[0] = previews[0], None
-            for index, job in enumerate(started):
+            for index, job in enumerate(jobs):
                 png = pngs[index] if pngs is not None else None
-                loop.call_soon_threadsafe(self.listener.job_progress, job, step, total, png)
+                loop.call_soon_threadsafe(claims.progress, job, step, total, png)
 
         def call() -> object:
             return runner.generate_batch(  # type: ignore[attr-defined]
-                [job.request for job in started],
+                [job.request for job in jobs],
                 on_progress=on_progress,
-                should_stop=lambda: all(job.stop.is_set() for job in started),
+                should_stop=lambda: all(job.stop.is_set() for job in jobs),
                 on_preview=on_preview,
             )
 
+        running = loop.run_in_executor(executor, call)  # the device starts while the jobs are claimed
+        await claims.settle(running)
         try:
-            results = await loop.run_in_executor(executor, call)
+            results = await running
         except GenerationCancelled:
-            ends.extend((job, functools.partial(self.listener.job_stopped, job)) for job in started)
+            ends.extend((job, functools.partial(self.listener.job_stopped, job)) for job in claims.held)
         except Exception:
-            log.warning("a batch of %d jobs failed; running each alone", len(started), exc_info=True)
-            for job in started:
+            log.warning("a batch of %d jobs failed; running each alone", len(jobs), exc_info=True)
+            for job in claims.held:
                 await self._run(job, runner, executor, ends, claimed=True)
         else:
-            for job, result in zip(started, results, strict=True):  # type: ignore[call-overload]
+            for job, result in zip(jobs, results, strict=True):  # type: ignore[call-overload]
+                if job not in claims.held:
+                    continue
                 if job.stop.is_set():
                     ends.append((job, functools.partial(self.listener.job_stopped, job)))
                 else:
@@ -353,10 +366,8 @@ class LocalQueue:
     ) -> None:
         """Run one job on the device and add how it ends to ``ends``; ``claimed``:
         ``job_started`` already said yes (a batch run alone)."""
-        if not claimed and not await self.listener.job_started(job):
-            return
         loop = asyncio.get_running_loop()
-
+        claims = _Claims(self.listener, [] if claimed else [job])
         preview: list[bytes | None] = [None]  # the engine hands a step's preview just before its progress
 
         def on_preview(_step: int, png: bytes) -> None:
@@ -364,21 +375,25 @@ class LocalQueue:
 
         def on_progress(step: int, total: int) -> None:
             png, preview[0] = preview[0], None
-            loop.call_soon_threadsafe(self.listener.job_progress, job, step, total, png)
+            loop.call_soon_threadsafe(claims.progress, job, step, total, png)
 
         def call() -> object:
             return runner.generate(
                 job.request, on_progress=on_progress, should_stop=job.stop.is_set, on_preview=on_preview
             )
 
+        running = loop.run_in_executor(executor, call)  # the device starts while the job is claimed
+        await claims.settle(running)
         try:
-            result = await loop.run_in_executor(executor, call)
+            result = await running
         except GenerationCancelled:
-            ends.append((job, functools.partial(self.listener.job_stopped, job)))
+            end = functools.partial(self.listener.job_stopped, job)
         except Exception as exc:
-            ends.append((job, functools.partial(self.listener.job_failed, job, exc)))
+            end = functools.partial(self.listener.job_failed, job, exc)
         else:
-            ends.append((job, functools.partial(self.listener.job_finished, job, result)))  # type: ignore[arg-type]
+            end = functools.partial(self.listener.job_finished, job, result)  # type: ignore[arg-type]
+        if claimed or job in claims.held:
+            ends.append((job, end))
 
     async def _finish(
         self, job: Job, end: Callable[[], Awaitable[None]], after: asyncio.Task[None] | None
@@ -393,3 +408,44 @@ class LocalQueue:
         finally:
             self._finishing.pop(job.id, None)
             await self._notify_async()
+
+
+class _Claims:
+    """Claims jobs (``job_started``) while the device already runs them, so the device
+    never waits for the store. A job whose claim is refused (cancelled or taken over
+    meanwhile) is stopped at its next step and never ended here; progress reported
+    before the claims are settled waits for them, so no one sees a step before the start."""
+
+    def __init__(self, listener: JobListener, jobs: list[Job]) -> None:
+        self.listener = listener
+        self.pending = list(jobs)
+        self.held: list[Job] = []
+        self._settled = not jobs
+        self._waiting: list[tuple[Job, int, int, bytes | None]] = []
+
+    async def settle(self, running: asyncio.Future[Any]) -> None:
+        """Claim every job; if a claim raises, the jobs stop and the device's run is
+        awaited (its outcome dropped) before the error goes on."""
+        for job in self.pending:
+            try:
+                claimed = await self.listener.job_started(job)
+            except Exception:
+                for other in self.pending:
+                    other.request_stop("unclaimed")
+                with contextlib.suppress(Exception):
+                    await running
+                raise
+            if claimed:
+                self.held.append(job)
+            else:
+                job.request_stop("unclaimed")
+        self._settled = True
+        for job, step, total, preview in self._waiting:
+            self.progress(job, step, total, preview)
+        self._waiting.clear()
+
+    def progress(self, job: Job, step: int, total: int, preview: bytes | None) -> None:
+        if not self._settled:
+            self._waiting.append((job, step, total, preview))
+        elif job in self.held or job not in self.pending:
+            self.listener.job_progress(job, step, total, preview)

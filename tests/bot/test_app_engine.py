@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -210,3 +211,27 @@ async def test_several_devices_each_load_their_own_checkpoints_and_run_jobs_at_o
         make_engine(
             make_settings(Path("."), engine={"devices": ["cuda:3"]}), CheckpointLibrary(None), device="cuda:3"
         )
+
+
+# -- warm-up ----------------------------------------------------------------------------------------
+
+
+async def test_each_device_loads_and_warms_the_default_checkpoint_at_start(app_with_engine, caplog):
+    def warmed() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "loaded and warmed" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="pipeline.queue.local"):
+        app = await app_with_engine(warm_up=True, devices=["cpu", "cpu"])
+        for _ in range(600):  # no /draw: the devices warm up on their own
+            if len(warmed()) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert all(engine.library.is_loaded("tiny") for engine in app.engines)
+    warmed = warmed()
+    assert len(warmed) == 2 and all(m.startswith("tiny loaded and warmed in ") for m in warmed), warmed
+    log = EventLog(app)
+    job, event = await _draw(app, log, DRAW)
+    assert event.kind == "finished"
+    cold = await app_with_engine(warm_up=False)
+    await asyncio.sleep(0.3)
+    assert not cold.library.is_loaded("tiny")  # loaded by its first job only

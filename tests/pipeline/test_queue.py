@@ -154,10 +154,14 @@ async def test_a_job_the_listener_refuses_is_skipped() -> None:
     try:
         await queue.put(_job("a", 1))
         await queue.put(_job("a", 2))
-        await _drain(runner, queue, 1)
+        # the device starts a job while it is claimed: a refused one stops at its first step
+        while ("started", "a1") not in recorder.log:
+            await asyncio.sleep(0.01)
+        await _drain(runner, queue, 2)
         assert runner.order == [2]
     finally:
         await queue.stop()
+    assert [entry for entry in recorder.log if entry[1] == "a1"] == [("started", "a1")]  # no progress, no end
 
 
 async def test_stop_without_wait_interrupts_the_running_job() -> None:
