@@ -481,3 +481,50 @@ async def test_an_nsfw_prompt_runs_only_in_a_channel_marked_nsfw(make_app) -> No
             await draw(dc, option("prompt", "a nude statue"), channel_id="700000000000000011")
             result = await result_of(dc)
         assert result["channel_id"] == "700000000000000011"
+
+
+async def test_link_from_telegram_and_discord_joins_the_histories(make_app) -> None:
+    """One process, both adapters: a code made on Telegram, sent from Discord, makes the two
+    accounts one person with one history."""
+    from bot.adapters.telegram import build as build_telegram
+    from tests.bot.test_telegram import TOKEN, drawn, replies_to, secrets_for, until
+    from tests.fakes.telegram_api import FakeTelegram
+    from tests.fakes.telegram_api import user_json as telegram_user
+
+    async with FakeDiscord() as dc, FakeTelegram(tokens=(TOKEN,)) as tg:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            telegram = build_telegram(app, app.settings.model_copy(update={"secrets": secrets_for(tg)}))
+            await telegram.start()
+            try:
+                store, frank = app.store, telegram_user(107, "Frank")
+                await drawn(tg, 107, frank, "/draw a telegram cat --steps 2")
+                await draw(dc, option("prompt", "a discord cat"), option("steps", 2))
+                await result_of(dc)
+                on_telegram = await store.ensure_user("telegram", "107", "frank")
+                on_discord = await store.ensure_user("discord", ALICE["id"], ALICE["username"])
+                assert await store.count_for_user(on_telegram.id) == 1
+                assert await store.count_for_user(on_discord.id) == 1
+
+                command = tg.send_text(107, frank, "/link")
+                (answer,) = await until(lambda: replies_to(tg, 107, command["message_id"]))
+                code = answer["text"].split("\n")[0].rsplit(" ", 1)[-1]
+                linked = await dc.slash(
+                    "link", [option("code", code)], user=ALICE, guild_id=GUILD, channel_id=CHANNEL
+                )
+                await dc.wait_for(lambda: linked.responded)
+                shown = await dc.wait_for(
+                    lambda: (
+                        next((m for m in dc.messages.values() if "Linked:" in (m["content"] or "")), None)
+                        or (linked.response.get("data") or {}).get("content")
+                    )
+                )
+                assert "telegram:107" in str(shown) and "1 earlier generation" in str(shown)
+                # one history, seen from Telegram: both cats
+                assert await store.count_for_user(on_telegram.id) == 2
+                assert await store.count_for_user(on_discord.id) == 0
+                command = tg.send_text(107, frank, "/history")
+                (history,) = await until(lambda: replies_to(tg, 107, command["message_id"]))
+                assert "a telegram cat" in history["text"] and "a discord cat" in history["text"]
+            finally:
+                await telegram.stop()
