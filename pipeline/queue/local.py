@@ -32,11 +32,13 @@ that the worker waits, so images that are slow to save cannot pile up without bo
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,7 +79,11 @@ class LocalQueue:
             from pipeline.batching import batch_key
         self.batch_key = batch_key
         self.warm_up = warm_up
-        self._waiting: list[Job] = []
+        self._waiting: dict[str, Job] = {}
+        # waiting jobs' sort keys (-priority, round, seq, id), kept sorted: O(log n) to place
+        self._order: list[tuple[int, int, int, str]] = []
+        self._sort_keys: dict[str, tuple[int, int, int, str]] = {}
+        self._open: Counter[str] = Counter()  # an owner's waiting and running jobs
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
         self._running: dict[str, Job] = {}
@@ -93,9 +99,12 @@ class LocalQueue:
 
     async def put(self, job: Job) -> int:
         job.seq = next(self._seq)
-        open_jobs = [*self._waiting, *self._running.values()]
-        self._rounds[job.id] = sum(1 for other in open_jobs if other.owner == job.owner)
-        self._waiting.append(job)
+        self._rounds[job.id] = self._open[job.owner]
+        self._open[job.owner] += 1
+        self._waiting[job.id] = job
+        key = (-job.priority, self._rounds[job.id], job.seq, job.id)
+        self._sort_keys[job.id] = key
+        bisect.insort(self._order, key)
         self._notify()
         return self._position(job.id) or 1
 
@@ -107,19 +116,20 @@ class LocalQueue:
     def _position(self, job_id: str) -> int | None:
         if job_id in self._running or job_id in self._finishing:
             return 0
-        for index, job in enumerate(self._ordered()):
-            if job.id == job_id:
-                return index + 1
-        return None
+        key = self._sort_keys.get(job_id)
+        if key is None:
+            return None
+        return bisect.bisect_left(self._order, key) + 1
 
     async def cancel(self, job_id: str) -> str:
-        for job in self._waiting:
-            if job.id == job_id:
-                self._waiting.remove(job)
-                self._rounds.pop(job_id, None)
-                self._keys.pop(job_id, None)
-                self._notify()
-                return "queued"
+        job = self._waiting.get(job_id)
+        if job is not None:
+            self._unwait(job)
+            self._open[job.owner] -= 1
+            self._rounds.pop(job_id, None)
+            self._keys.pop(job_id, None)
+            self._notify()
+            return "queued"
         job = self._running.get(job_id)
         if job is not None:
             job.request_stop("cancel")
@@ -173,19 +183,23 @@ class LocalQueue:
 
     # internals ----------------------------------------------------------------------------------
 
-    def _ordered(self) -> list[Job]:
-        return sorted(self._waiting, key=lambda job: (-job.priority, self._rounds.get(job.id, 0), job.seq))
+    def _ordered(self) -> Iterator[Job]:
+        return (self._waiting[key[3]] for key in self._order)
 
-    def _runnable(self) -> list[Job]:
+    def _runnable(self) -> Iterator[Job]:
         """Waiting jobs in order, less those whose owner is at their ``max_running`` cap."""
-        running: dict[str, int] = {}
-        for job in self._running.values():
-            running[job.owner] = running.get(job.owner, 0) + 1
-        return [
-            job
-            for job in self._ordered()
-            if job.max_running is None or running.get(job.owner, 0) < job.max_running
-        ]
+        running: Counter[str] = Counter(job.owner for job in self._running.values())
+        return (
+            job for job in self._ordered() if job.max_running is None or running[job.owner] < job.max_running
+        )
+
+    def _has_runnable(self) -> bool:
+        return next(self._runnable(), None) is not None
+
+    def _unwait(self, job: Job) -> None:
+        del self._waiting[job.id]
+        key = self._sort_keys.pop(job.id)
+        del self._order[bisect.bisect_left(self._order, key)]
 
     def _notify(self) -> None:
         if self._changed is None:
@@ -202,7 +216,7 @@ class LocalQueue:
         batch; [] when the queue stops."""
         assert self._changed is not None
         async with self._changed:
-            await self._changed.wait_for(lambda: self._stopping or bool(self._runnable()))
+            await self._changed.wait_for(lambda: self._stopping or self._has_runnable())
             if self._stopping:
                 return []
             head = self._pick(runner)
@@ -218,7 +232,8 @@ class LocalQueue:
                 self._join_batch(jobs, key)
                 left = deadline - loop.time()
                 # other work waiting (it could not join) runs next: the device never idles for it
-                if self._images(jobs) >= self.max_batch or left <= 0 or self._stopping or self._runnable():
+                full = self._images(jobs) >= self.max_batch
+                if full or left <= 0 or self._stopping or self._has_runnable():
                     return jobs
                 try:
                     await asyncio.wait_for(self._changed.wait(), left)
@@ -229,12 +244,12 @@ class LocalQueue:
         """The first runnable job, or with several devices the first one as near the front
         (same priority and round) whose checkpoint is loaded on ``runner``'s device."""
         runnable = self._runnable()
-        head = runnable[0]
+        head = next(runnable)
         resident = getattr(runner, "resident", None)
         if len(self.runners) < 2 or resident is None or resident(head.request.checkpoint):
             return head
         rank = (head.priority, self._rounds.get(head.id, 0))
-        for job in runnable[1:]:
+        for job in runnable:
             if (job.priority, self._rounds.get(job.id, 0)) != rank:
                 break
             if resident(job.request.checkpoint):
@@ -242,7 +257,7 @@ class LocalQueue:
         return head
 
     def _take(self, job: Job) -> None:
-        self._waiting.remove(job)
+        self._unwait(job)
         self._running[job.id] = job
 
     @staticmethod
@@ -255,7 +270,7 @@ class LocalQueue:
         running: dict[str, int] = {}
         for job in self._running.values():
             running[job.owner] = running.get(job.owner, 0) + 1
-        for job in self._ordered():
+        for job in list(self._ordered()):
             if self._images(jobs) + job.request.num_images_per_prompt > self.max_batch:
                 continue
             if job.max_running is not None and running.get(job.owner, 0) >= job.max_running:
@@ -305,6 +320,7 @@ class LocalQueue:
                     pending.append(task)
                 for job in jobs:
                     self._running.pop(job.id, None)
+                    self._open[job.owner] -= 1
                     self._rounds.pop(job.id, None)
                     self._keys.pop(job.id, None)
                 await self._notify_async()

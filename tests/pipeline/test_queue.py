@@ -514,7 +514,9 @@ async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fa
         await asyncio.sleep(0.05)
         # the x device, free again, takes c3 (the front) before a's second job, loaded or not
         assert await queue.position("c3") == 0 and await queue.position("a5") == 1
-        holds_y.gate.release()
+        holds_y.gate.release()  # b2 ends; the y device takes a5, the only job left
+        while await queue.position("a5") != 0:
+            await asyncio.sleep(0.01)
         holds_y.gate.release()
         holds_x.gate.release()
         await asyncio.wait_for(queue.join(), 10)
@@ -522,3 +524,30 @@ async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fa
         await queue.stop()
     assert holds_x.order[1:] == [4, 3]
     assert sorted(holds_x.order[:1] + holds_y.order) == [1, 2, 5]
+
+
+async def test_positions_follow_the_fair_order_through_puts_and_cancels() -> None:
+    """Many jobs of many owners and priorities, some cancelled: every position is the job's
+    place in (priority, round, arrival) order, the round being the owner's open jobs at arrival."""
+    import random
+
+    chance = random.Random(7)
+    queue = LocalQueue([GatedRunner()], Recorder())  # not started: everything waits
+    open_jobs: dict[str, list[str]] = {}
+    expected: dict[str, tuple[int, int, int]] = {}
+    for seq in range(600):
+        owner, priority = f"u{chance.randrange(40)}", chance.choice((0, 0, 0, 1, 5))
+        job = Job(f"j{seq}", owner, GenerationRequest(prompt="x", seed=seq), priority)
+        expected[job.id] = (-priority, len(open_jobs.setdefault(owner, [])), seq)
+        open_jobs[owner].append(job.id)
+        await queue.put(job)
+        if chance.random() < 0.2:
+            victim = chance.choice(sorted(expected))
+            assert await queue.cancel(victim) == "queued"
+            del expected[victim]
+            for ids in open_jobs.values():
+                if victim in ids:
+                    ids.remove(victim)
+    order = sorted(expected, key=expected.__getitem__)
+    assert [await queue.position(job_id) for job_id in order] == list(range(1, len(order) + 1))
+    assert await queue.position("j-unknown") is None and queue.waiting == len(order)
