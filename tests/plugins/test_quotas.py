@@ -178,7 +178,7 @@ async def test_max_running_caps_how_many_of_a_users_jobs_run_at_once(make_app) -
     await draw(app, "/draw a cat --count 2")
     patron = Actor(platform="console", user_id="pat", name="Pat", chat_id="c", roles=frozenset({"patron"}))
     await draw(app, "/draw a dog", patron)
-    caps = {job.owner: job.max_running for job in app.queue._waiting}
+    caps = {job.owner: job.max_running for job in app.queue._waiting.values()}
     assert caps == {"console:alice": 1, "console:pat": 2}
 
 
