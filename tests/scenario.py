@@ -23,12 +23,13 @@ Event = dict[str, Any]
 
 def console_env(tmp_path: Path, config: str = "", database_url: str | None = None) -> dict[str, str]:
     """Environment for a console process: a config in ``tmp_path`` (``config`` is extra TOML
-    appended after the [bot] and [engine] tables), offline, on SQLite unless told otherwise."""
+    appended after the [bot] and [engine] tables), offline, on SQLite unless told otherwise.
+    No warm-up: a scenario's process draws what the scenario asks for and nothing else."""
     path = tmp_path / "config.toml"
     if not path.exists():
         path.write_text(
             f'[bot]\ndata_dir = "{tmp_path / "data"}"\n'
-            f'[engine]\ndevice = "cpu"\nmodels_dir = "{tmp_path / "models"}"\n'
+            f'[engine]\ndevice = "cpu"\nwarm_up = false\nmodels_dir = "{tmp_path / "models"}"\n'
             f"[defaults]\nsteps = 3\nwidth = 64\nheight = 64\n{config}",
             encoding="utf-8",
         )
