@@ -342,10 +342,12 @@ class Engine:
         """
         if not requests:
             return []
-        if len(requests) > 1 and len({batching.batch_key(r) for r in requests}) != 1:
-            raise ValueError("these requests cannot share a batch (see pipeline.batching.batch_key)")
-        if len(requests) > 1 and batching.batch_key(requests[0]) is None:
-            raise ValueError("this request cannot join a batch (see pipeline.batching.batch_key)")
+        if len(requests) > 1:
+            keys = {batching.batch_key(request) for request in requests}
+            if len(keys) != 1:
+                raise ValueError("these requests cannot share a batch (see pipeline.batching.batch_key)")
+            if None in keys:
+                raise ValueError("this request cannot join a batch (see pipeline.batching.batch_key)")
         started = time.perf_counter()
         if should_stop is not None and should_stop():
             raise GenerationCancelled()  # stopped before it began (its claim was refused): load nothing

@@ -7,23 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.batching import batch_key
-from pipeline.request import GenerationRequest
-
-SIZE = 64
-STEPS = 3
+from tests.pipeline.test_engine import _pixels, _request
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
-
-
-def _request(**changes) -> GenerationRequest:
-    base = GenerationRequest(
-        prompt="a cat", seed=1, width=SIZE, height=SIZE, num_inference_steps=STEPS, sampler_name="Euler a"
-    )
-    return base.replace(**changes)
-
-
-def _pixels(result, index: int = 0) -> np.ndarray:
-    return np.asarray(result.images[index].image).astype(np.int16)
 
 
 def _assert_each_equals_its_solo(engine, requests, previews=None) -> None:
