@@ -16,13 +16,14 @@ from bot import config_checks, db
 from bot.autocomplete import core_sources
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
-from bot.image_store import ImageStore, LocalImageStore
+from bot.image_store import DatabaseImageStore, ImageStore, LocalImageStore
 from bot.leases import Heartbeat, new_owner_id
 from bot.platforms import check_commands
 from bot.plugins import Registry, available_plugin_names, build_plugin_manager, call_collect, collect
+from bot.relay import Relay
 from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
-from bot.settings import ConfigError, Settings
+from bot.settings import ConfigError, Settings, backend_problem
 from bot.types import Command
 from models.store import Store
 
@@ -62,8 +63,13 @@ class App:
     queue: Any = None
     images: ImageStore = None  # type: ignore[assignment]  # the local images folder unless given
     owner: str = field(default_factory=new_owner_id)  # holds this App's jobs (bot/leases.py)
+    # with a shared queue ([queue] backend = "procrastinate"): True in `atelier worker`,
+    # whose devices run the jobs; False in the bot's process, which only enqueues
+    worker: bool = False
     service: Service = field(init=False)
     heartbeat: Heartbeat = field(init=False)
+    relay: Relay | None = field(init=False, default=None)
+    feed: Any = field(init=False, default=None)  # bot.worker.WorkerFeed in a worker
     started: bool = False
 
     def __post_init__(self) -> None:
@@ -71,8 +77,12 @@ class App:
 
         self.service = Service(self)
         self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
-        if self.queue is None:
-            queue = self.settings.queue
+        queue = self.settings.queue
+        if self.queue is None and self.shared_queue:
+            from pipeline.queue.procrastinate import ProcrastinateQueue
+
+            self.queue = ProcrastinateQueue(self.settings.database_url)
+        elif self.queue is None:
             self.queue = LocalQueue(
                 self.engines,
                 self.service,
@@ -80,8 +90,15 @@ class App:
                 batch_window=queue.batch_window_ms / 1000,
                 warm_up=self.settings.engine.default_checkpoint if self.settings.engine.warm_up else None,
             )
-        if self.images is None:
+        if self.images is None and self.shared_queue and queue.image_store == "database":
+            self.images = DatabaseImageStore(self.store)
+        elif self.images is None:
             self.images = LocalImageStore(self.images_dir, self.store)
+
+    @property
+    def shared_queue(self) -> bool:
+        """Jobs wait in PostgreSQL for workers (procrastinate), not in this process."""
+        return self.settings.queue.backend == "procrastinate"
 
     @property
     def images_dir(self) -> Path:
@@ -104,18 +121,42 @@ class App:
             )
         await asyncio.to_thread(config_checks.check_default_checkpoint, self.settings, self.library)
         await self.queue.start()
+        if self.shared_queue:
+            await self._start_shared()
         self.started = True
         await call_collect(self.pm.hook.startup, app=self)
         recovered = await self.service.recover() if recover else 0
         self.heartbeat.start(adopt=recover)
         return recovered
 
+    async def _start_shared(self) -> None:
+        """A worker runs the shared queue's jobs on its devices and relays their events; the
+        bot listens to them and offers again what waits unclaimed (stored, then the
+        process stopped before it was deferred)."""
+        from bot.relay import Relay
+
+        self.relay = Relay(self)
+        if self.worker:
+            from bot.worker import WorkerFeed
+
+            self.feed = WorkerFeed(self, self.queue)
+            await self.relay.forward()
+            await self.feed.start()
+            return
+        await self.relay.listen()
+        for record in await self.store.unowned_queued():
+            await self.queue.put(self.service.job_of(record))
+
     async def stop(self, *, wait: bool = True) -> None:
         """Stop the workers (``wait``: let running jobs finish), then release this App's
         open jobs so that another process, or the next start, takes them at once."""
         if self.started:
+            if self.feed is not None:
+                await self.feed.drain(wait=wait)
             await self.queue.stop(wait=wait)
             await self.heartbeat.stop()
+            if self.relay is not None:
+                await self.relay.stop()
             try:
                 released = await self.store.release(self.owner)
             except Exception:  # unreleased jobs are taken over when their lease runs out
@@ -137,9 +178,15 @@ def build_app(
     engines: list[Any] | None = None,
     library: Any = None,
     plugins: tuple[Any, ...] = (),
+    worker: bool = False,
 ) -> App:
     """Build everything. ``engines``/``library`` let several Apps share loaded checkpoints;
-    ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones."""
+    ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones;
+    ``worker``: the App of ``atelier worker`` (with a shared queue the bot's own App has
+    no devices: workers run its jobs)."""
+    problem = backend_problem(settings)
+    if problem:
+        raise ConfigError(problem)
     pm = build_plugin_manager(settings.plugins.disabled)
     for plugin in plugins:
         pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
@@ -155,6 +202,8 @@ def build_app(
             tokenizer_dir=settings.engine.tokenizer_dir or None,
             hash_cache=settings.bot.data_dir / "cache" / "hashes.json",
         )
+    if engines is None and settings.queue.backend == "procrastinate" and not worker:
+        engines = []
     if engines is None:
         devices = settings.engine.devices or (settings.engine.device,)
         engines = [
@@ -168,6 +217,7 @@ def build_app(
         translator=default_translator(),
         library=library,
         engines=engines,
+        worker=worker,
     )
     for command in core_commands(app.service):
         app.commands.add(command.name, command, "core")

@@ -82,9 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list plugins and the hooks each implements").set_defaults(
         func=cmd_plugins
     )
-    sub.add_parser("worker", help="run a queue worker (for a shared queue backend)").set_defaults(
-        func=cmd_worker
-    )
+    sub.add_parser(
+        "worker",
+        help="run the shared queue's jobs on this host's devices ([queue] backend = \"procrastinate\")",
+    ).set_defaults(func=cmd_worker)
     return parser
 
 
@@ -254,12 +255,37 @@ def cmd_plugins(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    print(
-        "atelier: the local queue runs inside `atelier run`; a separate worker needs a shared queue "
-        "backend, which this version does not have",
-        file=sys.stderr,
-    )
-    return 2
+    """Run the shared queue's jobs on this host's devices until SIGTERM or SIGINT, then
+    drain: the running jobs finish, the ones waiting here go back to the queue."""
+    if settings.queue.backend != "procrastinate":
+        print(
+            'atelier: `atelier worker` runs the jobs of a shared queue: set [queue] backend = "procrastinate" '
+            "and a PostgreSQL database (ATELIER_DATABASE_URL). With the local queue, `atelier run` runs "
+            "the jobs itself.",
+            file=sys.stderr,
+        )
+        return 2
+    import signal
+
+    from bot.app import build_app
+
+    async def go() -> None:
+        app = build_app(settings, worker=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await app.start()
+            devices = ", ".join(str(getattr(engine, "device", "?")) for engine in app.engines)
+            print(f"worker {app.owner} ready on {devices}", flush=True)
+            await stop.wait()
+            print("worker draining: the running jobs finish, nothing new is taken", flush=True)
+        finally:
+            await app.stop(wait=True)
+
+    asyncio.run(go())
+    return 0
 
 
 if __name__ == "__main__":

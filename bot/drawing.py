@@ -279,7 +279,8 @@ class Drawing:
             guild_id=actor.guild_id,
             route=route.to_json(),
             roles=sorted(actor.roles),
-            lease=self.lease(),
+            # a shared queue holds them until a worker does; else this process does
+            lease=self.lease() if getattr(self.app.queue, "holds_jobs", True) else None,
         )
         return jobs
 

@@ -1,9 +1,10 @@
 """Images by id: the one way adapters (and plugins) get a result's bytes.
 
 Events and replies name images by id; nothing outside this module joins the images
-folder with a stored path. Today the bytes are local files written by the queue's
-worker (bot/result_files.py); a remote worker will write to a store that implements the
-same ``read``, and no adapter changes. Files are read on a worker thread.
+folder with a stored path. With the local queue the bytes are files written by this
+process (bot/result_files.py); with workers on other hosts ([queue] backend =
+"procrastinate") they are rows the finishing worker stored with the job
+(``DatabaseImageStore``), or files in a folder every host shares. Adapters only ``read``.
 """
 
 from __future__ import annotations
@@ -44,3 +45,17 @@ class LocalImageStore:
         if record is None:
             raise NotFound("error.image_missing", id=image_id)
         return self.root / record.path
+
+
+class DatabaseImageStore:
+    """Images kept in the database (``image_data``), written with the finished job: any
+    host that reaches the database reads them, no shared disk."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def read(self, image_id: str) -> bytes:
+        data = await self.store.image_data(image_id)
+        if data is None:
+            raise NotFound("error.image_missing", id=image_id)
+        return data

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from bot.access import Audience, is_owner, may_touch
 from bot.errors import NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
+from bot.image_store import DatabaseImageStore
 from bot.leases import owner_gone
-from bot.result_files import discard_staged, put_in_place, stage_images
+from bot.result_files import discard_staged, encode_images, put_in_place, stage_images
 from bot.types import (
     Action,
     Actor,
@@ -64,8 +65,18 @@ class JobLifecycle:
 
     async def _enqueue(self, job: Job, audience: Audience) -> None:
         """Queue a stored job; ``audience`` is only whom the ``Queued`` event tells."""
+        if job.request.init_image and not getattr(self.app.queue, "holds_jobs", True):
+            await self._share_input(job.request.init_image)
         position = await self.app.queue.put(job)
         self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
+
+    async def _share_input(self, path: str) -> None:
+        """An init image read by a worker on another host: kept in the database by name."""
+        try:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+        except OSError:
+            return  # the worker reports it cannot be read
+        await self.app.store.put_input(Path(path).name, data)
 
     def lease(self) -> Lease:
         """This App's hold on a job from now: renewed by the heartbeat while it lives."""
@@ -82,8 +93,9 @@ class JobLifecycle:
         count = 0
         max_attempts = self.app.settings.queue.max_attempts
         owner = self.app.owner
-        for record in await self.app.store.adopt(self.lease(), gone=owner_gone):
-            if await self.app.queue.position(record.id) is not None:  # already in this App's queue
+        holds = getattr(self.app.queue, "holds_jobs", True)
+        for record in await self.app.store.adopt(self.lease(), gone=owner_gone, unowned=holds):
+            if holds and await self.app.queue.position(record.id) is not None:  # already in this App's queue
                 continue
             audience = Audience.of(record, self.app.settings.bot.locale)
             if record.status == "running":
@@ -94,17 +106,28 @@ class JobLifecycle:
                     continue
                 if not await self.app.store.requeue_interrupted(record.id, owner):
                     continue
-            await self._enqueue(Job(record.id, audience.actor.key, record.request, record.priority), audience)
+            if not holds:  # back to the shared queue, for any worker; the gone one's entry is dropped
+                if not await self.app.store.release_job(record.id, owner):
+                    continue
+                await self.app.queue.abandon(record.id)
+            await self._enqueue(self.job_of(record), audience)
             count += 1
         return count
+
+    def job_of(self, record: GenerationRecord) -> Job:
+        """A stored job as the queue takes it (fairness by the person who asked)."""
+        audience = Audience.of(record, self.app.settings.bot.locale)
+        return Job(record.id, audience.actor.key, record.request, record.priority)
 
     async def cancel(self, generation_id: str, actor: Actor) -> Reply:
         record = await self.app.store.get(generation_id)
         if record is None or not may_touch(record, actor):
             raise NotFound("error.not_found", id=generation_id)
         outcome = await self.app.queue.cancel(generation_id)
-        if outcome == "running":
-            return Reply("cancel.done", {"id": generation_id})
+        if outcome == "running" and getattr(self.app.queue, "holds_jobs", True):
+            return Reply("cancel.done", {"id": generation_id})  # it stops here, at its next step
+        # a worker elsewhere stops it when the word reaches it; the row says now that it is
+        # cancelled, so whatever that worker finishes meanwhile is not stored
         if await self.app.store.mark_cancelled(generation_id):
             audience = Audience.of(record, actor.locale)
             self.app.bus.publish(Cancelled(generation_id, *_fields(audience)))
@@ -170,30 +193,40 @@ class JobLifecycle:
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        images = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
-
-        async def keep() -> None:
-            await asyncio.to_thread(put_in_place, images)
-
-        try:
+        if isinstance(self.app.images, DatabaseImageStore):  # the PNGs go in with the rows
+            encoded = await asyncio.to_thread(encode_images, job.id, result)
+            images = [image for image, _ in encoded]
             record = await self.app.store.finish(
                 job.id,
-                [image.record for image in images],
+                images,
                 owner=self.app.owner,
                 model_hash=result.model_hash,
                 device_seconds=result.device_seconds,
-                keep=keep,
+                data={image.id: data for image, data in encoded},
             )
-        finally:
-            await asyncio.to_thread(discard_staged, images)
+        else:
+            staged = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
+            images = [image.record for image in staged]
+
+            async def keep() -> None:
+                await asyncio.to_thread(put_in_place, staged)
+
+            try:
+                record = await self.app.store.finish(
+                    job.id,
+                    images,
+                    owner=self.app.owner,
+                    model_hash=result.model_hash,
+                    device_seconds=result.device_seconds,
+                    keep=keep,
+                )
+            finally:
+                await asyncio.to_thread(discard_staged, staged)
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return
         audience = await self._audience(job)
         actions = self.result_actions(record, audience.actor)
-        out = tuple(
-            ImageOut(i.record.id, i.record.seed, i.record.width, i.record.height, i.record.infotext)
-            for i in images
-        )
+        out = tuple(ImageOut(i.id, i.seed, i.width, i.height, i.infotext) for i in images)
         self.app.bus.publish(
             Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=record.spoiler)
         )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ulid import ULID
 
@@ -39,31 +40,43 @@ def stage_images(root: Path, generation_id: str, result: GenerationResult) -> li
     into today's folder under ``root``, each under a hidden temporary name."""
     from pipeline.images import save_png
 
-    folder = Path(datetime.now(UTC).strftime("%Y-%m-%d"))
+    folder = _today()
     (root / folder).mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
     staged = []
     for index, image in enumerate(result.images):
-        relative = folder / f"{generation_id}-{index}-{image.seed}.png"
-        path = root / relative
+        record = _image_record(folder, generation_id, index, image)
+        path = root / record.path
         temporary = path.with_name(f".{path.name}.{token}.partial")
         started = time.perf_counter()
         save_png(image.image, temporary, image.infotext)
-        log.debug("saved %s in %.3fs", relative, time.perf_counter() - started)
-        width, height = image.image.size
-        record = ImageRecord(
-            str(ULID()),
-            generation_id,
-            index,
-            relative.as_posix(),
-            width,
-            height,
-            image.seed,
-            image.subseed,
-            image.infotext,
-        )
+        log.debug("saved %s in %.3fs", record.path, time.perf_counter() - started)
         staged.append(StagedImage(record, path, temporary))
     return staged
+
+
+def encode_images(generation_id: str, result: GenerationResult) -> list[tuple[ImageRecord, bytes]]:
+    """The PNGs as bytes, for the database image store: nothing is written to disk."""
+    from pipeline.images import png_bytes
+
+    folder = _today()
+    return [
+        (_image_record(folder, generation_id, index, image), png_bytes(image.image, image.infotext))
+        for index, image in enumerate(result.images)
+    ]
+
+
+def _today() -> Path:
+    return Path(datetime.now(UTC).strftime("%Y-%m-%d"))
+
+
+def _image_record(folder: Path, generation_id: str, index: int, image: Any) -> ImageRecord:
+    width, height = image.image.size
+    relative = folder / f"{generation_id}-{index}-{image.seed}.png"
+    return ImageRecord(
+        str(ULID()), generation_id, index, relative.as_posix(), width, height, image.seed, image.subseed,
+        image.infotext,
+    )  # fmt: skip
 
 
 def put_in_place(images: list[StagedImage]) -> None:

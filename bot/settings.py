@@ -123,7 +123,12 @@ class LimitsSettings(_Table):
 
 
 class QueueSettings(_Table):
-    backend: Literal["local"] = "local"
+    # "local": jobs run in this process; "procrastinate": this process enqueues in
+    # PostgreSQL and ``atelier worker`` processes (on any host) run the jobs
+    backend: Literal["local", "procrastinate"] = "local"
+    # where a worker puts finished images: "database" (any host can read them) or
+    # "directory" ([bot] images_dir, which must then be one folder shared by all hosts)
+    image_store: Literal["database", "directory"] = "database"
     max_attempts: int = Field(3, ge=1)
     lease_seconds: float = Field(30, ge=1)
     # micro-batching: compatible jobs of any users share one UNet batch of at most
@@ -267,6 +272,16 @@ def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Sett
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     return settings.model_copy(update={"secrets": secrets or Secrets()})
+
+
+def backend_problem(settings: Settings) -> str | None:
+    """The procrastinate backend keeps its jobs in PostgreSQL: another database cannot run it."""
+    if settings.queue.backend == "procrastinate" and not settings.database_url.startswith("postgresql"):
+        return (
+            '[queue] backend: "procrastinate" needs PostgreSQL; set ATELIER_DATABASE_URL '
+            "(or [database] url) to a postgresql+asyncpg:// URL"
+        )
+    return None
 
 
 def defaults_problems(defaults: DefaultsSettings, limits: LimitsSettings) -> list[str]:

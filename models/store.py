@@ -16,20 +16,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, event, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, event, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
 from models.base import utcnow
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
-from models.tables import OPEN_STATUSES, Generation, Image, User
+from models.tables import OPEN_STATUSES, Generation, Image, ImageData, StoredInput, User
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,7 @@ class Store:
         model_hash: str | None,
         device_seconds: float,
         keep: Callable[[], Awaitable[None]] | None = None,
+        data: Mapping[str, bytes] | None = None,
     ) -> GenerationRecord | None:
         """Images and the finished status in one transaction: a job finishes exactly once,
         and only in the process that holds it. Returns the finished job (read in the same
@@ -347,7 +348,8 @@ class Store:
 
         ``keep`` runs once the job is won, before the commit: it puts the image files in
         place, so a process that lost the job writes none and no image row is ever stored
-        without its file (if ``keep`` fails, nothing is stored)."""
+        without its file (if ``keep`` fails, nothing is stored). ``data``: the PNG bytes by
+        image id, stored with the rows (the database image store)."""
         for image in images:
             if image.generation_id != generation_id:
                 raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
@@ -373,6 +375,9 @@ class Store:
             if keep is not None:
                 await keep()
             session.add_all(Image(**dataclasses.asdict(image)) for image in images)
+            if data:
+                await session.flush()
+                session.add_all(ImageData(image_id=key, data=value) for key, value in data.items())
             user = await session.get_one(User, row.user_id)
             return _record(row, user=user, images=images)
 
@@ -388,6 +393,59 @@ class Store:
             )
             return result.rowcount
 
+    async def hold(self, generation_id: str, lease: Lease) -> GenerationRecord | None:
+        """Hold a queued job for ``lease.owner`` without starting it (a worker took it from
+        the shared queue): if that worker dies, the job is recovered when its lease runs
+        out. None when the job is no longer queued or a live process holds it."""
+        async with self.session() as session:
+            result = await session.execute(
+                update(Generation)
+                .where(
+                    Generation.id == generation_id,
+                    Generation.status == "queued",
+                    _takeable(lease.owner, utcnow()),
+                )
+                .values(owner=lease.owner, lease_expires_at=lease.expires_at)
+            )
+            if result.rowcount != 1:
+                return None
+            row = await session.get(Generation, generation_id, options=_LOAD, populate_existing=True)
+            assert row is not None
+            return _record(row)
+
+    async def release_job(self, generation_id: str, owner: str) -> bool:
+        """Give one queued job of ``owner`` back to the shared queue (nobody holds it)."""
+        return await self._transition(
+            generation_id, ("queued",), Generation.owner == owner, owner=None, lease_expires_at=None
+        )
+
+    async def unowned_queued(self) -> list[GenerationRecord]:
+        """Queued jobs nobody holds, oldest first (the shared queue's, or released ones)."""
+        async with self.session() as session:
+            rows = await session.scalars(
+                select(Generation)
+                .where(Generation.status == "queued", Generation.owner.is_(None))
+                .order_by(Generation.created_at, Generation.group_index)
+                .options(*_LOAD)
+            )
+            return [_record(row) for row in rows]
+
+    # bytes for hosts without a shared disk ------------------------------------------------------
+
+    async def image_data(self, image_id: str) -> bytes | None:
+        async with self.session() as session:
+            return await session.scalar(select(ImageData.data).where(ImageData.image_id == image_id))
+
+    async def put_input(self, name: str, data: bytes) -> None:
+        """Keep an uploaded init image by its content name (the same bytes, the same name)."""
+        async with self.session() as session:
+            if await session.get(StoredInput, name) is None:
+                session.add(StoredInput(name=name, data=data))
+
+    async def input_data(self, name: str) -> bytes | None:
+        async with self.session() as session:
+            return await session.scalar(select(StoredInput.data).where(StoredInput.name == name))
+
     async def release(self, owner: str) -> int:
         """Give up every open job of ``owner`` (a graceful stop): any process may take them
         at once, without waiting for the lease to run out. Returns how many."""
@@ -400,7 +458,7 @@ class Store:
             return result.rowcount
 
     async def adopt(
-        self, lease: Lease, *, gone: Callable[[str], bool] | None = None
+        self, lease: Lease, *, gone: Callable[[str], bool] | None = None, unowned: bool = True
     ) -> list[GenerationRecord]:
         """Take over the open jobs nobody holds any more: no owner, a lease that ran out, or
         an owner that ``gone`` says has exited. Jobs of a live holder are never touched.
@@ -408,7 +466,10 @@ class Store:
         Returns the jobs taken, oldest first, with the status they had (a "running" one was
         interrupted). Each job is taken in its own guarded update, so of two processes
         adopting at once exactly one gets it, and the update never waits on a second row
-        lock (no deadlock with a holder renewing its leases)."""
+        lock (no deadlock with a holder renewing its leases).
+
+        Without ``unowned``, queued jobs nobody holds are left alone: they wait in a shared
+        queue (the procrastinate backend), not in a process that is gone."""
         now = utcnow()
         open_ = Generation.status.in_(OPEN_STATUSES)
         async with self.session() as session:
@@ -417,6 +478,8 @@ class Store:
                 Generation.lease_expires_at.is_(None),
                 Generation.lease_expires_at < now,
             )
+            if not unowned:
+                expired = and_(expired, or_(Generation.owner.is_not(None), Generation.status != "queued"))
             ids = set(await session.scalars(select(Generation.id).where(open_, expired)))
             dead: list[str] = []
             if gone is not None:

@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import false as sa_false
 
@@ -119,3 +130,34 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     generation: Mapped[Generation] = relationship(back_populates="images", lazy="raise")
+
+
+class ImageData(Base):
+    """A finished image's PNG bytes, for the database image store ([queue] image_store =
+    "database"): written by the worker that finished the job, read by any host."""
+
+    __tablename__ = "image_data"
+
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class StoredInput(Base):
+    """An uploaded init image (``<sha256>.png``), so a worker on another host can read it."""
+
+    __tablename__ = "stored_inputs"
+
+    name: Mapped[str] = mapped_column(String(80), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RelayPayload(Base):
+    """A job event too large for a PostgreSQL notification (a preview, a grid): the
+    notification names the row and the listening processes read it from here."""
+
+    __tablename__ = "relay_payloads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

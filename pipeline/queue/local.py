@@ -52,6 +52,8 @@ End = tuple[Job, Callable[[], Awaitable[None]]]  # a job that left the device, a
 
 
 class LocalQueue:
+    holds_jobs = True  # the jobs it has are this process's (stored under its lease)
+
     def __init__(
         self,
         runners: Sequence[Runner],
@@ -167,6 +169,25 @@ class LocalQueue:
             await self._changed.wait_for(
                 lambda: not self._waiting and not self._running and not self._finishing
             )
+
+    async def ended(self, job_id: str) -> None:
+        """Wait until the job is neither waiting, running nor ending here."""
+        assert self._changed is not None, "start() the queue first"
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    job_id not in self._waiting
+                    and job_id not in self._running
+                    and job_id not in self._finishing
+                )
+            )
+
+    def running_jobs(self) -> list[Job]:
+        return list(self._running.values())
+
+    def waiting_jobs(self) -> list[Job]:
+        """The jobs that wait here, in order."""
+        return list(self._ordered())
 
     @property
     def waiting(self) -> int:

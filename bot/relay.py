@@ -1,0 +1,222 @@
+"""Job events between processes, through PostgreSQL (LISTEN/NOTIFY).
+
+With the procrastinate backend a job runs in an ``atelier worker`` process, perhaps on
+another host, while its user talks to the bot's process. The worker's App publishes its
+job events (started, progress with previews, finished, failed, cancelled, notices) on
+its bus as always; ``Relay.forward`` sends each one as a notification on
+``atelier_events``, one after another in publishing order, so the events of a job arrive
+in the order they happened. The bot's App listens (``Relay.listen``) and publishes what
+arrives on its own bus, where the delivery layer shows it exactly as a local event.
+
+An event is JSON (``encode_event``/``decode_event``: only the event types and the values
+they carry, never arbitrary classes). PostgreSQL limits a notification to 8000 bytes: a
+larger event (a preview, a grid) is stored in ``relay_payloads`` and the notification
+names its row; rows older than ``PAYLOAD_TTL`` are removed as new ones come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, func, insert, select
+
+from bot.types import (
+    Action,
+    Actor,
+    Cancelled,
+    Deleted,
+    Failed,
+    Finished,
+    ImageOut,
+    JobEvent,
+    MessageRef,
+    Notice,
+    OutgoingFile,
+    Progress,
+    Queued,
+    Reply,
+    Route,
+    Started,
+)
+from models.base import utcnow
+from models.tables import RelayPayload
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "atelier_events"
+INLINE_LIMIT = 7000  # bytes of JSON sent in the notification itself
+PAYLOAD_TTL = timedelta(minutes=10)
+
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Queued, Started, Progress, Finished, Failed, Cancelled, Deleted, Notice,
+        Actor, ImageOut, Action, Reply, OutgoingFile,
+    )
+}  # fmt: skip
+_JSON_TYPES: dict[str, type] = {"Route": Route, "MessageRef": MessageRef}
+
+
+def encode_event(event: JobEvent) -> str:
+    return json.dumps(_encode(event), separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_event(text: str) -> JobEvent:
+    event = _decode(json.loads(text))
+    if not isinstance(event, JobEvent):
+        raise ValueError("not a job event")
+    return event
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$b": base64.b64encode(value).decode("ascii")}
+    name = type(value).__name__
+    if name in _JSON_TYPES and isinstance(value, _JSON_TYPES[name]):
+        return {"$t": name, "v": value.to_json()}  # type: ignore[attr-defined]
+    if name in _TYPES and isinstance(value, _TYPES[name]):
+        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {"$t": name, "v": fields}
+    if isinstance(value, frozenset | set):
+        return {"$s": [_encode(item) for item in sorted(value, key=repr)]}
+    if isinstance(value, tuple):
+        return {"$l": [_encode(item) for item in value]}
+    if isinstance(value, list):
+        return [_encode(item) for item in value]
+    if isinstance(value, dict):
+        return {"$d": {str(key): _encode(item) for key, item in value.items()}}
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)  # a value only shown as text (a path, a number type of a plugin's own)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "$b" in value:
+        return base64.b64decode(value["$b"])
+    if "$s" in value:
+        return frozenset(_decode(item) for item in value["$s"])
+    if "$l" in value:
+        return tuple(_decode(item) for item in value["$l"])
+    if "$d" in value:
+        return {key: _decode(item) for key, item in value["$d"].items()}
+    name = value.get("$t")
+    if name in _JSON_TYPES:
+        return _JSON_TYPES[name].from_json(value["v"])  # type: ignore[attr-defined]
+    if name in _TYPES:
+        return _TYPES[name](**{key: _decode(item) for key, item in value["v"].items()})
+    raise ValueError(f"unknown value in a relayed event: {value!r:.80}")
+
+
+class Relay:
+    """One App's end of the relay: ``forward`` (a worker) or ``listen`` (the bot)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._outbox: asyncio.Queue[JobEvent | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: Any = None
+        self._connection: Any = None
+        self._inbox: asyncio.Queue[str] = asyncio.Queue()
+        self._sent_payloads = 0
+
+    async def forward(self) -> None:
+        """Send every event this App publishes to the listening processes."""
+        self._unsubscribe = self.app.bus.subscribe(self._outbox.put_nowait)
+        self._tasks.append(asyncio.create_task(self._send_all(), name="relay-send"))
+
+    async def listen(self) -> None:
+        """Publish the events other processes send on this App's bus."""
+        import asyncpg
+
+        from pipeline.queue.procrastinate import libpq_url
+
+        self._connection = await asyncpg.connect(libpq_url(self.app.settings.database_url))
+        await self._connection.add_listener(CHANNEL, self._heard)
+        self._tasks.append(asyncio.create_task(self._publish_all(), name="relay-publish"))
+
+    async def stop(self) -> None:
+        """Send what is still in the outbox, then stop."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+            self._outbox.put_nowait(None)
+        for task in self._tasks:
+            if task.get_name() == "relay-send":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 10)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+
+    # sending ------------------------------------------------------------------------------------
+
+    async def _send_all(self) -> None:
+        while True:
+            event = await self._outbox.get()
+            if event is None:
+                return
+            try:
+                await self._send(event)
+            except Exception:
+                log.exception("could not relay %s of job %s", event.kind, event.generation_id)
+
+    async def _send(self, event: JobEvent) -> None:
+        text = encode_event(event)
+        async with self.app.store.session() as session:
+            if len(text.encode()) > INLINE_LIMIT:
+                row = await session.scalar(
+                    insert(RelayPayload).values(payload=text, created_at=utcnow()).returning(RelayPayload.id)
+                )
+                text = json.dumps({"ref": row})
+                self._sent_payloads += 1
+                if self._sent_payloads % 100 == 1:
+                    await session.execute(
+                        delete(RelayPayload).where(RelayPayload.created_at < utcnow() - PAYLOAD_TTL)
+                    )
+            await session.execute(select(func.pg_notify(CHANNEL, text)))
+
+    # listening ----------------------------------------------------------------------------------
+
+    def _heard(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._inbox.put_nowait(payload)
+
+    async def _publish_all(self) -> None:
+        while True:  # one at a time: a job's events are published in the order they were sent
+            payload = await self._inbox.get()
+            try:
+                event = await self._read(payload)
+            except Exception:
+                log.exception("could not read a relayed event")
+                continue
+            if event is not None:
+                self.app.bus.publish(event)
+
+    async def _read(self, payload: str) -> JobEvent | None:
+        if payload.startswith('{"ref"'):
+            ref = json.loads(payload)["ref"]
+            async with self.app.store.session() as session:
+                text = await session.scalar(select(RelayPayload.payload).where(RelayPayload.id == ref))
+            if text is None:
+                log.warning("a relayed event (payload %s) was removed before it was read", ref)
+                return None
+            payload = text
+        return decode_event(payload)

@@ -1,0 +1,243 @@
+"""One contract, two queue backends: the same tests run against the local queue (one App
+that runs its own jobs, SQLite) and the shared queue (a bot App that only enqueues and a
+worker App that runs the jobs, procrastinate on PostgreSQL, events relayed through the
+database). Jobs go in as users send them (``/draw``) and are checked where users see them
+(the bot's events) and where they are kept (rows, images, quota usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.app import App, build_app
+from bot.hookspecs import hookimpl
+from bot.types import Actor, Admission
+from models.quota_store import QuotaStore
+from pipeline.errors import GenerationCancelled
+from pipeline.request import GeneratedImage, GenerationResult
+from plugins.quotas import period_of
+from tests.conftest import (
+    POSTGRES_URL,
+    EventLog,
+    _drop_postgres_database,
+    _fresh_postgres_database,
+    make_settings,
+)
+
+BACKENDS = ["local", "procrastinate"]
+
+
+def user(name: str, *, moderator: bool = False) -> Actor:
+    roles = frozenset({"moderator"}) if moderator else frozenset()
+    return Actor(platform="console", user_id=name, name=name.title(), chat_id="c", roles=roles)
+
+
+class GatedRunner:
+    """A device that draws one 8x8 image per job when the test opens its gate; records the
+    seeds in the order the jobs started."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.gate = threading.Semaphore(0)
+        self.device = "gate"
+
+    def generate(self, request, *, on_progress=None, should_stop=None, on_preview=None) -> GenerationResult:
+        self.started.append(request.seed)
+        self.gate.acquire(timeout=30)  # a failed test never leaves a device thread behind
+        for step in (1, 2):
+            if should_stop and should_stop():
+                raise GenerationCancelled()
+            if on_progress:
+                on_progress(step, 2)
+        image = Image.new("RGB", (8, 8), (request.seed % 256, 0, 0))
+        return GenerationResult([GeneratedImage(image, request.seed, 0, f"seed {request.seed}")], "gate", None, 0.5)
+
+
+class Priorities:
+    """Moderators' requests go first (an ``Admission`` with a priority)."""
+
+    @hookimpl
+    def check_request(self, request: Any, actor: Actor, app: Any) -> Any:
+        return Admission(priority=10) if actor.is_moderator else None
+
+
+class Cluster:
+    """A deployment of one backend: ``bot`` takes the commands and shows the events;
+    ``runner_app`` runs the jobs (the bot itself with the local queue, a worker with the
+    shared one)."""
+
+    def __init__(self, backend: str, tmp_path: Path, database_url: str, tiny_library: Any) -> None:
+        self.backend = backend
+        self.tmp_path = tmp_path
+        self.database_url = database_url
+        self.library = tiny_library
+        self.runner = GatedRunner()
+        self.apps: list[App] = []
+        self.bot: App
+        self.runner_app: App
+        self.log: EventLog
+
+    def _app(self, name: str, *, worker: bool = False) -> App:
+        queue = {"max_batch": 1, "lease_seconds": 3}
+        if self.backend == "procrastinate":
+            queue["backend"] = "procrastinate"
+        settings = make_settings(
+            self.tmp_path / name,
+            self.database_url,
+            queue=queue,
+            plugins={"quotas": {"per_scope": False, "max_queued": 0}},
+        )
+        engines = [self.runner] if worker or self.backend == "local" else []
+        app = build_app(settings, engines=engines, library=self.library, plugins=(Priorities(),), worker=worker)
+        self.apps.append(app)
+        return app
+
+    async def start(self) -> None:
+        self.bot = self._app("bot")
+        self.log = EventLog(self.bot)
+        await self.bot.start()
+        if self.backend == "local":
+            self.runner_app = self.bot
+        else:
+            self.runner_app = self._app("worker-1", worker=True)
+            await self.runner_app.start()
+
+    async def restart_runner(self) -> None:
+        """The process running the jobs stops at once (its running job at the next step)
+        and a new one starts."""
+        await self.runner_app.stop(wait=False)
+        if self.backend == "local":
+            await self.start()
+        else:
+            self.runner_app = self._app(f"worker-{len(self.apps)}", worker=True)
+            await self.runner_app.start()
+
+    async def draw(self, actor: Actor, seed: int) -> str:
+        (reply,) = await self.bot.service.handle_line(f"/draw a lantern --seed {seed}", actor)
+        assert not reply.error, reply
+        return reply.data["jobs"][0]
+
+    async def wait_started(self, count: int) -> None:
+        for _ in range(600):
+            if len(self.runner.started) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{count} jobs never started: {self.runner.started}")
+
+    async def ended(self, *ids: str, timeout: float = 30) -> None:
+        kinds = ("finished", "failed", "cancelled")
+        await self.log.wait_for(
+            lambda: all(any(self.log.of(kind, i) for kind in kinds) for i in ids), timeout=timeout
+        )
+
+    async def stop(self) -> None:
+        for app in reversed(self.apps):
+            self.runner.gate.release(100)
+            if app.started:
+                await app.stop(wait=False)
+            else:
+                await app.store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def cluster(request: pytest.FixtureRequest, tmp_path: Path, tiny_library: Any) -> AsyncIterator[Cluster]:
+    if request.param == "local":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}"
+    elif not POSTGRES_URL:
+        pytest.skip("the shared queue needs PostgreSQL (ATELIER_TEST_POSTGRES_URL)")
+    else:
+        url = await _fresh_postgres_database()
+    cluster = Cluster(request.param, tmp_path, url, tiny_library)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+        if request.param != "local":
+            await _drop_postgres_database(url)
+
+
+async def test_a_users_first_job_outranks_everyones_second(cluster: Cluster) -> None:
+    alice, bob = user("alice"), user("bob")
+    first = await cluster.draw(alice, 0)
+    await cluster.wait_started(1)
+    for seed in range(1, 10):
+        await cluster.draw(alice, seed)
+    bobs = await cluster.draw(bob, 100)
+    assert cluster.log.of("queued", bobs)[0].position == 1  # ahead of Alice's nine
+    cluster.runner.gate.release(11)
+    await cluster.runner_app.idle()
+    assert cluster.runner.started == [0, 100, *range(1, 10)]
+    assert cluster.log.of("finished", first) and cluster.log.of("finished", bobs)
+
+
+async def test_a_moderators_job_goes_first_and_the_rest_in_order(cluster: Cluster) -> None:
+    await cluster.draw(user("alice"), 1)
+    await cluster.wait_started(1)
+    await cluster.draw(user("bob"), 2)
+    await cluster.draw(user("carol"), 3)
+    urgent = await cluster.draw(user("mod", moderator=True), 4)
+    assert cluster.log.of("queued", urgent)[0].position == 1
+    cluster.runner.gate.release(4)
+    await cluster.runner_app.idle()
+    assert cluster.runner.started == [1, 4, 2, 3]
+
+
+async def test_cancel_a_queued_and_a_running_job(cluster: Cluster) -> None:
+    alice = user("alice")
+    running = await cluster.draw(alice, 1)
+    await cluster.wait_started(1)
+    queued = await cluster.draw(alice, 2)
+    after = await cluster.draw(alice, 3)
+    for job in (queued, running):
+        (reply,) = await cluster.bot.service.handle_line(f"/cancel {job}", alice)
+        assert reply.key == "cancel.done", reply
+    cluster.runner.gate.release(2)
+    await cluster.ended(running, queued, after)
+    assert cluster.log.of("cancelled", queued) and cluster.log.of("cancelled", running)
+    assert cluster.log.of("finished", after)
+    assert cluster.runner.started == [1, 3]  # the queued one never reached the device
+    statuses = {job: (await cluster.bot.store.get(job)).status for job in (running, queued, after)}
+    assert statuses == {running: "cancelled", queued: "cancelled", after: "finished"}
+
+
+async def test_jobs_survive_a_restart_and_run_and_bill_once(cluster: Cluster) -> None:
+    alice, bob = user("alice"), user("bob")
+    interrupted = await cluster.draw(alice, 1)
+    await cluster.wait_started(1)
+    waiting = [await cluster.draw(alice, 2), await cluster.draw(bob, 3)]
+    cluster.runner.gate.release(1)  # the running job sees the stop at its next step
+    await cluster.restart_runner()
+    cluster.runner.gate.release(3)
+    await cluster.ended(interrupted, *waiting)
+    jobs = [interrupted, *waiting]
+    for job in jobs:
+        assert len(cluster.log.of("finished", job)) == 1, job
+        record = await cluster.bot.store.get(job)
+        assert record.status == "finished" and len(record.images) == 1
+        assert await cluster.bot.images.read(record.images[0].id)  # readable where the bot runs
+    assert (await cluster.bot.store.get(interrupted)).attempts == 2
+    assert sorted(cluster.runner.started) == [1, 1, 2, 3]  # the interrupted one ran twice
+    period = period_of("daily", datetime.now(UTC))[0]
+    quotas = QuotaStore(cluster.bot.store)
+    used = {who: await quotas.usage(f"console:{who}", "global", period) for who in ("alice", "bob")}
+    assert (used["alice"].images_used, used["alice"].images_reserved, used["alice"].jobs_open) == (2, 0, 0)
+    assert (used["bob"].images_used, used["bob"].images_reserved, used["bob"].jobs_open) == (1, 0, 0)
+
+
+async def test_results_reach_the_bot_with_progress_in_order(cluster: Cluster) -> None:
+    job = await cluster.draw(user("alice"), 7)
+    cluster.runner.gate.release(1)
+    await cluster.ended(job)
+    kinds = [event.kind for event in cluster.log.events if event.generation_id == job]
+    assert kinds == ["queued", "started", "progress", "progress", "finished"]
+    (finished,) = cluster.log.of("finished", job)
+    assert finished.actor.user_id == "alice" and finished.images[0].infotext == "seed 7"
+    assert any(action.id.startswith("delete:") for action in finished.actions)
