@@ -93,7 +93,10 @@ class DeliveryFailed(Exception):
 
 
 class Adapter(Protocol):
-    """A chat platform. ``platform`` is the ``Route.platform`` its conversations carry."""
+    """A chat platform. ``platform`` is the ``Route.platform`` its conversations carry.
+
+    Optional: ``accepts(event) -> bool`` narrows which of its platform's job events it is
+    handed (the console, a one-user terminal, takes only its user's)."""
 
     platform: str
 

@@ -25,7 +25,7 @@ from bot.commands import split_command
 from bot.delivery import Delivery
 from bot.errors import NotFound, UserError
 from bot.options import shown
-from bot.types import Actor, Attachment, MessageRef, OutgoingFile, Reply, Route
+from bot.types import Actor, Attachment, JobEvent, MessageRef, OutgoingFile, Reply, Route
 
 
 class ConsoleAdapter:
@@ -52,6 +52,12 @@ class ConsoleAdapter:
 
     def limits(self, route: Route) -> Limits:
         return Limits()  # a terminal: every step, every button, any file
+
+    def accepts(self, event: JobEvent) -> bool:
+        """A terminal is one user's. With a shared queue every bot process hears every
+        job's events, so it shows only its user's; with the local queue it shows what its
+        own process runs (its user's jobs, and any it took over from a process that died)."""
+        return not self.app.shared_queue or event.actor.user_id == self.actor.user_id
 
     async def start(self) -> None:
         """Nothing to connect to: stdin is read by ``run``."""

@@ -145,6 +145,9 @@ class Delivery:
     def _on_event(self, event: JobEvent) -> None:
         if event.route.platform != self.adapter.platform:
             return
+        accepts = getattr(self.adapter, "accepts", None)
+        if accepts is not None and not accepts(event):
+            return
         conversation = self._conversation(event.route)
         if isinstance(event, Progress) and self.adapter.limits(event.route).progress_interval > 0:
             conversation.progress[event.generation_id] = event  # a newer step replaces it in place

@@ -57,7 +57,9 @@ class GatedRunner:
             if on_progress:
                 on_progress(step, 2)
         image = Image.new("RGB", (8, 8), (request.seed % 256, 0, 0))
-        return GenerationResult([GeneratedImage(image, request.seed, 0, f"seed {request.seed}")], "gate", None, 0.5)
+        return GenerationResult(
+            [GeneratedImage(image, request.seed, 0, f"seed {request.seed}")], "gate", None, 0.5
+        )
 
 
 class Priorities:
@@ -95,7 +97,9 @@ class Cluster:
             plugins={"quotas": {"per_scope": False, "max_queued": 0}},
         )
         engines = [self.runner] if worker or self.backend == "local" else []
-        app = build_app(settings, engines=engines, library=self.library, plugins=(Priorities(),), worker=worker)
+        app = build_app(
+            settings, engines=engines, library=self.library, plugins=(Priorities(),), worker=worker
+        )
         self.apps.append(app)
         return app
 
@@ -147,7 +151,9 @@ class Cluster:
 
 
 @pytest.fixture(params=BACKENDS)
-async def cluster(request: pytest.FixtureRequest, tmp_path: Path, tiny_library: Any) -> AsyncIterator[Cluster]:
+async def cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_library: Any
+) -> AsyncIterator[Cluster]:
     if request.param == "local":
         url = f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}"
     elif not POSTGRES_URL:
