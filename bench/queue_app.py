@@ -63,27 +63,41 @@ class StandInRunner:
 
 
 @asynccontextmanager
-async def bench_app(tmp: Path, runner: StandInRunner, postgres_url: str | None = None) -> AsyncIterator[Any]:
-    """A started App whose only device is ``runner``; quotas on, but without limits."""
+async def bench_app(
+    tmp: Path, runner: StandInRunner, postgres_url: str | None = None, *, shared: bool = False
+) -> AsyncIterator[Any]:
+    """A started App whose only device is ``runner``; quotas on, but without limits. With
+    ``shared`` (PostgreSQL only) the App is a bot on the procrastinate queue and a worker
+    App in the same process runs the jobs on ``runner``; the bot's App is yielded."""
     from bot.app import build_app
     from bot.settings import parse_settings
     from pipeline.checkpoints import CheckpointLibrary
 
     url = await _fresh_postgres_database(postgres_url) if postgres_url else ""
-    settings = parse_settings(
-        {
-            "bot": {"data_dir": str(tmp / "data")},
-            "database": {"url": url},
-            "engine": {"models_dir": str(tmp / "models"), "device": "cpu"},
-            "defaults": {"steps": 4, "width": 64, "height": 64},
-            "plugins": {"quotas": {"images": 0, "max_queued": 0}},
-        }
-    )
-    app = build_app(settings, engines=[runner], library=CheckpointLibrary(None))
+    library = CheckpointLibrary(None)
+
+    def settings(name: str) -> Any:
+        return parse_settings(
+            {
+                "bot": {"data_dir": str(tmp / name)},
+                "database": {"url": url},
+                "engine": {"models_dir": str(tmp / "models"), "device": "cpu"},
+                "defaults": {"steps": 4, "width": 64, "height": 64},
+                "queue": {"backend": "procrastinate" if shared else "local"},
+                "plugins": {"quotas": {"images": 0, "max_queued": 0}},
+            }
+        )
+
+    app = build_app(settings("data"), engines=[] if shared else [runner], library=library)
+    worker = build_app(settings("worker"), engines=[runner], library=library, worker=True) if shared else None
     await app.start()
+    if worker is not None:
+        await worker.start()
     try:
         yield app
     finally:
+        if worker is not None:
+            await worker.stop()
         await app.stop()
         if postgres_url:
             await _drop_postgres_database(postgres_url, url)

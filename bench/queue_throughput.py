@@ -2,14 +2,17 @@
 
 Runs a real App (store, service, built-in plugins, LocalQueue) whose device is a no-op
 runner that returns one 8x8 image at once, on a SQLite file and, when
-``ATELIER_TEST_POSTGRES_URL`` is set, on a fresh PostgreSQL database. ``--clients``
+``ATELIER_TEST_POSTGRES_URL`` is set, on a fresh PostgreSQL database, with the local queue
+and with the shared one (procrastinate: a bot App that enqueues and a worker App that runs
+the jobs, here in one process; the events travel through the database). ``--clients``
 users submit ``/draw`` lines back to back, ``--jobs`` in all; the figure is jobs per
 second from the first submit to the last job finished (target 300/s or more), with the
 p50/p99 from a submit to its ``Queued`` event (target p99 under 50 ms). It also prints
 the SQL statements and commits of one submit (counted while the device is held, so
 nothing else runs) and of one job from submit to finish.
 
-Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4] [--backend sqlite|postgres|all]``
+Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4]
+[--backend sqlite|postgres|procrastinate|all]``
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--backend", choices=("sqlite", "postgres", "all"), default="all")
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "procrastinate", "all"), default="all")
     return parser.parse_args(argv)
 
 
@@ -37,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     postgres = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
-    backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
+    backends = ["sqlite", "postgres", "procrastinate"] if args.backend == "all" else [args.backend]
     print(f"jobs={args.jobs} clients={args.clients} (a no-op engine)")
     for backend in backends:
-        if backend == "postgres" and not postgres:
-            print("postgres: skipped (ATELIER_TEST_POSTGRES_URL is not set)")
+        if backend != "sqlite" and not postgres:
+            print(f"{backend}: skipped (ATELIER_TEST_POSTGRES_URL is not set)")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(_bench(backend, Path(tmp), postgres if backend == "postgres" else None, args))
+            asyncio.run(_bench(backend, Path(tmp), postgres if backend != "sqlite" else None, args))
     return 0
 
 
@@ -52,7 +55,7 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
     from queue_app import ACTOR, Counter, StandInRunner, bench_app, hold_device, wait_until
 
     runner = StandInRunner()
-    async with bench_app(tmp, runner, postgres) as app:
+    async with bench_app(tmp, runner, postgres, shared=backend == "procrastinate") as app:
         queued_at: dict[str, float] = {}
         finished: set[str] = set()
 

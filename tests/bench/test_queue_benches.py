@@ -27,3 +27,16 @@ def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys):
     assert _load("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
     assert "jobs/s" in out and "submit -> queued" in out and "one submit" in out
+
+
+def test_the_shared_queue_bench_runs_through_a_worker(capsys):
+    import pytest
+
+    from tests.conftest import POSTGRES_URL
+
+    if not POSTGRES_URL:
+        pytest.skip("the shared queue needs PostgreSQL (ATELIER_TEST_POSTGRES_URL)")
+    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "procrastinate"]
+    assert _load("queue_throughput").main(args) == 0
+    out = capsys.readouterr().out
+    assert "procrastinate:" in out and "jobs/s" in out
