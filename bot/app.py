@@ -131,8 +131,7 @@ class App:
 
     async def _start_shared(self) -> None:
         """A worker runs the shared queue's jobs on its devices and relays their events; the
-        bot listens to them and offers again what waits unclaimed (stored, then the
-        process stopped before it was deferred)."""
+        bot listens to them."""
         from bot.relay import Relay
 
         self.relay = Relay(self)
@@ -144,8 +143,6 @@ class App:
             await self.feed.start()
             return
         await self.relay.listen()
-        for record in await self.store.unowned_queued():
-            await self.queue.put(self.service.job_of(record))
 
     async def stop(self, *, wait: bool = True) -> None:
         """Stop the workers (``wait``: let running jobs finish), then release this App's

@@ -112,7 +112,23 @@ class JobLifecycle:
                 await self.app.queue.abandon(record.id)
             await self._enqueue(self.job_of(record), audience)
             count += 1
+        if not holds:
+            count += await self._reoffer()
         return count
+
+    async def _reoffer(self) -> int:
+        """Shared queue: defer again the stored jobs nobody holds and no procrastinate job
+        carries (a process stopped between storing and deferring them, or a worker's run
+        failed before it held them). Only rows older than a lease: newer ones are being
+        deferred right now."""
+        since = utcnow() - timedelta(seconds=self.app.settings.queue.lease_seconds)
+        waiting = {r.id: r for r in await self.app.store.unowned_queued() if r.created_at < since}
+        missing = await self.app.queue.missing(list(waiting))
+        for job_id in missing:
+            await self.app.queue.put(self.job_of(waiting[job_id]))
+        if missing:
+            log.info("offered %d stored job(s) to the shared queue again", len(missing))
+        return len(missing)
 
     def job_of(self, record: GenerationRecord) -> Job:
         """A stored job as the queue takes it (fairness by the person who asked)."""

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 from datetime import timedelta
@@ -132,6 +133,7 @@ class Relay:
         self._connection: Any = None
         self._inbox: asyncio.Queue[str] = asyncio.Queue()
         self._sent_payloads = 0
+        self._url = ""
 
     async def forward(self) -> None:
         """Send every event this App publishes to the listening processes."""
@@ -144,9 +146,34 @@ class Relay:
 
         from pipeline.queue.procrastinate import libpq_url
 
-        self._connection = await asyncpg.connect(libpq_url(self.app.settings.database_url))
-        await self._connection.add_listener(CHANNEL, self._heard)
+        self._url = libpq_url(self.app.settings.database_url)
+        await self._connect(asyncpg)
         self._tasks.append(asyncio.create_task(self._publish_all(), name="relay-publish"))
+
+    async def _connect(self, asyncpg: Any) -> None:
+        self._connection = await asyncpg.connect(self._url)
+        await self._connection.add_listener(CHANNEL, self._heard)
+        self._connection.add_termination_listener(self._lost)
+
+    def _lost(self, _connection: Any) -> None:
+        """The database connection went away (a restart, the network): listen again as soon
+        as it is back. What was sent meanwhile is not heard; the rows keep how jobs ended."""
+        if self._tasks:
+            log.warning("lost the connection the relay listens on; reconnecting")
+            self._tasks.append(asyncio.create_task(self._reconnect(), name="relay-reconnect"))
+
+    async def _reconnect(self) -> None:
+        import asyncpg
+
+        for delay in itertools.chain((0.5, 1, 2), itertools.repeat(5)):
+            await asyncio.sleep(delay)
+            try:
+                await self._connect(asyncpg)
+            except Exception as exc:
+                log.warning("relay: the database is still away (%s)", exc)
+                continue
+            log.info("relay: listening again")
+            return
 
     async def stop(self) -> None:
         """Send what is still in the outbox, then stop."""

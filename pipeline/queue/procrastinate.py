@@ -46,6 +46,14 @@ SELECT count(*) AS open FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND task_name = %(task)s AND status IN ('todo', 'doing')
   AND args->>'owner' = %(owner)s
 """
+_MISSING = """
+SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
+WHERE NOT EXISTS (
+  SELECT 1 FROM procrastinate_jobs AS jobs
+  WHERE jobs.queue_name = %(queue)s AND jobs.task_name = %(task)s AND jobs.status IN ('todo', 'doing')
+    AND jobs.args->>'generation_id' = candidate.generation_id
+)
+"""
 _BUSY = """
 SELECT count(*) AS busy FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
@@ -114,7 +122,7 @@ class ProcrastinateQueue:
         worker took but has not started yet is cancelled there); 'unknown'."""
         manager = self.app.job_manager
         for row in await self._jobs(job_id):
-            if row["status"] == "todo" and await manager.cancel_job_by_id_async(row["id"]):
+            if row["status"] == "todo" and await manager.cancel_job_by_id_async(row["id"], delete_job=True):
                 return "queued"
             if row["status"] == "doing":
                 await manager.cancel_job_by_id_async(row["id"], abort=True)
@@ -122,16 +130,23 @@ class ProcrastinateQueue:
         return "unknown"
 
     async def abandon(self, job_id: str) -> int:
-        """Mark the procrastinate jobs of a generation whose worker is gone as failed (the
-        generation was taken over and deferred again). Returns how many."""
+        """Drop the procrastinate jobs of a generation whose worker is gone (the generation
+        was taken over and is deferred again). Returns how many."""
         from procrastinate.jobs import Status
 
         stale = [row["id"] for row in await self._jobs(job_id) if row["status"] == "doing"]
         for procrastinate_id in stale:
             await self.app.job_manager.finish_job_by_id_async(
-                procrastinate_id, Status.FAILED, delete_job=False
+                procrastinate_id, Status.FAILED, delete_job=True
             )
         return len(stale)
+
+    async def missing(self, job_ids: list[str]) -> list[str]:
+        """Of these generations, the ones no procrastinate job waits or runs for."""
+        if not job_ids:
+            return []
+        rows = await self.app.connector.execute_query_all_async(_MISSING, ids=job_ids, queue=QUEUE, task=TASK)
+        return [row["generation_id"] for row in rows]
 
     async def join(self) -> None:
         """Wait until no job waits or runs in the shared queue."""
@@ -161,7 +176,7 @@ class ProcrastinateQueue:
             name=name,
             concurrency=concurrency,
             install_signal_handlers=False,
-            delete_jobs="successful",
+            delete_jobs="always",  # the generation's row keeps how it ended
             update_heartbeat_interval=max(stalled_seconds / 3, 1),
             stalled_worker_timeout=stalled_seconds,
             fetch_job_polling_interval=1,

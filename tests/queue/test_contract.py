@@ -247,3 +247,29 @@ async def test_results_reach_the_bot_with_progress_in_order(cluster: Cluster) ->
     (finished,) = cluster.log.of("finished", job)
     assert finished.actor.user_id == "alice" and finished.images[0].infotext == "seed 7"
     assert any(action.id.startswith("delete:") for action in finished.actions)
+
+
+async def test_a_stored_job_the_shared_queue_lost_is_offered_again(cluster: Cluster) -> None:
+    if cluster.backend != "procrastinate":
+        pytest.skip("the local queue is rebuilt from the rows at start (tests/bot/test_service.py)")
+    from sqlalchemy import update
+
+    from models.tables import Generation
+
+    alice = user("alice")
+    await cluster.draw(alice, 1)
+    await cluster.wait_started(1)
+    lost = await cluster.draw(alice, 2)
+    assert await cluster.bot.queue.cancel(lost) == "queued"  # as if deferring it never happened
+    assert await cluster.bot.queue.position(lost) is None
+    assert await cluster.bot.service.recover() == 0  # too new: it may be being deferred now
+    async with cluster.bot.store.session() as session:
+        await session.execute(
+            update(Generation)
+            .where(Generation.id == lost)
+            .values(created_at=datetime(2026, 1, 1, tzinfo=UTC))
+        )
+    assert await cluster.bot.service.recover() == 1
+    cluster.runner.gate.release(2)
+    await cluster.ended(lost)
+    assert len(cluster.log.of("finished", lost)) == 1
