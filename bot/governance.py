@@ -12,12 +12,16 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bot.commands import parse_args
 from bot.errors import OptionValueError, PermissionDenied, UserError
 from bot.options import int_in_range, parse_int, shown
 from bot.types import Actor, CommandContext
 from models.moderation_store import ModerationStore
 
 GLOBAL = "global"
+# The role of moderators who may change settings everywhere (``--global``); the moderation
+# plugin gives it to the moderators its configuration names.
+GLOBAL_MODERATOR = "global_moderator"
 _DURATION = re.compile(r"^(\d+)\s*([mhdw])$", re.IGNORECASE)
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # The longest duration a ban or /export --since takes: ten years is past every real use,
@@ -116,3 +120,22 @@ async def require_moderator(ctx: CommandContext, action: str, target: str | None
         return
     await audit(ctx, action, allowed=False, target=target)
     raise PermissionDenied("error.moderators_only", command=ctx.invocation.command)
+
+
+def asks_global(text: str) -> bool:
+    """Whether a command's raw text carries ``--global``. Never raises: text that cannot
+    be read is reported when the arguments are read."""
+    try:
+        parsed = parse_args(text)
+    except UserError:
+        return False
+    return any(name == "global" for name, _value in parsed.options)
+
+
+async def require_global_moderator(ctx: CommandContext, action: str, target: str | None = None) -> None:
+    """Refuse a change everywhere to all but global moderators, after writing the attempt
+    (in the global scope) to the audit log."""
+    if GLOBAL_MODERATOR in ctx.actor.roles:
+        return
+    await audit(ctx, action, allowed=False, target=target, scope=GLOBAL)
+    raise PermissionDenied("error.global_moderators_only", command=ctx.invocation.command)

@@ -28,8 +28,9 @@ def check_uploads(attachments: tuple[Attachment, ...], max_bytes: int) -> None:
     """Refuse a command whose upload is over ``[limits] max_upload_bytes``.
 
     The one check every command's files pass, before any handler reads them. Adapters
-    read at most ``max_bytes + 1`` bytes of a file, so an upload over the cap is never
-    held whole, and still arrives here to be refused.
+    never hold an upload over the cap whole: the console reads at most ``max_bytes + 1``
+    bytes of a file, which still arrive here to be refused; Telegram and Discord refuse a
+    file whose size, as the platform states it, is over the cap before fetching it.
     """
     for attachment in attachments:
         if len(attachment.data) > max_bytes:

@@ -47,6 +47,7 @@ from bot.api import (
     PreferenceStore,
     UserError,
     actor_of,
+    audit,
     default_plan,
     hookimpl,
     is_owner,
@@ -289,7 +290,8 @@ async def stop_command(ctx: CommandContext) -> Reply:
     if record is None:
         raise NotFound("forever.not_a_run", id=generation_id)
     run_id = run_of(record)
-    if not (is_owner(record, actor) or actor.is_moderator):
+    if not (is_owner(record, actor) or actor.is_moderator):  # a role check: the refusal is audited
+        await audit(ctx, "stop", allowed=False, target=run_id)
         raise UserError("forever.not_yours", id=run_id)
     prefs = PreferenceStore(app.store)
     state = await prefs.get((SCOPE, run_id), "run")

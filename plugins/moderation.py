@@ -18,23 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bot.api import (
     GLOBAL,
+    GLOBAL_MODERATOR,
     Msg,
     NotFound,
     OptionSpec,
     PermissionDenied,
     UserError,
+    asks_global,
     audit,
     format_time,
     hookimpl,
     missing_argument,
+    named_user,
     parse_duration,
+    require_global_moderator,
     scope_of,
     user_key,
 )
 from bot.types import Admission, Argument, Command, CommandContext, Denial, Reply
 from models.moderation_store import ModerationStore
 
-GLOBAL_MODERATOR = "global_moderator"
 NsfwRule = Literal["channel", "never", "always"]
 
 
@@ -171,19 +174,24 @@ WORD = Argument("word", "text", "arg.word", required=False)  # or --regex PATTER
 @hookimpl
 def register_commands(register: Any) -> None:
     """Every command here is for moderators as a whole: dispatch checks the role (and
-    audits a refusal) before it reads any argument. /delete is the core's (owners too)."""
+    audits a refusal) before it reads any argument, and a guard does the same for the
+    global moderator role where ``--global`` is given. /delete is the core's (owners too)."""
     ban_options = (
         OptionSpec("for", "duration", description="option.ban.for"),
         OptionSpec("reason", "str", description="option.ban.reason"),
         GLOBAL_FLAG,
     )
-    register(Command("ban", ban_command, "cmd.ban", (USER,), ban_options, moderator=True))
-    register(Command("unban", unban_command, "cmd.unban", (USER,), (GLOBAL_FLAG,), moderator=True))
+    ban, unban = _global_guard("ban", names_user=True), _global_guard("unban", names_user=True)
+    register(Command("ban", ban_command, "cmd.ban", (USER,), ban_options, moderator=True, guard=ban))
+    register(
+        Command("unban", unban_command, "cmd.unban", (USER,), (GLOBAL_FLAG,), moderator=True, guard=unban)
+    )
     register(Command("bans", bans_command, "cmd.bans", moderator=True))
+    add, remove = _global_guard("words.add"), _global_guard("words.remove")
     words = (
         Command("list", list_words, "cmd.words.list"),
-        Command("add", add_word, "cmd.words.add", (WORD,), WORD_OPTIONS),
-        Command("remove", remove_word, "cmd.words.remove", (WORD,), WORD_OPTIONS),
+        Command("add", add_word, "cmd.words.add", (WORD,), WORD_OPTIONS, guard=add),
+        Command("remove", remove_word, "cmd.words.remove", (WORD,), WORD_OPTIONS, guard=remove),
     )
     register(Command("words", description="cmd.words", subcommands=words, default="list", moderator=True))
     limit = OptionSpec("limit", "int", bounds=lambda _: (1, 200), description="option.audit.limit")
@@ -193,10 +201,22 @@ def register_commands(register: Any) -> None:
 # commands --------------------------------------------------------------------------------------
 
 
+def _global_guard(action: str, *, names_user: bool = False) -> Any:
+    """A guard that refuses ``--global`` to all but global moderators before the arguments
+    are read, so that every such attempt is audited however the rest is written."""
+
+    async def guard(ctx: CommandContext) -> None:
+        if asks_global(ctx.text):
+            target = named_user(ctx.text, ctx.actor) if names_user else None
+            await require_global_moderator(ctx, action, target)
+
+    return guard
+
+
 def _target_scope(ctx: CommandContext, options: dict[str, Any]) -> str:
     if not options.get("global"):
         return scope_of(ctx.actor)
-    if GLOBAL_MODERATOR not in ctx.actor.roles:
+    if GLOBAL_MODERATOR not in ctx.actor.roles:  # the command's guard refused and audited it already
         raise PermissionDenied("error.global_moderators_only", command=ctx.invocation.command)
     return GLOBAL
 

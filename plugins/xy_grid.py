@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests import them here)
     AXIS_OPTIONS,
     DRAW_OPTIONS,
+    GLOBAL_MODERATOR,
     HARD_MAX_CELLS,
     SCRIPT,
     AxisChoice,
@@ -48,6 +49,7 @@ from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests im
     PreferenceStore,
     UserError,
     actor_scopes,
+    asks_global,
     audit,
     builtin_axes,
     find_axis,
@@ -65,6 +67,7 @@ from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests im
     read_grid,
     read_values,
     redraw,
+    require_global_moderator,
     require_moderator,
     whole_number,
 )
@@ -118,7 +121,6 @@ log = logging.getLogger(__name__)
 
 CAP_KEY = "grid.max_cells"  # PreferenceStore key of the cap set at run time
 POSTED_KEY = "grid.posted"  # PreferenceStore key (scope "grid", id = group) of a grid already posted
-GLOBAL_MODERATOR = "global_moderator"  # the role the moderation plugin gives configured moderators
 _SPEC, _PLAN = "xy_grid.spec", "xy_grid.plan"  # caches on DrawRequest.options
 _AGAIN = "xy_grid.again"  # DrawRequest.options: the cells of a grid to run again with a new seed
 
@@ -268,6 +270,8 @@ async def cap_guard(ctx: CommandContext) -> None:
     refused before the text is read, so every attempt is audited."""
     if ctx.text.strip():
         await require_moderator(ctx, "grid.cap")
+        if asks_global(ctx.text):
+            await require_global_moderator(ctx, "grid.cap")
 
 
 async def cap_command(ctx: CommandContext) -> Reply:
@@ -279,7 +283,7 @@ async def cap_command(ctx: CommandContext) -> Reply:
         raise missing_argument(ctx)
     cap = whole_number("cap", words[0], minimum=1, maximum=HARD_MAX_CELLS)
     scope = GLOBAL if ctx.options.get("global") else _local_scope(ctx.actor)
-    if scope == GLOBAL and GLOBAL_MODERATOR not in ctx.actor.roles:
+    if scope == GLOBAL and GLOBAL_MODERATOR not in ctx.actor.roles:  # cap_guard refused and audited it
         raise PermissionDenied("error.global_moderators_only", command="grid cap")
     await PreferenceStore(ctx.app.store).set(scope, CAP_KEY, cap, by=ctx.actor.key)
     await audit(ctx, "grid.cap", scope=GLOBAL_SCOPE if scope == GLOBAL else None, max_cells=cap)

@@ -346,6 +346,27 @@ async def test_a_dm_in_chinese_with_an_attachment_drives_img2img(make_app) -> No
         assert "Denoising strength" in infotext
 
 
+async def test_an_attachment_over_the_upload_cap_is_refused_before_it_is_fetched(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc, limits={"max_upload_bytes": 4096}) as (app, _):
+            attachment = dc.add_attachment(b"\x89PNG\r\n\x1a\n" + bytes(10_000), "big.png")
+            await dc.slash(
+                "draw",
+                [option("prompt", "a cat"), {"name": "file", "type": 11, "value": attachment["id"]}],
+                user=ALICE,
+                guild_id=GUILD,
+                channel_id=CHANNEL,
+                attachments={attachment["id"]: attachment},
+            )
+            error = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
+            )
+            assert "big.png" in error["content"] and "4 KiB" in error["content"]
+            assert dc.cdn_fetches == []
+            assert await app.store.count_by_status() == {}
+
+
 async def test_autocomplete_suggests_samplers(make_app) -> None:
     async with FakeDiscord() as dc:
         server(dc)

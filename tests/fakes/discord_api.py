@@ -92,6 +92,7 @@ class FakeDiscord:
         self.requests: list[Request] = []
         self.messages: dict[str, dict[str, Any]] = {}  # message id -> message (with "channel_id")
         self.files: dict[str, bytes] = {}  # attachment id -> bytes
+        self.cdn_fetches: list[str] = []  # attachment ids, in the order they were downloaded
         self.commands: dict[str, list[dict[str, Any]]] = {}  # "global" or guild id -> registered tree
         self.interactions: dict[str, Interaction] = {}  # token -> interaction
         self.guilds: dict[str, Guild] = {}
@@ -358,6 +359,7 @@ class FakeDiscord:
     # -- REST ------------------------------------------------------------------------------------
 
     async def _cdn(self, request: web.Request) -> web.Response:
+        self.cdn_fetches.append(request.match_info["attachment"])
         data = self.files.get(request.match_info["attachment"])
         return web.Response(body=data) if data is not None else web.Response(status=404)
 

@@ -132,6 +132,14 @@ async def test_the_forever_button_stop_rules_and_refusals(make_app) -> None:
     (one_batch,) = await draw(app, "/draw a moon --forever --count 2")
     assert "leave out --count (got 2)" in app.translator.t("en", one_batch.key, **one_batch.params)
     assert await app.store.count_by_status() == {"finished": 3}
+    # stopping someone else's run is for moderators: the refusal is in the audit log
+    from bot.governance import scope_of
+    from models.moderation_store import ModerationStore
+
+    entries = await ModerationStore(app.store).audit_log([scope_of(BOB)])
+    assert [(e.actor_key, e.action, e.target, e.allowed) for e in entries] == [
+        ("console:bob", "stop", run_id, False)
+    ]
 
 
 async def test_stopping_or_cancelling_a_queued_job_ends_its_run(make_app) -> None:

@@ -199,3 +199,35 @@ async def test_the_role_is_checked_before_the_arguments_and_every_refusal_is_aud
     assert unknown.key == "error.unknown_subcommand" and unknown.params["allowed"] == "list, add, remove"
     (too_long,) = await run(app, "/ban @carol --for 9999999999d", MOD)
     assert too_long.key == "error.duration_range" and "3650d" in text(app, too_long)
+
+
+async def test_the_global_role_is_checked_before_the_arguments_and_every_refusal_is_audited(make_app) -> None:
+    """A moderator of one chat who writes --global is refused as such, whatever else the
+    line holds, and the attempt is in the global audit log."""
+    app = await make_app(plugins={"moderation": CONFIG})
+    local = replace(BOB, roles=frozenset({"moderator"}))  # e.g. a Telegram chat administrator
+    for line in (
+        "/ban @carol --global",
+        "/ban @carol --global --for 9999999999d --bogus",
+        "/unban @carol --global",
+        '/words add --regex "(" --global',
+        "/words remove dog --global",
+        "/grid cap lots --global",
+    ):
+        (reply,) = await run(app, line, local)
+        assert reply.error and reply.key == "error.global_moderators_only", (line, reply)
+    (reply,) = await run(app, "/audit", MOD)
+    entries = [(e["actor"], e["action"], e["target"], e["allowed"]) for e in reversed(reply.data["entries"])]
+    assert entries == [
+        ("console:bob", "ban", "console:carol", False),
+        ("console:bob", "ban", "console:carol", False),
+        ("console:bob", "unban", "console:carol", False),
+        ("console:bob", "words.add", None, False),
+        ("console:bob", "words.remove", None, False),
+        ("console:bob", "grid.cap", None, False),
+    ]
+    # in their own chat the same moderator is answered on the arguments, and nothing is refused
+    assert (await run(app, '/words add --regex "("', local))[0].key == "moderation.bad_regex"
+    assert (await run(app, "/grid cap lots", local))[0].key == "error.not_an_integer"
+    assert not (await run(app, "/ban @carol", local))[0].error
+    assert not (await run(app, "/ban @dave --global", MOD))[0].error

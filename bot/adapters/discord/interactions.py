@@ -18,9 +18,11 @@ import discord
 from ulid import ULID
 
 from bot.autocomplete import complete
-from bot.errors import NotFound
+from bot.errors import NotFound, UserError
+from bot.inputs import size_text
+from bot.options import shown
 from bot.platforms import FILE, command_line
-from bot.types import Actor, Attachment, Invocation, Route
+from bot.types import Actor, Attachment, Invocation, Reply, Route
 
 if TYPE_CHECKING:
     from bot.adapters.discord.adapter import DiscordAdapter
@@ -80,16 +82,23 @@ class Interactions:
         data: dict[str, Any] = dict(interaction.data or {})
         path, values = _read(data)
         node = _node(self.app, path)
+        actor, route = self.who(interaction)
         attachments: list[Attachment] = []
+        refused: Reply | None = None
         if node is None:
             command, text = path[0], ""
         else:
             command, text = command_line(node, values)
             upload = values.get(FILE)
             if upload is not None:
-                attachments.append(await self._download(data, str(upload)))
-        actor, route = self.who(interaction)
-        await self.adapter.delivery.handle(Invocation(command, text, actor, route, tuple(attachments)))
+                try:
+                    attachments.append(await self._download(data, str(upload)))
+                except UserError as exc:  # a file over the upload cap, refused before it is fetched
+                    refused = Reply(exc.key, exc.params, error=True)
+        if refused is not None:
+            await self.adapter.delivery.send([refused], actor, route)
+        else:
+            await self.adapter.delivery.handle(Invocation(command, text, actor, route, tuple(attachments)))
         if interaction.token in self.adapter.deferred:  # nothing answered: no "thinking" left behind
             self.adapter.deferred.discard(interaction.token)
             await interaction.delete_original_response()
@@ -153,9 +162,16 @@ class Interactions:
         await interaction.response.autocomplete(choices)
 
     async def _download(self, data: dict[str, Any], attachment_id: str) -> Attachment:
+        """The uploaded file; one whose size (as Discord states it) is over ``[limits]
+        max_upload_bytes`` is refused before a byte of it is fetched."""
         found = (data.get("resolved") or {}).get("attachments", {}).get(attachment_id) or {}
+        name = str(found.get("filename", "image.png"))
+        limit = self.app.settings.limits.max_upload_bytes
+        size = found.get("size")
+        if isinstance(size, int) and size > limit:
+            raise UserError("error.upload_too_large", name=shown(name), max=size_text(limit))
         content = await self.adapter.client.http.get_from_cdn(found["url"])
-        return Attachment(found.get("filename", "image.png"), content, found.get("content_type"))
+        return Attachment(name, content, found.get("content_type"))
 
     async def _unexpected(self, interaction: discord.Interaction) -> None:
         """A fault of the bot's, not of the request: the user gets a reference to quote,
