@@ -95,7 +95,7 @@ async def loras(ctx: AutocompleteContext) -> list[Choice]:
     from pipeline.networks import NetworkLibrary
 
     names = await asyncio.to_thread(NetworkLibrary(models_dir(ctx.app)).lora_names)
-    return name_choices(names, ctx.partial)
+    return list_choices(((name, "") for name in names), ctx.partial)  # --lora a, b
 
 
 async def commands(ctx: AutocompleteContext) -> list[Choice]:

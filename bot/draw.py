@@ -14,6 +14,7 @@ from typing import Any
 from bot.errors import OptionValueError, UserError
 from bot.i18n import Msg
 from bot.options import MAX_SEED, check_prompt_length
+from bot.scoped_names import split_names
 from bot.settings import Settings
 from bot.types import Actor, DrawRequest, RequestDraft
 from pipeline.request import GenerationRequest
@@ -63,11 +64,17 @@ def join_parts(base: str, parts: list[tuple[int, str]]) -> str:
     return ", ".join(texts)
 
 
+def lora_tags(names: str | None) -> list[tuple[int, str]]:
+    """``--lora a, b:0.6``: A1111's ``<lora:a>`` and ``<lora:b:0.6>`` tags, added after the
+    prompt (the weight is 1 unless given), so the infotext shows them as A1111 would."""
+    return [(0, f"<lora:{name}>") for name in split_names(names or "")]
+
+
 def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) -> DrawRequest:
     """Validate the draft and resolve everything (seeds, sampler, checkpoint) into a request."""
     limits = settings.limits
     opts = draft.options
-    prompt = join_parts(draft.prompt, draft.prompt_parts)
+    prompt = join_parts(draft.prompt, draft.prompt_parts + lora_tags(opts.get("lora")))
     negative = join_parts(draft.negative_prompt, draft.negative_parts)
     check_prompt_length("prompt", prompt, limits)
     check_prompt_length("negative prompt", negative, limits)

@@ -294,6 +294,7 @@ def draw_options() -> OptionTable:
             autocomplete="checkpoints",
         ),
         OptionSpec("vae", "str", ("sd-vae",), description="option.vae", autocomplete="vaes"),
+        OptionSpec("lora", "names", ("loras",), description="option.lora", autocomplete="loras"),
         OptionSpec(
             "clip-skip",
             "int",

@@ -17,7 +17,9 @@ from typing import Any
 
 import discord
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from bot.adapters.discord.adapter import DiscordAdapter
 from bot.adapters.discord.tree import HASH_KEY, command_payloads
@@ -26,7 +28,8 @@ from bot.settings import load_settings
 from bot.types import Route
 from models.preferences import GLOBAL, PreferenceStore
 from pipeline.images import read_infotext
-from tests.fakes.discord_api import FakeDiscord, user_json
+from pipeline.networks import kohya_targets
+from tests.fakes.discord_api import MANAGE_GUILD, FakeDiscord, user_json
 from tests.scenario import console_env
 
 GUILD, CHANNEL = "700000000000000001", "700000000000000010"
@@ -175,6 +178,27 @@ async def test_reroll_and_v2_make_new_generations_and_a_variation_opens_a_thread
         assert len(children) == 2 and {c.thread_key for c in children} == {None, job}
 
 
+async def test_more_than_25_actions_are_paged_and_a_button_on_the_next_page_works(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            await draw(dc, option("prompt", "a cat"), option("batch", 8), option("steps", 2))
+            result = await result_of(dc)  # V, V strong, refine and upscale 1-8 and five more
+            more = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if "More actions (2/2)" in m["content"]), None)
+            )
+            pages = [buttons(result), buttons(more)]
+            assert len(pages[0]) == 25 and len(result["components"]) == 5 and not more["attachments"]
+            labels = [b["label"] for page in pages for b in page]
+            assert len(labels) == len(set(labels)) == 8 * 4 + 4
+            assert all(len(b["custom_id"]) <= 100 for page in pages for b in page)
+            await dc.click(more["id"], button(more, "Delete"), user=ALICE)  # the job's own action
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+        # the user is mentioned once, the parameters shown once: on the result itself
+        assert result["content"].startswith(f"<@{ALICE['id']}>") and result["embeds"]
+        assert more["content"] == "More actions (2/2)" and not more["embeds"]
+
+
 async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(make_app) -> None:
     async with FakeDiscord() as dc:
         server(dc)
@@ -195,14 +219,19 @@ async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(ma
             assert await app.store.get(job) is None
 
 
-async def test_members_of_a_configured_moderator_role_are_moderators(make_app) -> None:
+async def test_members_of_a_configured_moderator_role_or_with_manage_server_are_moderators(
+    make_app,
+) -> None:
     async with FakeDiscord() as dc:
         server(dc)
         dc.guilds[GUILD].roles["4242"] = 0  # roles with no permissions of their own
         dc.guilds[GUILD].roles["5151"] = 0
+        dc.guilds[GUILD].roles["6262"] = MANAGE_GUILD  # not configured, but may manage the server
         async with running(make_app, dc, discord={"moderator_roles": ["4242"]}) as (app, _):
             await draw(dc, option("prompt", "a cat"))
             result = await result_of(dc)
+            await draw(dc, option("prompt", "a dog"))
+            other = await result_of(dc, 2)
             delete = button(result, "Delete")
             job = delete.removeprefix("delete:")
             await dc.click(result["id"], delete, user=user_json("78", "member"), roles=("5151",))
@@ -213,6 +242,10 @@ async def test_members_of_a_configured_moderator_role_are_moderators(make_app) -
             await dc.click(result["id"], delete, user=user_json("77", "helper"), roles=("4242",))
             await dc.wait_for(lambda: result["id"] not in dc.messages)
             assert await app.store.get(job) is None
+            delete = button(other, "Delete")
+            await dc.click(other["id"], delete, user=user_json("79", "manager"), roles=("6262",))
+            await dc.wait_for(lambda: other["id"] not in dc.messages)
+            assert await app.store.get(delete.removeprefix("delete:")) is None
 
 
 async def bot_process(tmp_path: Path, dc: FakeDiscord) -> asyncio.subprocess.Process:
@@ -235,6 +268,16 @@ async def stopped(process: asyncio.subprocess.Process) -> tuple[int, str]:
     return process.returncode or 0, err.decode(errors="replace")
 
 
+async def finished(dc: FakeDiscord, count: int) -> dict[str, Any]:
+    """The ``count``-th result that mentions its user (a finished job, wherever it is)."""
+
+    def done() -> list[dict[str, Any]]:
+        return [m for m in results(dc) if m["content"].startswith(f"<@{ALICE['id']}>")]
+
+    await dc.wait_for(lambda: len(done()) >= count, timeout=300)
+    return done()[count - 1]
+
+
 async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started(tmp_path) -> None:
     async with FakeDiscord() as dc:
         server(dc)
@@ -242,15 +285,35 @@ async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started
         try:
             await dc.wait_for(lambda: dc.identifications >= 1, timeout=180)
             await draw(dc, option("prompt", "a cat"))
-            first = await result_of(dc)
+            first = await finished(dc, 1)
             code, log = await stopped(process)
             assert code == 0, log
 
             process = await bot_process(tmp_path, dc)
             await dc.wait_for(lambda: dc.identifications >= 2, timeout=180)
             await dc.click(first["id"], button(first, "Reroll"), user=ALICE)
-            again = await result_of(dc, 2)
+            again = await finished(dc, 2)
             assert again["id"] != first["id"] and again["channel_id"] == CHANNEL
+            # every kind of button of the first process's result: upscale, remix, delete
+            await dc.click(first["id"], button(first, "Upscale 1"), user=ALICE)
+            upscaled = await finished(dc, 3)
+            assert Image.open(io.BytesIO(png_of(dc, upscaled))).size == (128, 128)
+            remix = button(first, "Remix")
+            form = await dc.click(first["id"], remix, user=ALICE)
+            await dc.wait_for(lambda: form.responded)
+            assert form.response["type"] == 9 and "a cat" in str(form.response["data"]["components"])
+            await dc.submit_modal(
+                remix,
+                {"prompt": "a dog"},
+                user=ALICE,
+                guild_id=GUILD,
+                channel_id=CHANNEL,
+                message_id=first["id"],
+            )
+            remixed = await finished(dc, 4)
+            assert read_infotext(png_of(dc, remixed)).startswith("a dog\n")
+            await dc.click(first["id"], button(first, "Delete"), user=ALICE)
+            await dc.wait_for(lambda: first["id"] not in dc.messages, timeout=60)
         finally:
             if process.returncode is None:
                 code, log = await stopped(process)
@@ -272,20 +335,20 @@ async def test_a_server_not_allowed_gets_an_ephemeral_answer_and_nothing_runs(ma
 
 
 @pytest.mark.parametrize(
-    ("options", "words"),
+    ("options", "words", "locale"),
     [
-        ([option("steps", 0)], "steps"),
-        ([option("checkpoint", "nope")], "nope"),
-        ([option("size", "4096x4096")], "4096"),
+        ([option("steps", 0)], "steps", "zh-CN"),
+        ([option("checkpoint", "nope")], "nope", "zh-CN"),
+        ([option("size", "4096x4096")], "4096", "zh-TW"),  # Discord's other Chinese
     ],
 )
 async def test_bad_options_get_an_ephemeral_translated_error_and_store_nothing(
-    make_app, options, words, tmp_path
+    make_app, options, words, locale, tmp_path
 ) -> None:
     async with FakeDiscord() as dc:
         server(dc)
         async with running(make_app, dc) as (app, _):
-            await draw(dc, option("prompt", "a cat"), *options, locale="zh-CN")
+            await draw(dc, option("prompt", "a cat"), *options, locale=locale)
             error = await dc.wait_for(
                 lambda: next((m for m in dc.messages.values() if m["flags"] & 64), None)
             )
@@ -296,15 +359,17 @@ async def test_bad_options_get_an_ephemeral_translated_error_and_store_nothing(
             assert not images.exists() or not any(p.is_file() for p in images.rglob("*.png"))
 
 
-async def test_a_429_on_the_followup_is_waited_out(make_app) -> None:
+async def test_a_429_and_then_a_502_on_the_followup_are_waited_out(make_app) -> None:
     async with FakeDiscord() as dc:
         server(dc)
         async with running(make_app, dc):
             dc.fail_next("POST", r"/webhooks/\d+/[^/]+", 429, retry_after=0.3)
+            dc.fail_next("POST", r"/webhooks/\d+/[^/]+", 502)  # the same message's next try
             await draw(dc, option("prompt", "a cat"))
             await result_of(dc)
         posts = dc.sent("POST", r"/webhooks/\d+/[^/]+")
-        assert len(posts) >= 2 and posts[1].at - posts[0].at >= 0.25
+        assert len(posts) >= 3 and posts[1].at - posts[0].at >= 0.25
+        assert posts[1].body == posts[2].body  # the refused message, sent again
 
 
 async def test_a_result_after_the_token_expired_is_posted_to_the_channel_with_a_mention(make_app) -> None:
@@ -367,18 +432,49 @@ async def test_an_attachment_over_the_upload_cap_is_refused_before_it_is_fetched
             assert await app.store.count_by_status() == {}
 
 
-async def test_autocomplete_suggests_samplers(make_app) -> None:
+def lora_file(path: Path, library: Any) -> None:
+    """A LoRA the tiny model takes (zero weights: it changes nothing, but is loaded and hashed)."""
+    pipe = library.load("tiny")
+    key = next(k for k, (m, part) in kohya_targets(pipe).items() if m.weight.shape[1] == 32 and part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{key}.lora_down.weight": torch.zeros(2, 32), f"{key}.lora_up.weight": torch.zeros(32, 2)}
+    save_file(tensors, str(path))
+
+
+async def test_autocomplete_suggests_every_kind_and_a_lora_option_tags_the_prompt(
+    make_app, tmp_path, tiny_library
+) -> None:
+    models = tmp_path / "library"
+    (models / "VAE").mkdir(parents=True)
+    (models / "VAE" / "vae-ft-mse.safetensors").write_bytes(b"listed, not read")
+    lora_file(models / "Lora" / "freckles.safetensors", tiny_library)
+    styles = {"styles": {"styles": {"watercolor": {"prompt": "watercolor, {prompt}"}}}}
     async with FakeDiscord() as dc:
         server(dc)
-        async with running(make_app, dc):
-            options = [
-                option("prompt", "a cat"),
-                {"name": "sampler", "type": 3, "value": "eul", "focused": True},
-            ]
-            interaction = await dc.slash("draw", options, user=ALICE, guild_id=GUILD, command_type=4)
-            await dc.wait_for(lambda: interaction.responded)
-        choices = interaction.response["data"]["choices"]
-        assert choices and all("eul" in c["value"].lower() for c in choices)
+        async with running(make_app, dc, models_dir=models, plugins=styles):
+
+            async def suggested(field: str, typed: str) -> list[str]:
+                options = [
+                    option("prompt", "a cat"),
+                    {"name": field, "type": 3, "value": typed, "focused": True},
+                ]
+                asked = await dc.slash("draw", options, user=ALICE, guild_id=GUILD, command_type=4)
+                await dc.wait_for(lambda: asked.responded)
+                return [c["value"] for c in asked.response["data"]["choices"]]
+
+            samplers = await suggested("sampler", "eul")
+            assert samplers and all("eul" in s.lower() for s in samplers)
+            assert await suggested("scheduler", "kar") == ["Karras"]
+            assert await suggested("checkpoint", "ti") == ["tiny"]
+            assert await suggested("vae", "") == ["vae-ft-mse"]
+            assert await suggested("lora", "fre") == ["freckles"]
+            assert await suggested("style", "water") == ["watercolor"]
+            assert await suggested("preset", "") == ["nai"]
+            # the suggested LoRA, typed with a weight, is drawn with and named in the infotext
+            await draw(dc, option("prompt", "a cat"), option("lora", "freckles:0.5"), option("steps", 2))
+            result = await result_of(dc)
+        infotext = read_infotext(png_of(dc, result))
+        assert infotext.startswith("a cat, <lora:freckles:0.5>\n") and 'Lora hashes: "freckles: ' in infotext
 
 
 async def test_the_tree_is_registered_only_when_it_changed(make_app) -> None:
@@ -405,6 +501,25 @@ async def test_a_rejected_token_stops_the_start(make_app) -> None:
         app = await make_app(start=False, discord={"api_base": dc.api_base, "gateway_url": dc.gateway_url})
         with pytest.raises(StartError, match="refused the token"):
             await DiscordAdapter(app, app.settings, "fake-token").start()
+
+
+async def test_a_rejected_or_missing_token_stops_the_process_with_a_message(tmp_path) -> None:
+    for folder in ("run", "sync"):
+        (tmp_path / folder).mkdir()
+    async with FakeDiscord(tokens=("other",)) as dc:
+        run = await bot_process(tmp_path / "run", dc)
+        env = console_env(tmp_path / "sync")
+        env.pop("ATELIER_DISCORD_TOKEN", None)
+        sync = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "discord", "sync",
+            cwd=tmp_path / "sync", env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        (_, refused), (_, missing) = await asyncio.wait_for(
+            asyncio.gather(run.communicate(), sync.communicate()), 180
+        )
+    assert run.returncode == 1
+    assert "atelier: Discord refused the token in ATELIER_DISCORD_TOKEN" in refused.decode()
+    assert sync.returncode == 2 and "set ATELIER_DISCORD_TOKEN" in missing.decode()
 
 
 async def test_atelier_discord_sync_registers_in_one_guild(tmp_path) -> None:

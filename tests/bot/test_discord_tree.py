@@ -9,7 +9,7 @@ import pytest
 
 from bot.adapters.discord.tree import CHINESE, NAME, command_payloads
 
-KEPT_IN_ENGLISH = {"cfg", "vae", "id", "x", "y", "z"}  # A1111's own words and axis letters
+KEPT_IN_ENGLISH = {"cfg", "vae", "lora", "id", "x", "y", "z"}  # A1111's own words and axis letters
 
 
 def _levels(payloads: list[dict[str, Any]], path: str = "") -> list[tuple[str, list[dict[str, Any]]]]:

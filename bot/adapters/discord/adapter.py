@@ -322,7 +322,8 @@ class DiscordAdapter:
         """The message's text, files, embed and buttons as discord.py takes them; an edit
         replaces all of them."""
         text = message.text
-        source = message.source
+        # a further page of a result's buttons is no result of its own: no mention, no embed
+        source = message.source if message.kind != "actions" else None
         user = getattr(getattr(source, "actor", None), "user_id", None)
         if user and isinstance(source, Finished | Failed):
             text = f"<@{user}> {text}"  # the seed's "notify when generation completes"
