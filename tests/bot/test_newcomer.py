@@ -78,7 +78,8 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
         (page,) = s.command("/history abc")
         assert page["key"] == "error.unexpected_text", page
 
-        # 7. a reroll is the parent's request: today's default preset is not added again
+        # 7. a reroll (a variation, a refine, a remix) is the parent's request: today's default
+        # preset is not added again
         (parent,) = jobs_of(s.command('/draw a cat --negative "lowres, bad hands" --steps 4'))
         parent_fields = _infotext(s, parent)
         assert _keys(s.command("/preset default nai"))[0] == "preset.default_set"
@@ -95,6 +96,10 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
                 (e["step"], e["total"]) for e in s.events if e["event"] == "progress" and e["id"] == child
             ]
             assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)], (action, steps)
+        # a remix too: only its prompt is new
+        (remixed,) = jobs_of(s.command(f"/remix {parent} a dog"))
+        fields = _infotext(s, remixed)
+        assert (fields["Prompt"], fields["Negative prompt"]) == ("a dog", "lowres, bad hands"), fields
         # while a new /draw does get the new default
         (fresh,) = jobs_of(s.command("/draw a cat --steps 2"))
         assert "bad anatomy" in _infotext(s, fresh)["Negative prompt"]
