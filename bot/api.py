@@ -239,13 +239,21 @@ async def redraw(
     parent_id: str | None = None,
     thread_key: str | None = None,
     forever_run: str | None = None,
+    prompt: str | None = None,
 ) -> list[Reply]:
-    """A child of ``record`` (a reroll, variation, refine, the next job of a run): the
-    stored, effective request with only ``changes`` (/draw option values) applied, checked,
-    planned and queued like /draw. Styles and presets are not applied again. ``parent_id``
-    defaults to ``record``'s id."""
+    """A child of ``record`` (a reroll, variation, refine, remix, the next job of a run):
+    the stored, effective request with only ``changes`` (/draw option values) applied and,
+    when given, ``prompt`` instead of its prompt; checked, planned and queued like /draw.
+    Styles and presets are not applied again. ``parent_id`` defaults to ``record``'s id."""
     return await app.service.redraw(
-        record, changes, actor, route, parent_id=parent_id, thread_key=thread_key, forever_run=forever_run
+        record,
+        changes,
+        actor,
+        route,
+        parent_id=parent_id,
+        thread_key=thread_key,
+        forever_run=forever_run,
+        prompt=prompt,
     )
 
 

@@ -130,16 +130,18 @@ class Drawing:
         parent_id: str | None = None,
         thread_key: str | None = None,
         forever_run: str | None = None,
+        prompt: str | None = None,
     ) -> list[Reply]:
-        """A child of ``record`` (reroll, variation, refine, forever): its stored, effective
-        request with only ``changes`` (/draw option values) applied. ``modify_request`` is
+        """A child of ``record`` (reroll, variation, refine, forever, remix): its stored,
+        effective request with only ``changes`` (/draw option values) applied, and
+        ``prompt`` instead of the stored one when given (a remix). ``modify_request`` is
         not called again: the stored prompts already hold the styles and presets that
         applied then, and today's defaults must not change what the user asked for."""
         stored = record.request
         options = {**options_from_request(stored), **changes}
         negative = options.pop("negative")
         draft = RequestDraft(
-            prompt=stored.prompt,
+            prompt=stored.prompt if prompt is None else prompt,
             negative_prompt=negative,
             options=options,
             parent_id=record.id if parent_id is None else parent_id,

@@ -148,14 +148,18 @@ def command_line(node: Node, values: Mapping[str, Any]) -> tuple[str, str]:
         value = values.get(field.name)
         if value is not None and str(value) != "":
             words.append(str(value) if field.rest else quote_value(str(value)))
+    options = []
     for field in by_role["option"]:
         value = values.get(field.name)
         if value is None or value is False:
             continue
-        words.append(f"--{field.name}" if value is True else f"--{field.name} {quote_value(str(value))}")
+        options.append(f"--{field.name}" if value is True else f"--{field.name} {quote_value(str(value))}")
     if values.get(MORE):
-        words.append(str(values[MORE]))
-    return node.path[0], " ".join(words)
+        options.append(str(values[MORE]))
+    text = " ".join(words)
+    # after a multi-line argument (a pasted A1111 infotext) options go on lines of their
+    # own, where /draw reads a paste's overrides, never onto its parameter line
+    return node.path[0], ("\n" if "\n" in text else " ").join([text, *options] if text else options)
 
 
 # startup checks ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bot.api import Msg, default_plan, draw, hookimpl, options_from_request, redraw, visible
+from bot.api import Msg, default_plan, hookimpl, redraw, visible
 from bot.types import Action, Admission, Argument, Command, CommandContext, Reply
 
 
@@ -97,8 +97,8 @@ async def remix(ctx: CommandContext) -> list[Reply]:
     record = await visible(ctx.app, generation_id, ctx.actor)
     if not prompt.strip():
         return [Reply("remix.prompt_needed", {"id": record.id, "prompt": record.request.prompt}, error=True)]
-    options = {**options_from_request(record.request), "seed": -1}
-    return await draw(ctx.app, ctx.actor, prompt.strip(), options, ctx.invocation.route, parent_id=record.id)
+    # the parent's effective request, as a reroll's: today's default preset is not added again
+    return await redraw(ctx.app, record, {"seed": -1}, ctx.actor, ctx.invocation.route, prompt=prompt.strip())
 
 
 async def samplers(ctx: CommandContext) -> Reply:

@@ -96,16 +96,28 @@ async def test_a_failing_startup_hook_leaves_no_coroutine_unawaited(make_app) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("config", "expected"),
+    ("engine", "tables", "expected"),
     [
-        ('sampler = "Euler b"\n', "[defaults] sampler: unknown sampler 'Euler b' (did you mean 'Euler a'?)"),
-        ("clip_skip = 13\n", "[defaults] clip_skip: 13 is outside 1-12"),
-        ('[plugins]\ndisabled = ["histroy"]\n', "[plugins] disabled: no plugin is called 'histroy'"),
-        ('[plugins.quota]\nmax_cost = 5\n', "[plugins.quota]: no plugin is called 'quota'"),
+        ("", '[defaults]\nsampler = "Euler b"\n', "[defaults] sampler: unknown sampler 'Euler b' (did you mean 'Euler a'?)"),
+        ("", "[defaults]\nclip_skip = 13\n", "[defaults] clip_skip: 13 is outside 1-12"),
+        ("", "[defaults]\nsteps = 500\n", "[defaults] steps: 500 is outside 1-150"),
+        ("", "[defaults]\nwidth = 500\n", "[defaults] width: 500 is not a multiple of 8 (e.g. 496)"),
+        ('default_checkpoint = "sd15"\n', "", "[engine] default_checkpoint: no checkpoint is called 'sd15'; the checkpoints: tiny"),
+        ("", '[plugins]\ndisabled = ["histroy"]\n', "[plugins] disabled: no plugin is called 'histroy' (did you mean 'history'?); the plugins: "),
+        ("", '[plugins.quota]\nmax_cost = 5\n', "[plugins.quota]: no plugin is called 'quota' (did you mean 'quotas'?); the plugins: "),
+        # refused by the plugin's own startup hook, after other plugins' async ones exist
+        ("", "[plugins.quotas]\nimages = -1\n", "[plugins.quotas] images: Input should be greater than or equal to 0"),
     ],
 )  # fmt: skip
-def test_the_console_does_not_start_with_a_bad_setting(tmp_path: Path, config: str, expected: str) -> None:
-    env = console_env(tmp_path, config)
+def test_the_console_does_not_start_with_a_bad_setting(
+    tmp_path: Path, engine: str, tables: str, expected: str
+) -> None:
+    (tmp_path / "config.toml").write_text(
+        f'[bot]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[engine]\ndevice = "cpu"\nwarm_up = false\nmodels_dir = "{tmp_path / "models"}"\n{engine}{tables}',
+        encoding="utf-8",
+    )
+    env = console_env(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "bot.cli", "console", "--json"],
         input="/draw a cat\n",

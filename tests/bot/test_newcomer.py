@@ -2,7 +2,7 @@
 
 One console serves every scenario below, in the order a user would meet them: a pasted
 infotext, a bare /draw, phone-typed options, a missing file, rerolls after changing the
-default preset, and a forever run stopped by the id the user typed.
+default preset (with their progress), and a forever run stopped by the id the user typed.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
         (page,) = s.command("/history abc")
         assert page["key"] == "error.unexpected_text", page
 
-        # 7. a reroll is the parent's request: today's default preset is not added again
-        (parent,) = jobs_of(s.command('/draw a cat --negative "lowres, bad hands" --steps 2'))
+        # 7. a reroll (a variation, a refine, a remix) is the parent's request: today's default
+        # preset is not added again
+        (parent,) = jobs_of(s.command('/draw a cat --negative "lowres, bad hands" --steps 4'))
         parent_fields = _infotext(s, parent)
         assert _keys(s.command("/preset default nai"))[0] == "preset.default_set"
         for action in (f"/reroll {parent}", f"/vary {parent}", f"/refine {parent}"):
@@ -89,6 +90,16 @@ def test_a_new_users_first_hour(tmp_path: Path) -> None:
                 action
             )
             assert fields["Prompt"] == parent_fields["Prompt"], action
+            # 9. progress is contiguous and ends at the total, though a refine's img2img
+            # runs fewer sampler steps than the request's 4
+            steps = [
+                (e["step"], e["total"]) for e in s.events if e["event"] == "progress" and e["id"] == child
+            ]
+            assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)], (action, steps)
+        # a remix too: only its prompt is new
+        (remixed,) = jobs_of(s.command(f"/remix {parent} a dog"))
+        fields = _infotext(s, remixed)
+        assert (fields["Prompt"], fields["Negative prompt"]) == ("a dog", "lowres, bad hands"), fields
         # while a new /draw does get the new default
         (fresh,) = jobs_of(s.command("/draw a cat --steps 2"))
         assert "bad anatomy" in _infotext(s, fresh)["Negative prompt"]

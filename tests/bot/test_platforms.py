@@ -169,3 +169,18 @@ async def test_an_interactions_values_run_as_the_text_command(make_app) -> None:
         "draw",
         "a cat --steps 2 --hires --eta 0.5",
     )
+
+
+async def test_a_pasted_infotext_keeps_its_lines_when_an_option_is_set_too(make_app) -> None:
+    """A Discord /draw whose prompt field holds a pasted infotext and whose steps field is
+    set: the option is an override on its own line, not part of the infotext's Model."""
+    app = await make_app()
+    (draw,) = [node for node in command_tree(app) if node.name == "draw"]
+    paste = "a red fox\nNegative prompt: lowres, bad hands\nSteps: 2, Sampler: Euler, Seed: 5, Size: 64x64, Model: tiny"
+    command, text = command_line(draw, {"prompt": paste, "steps": 3})
+    assert text == paste + "\n--steps 3"
+    (accepted, *_) = await app.service.handle_line(f"/{command} {text}", ALICE)
+    assert accepted.key == "draw.accepted", accepted
+    request = (await app.store.get(accepted.data["jobs"][0])).request
+    assert (request.prompt, request.negative_prompt) == ("a red fox", "lowres, bad hands")
+    assert (request.num_inference_steps, request.seed) == (3, 5)
