@@ -161,10 +161,25 @@ async def _main(args: argparse.Namespace) -> int:
         "images byte for byte equal to their solo run: %d of %d; largest channel difference: %d level(s)",
         identical, args.users, worst,
     )  # fmt: skip
+    from report import result
+
+    result(
+        "batching",
+        {"speedup": ratio, "batched_s": statistics.median(batched_times), "solo_s": statistics.median(solo_times),
+         "users": args.users, "size": args.size, "steps": args.steps, "identical": identical,
+         "max_difference": worst},
+    )  # fmt: skip
     return 0 if worst <= 1 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import pin_threads
+
+    pin_threads()
     return asyncio.run(_main(_parse_args(argv)))
 
 

@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device busy   median {100 * statistics.median(fractions):.1f} % of wall time (target >= 95 %)")
     print(f"              rounds {', '.join(f'{100 * f:.1f} %' for f in fractions)}")
     print(f"gap per job   median {1000 * statistics.median(gaps):.2f} ms")
+    from report import result
+
+    result(
+        "device_idle",
+        {"busy_fraction": statistics.median(fractions), "gap_ms": 1000 * statistics.median(gaps),
+         "jobs": args.jobs, "busy_ms": args.busy_ms},
+    )  # fmt: skip
     return 0
 
 

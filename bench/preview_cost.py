@@ -32,6 +32,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from report import pin_threads
+
+    pin_threads()
 
     import torch
 
@@ -95,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one step, no previews    median {step * 1000:.3f} ms")
     print(f"preview / step           {100 * one / step:.2f} % (target < 2 %)")
     print(f"job with/without         median ratio {statistics.median(ratios):.3f} (a preview on every step)")
+    from report import result
+
+    result(
+        "preview_cost",
+        {"preview_ms": one * 1000, "step_ms": step * 1000, "fraction": one / step,
+         "job_ratio": statistics.median(ratios), "size": args.size, "steps": args.steps},
+    )  # fmt: skip
     return 0
 
 

@@ -119,6 +119,13 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
         f"  one job, end to end   {counter.statements / total:.1f} statements, "
         f"{counter.commits / total:.1f} commits"
     )
+    from report import result
+
+    result(
+        f"queue_{backend}",
+        {"jobs_per_s": total / elapsed, "queued_p50_ms": p50 * 1000, "queued_p99_ms": p99 * 1000,
+         "submit_statements": per_submit[0], "submit_commits": per_submit[1]},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``atelier run | console | generate | worker | db upgrade | plugins | discord sync``."""
+"""``atelier run | console | generate | worker | bench | db upgrade | plugins | discord sync``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--guild", help="register in this server only (changes show there at once)")
     sync.set_defaults(func=cmd_discord_sync)
+
+    bench = sub.add_parser(
+        "bench", help="run every CPU benchmark (a source checkout's bench/) and write their table"
+    )
+    bench.add_argument("--out", default="bench-results", help="folder for benchmarks.md and benchmarks.json")
+    bench.add_argument("--quick", action="store_true", help="the least work each, to check they run")
+    bench.set_defaults(func=cmd_bench)
 
     sub.add_parser("plugins", help="list plugins and the hooks each implements").set_defaults(
         func=cmd_plugins
@@ -241,6 +248,21 @@ def cmd_discord_sync(args: argparse.Namespace, settings: Settings) -> int:
     where = f"in guild {args.guild}" if args.guild else "globally"
     print(f"registered the slash commands {where}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    """The benchmarks live beside the package in a source checkout (they are not installed)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    if not script.is_file():
+        print(
+            "atelier: the benchmarks come with a source checkout (bench/run.py); run it there",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, str(script), "--out", args.out, *(["--quick"] if args.quick else [])]
+    return subprocess.call(command)
 
 
 def cmd_plugins(args: argparse.Namespace, settings: Settings) -> int:

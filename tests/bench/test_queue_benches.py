@@ -40,3 +40,17 @@ def test_the_shared_queue_bench_runs_through_a_worker(capsys):
     assert _load("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
     assert "procrastinate:" in out and "jobs/s" in out
+
+
+def test_the_bench_run_collects_every_figure_into_a_table(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    only = ["--only", "bot_latency", "--only", "device_idle"]
+    assert _load("run").main(["--quick", "--out", str(out), *only]) == 0
+    data = json.loads((out / "benchmarks.json").read_text(encoding="utf-8"))
+    assert set(data["figures"]) == {"bot_latency", "device_idle"}
+    assert data["figures"]["bot_latency"]["p99_ms"] > 0
+    table = (out / "benchmarks.md").read_text(encoding="utf-8")
+    (device_row,) = [line for line in table.splitlines() if line.startswith("| device busy")]
+    assert "not run" not in device_row and "%" in device_row
