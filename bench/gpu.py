@@ -1,0 +1,170 @@
+"""Images per second on one CUDA GPU: plain diffusers against Atelier's engine.
+
+SD 1.5-sized random-weight UNet, VAE and CLIP text encoder (bench/gpu_memory.py builds
+them; nothing is downloaded), fp16, 512x512, 20 steps of Euler a, CFG 7. For batch 1, 4
+and 8 it interleaves rounds of a plain ``StableDiffusionPipeline`` call and Atelier's
+``Engine.generate`` doing the same work (SDPA attention, the CFG pair in one UNet call),
+and prints images/s for each, Atelier's batch-8 rate over diffusers' batch-1 rate
+(target 1.5x or more), and the fraction of the FLOP floor Atelier reaches: the UNet's
+and the VAE decoder's floating-point operations, counted by torch's FLOP counter on one
+guided step and one decode (about 1.6 TFLOP per guided step at 512x512), over the
+card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then the memory
+modes' table of bench/gpu_memory.py (peak memory in normal, medvram and lowvram).
+
+Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989]``. Without CUDA
+it says so and exits 0; ``--tiny`` runs the same code on the CPU with the built-in tiny
+modules (64x64, 2 steps) as a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_memory import PROMPT, _library, _sync  # noqa: E402
+from gpu_memory import run as memory_run  # noqa: E402
+from gpu_memory import table as memory_table  # noqa: E402
+from report import result  # noqa: E402
+
+BATCHES = (1, 4, 8)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a CPU dry run with the tiny modules")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense fp16 peak")
+    return parser.parse_args(argv)
+
+
+def guided_step_flops(pipe: Any, size: int, device: Any, dtype: Any) -> tuple[float, float]:
+    """FLOPs of one guided UNet step (the CFG pair) and of one VAE decode, counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latent = torch.zeros(2, 4, size // 8, size // 8, device=device, dtype=dtype)
+    context = torch.zeros(2, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as unet_count:
+            pipe.unet(latent, torch.tensor([500.0], device=device), encoder_hidden_states=context)
+        with FlopCounterMode(display=False) as vae_count:
+            pipe.vae.decode(latent[:1])
+    return float(unet_count.get_total_flops()), float(vae_count.get_total_flops())
+
+
+def throughput(
+    tiny: bool, device_name: str, steps: int, size: int, rounds: int
+) -> dict[int, dict[str, float]]:
+    """images/s of diffusers and of Atelier per batch size (medians of interleaved rounds)."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from pipeline.engine import Engine
+    from pipeline.memory import MemorySettings
+    from pipeline.request import GenerationRequest
+
+    device = torch.device(device_name)
+    dtype = torch.float32 if tiny else torch.float16
+    library = _library(tiny)
+    engine = Engine(
+        library, device=device_name, dtype=dtype, memory_settings=MemorySettings(attention="sdpa")
+    )
+    engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=1, width=64, height=64))
+    pipe = library.load("tiny")  # the modules the engine placed on the device
+    plain_scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    rates: dict[int, dict[str, float]] = {}
+    for batch in BATCHES:
+        request = GenerationRequest(
+            prompt=PROMPT, seed=1234, num_inference_steps=steps, width=size, height=size,
+            guidance_scale=7, sampler_name="Euler a", num_images_per_prompt=batch,
+        )  # fmt: skip
+
+        def atelier(request: GenerationRequest = request) -> float:
+            _sync(device)
+            started = time.perf_counter()
+            engine.generate(request)
+            _sync(device)
+            return time.perf_counter() - started
+
+        def plain(batch: int = batch) -> float:
+            saved, pipe.scheduler = pipe.scheduler, plain_scheduler
+            try:
+                _sync(device)
+                started = time.perf_counter()
+                pipe(PROMPT, num_inference_steps=steps, width=size, height=size, guidance_scale=7,
+                     num_images_per_prompt=batch, generator=torch.Generator("cpu").manual_seed(1234))  # fmt: skip
+                _sync(device)
+                return time.perf_counter() - started
+            finally:
+                pipe.scheduler = saved
+
+        atelier()
+        plain()  # warm both at this shape
+        ours, theirs = [], []
+        for number in range(rounds):
+            pair = (atelier, plain) if number % 2 == 0 else (plain, atelier)
+            times = {fn: fn() for fn in pair}
+            ours.append(times[atelier])
+            theirs.append(times[plain])
+        rates[batch] = {
+            "atelier_images_per_s": batch / statistics.median(ours),
+            "diffusers_images_per_s": batch / statistics.median(theirs),
+            "ratio": statistics.median(t / o for o, t in zip(ours, theirs, strict=True)),
+        }
+    unet_flops, vae_flops = guided_step_flops(pipe, size, device, dtype)
+    rates[0] = {"unet_flops_per_guided_step": unet_flops, "vae_decode_flops": vae_flops}
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device here; nothing measured (use --tiny for a CPU dry run)")
+        return 0
+    steps, size = (2, 64) if args.tiny else (20, 512)
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
+    rates = throughput(args.tiny, device, steps, size, args.rounds)
+    flops = rates.pop(0)
+    per_image = steps * flops["unet_flops_per_guided_step"] + flops["vae_decode_flops"]
+    print(
+        f"### {model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}\n"
+    )
+    print("| batch | diffusers images/s | Atelier images/s | Atelier / diffusers | of the FLOP floor |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    figures: dict[str, Any] = {
+        "device": where,
+        "size": size,
+        "steps": steps,
+        "tflop_per_image": per_image / 1e12,
+    }
+    for batch, rate in rates.items():
+        floor = rate["atelier_images_per_s"] * per_image / (args.peak_tflops * 1e12)
+        print(
+            f"| {batch} | {rate['diffusers_images_per_s']:.2f} | {rate['atelier_images_per_s']:.2f} | "
+            f"{rate['ratio']:.2f} | {floor:.1%} |"
+        )
+        figures[f"batch{batch}"] = {**rate, "floor_fraction": floor}
+    gain = rates[8]["atelier_images_per_s"] / rates[1]["diffusers_images_per_s"]
+    figures["batch8_over_diffusers_batch1"] = gain
+    print(f"\nAtelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
+    print(f"FLOPs per image: {per_image / 1e12:.2f} TFLOP ({flops['unet_flops_per_guided_step'] / 1e12:.2f} per "
+          f"guided step, {flops['vae_decode_flops'] / 1e12:.2f} per decode); peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
+    if not args.tiny:  # the memory modes' own dry run is bench/gpu_memory.py --tiny
+        print()
+        print(memory_table(memory_run(False, device, steps, size), f"memory modes on {where}"))
+    result("gpu", figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
