@@ -167,6 +167,8 @@ class App:
 
     async def idle(self) -> None:
         await self.queue.join()
+        if self.relay is not None and not self.worker:  # the jobs' ends travel after them
+            await self.relay.settled()
 
 
 def build_app(

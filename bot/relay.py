@@ -134,6 +134,7 @@ class Relay:
         self._inbox: asyncio.Queue[str] = asyncio.Queue()
         self._sent_payloads = 0
         self._url = ""
+        self._open: set[str] = set()
 
     async def forward(self) -> None:
         """Send every event this App publishes to the listening processes."""
@@ -148,7 +149,30 @@ class Relay:
 
         self._url = libpq_url(self.app.settings.database_url)
         await self._connect(asyncpg)
+        self._unsubscribe = self.app.bus.subscribe(self._track)
         self._tasks.append(asyncio.create_task(self._publish_all(), name="relay-publish"))
+
+    def _track(self, event: JobEvent) -> None:
+        """Jobs this process told its users about and whose end it has not heard yet."""
+        if event.kind == "queued":
+            self._open.add(event.generation_id)
+        elif event.kind in ("finished", "failed", "cancelled"):
+            self._open.discard(event.generation_id)
+
+    async def settled(self, grace: float = 5.0) -> None:
+        """Wait until the end of every job this process announced has been heard; a job
+        whose row has ended but whose end was not heard within ``grace`` seconds (sent
+        while this process was not listening) is given up."""
+        ended_since: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while self._open:
+            for job_id in list(self._open):
+                record = await self.app.store.get(job_id)
+                if record is None or record.status not in ("queued", "running"):
+                    first = ended_since.setdefault(job_id, loop.time())
+                    if loop.time() - first > grace:
+                        self._open.discard(job_id)
+            await asyncio.sleep(0.05)
 
     async def _connect(self, asyncpg: Any) -> None:
         self._connection = await asyncpg.connect(self._url)

@@ -179,7 +179,7 @@ async def test_a_users_first_job_outranks_everyones_second(cluster: Cluster) -> 
     bobs = await cluster.draw(bob, 100)
     assert cluster.log.of("queued", bobs)[0].position == 1  # ahead of Alice's nine
     cluster.runner.gate.release(11)
-    await cluster.runner_app.idle()
+    await cluster.bot.idle()
     assert cluster.runner.started == [0, 100, *range(1, 10)]
     assert cluster.log.of("finished", first) and cluster.log.of("finished", bobs)
 
@@ -192,7 +192,7 @@ async def test_a_moderators_job_goes_first_and_the_rest_in_order(cluster: Cluste
     urgent = await cluster.draw(user("mod", moderator=True), 4)
     assert cluster.log.of("queued", urgent)[0].position == 1
     cluster.runner.gate.release(4)
-    await cluster.runner_app.idle()
+    await cluster.bot.idle()
     assert cluster.runner.started == [1, 4, 2, 3]
 
 
