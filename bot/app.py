@@ -279,8 +279,9 @@ def make_engine(settings: Settings, library: Any, *, device: str | None = None) 
     )
     try:
         engine = Engine(
-            library, device=device, dtype=dtype, memory_settings=memory, preview_every=config.preview_every
-        )
+            library, device=device, dtype=dtype, memory_settings=memory, preview_every=config.preview_every,
+            compile=config.compile, channels_last=config.channels_last,
+        )  # fmt: skip
     except SettingError as exc:
         raise ConfigError(f"[engine] {exc.key}: {exc}") from None
     log.info("engine: %s", engine.memory.describe(library.max_loaded))

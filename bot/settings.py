@@ -63,6 +63,8 @@ class EngineSettings(_Table):
     oom_retry: bool = True
     preview_every: int = Field(5, ge=0, le=1000)
     warm_up: bool = True  # load and warm default_checkpoint on every device at start
+    compile: bool = False  # torch.compile the UNet (normal memory mode; each new shape compiles once)
+    channels_last: bool = False  # the UNet's weights in channels-last layout
 
 
 class DefaultsSettings(_Table):

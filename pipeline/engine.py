@@ -213,6 +213,7 @@ class _LoadedModel:
     pipe: StableDiffusionPipeline
     base_scheduler_config: Any
     embeddings: EmbeddingDatabase | None = None
+    unet: Any = None  # what the sampler calls: ``pipe.unet``, or its compiled form
     chunks: OrderedDict[tuple[int, str], list[clip.PromptChunk]] = field(default_factory=OrderedDict)
     _lookup: tuple[int, Any] | None = None
 
@@ -286,9 +287,18 @@ class Engine:
         dtype: torch.dtype | None = None,
         memory_settings: memory.MemorySettings | None = None,
         preview_every: int = 0,
+        compile: bool = False,
+        channels_last: bool = False,
+        compile_backend: str = "inductor",
     ):
         """``memory_settings``: memory mode, attention, VAE precision, tiling, budget and OOM
-        retry (``pipeline.memory``); a byte budget, where there is one, becomes the library's."""
+        retry (``pipeline.memory``); a byte budget, where there is one, becomes the library's.
+        ``compile``: the UNet runs through ``torch.compile`` (in the normal memory mode; each
+        new shape compiles once and is cached); ``channels_last``: the UNet's weights in
+        channels-last layout (faster convolutions on most GPUs)."""
+        self.compile = compile
+        self.compile_backend = compile_backend
+        self.channels_last = channels_last
         self.library = library
         self.preview_every = preview_every  # user steps between live previews (0: none)
         self.device = torch.device(device)
@@ -417,6 +427,9 @@ class Engine:
             info=info, pipe=self._prepare(pipe), base_scheduler_config=pipe.scheduler.config,
             embeddings=self.embeddings,
         )  # fmt: skip
+        model.unet = pipe.unet
+        if self.compile and self.memory.settings.mode == "normal":  # offload hooks would break graphs
+            model.unet = torch.compile(pipe.unet, backend=self.compile_backend, dynamic=False)
         self._models[info.name] = model
         return model
 
@@ -445,6 +458,8 @@ class Engine:
 
     def _prepare(self, pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
         self.memory.prepare(pipe)
+        if self.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -561,7 +576,7 @@ class Engine:
         sizes = [member.num_images_per_prompt for member, _ in passes]
         members = [
             CFGDenoiser(
-                model.pipe.unet,
+                model.unet,
                 member_conds,
                 member.guidance_scale,
                 prediction_type=model.prediction_type,
