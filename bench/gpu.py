@@ -3,7 +3,8 @@
 SD 1.5-sized random-weight UNet, VAE and CLIP text encoder (bench/gpu_memory.py builds
 them; nothing is downloaded), fp16, 512x512, 20 steps of Euler a, CFG 7. For batch 1, 4
 and 8 it interleaves rounds of a plain ``StableDiffusionPipeline`` call and Atelier's
-``Engine.generate`` doing the same work (SDPA attention, the CFG pair in one UNet call),
+``Engine.generate`` doing the same work (SDPA attention, the CFG pair in one UNet call,
+channels-last weights on CUDA, ``--compile`` for torch.compile),
 and prints images/s for each, Atelier's batch-8 rate over diffusers' batch-1 rate
 (target 1.5x or more), and the fraction of the FLOP floor Atelier reaches: the UNet's
 and the VAE decoder's floating-point operations, counted by torch's FLOP counter on one
@@ -40,6 +41,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run with the tiny modules")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense fp16 peak")
+    parser.add_argument("--compile", action="store_true", help="Atelier with [engine] compile = true")
     return parser.parse_args(argv)
 
 
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     steps, size = (2, 64) if args.tiny else (20, 512)
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
-    rates = throughput(args.tiny, device, steps, size, args.rounds)
+    rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile)
     flops = rates.pop(0)
     per_image = steps * flops["unet_flops_per_guided_step"] + flops["vae_decode_flops"]
     print(
