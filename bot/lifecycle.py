@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from bot.errors import NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
 from bot.image_store import DatabaseImageStore
 from bot.leases import owner_gone
-from bot.result_files import discard_staged, encode_images, put_in_place, stage_images
+from bot.result_files import StagedImage, discard_staged, encode_images, put_in_place, stage_images
 from bot.types import (
     Action,
     Actor,
@@ -209,34 +210,32 @@ class JobLifecycle:
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
+        staged: list[StagedImage] = []
+        keep: Callable[[], Awaitable[None]] | None = None
+        data: dict[str, bytes] | None = None
         if isinstance(self.app.images, DatabaseImageStore):  # the PNGs go in with the rows
             encoded = await asyncio.to_thread(encode_images, job.id, result)
             images = [image for image, _ in encoded]
-            record = await self.app.store.finish(
-                job.id,
-                images,
-                owner=self.app.owner,
-                model_hash=result.model_hash,
-                device_seconds=result.device_seconds,
-                data={image.id: data for image, data in encoded},
-            )
-        else:
+            data = {image.id: png for image, png in encoded}
+        else:  # files, put in place once the job is won
             staged = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
             images = [image.record for image in staged]
 
             async def keep() -> None:
                 await asyncio.to_thread(put_in_place, staged)
 
-            try:
-                record = await self.app.store.finish(
-                    job.id,
-                    images,
-                    owner=self.app.owner,
-                    model_hash=result.model_hash,
-                    device_seconds=result.device_seconds,
-                    keep=keep,
-                )
-            finally:
+        try:
+            record = await self.app.store.finish(
+                job.id,
+                images,
+                owner=self.app.owner,
+                model_hash=result.model_hash,
+                device_seconds=result.device_seconds,
+                keep=keep,
+                data=data,
+            )
+        finally:
+            if staged:
                 await asyncio.to_thread(discard_staged, staged)
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return

@@ -277,21 +277,22 @@ class Store:
         claimed (read in the same transaction: who asked and where its events go), or None
         when it is no longer queued or another live process holds it."""
         now = utcnow()
+        return await self._take_queued(
+            generation_id, lease, now, status="running", started_at=now, attempts=Generation.attempts + 1
+        )
+
+    async def _take_queued(
+        self, generation_id: str, lease: Lease, now: datetime, **values: Any
+    ) -> GenerationRecord | None:
+        """Put a queued job that ``lease.owner`` may take under its lease, with ``values``;
+        the job as taken (read in the same transaction), or None."""
         async with self.session() as session:
             result = await session.execute(
                 update(Generation)
                 .where(
-                    Generation.id == generation_id,
-                    Generation.status == "queued",
-                    _takeable(lease.owner, now),
+                    Generation.id == generation_id, Generation.status == "queued", _takeable(lease.owner, now)
                 )
-                .values(
-                    status="running",
-                    started_at=now,
-                    attempts=Generation.attempts + 1,
-                    owner=lease.owner,
-                    lease_expires_at=lease.expires_at,
-                )
+                .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
             )
             if result.rowcount != 1:
                 return None
@@ -397,21 +398,7 @@ class Store:
         """Hold a queued job for ``lease.owner`` without starting it (a worker took it from
         the shared queue): if that worker dies, the job is recovered when its lease runs
         out. None when the job is no longer queued or a live process holds it."""
-        async with self.session() as session:
-            result = await session.execute(
-                update(Generation)
-                .where(
-                    Generation.id == generation_id,
-                    Generation.status == "queued",
-                    _takeable(lease.owner, utcnow()),
-                )
-                .values(owner=lease.owner, lease_expires_at=lease.expires_at)
-            )
-            if result.rowcount != 1:
-                return None
-            row = await session.get(Generation, generation_id, options=_LOAD, populate_existing=True)
-            assert row is not None
-            return _record(row)
+        return await self._take_queued(generation_id, lease, utcnow())
 
     async def release_job(self, generation_id: str, owner: str) -> bool:
         """Give one queued job of ``owner`` back to the shared queue (nobody holds it)."""
