@@ -55,6 +55,10 @@ def default_options(settings: Settings) -> dict[str, Any]:
         "schedule-sigma-min": d.schedule_sigma_min, "schedule-sigma-max": d.schedule_sigma_max,
         "schedule-rho": d.schedule_rho, "noise-multiplier": d.noise_multiplier, "extra-noise": d.extra_noise,
         "unipc-variant": d.uni_pc_variant, "unipc-order": d.uni_pc_order, "unipc-skip-type": d.uni_pc_skip_type,
+        "ngms": d.s_min_uncond, "ngms-all-steps": d.s_min_uncond_all, "skip-early-cfg": d.skip_early_cond,
+        "pad-conds": d.pad_cond_uncond, "pad-conds-v0": d.pad_cond_uncond_v0,
+        "downcast-alphas-cumprod": d.downcast_alphas_cumprod,
+        "unipc-lower-order-final": str(d.uni_pc_lower_order_final),
     }  # fmt: skip
 
 
@@ -116,7 +120,8 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
         eta=_eta(opts["eta"], sampler, settings),
         **{field: float(opts[name]) for name, field in SAMPLER_SETTING_OPTIONS},
         **{field: opts[name] for name, field in UNIPC_OPTIONS},
-        uni_pc_lower_order_final=settings.defaults.uni_pc_lower_order_final,
+        **{field: convert(opts[name]) for name, field, convert in GUIDANCE_OPTIONS},
+        uni_pc_lower_order_final=opts["unipc-lower-order-final"] == "True",
         seed_resize_from_w=resize_w, seed_resize_from_h=resize_h, init_image=opts["init-image"],
         denoising_strength=None if denoise is None else float(denoise), enable_hr=bool(opts["hires"]),
         hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
@@ -146,6 +151,8 @@ def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str
         "hr-scheduler": request.hr_scheduler, "init-image": request.init_image,
         **{name: getattr(request, field) for name, field in SAMPLER_SETTING_OPTIONS},
         **{name: getattr(request, field) for name, field in UNIPC_OPTIONS},
+        **{name: getattr(request, field) for name, field, _ in GUIDANCE_OPTIONS},
+        "unipc-lower-order-final": str(request.uni_pc_lower_order_final),
     }  # fmt: skip
 
 
@@ -166,6 +173,17 @@ UNIPC_OPTIONS = (
     ("unipc-variant", "uni_pc_variant"),
     ("unipc-order", "uni_pc_order"),
     ("unipc-skip-type", "uni_pc_skip_type"),
+)
+
+
+# /draw options of A1111's CFG denoiser and noise-table settings -> GenerationRequest fields
+GUIDANCE_OPTIONS = (
+    ("ngms", "s_min_uncond", float),
+    ("ngms-all-steps", "s_min_uncond_all", bool),
+    ("skip-early-cfg", "skip_early_cond", float),
+    ("pad-conds", "pad_cond_uncond", bool),
+    ("pad-conds-v0", "pad_cond_uncond_v0", bool),
+    ("downcast-alphas-cumprod", "downcast_alphas_cumprod", bool),
 )
 
 

@@ -402,6 +402,41 @@ def draw_options() -> OptionTable:
             description="option.unipc-skip-type",
             advanced=True,
         ),
+        OptionSpec(
+            "ngms",
+            "number",
+            ("s-min-uncond",),
+            bounds=lambda _: (0, 15),
+            description="option.ngms",
+            advanced=True,
+        ),
+        OptionSpec(
+            "ngms-all-steps",
+            "flag",
+            ("s-min-uncond-all",),
+            description="option.ngms-all-steps",
+            advanced=True,
+        ),
+        OptionSpec(
+            "skip-early-cfg",
+            "number",
+            ("skip-early-cond",),
+            bounds=lambda _: (0, 1),
+            description="option.skip-early-cfg",
+            advanced=True,
+        ),
+        OptionSpec("pad-conds", "flag", description="option.pad-conds", advanced=True),
+        OptionSpec("pad-conds-v0", "flag", description="option.pad-conds-v0", advanced=True),
+        OptionSpec(
+            "downcast-alphas-cumprod", "flag", description="option.downcast-alphas-cumprod", advanced=True
+        ),
+        OptionSpec(
+            "unipc-lower-order-final",
+            "choice",
+            choices=lambda: ["True", "False"],
+            description="option.unipc-lower-order-final",
+            advanced=True,
+        ),
         OptionSpec("seed-resize-from", "pair", description="option.seed-resize-from", advanced=True),
         OptionSpec(
             "denoise",

@@ -39,6 +39,16 @@ def split_infotext(text: str) -> tuple[str, str] | None:
     return body, " ".join(options)
 
 
+def _flag(value: str) -> bool:
+    """A1111's bool fields ("True"); the reader's injected back-compat flags are bools."""
+    return value.strip().casefold() == "true"
+
+
+def _bool_text(value: str) -> str:
+    """A bool field as the "True"/"False" choice of its option."""
+    return str(_flag(value))
+
+
 def _number(value: str) -> int | float:
     value = value.strip()
     return int(value) if _INT.match(value) else float(value)
@@ -161,6 +171,13 @@ _FIELDS = (
     ("UniPC variant", "unipc-variant", str),
     ("UniPC order", "unipc-order", int),
     ("UniPC skip type", "unipc-skip-type", str),
+    ("UniPC lower order final", "unipc-lower-order-final", _bool_text),
+    ("NGMS", "ngms", float),
+    ("NGMS all steps", "ngms-all-steps", _flag),
+    ("Skip Early CFG", "skip-early-cfg", float),
+    ("Pad conds", "pad-conds", _flag),
+    ("Pad conds v0", "pad-conds-v0", _flag),
+    ("Downcast alphas_cumprod", "downcast-alphas-cumprod", _flag),
     ("Denoising strength", "denoise", float),
     ("Hires upscale", "hr-scale", float),
     ("Hires steps", "hr-steps", int),

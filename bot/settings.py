@@ -94,6 +94,12 @@ class DefaultsSettings(_Table):
     uni_pc_order: int = Field(3, ge=1, le=50)
     uni_pc_skip_type: Literal["time_uniform", "time_quadratic", "logSNR"] = "time_uniform"
     uni_pc_lower_order_final: bool = True
+    s_min_uncond: float = Field(0.0, ge=0)
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = Field(0.0, ge=0, le=1)
+    pad_cond_uncond: bool = False
+    pad_cond_uncond_v0: bool = False
+    downcast_alphas_cumprod: bool = False
     batch_size: int = 1
     count: int = 1
 

@@ -61,12 +61,14 @@ def build_conds(
     hires_steps: int | None = None,
     time_ids: torch.Tensor | None = None,
     zero_empty_negative: bool = False,
+    with_empty: bool = False,
 ) -> PromptConds:
     """Encoded schedules for the positive parts and the negative prompt.
 
     ``steps`` (and ``hires_steps``) are the denoiser-call totals: the sampler's steps
     times ``SamplerInfo.total_steps_multiplier``. Identical prompts are encoded once.
-    SDXL passes its size ``time_ids`` and ``zero_empty_negative``.
+    SDXL passes its size ``time_ids`` and ``zero_empty_negative``. ``with_empty`` adds the
+    empty prompt's encoding ("Pad conds" pads with it; never zeroed).
     """
     parts = positive_parts(prompt)
     texts = [text for text, _ in parts] + [negative_prompt]
@@ -87,7 +89,12 @@ def build_conds(
         (encoded(schedule), weight) for schedule, (_, weight) in zip(schedules, parts, strict=False)
     )
     ids = None if time_ids is None else time_ids.to(device, dtype)
-    return PromptConds(parts=positive, uncond=encoded(schedules[-1], negative=True), time_ids=ids)
+    empty = None
+    if with_empty:
+        empty = _encode_together([""], chunk, encode)[""].to(device, dtype)
+    return PromptConds(
+        parts=positive, uncond=encoded(schedules[-1], negative=True), time_ids=ids, empty=empty
+    )
 
 
 def _zeros_like(cond: Cond) -> Cond:

@@ -68,9 +68,6 @@ Steps = Generator[list[UnetCall], list[torch.Tensor], Any]
 # DDIM CFG++ guides with cfg / 12.5 (§9.1).
 CFGPP_DIVISOR = 12.5
 
-_BETA_START = 0.00085
-_BETA_END = 0.012
-_TRAIN_TIMESTEPS = 1000
 _LCM_SKIP = 20  # LCM's 50 original timesteps are 19, 39, …, 999
 
 
@@ -83,22 +80,50 @@ class PromptConds:
     uncond: Schedule
     # SDXL: [original h, w, crop top, left, target h, w] for every UNet call of the pass.
     time_ids: torch.Tensor | None = None
+    # the empty prompt's encoding (one 77-token chunk), which "Pad conds" pads with
+    empty: Cond | None = None
 
 
-def sd_alphas_cumprod() -> torch.Tensor:
-    """The SD1/SD2/SDXL ᾱ table as A1111 keeps it: β and the product in float64, stored as float32."""
-    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+@dataclass(frozen=True)
+class Guidance:
+    """A1111's settings that change the CFG denoiser's passes (§7.2, §10).
+
+    ``ngms`` ("Negative Guidance minimum sigma"): on odd calls, or on every call with
+    ``ngms_all_steps``, the negative prompt's pass is skipped while the call's noise level
+    (σ for k-diffusion samplers, the UNet timestep for the timestep samplers: what the
+    denoiser receives) is below it. ``skip_early`` ("Skip Early CFG"): it is skipped on the
+    calls ``k`` with ``k / total_steps <= skip_early`` (checked first), where ``total_steps``
+    is the pass's sampler steps times the sampler's step multiplier. A skipped pass leaves
+    the uncond result equal to the first ``AND`` part's cond result, so guidance is off.
+
+    ``pad_conds`` ("Pad prompt/negative prompt"): cond and uncond of different token lengths
+    get the shorter one padded with the empty prompt's encoding, so they share one UNet
+    call; ``pad_conds_v0`` (old infotexts' "Pad conds v0", which wins) instead repeats the
+    uncond's last vector or cuts the uncond to the cond's length.
+    """
+
+    ngms: float = 0.0
+    ngms_all_steps: bool = False
+    skip_early: float = 0.0
+    total_steps: int = 0
+    pad_conds: bool = False
+    pad_conds_v0: bool = False
 
 
-def lcm_sigma_to_timestep() -> SigmaToTimestep:
+def sd_alphas_cumprod(*, downcast: bool = False) -> torch.Tensor:
+    """The SD1/SD2/SDXL ᾱ table as A1111 keeps it: β and the product in float64, stored as
+    float32; ``downcast`` ("Downcast alphas_cumprod") gives the float16 values (as float32)."""
+    return samplers.sd_alphas_cumprod(downcast=downcast).float()
+
+
+def lcm_sigma_to_timestep(*, downcast: bool = False) -> SigmaToTimestep:
     """t(σ) for LCM: the continuous index τ in LCM's 50-entry σ table, as UNet timestep 20τ + 19.
 
     The table's own σ's land exactly on the original timesteps (σ of 19, 39, …, 999); σ's
     between them interpolate in log σ like the full table does.
     """
-    alphas = sd_alphas_cumprod()
-    log_sigmas = (((1 - alphas) / alphas) ** 0.5)[_LCM_SKIP - 1 :: _LCM_SKIP].log()
+    alphas = samplers.sd_alphas_cumprod(downcast=downcast)
+    log_sigmas = (((1 - alphas) / alphas) ** 0.5)[_LCM_SKIP - 1 :: _LCM_SKIP].log().float()
 
     def convert(sigma: torch.Tensor) -> torch.Tensor:
         log_sigma = sigma.float().log().reshape(-1)
@@ -122,6 +147,7 @@ class _Prepared:
     cond_added: dict[str, torch.Tensor] | None = None
     uncond_added: dict[str, torch.Tensor] | None = None
     joint_added: dict[str, torch.Tensor] | None = None
+    padded: str | None = None  # the infotext flag of the padding applied ("Pad conds", "Pad conds v0")
 
 
 class CFGDenoiser:
@@ -141,6 +167,8 @@ class CFGDenoiser:
         sigma_to_timestep: SigmaToTimestep = samplers.sigma_to_timestep,
         before_call: Callable[[], None] | None = None,
         image_cond: torch.Tensor | None = None,
+        guidance: Guidance | None = None,
+        downcast: bool = False,
     ) -> None:
         if not conds.parts:
             raise ValueError("the positive prompt needs at least one part")
@@ -154,6 +182,13 @@ class CFGDenoiser:
         self.before_call = before_call
         # (B, C', H, W) channels an inpainting UNet takes after the latents (A1111's c_concat)
         self.image_cond = image_cond
+        self.guidance = guidance if guidance is not None else Guidance()
+        if self.guidance.pad_conds and not self.guidance.pad_conds_v0 and conds.empty is None:
+            raise ValueError("Pad conds needs the empty prompt's encoding (PromptConds.empty)")
+        self.downcast = downcast  # "Downcast alphas_cumprod": the float16 ᾱ for eps conversions
+        # infotext fields A1111 adds while sampling: NGMS, Skip Early CFG (when a pass was
+        # skipped), Pad conds (when the latest call padded)
+        self.infotext_fields: dict[str, Any] = {}
         self.calls = 0
         # What the latest call saw and returned, kept by reference only: a live preview
         # turns it into x0 when one is asked for (``latest_x0``), so steps without a
@@ -175,7 +210,7 @@ class CFGDenoiser:
         sigma = _per_image(sigma, x).to(device=x.device, dtype=torch.float32)
         t = self.sigma_to_timestep(sigma.detach().cpu()).to(x.device)
         c_in = _view(torch.rsqrt(sigma * sigma + 1.0), x)
-        cond_out, uncond_out = yield from self._evaluate(x * c_in, t)
+        cond_out, uncond_out = yield from self._evaluate(x * c_in, t, float(sigma[0]))
         cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
         uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
         denoised = self._combine(cond_x0, uncond_x0, self.cfg_scale)
@@ -225,7 +260,7 @@ class CFGDenoiser:
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
         t = _per_image(torch.as_tensor(t), x).to(x.device)
-        cond_out, uncond_out = yield from self._evaluate(x, t)
+        cond_out, uncond_out = yield from self._evaluate(x, t, float(t[0]))
         if not self.v_prediction:
             return cond_out, uncond_out
         # eps = √ᾱ·v + √(1−ᾱ)·x for a v-prediction at ᾱ scale.
@@ -236,7 +271,7 @@ class CFGDenoiser:
 
     def _alphas_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._alphas is None:
-            self._alphas = sd_alphas_cumprod()
+            self._alphas = sd_alphas_cumprod(downcast=self.downcast)
         return _view(self._alphas[t.detach().cpu().round().long()].to(x.device), x)
 
     # -- guidance ----------------------------------------------------------------------------
@@ -248,21 +283,27 @@ class CFGDenoiser:
             result = result + (cond[:, j] - uncond) * (weight * scale)
         return result
 
-    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor) -> Steps:
+    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor, level: float) -> Steps:
         """Raw UNet outputs for call ``k``: conds (B, J, C, H, W) and uncond (B, C, H, W), float32.
 
         Cond and uncond share one UNet call when their token lengths are equal (§10).
+        ``level`` is the call's σ (or timestep) as NGMS compares it.
         """
         k = self.calls
         self.calls += 1
         batch, parts = x_in.shape[0], len(self._weights)
         prepared = self._prepare(k, batch)
+        self._note_padding(prepared.padded)
         dtype = prepared.cond.dtype
         if self.image_cond is not None:
             x_in = torch.cat([x_in, self.image_cond.to(x_in)], dim=1)
         x_cond, t_cond = x_in, t
         if parts > 1:
             x_cond, t_cond = x_in.repeat_interleave(parts, 0), t.repeat_interleave(parts)
+        if self._skips_uncond(k, level):
+            (out,) = yield [UnetCall(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added)]
+            cond_out = out.unflatten(0, (batch, parts))
+            return cond_out, cond_out[:, 0]  # the first part's result stands in for the uncond
         if prepared.joint is not None:
             x_joint, t_joint = torch.cat([x_cond, x_in]), torch.cat([t_cond, t])
             (out,) = yield [UnetCall(x_joint, t_joint, prepared.joint, dtype, prepared.joint_added)]
@@ -274,6 +315,26 @@ class CFGDenoiser:
             ]
         return cond_out.unflatten(0, (batch, parts)), uncond_out
 
+    def _skips_uncond(self, k: int, level: float) -> bool:
+        """Whether call ``k`` skips the negative prompt's pass (Skip Early CFG, then NGMS)."""
+        g = self.guidance
+        if g.skip_early != 0 and g.total_steps > 0 and k / g.total_steps <= g.skip_early:
+            self.infotext_fields["Skip Early CFG"] = g.skip_early
+            return True
+        if (k % 2 or g.ngms_all_steps) and g.ngms > 0 and level < g.ngms:
+            self.infotext_fields["NGMS"] = g.ngms
+            if g.ngms_all_steps:
+                self.infotext_fields["NGMS all steps"] = True
+            return True
+        return False
+
+    def _note_padding(self, padded: str | None) -> None:
+        """A1111 reports the padding of the pass's latest call."""
+        for flag in ("Pad conds", "Pad conds v0"):
+            self.infotext_fields.pop(flag, None)
+        if padded is not None:
+            self.infotext_fields[padded] = True
+
     def _run_calls(self, calls: list[UnetCall]) -> list[torch.Tensor]:
         return [_run_unet(self.unet, call) for call in calls]
 
@@ -283,8 +344,18 @@ class CFGDenoiser:
         key = (*(id(c) for c in chosen), id(uncond), batch)
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = self._prepared[key] = _expand(chosen, uncond, batch, self.conds.time_ids)
+            prepared = self._prepared[key] = _expand(
+                chosen, uncond, batch, self.conds.time_ids, padding=self._padding()
+            )
         return prepared
+
+    def _padding(self) -> tuple[str, torch.Tensor | None] | None:
+        if self.guidance.pad_conds_v0:
+            return ("Pad conds v0", None)
+        if self.guidance.pad_conds:
+            assert self.conds.empty is not None
+            return ("Pad conds", _tokens(self.conds.empty))
+        return None
 
 
 class BatchedDenoiser:
@@ -392,15 +463,27 @@ def _tokens(cond: Cond) -> torch.Tensor:
     return cond.tokens if isinstance(cond, PooledCond) else cond
 
 
-def _expand(chosen: list[Cond], uncond: Cond, batch: int, time_ids: torch.Tensor | None) -> _Prepared:
-    """AND parts of unequal length are padded by repeating their last vector (§7.2)."""
+def _expand(
+    chosen: list[Cond],
+    uncond: Cond,
+    batch: int,
+    time_ids: torch.Tensor | None,
+    *,
+    padding: tuple[str, torch.Tensor | None] | None = None,
+) -> _Prepared:
+    """AND parts of unequal length are padded by repeating their last vector (§7.2); with
+    ``padding`` (its infotext flag and the empty prompt's tokens) cond and uncond of unequal
+    length are padded to one length (:class:`Guidance`)."""
     parts = torch.stack(clip.pad_repeating_last([_tokens(c) for c in chosen]))  # (J, T, C)
     cond = parts.repeat(batch, 1, 1)
     uncond_batch = _tokens(uncond).unsqueeze(0).expand(batch, -1, -1)
+    padded = None
+    if padding is not None and cond.shape[1] != uncond_batch.shape[1]:
+        cond, uncond_batch, padded = _pad_cond_uncond(cond, uncond_batch, *padding)
     joint = None
     if cond.shape[1] == uncond_batch.shape[1]:
         joint = torch.cat([cond, uncond_batch])
-    prepared = _Prepared(cond=cond, uncond=uncond_batch, joint=joint)
+    prepared = _Prepared(cond=cond, uncond=uncond_batch, joint=joint, padded=padded)
     if time_ids is None:
         return prepared
     pooled_parts = [c for c in chosen if isinstance(c, PooledCond)]
@@ -413,6 +496,29 @@ def _expand(chosen: list[Cond], uncond: Cond, batch: int, time_ids: torch.Tensor
     if joint is not None:
         prepared.joint_added = _added(torch.cat([pooled, uncond_pooled]), time_ids)
     return prepared
+
+
+def _pad_cond_uncond(
+    cond: torch.Tensor, uncond: torch.Tensor, flag: str, empty: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Cond (N, T, C) and uncond (B, T', C) padded to one length, and the flag to report.
+
+    "Pad conds v0": the uncond's last vector repeated, or the uncond cut to T. "Pad conds":
+    the shorter one gets whole copies of the empty prompt's (77, C) tokens at its end.
+    """
+    length = cond.shape[1]
+    if empty is None:
+        if uncond.shape[1] < length:
+            extra = uncond[:, -1:].expand(-1, length - uncond.shape[1], -1)
+            return cond, torch.cat([uncond, extra], dim=1), flag
+        return cond, uncond[:, :length], flag
+    repeats = (length - uncond.shape[1]) // empty.shape[0]
+    empty = empty.to(cond)
+    if repeats < 0:
+        cond = torch.cat([cond, empty.repeat(cond.shape[0], -repeats, 1)], dim=1)
+    elif repeats > 0:
+        uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], repeats, 1)], dim=1)
+    return cond, uncond, flag if repeats else None
 
 
 def _added(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:

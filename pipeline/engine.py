@@ -51,7 +51,7 @@ from pipeline import (
     vae,
 )
 from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
-from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
+from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, Guidance, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import GenerationCancelled
 from pipeline.hashing import short_hash
@@ -374,13 +374,15 @@ class Engine:
             separate = self._separate_vae(model, lead.vae)
             progress.check()
             with _vae_swapped(model.pipe, separate):
-                images = self._run_guarded(model, list(zip(requests, jobs, strict=True)), progress, active)
+                images, notes = self._run_guarded(
+                    model, list(zip(requests, jobs, strict=True)), progress, active
+                )
         progress.finish()
         seconds = time.perf_counter() - started
         results = []
-        for request, job, size in zip(requests, jobs, sizes, strict=True):
+        for request, job, size, noted in zip(requests, jobs, sizes, notes, strict=True):
             own, images = images[:size], images[size:]
-            texts = self._infotexts(request, model, job, active, separate)
+            texts = self._infotexts(request, model, job, active, separate, noted)
             seeds, subseeds = request.image_seeds(), request.image_subseeds()
             results.append(
                 GenerationResult(
@@ -467,9 +469,10 @@ class Engine:
 
     def _run_guarded(
         self, model: _LoadedModel, members: list[_Member], progress: _Progress, active: ActiveNetworks,
-    ) -> list[Any]:  # fmt: skip
+    ) -> tuple[list[Any], list[dict[str, Any]]]:  # fmt: skip
         """Run with the requests' networks applied (removed again however the run ends); out
-        of memory, run once more in the next lower memory mode with VAE tiling, if allowed."""
+        of memory, run once more in the next lower memory mode with VAE tiling, if allowed.
+        Returns the images and, per request, the infotext fields its sampling added."""
         oom_detail = ""
         for number, (mode, tiling) in enumerate(self.memory.attempts()):
             if number:
@@ -482,7 +485,8 @@ class Engine:
                     active.applied(model.pipe, device=self.device),
                     torch.inference_mode(),
                 ):
-                    return self._run(model, members, progress)
+                    notes: list[dict[str, Any]] = [{} for _ in members]
+                    return self._run(model, members, progress, notes), notes
             except Exception as exc:
                 if not oom.is_oom(exc):
                     raise
@@ -493,18 +497,26 @@ class Engine:
         target = (job.target.width, job.target.height) if job.target is not None else None
         raise oom.out_of_memory(oom_detail, request, target)
 
-    def _run(self, model: _LoadedModel, members: list[_Member], progress: _Progress) -> list[Any]:
+    def _run(
+        self, model: _LoadedModel, members: list[_Member], progress: _Progress, notes: list[dict[str, Any]]
+    ) -> list[Any]:
+        """The images; ``notes`` (one dict per member) get the infotext fields sampling adds."""
         request, job = members[0]
         shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
         init = None if request.init_image is None else self._init_latents(model, request)
         first = [(request, job.first) for request, job in members]
-        x = self._sample(model, first, shape, init, progress, 0)
+        x = self._sample(model, first, shape, init, progress, 0, notes)
         if job.second is not None and job.target is not None:
-            x = self._hires_pass(model, members, x, progress)
+            x = self._hires_pass(model, members, x, progress, notes)
         return self._decode(model, x)
 
     def _hires_pass(
-        self, model: _LoadedModel, members: list[_Member], x: torch.Tensor, progress: _Progress
+        self,
+        model: _LoadedModel,
+        members: list[_Member],
+        x: torch.Tensor,
+        progress: _Progress,
+        notes: list[dict[str, Any]],
     ) -> torch.Tensor:
         """Upscale the first pass, crop it to the target and denoise it again (§9.6)."""
         request, job = members[0]
@@ -517,7 +529,7 @@ class Engine:
             upscaled = self.memory.encode(model.pipe.vae, latents.images_to_tensor(images))
         start = hires.crop_latents(upscaled, job.target).to(self.device, torch.float32)
         second = [(request, job.second) for request, job in members]
-        return self._sample(model, second, tuple(start.shape[1:]), start, progress, job.first.steps)
+        return self._sample(model, second, tuple(start.shape[1:]), start, progress, job.first.steps, notes)
 
     def _init_latents(self, model: _LoadedModel, request: GenerationRequest) -> torch.Tensor:
         """The init image's latents, one copy per image of the batch."""
@@ -550,6 +562,7 @@ class Engine:
         start: torch.Tensor | None,
         progress: _Progress,
         offset: int,
+        notes: list[dict[str, Any]],
     ) -> torch.Tensor:
         """One pass: noise, conds, denoiser and the sampler's loop; returns the latents.
 
@@ -574,15 +587,25 @@ class Engine:
         with self.memory.using(*memory.text_encoders(model.pipe)):
             conds = [self._conds(model, member, member_pass) for member, member_pass in passes]
         sizes = [member.num_images_per_prompt for member, _ in passes]
+        downcast = request.downcast_alphas_cumprod
+        to_timestep = (
+            lcm_sigma_to_timestep(downcast=downcast)
+            if name == "LCM"
+            else functools.partial(samplers.sigma_to_timestep, downcast=downcast)
+        )
+        # A1111's total_steps of the pass: the sampler steps it runs, doubled for 2nd order
+        total_steps = step_pass.plan.run_steps * step_pass.info.total_steps_multiplier
         members = [
             CFGDenoiser(
                 model.unet,
                 member_conds,
                 member.guidance_scale,
                 prediction_type=model.prediction_type,
-                sigma_to_timestep=lcm_sigma_to_timestep() if name == "LCM" else samplers.sigma_to_timestep,
+                sigma_to_timestep=to_timestep,
                 before_call=progress.check,
                 image_cond=self._inpainting_cond(model, member_noise),
+                guidance=_guidance(member, total_steps),
+                downcast=downcast,
             )
             for (member, _), member_conds, member_noise in zip(passes, conds, noise.split(sizes), strict=True)
         ]
@@ -594,7 +617,7 @@ class Engine:
         ctx = SamplingContext(
             model=denoiser,
             eps_model=denoiser.eps_at_timestep,
-            alphas_cumprod=sd_alphas_cumprod(),
+            alphas_cumprod=sd_alphas_cumprod(downcast=downcast),
             noise=next_noise,
             seeds=seeds,
             rng_source=rng.effective_source(request.rng, self.device),
@@ -615,7 +638,9 @@ class Engine:
                     alpha = float(ctx.alphas_cumprod[timesteps[-1]])
                     x = x + noise * request.extra_noise * alpha**0.5
             with self.memory.using(model.pipe.unet):
-                return loop(x, timesteps, ctx)
+                x = loop(x, timesteps, ctx)
+            _note(notes, members)
+            return x
         schedule = samplers.sigma_schedule(
             name,
             step_pass.selection.schedule,
@@ -630,7 +655,9 @@ class Engine:
         if start is not None and request.extra_noise > 0:
             x = x + noise * request.extra_noise
         with self.memory.using(model.pipe.unet):
-            return loop(x, sigmas, ctx)
+            x = loop(x, sigmas, ctx)
+        _note(notes, members)
+        return x
 
     def _inpainting_cond(self, model: _LoadedModel, noise: torch.Tensor) -> torch.Tensor | None:
         """The extra UNet input of an inpainting checkpoint (more input channels than
@@ -662,13 +689,14 @@ class Engine:
             hires_steps=None if first_pass else step_pass.call_steps,
             time_ids=sdxl.time_ids(*step_pass.size) if model.is_sdxl else None,
             zero_empty_negative=model.is_sdxl,
+            with_empty=request.pad_cond_uncond and not request.pad_cond_uncond_v0,
         )
 
     # -- infotext ------------------------------------------------------------------------
 
     def _infotexts(
         self, request: GenerationRequest, model: _LoadedModel, job: PassPlan, active: ActiveNetworks,
-        separate: _SeparateVae | None = None,
+        separate: _SeparateVae | None = None, noted: dict[str, Any] | None = None,
     ) -> list[str]:  # fmt: skip
         info = model.info
         sampler = job.first.selection
@@ -686,6 +714,8 @@ class Engine:
         extra.update(eta_fields(sampler.name, request.eta))
         extra.update(sampler_args.sigma_fields(sampler.name, request))
         extra.update(sampler_args.unipc_fields(sampler.name, request))
+        extra.update(sampler_args.downcast_fields(request))
+        extra.update(noted or {})
         extra.update(request.extra)
         vae_fields = separate.infotext_fields if separate is not None else {}
         texts = []
@@ -716,6 +746,23 @@ class Engine:
             )
             texts.append(infotext.format(params))
         return texts
+
+
+def _guidance(request: GenerationRequest, total_steps: int) -> Guidance:
+    return Guidance(
+        ngms=request.s_min_uncond,
+        ngms_all_steps=request.s_min_uncond_all,
+        skip_early=request.skip_early_cond,
+        total_steps=total_steps,
+        pad_conds=request.pad_cond_uncond,
+        pad_conds_v0=request.pad_cond_uncond_v0,
+    )
+
+
+def _note(notes: list[dict[str, Any]], members: list[CFGDenoiser]) -> None:
+    """Each member's infotext fields of this pass, added to what earlier passes noted."""
+    for noted, member in zip(notes, members, strict=True):
+        noted.update(member.infotext_fields)
 
 
 @contextlib.contextmanager

@@ -122,21 +122,23 @@ def _strength(request: GenerationRequest, default: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _cached_schedule_fields(
-    sampler: str, schedule: str, steps: int, overrides: tuple[tuple[str, float], ...]
+    sampler: str, schedule: str, steps: int, overrides: tuple[tuple[str, Any], ...]
 ) -> tuple[tuple[str, Any], ...]:
     return tuple(samplers.sigma_schedule(sampler, schedule, steps, **dict(overrides)).infotext_fields.items())
 
 
-def schedule_overrides(request: GenerationRequest) -> dict[str, float]:
-    """The request's "Schedule min/max sigma" and "Schedule rho" as :func:`samplers.sigma_schedule` takes them."""
+def schedule_overrides(request: GenerationRequest) -> dict[str, Any]:
+    """The request's "Schedule min/max sigma", "Schedule rho" and "Downcast alphas_cumprod"
+    as :func:`samplers.sigma_schedule` takes them."""
     return {
         "sigma_min": request.schedule_sigma_min,
         "sigma_max": request.schedule_sigma_max,
         "rho": request.schedule_rho,
+        "downcast": request.downcast_alphas_cumprod,
     }
 
 
-def schedule_fields(sampler: str, schedule: str, steps: int, **overrides: float) -> dict[str, Any]:
+def schedule_fields(sampler: str, schedule: str, steps: int, **overrides: Any) -> dict[str, Any]:
     """What A1111's σ schedule adds to the infotext: the resolved ``Schedule type`` (Karras for
     DPM++ 2M on Automatic), the applied σ min/max/ρ overrides and Beta's alpha/beta.
     Timestep samplers compute no σ's."""

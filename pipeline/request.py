@@ -66,6 +66,15 @@ class GenerationRequest:
     uni_pc_order: int = 3
     uni_pc_skip_type: str = "time_uniform"
     uni_pc_lower_order_final: bool = True
+    # CFG denoiser settings (§7.2, §10): "Negative Guidance minimum sigma" (0 = off) and its
+    # "all steps" option, "Skip Early CFG" (a fraction of the calls, 0 = off), "Pad
+    # prompt/negative prompt" and old infotexts' "Pad conds v0"
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    skip_early_cond: float = 0.0
+    pad_cond_uncond: bool = False
+    pad_cond_uncond_v0: bool = False
+    downcast_alphas_cumprod: bool = False  # "Downcast alphas_cumprod": ᾱ in float16 (§9.2)
     styles: tuple[str, ...] = ()
     negative_presets: tuple[str, ...] = ()  # names of the presets in the negative prompt; not in the infotext
     # img2img: a PNG/JPEG/WebP file path and A1111's denoising strength (§9.6)

@@ -51,7 +51,7 @@ def loop_arguments(
     if name in _S_NOISE_SAMPLERS:
         args["s_noise"] = request.s_noise
     if name in _RANGE_SAMPLERS and sigmas is not None:
-        args.update(_sigma_range(name, sigmas, img2img=img2img))
+        args.update(_sigma_range(name, sigmas, img2img=img2img, downcast=request.downcast_alphas_cumprod))
     if sigmas is None:
         args["is_img2img"] = img2img
     if name == _UNIPC:
@@ -64,12 +64,12 @@ def loop_arguments(
     return args
 
 
-def _sigma_range(name: str, sigmas: torch.Tensor, *, img2img: bool) -> dict[str, Any]:
+def _sigma_range(name: str, sigmas: torch.Tensor, *, img2img: bool, downcast: bool) -> dict[str, Any]:
     steps = int(sigmas.shape[0]) - 1
     if img2img:
         lo, hi = float(sigmas[-2]), float(sigmas[0])
     else:
-        lo, hi = samplers.model_sigma_range(name)
+        lo, hi = samplers.model_sigma_range(name, downcast=downcast)
     args: dict[str, Any] = {"sigma_min": lo, "sigma_max": hi}
     if name == "DPM fast":
         args["n"] = steps
@@ -103,7 +103,12 @@ def noise_fields(request: GenerationRequest) -> dict[str, Any]:
     return fields
 
 
-_UNIPC_DEFAULTS = {"UniPC variant": "bh1", "UniPC order": 3, "UniPC skip type": "time_uniform"}
+_UNIPC_DEFAULTS = {
+    "UniPC variant": "bh1",
+    "UniPC order": 3,
+    "UniPC skip type": "time_uniform",
+    "UniPC lower order final": True,
+}
 
 
 def unipc_fields(name: str, request: GenerationRequest) -> dict[str, Any]:
@@ -115,5 +120,11 @@ def unipc_fields(name: str, request: GenerationRequest) -> dict[str, Any]:
         "UniPC variant": request.uni_pc_variant,
         "UniPC order": request.uni_pc_order,
         "UniPC skip type": request.uni_pc_skip_type,
+        "UniPC lower order final": request.uni_pc_lower_order_final,
     }
     return {key: value for key, value in values.items() if value != _UNIPC_DEFAULTS[key]}
+
+
+def downcast_fields(request: GenerationRequest) -> dict[str, Any]:
+    """ "Downcast alphas_cumprod: True" when the option is on (A1111 writes it only then)."""
+    return {"Downcast alphas_cumprod": True} if request.downcast_alphas_cumprod else {}

@@ -7,9 +7,10 @@ from diffusers because diffusers' schedulers interpolate σ linearly and compute
 float32, which is close to A1111 but not equal (§9.2).
 
 Everything is derived from the model's discrete noise table with A1111's default
-settings, apart from the schedule's σ min/max/ρ overrides. Not modelled: the "Downcast
-alphas_cumprod" back-compat option (which casts ᾱ to float16 before σ is computed; it is
-off by default and only set by pre-v1.7.0-225 infotexts), "old karras sigmas", "Always discard
+settings, apart from the schedule's σ min/max/ρ overrides and "Downcast alphas_cumprod"
+(``downcast=True``: ᾱ is cast to float16 and the σ table and its logarithms are computed
+in float16, as k-diffusion does when A1111 hands it the downcast ᾱ; off by default, set by
+pre-v1.7.0-225 infotexts). Not modelled: "old karras sigmas", "Always discard
 next-to-last sigma", and quantized k-diffusion timesteps. The sampling loops themselves
 live elsewhere; this module only says which σ's and timesteps they visit.
 """
@@ -358,8 +359,10 @@ class _NoiseTable:
         count = torch.searchsorted(table, flat, right=True)
         low = (count - 1).clamp(0, table.shape[0] - 2)
         high = low + 1
-        low_value, high_value = table[low], table[high]
-        w = ((low_value - flat) / (low_value - high_value)).clamp(0, 1)
+        low_value = table[low]
+        # the neighbours' difference in the table's own precision (float16 when downcast)
+        step = (self.log_sigmas[low] - self.log_sigmas[high]).to(dtype)
+        w = ((low_value - flat) / step).clamp(0, 1)
         t = (1 - w) * low.to(dtype) + w * high.to(dtype)
         return t.reshape(sigma.shape)
 
@@ -369,30 +372,37 @@ class _NoiseTable:
         return _append_zero(self.t_to_sigma(t))
 
 
-def _sd_table() -> _NoiseTable:
-    """The SD1/SD2/SDXL table: β and ᾱ in float64, ᾱ stored as float32, σ in float32.
+def sd_alphas_cumprod(*, downcast: bool = False) -> torch.Tensor:
+    """The SD1/SD2/SDXL ᾱ table as A1111 keeps it: β and the product in float64, stored as
+    float32; ``downcast`` ("Downcast alphas_cumprod") casts it to float16."""
+    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    return alphas_cumprod.half() if downcast else alphas_cumprod
+
+
+def _sd_table(downcast: bool = False) -> _NoiseTable:
+    """The SD1/SD2/SDXL table: σ = √((1−ᾱ)/ᾱ) in ᾱ's precision (float32, or float16 downcast).
 
     Rebuilt per call (it takes microseconds) so no module-level tensor can be mutated.
     """
-    betas = torch.linspace(_BETA_START**0.5, _BETA_END**0.5, _TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+    alphas_cumprod = sd_alphas_cumprod(downcast=downcast)
     return _NoiseTable.from_sigmas(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
 
-def _lcm_table() -> _NoiseTable:
+def _lcm_table(downcast: bool = False) -> _NoiseTable:
     """LCM's denoiser only knows the 50 timesteps 19, 39, …, 999 of the full table."""
     skip = _TRAIN_TIMESTEPS // _LCM_ORIGINAL_STEPS
-    return _NoiseTable.from_sigmas(_sd_table().sigmas[skip - 1 :: skip].clone())
+    return _NoiseTable.from_sigmas(_sd_table(downcast).sigmas[skip - 1 :: skip].clone())
 
 
-def _table_for(info: SamplerInfo) -> _NoiseTable:
-    return _lcm_table() if info.name == "LCM" else _sd_table()
+def _table_for(info: SamplerInfo, downcast: bool = False) -> _NoiseTable:
+    return _lcm_table(downcast) if info.name == "LCM" else _sd_table(downcast)
 
 
-def model_sigma_range(sampler: str) -> tuple[float, float]:
+def model_sigma_range(sampler: str, *, downcast: bool = False) -> tuple[float, float]:
     """(σ_min, σ_max) of the model's noise table as the sampler sees it (the table's ends)."""
     info, _ = _resolve_infos(sampler, "Automatic")
-    table = _table_for(info)
+    table = _table_for(info, downcast)
     return table.sigma_min, table.sigma_max
 
 
@@ -400,13 +410,14 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
-def sigma_to_timestep(sigmas: torch.Tensor) -> torch.Tensor:
+def sigma_to_timestep(sigmas: torch.Tensor, *, downcast: bool = False) -> torch.Tensor:
     """The continuous UNet timestep t(σ) of the SD table, elementwise (§9.3).
 
     Fractional, because k-diffusion samplers visit σ's between the training timesteps.
     t(σ_max) = 999, t(σ_min) = 0, and σ's outside the table clamp to those ends (σ = 0 → 0).
+    ``downcast``: the table of "Downcast alphas_cumprod".
     """
-    return _sd_table().sigma_to_t(torch.as_tensor(sigmas))
+    return _sd_table(downcast).sigma_to_t(torch.as_tensor(sigmas))
 
 
 # --------------------------------------------------------------------------------------
@@ -544,6 +555,7 @@ def sigma_schedule(
     sigma_min: float = 0.0,
     sigma_max: float = 0.0,
     rho: float = 0.0,
+    downcast: bool = False,
 ) -> SigmaSchedule:
     """A1111's ``get_sigmas`` for one sampler and Schedule type.
 
@@ -554,7 +566,8 @@ def sigma_schedule(
     and Polyexponential, and each applied override adds its infotext field.
 
     Names resolve as in generation (:func:`resolve`), so unknown text means Automatic and
-    an unknown sampler means DPM++ 2M. Discarding samplers get the schedule for
+    an unknown sampler means DPM++ 2M. ``downcast`` is "Downcast alphas_cumprod" (the
+    model's σ table from a float16 ᾱ; the schedule stays float32). Discarding samplers get the schedule for
     ``steps + 1`` with the next-to-last σ removed. The timestep samplers (DDIM, PLMS, …)
     never ask A1111 for σ's; for them this is the schedule of a sampler with no default.
     Raises ``ValueError`` for ``steps < 1`` (``TypeError`` if it is not an integer).
@@ -563,7 +576,7 @@ def sigma_schedule(
     info, requested = _resolve_infos(sampler, scheduler)
     chosen = _expand_automatic(info, requested)
     n = steps + 1 if info.discard_penultimate_sigma else steps
-    table = _table_for(info)
+    table = _table_for(info, downcast)
     fields: dict[str, Any] = {}
     if chosen is _AUTOMATIC:
         sigmas = table.default_sigmas(n)
@@ -581,7 +594,7 @@ def sigma_schedule(
             fields["Beta schedule alpha"] = _BETA_DIST_ALPHA
             fields["Beta schedule beta"] = _BETA_DIST_BETA
         inputs = _ScheduleInput(n, table, lo, hi, bool(sdxl))
-        sigmas = _SCHEDULE_FUNCTIONS[chosen.name](inputs, **schedule_args)
+        sigmas = _SCHEDULE_FUNCTIONS[chosen.name](inputs, **schedule_args).float()
     if info.discard_penultimate_sigma:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return SigmaSchedule(sigmas=sigmas, infotext_fields=fields)

@@ -57,11 +57,13 @@ def test_other_k_diffusion_samplers_get_nothing(name: str) -> None:
 
 def test_dpm_fast_and_adaptive_get_the_model_range_in_txt2img() -> None:
     sigmas = samplers.sigma_schedule("DPM fast", "Automatic", 7).sigmas
+    # the table's float32 ends can differ in the last bit between CPUs' vector kernels
+    ends = {"sigma_min": pytest.approx(MODEL_RANGE[0], rel=1e-6), "sigma_max": pytest.approx(MODEL_RANGE[1])}
     fast = loop_arguments("DPM fast", _request(), sigmas, img2img=False)
-    assert fast == {"s_noise": 1.0, "n": 7, "sigma_min": MODEL_RANGE[0], "sigma_max": MODEL_RANGE[1]}
+    assert fast == {"s_noise": 1.0, "n": 7, **ends}
     adaptive = loop_arguments("DPM adaptive", _request(), sigmas, img2img=False)
-    assert adaptive == {"sigma_min": MODEL_RANGE[0], "sigma_max": MODEL_RANGE[1]}
-    assert samplers.model_sigma_range("DPM fast") == MODEL_RANGE
+    assert adaptive == ends
+    assert samplers.model_sigma_range("DPM fast") == pytest.approx(MODEL_RANGE, rel=1e-6)
 
 
 def test_dpm_fast_in_img2img_gets_the_shortened_schedule_ends() -> None:
