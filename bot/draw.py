@@ -202,7 +202,9 @@ def _check_hires_size(width: int, height: int, opts: dict[str, Any], limits: Any
 
 
 def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
-    """A sampler by name or alias (any case), or a legacy "<sampler> <schedule>" name.
+    """A sampler by name or alias (any case), or a legacy "<sampler> <schedule>" name, as
+    its canonical name and Schedule type label: the request stores those, and the engine
+    takes them as they are (``pipeline.samplers.exact_selection``), without reading them again.
 
     Unlike A1111's silent fallback to DPM++ 2M, the bot refuses a name it does not know:
     a typo should not quietly change the picture.
@@ -234,10 +236,9 @@ def sampler_suggestion(name: str) -> Msg | str:
 def resolve_scheduler(name: str) -> str:
     from pipeline import samplers
 
-    folded = name.strip().casefold()
-    for info in samplers.list_schedulers():
-        if folded in (info.label.casefold(), info.name.casefold(), *(a.casefold() for a in info.aliases)):
-            return info.label
+    label = samplers.read_schedule(name)
+    if label is not None:
+        return label
     labels = [info.label for info in samplers.list_schedulers()]
     raise UserError("error.unknown_scheduler", name=name, available=", ".join(labels))
 
