@@ -95,7 +95,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
     sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
     checkpoint = resolve_checkpoint(library, opts["checkpoint"])
     vae = resolve_vae(library, opts["vae"])
-    check_networks(library, prompt, opts["hr-prompt"])
+    network_files = check_networks(library, prompt, opts["hr-prompt"])
     hr_sampler = hr_scheduler = None
     if opts["hr-sampler"]:
         hr_sampler, hr_scheduler = resolve_sampler(opts["hr-sampler"], opts["hr-scheduler"] or "Automatic")
@@ -127,7 +127,7 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
         hr_scale=float(opts["hr-scale"]), hr_upscaler=opts["hr-upscaler"], hr_second_pass_steps=opts["hr-steps"],
         hr_resize_x=hr_x, hr_resize_y=hr_y, hr_prompt=opts["hr-prompt"], hr_negative_prompt=opts["hr-negative"],
         hr_sampler_name=hr_sampler, hr_scheduler=hr_scheduler,
-        styles=tuple(draft.styles), negative_presets=tuple(draft.negative_presets),
+        styles=tuple(draft.styles), negative_presets=tuple(draft.negative_presets), network_files=network_files,
     )  # fmt: skip
     extra = {k: v for k, v in opts.items() if k not in _OPTION_FIELDS}
     return DrawRequest(
@@ -220,7 +220,9 @@ def _check_hires_size(width: int, height: int, opts: dict[str, Any], limits: Any
 
 
 def resolve_sampler(name: str, scheduler: str) -> tuple[str, str]:
-    """A sampler by name or alias (any case), or a legacy "<sampler> <schedule>" name.
+    """A sampler by name or alias (any case), or a legacy "<sampler> <schedule>" name, as
+    its canonical name and Schedule type label: the request stores those, and the engine
+    takes them as they are (``pipeline.samplers.exact_selection``), without reading them again.
 
     Unlike A1111's silent fallback to DPM++ 2M, the bot refuses a name it does not know:
     a typo should not quietly change the picture.
@@ -252,10 +254,9 @@ def sampler_suggestion(name: str) -> Msg | str:
 def resolve_scheduler(name: str) -> str:
     from pipeline import samplers
 
-    folded = name.strip().casefold()
-    for info in samplers.list_schedulers():
-        if folded in (info.label.casefold(), info.name.casefold(), *(a.casefold() for a in info.aliases)):
-            return info.label
+    label = samplers.read_schedule(name)
+    if label is not None:
+        return label
     labels = [info.label for info in samplers.list_schedulers()]
     raise UserError("error.unknown_scheduler", name=name, available=", ".join(labels))
 
@@ -286,21 +287,22 @@ def resolve_vae(library: Any, name: str | None) -> str | None:
     return path.stem  # the name vae_names lists it under
 
 
-def check_networks(library: Any, *prompts: str) -> None:
+def check_networks(library: Any, *prompts: str) -> dict[str, str]:
     """Every ``<lora:...>``/``<hypernet:...>`` a prompt tags exists in the models folder and
-    is well formed; refused before anything is queued, with the names that exist."""
+    is well formed; refused before anything is queued, with the names that exist. Returns
+    the files they resolved to (``GenerationRequest.network_files``): the engine loads
+    those without resolving the names again."""
     from pipeline.networks import NetworkLibrary, UnknownNetwork
 
+    if not any(text and "<" in text for text in prompts):
+        return {}
     networks = NetworkLibrary(getattr(library, "models_dir", None))
-    for text in prompts:
-        if not text or "<" not in text:
-            continue
-        try:
-            networks.check_prompt(text)
-        except UnknownNetwork as exc:
-            raise UserError(exc.key, **exc.params) from None
-        except ValueError as exc:
-            raise UserError("error.network_tag", detail=str(exc)) from None
+    try:
+        return networks.resolve_prompt(*prompts)
+    except UnknownNetwork as exc:
+        raise UserError(exc.key, **exc.params) from None
+    except ValueError as exc:
+        raise UserError("error.network_tag", detail=str(exc)) from None
 
 
 def _check_prompt_syntax(text: str) -> None:

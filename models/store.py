@@ -600,6 +600,15 @@ def _user_record(user: User) -> UserRecord:
     return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
 
 
+def stored_request(params: dict[str, Any]) -> GenerationRequest:
+    """A row's request. Sampler names are canonical in every row /draw stores (the engine
+    takes them exactly); an older row's alias or legacy name is read here, once, as /draw
+    reads it now, so it still runs."""
+    from pipeline.samplers import with_canonical_names
+
+    return with_canonical_names(GenerationRequest.from_dict(params))
+
+
 def _record(
     row: Generation, *, user: User | None = None, images: Sequence[ImageRecord] | None = None
 ) -> GenerationRecord:
@@ -608,7 +617,7 @@ def _record(
     return GenerationRecord(
         id=row.id,
         user=_user_record(user or row.user),
-        request=GenerationRequest.from_dict(row.params),
+        request=stored_request(row.params),
         status=row.status,
         group_id=row.group_id,
         group_index=row.group_index,

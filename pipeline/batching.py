@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from pipeline import networks, samplers
-from pipeline.errors import UnknownSampler
+from pipeline.errors import UnknownSampler, UnknownScheduler
 from pipeline.request import GenerationRequest
 
 # GenerationRequest fields each member of a batch keeps for itself.
@@ -48,10 +48,10 @@ def batch_key(request: GenerationRequest) -> str | None:
     if request.init_image is not None:
         return None
     try:
-        first = samplers.select_sampler(request.sampler_name, request.scheduler)
-        second = samplers.select_sampler(request.hr_sampler_name or request.sampler_name, "Automatic")
+        first = samplers.exact_selection(request.sampler_name, request.scheduler)
+        second = samplers.exact_info(request.hr_sampler_name or request.sampler_name)
         loras, hypernets = networks.network_tags(request.prompt)
-    except (UnknownSampler, ValueError):
+    except (UnknownSampler, UnknownScheduler, ValueError):
         return None  # refused by the engine alone, with its own error
     if first.name in UNBATCHED_SAMPLERS or (request.enable_hr and second.name in UNBATCHED_SAMPLERS):
         return None

@@ -363,7 +363,7 @@ class Engine:
             raise GenerationCancelled()  # stopped before it began (its claim was refused): load nothing
         lead = requests[0]
         jobs = [plan_passes(request) for request in requests]
-        active = self.networks.for_prompt(lead.prompt)
+        active = self.networks.for_prompt(lead.prompt, lead.network_files)
         sizes = [request.num_images_per_prompt for request in requests]
         progress = _Progress(
             jobs[0].total_steps, on_progress, should_stop, on_preview, self.preview_every,

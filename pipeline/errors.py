@@ -55,6 +55,19 @@ class UnknownSampler(EngineError):
         )
 
 
+class UnknownScheduler(EngineError):
+    """A request's Schedule type is not one of A1111's labels (the engine takes them exactly)."""
+
+    key = "error.unknown_scheduler"
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(
+            f"unknown schedule type {name!r}; available: {', '.join(available)}",
+            name=name,
+            available=", ".join(available),
+        )
+
+
 class CheckpointLoadError(EngineError):
     """A checkpoint exists but could not be loaded (corrupt, unsafe, wrong layout)."""
 

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -54,6 +54,19 @@ LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 HYPERNETWORK_EXTENSIONS = (".pt",)
 
 _LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    tag: str  # the prompt tag: <lora:...>, <hypernet:...>
+    name: str  # as UnknownNetwork names it
+    subdir: str
+    extensions: tuple[str, ...]
+
+
+_LORA = _Kind("lora", "lora", LORA_SUBDIR, LORA_EXTENSIONS)
+_HYPERNET = _Kind("hypernet", "hypernetwork", HYPERNETWORK_SUBDIR, HYPERNETWORK_EXTENSIONS)
+_KINDS = (_LORA, _HYPERNET)
 
 
 class UnknownNetwork(EngineError):
@@ -149,6 +162,18 @@ def _resolve(name: str, files: Mapping[str, Path], kind: str) -> tuple[str, Path
         if candidate.casefold() == folded:
             return candidate, path
     raise UnknownNetwork(name, kind, sorted(files, key=str.casefold))
+
+
+def _recorded_file(folder: Path | None, kind: _Kind, relative: str | None) -> Path | None:
+    """A recorded file (relative to ``folder``) when it is one of the folder's network files
+    of ``kind``; None otherwise (none recorded, removed since, or not a path inside it)."""
+    if folder is None or not relative:
+        return None
+    parts = PurePosixPath(relative)
+    if parts.is_absolute() or ".." in parts.parts or parts.suffix.lower() not in kind.extensions:
+        return None
+    path = folder.joinpath(*parts.parts)
+    return path if path.is_file() else None
 
 
 class NetworkLoadError(EngineError):
@@ -465,38 +490,66 @@ class NetworkLibrary:
         """Name -> the file a ``<hypernet:name>`` tag loads."""
         return _scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS)
 
+    def resolve_prompt(self, *prompts: str) -> dict[str, str]:
+        """Resolve every network the prompts tag, loading nothing: ``"lora:<name as
+        tagged>"`` / ``"hypernet:<name>"`` -> its file, relative to its kind's folder. A
+        request records this (``GenerationRequest.network_files``) so :meth:`for_prompt`
+        loads those files without resolving the names again. One folder scan per kind at
+        most. Raises ``UnknownNetwork`` (with the available names) or ``ValueError`` (a
+        malformed tag)."""
+        tags: dict[str, list[str]] = {kind.tag: [] for kind in _KINDS}
+        for prompt in prompts:
+            if prompt and "<" in prompt:
+                loras, hypernets = network_tags(prompt)
+                tags["lora"] += [tag.name for tag in loras]
+                tags["hypernet"] += [tag.name for tag in hypernets]
+        found: dict[str, str] = {}
+        for kind in _KINDS:
+            folder = self._folder(kind.subdir) or Path()  # a name found means a folder
+            for name, path in zip(tags[kind.tag], self._locate(kind, tags[kind.tag], {}), strict=True):
+                found[f"{kind.tag}:{name}"] = path.relative_to(folder).as_posix()
+        return found
+
     def check_prompt(self, prompt: str) -> None:
         """Resolve every network ``prompt`` tags without loading anything: raises
         ``UnknownNetwork`` (with the available names) or ``ValueError`` (a malformed tag)."""
-        lora_tags, hypernet_tags = network_tags(prompt)
-        for tags, subdir, extensions, kind in (
-            (lora_tags, LORA_SUBDIR, LORA_EXTENSIONS, "lora"),
-            (hypernet_tags, HYPERNETWORK_SUBDIR, HYPERNETWORK_EXTENSIONS, "hypernetwork"),
-        ):
-            if tags:
-                files = _scan(self._folder(subdir), extensions)
-                for tag in tags:
-                    _resolve(tag.name, files, kind)
+        self.resolve_prompt(prompt)
 
-    def for_prompt(self, prompt: str) -> ActiveNetworks:
-        """Load what ``prompt`` tags. Raises ``UnknownNetwork`` or ``ValueError`` (bad tag)."""
+    def for_prompt(self, prompt: str, files: Mapping[str, str] | None = None) -> ActiveNetworks:
+        """Load what ``prompt`` tags. ``files`` is what :meth:`resolve_prompt` found when the
+        request was made: a tag found there whose file this folder has is loaded as is, with
+        no folder scan and no name resolution. Any other tag (a row stored before requests
+        recorded their files, a worker whose models folder differs) is resolved here, and
+        one this folder lacks is refused. Raises ``UnknownNetwork`` or ``ValueError`` (bad tag)."""
         lora_tags, hypernet_tags = network_tags(prompt)
+        recorded = files or {}
         active = ActiveNetworks()
-        if lora_tags:
-            files = _scan(self._folder(LORA_SUBDIR), LORA_EXTENSIONS)
-            for tag in lora_tags:
-                _name, path = _resolve(tag.name, files, "lora")
-                active.loras.append((tag, self._lora(path)))
-                active.lora_hashes.append((tag.name, self.hashes.get(path, "lora")))
-        if hypernet_tags:
-            files = _scan(self._folder(HYPERNETWORK_SUBDIR), HYPERNETWORK_EXTENSIONS)
-            for tag in hypernet_tags:
-                _name, path = _resolve(tag.name, files, "hypernetwork")
-                network = self._hypernet(path)
-                # A1111 keeps one object per name: a repeated tag's last strength wins.
-                network.set_multiplier(tag.multiplier)
-                active.hypernets.append(network)
+        lora_paths = self._locate(_LORA, [tag.name for tag in lora_tags], recorded)
+        for tag, path in zip(lora_tags, lora_paths, strict=True):
+            active.loras.append((tag, self._lora(path)))
+            active.lora_hashes.append((tag.name, self.hashes.get(path, "lora")))
+        hypernet_paths = self._locate(_HYPERNET, [tag.name for tag in hypernet_tags], recorded)
+        for tag, path in zip(hypernet_tags, hypernet_paths, strict=True):
+            network = self._hypernet(path)
+            # A1111 keeps one object per name: a repeated tag's last strength wins.
+            network.set_multiplier(tag.multiplier)
+            active.hypernets.append(network)
         return active
+
+    def _locate(self, kind: _Kind, names: list[str], recorded: Mapping[str, str]) -> list[Path]:
+        """The file of each name: the recorded one where this folder has it, else by name
+        from one scan of the folder (made only when some name needs it)."""
+        folder = self._folder(kind.subdir)
+        scanned: dict[str, Path] | None = None
+        paths = []
+        for name in names:
+            path = _recorded_file(folder, kind, recorded.get(f"{kind.tag}:{name}"))
+            if path is None:
+                if scanned is None:
+                    scanned = _scan(folder, kind.extensions)
+                _name, path = _resolve(name, scanned, kind.name)
+            paths.append(path)
+        return paths
 
     def _lora(self, path: Path) -> dict[str, LoraPair]:
         stamp = _stamp(path)

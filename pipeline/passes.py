@@ -39,7 +39,7 @@ class SamplingPass:
 
     @property
     def info(self) -> samplers.SamplerInfo:
-        return samplers.get_sampler(self.selection.name)
+        return samplers.exact_info(self.selection.name)
 
     @property
     def call_steps(self) -> int:
@@ -59,8 +59,10 @@ class PassPlan:
 
 
 def plan_passes(request: GenerationRequest) -> PassPlan:
-    """Validate what the request asks for and lay out its passes (§9.6)."""
-    selection = samplers.select_sampler(request.sampler_name, request.scheduler)
+    """Validate what the request asks for and lay out its passes (§9.6). Sampler and
+    schedule names are taken exactly as /draw stores them (``UnknownSampler`` /
+    ``UnknownScheduler`` otherwise); reading what a user typed is /draw's work."""
+    selection = samplers.exact_selection(request.sampler_name, request.scheduler)
     steps = request.num_inference_steps
     size = (request.width, request.height)
     if request.init_image is not None:
@@ -81,7 +83,7 @@ def plan_passes(request: GenerationRequest) -> PassPlan:
 def _plan_hires(request: GenerationRequest, first: SamplingPass) -> PassPlan:
     hires.check_upscaler(request.hr_upscaler)
     strength = _strength(request, hires.DEFAULT_DENOISING_STRENGTH)
-    hr_selection = samplers.select_sampler(
+    hr_selection = samplers.exact_selection(
         request.hr_sampler_name or request.sampler_name, request.hr_scheduler or request.scheduler
     )
     hr_steps = request.hr_second_pass_steps or first.steps

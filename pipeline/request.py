@@ -92,6 +92,10 @@ class GenerationRequest:
     hr_sampler_name: str | None = None  # None = "Use same sampler"
     hr_scheduler: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # extra infotext fields, in order
+    # the networks the prompts tag, as the request's maker resolved them: "lora:<name as
+    # tagged>" / "hypernet:<name>" -> its file relative to Lora/ or hypernetworks/, which
+    # the engine loads without resolving the name again (pipeline.networks.NetworkLibrary)
+    network_files: dict[str, str] = field(default_factory=dict)
 
     def image_seeds(self) -> list[int]:
         """Per-image seeds: ``seed + i``, or ``seed`` for all when a variation is on (A1111 §1)."""

@@ -21,12 +21,15 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import UnknownSampler
+from pipeline.errors import UnknownSampler, UnknownScheduler
+
+if TYPE_CHECKING:
+    from pipeline.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +156,9 @@ _SCHEDULERS: tuple[SchedulerInfo, ...] = (
 _AUTOMATIC = _SCHEDULERS[0]
 _SAMPLERS_BY_NAME = {s.name: s for s in _SAMPLERS}
 _SCHEDULERS_BY_NAME = {s.name: s for s in _SCHEDULERS}
+_SCHEDULERS_BY_LABEL = {s.label: s for s in _SCHEDULERS}
 # A1111's explicit "Schedule type" lookup: internal names and labels, never aliases.
-_SCHEDULERS_BY_KEY = {**_SCHEDULERS_BY_NAME, **{s.label: s for s in _SCHEDULERS}}
+_SCHEDULERS_BY_KEY = {**_SCHEDULERS_BY_NAME, **_SCHEDULERS_BY_LABEL}
 
 
 def list_samplers() -> list[SamplerInfo]:
@@ -168,13 +172,12 @@ def list_schedulers() -> list[SchedulerInfo]:
 
 
 def get_sampler(name: str) -> SamplerInfo:
-    """The engine's lookup: an exact sampler name, or a name/alias in any case.
+    """A lenient lookup: an exact sampler name, or a name/alias in any case.
 
-    Meant to be called on the sampler half of :func:`resolve`'s result, which is always an
-    exact name. Accepting aliases and other cases mirrors A1111's lenient lookups (X/Y/Z,
-    "Prompts from file"); generation itself must go through :func:`resolve`, where an
-    alias means DPM++ 2M. Anything else raises :class:`~pipeline.errors.UnknownSampler`
-    rather than silently running another sampler.
+    Accepting aliases and other cases mirrors A1111's lenient lookups (X/Y/Z, "Prompts
+    from file"); it is for reading what a user typed (:func:`select_sampler`). Generation
+    takes canonical names only (:func:`exact_selection`). Anything else raises
+    :class:`~pipeline.errors.UnknownSampler` rather than silently running another sampler.
     """
     if isinstance(name, str):
         found = _SAMPLERS_BY_NAME.get(name)
@@ -219,6 +222,9 @@ def _explicit_scheduler(scheduler: object) -> SchedulerInfo:
 def _resolve_infos(sampler_name: object, scheduler: object) -> tuple[SamplerInfo, SchedulerInfo]:
     """Sampler and requested scheduler as generation sees them (Automatic left unexpanded)."""
     chosen = _explicit_scheduler(scheduler)
+    exact = _SAMPLERS_BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
+    if exact is not None:
+        return exact, chosen  # no canonical name ends in a schedule suffix: nothing to cut
     name = sampler_name if isinstance(sampler_name, str) and sampler_name else DEFAULT_SAMPLER
     base, cut = _cut_legacy_suffixes(name)
     if cut is not None:
@@ -288,6 +294,73 @@ def select_sampler(sampler_name: str, scheduler: str = "Automatic") -> SamplerSe
     name, schedule = resolve(lookup, scheduler)
     effective = effective_scheduler(lookup, scheduler).label
     return SamplerSelection(name=name, schedule=schedule, effective_schedule=effective)
+
+
+def exact_selection(sampler_name: str, scheduler: str = "Automatic") -> SamplerSelection:
+    """The engine's lookup: a canonical sampler name and Schedule type label, as
+    :func:`select_sampler` returns them and a stored request holds them; two dict lookups,
+    nothing lenient (no aliases, no other case, no legacy suffix). Its input can be a
+    stored row or a request from elsewhere, so anything else is refused:
+    ``UnknownSampler`` / ``UnknownScheduler`` listing the names there are."""
+    info = _SAMPLERS_BY_NAME.get(sampler_name) if isinstance(sampler_name, str) else None
+    if info is None:
+        raise UnknownSampler(str(sampler_name), sampler_names())
+    chosen = _SCHEDULERS_BY_LABEL.get(scheduler) if isinstance(scheduler, str) else None
+    if chosen is None:
+        raise UnknownScheduler(str(scheduler), list(_SCHEDULERS_BY_LABEL))
+    return SamplerSelection(info.name, chosen.label, _expand_automatic(info, chosen).label)
+
+
+def exact_info(sampler_name: str) -> SamplerInfo:
+    """The registration of a canonical sampler name (``UnknownSampler`` for anything else)."""
+    info = _SAMPLERS_BY_NAME.get(sampler_name)
+    if info is None:
+        raise UnknownSampler(str(sampler_name), sampler_names())
+    return info
+
+
+def read_schedule(text: str) -> str | None:
+    """A Schedule type as a user may write it (label, internal name or alias, any case) as
+    its label; None when it names none."""
+    folded = text.strip().casefold()
+    for info in _SCHEDULERS:
+        if folded in (info.label.casefold(), info.name.casefold(), *(a.casefold() for a in info.aliases)):
+            return info.label
+    return None
+
+
+def canonical_names(sampler_name: str, scheduler: str) -> tuple[str, str]:
+    """A stored pair as /draw stores it now (:func:`select_sampler`'s name and schedule):
+    canonical names as they are (two dict lookups), an older row's alias, other case or
+    legacy name ("k_euler_a", "euler a", "DPM++ 2M Karras") read the lenient way. What
+    cannot be read is returned unchanged, for the engine to refuse."""
+    if sampler_name in _SAMPLERS_BY_NAME and scheduler in _SCHEDULERS_BY_LABEL:
+        return sampler_name, scheduler
+    label = read_schedule(str(scheduler)) or scheduler
+    try:
+        selection = select_sampler(str(sampler_name).strip(), label)
+    except UnknownSampler:
+        return sampler_name, label
+    return selection.name, selection.schedule
+
+
+def with_canonical_names(request: GenerationRequest) -> GenerationRequest:
+    """``request`` with :func:`canonical_names` for its sampler and hires sampler: the
+    request itself when it already has them (every row /draw stores)."""
+    fields: dict[str, Any] = {}
+    fields["sampler_name"], fields["scheduler"] = canonical_names(request.sampler_name, request.scheduler)
+    hr_schedule = request.hr_scheduler
+    if request.hr_sampler_name:
+        fields["hr_sampler_name"], hr_schedule = canonical_names(
+            request.hr_sampler_name, hr_schedule or "Automatic"
+        )
+        if request.hr_scheduler is None and hr_schedule == "Automatic":
+            hr_schedule = None  # "the first pass's schedule" stays that
+    elif hr_schedule:
+        hr_schedule = read_schedule(hr_schedule) or hr_schedule
+    fields["hr_scheduler"] = hr_schedule
+    changes = {name: value for name, value in fields.items() if getattr(request, name) != value}
+    return request.replace(**changes) if changes else request
 
 
 def _expand_automatic(info: SamplerInfo, chosen: SchedulerInfo) -> SchedulerInfo:

@@ -473,13 +473,14 @@ async def check_request(request: Any, actor: Any, app: Any) -> Any:
     then cells whose prompts differ from the request's go through the other checks."""
     if not is_grid(request):
         return None
-    spec = grid_spec(request, app)
+    # axis values and every cell resolve names against the models folder: off the event loop
+    spec = await asyncio.to_thread(grid_spec, request, app)
     cap = await current_cap(app, actor)
     if spec.cells > cap:
         return Denial(
             "error.grid.too_many_cells", {"cells": spec.cells, "shape": spec.shape_text(), "max": cap}
         )
-    return await check_cells(request, grid_plan(request, app), app)
+    return await check_cells(request, await asyncio.to_thread(grid_plan, request, app), app)
 
 
 async def check_cells(request: DrawRequest, plan: Plan, app: Any) -> Denial | Admission | None:

@@ -91,6 +91,30 @@ async def test_unknown_and_malformed_network_tags_are_refused_before_anything_is
     await _finishes(app, log, "/draw a cat <lora:DETAIL:0.5> --steps 2")
 
 
+async def test_a_draws_networks_are_resolved_once_and_recorded_on_its_row(
+    make_app, tmp_path, monkeypatch
+) -> None:
+    """/draw scans the Lora folder once and records what each tag resolved to; the engine
+    loads that file without scanning or resolving the name again."""
+    from pipeline import networks
+
+    models = tmp_path / "models"
+    write_lora(models / "Lora" / "styles" / "Detail.safetensors")
+    app = await _app_with_library(make_app, models)
+    log = EventLog(app)
+    scans = []
+    original = networks._scan
+    monkeypatch.setattr(
+        networks, "_scan", lambda folder, ext: scans.append(folder.name) or original(folder, ext)
+    )
+    job = await _finishes(app, log, "/draw a cat <lora:detail:0.5> --hires --hr-scale 1.25 --steps 2")
+    assert scans == ["Lora"]
+    record = await app.store.get(job)
+    assert record.request.network_files == {"lora:detail": "styles/Detail.safetensors"}
+    infotext = log.of("finished", job)[0].images[0].infotext
+    assert 'Lora hashes: "detail: ' in infotext
+
+
 def _kohya_keys(pipe):
     from pipeline.networks import kohya_targets
 

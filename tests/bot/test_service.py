@@ -401,6 +401,50 @@ async def test_legacy_sampler_names_and_schedulers(make_app) -> None:
     await log.wait_for(lambda: len(log.of("finished")) == 2)
 
 
+async def test_a_sampler_alias_is_resolved_once_at_draw_and_stored_canonical(make_app, monkeypatch) -> None:
+    """/draw reads ``k_euler_a`` once; the job row holds "Euler a", which the engine looks
+    up exactly (it never calls the lenient reader), and the infotext shows it."""
+    from pipeline import samplers
+
+    app = await make_app()  # its start checks the default sampler of the config
+    log = EventLog(app)
+    calls: list[str] = []
+    original = samplers.select_sampler
+    monkeypatch.setattr(samplers, "select_sampler", lambda *a: calls.append(a[0]) or original(*a))
+    (job_id,) = (await draw(app, "/draw a cat --sampler k_euler_a --steps 2"))[0].data["jobs"]
+    await log.wait_for(lambda: log.of("finished", job_id))
+    assert calls == ["k_euler_a"]
+    record = await app.store.get(job_id)
+    assert (record.request.sampler_name, record.request.scheduler) == ("Euler a", "Automatic")
+    finished = log.of("finished", job_id)[0]
+    assert parse(finished.images[0].infotext)["Sampler"] == "Euler a"
+
+
+async def test_an_older_row_with_a_sampler_alias_still_loads_and_runs(make_app) -> None:
+    """Rows stored before names were canonical keep theirs in the params JSON; they load
+    with the canonical names and run after a restart."""
+    from sqlalchemy import select, update
+
+    from models.tables import Generation
+
+    first = await make_app()
+    await first.queue.stop()  # nothing runs: the job stays queued, as after a crash
+    (job_id,) = (await draw(first, "/draw a cat --steps 2 --sampler euler"))[0].data["jobs"]
+    async with first.store.session() as session:
+        params = dict(await session.scalar(select(Generation.params).where(Generation.id == job_id)))
+        params.update(sampler_name="k_euler_a", scheduler="karras")
+        await session.execute(update(Generation).where(Generation.id == job_id).values(params=params))
+    await crash(first)
+    second = await make_app(start=False)
+    log = EventLog(second)
+    assert await second.start() == 1
+    await log.wait_for(lambda: log.of("finished", job_id))
+    fields = parse(log.of("finished", job_id)[0].images[0].infotext)
+    assert (fields["Sampler"], fields["Schedule type"]) == ("Euler a", "Karras")
+    record = await second.store.get(job_id)
+    assert (record.request.sampler_name, record.request.scheduler) == ("Euler a", "Karras")
+
+
 async def test_progress_never_blocks_the_event_loop(make_app) -> None:
     """While a job runs on the device thread, the loop keeps answering within a few ms."""
     app = await make_app()

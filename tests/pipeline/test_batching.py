@@ -50,8 +50,11 @@ def test_prompts_of_different_lengths_are_batched_alike(engine) -> None:
     long_prompt = ", ".join(f"word{i}" for i in range(90))  # two 75-token chunks
     requests = [
         _request(prompt=long_prompt, seed=5, sampler_name="DPM++ 2M", scheduler="Karras"),
-        _request(prompt="short", negative_prompt=long_prompt, seed=6, sampler_name="DPM++ 2M Karras"),
-        _request(prompt="short", seed=7, sampler_name="k_dpmpp_2m", scheduler="Karras"),
+        _request(
+            prompt="short", negative_prompt=long_prompt, seed=6, sampler_name="DPM++ 2M", scheduler="Karras"
+        ),
+        # Automatic is DPM++ 2M's Karras: the same schedule runs
+        _request(prompt="short", seed=7, sampler_name="DPM++ 2M", scheduler="Automatic"),
     ]
     assert len({batch_key(request) for request in requests}) == 1
     _assert_each_equals_its_solo(engine, requests)
@@ -97,6 +100,9 @@ def test_what_shapes_the_sampling_keeps_requests_apart() -> None:
     assert batch_key(base.replace(init_image="x.png", denoising_strength=0.5)) is None
     assert batch_key(base.replace(sampler_name="DPM adaptive")) is None
     assert batch_key(base.replace(sampler_name="no such sampler")) is None
+    # the engine takes canonical names only (/draw stores them): an alias runs alone, refused
+    assert batch_key(base.replace(sampler_name="k_dpmpp_2m")) is None
+    assert batch_key(base.replace(scheduler="karras")) is None
 
 
 def test_requests_that_cannot_share_a_batch_are_refused(engine) -> None:

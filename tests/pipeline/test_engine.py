@@ -189,6 +189,25 @@ def test_select_sampler_accepts_aliases_case_and_legacy_names():
     assert (automatic.schedule, automatic.effective_schedule) == ("Automatic", "Karras")
 
 
+def test_the_engine_takes_sampler_names_exactly_and_resolves_nothing_leniently(engine, monkeypatch):
+    """/draw resolves a sampler once (``bot.draw.resolve_sampler``) and stores the canonical
+    names; the engine looks them up exactly, never through the lenient readers."""
+    from pipeline import samplers
+
+    lenient = []
+    for name in ("select_sampler", "get_sampler", "resolve", "_cut_legacy_suffixes", "canonical_names"):
+        original = getattr(samplers, name)
+        monkeypatch.setattr(
+            samplers, name, lambda *a, _o=original, _n=name, **k: lenient.append(_n) or _o(*a, **k)
+        )
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1, "hr_sampler_name": "Euler"}
+    request = _request(sampler_name="DPM++ 2M", scheduler="Karras", **hires)
+    engine.generate_batch([request, request.replace(seed=2)])
+    assert lenient == []
+    with pytest.raises(UnknownSampler):
+        engine.generate(_request(sampler_name="k_euler_a"))  # an alias is /draw's to read, not the engine's
+
+
 def test_unknown_sampler_lists_available_names(engine):
     with pytest.raises(UnknownSampler) as info:
         engine.generate(_request(sampler_name="Euler b"))

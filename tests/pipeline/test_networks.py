@@ -377,3 +377,58 @@ def test_a_delta_that_cannot_fit_is_not_computed():
     by size first: nothing of that size is allocated."""
     huge = LoraPair(torch.zeros(1, 200_000), torch.zeros(200_000, 1), None)
     assert huge.delta(torch.Size((3, 5)), torch.device("cpu")) is None
+
+
+# --------------------------------------------------------------------------------------
+# Resolved once: what /draw records, the engine loads without resolving again
+
+
+def _counting_scans(monkeypatch) -> list[str]:
+    from pipeline import networks
+
+    scans: list[str] = []
+    original = networks._scan
+    monkeypatch.setattr(
+        networks, "_scan", lambda folder, ext: scans.append(folder.name) or original(folder, ext)
+    )
+    return scans
+
+
+def test_resolve_prompt_records_each_tag_once_with_one_scan_per_kind(models_dir, monkeypatch):
+    scans = _counting_scans(monkeypatch)
+    library = NetworkLibrary(models_dir)
+    files = library.resolve_prompt("a <lora:ALPHA:0.5> <lora:be,ta> <hypernet:hn>", "hires <lora:gamma>", "")
+    assert files == {
+        "lora:ALPHA": "alpha.safetensors",
+        "lora:be,ta": "sub/be,ta.safetensors",
+        "lora:gamma": "gamma.pt",
+        "hypernet:hn": "hn.pt",
+    }
+    assert sorted(scans) == ["Lora", "hypernetworks"]
+
+
+def test_the_engine_loads_recorded_files_without_scanning_again(net_engine, models_dir, monkeypatch):
+    prompt = "a cat <lora:ALPHA:0.7> <hypernet:hn:0.5>"
+    files = NetworkLibrary(models_dir).resolve_prompt(prompt)
+    unrecorded = net_engine.generate(_request(prompt))
+    scans = _counting_scans(monkeypatch)
+    recorded = net_engine.generate(_request(prompt).replace(network_files=files))
+    assert scans == []  # /draw resolved them: no folder scan, no name lookup
+    assert recorded.images[0].infotext == unrecorded.images[0].infotext
+    assert np.abs(_pixels(recorded) - _pixels(unrecorded)).max() == 0
+
+
+def test_the_engine_resolves_what_was_not_recorded_and_refuses_what_it_lacks(models_dir, monkeypatch):
+    library = NetworkLibrary(models_dir)
+    scans = _counting_scans(monkeypatch)
+    # an older row (nothing recorded): resolved here, with one scan
+    assert len(library.for_prompt("<lora:alpha>", {}).loras) == 1 and scans == ["Lora"]
+    # recorded files this folder does not have (another worker's folder, a removed file,
+    # a path that leaves the folder): resolved by name, and refused when it is missing
+    for stale in ("gone.safetensors", "../hypernetworks/hn.pt", "/etc/passwd.pt", "alpha.txt"):
+        scans.clear()
+        assert len(library.for_prompt("<lora:alpha>", {"lora:alpha": stale}).loras) == 1
+        assert scans == ["Lora"], stale
+    with pytest.raises(UnknownNetwork) as info:
+        library.for_prompt("<lora:nope>", {"lora:nope": "nope.safetensors"})
+    assert info.value.params["name"] == "nope"

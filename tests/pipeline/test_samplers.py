@@ -832,3 +832,72 @@ def test_fuzz_sigma_schedule_accepts_any_names(sampler: str, scheduler: str, ste
     assert set(fields) <= {"Schedule type", "Beta schedule alpha", "Beta schedule beta"}
     if "Schedule type" in fields:
         assert fields["Schedule type"] == effective_scheduler(sampler, scheduler).label
+
+
+# --------------------------------------------------------------------------------------
+# The engine's exact lookup; canonical names for stored rows
+
+
+def test_exact_selection_takes_canonical_names_only() -> None:
+    from pipeline.errors import UnknownScheduler
+    from pipeline.samplers import exact_selection, select_sampler
+
+    for info in list_samplers():
+        for schedule in list_schedulers():
+            assert exact_selection(info.name, schedule.label) == select_sampler(info.name, schedule.label)
+    for alias in ("k_euler_a", "euler a", "DPM++ 2M Karras", "Euler b"):
+        with pytest.raises(UnknownSampler) as refused:
+            exact_selection(alias, "Automatic")
+        assert "Euler a" in refused.value.params["available"]
+    with pytest.raises(UnknownScheduler) as refused:
+        exact_selection("Euler", "karras")
+    assert refused.value.key == "error.unknown_scheduler" and "Karras" in refused.value.params["available"]
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (("Euler a", "Automatic"), ("Euler a", "Automatic")),
+        (("k_euler_a", "Automatic"), ("Euler a", "Automatic")),
+        (("euler A", "karras"), ("Euler a", "Karras")),
+        (("DPM++ 2M Karras", "Automatic"), ("DPM++ 2M", "Karras")),
+        (("Euler", "sgmuniform"), ("Euler", "SGM Uniform")),
+        (("no such sampler", "Automatic"), ("no such sampler", "Automatic")),  # for the engine to refuse
+    ],
+)
+def test_canonical_names_read_an_older_rows_names(stored, expected) -> None:
+    from pipeline.samplers import canonical_names
+
+    assert canonical_names(*stored) == expected
+
+
+def test_canonical_names_of_a_canonical_pair_resolve_nothing(monkeypatch) -> None:
+    from pipeline import samplers
+
+    calls = []
+    for name in ("select_sampler", "get_sampler", "_cut_legacy_suffixes", "read_schedule"):
+        original = getattr(samplers, name)
+        monkeypatch.setattr(
+            samplers, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k)
+        )
+    for info in samplers.list_samplers():
+        for schedule in samplers.list_schedulers():
+            assert samplers.canonical_names(info.name, schedule.label) == (info.name, schedule.label)
+    assert calls == []
+
+
+def test_with_canonical_names_keeps_a_canonical_request_and_mends_an_older_one() -> None:
+    from pipeline.request import GenerationRequest
+    from pipeline.samplers import with_canonical_names
+
+    request = GenerationRequest(
+        prompt="", seed=1, sampler_name="DPM++ 2M", scheduler="Karras", enable_hr=True
+    )
+    assert with_canonical_names(request) is request
+    hires = request.replace(hr_sampler_name="Euler", hr_scheduler=None)
+    assert with_canonical_names(hires) is hires  # None: the first pass's schedule, kept
+    old = request.replace(sampler_name="k_euler_a", scheduler="karras", hr_sampler_name="DPM++ 2M Karras")
+    mended = with_canonical_names(old)
+    assert (mended.sampler_name, mended.scheduler) == ("Euler a", "Karras")
+    assert (mended.hr_sampler_name, mended.hr_scheduler) == ("DPM++ 2M", "Karras")
+    assert with_canonical_names(request.replace(hr_scheduler="exponential")).hr_scheduler == "Exponential"

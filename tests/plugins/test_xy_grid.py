@@ -513,3 +513,25 @@ async def test_a_one_axis_grid_names_its_axis_not_its_count_twice(make_app) -> N
     (reply,) = await run(app, '/grid a cat --x "seed: 1-6"')
     assert reply.key == "error.grid.too_many_cells"
     assert text(app, reply) == "This grid has 6 cells (Seed); at most 4 are allowed here. Use fewer values."
+
+
+async def test_a_grids_cells_are_built_off_the_event_loop(make_app, monkeypatch) -> None:
+    """Each cell is frozen like a /draw (names resolved against the models folder): in a
+    worker thread, never on the event loop's."""
+    import threading
+
+    app = await make_app()
+    log = EventLog(app)
+    threads = []
+    original = xy_grid.freeze
+    monkeypatch.setattr(
+        xy_grid, "freeze", lambda *a: threads.append(threading.current_thread()) or original(*a)
+    )
+    replies = await run(app, '/grid a cat --steps 1 --x "steps: 1, 2" --y "sampler: euler, k_euler_a"')
+    assert not replies[0].error, replies
+    jobs = replies[0].data["jobs"]
+    await grid_notice(app, log, jobs)
+    assert len(threads) == 5  # the control draft and the four cells
+    assert threading.main_thread() not in threads
+    records = [await app.store.get(job) for job in jobs]
+    assert sorted(r.request.sampler_name for r in records) == ["Euler", "Euler", "Euler a", "Euler a"]
