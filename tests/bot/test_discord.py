@@ -199,6 +199,28 @@ async def test_more_than_25_actions_are_paged_and_a_button_on_the_next_page_work
         assert more["content"] == "More actions (2/2)" and not more["embeds"]
 
 
+def more_actions(dc: FakeDiscord) -> list[dict[str, Any]]:
+    """The further pages of a result's buttons."""
+    return [m for m in dc.messages.values() if m["content"].startswith("More actions (")]
+
+
+async def test_deleting_a_paged_result_after_a_restart_removes_every_page(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), option("batch", 8), option("steps", 2))
+            result = await result_of(dc)
+            await dc.wait_for(lambda: more_actions(dc))
+        await app.stop(wait=False)
+        (more,) = more_actions(dc)  # the Delete button is on this page
+
+        async with running(make_app, dc):  # a new process: only the stored reference knows the pages
+            await dc.click(more["id"], button(more, "Delete"), user=ALICE)
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+            await dc.wait_for(lambda: not more_actions(dc))
+        assert not results(dc)
+
+
 async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(make_app) -> None:
     async with FakeDiscord() as dc:
         server(dc)
