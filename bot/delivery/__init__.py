@@ -7,7 +7,8 @@ and job events reach a conversation:
   adapter's platform, rendered in the actor's language (``render``);
 - one conversation (platform, chat, thread) is one queue, delivered in order by one
   task: a command's answer never overtakes the "queued" message published before it;
-- every job has one tracked message (stored on its row, so it outlives a restart):
+- every job has one tracked message (stored on its row, so it outlives a restart, with
+  the further pages of its buttons attached):
   progress edits it, the result edits it (the adapter may replace it instead), notices
   about the job or its group answer it;
 - progress is throttled per conversation (or per chat, where the adapter's limits say

@@ -305,7 +305,8 @@ class Delivery:
         progress: Progress | None = None,
     ) -> MessageRef | None:
         """Page the actions, fit the files, send the message and any further pages of
-        buttons (answering it). Returns the message that shows the draft."""
+        buttons (answering it). Returns the message that shows the draft, its pages among
+        the messages attached to it: they leave with it when its job is deleted."""
         limits = self.adapter.limits(route)
         translator = self.app.translator
         fitted = await fit_files(draft.files, limits, self.app.images, draft.show_id, notes=progress is None)
@@ -316,15 +317,20 @@ class Delivery:
             draft.spoiler, source,
         )  # fmt: skip
         ref = await self._deliver(conversation, message, limits, progress)
+        if ref is None:
+            return None
+        attached = [*ref.attached]
+        if edit is not None:  # what was sent with the message before stays with it
+            attached += [m for m in edit.attached if m not in attached]
         for number, page in enumerate(pages[1:], start=2):
-            if ref is None:
-                break
             more = translator.t(locale, "delivery.more_actions", page=number, pages=len(pages))
             extra = Outgoing(
                 ref.route, "actions", more, generation_id, buttons=page, reply_to=ref, source=source
             )
-            await self._deliver(conversation, extra, limits)
-        return ref
+            sent = await self._deliver(conversation, extra, limits)
+            if sent is not None:
+                attached += [m for m in (sent.message_id, *sent.attached) if m not in attached]
+        return replace(ref, attached=tuple(attached))
 
     async def _deliver(
         self, conversation: _Conversation, message: Outgoing, limits: Limits, progress: Progress | None = None

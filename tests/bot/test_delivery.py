@@ -180,6 +180,20 @@ async def test_buttons_are_paged_and_long_ids_are_tokens_that_a_new_app_resolves
     assert unknown[0].key == "error.unknown_action"
 
 
+async def test_the_further_pages_of_a_result_are_attached_to_its_stored_message(make_app) -> None:
+    app, chat, server = await chat_app(make_app, buttons_per_row=2, rows_per_message=1)
+    job = await queued_job(app, chat)
+    actions = tuple(Action(f"reroll:{n}", "action.reroll") for n in range(5))
+    app.bus.publish(Finished(job, ALICE, GROUP, actions=actions))
+    await chat.delivery.idle()
+    shown = server.calls[0].posted  # the "queued" message, edited into the result
+    pages = [c.posted for c in server.calls if c.message.kind == "actions"]
+    assert len(pages) == 2 and all(server.messages[p].reply_to == shown for p in pages)
+    # the stored reference names them: a deletion, in this process or a later one, removes them too
+    stored = MessageRef.from_json(await DeliveryStore(app.store).message(job))
+    assert (stored.message_id, stored.attached) == (shown, tuple(pages))
+
+
 async def test_files_fit_the_upload_limits_and_what_cannot_be_sent_is_said(make_app) -> None:
     app, chat, server = await chat_app(make_app, image_bytes=4000, document_bytes=20 * 1024)
     big = noise_png(96)  # about 28 KB: over both limits

@@ -27,7 +27,7 @@ from bot.runner import StartError
 from bot.settings import load_settings
 from bot.types import Route
 from models.preferences import GLOBAL, PreferenceStore
-from pipeline.images import read_infotext
+from pipeline.images import png_bytes, read_infotext
 from pipeline.networks import kohya_targets
 from tests.fakes.discord_api import MANAGE_GUILD, FakeDiscord, user_json
 from tests.scenario import console_env
@@ -197,6 +197,29 @@ async def test_more_than_25_actions_are_paged_and_a_button_on_the_next_page_work
         # the user is mentioned once, the parameters shown once: on the result itself
         assert result["content"].startswith(f"<@{ALICE['id']}>") and result["embeds"]
         assert more["content"] == "More actions (2/2)" and not more["embeds"]
+
+
+def more_actions(dc: FakeDiscord) -> list[dict[str, Any]]:
+    """The further pages of a result's buttons."""
+    return [m for m in dc.messages.values() if m["content"].startswith("More actions (")]
+
+
+async def test_deleting_a_paged_result_after_a_restart_removes_every_page(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), option("batch", 8), option("steps", 2))
+            result = await result_of(dc)
+            await dc.wait_for(lambda: more_actions(dc))
+        await app.stop(wait=False)
+        (more,) = more_actions(dc)  # the Delete button is on this page
+
+        dc.clock_offset = 16 * 60  # the draw's token has expired: they go through the channel
+        async with running(make_app, dc):  # a new process: only the stored reference knows the pages
+            await dc.click(more["id"], button(more, "Delete"), user=ALICE)
+            await dc.wait_for(lambda: result["id"] not in dc.messages)
+            await dc.wait_for(lambda: not more_actions(dc))
+        assert not results(dc) and dc.sent("DELETE", rf"/channels/{CHANNEL}/messages/{more['id']}")
 
 
 async def test_delete_by_someone_else_is_refused_and_an_administrator_deletes(make_app) -> None:
@@ -571,6 +594,60 @@ async def test_remix_asks_for_the_prompt_in_a_form_and_draws_it(make_app) -> Non
             )
             second = await result_of(dc, 2)
         assert read_infotext(png_of(dc, second)).startswith("a dog\n")
+
+
+def labelled(dc: FakeDiscord, label: str) -> list[dict[str, Any]]:
+    """Results with a button labelled ``label``."""
+    return [m for m in results(dc) if label in [b["label"] for b in buttons(m)]]
+
+
+async def test_forever_keeps_drawing_until_stop_is_pressed(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await draw(dc, option("prompt", "a cat"), option("steps", 2))
+            first = await result_of(dc)
+            await dc.click(first["id"], button(first, "Forever"), user=ALICE)
+            await dc.wait_for(lambda: len(labelled(dc, "Stop")) >= 2, timeout=300)  # new seeds, one by one
+            run = labelled(dc, "Stop")[0]
+            await dc.click(run["id"], button(run, "Stop"), user=ALICE)
+            ended = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if "was stopped by" in m["content"]), None),
+                timeout=120,
+            )
+            assert not await app.store.list_open()
+            drawn = len(labelled(dc, "Stop"))
+            await asyncio.sleep(0.5)
+            assert len(labelled(dc, "Stop")) == drawn  # nothing more after the end
+        seeds = {read_infotext(png_of(dc, m)).split("Seed: ")[1].split(",")[0] for m in labelled(dc, "Stop")}
+        assert len(seeds) == drawn and f"after {drawn} image(s)" in ended["content"]
+        assert any("Stopping" in m["content"] for m in dc.messages.values())
+
+
+async def test_pnginfo_reads_an_attached_png_and_offers_to_draw_it(make_app) -> None:
+    infotext = "a red fox\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: tiny"
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc):
+            png = png_bytes(Image.new("RGB", (64, 64), (200, 90, 30)), infotext)
+            attachment = dc.add_attachment(png, "fox.png")
+            await dc.slash(
+                "pnginfo",
+                [{"name": "file", "type": 11, "value": attachment["id"]}],
+                user=ALICE,
+                guild_id=GUILD,
+                channel_id=CHANNEL,
+                attachments={attachment["id"]: attachment},
+            )
+            answer = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if "Parameters:" in m["content"]), None)
+            )
+            assert "a red fox" in answer["content"] and "Seed: 5" in answer["content"]
+            assert "To run them: /draw" in answer["content"]
+            await dc.click(answer["id"], button(answer, "Draw this"), user=ALICE)
+            result = await result_of(dc)
+        drawn = read_infotext(png_of(dc, result))
+        assert drawn.startswith("a red fox\n") and "Seed: 5" in drawn and "Steps: 2" in drawn
 
 
 async def test_a_png_over_the_servers_upload_limit_becomes_a_preview_and_a_note(make_app) -> None:

@@ -255,15 +255,21 @@ class DiscordAdapter:
         return MessageRef(plain, message.edit.message_id)
 
     async def _remove(self, message: Outgoing) -> MessageRef:
-        """A deleted generation's message goes away (the webhook's while it lasts)."""
+        """A deleted generation's message goes away, and every message sent with it (its
+        further pages of buttons), through the webhook while its token lasts."""
         assert message.edit is not None
-        where = self._usable(message.edit.route)
-        message_id = int(message.edit.message_id)
+        shown = message.edit
+        for message_id in (shown.message_id, *shown.attached):
+            await self._remove_one(shown.route, int(message_id))
+        return shown
+
+    async def _remove_one(self, route: Route, message_id: int) -> None:
+        where = self._usable(route)
         try:
             if where.interaction_token:
                 try:
                     await self._webhook(where).delete_message(message_id)
-                    return message.edit
+                    return
                 except discord.HTTPException as exc:
                     if not self._token_gone(exc, where):
                         raise
@@ -271,7 +277,6 @@ class DiscordAdapter:
             await channel.get_partial_message(message_id).delete()
         except discord.NotFound:
             pass
-        return message.edit
 
     # pieces -------------------------------------------------------------------------------------
 
