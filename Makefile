@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: run test lint bench install install-test clean
+.PHONY: run test lint bench fuzz install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: install-test
 
 test: install-test
 	scripts/test
+
+fuzz: install-test
+	ATELIER_FUZZ=full HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -p no:cacheprovider -q -k "fuzz or never_raises" tests
 
 bench: install-test
 	$(VENV)/bin/python bench/run.py --out bench-results

@@ -61,7 +61,7 @@ def guided_step_flops(pipe: Any, size: int, device: Any, dtype: Any) -> tuple[fl
 
 
 def throughput(
-    tiny: bool, device_name: str, steps: int, size: int, rounds: int
+    tiny: bool, device_name: str, steps: int, size: int, rounds: int, compile: bool = False
 ) -> dict[int, dict[str, float]]:
     """images/s of diffusers and of Atelier per batch size (medians of interleaved rounds)."""
     import torch

@@ -17,6 +17,14 @@ import pytest
 from bot.settings import Settings, parse_settings
 
 POSTGRES_URL = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
+
+
+def fuzz_examples(full: int) -> int:
+    """Cases for a long fuzz test: all ``full`` of them under ``ATELIER_FUZZ=full`` (``make
+    fuzz``), a tenth (at least 300) in the everyday suite, which must stay quick."""
+    return full if os.environ.get("ATELIER_FUZZ") == "full" else max(300, full // 10)
+
+
 BACKENDS = ["sqlite", "postgres"]
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pipeline import infotext
 from pipeline.infotext import InfotextParams, StyleExtractor, parse, quote, unquote
+from tests.conftest import fuzz_examples
 
 SPEC_EXAMPLE = (
     "a cat\nNegative prompt: lowres\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, "
@@ -800,7 +801,7 @@ _FUZZ_TEXT = st.binary(max_size=48).map(lambda raw: "".join(_FUZZ_TABLE[b % len(
 
 
 @given(_FUZZ_TEXT, st.booleans())
-@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(10_000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_parse_never_raises(text: str, with_styles: bool) -> None:
     res = parse(text, styles=STYLES if with_styles else None)
     assert isinstance(res["Prompt"], str)
@@ -817,7 +818,7 @@ def test_parse_never_raises_on_arbitrary_text(text: str, with_styles: bool) -> N
 
 
 @given(st.one_of(_FUZZ_TEXT, st.text()))
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=fuzz_examples(2000), deadline=None)
 def test_linear_parameter_scan_equals_findall(text: str) -> None:
     line = text.replace("\n", " ")
     assert infotext._find_params(line) == infotext._PARAM_RE.findall(line)

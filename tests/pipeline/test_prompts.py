@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import PromptSyntaxError
 from pipeline.prompts import parse_attention, prompt_schedules, scheduled_at, split_and
+from tests.conftest import fuzz_examples
 
 # Text strategies biased toward the syntax: brackets, separators, escapes, numbers, keywords.
 _SYNTAX_PIECES = [
@@ -127,7 +128,7 @@ class TestParseAttention:
         # A1111's lexer uses \d, so Arabic-Indic digits form a weight Python can read.
         assert parse_attention("(a:\u0662)") == [("a", 2.0)]
 
-    @settings(max_examples=10_000, deadline=None)
+    @settings(max_examples=fuzz_examples(10_000), deadline=None)
     @given(_syntax_text)
     def test_fuzz_only_prompt_syntax_error_escapes(self, text: str) -> None:
         try:
@@ -348,7 +349,7 @@ class TestPromptSchedules:
         assert _one("(" * depth + "[a|b]" + ")" * depth, 2)[1] == (2, "(" * depth + "b" + ")" * depth)
         assert _one("[" * depth, 2) == [(2, "[" * depth)]
 
-    @settings(max_examples=10_000, deadline=None)
+    @settings(max_examples=fuzz_examples(10_000), deadline=None)
     @given(
         _syntax_text, st.integers(min_value=0, max_value=40), st.none() | st.integers(1, 20), st.booleans()
     )

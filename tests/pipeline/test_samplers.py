@@ -27,6 +27,7 @@ from pipeline.samplers import (
     timesteps,
     unet_call_timesteps,
 )
+from tests.conftest import fuzz_examples
 
 SIGMA_MIN = 0.0291675
 SIGMA_MAX = 14.614642
@@ -802,7 +803,7 @@ name_like = st.one_of(
 scheduler_like = st.one_of(st.none(), st.text(), st.sampled_from(SUFFIX_OPTIONS))
 
 
-@settings(max_examples=10_000, deadline=None)
+@settings(max_examples=fuzz_examples(10_000), deadline=None)
 @given(sampler=st.one_of(st.none(), name_like), scheduler=scheduler_like, convert=st.booleans())
 def test_fuzz_name_resolution_never_raises(sampler: str | None, scheduler: str | None, convert: bool) -> None:
     """`resolve` and the scheduler resolution behind `sigma_schedule` accept any text."""

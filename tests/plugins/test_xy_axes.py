@@ -19,6 +19,7 @@ from plugins.xy_grid import (
     axis_labels,
     parse_axis_values,
 )
+from tests.conftest import fuzz_examples
 
 LISTED_AXES = [
     "Steps",
@@ -351,7 +352,7 @@ _SHAPE_ALPHABET = list("0123456789-+()[]. xe\n\t") + ["\u0661", "\u2003", "\u00b
 
 
 @given(text=st.text(alphabet=st.sampled_from(_SHAPE_ALPHABET), max_size=14))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=fuzz_examples(3000), deadline=None)
 def test_range_matcher_captures_what_the_regular_expressions_capture(text: str) -> None:
     for shape, oracle in _ORACLES:
         found = oracle.fullmatch(text)
@@ -392,7 +393,7 @@ _axis_text = st.one_of(
 
 
 @given(text=_axis_text)
-@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(10_000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_only_axis_value_error_escapes(text: str) -> None:
     for axis in LISTED_AXES:
         try:
