@@ -123,7 +123,7 @@ class JobLifecycle:
         failed before it held them). Only rows older than a lease: newer ones are being
         deferred right now."""
         since = utcnow() - timedelta(seconds=self.app.settings.queue.lease_seconds)
-        waiting = {r.id: r for r in await self.app.store.unowned_queued() if r.created_at < since}
+        waiting = {r.id: r for r in await self.app.store.unowned_queued(before=since)}
         missing = await self.app.queue.missing(list(waiting))
         for job_id in missing:
             await self.app.queue.put(self.job_of(waiting[job_id]))

@@ -406,13 +406,17 @@ class Store:
             generation_id, ("queued",), Generation.owner == owner, owner=None, lease_expires_at=None
         )
 
-    async def unowned_queued(self) -> list[GenerationRecord]:
-        """Queued jobs nobody holds, oldest first (the shared queue's, or released ones)."""
+    async def unowned_queued(self, *, before: datetime, limit: int = 500) -> list[GenerationRecord]:
+        """Queued jobs nobody holds (the shared queue's, or released ones) stored before
+        ``before``, oldest first, at most ``limit``."""
         async with self.session() as session:
             rows = await session.scalars(
                 select(Generation)
-                .where(Generation.status == "queued", Generation.owner.is_(None))
+                .where(
+                    Generation.status == "queued", Generation.owner.is_(None), Generation.created_at < before
+                )
                 .order_by(Generation.created_at, Generation.group_index)
+                .limit(limit)
                 .options(*_LOAD)
             )
             return [_record(row) for row in rows]
