@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bot.errors import NotFound
+from models.shared_files import SharedFiles
 from models.store import Store
 
 
@@ -52,10 +53,10 @@ class DatabaseImageStore:
     host that reaches the database reads them, no shared disk."""
 
     def __init__(self, store: Store) -> None:
-        self.store = store
+        self.files = SharedFiles(store)
 
     async def read(self, image_id: str) -> bytes:
-        data = await self.store.image_data(image_id)
+        data = await self.files.image(image_id)
         if data is None:
             raise NotFound("error.image_missing", id=image_id)
         return data

@@ -49,6 +49,7 @@ from models.base import utcnow
 from models.delivery_store import DeliveryStore
 from models.moderation_store import ModerationStore
 from models.records import GenerationRecord
+from models.shared_files import SharedFiles
 from models.store import Lease
 from pipeline.queue import Job
 from pipeline.request import GenerationResult
@@ -77,7 +78,7 @@ class JobLifecycle:
             data = await asyncio.to_thread(Path(path).read_bytes)
         except OSError:
             return  # the worker reports it cannot be read
-        await self.app.store.put_input(Path(path).name, data)
+        await SharedFiles(self.app.store).put_input(Path(path).name, data)
 
     def lease(self) -> Lease:
         """This App's hold on a job from now: renewed by the heartbeat while it lives."""

@@ -21,12 +21,15 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.access import Audience
 from bot.types import Cancelled
+from models.shared_files import SharedFiles
 from pipeline.queue import Job, LocalQueue
+from pipeline.request import GenerationRequest
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -115,16 +118,14 @@ class WorkerFeed:
         if await self.app.store.release_job(job.id, self.app.owner):
             await self.shared.put(job)
 
-    async def _local_inputs(self, request):  # type: ignore[no-untyped-def]
+    async def _local_inputs(self, request: GenerationRequest) -> GenerationRequest:
         """An init image uploaded on the bot's host is read from the database into this
         host's inputs folder (same content name), so the engine finds it."""
         path = request.init_image
         if not path or await asyncio.to_thread(os.path.exists, path):
             return request
-        from dataclasses import replace
-
         name = Path(path).name
-        data = await self.app.store.input_data(name)
+        data = await SharedFiles(self.app.store).input(name)
         if data is None:
             return request  # the engine says the image cannot be read
         local = self.app.images_dir / "inputs" / name

@@ -29,7 +29,7 @@ from sqlalchemy.orm import selectinload
 
 from models.base import utcnow
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
-from models.tables import OPEN_STATUSES, Generation, Image, ImageData, StoredInput, User
+from models.tables import OPEN_STATUSES, Generation, Image, ImageData, User
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -420,22 +420,6 @@ class Store:
                 .options(*_LOAD)
             )
             return [_record(row) for row in rows]
-
-    # bytes for hosts without a shared disk ------------------------------------------------------
-
-    async def image_data(self, image_id: str) -> bytes | None:
-        async with self.session() as session:
-            return await session.scalar(select(ImageData.data).where(ImageData.image_id == image_id))
-
-    async def put_input(self, name: str, data: bytes) -> None:
-        """Keep an uploaded init image by its content name (the same bytes, the same name)."""
-        async with self.session() as session:
-            if await session.get(StoredInput, name) is None:
-                session.add(StoredInput(name=name, data=data))
-
-    async def input_data(self, name: str) -> bytes | None:
-        async with self.session() as session:
-            return await session.scalar(select(StoredInput.data).where(StoredInput.name == name))
 
     async def release(self, owner: str) -> int:
         """Give up every open job of ``owner`` (a graceful stop): any process may take them

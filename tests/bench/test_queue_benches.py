@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 def test_a_short_run_reports_how_busy_the_device_was(capsys):
     args = ["--jobs", "4", "--busy-ms", "1", "--size", "16", "--rounds", "1"]
-    assert _load("device_idle").main(args) == 0
+    assert load_bench("device_idle").main(args) == 0
     assert "device busy   median" in capsys.readouterr().out
 
 
 def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys):
     args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "sqlite"]
-    assert _load("queue_throughput").main(args) == 0
+    assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
     assert "jobs/s" in out and "submit -> queued" in out and "one submit" in out
 
@@ -37,7 +26,7 @@ def test_the_shared_queue_bench_runs_through_a_worker(capsys):
     if not POSTGRES_URL:
         pytest.skip("the shared queue needs PostgreSQL (ATELIER_TEST_POSTGRES_URL)")
     args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "procrastinate"]
-    assert _load("queue_throughput").main(args) == 0
+    assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
     assert "procrastinate:" in out and "jobs/s" in out
 
@@ -47,7 +36,7 @@ def test_the_bench_run_collects_every_figure_into_a_table(tmp_path):
 
     out = tmp_path / "out"
     only = ["--only", "bot_latency", "--only", "device_idle"]
-    assert _load("run").main(["--quick", "--out", str(out), *only]) == 0
+    assert load_bench("run").main(["--quick", "--out", str(out), *only]) == 0
     data = json.loads((out / "benchmarks.json").read_text(encoding="utf-8"))
     assert set(data["figures"]) == {"bot_latency", "device_idle"}
     assert data["figures"]["bot_latency"]["p99_ms"] > 0

@@ -273,3 +273,17 @@ async def test_a_stored_job_the_shared_queue_lost_is_offered_again(cluster: Clus
     cluster.runner.gate.release(2)
     await cluster.ended(lost)
     assert len(cluster.log.of("finished", lost)) == 1
+
+
+async def test_a_worker_reads_an_upload_made_on_another_host_from_the_database(cluster: Cluster) -> None:
+    if cluster.backend != "procrastinate":
+        pytest.skip("one process reads its own uploads from its disk")
+    from models.shared_files import SharedFiles
+    from pipeline.request import GenerationRequest
+
+    await SharedFiles(cluster.bot.store).put_input("feed.png", b"\x89PNG bytes")
+    await SharedFiles(cluster.bot.store).put_input("feed.png", b"\x89PNG bytes")  # the same upload again
+    elsewhere = GenerationRequest(prompt="x", seed=1, init_image="/on/the/bot/host/inputs/feed.png")
+    local = await cluster.runner_app.feed._local_inputs(elsewhere)
+    assert Path(local.init_image).parent == cluster.runner_app.images_dir / "inputs"
+    assert Path(local.init_image).read_bytes() == b"\x89PNG bytes"
