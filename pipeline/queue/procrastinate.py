@@ -16,7 +16,6 @@ so a user's first job outranks everyone's second; equal ones run in arrival orde
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -150,7 +149,7 @@ class ProcrastinateQueue:
 
     async def join(self) -> None:
         """Wait until no job waits or runs in the shared queue."""
-        for _ in itertools.count():  # procrastinate says nothing when its table empties: look
+        while True:  # procrastinate says nothing when its table empties: look
             if not int((await self._one(_BUSY))["busy"]):
                 return
             await asyncio.sleep(0.05)
