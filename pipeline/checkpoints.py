@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline import safe_load
+from pipeline.checkpoint_yaml import ConfigFileError, mapping, model_definition, read_yaml_config
 from pipeline.errors import CheckpointLoadError, EngineError, UnknownCheckpoint
 from pipeline.hashing import HashCache
 from pipeline.model_folder import (
@@ -95,12 +96,6 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 _MIN_TOKENIZER_SIZE = 258
 _HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$|^[0-9a-fA-F]{64}$")
 _CROSS_ATTENTION_WIDTH: dict[int, Family] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-# A checkpoint's .yaml is a few kilobytes; far larger is not a model config.
-MAX_YAML_BYTES = 1024 * 1024
-
-
-class ConfigFileError(ValueError):
-    """A checkpoint's ``.yaml`` that cannot be read as a model config; the text says why."""
 
 
 @dataclass(frozen=True)
@@ -525,77 +520,6 @@ def detect_family(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) ->
     return None
 
 
-def read_yaml_config(path: Path) -> dict[str, Any]:
-    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``.
-
-    Raises :class:`ConfigFileError` for a file that is not UTF-8 YAML (or is too large or
-    too deeply nested); values of the wrong type are ignored, so a crafted file cannot
-    make this format an exponentially aliased structure."""
-    data = _load_yaml(path)
-    model = _mapping(data, "model")
-    params = _mapping(model, "params")
-    found: dict[str, Any] = {}
-    parameterization = params.get("parameterization")
-    if isinstance(parameterization, str):
-        found["prediction_type"] = "v_prediction" if parameterization == "v" else "epsilon"
-    if isinstance(params.get("use_ema"), (bool, int)):
-        found["use_ema"] = bool(params["use_ema"])
-    target = model.get("target")
-    cond_target = _mapping(params, "cond_stage_config").get("target")
-    target = target if isinstance(target, str) else ""
-    cond_target = cond_target if isinstance(cond_target, str) else ""
-    if target.startswith("sgm."):
-        found["family"] = "sdxl"
-    elif "OpenCLIP" in cond_target:
-        found["family"] = "sd2"
-    elif "FrozenCLIPEmbedder" in cond_target:
-        found["family"] = "sd1"
-    return found
-
-
-def model_definition(path: Path) -> dict[str, Any] | None:
-    """The whole ``.yaml`` when it defines the model's networks (A1111's
-    ``instantiate_from_config``: ``model.params.unet_config`` and ``first_stage_config``),
-    else None (a yaml that only sets the parameterization or ``use_ema``)."""
-    data = _load_yaml(path)
-    params = _mapping(_mapping(data, "model"), "params")
-    unet = _mapping(_mapping(params, "unet_config"), "params")
-    vae = _mapping(_mapping(_mapping(params, "first_stage_config"), "params"), "ddconfig")
-    if not unet or not vae:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _load_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        raw = path.read_bytes() if path.stat().st_size <= MAX_YAML_BYTES else None
-    except OSError as exc:
-        raise ConfigFileError(f"cannot be read ({exc.strerror or exc})") from exc
-    if raw is None:
-        raise ConfigFileError(f"it is larger than {MAX_YAML_BYTES} bytes; a model config is a few kilobytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigFileError(f"it is not UTF-8 text (byte {exc.start})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = " ".join(str(getattr(exc, "problem", None) or type(exc).__name__).split())[:120]
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigFileError(f"it is not valid YAML ({problem}{where})") from exc
-    except (RecursionError, ValueError, TypeError) as exc:
-        raise ConfigFileError(f"it is not a model config YAML ({type(exc).__name__})") from exc
-    return data
-
-
-def _mapping(data: Any, key: str) -> dict[Any, Any]:
-    value = data.get(key) if isinstance(data, dict) else None
-    return value if isinstance(value, dict) else {}
-
-
 def _is_checkpoint_file(path: Path, root: Path) -> bool:
     lower = path.name.lower()
     if not lower.endswith(CHECKPOINT_SUFFIXES) or any(lower.endswith(s) for s in VAE_SUFFIXES):
@@ -757,8 +681,8 @@ def _text_encoder_folder(info: CheckpointInfo, definition: dict[str, Any] | None
     when it names a hub model (the family's packaged text-encoder config then applies)."""
     if definition is None or info.config_path is None:
         return None
-    params = _mapping(_mapping(_mapping(definition, "model"), "params"), "cond_stage_config")
-    version = _mapping(params, "params").get("version")
+    params = mapping(mapping(mapping(definition, "model"), "params"), "cond_stage_config")
+    version = mapping(params, "params").get("version")
     if not isinstance(version, str) or not version:
         return None
     folder = info.config_path.parent / version
