@@ -26,6 +26,7 @@ PER_REQUEST_FIELDS = frozenset(
         "prompt",
         "negative_prompt",
         "guidance_scale",
+        "image_cfg_scale",  # used by instruct-pix2pix models only, whose img2img never batches
         "seed",
         "subseed",
         "subseed_strength",

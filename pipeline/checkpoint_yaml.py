@@ -21,7 +21,8 @@ class ConfigFileError(ValueError):
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:
-    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``.
+    """What a checkpoint's ``.yaml`` tells us: ``prediction_type``, ``use_ema``, ``family``
+    and ``unet_inputs`` (the UNet's ``in_channels``: 8 for instruct-pix2pix, 9 for inpainting).
 
     Raises :class:`ConfigFileError` for a file that is not UTF-8 YAML (or is too large or
     too deeply nested); values of the wrong type are ignored, so a crafted file cannot
@@ -35,6 +36,9 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
         found["prediction_type"] = "v_prediction" if parameterization == "v" else "epsilon"
     if isinstance(params.get("use_ema"), (bool, int)):
         found["use_ema"] = bool(params["use_ema"])
+    in_channels = mapping(mapping(params, "unet_config"), "params").get("in_channels")
+    if isinstance(in_channels, int) and not isinstance(in_channels, bool):
+        found["unet_inputs"] = in_channels
     target = model.get("target")
     cond_target = mapping(params, "cond_stage_config").get("target")
     target = target if isinstance(target, str) else ""

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline import safe_load
+from pipeline import edit_model, safe_load
 from pipeline.checkpoint_yaml import ConfigFileError, mapping, model_definition, read_yaml_config
 from pipeline.errors import CheckpointLoadError, EngineError, UnknownCheckpoint
 from pipeline.hashing import HashCache
@@ -106,7 +106,9 @@ class CheckpointInfo:
     digest and ``old_hash`` the pre-2023 8-hex hash; all three are None until computed
     (single files only). ``vae_path`` is a ``<name>.vae.*`` file beside the checkpoint,
     ``config_path`` its ``<name>.yaml``; ``family`` is None where not yet known (a
-    ``.ckpt`` is only inspected when loaded).
+    ``.ckpt`` is only inspected when loaded). ``unet_inputs`` is the UNet's input
+    channels (:mod:`pipeline.edit_model`), from the weights, the yaml or the folder's
+    config, and from the loaded UNet once loaded; None while unknown.
     """
 
     name: str
@@ -120,6 +122,16 @@ class CheckpointInfo:
     full_sha256: str | None = None
     old_hash: str | None = None
     use_ema: bool | None = None
+    unet_inputs: int | None = None
+
+    @property
+    def is_edit_model(self) -> bool:
+        """An instruct-pix2pix checkpoint: it only edits an init image (img2img)."""
+        return self.unet_inputs == edit_model.EDIT_INPUTS
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet_inputs == edit_model.INPAINTING_INPUTS
 
     @property
     def model_name(self) -> str:
@@ -281,6 +293,7 @@ class CheckpointLibrary:
                 self._loaded.move_to_end(info.name)
                 return pipe
             pipe = self._load_uncached(info)
+            self._note_unet_inputs(info.name, int(pipe.unet.config.in_channels))
             self._loaded[info.name] = pipe
             self._make_room(info.name)
             return pipe
@@ -345,6 +358,12 @@ class CheckpointLibrary:
                 catalog[info.name] = info
         return info
 
+    def _note_unet_inputs(self, name: str, inputs: int) -> None:
+        """What the loaded UNet takes, for a checkpoint the scan could not tell."""
+        current = self._catalog().get(name)
+        if current is not None and current.unet_inputs != inputs:
+            self._update(dataclasses.replace(current, unet_inputs=inputs))
+
     def _with_hashes(self, info: CheckpointInfo) -> CheckpointInfo:
         """``info`` with its hashes, computed once per file version through the cache."""
         if info.kind != "single_file" or info.sha256 is not None or info.path is None:
@@ -358,7 +377,7 @@ class CheckpointLibrary:
 
     def _scan(self) -> dict[str, CheckpointInfo]:
         infos = {TINY_NAME: CheckpointInfo(name=TINY_NAME, path=None, kind="builtin", family="sd1",
-                                           prediction_type="epsilon")}  # fmt: skip
+                                           prediction_type="epsilon", unet_inputs=4)}  # fmt: skip
         root = self.models_dir / CHECKPOINT_SUBDIR if self.models_dir is not None else None
         if root is None or not root.is_dir():
             return infos
@@ -391,6 +410,7 @@ class CheckpointLibrary:
                     kind="diffusers",
                     family=_folder_family(folder),
                     prediction_type=_folder_prediction(folder),
+                    unet_inputs=edit_model.folder_unet_inputs(folder),
                 )
             )
         return infos
@@ -571,6 +591,7 @@ def _single_file_info(path: Path, root: Path, models_dir: Path | None) -> Checkp
         vae_path=vae,
         config_path=yaml_path if yaml_path.is_file() else None,
         use_ema=settings.get("use_ema"),
+        unet_inputs=edit_model.unet_inputs(summary.shapes) or settings.get("unet_inputs"),
     )
 
 
@@ -668,9 +689,6 @@ def _check_special_tokens(info: CheckpointInfo, tokenizer: Any, folder: Path) ->
         )
 
 
-_UNET_INPUTS = (4, 9)  # latents; latents + mask + masked-image latents (SD inpainting)
-
-
 def _has_vocab(folder: Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
@@ -713,15 +731,13 @@ def _assemble_single_file(
     if definition is not None:
         shaped: dict[str, Any] = {"original_config": definition, "local_files_only": True}
         unet = UNet2DConditionModel.from_single_file(state, **shaped)
-        if unet.config.in_channels not in _UNET_INPUTS:
-            raise CheckpointLoadError(
-                info.name,
-                f"its UNet takes {unet.config.in_channels} input channels; "
-                "4 (text to image) and 9 (inpainting) are supported",
-            )
+        _check_unet_inputs(info, unet.config.in_channels)
         vae = AutoencoderKL.from_single_file(state, **shaped)
     else:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+        # A1111 picks its inpainting or instruct-pix2pix config from the weights' channels
+        inputs = edit_model.unet_inputs(state) or edit_model.TXT2IMG_INPUTS
+        _check_unet_inputs(info, inputs)
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", in_channels=inputs, **common)
         vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
     if encoder_folder is not None:
         subfolder = "text_encoder" if (encoder_folder / "text_encoder" / "config.json").is_file() else ""
@@ -746,6 +762,13 @@ def _assemble_single_file(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_unet_inputs(info: CheckpointInfo, inputs: int) -> None:
+    if inputs not in edit_model.UNET_INPUTS:
+        raise CheckpointLoadError(
+            info.name, f"its UNet takes {inputs} input channels; {edit_model.UNET_INPUTS_TEXT} are supported"
+        )
 
 
 def _load_sdxl_folder(info: CheckpointInfo) -> Any:

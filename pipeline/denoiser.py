@@ -13,6 +13,9 @@ fresh one.
 SDXL conds are :class:`PooledCond` (tokens and the pooled text vector, scheduled
 together); with them ``PromptConds.time_ids`` holds the pass's size ids, and every UNet
 call gets both as diffusers' ``added_cond_kwargs``, for cond and uncond alike.
+
+Instruct-pix2pix checkpoints add a third row per image, the negative prompt without the
+image, when their Image CFG scale is not 1 (``pipeline.edit_model``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 import torch
 
-from pipeline import clip, samplers
+from pipeline import clip, edit_model, samplers
+from pipeline.errors import EditModelAndPrompt
 from pipeline.prompts import scheduled_at
 
 logger = logging.getLogger(__name__)
@@ -169,6 +173,7 @@ class CFGDenoiser:
         image_cond: torch.Tensor | None = None,
         guidance: Guidance | None = None,
         downcast: bool = False,
+        image_cfg_scale: float | None = None,
     ) -> None:
         if not conds.parts:
             raise ValueError("the positive prompt needs at least one part")
@@ -182,6 +187,14 @@ class CFGDenoiser:
         self.before_call = before_call
         # (B, C', H, W) channels an inpainting UNet takes after the latents (A1111's c_concat)
         self.image_cond = image_cond
+        # an edit model's Image CFG scale when it is not 1: a third row, the uncond with
+        # zeros for the image channels, and A1111's three-way combination
+        self.image_cfg_scale = edit_model.three_way_scale(image_cfg_scale)
+        if self.image_cfg_scale is not None:
+            if image_cond is None:
+                raise ValueError("an Image CFG scale needs the image channels (image_cond)")
+            if len(conds.parts) > 1:
+                raise EditModelAndPrompt()
         self.guidance = guidance if guidance is not None else Guidance()
         if self.guidance.pad_conds and not self.guidance.pad_conds_v0 and conds.empty is None:
             raise ValueError("Pad conds needs the empty prompt's encoding (PromptConds.empty)")
@@ -210,10 +223,11 @@ class CFGDenoiser:
         sigma = _per_image(sigma, x).to(device=x.device, dtype=torch.float32)
         t = self.sigma_to_timestep(sigma.detach().cpu()).to(x.device)
         c_in = _view(torch.rsqrt(sigma * sigma + 1.0), x)
-        cond_out, uncond_out = yield from self._evaluate(x * c_in, t, float(sigma[0]))
+        cond_out, uncond_out, blank_out = yield from self._evaluate(x * c_in, t, float(sigma[0]))
         cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
         uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
-        denoised = self._combine(cond_x0, uncond_x0, self.cfg_scale)
+        blank_x0 = None if blank_out is None else self._denoised(x, _view(sigma, x), blank_out)
+        denoised = self._combine(cond_x0, uncond_x0, self.cfg_scale, blank_x0)
         self._latest = ("x0", denoised, x, 0)
         return denoised
 
@@ -243,8 +257,8 @@ class CFGDenoiser:
         return _drive(self.eps_steps(x, t), self._run_calls, self.before_call)
 
     def eps_steps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
-        cond_eps, uncond_eps = yield from self._eps(x, t)
-        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale)
+        cond_eps, uncond_eps, blank_eps = yield from self._eps(x, t)
+        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale, blank_eps)
         self._latest = ("eps", eps, x, t)
         return eps
 
@@ -253,21 +267,23 @@ class CFGDenoiser:
         return _drive(self.eps_cfgpp_steps(x, t), self._run_calls, self.before_call)
 
     def eps_cfgpp_steps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
-        cond_eps, uncond_eps = yield from self._eps(x, t)
-        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR)
+        """With the three-way guidance the fully unconditional eps is the blank row's."""
+        cond_eps, uncond_eps, blank_eps = yield from self._eps(x, t)
+        eps = self._combine(cond_eps, uncond_eps, self.cfg_scale / CFGPP_DIVISOR, blank_eps)
         self._latest = ("eps", eps, x, t)
-        return eps, uncond_eps
+        return eps, uncond_eps if blank_eps is None else blank_eps
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
         t = _per_image(torch.as_tensor(t), x).to(x.device)
-        cond_out, uncond_out = yield from self._evaluate(x, t, float(t[0]))
+        cond_out, uncond_out, blank_out = yield from self._evaluate(x, t, float(t[0]))
         if not self.v_prediction:
-            return cond_out, uncond_out
+            return cond_out, uncond_out, blank_out
         # eps = √ᾱ·v + √(1−ᾱ)·x for a v-prediction at ᾱ scale.
         alpha = self._alphas_at(t, x)
         root, root_1m = alpha.sqrt(), (1 - alpha).sqrt()
         cond_eps = root.unsqueeze(1) * cond_out + (root_1m * x).unsqueeze(1)
-        return cond_eps, root * uncond_out + root_1m * x
+        blank_eps = None if blank_out is None else root * blank_out + root_1m * x
+        return cond_eps, root * uncond_out + root_1m * x, blank_eps
 
     def _alphas_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._alphas is None:
@@ -276,15 +292,23 @@ class CFGDenoiser:
 
     # -- guidance ----------------------------------------------------------------------------
 
-    def _combine(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-        """``uncond + Σ_j (cond_j − uncond)·(w_j·scale)`` per image; ``cond`` is (B, J, …)."""
-        result = uncond
+    def _combine(
+        self, cond: torch.Tensor, uncond: torch.Tensor, scale: float, blank: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``uncond + Σ_j (cond_j − uncond)·(w_j·scale)`` per image; ``cond`` is (B, J, …).
+
+        With an edit model's ``blank`` row (the uncond without the image): A1111's
+        ``blank + scale·(cond − uncond) + image_cfg·(uncond − blank)``, in its order."""
+        result = uncond if blank is None else blank
         for j, weight in enumerate(self._weights):
             result = result + (cond[:, j] - uncond) * (weight * scale)
+        if blank is not None:
+            result = result + (uncond - blank) * self.image_cfg_scale
         return result
 
     def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor, level: float) -> Steps:
-        """Raw UNet outputs for call ``k``: conds (B, J, C, H, W) and uncond (B, C, H, W), float32.
+        """Raw UNet outputs for call ``k``: conds (B, J, C, H, W), uncond (B, C, H, W) and,
+        with the three-way guidance, the blank uncond (B, C, H, W; else None), float32.
 
         Cond and uncond share one UNet call when their token lengths are equal (§10).
         ``level`` is the call's σ (or timestep) as NGMS compares it.
@@ -295,6 +319,7 @@ class CFGDenoiser:
         prepared = self._prepare(k, batch)
         self._note_padding(prepared.padded)
         dtype = prepared.cond.dtype
+        latents = x_in
         if self.image_cond is not None:
             x_in = torch.cat([x_in, self.image_cond.to(x_in)], dim=1)
         x_cond, t_cond = x_in, t
@@ -303,17 +328,25 @@ class CFGDenoiser:
         if self._skips_uncond(k, level):
             (out,) = yield [UnetCall(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added)]
             cond_out = out.unflatten(0, (batch, parts))
-            return cond_out, cond_out[:, 0]  # the first part's result stands in for the uncond
+            return cond_out, cond_out[:, 0], None  # the first part's result stands in for the uncond
+        x_uncond, t_uncond = x_in, t
+        if self.image_cfg_scale is not None:  # the uncond rows twice: with the image, then blank
+            assert self.image_cond is not None
+            x_uncond = torch.cat([x_in, edit_model.blank_rows(latents, self.image_cond)])
+            t_uncond = torch.cat([t, t])
         if prepared.joint is not None:
-            x_joint, t_joint = torch.cat([x_cond, x_in]), torch.cat([t_cond, t])
+            x_joint, t_joint = torch.cat([x_cond, x_uncond]), torch.cat([t_cond, t_uncond])
             (out,) = yield [UnetCall(x_joint, t_joint, prepared.joint, dtype, prepared.joint_added)]
             cond_out, uncond_out = out[: batch * parts], out[batch * parts :]
         else:
             cond_out, uncond_out = yield [
                 UnetCall(x_cond, t_cond, prepared.cond, dtype, prepared.cond_added),
-                UnetCall(x_in, t, prepared.uncond, dtype, prepared.uncond_added),
+                UnetCall(x_uncond, t_uncond, prepared.uncond, dtype, prepared.uncond_added),
             ]
-        return cond_out.unflatten(0, (batch, parts)), uncond_out
+        blank_out = None
+        if self.image_cfg_scale is not None:
+            uncond_out, blank_out = uncond_out[:batch], uncond_out[batch:]
+        return cond_out.unflatten(0, (batch, parts)), uncond_out, blank_out
 
     def _skips_uncond(self, k: int, level: float) -> bool:
         """Whether call ``k`` skips the negative prompt's pass (Skip Early CFG, then NGMS)."""
@@ -321,7 +354,8 @@ class CFGDenoiser:
         if g.skip_early != 0 and g.total_steps > 0 and k / g.total_steps <= g.skip_early:
             self.infotext_fields["Skip Early CFG"] = g.skip_early
             return True
-        if (k % 2 or g.ngms_all_steps) and g.ngms > 0 and level < g.ngms:
+        three_way = self.image_cfg_scale is not None  # A1111 applies no NGMS to it
+        if (k % 2 or g.ngms_all_steps) and g.ngms > 0 and level < g.ngms and not three_way:
             self.infotext_fields["NGMS"] = g.ngms
             if g.ngms_all_steps:
                 self.infotext_fields["NGMS all steps"] = True
@@ -345,8 +379,9 @@ class CFGDenoiser:
         prepared = self._prepared.get(key)
         if prepared is None:
             prepared = self._prepared[key] = _expand(
-                chosen, uncond, batch, self.conds.time_ids, padding=self._padding()
-            )
+                chosen, uncond, batch, self.conds.time_ids, padding=self._padding(),
+                uncond_rows=batch * (1 if self.image_cfg_scale is None else 2),
+            )  # fmt: skip
         return prepared
 
     def _padding(self) -> tuple[str, torch.Tensor | None] | None:
@@ -470,13 +505,16 @@ def _expand(
     time_ids: torch.Tensor | None,
     *,
     padding: tuple[str, torch.Tensor | None] | None = None,
+    uncond_rows: int | None = None,
 ) -> _Prepared:
     """AND parts of unequal length are padded by repeating their last vector (§7.2); with
     ``padding`` (its infotext flag and the empty prompt's tokens) cond and uncond of unequal
-    length are padded to one length (:class:`Guidance`)."""
+    length are padded to one length (:class:`Guidance`). ``uncond_rows``: how many rows
+    the uncond fills (``batch``, or twice that for an edit model's blank rows)."""
     parts = torch.stack(clip.pad_repeating_last([_tokens(c) for c in chosen]))  # (J, T, C)
     cond = parts.repeat(batch, 1, 1)
-    uncond_batch = _tokens(uncond).unsqueeze(0).expand(batch, -1, -1)
+    rows = batch if uncond_rows is None else uncond_rows
+    uncond_batch = _tokens(uncond).unsqueeze(0).expand(rows, -1, -1)
     padded = None
     if padding is not None and cond.shape[1] != uncond_batch.shape[1]:
         cond, uncond_batch, padded = _pad_cond_uncond(cond, uncond_batch, *padding)
@@ -490,7 +528,7 @@ def _expand(
     if len(pooled_parts) != len(chosen) or not isinstance(uncond, PooledCond):
         raise ValueError("size ids (SDXL) need pooled conds for every prompt")
     pooled = torch.stack([c.pooled for c in pooled_parts]).repeat(batch, 1)
-    uncond_pooled = uncond.pooled.unsqueeze(0).expand(batch, -1)
+    uncond_pooled = uncond.pooled.unsqueeze(0).expand(rows, -1)
     prepared.cond_added = _added(pooled, time_ids)
     prepared.uncond_added = _added(uncond_pooled, time_ids)
     if joint is not None:

@@ -35,6 +35,7 @@ from pipeline import (
     batching,
     clip,
     conditioning,
+    edit_model,
     extra_networks,
     hires,
     infotext,
@@ -53,7 +54,7 @@ from pipeline import (
 from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
 from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, Guidance, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
-from pipeline.errors import GenerationCancelled
+from pipeline.errors import EditModelNeedsImage, GenerationCancelled
 from pipeline.hashing import short_hash
 from pipeline.networks import ActiveNetworks, NetworkLibrary
 from pipeline.passes import (
@@ -371,6 +372,8 @@ class Engine:
         )  # fmt: skip
         with self._lock, self.library.in_use(lead.checkpoint):
             model = self._model(lead.checkpoint)
+            if edit_model.is_edit_unet(model.pipe.unet) and any(r.init_image is None for r in requests):
+                raise EditModelNeedsImage(model.info.name)
             separate = self._separate_vae(model, lead.vae)
             progress.check()
             with _vae_swapped(model.pipe, separate):
@@ -400,13 +403,16 @@ class Engine:
     def warm_up(self, checkpoint: str) -> float:
         """Load ``checkpoint`` and run one tiny generation with it, so that the first
         user's job pays for neither (imports, the model load, the device's first kernels).
-        Returns the seconds it took."""
+        Returns the seconds it took. An instruct-pix2pix checkpoint edits a grey image."""
         started = time.perf_counter()
         request = GenerationRequest(
             prompt="", seed=0, num_inference_steps=1, width=64, height=64, checkpoint=checkpoint,
             sampler_name="Euler",
         )  # fmt: skip
-        self.generate(request)
+        with self._lock:
+            edit = edit_model.is_edit_unet(self._model(checkpoint).pipe.unet)
+        with edit_model.grey_image(64, 64) if edit else contextlib.nullcontext() as init:
+            self.generate(request.replace(init_image=init))
         return time.perf_counter() - started
 
     def resident(self, checkpoint: str) -> bool:
@@ -503,9 +509,11 @@ class Engine:
         """The images; ``notes`` (one dict per member) get the infotext fields sampling adds."""
         request, job = members[0]
         shape = (LATENT_CHANNELS, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
-        init = None if request.init_image is None else self._init_latents(model, request)
+        init = edit = None
+        if request.init_image is not None:
+            init, edit = self._init_latents(model, request)
         first = [(request, job.first) for request, job in members]
-        x = self._sample(model, first, shape, init, progress, 0, notes)
+        x = self._sample(model, first, shape, init, progress, 0, notes, edit)
         if job.second is not None and job.target is not None:
             x = self._hires_pass(model, members, x, progress, notes)
         return self._decode(model, x)
@@ -531,12 +539,17 @@ class Engine:
         second = [(request, job.second) for request, job in members]
         return self._sample(model, second, tuple(start.shape[1:]), start, progress, job.first.steps, notes)
 
-    def _init_latents(self, model: _LoadedModel, request: GenerationRequest) -> torch.Tensor:
-        """The init image's latents, one copy per image of the batch."""
+    def _init_latents(
+        self, model: _LoadedModel, request: GenerationRequest
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The init image's latents, one copy per image of the batch, and for an
+        instruct-pix2pix model the image's unscaled latents (its image channels; else None)."""
         assert request.init_image is not None
         image = latents.load_init_image(request.init_image, request.width, request.height)
-        encoded = self.memory.encode(model.pipe.vae, latents.images_to_tensor([image]))
-        return encoded.to(self.device).expand(request.num_images_per_prompt, -1, -1, -1)
+        mean = self.memory.encode(model.pipe.vae, latents.images_to_tensor([image]), scaled=False)
+        encoded = (mean * model.pipe.vae.config.scaling_factor).to(self.device)
+        edit = mean.to(self.device) if edit_model.is_edit_unet(model.pipe.unet) else None
+        return encoded.expand(request.num_images_per_prompt, -1, -1, -1), edit
 
     def _decode(self, model: _LoadedModel, x: torch.Tensor) -> list[Any]:
         return latents.to_pil(self.memory.decode(model.pipe.vae, x))
@@ -563,6 +576,7 @@ class Engine:
         progress: _Progress,
         offset: int,
         notes: list[dict[str, Any]],
+        edit: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass: noise, conds, denoiser and the sampler's loop; returns the latents.
 
@@ -572,6 +586,7 @@ class Engine:
         ``start`` is the clean latent img2img and hires continue from (None for txt2img);
         the pass reports user steps ``offset+1 …`` and the denoiser checks for a stop
         before every UNet call (DPM adaptive makes many between its step callbacks).
+        ``edit``: an instruct-pix2pix model's image channels (the init image's unscaled latents).
         """
         request, step_pass = passes[0]
         name = step_pass.selection.name
@@ -603,9 +618,14 @@ class Engine:
                 prediction_type=model.prediction_type,
                 sigma_to_timestep=to_timestep,
                 before_call=progress.check,
-                image_cond=self._inpainting_cond(model, member_noise),
+                image_cond=(
+                    self._inpainting_cond(model, member_noise)
+                    if edit is None
+                    else edit_model.image_conditioning(edit, member.num_images_per_prompt)
+                ),
                 guidance=_guidance(member, total_steps),
                 downcast=downcast,
+                image_cfg_scale=None if edit is None else member.image_cfg_scale,
             )
             for (member, _), member_conds, member_noise in zip(passes, conds, noise.split(sizes), strict=True)
         ]
@@ -727,6 +747,7 @@ class Engine:
                 sampler=sampler.name,
                 schedule_type=sampler.schedule,
                 cfg_scale=request.guidance_scale,
+                image_cfg_scale=request.image_cfg_scale if edit_model.is_edit_unet(model.pipe.unet) else None,
                 seed=seed,
                 subseed=subseed,
                 subseed_strength=request.subseed_strength,

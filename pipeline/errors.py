@@ -77,6 +77,28 @@ class CheckpointLoadError(EngineError):
         super().__init__(f"could not load checkpoint {name!r}: {reason}", name=name, reason=reason)
 
 
+class EditModelNeedsImage(EngineError):
+    """Text to image with an instruct-pix2pix checkpoint, which only edits an init image."""
+
+    key = "error.edit_model_needs_image"
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint!r} is an instruct-pix2pix model: it edits an image, attach one",
+            checkpoint=checkpoint,
+        )
+
+
+class EditModelAndPrompt(EngineError):
+    """``AND`` in the prompt of an instruct-pix2pix job with an Image CFG scale other than 1
+    (A1111 refuses the combination too)."""
+
+    key = "error.edit_model_and"
+
+    def __init__(self) -> None:
+        super().__init__("AND is not supported by instruct-pix2pix checkpoints unless Image CFG scale is 1")
+
+
 class OutOfMemory(EngineError):
     key = "error.out_of_memory"
 

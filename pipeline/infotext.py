@@ -334,6 +334,8 @@ class InfotextParams:
     extra: dict[str, Any] = field(default_factory=dict)  # extra generation params, insertion order
     version: str | None = None  # text of the Version field; None = omitted
     user: str | None = None  # None = omitted
+    # instruct-pix2pix checkpoints only (A1111 writes it for edit models); None = omitted
+    image_cfg_scale: int | float | None = None
 
 
 def format(params: InfotextParams) -> str:
@@ -347,7 +349,7 @@ def format(params: InfotextParams) -> str:
 def _generation_fields(p: InfotextParams) -> dict[str, Any]:
     """Every field in A1111's fixed order; None marks one that is not written.
 
-    Fields the dataclass has no attribute for (Image CFG scale, FP8 weight, …) keep a
+    Fields the dataclass has no attribute for (FP8 weight, Conditional mask weight, …) keep a
     None slot, so that supplying them through ``extra`` puts them where A1111 does.
     """
     varied = p.subseed_strength != 0
@@ -357,7 +359,7 @@ def _generation_fields(p: InfotextParams) -> dict[str, Any]:
         "Sampler": p.sampler,
         "Schedule type": p.schedule_type,
         "CFG scale": p.cfg_scale,
-        "Image CFG scale": None,
+        "Image CFG scale": p.image_cfg_scale,
         "Seed": p.seed,
         "Face restoration": p.face_restoration,
         "Size": f"{p.width}x{p.height}",

@@ -75,16 +75,18 @@ def images_to_tensor(images: list[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents (float32, scaled by the VAE's scaling factor) of images in [-1, 1].
+def encode(vae: Any, images: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
+    """VAE latents (float32, scaled by the VAE's scaling factor) of images in [-1, 1];
+    ``scaled=False``: without the factor (an instruct-pix2pix model's image channels).
 
-    The posterior's *mean*: A1111 draws a sample, but not from the image's seed stream
-    (§8.6 routes only the start noise through ImageRNG), and the SD VAE's posterior std is
-    far below a pixel level, so the mean is the reproducible choice.
+    The posterior's *mean* (its mode): A1111 draws a sample, but not from the image's seed
+    stream (§8.6 routes only the start noise through ImageRNG), and the SD VAE's posterior
+    std is far below a pixel level, so the mean is the reproducible choice.
     """
     images = images.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(images).latent_dist
-    return posterior.mean.float() * vae.config.scaling_factor
+    mean = posterior.mean.float()
+    return mean * vae.config.scaling_factor if scaled else mean
 
 
 @torch.no_grad()

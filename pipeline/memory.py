@@ -400,6 +400,6 @@ class DeviceMemory:
                 vae, latents, latents_module.decode, tile=self.settings.vae_tile if tiled else None
             )
 
-    def encode(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, vae: Any, images: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
         with self.using(vae):
-            return latents_module.encode(vae, images)
+            return latents_module.encode(vae, images, scaled=scaled)

@@ -34,6 +34,8 @@ class GenerationRequest:
     negative_prompt: str = ""
     num_inference_steps: int = 20
     guidance_scale: int | float = 7  # kept as the user typed it: 7 -> "7", 7.0 -> "7.0"
+    # instruct-pix2pix checkpoints' "Image CFG scale" (A1111's UI default; kept as typed)
+    image_cfg_scale: int | float = 1.5
     width: int = 512
     height: int = 512
     seed: int  # seed of image 0 of this batch

@@ -1,7 +1,9 @@
 """A single-file checkpoint is the model its ``.yaml`` describes, as A1111 instantiates it:
 network shapes from the yaml (not the packaged full-size SD 1.x configs), the text encoder
 and tokenizer from the folder the yaml names, inpainting UNets with their mask channels,
-and a tokenizer without CLIP's start/end tokens refused at load naming its folder.
+instruct-pix2pix UNets with their image channels (img2img only), other input channel
+counts refused, and a tokenizer without CLIP's start/end tokens refused at load naming
+its folder.
 
 Fixtures are built at test time from random weights; nothing is downloaded."""
 
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 
 from pipeline.checkpoints import CheckpointLibrary
 from pipeline.engine import Engine
-from pipeline.errors import CheckpointLoadError
+from pipeline.errors import CheckpointLoadError, EditModelNeedsImage
 from pipeline.request import GenerationRequest
 from pipeline.tiny import build_tiny_pipeline
 from tests.pipeline.a1111_layout import pipeline_to_a1111
@@ -77,7 +79,10 @@ model:
 
 def _write_yaml(path: Path, *, in_channels: int = 4, version: str = "clip-tiny") -> None:
     conditioning = "crossattn" if in_channels == 4 else "hybrid"
-    path.write_text(YAML.format(in_channels=in_channels, conditioning=conditioning, version=version))
+    text = YAML.format(in_channels=in_channels, conditioning=conditioning, version=version)
+    if in_channels == 8:  # A1111's instruct-pix2pix yaml
+        text = text.replace("    conditioning_key:", "    cond_stage_key: edit\n    conditioning_key:")
+    path.write_text(text)
 
 
 def _inpainting_pipeline(channels: int = 9):
@@ -107,8 +112,12 @@ def models(tmp_path_factory) -> Path:
     _write_yaml(sd_dir / "shaped.yaml")
     save_file(pipeline_to_a1111(_inpainting_pipeline()), sd_dir / "inpaint.safetensors")
     _write_yaml(sd_dir / "inpaint.yaml", in_channels=9)
-    save_file(pipeline_to_a1111(_inpainting_pipeline(8)), sd_dir / "pix2pix.safetensors")
+    pix2pix = _inpainting_pipeline(8)
+    save_file(pipeline_to_a1111(pix2pix), sd_dir / "pix2pix.safetensors")
     _write_yaml(sd_dir / "pix2pix.yaml", in_channels=8)
+    pix2pix.save_pretrained(sd_dir / "pix2pix-folder")
+    save_file(pipeline_to_a1111(_inpainting_pipeline(5)), sd_dir / "five.safetensors")
+    _write_yaml(sd_dir / "five.yaml", in_channels=5)
     bad = sd_dir / "clip-bad"
     pipe.text_encoder.config.save_pretrained(bad)
     pipe.tokenizer.save_pretrained(bad)
@@ -182,6 +191,43 @@ def test_a_tokenizer_without_clips_start_token_is_refused_naming_its_folder(mode
         _library(models).load("badtok")
 
 
+def _init_image(folder: Path) -> str:
+    from PIL import Image
+
+    path = folder / "init.png"
+    gradient = np.linspace(0, 255, 64, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(gradient, (64, 1)), np.tile(gradient[:, None], (1, 64)), np.full((64, 64), 90)], -1
+    )
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_an_instruct_pix2pix_checkpoint_loads_and_edits_like_its_diffusers_folder(models, tmp_path) -> None:
+    library = _library(models)
+    assert library.resolve("pix2pix").is_edit_model  # from the weights, before any load
+    assert library.resolve("pix2pix-folder").is_edit_model
+    assert library.resolve("inpaint").is_inpainting and not library.resolve("shaped").is_edit_model
+    assert library.load("pix2pix").unet.config.in_channels == 8
+    engine = Engine(library, device="cpu")
+    init = _init_image(tmp_path)
+    single = _draw(engine, "pix2pix", init_image=init, denoising_strength=0.8)
+    folder = _draw(engine, "pix2pix-folder", init_image=init, denoising_strength=0.8)
+    assert single.std() > 0
+    # two loading paths, the same weights: the same pixels within one 8-bit level
+    assert np.abs(single.astype(int) - folder.astype(int)).max() <= 1
+
+
+def test_text_to_image_with_an_instruct_pix2pix_checkpoint_is_refused_before_sampling(models) -> None:
+    engine = Engine(_library(models), device="cpu")
+    with pytest.raises(EditModelNeedsImage, match="pix2pix") as caught:
+        _draw(engine, "pix2pix")
+    assert caught.value.key == "error.edit_model_needs_image"
+    assert caught.value.params == {"checkpoint": "pix2pix"}
+
+
 def test_a_unet_with_other_input_channels_is_refused_at_load(models) -> None:
-    with pytest.raises(CheckpointLoadError, match="8 input channels"):
-        _library(models).load("pix2pix")
+    with pytest.raises(
+        CheckpointLoadError, match="5 input channels; 4 .text to image., 8 .instruct-pix2pix."
+    ):
+        _library(models).load("five")

@@ -39,7 +39,13 @@ def test_without_models_dir_only_tiny():
     library = CheckpointLibrary(None)
     assert library.names() == ["tiny"]
     assert library.resolve("tiny") == CheckpointInfo(
-        name="tiny", path=None, kind="builtin", sha256=None, family="sd1", prediction_type="epsilon"
+        name="tiny",
+        path=None,
+        kind="builtin",
+        sha256=None,
+        family="sd1",
+        prediction_type="epsilon",
+        unet_inputs=4,
     )
 
 
