@@ -46,7 +46,8 @@ def default_options(settings: Settings) -> dict[str, Any]:
     d = settings.defaults
     return {
         "negative": d.negative_prompt, "steps": d.steps, "cfg": d.cfg_scale, "size": (d.width, d.height),
-        "seed": -1, "subseed": -1, "subseed-strength": 0.0, "sampler": d.sampler, "scheduler": d.scheduler,
+        "image-cfg": d.image_cfg_scale, "seed": -1, "subseed": -1, "subseed-strength": 0.0,
+        "sampler": d.sampler, "scheduler": d.scheduler,
         "batch": d.batch_size, "count": d.count, "checkpoint": settings.engine.default_checkpoint, "vae": None,
         "clip-skip": d.clip_skip, "rng": d.rng, "ensd": d.ensd, "eta": None, "seed-resize-from": (0, 0),
         "denoise": None, "hires": False, "hr-scale": 2.0, "hr-steps": 0, "hr-upscaler": "Latent",
@@ -94,6 +95,8 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
             raise OptionValueError("error.seed_range", name=name, value=value, max=MAX_SEED - images + 1)
     sampler, scheduler = resolve_sampler(opts["sampler"], opts["scheduler"])
     checkpoint = resolve_checkpoint(library, opts["checkpoint"])
+    if _is_edit_model(library, checkpoint):
+        _check_edit_request(checkpoint, prompt, opts)
     vae = resolve_vae(library, opts["vae"])
     network_files = check_networks(library, prompt, opts["hr-prompt"])
     hr_sampler = hr_scheduler = None
@@ -114,7 +117,8 @@ def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) 
     hr_x, hr_y = opts["hr-resize"]
     generation = GenerationRequest(
         prompt=prompt, negative_prompt=negative, num_inference_steps=opts["steps"], guidance_scale=opts["cfg"],
-        width=width, height=height, seed=seed, subseed=subseed, subseed_strength=float(opts["subseed-strength"]),
+        image_cfg_scale=opts["image-cfg"], width=width, height=height, seed=seed, subseed=subseed,
+        subseed_strength=float(opts["subseed-strength"]),
         num_images_per_prompt=batch, sampler_name=sampler, scheduler=scheduler, checkpoint=checkpoint, vae=vae,
         clip_skip=opts["clip-skip"], rng=opts["rng"], ensd=opts["ensd"],
         eta=_eta(opts["eta"], sampler, settings),
@@ -139,7 +143,8 @@ def options_from_request(request: GenerationRequest, count: int = 1) -> dict[str
     """The options that rebuild ``request`` through /draw (rerolls, infotext re-runs)."""
     return {
         "negative": request.negative_prompt, "steps": request.num_inference_steps, "cfg": request.guidance_scale,
-        "size": (request.width, request.height), "seed": request.seed, "subseed": request.subseed,
+        "image-cfg": request.image_cfg_scale, "size": (request.width, request.height), "seed": request.seed,
+        "subseed": request.subseed,
         "subseed-strength": request.subseed_strength, "sampler": request.sampler_name,
         "scheduler": request.scheduler, "batch": request.num_images_per_prompt, "count": count,
         "checkpoint": request.checkpoint, "vae": request.vae, "clip-skip": request.clip_skip, "rng": request.rng, "ensd": request.ensd,
@@ -268,6 +273,23 @@ def resolve_checkpoint(library: Any, name: str) -> str:
         return library.resolve(name).name
     except UnknownCheckpoint as exc:
         raise UserError(exc.key, **exc.params) from None
+
+
+def _is_edit_model(library: Any, checkpoint: str) -> bool:
+    """Whether the scan found an instruct-pix2pix UNet (the engine checks again once the
+    checkpoint is loaded, for files the scan could not tell)."""
+    return bool(getattr(library.resolve(checkpoint), "is_edit_model", False))
+
+
+def _check_edit_request(checkpoint: str, prompt: str, opts: dict[str, Any]) -> None:
+    """What an instruct-pix2pix checkpoint cannot run, refused before anything is queued:
+    text to image, and ``AND`` with an Image CFG scale other than 1 (both as in A1111)."""
+    from pipeline.conditioning import positive_parts
+
+    if not opts["init-image"]:
+        raise UserError("error.edit_model_needs_image", checkpoint=checkpoint)
+    if opts["image-cfg"] != 1 and len(positive_parts(prompt)) > 1:
+        raise UserError("error.edit_model_and")
 
 
 def resolve_vae(library: Any, name: str | None) -> str | None:

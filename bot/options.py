@@ -251,6 +251,14 @@ def draw_options() -> OptionTable:
             bounds=lambda lim: (lim.min_cfg, lim.max_cfg),
             description="option.cfg",
         ),
+        OptionSpec(
+            "image-cfg",
+            "number",
+            ("image-cfg-scale", "icfg"),
+            bounds=lambda lim: (0, lim.max_cfg),
+            description="option.image-cfg",
+            advanced=True,
+        ),
         OptionSpec("size", "size", ("wxh",), description="option.size"),
         OptionSpec("seed", "seed", description="option.seed"),
         OptionSpec(

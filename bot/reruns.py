@@ -151,6 +151,7 @@ _ZERO_UNSET = frozenset({"Schedule min sigma", "Schedule max sigma", "Schedule r
 _FIELDS = (
     ("Steps", "steps", int),
     ("CFG scale", "cfg", _number),
+    ("Image CFG scale", "image-cfg", _number),
     ("Seed", "seed", int),
     ("Variation seed", "subseed", int),
     ("Variation seed strength", "subseed-strength", float),

@@ -72,6 +72,7 @@ class DefaultsSettings(_Table):
     scheduler: str = "Automatic"
     steps: int = 20
     cfg_scale: int | float = 7
+    image_cfg_scale: int | float = 1.5  # instruct-pix2pix checkpoints' "Image CFG scale"
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
@@ -304,6 +305,7 @@ def defaults_problems(defaults: DefaultsSettings, limits: LimitsSettings) -> lis
 
     within("steps", defaults.steps, limits.min_steps, limits.max_steps, "[limits] min_steps-max_steps")
     within("cfg_scale", defaults.cfg_scale, limits.min_cfg, limits.max_cfg, "[limits] min_cfg-max_cfg")
+    within("image_cfg_scale", defaults.image_cfg_scale, 0, limits.max_cfg, "0-[limits] max_cfg")
     for key in ("width", "height"):
         value = getattr(defaults, key)
         within(key, value, limits.min_size, limits.max_size, "[limits] min_size-max_size")
