@@ -404,6 +404,7 @@ def builtin_axes() -> list[GridAxis]:
             ("hr sampler",),
             confirm=confirm_samplers,
         ),
+        _from_a1111("Image CFG Scale", _set("image-cfg"), "image cfg"),
         _from_a1111("Eta", _set("eta")),
         _from_a1111("Sigma Churn", _set("s-churn"), "s churn"),
         _from_a1111("Sigma min", _set("s-tmin"), "sigma tmin", "s tmin"),

@@ -241,6 +241,7 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("Var. strength", "float"),
         AxisSpec("Steps", "int"),
         AxisSpec("CFG Scale", "float"),
+        AxisSpec("Image CFG Scale", "float"),
         AxisSpec("Prompt S/R", "str", format_bare),
         AxisSpec("Prompt order", "permutations", format_joined),
         AxisSpec("Sampler", "str", format_bare, confirm=confirm_samplers, choices=sampler_choices),

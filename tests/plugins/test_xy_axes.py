@@ -151,6 +151,7 @@ def test_cfg_scale_values(text: str, expected: list[float]) -> None:
     [
         "Var. strength",
         "Denoising",
+        "Image CFG Scale",
         "Eta",
         "Sigma Churn",
         "Sigma min",

@@ -403,6 +403,7 @@ async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
         ("s tmax", "Sigma max"),
         ("schedule rho", "Schedule rho"),
         ("eta", "Eta"),
+        ("image cfg", "Image CFG Scale"),
     ]:
         assert find_axis(app, name).name == expected
 
