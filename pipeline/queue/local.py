@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import functools
 import itertools
 import logging
-import threading
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
+from pipeline.queue.device_calls import Claims, Launch, resolve
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -97,7 +95,7 @@ class LocalQueue:
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
         self._running: dict[str, Job] = {}
-        self._prefetched: dict[str, _Launch] = {}  # waiting jobs handed to a device's thread ahead
+        self._prefetched: dict[str, Launch] = {}  # waiting jobs handed to a device's thread ahead
         self._finishing: dict[str, asyncio.Task[None]] = {}  # jobs off the device, still ending
         self.max_finishing = max_finishing
         self._seq = itertools.count()
@@ -387,14 +385,14 @@ class LocalQueue:
         whichever device frees first)."""
         head = self._pick(runner)
         jobs = [head]
-        launch = _Launch(jobs)
+        launch = Launch(jobs)
         self._prefetched[head.id] = launch
         key = self._key(head) if batches and self.max_batch > 1 else None
         if key is not None:
             self._join_batch(jobs, key, hold=lambda job: self._prefetched.__setitem__(job.id, launch))
         return jobs
 
-    def _withdraw(self, launch: _Launch) -> bool:
+    def _withdraw(self, launch: Launch) -> bool:
         """Take prefetched jobs back from the device's thread; False when it began them."""
         if not launch.withdraw():
             return False
@@ -448,14 +446,14 @@ class LocalQueue:
         executor: ThreadPoolExecutor,
         ends: list[End],
         *,
-        launch: _Launch | None = None,
+        launch: Launch | None = None,
     ) -> bool:
         """Run ``jobs`` as one micro-batch: progress and previews go to each job; a job
         cancelled meanwhile is reported stopped (the batch stops only when all are). How
         each job ends is added to ``ends``. False when ``launch`` (prefetched jobs) was
         withdrawn before the device began it."""
         loop = asyncio.get_running_loop()
-        claims = _Claims(self.listener, jobs)
+        claims = Claims(self.listener, jobs)
         previews: list[list[bytes] | None] = [None]
 
         def on_preview(_step: int, pngs: list[bytes]) -> None:
@@ -470,7 +468,7 @@ class LocalQueue:
         def call() -> object:
             if launch is not None and not launch.begin():
                 return None
-            loop.call_soon_threadsafe(_resolve, begun)
+            loop.call_soon_threadsafe(resolve, begun)
             return runner.generate_batch(  # type: ignore[attr-defined]
                 [job.request for job in jobs],
                 on_progress=on_progress,
@@ -512,13 +510,13 @@ class LocalQueue:
         ends: list[End],
         *,
         claimed: bool = False,
-        launch: _Launch | None = None,
+        launch: Launch | None = None,
     ) -> bool:
         """Run one job on the device and add how it ends to ``ends``; ``claimed``:
         ``job_started`` already said yes (a batch run alone). False when ``launch`` (the
         prefetched job) was withdrawn before the device began it."""
         loop = asyncio.get_running_loop()
-        claims = _Claims(self.listener, [] if claimed else [job])
+        claims = Claims(self.listener, [] if claimed else [job])
         preview: list[bytes | None] = [None]  # the engine hands a step's preview just before its progress
 
         def on_preview(_step: int, png: bytes) -> None:
@@ -531,7 +529,7 @@ class LocalQueue:
         def call() -> object:
             if launch is not None and not launch.begin():
                 return None
-            loop.call_soon_threadsafe(_resolve, begun)
+            loop.call_soon_threadsafe(resolve, begun)
             return runner.generate(
                 job.request, on_progress=on_progress, should_stop=job.stop.is_set, on_preview=on_preview
             )
@@ -569,74 +567,3 @@ class LocalQueue:
         finally:
             self._finishing.pop(job.id, None)
             await self._notify_async()
-
-
-class _Launch:
-    """Jobs handed to a device's thread ahead of time. The thread begins them unless the
-    loop withdrew them first; the lock makes the two exclusive."""
-
-    def __init__(self, jobs: list[Job]) -> None:
-        self.jobs = jobs
-        self._lock = threading.Lock()
-        self._state = "handed"
-
-    def begin(self) -> bool:
-        """The device's thread: True if the jobs are its to run."""
-        return self._turn("begun")
-
-    def withdraw(self) -> bool:
-        """The loop: True if the device will not run them."""
-        return self._turn("withdrawn")
-
-    def _turn(self, state: str) -> bool:
-        with self._lock:
-            if self._state != "handed":
-                return False
-            self._state = state
-            return True
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Claims:
-    """Claims jobs (``job_started``) while the device already runs them, so the device
-    never waits for the store. A job whose claim is refused (cancelled or taken over
-    meanwhile) is stopped at its next step and never ended here; progress reported
-    before the claims are settled waits for them, so no one sees a step before the start."""
-
-    def __init__(self, listener: JobListener, jobs: list[Job]) -> None:
-        self.listener = listener
-        self.pending = list(jobs)
-        self.held: list[Job] = []
-        self._settled = not jobs
-        self._waiting: list[tuple[Job, int, int, bytes | None]] = []
-
-    async def settle(self, running: asyncio.Future[Any]) -> None:
-        """Claim every job; if a claim raises, the jobs stop and the device's run is
-        awaited (its outcome dropped) before the error goes on."""
-        for job in self.pending:
-            try:
-                claimed = await self.listener.job_started(job)
-            except Exception:
-                for other in self.pending:
-                    other.request_stop("unclaimed")
-                with contextlib.suppress(Exception):
-                    await running
-                raise
-            if claimed:
-                self.held.append(job)
-            else:
-                job.request_stop("unclaimed")
-        self._settled = True
-        for job, step, total, preview in self._waiting:
-            self.progress(job, step, total, preview)
-        self._waiting.clear()
-
-    def progress(self, job: Job, step: int, total: int, preview: bytes | None) -> None:
-        if not self._settled:
-            self._waiting.append((job, step, total, preview))
-        elif job in self.held or job not in self.pending:
-            self.listener.job_progress(job, step, total, preview)
