@@ -63,14 +63,16 @@ class QuotaStore:
             conditions.append(row.seconds_used < limits.gpu_seconds + row.bonus_seconds)
         if limits.open_jobs is not None:
             conditions.append(row.jobs_open + jobs <= limits.open_jobs)
+        change = (
+            update(row)
+            .where(*conditions)
+            .values(images_reserved=row.images_reserved + images, jobs_open=row.jobs_open + jobs)
+        )
         async with self.store.session() as session:
-            await _ensure_row(session, user_key, scope, period)
-            result = await session.execute(
-                update(row)
-                .where(*conditions)
-                .values(images_reserved=row.images_reserved + images, jobs_open=row.jobs_open + jobs)
-            )
-            return result.rowcount == 1
+            if (await session.execute(change)).rowcount == 1:
+                return True
+            await _ensure_row(session, user_key, scope, period)  # a new period's first job
+            return (await session.execute(change)).rowcount == 1
 
     async def settle(
         self,
@@ -100,7 +102,6 @@ class QuotaStore:
             )
             if inserted.rowcount != 1:
                 return False
-            await _ensure_row(session, user_key, scope, period)
             row = QuotaUsage
             values: dict[str, object] = {}
             if outcome == "finished":
@@ -109,7 +110,10 @@ class QuotaStore:
                 images_reserved=_floor_zero(row.images_reserved, reserved_images),
                 jobs_open=_floor_zero(row.jobs_open, 1),
             )
-            await session.execute(update(row).where(*_key(user_key, scope, period)).values(**values))
+            change = update(row).where(*_key(user_key, scope, period)).values(**values)
+            if (await session.execute(change)).rowcount != 1:  # its reservation was in another period
+                await _ensure_row(session, user_key, scope, period)
+                await session.execute(change)
             return True
 
     async def release(self, user_key: str, scope: str, period: str, *, images: int, jobs: int) -> None:
@@ -188,6 +192,7 @@ def _floor_zero(column: object, amount: int) -> object:
 
 
 async def _ensure_row(session: AsyncSession, user_key: str, scope: str, period: str) -> None:
+    """Make the usage row if it is missing."""
     await session.execute(
         insert_ignore(session, QuotaUsage).values(
             user_key=user_key,

@@ -287,18 +287,19 @@ class Store:
         """Put a queued job that ``lease.owner`` may take under its lease, with ``values``;
         the job as taken (read in the same transaction), or None."""
         async with self.session() as session:
-            result = await session.execute(
+            row = await session.scalar(
                 update(Generation)
                 .where(
                     Generation.id == generation_id, Generation.status == "queued", _takeable(lease.owner, now)
                 )
                 .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
+                .returning(Generation),
+                execution_options={"synchronize_session": False},
             )
-            if result.rowcount != 1:
+            if row is None:
                 return None
-            row = await session.get(Generation, generation_id, options=_LOAD, populate_existing=True)
-            assert row is not None
-            return _record(row)
+            user = await session.get_one(User, row.user_id)
+            return _record(row, user=user, images=())  # a queued job has no images yet
 
     async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
         """A running job of ``owner`` that stopped without an end (shutdown, a dead process

@@ -27,23 +27,29 @@ that look at a group of jobs see them end one at a time. A finishing job no long
 counts against its owner's ``max_running`` (it holds no device); ``join`` and ``stop``
 wait for the ends too. At most ``max_finishing`` ends per worker are pending: beyond
 that the worker waits, so images that are slow to save cannot pile up without bound.
+
+Nor does it wait on the event loop: with one device, while a job runs its worker hands the
+next one (with its batch) to the device's thread, which begins it the moment the current
+one returns, however busy the loop is. Until the device begins it, that job still waits
+here: its position is unchanged, it is claimed (``job_started``) only once it has begun,
+and a cancel or a newcomer that ranks before it takes it back. With several devices a job
+waits for whichever device frees first, so nothing is handed on ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import functools
 import itertools
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
+from pipeline.queue.device_calls import Claims, Launch, resolve
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ class LocalQueue:
         self._rounds: dict[str, int] = {}
         self._keys: dict[str, Hashable | None] = {}  # batch keys, computed once per job
         self._running: dict[str, Job] = {}
+        self._prefetched: dict[str, Launch] = {}  # waiting jobs handed to a device's thread ahead
         self._finishing: dict[str, asyncio.Task[None]] = {}  # jobs off the device, still ending
         self.max_finishing = max_finishing
         self._seq = itertools.count()
@@ -107,6 +114,9 @@ class LocalQueue:
         key = (-job.priority, self._rounds[job.id], job.seq, job.id)
         self._sort_keys[job.id] = key
         bisect.insort(self._order, key)
+        for launch in set(self._prefetched.values()):
+            if self._sort_keys[launch.jobs[0].id] > key:  # the newcomer goes first
+                self._withdraw(launch)
         self._notify()
         return self._position(job.id) or 1
 
@@ -125,6 +135,10 @@ class LocalQueue:
 
     async def cancel(self, job_id: str) -> str:
         job = self._waiting.get(job_id)
+        launch = self._prefetched.get(job_id)
+        if job is not None and launch is not None and not self._withdraw(launch):
+            job.request_stop("cancel")  # its device began it: it stops at its first step
+            return "running"
         if job is not None:
             self._unwait(job)
             self._open[job.owner] -= 1
@@ -150,6 +164,8 @@ class LocalQueue:
         """Stop taking jobs and wait for the ends of those that ran. Without ``wait``, running
         jobs stop at their next step as interrupted."""
         self._stopping = True
+        for launch in set(self._prefetched.values()):
+            self._withdraw(launch)  # what the device has not begun stays queued
         if not wait:
             for job in self._running.values():
                 job.request_stop("shutdown")
@@ -211,7 +227,10 @@ class LocalQueue:
         """Waiting jobs in order, less those whose owner is at their ``max_running`` cap."""
         running: Counter[str] = Counter(job.owner for job in self._running.values())
         return (
-            job for job in self._ordered() if job.max_running is None or running[job.owner] < job.max_running
+            job
+            for job in self._ordered()
+            if job.id not in self._prefetched
+            and (job.max_running is None or running[job.owner] < job.max_running)
         )
 
     def _has_runnable(self) -> bool:
@@ -285,20 +304,22 @@ class LocalQueue:
     def _images(jobs: list[Job]) -> int:
         return sum(job.request.num_images_per_prompt for job in jobs)
 
-    def _join_batch(self, jobs: list[Job], key: Hashable) -> None:
+    def _join_batch(self, jobs: list[Job], key: Hashable, hold: Callable[[Job], None] | None = None) -> None:
         """Waiting jobs with ``key``, in queue order, while their images fit and their
-        owner stays within ``max_running``."""
+        owner stays within ``max_running``; each is taken (or ``hold`` is called)."""
         running: dict[str, int] = {}
         for job in self._running.values():
             running[job.owner] = running.get(job.owner, 0) + 1
         for job in list(self._ordered()):
+            if job.id in self._prefetched:
+                continue
             if self._images(jobs) + job.request.num_images_per_prompt > self.max_batch:
                 continue
             if job.max_running is not None and running.get(job.owner, 0) >= job.max_running:
                 continue
             if self._key(job) != key:
                 continue
-            self._take(job)
+            (hold or self._take)(job)
             running[job.owner] = running.get(job.owner, 0) + 1
             jobs.append(job)
 
@@ -317,23 +338,25 @@ class LocalQueue:
             except Exception:  # the first job will say what is wrong with it
                 log.warning("warming up %s failed", self.warm_up, exc_info=True)
         pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
+        runs: deque[tuple[list[Job], asyncio.Task[list[End] | None]]] = deque()  # device calls, oldest first
         while True:
             pending = [task for task in pending if not task.done()]
-            if len(pending) >= self.max_finishing:
-                await asyncio.wait({pending[0]})
-                continue
-            jobs = await self._next(runner, batches)
-            if not jobs:
-                return
-            ends: list[End] = []
-            try:
-                if len(jobs) == 1:
-                    await self._run(jobs[0], runner, executor, ends)
+            busy = len(runs) == 1 and not runs[0][1].done()
+            if busy and len(self.runners) == 1 and not self._stopping:  # hand the device its next job
+                if not self._has_runnable():  # one that comes meanwhile goes next
+                    await self._first_of(runs[0][1])
+                elif len(pending) + len(runs) >= self.max_finishing:  # each run in flight ends too
+                    await asyncio.wait({runs[0][1]})
                 else:
-                    await self._run_batch(jobs, runner, executor, ends)
-            except Exception:  # a listener bug must not kill the worker
-                log.exception("jobs %s: unexpected error in the queue", ", ".join(job.id for job in jobs))
-            finally:
+                    jobs = self._prefetch(runner, batches)
+                    ahead = self._device_call(jobs, runner, executor, ahead=True)
+                    runs.append((jobs, asyncio.create_task(ahead)))
+                continue
+            if runs:
+                jobs, run = runs.popleft()
+                ends = await run
+                if ends is None:  # withdrawn before the device began it: the jobs wait again
+                    continue
                 for job, end in ends:
                     after = pending[-1] if pending else None
                     task = asyncio.create_task(self._finish(job, end, after), name=f"finish-{job.id}")
@@ -345,15 +368,92 @@ class LocalQueue:
                     self._rounds.pop(job.id, None)
                     self._keys.pop(job.id, None)
                 await self._notify_async()
+                continue
+            if len(pending) >= self.max_finishing:
+                await asyncio.wait({pending[0]})
+                continue
+            jobs = await self._next(runner, batches)
+            if not jobs:
+                return
+            runs.append((jobs, asyncio.create_task(self._device_call(jobs, runner, executor))))
+
+    def _prefetch(self, runner: Runner, batches: bool) -> list[Job]:
+        """Hand the next job (and what joins its batch) to the device's thread while its
+        current one runs, so the device goes on without waiting for the event loop. Until
+        the device begins them they still wait here: a cancel, or a newcomer that ranks
+        before them, withdraws them. With one device only (with several, a job waits for
+        whichever device frees first)."""
+        head = self._pick(runner)
+        jobs = [head]
+        launch = Launch(jobs)
+        self._prefetched[head.id] = launch
+        key = self._key(head) if batches and self.max_batch > 1 else None
+        if key is not None:
+            self._join_batch(jobs, key, hold=lambda job: self._prefetched.__setitem__(job.id, launch))
+        return jobs
+
+    def _withdraw(self, launch: Launch) -> bool:
+        """Take prefetched jobs back from the device's thread; False when it began them."""
+        if not launch.withdraw():
+            return False
+        for job in launch.jobs:
+            self._prefetched.pop(job.id, None)
+        return True
+
+    def _began(self, jobs: list[Job]) -> None:
+        """The device began prefetched ``jobs``: they run now."""
+        for job in jobs:
+            self._prefetched.pop(job.id, None)
+            if job.id in self._waiting:
+                self._take(job)
+
+    async def _first_of(self, run: asyncio.Task[list[End] | None]) -> None:
+        """Wait until ``run`` is done or the queue changes."""
+        assert self._changed is not None
+
+        async def changed() -> None:
+            assert self._changed is not None
+            async with self._changed:
+                await self._changed.wait()
+
+        waiter = asyncio.create_task(changed())
+        try:
+            await asyncio.wait({run, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    async def _device_call(
+        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, *, ahead: bool = False
+    ) -> list[End] | None:
+        """Run ``jobs`` on the device (one job, or a micro-batch); how each one ends, or
+        None when prefetched (``ahead``) jobs were withdrawn before the device began them."""
+        launch = self._prefetched.get(jobs[0].id) if ahead else None
+        ends: list[End] = []
+        try:
+            if len(jobs) == 1:
+                began = await self._run(jobs[0], runner, executor, ends, launch=launch)
+            else:
+                began = await self._run_batch(jobs, runner, executor, ends, launch=launch)
+        except Exception:  # a listener bug must not kill the worker
+            log.exception("jobs %s: unexpected error in the queue", ", ".join(job.id for job in jobs))
+            return ends
+        return ends if began else None
 
     async def _run_batch(
-        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, ends: list[End]
-    ) -> None:
+        self,
+        jobs: list[Job],
+        runner: Runner,
+        executor: ThreadPoolExecutor,
+        ends: list[End],
+        *,
+        launch: Launch | None = None,
+    ) -> bool:
         """Run ``jobs`` as one micro-batch: progress and previews go to each job; a job
         cancelled meanwhile is reported stopped (the batch stops only when all are). How
-        each job ends is added to ``ends``."""
+        each job ends is added to ``ends``. False when ``launch`` (prefetched jobs) was
+        withdrawn before the device began it."""
         loop = asyncio.get_running_loop()
-        claims = _Claims(self.listener, jobs)
+        claims = Claims(self.listener, jobs)
         previews: list[list[bytes] | None] = [None]
 
         def on_preview(_step: int, pngs: list[bytes]) -> None:
@@ -366,6 +466,9 @@ class LocalQueue:
                 loop.call_soon_threadsafe(claims.progress, job, step, total, png)
 
         def call() -> object:
+            if launch is not None and not launch.begin():
+                return None
+            loop.call_soon_threadsafe(resolve, begun)
             return runner.generate_batch(  # type: ignore[attr-defined]
                 [job.request for job in jobs],
                 on_progress=on_progress,
@@ -373,7 +476,13 @@ class LocalQueue:
                 on_preview=on_preview,
             )
 
+        begun: asyncio.Future[None] = loop.create_future()
         running = loop.run_in_executor(executor, call)  # the device starts while the jobs are claimed
+        await asyncio.wait({begun, running}, return_when=asyncio.FIRST_COMPLETED)  # not before
+        if not begun.done():  # withdrawn (its begin would have come first)
+            return False
+        if launch is not None:
+            self._began(launch.jobs)
         await claims.settle(running)
         try:
             results = await running
@@ -391,6 +500,7 @@ class LocalQueue:
                     ends.append((job, functools.partial(self.listener.job_stopped, job)))
                 else:
                     ends.append((job, functools.partial(self.listener.job_finished, job, result)))
+        return True
 
     async def _run(
         self,
@@ -400,11 +510,13 @@ class LocalQueue:
         ends: list[End],
         *,
         claimed: bool = False,
-    ) -> None:
+        launch: Launch | None = None,
+    ) -> bool:
         """Run one job on the device and add how it ends to ``ends``; ``claimed``:
-        ``job_started`` already said yes (a batch run alone)."""
+        ``job_started`` already said yes (a batch run alone). False when ``launch`` (the
+        prefetched job) was withdrawn before the device began it."""
         loop = asyncio.get_running_loop()
-        claims = _Claims(self.listener, [] if claimed else [job])
+        claims = Claims(self.listener, [] if claimed else [job])
         preview: list[bytes | None] = [None]  # the engine hands a step's preview just before its progress
 
         def on_preview(_step: int, png: bytes) -> None:
@@ -415,11 +527,20 @@ class LocalQueue:
             loop.call_soon_threadsafe(claims.progress, job, step, total, png)
 
         def call() -> object:
+            if launch is not None and not launch.begin():
+                return None
+            loop.call_soon_threadsafe(resolve, begun)
             return runner.generate(
                 job.request, on_progress=on_progress, should_stop=job.stop.is_set, on_preview=on_preview
             )
 
+        begun: asyncio.Future[None] = loop.create_future()
         running = loop.run_in_executor(executor, call)  # the device starts while the job is claimed
+        await asyncio.wait({begun, running}, return_when=asyncio.FIRST_COMPLETED)  # not before
+        if not begun.done():  # withdrawn (its begin would have come first)
+            return False
+        if launch is not None:
+            self._began(launch.jobs)
         await claims.settle(running)
         try:
             result = await running
@@ -431,6 +552,7 @@ class LocalQueue:
             end = functools.partial(self.listener.job_finished, job, result)  # type: ignore[arg-type]
         if claimed or job in claims.held:
             ends.append((job, end))
+        return True
 
     async def _finish(
         self, job: Job, end: Callable[[], Awaitable[None]], after: asyncio.Task[None] | None
@@ -445,44 +567,3 @@ class LocalQueue:
         finally:
             self._finishing.pop(job.id, None)
             await self._notify_async()
-
-
-class _Claims:
-    """Claims jobs (``job_started``) while the device already runs them, so the device
-    never waits for the store. A job whose claim is refused (cancelled or taken over
-    meanwhile) is stopped at its next step and never ended here; progress reported
-    before the claims are settled waits for them, so no one sees a step before the start."""
-
-    def __init__(self, listener: JobListener, jobs: list[Job]) -> None:
-        self.listener = listener
-        self.pending = list(jobs)
-        self.held: list[Job] = []
-        self._settled = not jobs
-        self._waiting: list[tuple[Job, int, int, bytes | None]] = []
-
-    async def settle(self, running: asyncio.Future[Any]) -> None:
-        """Claim every job; if a claim raises, the jobs stop and the device's run is
-        awaited (its outcome dropped) before the error goes on."""
-        for job in self.pending:
-            try:
-                claimed = await self.listener.job_started(job)
-            except Exception:
-                for other in self.pending:
-                    other.request_stop("unclaimed")
-                with contextlib.suppress(Exception):
-                    await running
-                raise
-            if claimed:
-                self.held.append(job)
-            else:
-                job.request_stop("unclaimed")
-        self._settled = True
-        for job, step, total, preview in self._waiting:
-            self.progress(job, step, total, preview)
-        self._waiting.clear()
-
-    def progress(self, job: Job, step: int, total: int, preview: bytes | None) -> None:
-        if not self._settled:
-            self._waiting.append((job, step, total, preview))
-        elif job in self.held or job not in self.pending:
-            self.listener.job_progress(job, step, total, preview)

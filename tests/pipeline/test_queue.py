@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue import Job, LocalQueue
@@ -263,6 +264,86 @@ async def test_the_device_runs_the_next_job_while_the_last_one_ends() -> None:
     finally:
         listener.ends.set()
         await queue.stop()
+
+
+class TimedRunner(GatedRunner):
+    """A GatedRunner that records when each job began and returned on the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.began: dict[int, float] = {}
+        self.returned: dict[int, float] = {}
+
+    def generate(self, request, **kwargs) -> GenerationResult:
+        self.began[request.seed] = time.perf_counter()
+        try:
+            return super().generate(request, **kwargs)
+        finally:
+            self.returned[request.seed] = time.perf_counter()
+
+
+async def test_the_device_goes_on_to_the_next_job_without_the_event_loop() -> None:
+    # The next job is handed to the device's thread while the current one runs: the device
+    # begins it even while the event loop is busy (here: blocked outright).
+    runner, recorder = TimedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    try:
+        await queue.put(_job("a", 1))
+        await _until(lambda: 1 in runner.began)
+        await queue.put(_job("b", 2))
+        await asyncio.sleep(0.05)
+        assert await queue.position("b2") == 1  # handed on, but still waiting: not running
+        assert ("started", "b2") not in recorder.log
+        runner.gate.release()
+        runner.gate.release()
+        time.sleep(0.3)  # the loop is blocked: nothing it would do can start b2
+        unblocked = time.perf_counter()
+        await asyncio.wait_for(queue.join(), 10)
+        assert runner.order == [1, 2]
+        assert runner.began[2] < unblocked
+        # b2 is claimed (and announced) only once the device has begun it
+        assert recorder.log.index(("started", "b2")) > recorder.log.index(("started", "a1"))
+        assert runner.began[2] >= runner.returned[1]
+    finally:
+        await queue.stop()
+
+
+async def test_a_job_handed_on_ahead_still_yields_to_a_newcomer_and_to_a_cancel() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    try:
+        await queue.put(_job("a", 1))
+        await _until(lambda: ("started", "a1") in recorder.log)
+        await queue.put(_job("a", 2))  # handed to the device's thread behind a1
+        await queue.put(_job("a", 3))
+        await asyncio.sleep(0.05)
+        assert await queue.put(_job("b", 4)) == 1  # b's first job outranks a's second
+        assert await queue.cancel("a3") == "queued"
+        assert [await queue.position(i) for i in ("a1", "b4", "a2", "a3")] == [0, 1, 2, None]
+        await _drain(runner, queue, 3)
+        assert runner.order == [1, 4, 2]
+        assert ("started", "a3") not in recorder.log
+    finally:
+        await queue.stop()
+
+
+async def test_stop_leaves_a_job_handed_on_ahead_waiting() -> None:
+    runner, recorder = GatedRunner(), Recorder()
+    queue = LocalQueue([runner], recorder)
+    await queue.start()
+    await queue.put(_job("a", 1))
+    await _until(lambda: ("started", "a1") in recorder.log)
+    await queue.put(_job("a", 2))
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(queue.stop())
+    await asyncio.sleep(0.05)
+    runner.gate.release()
+    runner.gate.release()
+    await asyncio.wait_for(stopping, 10)
+    assert runner.order == [1] and queue.waiting == 1
+    assert ("started", "a2") not in recorder.log
 
 
 async def test_stop_waits_for_the_ends_of_the_jobs_that_ran() -> None:

@@ -1,0 +1,82 @@
+"""What a local queue's worker keeps for each device call: the claims of its jobs
+(``Claims``), and jobs handed to the device's thread ahead of time (``Launch``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Any
+
+from pipeline.queue.base import Job, JobListener
+
+
+class Launch:
+    """Jobs handed to a device's thread ahead of time. The thread begins them unless the
+    loop withdrew them first; the lock makes the two exclusive."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self._lock = threading.Lock()
+        self._state = "handed"
+
+    def begin(self) -> bool:
+        """The device's thread: True if the jobs are its to run."""
+        return self._turn("begun")
+
+    def withdraw(self) -> bool:
+        """The loop: True if the device will not run them."""
+        return self._turn("withdrawn")
+
+    def _turn(self, state: str) -> bool:
+        with self._lock:
+            if self._state != "handed":
+                return False
+            self._state = state
+            return True
+
+
+def resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Claims:
+    """Claims jobs (``job_started``) while the device already runs them, so the device
+    never waits for the store. A job whose claim is refused (cancelled or taken over
+    meanwhile) is stopped at its next step and never ended here; progress reported
+    before the claims are settled waits for them, so no one sees a step before the start."""
+
+    def __init__(self, listener: JobListener, jobs: list[Job]) -> None:
+        self.listener = listener
+        self.pending = list(jobs)
+        self.held: list[Job] = []
+        self._settled = not jobs
+        self._waiting: list[tuple[Job, int, int, bytes | None]] = []
+
+    async def settle(self, running: asyncio.Future[Any]) -> None:
+        """Claim every job; if a claim raises, the jobs stop and the device's run is
+        awaited (its outcome dropped) before the error goes on."""
+        for job in self.pending:
+            try:
+                claimed = await self.listener.job_started(job)
+            except Exception:
+                for other in self.pending:
+                    other.request_stop("unclaimed")
+                with contextlib.suppress(Exception):
+                    await running
+                raise
+            if claimed:
+                self.held.append(job)
+            else:
+                job.request_stop("unclaimed")
+        self._settled = True
+        for job, step, total, preview in self._waiting:
+            self.progress(job, step, total, preview)
+        self._waiting.clear()
+
+    def progress(self, job: Job, step: int, total: int, preview: bytes | None) -> None:
+        if not self._settled:
+            self._waiting.append((job, step, total, preview))
+        elif job in self.held or job not in self.pending:
+            self.listener.job_progress(job, step, total, preview)
