@@ -129,15 +129,20 @@ def test_a_killed_worker_loses_no_job_and_bills_none_twice(tmp_path: Path, postg
             consoles.append(ConsoleSession(folder, user=name, env=console_env(folder, CONFIG, url)))
         jobs: dict[str, list[str]] = {}
         for console, name in zip(consoles, ("alice", "bob"), strict=True):
+            # Alice's first job is long: it is still being drawn when its worker is killed,
+            # however late its first step is heard on a busy machine
             jobs[name] = [
-                jobs_of(console.command(f"/draw a lighthouse at night --steps 24 --size 192x192 --seed {n}",
+                jobs_of(console.command(f"/draw a lighthouse at night --seed {n} "
+                                        + ("--steps 150 --size 256x256" if (name, n) == ("alice", 0)
+                                           else "--steps 24 --size 192x192"),
                                         timeout=180))[0]
                 for n in range(3)
             ]  # fmt: skip
         # kill whichever worker is drawing Alice's first job, in the middle of it
         first = jobs["alice"][0]
         consoles[0].wait_for(lambda e: e.get("id") == first and e["event"] == "progress", timeout=180)
-        victim_owner = asyncio.run(_rows(url))[0][first][3]
+        status, _, _, victim_owner = asyncio.run(_rows(url))[0][first]
+        assert status == "running"
         victim = next(w for w in workers if w.owner == victim_owner)
         os.kill(victim.process.pid, signal.SIGKILL)
         victim.process.wait()
