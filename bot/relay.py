@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "atelier_events"
 INLINE_LIMIT = 7000  # bytes of JSON sent in the notification itself
 PAYLOAD_TTL = timedelta(minutes=10)
+SEND_BATCH = 200  # most events sent in one transaction
 
 _TYPES: dict[str, type] = {
     cls.__name__: cls
@@ -221,29 +222,41 @@ class Relay:
     # sending ------------------------------------------------------------------------------------
 
     async def _send_all(self) -> None:
-        while True:
-            event = await self._outbox.get()
-            if event is None:
-                return
+        """Send the outbox in order: what has piled up while a send ran goes in one
+        transaction (PostgreSQL delivers a transaction's notifications in the order sent)."""
+        done = False
+        while not done:
+            events = [await self._outbox.get()]
+            while not self._outbox.empty() and len(events) < SEND_BATCH:
+                events.append(self._outbox.get_nowait())
+            if None in events:
+                done = True
+                events = events[: events.index(None)]
+            if not events:
+                continue
             try:
-                await self._send(event)
+                await self._send(events)
             except Exception:
-                log.exception("could not relay %s of job %s", event.kind, event.generation_id)
+                log.exception("could not relay %d events (the first: %s of job %s)", len(events),
+                              events[0].kind, events[0].generation_id)  # fmt: skip
 
-    async def _send(self, event: JobEvent) -> None:
-        text = encode_event(event)
+    async def _send(self, events: list[JobEvent]) -> None:
         async with self.app.store.session() as session:
-            if len(text.encode()) > INLINE_LIMIT:
-                row = await session.scalar(
-                    insert(RelayPayload).values(payload=text, created_at=utcnow()).returning(RelayPayload.id)
-                )
-                text = json.dumps({"ref": row})
-                self._sent_payloads += 1
-                if self._sent_payloads % 100 == 1:
-                    await session.execute(
-                        delete(RelayPayload).where(RelayPayload.created_at < utcnow() - PAYLOAD_TTL)
+            for event in events:
+                text = encode_event(event)
+                if len(text.encode()) > INLINE_LIMIT:
+                    row = await session.scalar(
+                        insert(RelayPayload)
+                        .values(payload=text, created_at=utcnow())
+                        .returning(RelayPayload.id)
                     )
-            await session.execute(select(func.pg_notify(CHANNEL, text)))
+                    text = json.dumps({"ref": row})
+                    self._sent_payloads += 1
+                    if self._sent_payloads % 100 == 1:
+                        await session.execute(
+                            delete(RelayPayload).where(RelayPayload.created_at < utcnow() - PAYLOAD_TTL)
+                        )
+                await session.execute(select(func.pg_notify(CHANNEL, text)))
 
     # listening ----------------------------------------------------------------------------------
 
