@@ -73,6 +73,7 @@ class WorkerFeed:
         """Take nothing new and give back what waits here; ``wait``: let the running jobs
         end (SIGTERM), else they stop at their next step and go back to the queue too."""
         self._draining = True
+        self.local.close()  # nothing more begins on a device: what waits here is given back
         for job in self.local.waiting_jobs():
             if await self.local.cancel(job.id) == "queued":
                 await self._give_back(job)

@@ -24,6 +24,10 @@ class Launch:
         """The device's thread: True if the jobs are its to run."""
         return self._turn("begun")
 
+    @property
+    def begun(self) -> bool:
+        return self._state == "begun"
+
     def withdraw(self) -> bool:
         """The loop: True if the device will not run them."""
         return self._turn("withdrawn")

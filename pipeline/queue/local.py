@@ -163,9 +163,7 @@ class LocalQueue:
     async def stop(self, *, wait: bool = True) -> None:
         """Stop taking jobs and wait for the ends of those that ran. Without ``wait``, running
         jobs stop at their next step as interrupted."""
-        self._stopping = True
-        for launch in set(self._prefetched.values()):
-            self._withdraw(launch)  # what the device has not begun stays queued
+        self.close()
         if not wait:
             for job in self._running.values():
                 job.request_stop("shutdown")
@@ -178,6 +176,14 @@ class LocalQueue:
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
         self._executors.clear()
+
+    def close(self) -> None:
+        """Take no new job; what a device has not begun stays waiting (at once: no device
+        begins another job after this returns)."""
+        self._stopping = True
+        for launch in set(self._prefetched.values()):
+            self._withdraw(launch)
+        self._notify()
 
     async def join(self) -> None:
         assert self._changed is not None, "start() the queue first"
@@ -199,11 +205,16 @@ class LocalQueue:
             )
 
     def running_jobs(self) -> list[Job]:
-        return list(self._running.values())
+        """The jobs on a device (one it began ahead included)."""
+        return list(self._running.values()) + [job for job in self._ordered() if self._begun(job.id)]
 
     def waiting_jobs(self) -> list[Job]:
         """The jobs that wait here, in order."""
-        return list(self._ordered())
+        return [job for job in self._ordered() if not self._begun(job.id)]
+
+    def _begun(self, job_id: str) -> bool:
+        launch = self._prefetched.get(job_id)
+        return launch is not None and launch.begun
 
     @property
     def waiting(self) -> int:

@@ -337,6 +337,9 @@ async def test_stop_leaves_a_job_handed_on_ahead_waiting() -> None:
     await _until(lambda: ("started", "a1") in recorder.log)
     await queue.put(_job("a", 2))
     await asyncio.sleep(0.05)
+    queue.close()  # a draining worker's first step: what waits here can be given back
+    assert [job.id for job in queue.waiting_jobs()] == ["a2"]
+    assert [job.id for job in queue.running_jobs()] == ["a1"]
     stopping = asyncio.create_task(queue.stop())
     await asyncio.sleep(0.05)
     runner.gate.release()
