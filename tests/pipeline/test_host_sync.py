@@ -256,6 +256,25 @@ def test_engine_steps_read_nothing_back(engine: Any, name: str, changes: dict[st
     _assert_flat(short, long)
 
 
+def test_only_preview_steps_read_back(tiny_library: Any) -> None:
+    """A live preview reads its latents back to make a PNG; the steps between previews do not."""
+    from pipeline.engine import Engine
+
+    engine = Engine(tiny_library, device="cpu", preview_every=3)
+    previews: list[int] = []
+
+    def run(steps: int) -> Callable[[], Any]:
+        request = _request("Euler a", steps)
+        return lambda: engine.generate(request, on_preview=lambda step, png: previews.append(step))
+
+    run(2)()
+    one, two, four = _read_backs(run(4)), _read_backs(run(7)), _read_backs(run(13))
+    assert previews == [3, 3, 6, 3, 6, 9, 12]
+    per_preview = two.count - one.count
+    assert per_preview > 0
+    assert four.count - two.count == 2 * per_preview
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M", "DPM++ SDE", "DPM2 a", "DDIM", "UniPC"])
