@@ -1,15 +1,20 @@
-"""``atelier run | console | generate | worker | bench | db upgrade | plugins | discord sync``."""
+"""``atelier run | console | generate | worker | bench | db upgrade | plugins | discord sync``.
+
+Each command imports what it needs when it runs: ``atelier --help`` loads no third-party
+package, ``atelier db upgrade`` no engine or chat library (tests/test_startup.py).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bot.settings import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from bot.settings import Settings
 
 log = logging.getLogger("atelier")
 
@@ -24,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from bot.settings import ConfigError, load_settings
+
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -111,6 +118,8 @@ def _console_actor(args: argparse.Namespace, settings: Settings):  # -> Actor
 
 
 def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from bot.adapters.console import ConsoleAdapter
     from bot.app import build_app
 
@@ -130,6 +139,8 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The chat platforms whose tokens are set, in one process; else the console."""
+    import asyncio
+
     from bot.runner import StartError, build_adapters, chosen_platforms, serve
 
     platforms = chosen_platforms(settings)
@@ -155,6 +166,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from bot.adapters.oneshot import OneShotAdapter
     from bot.app import build_app
     from bot.commands import join_words
@@ -224,6 +237,8 @@ def cmd_discord_sync(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.secrets.discord_token:
         print("atelier: set ATELIER_DISCORD_TOKEN to register the Discord commands", file=sys.stderr)
         return 2
+    import asyncio
+
     from bot import db
     from bot.adapters.discord import build
     from bot.app import build_app
@@ -287,6 +302,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    import asyncio
     import signal
 
     from bot.app import build_app

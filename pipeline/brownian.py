@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline import rng
-from pipeline.sampling import SamplingContext
+from pipeline.sampling import SamplingContext, host_values
 
 _TORCHSDE_LOCK = threading.Lock()
 
@@ -38,7 +38,7 @@ def _tree_normals(source: str) -> Iterator[None]:
 
     def draw(size: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
         generator = rng.Generator(int(seed), rng.effective_source(source, device))
-        return generator.randn(tuple(size)).to(device=device, dtype=dtype)
+        return rng.to_device(generator.draw(tuple(size)), device, dtype)
 
     with _TORCHSDE_LOCK, warnings.catch_warnings():
         # torchsde warns, then clamps, when a query lies a rounding error outside the
@@ -75,8 +75,9 @@ class BrownianNoiseSampler:
         self._seeds = [int(s) for s in seeds]
         self._source = source
         self._w0 = torch.zeros_like(x[0])
-        sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
-        self._t0, self._t1, self._sign = _sorted(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
+        # the tree's ends as host floats (torchsde walks its tree on the host), read back once
+        sigma_min, sigma_max = host_values([sigmas[sigmas > 0].min(), sigmas.max()])
+        self._t0, self._t1, self._sign = _sorted(sigma_min, sigma_max)
         self._trees: list[Any] | None = None
 
     @classmethod
@@ -90,9 +91,14 @@ class BrownianNoiseSampler:
 
         return [torchsde.BrownianTree(self._t0, self._w0, self._t1, entropy=seed) for seed in self._seeds]
 
-    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, sigma: torch.Tensor, sigma_next: torch.Tensor, *, host: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """The increment from σ to σ_next. The tree is looked up at the σ's host values:
+        ``host`` when the caller has them, else the tensors are read back (a wait on the
+        device when they live there)."""
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
-        low, high, sign = _sorted(t0, t1)
+        low, high, sign = _sorted(*(host if host is not None else (float(t0), float(t1))))
         with _tree_normals(self._source):
             if self._trees is None:
                 self._trees = self._build()
@@ -100,5 +106,5 @@ class BrownianNoiseSampler:
         return w / (t1 - t0).abs().sqrt()
 
 
-def _sorted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _sorted(a: float, b: float) -> tuple[float, float, int]:
     return (a, b, 1) if a < b else (b, a, -1)

@@ -127,9 +127,13 @@ def lcm_sigma_to_timestep(*, downcast: bool = False) -> SigmaToTimestep:
     between them interpolate in log σ like the full table does.
     """
     alphas = samplers.sd_alphas_cumprod(downcast=downcast)
-    log_sigmas = (((1 - alphas) / alphas) ** 0.5)[_LCM_SKIP - 1 :: _LCM_SKIP].log().float()
+    table = (((1 - alphas) / alphas) ** 0.5)[_LCM_SKIP - 1 :: _LCM_SKIP].log().float()
+    on_device: dict[torch.device, torch.Tensor] = {}  # the table where σ's come from, copied once
 
     def convert(sigma: torch.Tensor) -> torch.Tensor:
+        log_sigmas = on_device.get(sigma.device)
+        if log_sigmas is None:
+            log_sigmas = on_device[sigma.device] = table.to(sigma.device)
         log_sigma = sigma.float().log().reshape(-1)
         count = torch.searchsorted(log_sigmas, log_sigma, right=True)
         low = (count - 1).clamp(0, log_sigmas.shape[0] - 2)
@@ -210,6 +214,21 @@ class CFGDenoiser:
         self._weights = [float(weight) for _, weight in conds.parts]
         self._prepared: dict[tuple, _Prepared] = {}
         self._alphas: torch.Tensor | None = None
+        self._next_level: float | None = None
+
+    def expect_level(self, level: float) -> None:
+        """The host value of the next call's noise level (σ, or the UNet timestep), from
+        the sampler loop's host copy of its schedule (``SamplingContext.level_hint``): NGMS
+        compares it instead of reading the call's tensor back, a wait on the device."""
+        self._next_level = level
+
+    def _level(self, value: torch.Tensor) -> Callable[[], float]:
+        """The call's noise level for NGMS, read only if NGMS asks for it: the announced
+        host value, else the first image's value read back from the tensor."""
+        hinted, self._next_level = self._next_level, None
+        if hinted is not None:
+            return lambda: hinted
+        return lambda: float(value[0])
 
     # -- k-diffusion view ------------------------------------------------------------------
 
@@ -221,9 +240,9 @@ class CFGDenoiser:
         """``__call__`` as steps: yields the UNet calls it needs and is sent their outputs
         (how ``BatchedDenoiser`` runs several requests' calls as one)."""
         sigma = _per_image(sigma, x).to(device=x.device, dtype=torch.float32)
-        t = self.sigma_to_timestep(sigma.detach().cpu()).to(x.device)
+        t = self.sigma_to_timestep(sigma).to(x.device)
         c_in = _view(torch.rsqrt(sigma * sigma + 1.0), x)
-        cond_out, uncond_out, blank_out = yield from self._evaluate(x * c_in, t, float(sigma[0]))
+        cond_out, uncond_out, blank_out = yield from self._evaluate(x * c_in, t, self._level(sigma))
         cond_x0 = self._denoised(x.unsqueeze(1), _view(sigma, x).unsqueeze(1), cond_out)
         uncond_x0 = self._denoised(x, _view(sigma, x), uncond_out)
         blank_x0 = None if blank_out is None else self._denoised(x, _view(sigma, x), blank_out)
@@ -275,7 +294,7 @@ class CFGDenoiser:
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor | int) -> Steps:
         t = _per_image(torch.as_tensor(t), x).to(x.device)
-        cond_out, uncond_out, blank_out = yield from self._evaluate(x, t, float(t[0]))
+        cond_out, uncond_out, blank_out = yield from self._evaluate(x, t, self._level(t))
         if not self.v_prediction:
             return cond_out, uncond_out, blank_out
         # eps = √ᾱ·v + √(1−ᾱ)·x for a v-prediction at ᾱ scale.
@@ -286,9 +305,10 @@ class CFGDenoiser:
         return cond_eps, root * uncond_out + root_1m * x, blank_eps
 
     def _alphas_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self._alphas is None:
-            self._alphas = sd_alphas_cumprod(downcast=self.downcast)
-        return _view(self._alphas[t.detach().cpu().round().long()].to(x.device), x)
+        """ᾱ at UNet timesteps ``t``, looked up on the device (the table is copied there once)."""
+        if self._alphas is None or self._alphas.device != x.device:
+            self._alphas = sd_alphas_cumprod(downcast=self.downcast).to(x.device)
+        return _view(self._alphas[t.to(x.device).round().long()], x)
 
     # -- guidance ----------------------------------------------------------------------------
 
@@ -306,12 +326,12 @@ class CFGDenoiser:
             result = result + (uncond - blank) * self.image_cfg_scale
         return result
 
-    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor, level: float) -> Steps:
+    def _evaluate(self, x_in: torch.Tensor, t: torch.Tensor, level: Callable[[], float]) -> Steps:
         """Raw UNet outputs for call ``k``: conds (B, J, C, H, W), uncond (B, C, H, W) and,
         with the three-way guidance, the blank uncond (B, C, H, W; else None), float32.
 
         Cond and uncond share one UNet call when their token lengths are equal (§10).
-        ``level`` is the call's σ (or timestep) as NGMS compares it.
+        ``level`` gives the call's σ (or timestep) as NGMS compares it.
         """
         k = self.calls
         self.calls += 1
@@ -348,14 +368,14 @@ class CFGDenoiser:
             uncond_out, blank_out = uncond_out[:batch], uncond_out[batch:]
         return cond_out.unflatten(0, (batch, parts)), uncond_out, blank_out
 
-    def _skips_uncond(self, k: int, level: float) -> bool:
+    def _skips_uncond(self, k: int, level: Callable[[], float]) -> bool:
         """Whether call ``k`` skips the negative prompt's pass (Skip Early CFG, then NGMS)."""
         g = self.guidance
         if g.skip_early != 0 and g.total_steps > 0 and k / g.total_steps <= g.skip_early:
             self.infotext_fields["Skip Early CFG"] = g.skip_early
             return True
         three_way = self.image_cfg_scale is not None  # A1111 applies no NGMS to it
-        if (k % 2 or g.ngms_all_steps) and g.ngms > 0 and level < g.ngms and not three_way:
+        if (k % 2 or g.ngms_all_steps) and g.ngms > 0 and not three_way and level() < g.ngms:
             self.infotext_fields["NGMS"] = g.ngms
             if g.ngms_all_steps:
                 self.infotext_fields["NGMS all steps"] = True
@@ -414,6 +434,10 @@ class BatchedDenoiser:
         self.sizes = [int(size) for size in sizes]
         self.unet = members[0].unet
         self.before_call = before_call
+
+    def expect_level(self, level: float) -> None:
+        for member in self.members:
+            member.expect_level(level)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigmas = _per_image(sigma, x).split(self.sizes)

@@ -565,6 +565,7 @@ class Engine:
             seed_resize_from_w=request.seed_resize_from_w,
             source=rng.effective_source(request.rng, self.device),
             ensd=request.ensd,
+            device=self.device,
         )
 
     def _sample(
@@ -594,7 +595,7 @@ class Engine:
         image_rngs = [self._image_rng(member, shape) for member, _ in passes]
 
         def next_noise() -> torch.Tensor:
-            return torch.cat([image_rng.next() for image_rng in image_rngs]).to(self.device)
+            return torch.cat([image_rng.next() for image_rng in image_rngs])
 
         noise = next_noise()
         if start is not None and step_pass.base_steps is None and request.noise_multiplier != 1.0:
@@ -606,7 +607,7 @@ class Engine:
         to_timestep = (
             lcm_sigma_to_timestep(downcast=downcast)
             if name == "LCM"
-            else functools.partial(samplers.sigma_to_timestep, downcast=downcast)
+            else samplers.sigma_to_timestep_on(self.device, downcast=downcast)
         )
         # A1111's total_steps of the pass: the sampler steps it runs, doubled for 2nd order
         total_steps = step_pass.plan.run_steps * step_pass.info.total_steps_multiplier
@@ -645,6 +646,7 @@ class Engine:
             solver_type=step_pass.info.solver_type,
             callback=progress.span(offset, step_pass.steps),
             extra={"eps_model_cfgpp": denoiser.eps_cfgpp},
+            level_hint=denoiser.expect_level,
         )
         plan = step_pass.plan
         if name in TIMESTEP_SAMPLERS:

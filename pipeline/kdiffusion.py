@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.brownian import BrownianNoiseSampler
-from pipeline.sampling import SamplingContext
+from pipeline.sampling import SamplingContext, host_values
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,38 @@ def _steps(sigmas: torch.Tensor) -> int:
     return sigmas.shape[0] - 1
 
 
-def _on_device(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    return sigmas.to(x.device)
+@dataclass(frozen=True)
+class _Schedule:
+    """The σ's on x's device, where their arithmetic runs (A1111 keeps them there), and
+    their host copy, made once before the first step. What a loop decides on the host
+    ("is σ_next 0", the levels it announces to the denoiser, the Brownian tree's query
+    points) reads the copy, so no step waits for the device to report a value."""
+
+    dev: torch.Tensor
+    host: list[float]
+
+    @property
+    def steps(self) -> int:
+        return len(self.host) - 1
 
 
-def _denoise(ctx: SamplingContext, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """One CFG-denoiser call with σ broadcast over the batch (k-diffusion's ``sigma * s_in``)."""
+def _schedule(x: torch.Tensor, sigmas: torch.Tensor) -> _Schedule:
+    _steps(sigmas)
+    return _Schedule(dev=sigmas.to(x.device), host=sigmas.detach().tolist())
+
+
+def _with_host(values: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, float]]:
+    """Each step's 0-d tensor with its host value, all read back at once."""
+    hosts = host_values(list(values.values()))
+    return {i: (value, host) for (i, value), host in zip(values.items(), hosts, strict=True)}
+
+
+def _denoise(ctx: SamplingContext, x: torch.Tensor, sigma: torch.Tensor, level: float | None) -> torch.Tensor:
+    """One CFG-denoiser call with σ broadcast over the batch (k-diffusion's ``sigma * s_in``);
+    ``level`` is σ's host value, announced to the denoiser first."""
     if ctx.model is None:
         raise ValueError("SamplingContext.model is required by the k-diffusion samplers")
+    ctx.announce(level)
     return ctx.model(x, sigma * x.new_ones([x.shape[0]]))
 
 
@@ -89,6 +113,16 @@ def _randn_like(ctx: SamplingContext) -> torch.Tensor:
     if ctx.noise is None:
         raise ValueError("SamplingContext.noise is required by samplers that draw per-step noise")
     return ctx.noise()
+
+
+def _noise_between(
+    noise_sampler: NoiseSampler, sigma: torch.Tensor, sigma_next: torch.Tensor, host: tuple[float, float]
+) -> torch.Tensor:
+    """A noise draw for the step σ → σ_next. A Brownian tree also gets the two σ's host
+    values (it is walked on the host); other noise samplers take the tensors only."""
+    if isinstance(noise_sampler, BrownianNoiseSampler):
+        return noise_sampler(sigma, sigma_next, host=host)
+    return noise_sampler(sigma, sigma_next)
 
 
 def _eta(ctx: SamplingContext) -> float:
@@ -113,11 +147,17 @@ def get_ancestral_step(sigma_from: Any, sigma_to: Any, eta: float = 1.0) -> tupl
     """Split a step σ_from → σ_to into a deterministic step down to σ_down plus fresh noise σ_up.
 
     σ_up = min(σ_to, η·√(σ_to²·(σ_from² − σ_to²)/σ_from²)) and σ_down = √(σ_to² − σ_up²), so
-    the variance at σ_to is kept. With η = 0 the step is deterministic: (σ_to, 0).
+    the variance at σ_to is kept. With η = 0 the step is deterministic: (σ_to, 0). On
+    tensors the min is taken on the device (``fmin``, which like ``min`` keeps σ_to where
+    the other value is NaN), not by reading both back.
     """
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_up = eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    if isinstance(sigma_to, torch.Tensor):
+        sigma_up = torch.fmin(sigma_to, sigma_up)
+    else:
+        sigma_up = min(sigma_to, sigma_up)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
@@ -137,15 +177,15 @@ def _ancestral_noise(ctx: SamplingContext) -> NoiseSampler:
 
 def _ancestral_setup(
     x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext
-) -> tuple[int, torch.Tensor, float, float, NoiseSampler]:
-    """What every ancestral loop starts from: steps, σ's on x's device, eta, s_noise, noise."""
-    return (
-        _steps(sigmas),
-        _on_device(x, sigmas),
-        _eta(ctx),
-        _extra(ctx, "s_noise", 1.0),
-        _ancestral_noise(ctx),
-    )
+) -> tuple[_Schedule, float, float, NoiseSampler]:
+    """What every ancestral loop starts from: the schedule, eta, s_noise, noise."""
+    return (_schedule(x, sigmas), _eta(ctx), _extra(ctx, "s_noise", 1.0), _ancestral_noise(ctx))
+
+
+def _ancestral_steps(sched: _Schedule, eta: float) -> tuple[list[tuple[Any, Any]], list[float]]:
+    """Every step's (σ_down, σ_up) on the device, and σ_down's host values."""
+    steps = [get_ancestral_step(sched.dev[i], sched.dev[i + 1], eta=eta) for i in range(sched.steps)]
+    return steps, host_values([down for down, _ in steps])
 
 
 # --------------------------------------------------------------------------------------
@@ -172,31 +212,54 @@ class _Churn:
             steps=steps,
         )
 
-    def apply(self, x: torch.Tensor, sigma: torch.Tensor, ctx: SamplingContext) -> tuple[torch.Tensor, Any]:
-        """Raise the noise level to σ̂ = σ·(1 + γ) by adding noise; returns (x, σ̂).
+    def plan(self, sched: _Schedule) -> list[tuple[float, torch.Tensor, float]]:
+        """Each step's γ, σ̂ = σ_i·(γ + 1) on the device, and σ̂'s host value.
+
+        γ = min(s_churn / steps, √2 − 1) where s_tmin ≤ σ_i ≤ s_tmax, else 0. The range is
+        checked on the σ tensor, as k-diffusion checks it (the bounds in σ's dtype), for
+        every step at once.
+        """
+        sigmas = sched.dev[:-1]
+        gamma_max = min(self.s_churn / self.steps, 2**0.5 - 1)
+        in_range = [False] * self.steps
+        if gamma_max != 0:
+            in_range = ((sigmas >= self.s_tmin) & (sigmas <= self.s_tmax)).tolist()
+        gammas = [gamma_max if inside else 0.0 for inside in in_range]
+        sigma_hats = [sigmas[i] * (gamma + 1) for i, gamma in enumerate(gammas)]
+        levels = sched.host[:-1]  # σ̂ = σ·1 where γ = 0
+        churned = _with_host({i: sigma_hats[i] for i, gamma in enumerate(gammas) if gamma != 0})
+        levels = [churned[i][1] if i in churned else level for i, level in enumerate(levels)]
+        return list(zip(gammas, sigma_hats, levels, strict=True))
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        gamma: float,
+        sigma_hat: torch.Tensor,
+        ctx: SamplingContext,
+    ) -> torch.Tensor:
+        """Raise the noise level from σ to σ̂ (from :meth:`plan`) by adding noise.
 
         As in k-diffusion, the noise is drawn at the start of every step whatever γ is, and
         added only when γ > 0: every step advances the per-image stream by one draw, so a
         churned step later in the schedule gets the same noise as in A1111.
         """
-        in_range = self.s_tmin <= sigma <= self.s_tmax
-        gamma = min(self.s_churn / self.steps, 2**0.5 - 1) if in_range else 0.0
         eps = _randn_like(ctx) * self.s_noise
-        sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        return x, sigma_hat
+        return x
 
 
 @torch.no_grad()
 def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Euler steps along the probability-flow ODE, with optional churn."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas = sched.steps, sched.dev
     churn = _Churn.from_ctx(ctx, steps)
-    for i in range(steps):
-        x, sigma_hat = churn.apply(x, sigmas[i], ctx)
-        denoised = _denoise(ctx, x, sigma_hat)
+    for i, (gamma, sigma_hat, level) in enumerate(churn.plan(sched)):
+        x = churn.apply(x, sigmas[i], gamma, sigma_hat, ctx)
+        denoised = _denoise(ctx, x, sigma_hat, level)
         d = to_d(x, sigma_hat, denoised)
         dt = sigmas[i + 1] - sigma_hat
         x = x + d * dt
@@ -207,14 +270,15 @@ def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) ->
 @torch.no_grad()
 def sample_euler_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Euler step down to σ_down, then fresh noise up to σ_next (none after a step to 0)."""
-    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    sched, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         d = to_d(x, sigmas[i], denoised)
         dt = sigma_down - sigmas[i]
         x = x + d * dt
-        if sigmas[i + 1] > 0:
+        if host[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         ctx.step(i, steps)
     return x
@@ -223,19 +287,19 @@ def sample_euler_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingC
 @torch.no_grad()
 def sample_heun(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Heun's method (Karras et al. 2022, algorithm 2); an Euler step where σ_next = 0."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     churn = _Churn.from_ctx(ctx, steps)
-    for i in range(steps):
-        x, sigma_hat = churn.apply(x, sigmas[i], ctx)
-        denoised = _denoise(ctx, x, sigma_hat)
+    for i, (gamma, sigma_hat, level) in enumerate(churn.plan(sched)):
+        x = churn.apply(x, sigmas[i], gamma, sigma_hat, ctx)
+        denoised = _denoise(ctx, x, sigma_hat, level)
         d = to_d(x, sigma_hat, denoised)
         dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
+        if host[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            denoised_2 = _denoise(ctx, x_2, sigmas[i + 1])
+            denoised_2 = _denoise(ctx, x_2, sigmas[i + 1], host[i + 1])
             d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
             d_prime = (d + d_2) / 2
             x = x + d_prime * dt
@@ -243,15 +307,26 @@ def sample_heun(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> 
     return x
 
 
+def _log_midpoint(sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver-2's midpoint of σ → σ_to in log σ."""
+    return sigma.log().lerp(sigma_to.log(), 0.5).exp()
+
+
 def _dpm2_midpoint(
-    ctx: SamplingContext, x: torch.Tensor, d: torch.Tensor, sigma: Any, sigma_to: Any
+    ctx: SamplingContext,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    sigma: Any,
+    sigma_to: Any,
+    sigma_mid: torch.Tensor,
+    level: float,
 ) -> torch.Tensor:
-    """DPM-Solver-2: evaluate at the log-space midpoint of σ → σ_to and step with that slope."""
-    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    """DPM-Solver-2: evaluate at the log-space midpoint σ_mid of σ → σ_to (its host value
+    ``level``, from :func:`_log_midpoint`) and step with that slope."""
     dt_1 = sigma_mid - sigma
     dt_2 = sigma_to - sigma
     x_2 = x + d * dt_1
-    denoised_2 = _denoise(ctx, x_2, sigma_mid)
+    denoised_2 = _denoise(ctx, x_2, sigma_mid, level)
     d_2 = to_d(x_2, sigma_mid, denoised_2)
     return x + d_2 * dt_2
 
@@ -259,18 +334,26 @@ def _dpm2_midpoint(
 @torch.no_grad()
 def sample_dpm_2(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """DPM-Solver-2 steps with churn (A1111's "DPM2"); an Euler step where σ_next = 0."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     churn = _Churn.from_ctx(ctx, steps)
-    for i in range(steps):
-        x, sigma_hat = churn.apply(x, sigmas[i], ctx)
-        denoised = _denoise(ctx, x, sigma_hat)
+    plan = churn.plan(sched)
+    mids = _with_host(
+        {
+            i: _log_midpoint(sigma_hat, sigmas[i + 1])
+            for i, (_, sigma_hat, _) in enumerate(plan)
+            if host[i + 1] != 0
+        }
+    )
+    for i, (gamma, sigma_hat, level) in enumerate(plan):
+        x = churn.apply(x, sigmas[i], gamma, sigma_hat, ctx)
+        denoised = _denoise(ctx, x, sigma_hat, level)
         d = to_d(x, sigma_hat, denoised)
-        if sigmas[i + 1] == 0:
+        if host[i + 1] == 0:
             dt = sigmas[i + 1] - sigma_hat
             x = x + d * dt
         else:
-            x = _dpm2_midpoint(ctx, x, d, sigma_hat, sigmas[i + 1])
+            x = _dpm2_midpoint(ctx, x, d, sigma_hat, sigmas[i + 1], *mids[i])
         ctx.step(i, steps)
     return x
 
@@ -282,16 +365,19 @@ def sample_dpm_2_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingC
     k-diffusion adds this sampler's noise only after a DPM-Solver-2 step, so a step whose
     σ_down is 0 (the final step to σ = 0) is a plain Euler step and draws nothing.
     """
-    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    sched, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
+    ancestral, downs = _ancestral_steps(sched, eta)
+    mids = _with_host({i: _log_midpoint(sigmas[i], ancestral[i][0]) for i in range(steps) if downs[i] != 0})
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
+        sigma_down, sigma_up = ancestral[i]
         d = to_d(x, sigmas[i], denoised)
-        if sigma_down == 0:
+        if downs[i] == 0:
             dt = sigma_down - sigmas[i]
             x = x + d * dt
         else:
-            x = _dpm2_midpoint(ctx, x, d, sigmas[i], sigma_down)
+            x = _dpm2_midpoint(ctx, x, d, sigmas[i], sigma_down, *mids[i])
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         ctx.step(i, steps)
     return x
@@ -326,13 +412,13 @@ def _lms_coefficient(order: int, t: Any, i: int, j: int) -> float:
 @torch.no_grad()
 def sample_lms(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Linear multistep over the last ``order`` (default 4) ODE derivatives."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
     order = int(_extra(ctx, "order", _LMS_ORDER))
     sigmas_cpu = sigmas.detach().cpu().numpy()
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     ds: list[torch.Tensor] = []
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
         d = to_d(x, sigmas[i], denoised)
         ds.append(d)
         if len(ds) > order:
@@ -348,26 +434,49 @@ def sample_lms(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> t
 # DPM-Solver++ family (Lu et al. 2022), in k-diffusion's t = −log σ form
 
 
+@dataclass(frozen=True)
+class _SinglestepPoints:
+    """A singlestep DPM-Solver++ step from σ to σ_to in t = −log σ: t, t_next, h = t_next − t,
+    the intermediate s = t + r·h and σ_s = exp(−s) (the second model call's σ)."""
+
+    t: torch.Tensor
+    t_next: torch.Tensor
+    h: torch.Tensor
+    s: torch.Tensor
+    sigma_s: torch.Tensor
+
+    @classmethod
+    def between(cls, sigma: torch.Tensor, sigma_to: torch.Tensor, r: float) -> _SinglestepPoints:
+        t, t_next = _t_fn(sigma), _t_fn(sigma_to)
+        h = t_next - t
+        s = t + r * h
+        return cls(t=t, t_next=t_next, h=h, s=s, sigma_s=_sigma_fn(s))
+
+
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """DPM-Solver++(2S) single-step second order down to σ_down, plus ancestral noise."""
-    steps, sigmas, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    sched, eta, s_noise, noise_sampler = _ancestral_setup(x, sigmas, ctx)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
+    r = 1 / 2
+    ancestral, downs = _ancestral_steps(sched, eta)
+    points = {
+        i: _SinglestepPoints.between(sigmas[i], ancestral[i][0], r) for i in range(steps) if downs[i] != 0
+    }
+    levels = dict(zip(points, host_values([p.sigma_s for p in points.values()]), strict=True))
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        if sigma_down == 0:
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
+        sigma_down, sigma_up = ancestral[i]
+        if downs[i] == 0:
             d = to_d(x, sigmas[i], denoised)
             dt = sigma_down - sigmas[i]
             x = x + d * dt
         else:
-            t, t_next = _t_fn(sigmas[i]), _t_fn(sigma_down)
-            r = 1 / 2
-            h = t_next - t
-            s = t + r * h
-            x_2 = (_sigma_fn(s) / _sigma_fn(t)) * x - (-h * r).expm1() * denoised
-            denoised_2 = _denoise(ctx, x_2, _sigma_fn(s))
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
-        if sigmas[i + 1] > 0:
+            p = points[i]
+            x_2 = (p.sigma_s / _sigma_fn(p.t)) * x - (-p.h * r).expm1() * denoised
+            denoised_2 = _denoise(ctx, x_2, p.sigma_s, levels[i])
+            x = (_sigma_fn(p.t_next) / _sigma_fn(p.t)) * x - (-p.h).expm1() * denoised_2
+        if host[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
         ctx.step(i, steps)
     return x
@@ -380,14 +489,14 @@ def sample_dpmpp_2m(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext)
     The first step, and any step to σ = 0, is first order; a step to 0 returns exactly
     the denoised prediction (σ_next/σ = 0 and −expm1(−∞) = 1).
     """
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     old_denoised: torch.Tensor | None = None
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
         t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
         h = t_next - t
-        if old_denoised is None or sigmas[i + 1] == 0:
+        if old_denoised is None or host[i + 1] == 0:
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised
         else:
             h_last = t - _t_fn(sigmas[i - 1])
@@ -399,41 +508,68 @@ def sample_dpmpp_2m(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext)
     return x
 
 
+@dataclass(frozen=True)
+class _SdeStep:
+    """The σ arithmetic of one DPM++ SDE step (r = ½) that does not end at 0: its
+    intermediate point, both ancestral splits, and the host values of the σ's the
+    Brownian tree is asked about (σ_t, σ_s, σ_t_next; σ_s is also the second call's)."""
+
+    t: torch.Tensor
+    sigma_t: torch.Tensor
+    sigma_s: torch.Tensor
+    sigma_t_next: torch.Tensor
+    s_: torch.Tensor
+    su_1: Any
+    t_next_: torch.Tensor
+    su_2: Any
+
+    @classmethod
+    def between(cls, sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float, r: float) -> _SdeStep:
+        t, t_next = _t_fn(sigma), _t_fn(sigma_next)
+        h = t_next - t
+        s = t + h * r
+        sigma_t, sigma_s, sigma_t_next = _sigma_fn(t), _sigma_fn(s), _sigma_fn(t_next)
+        sd, su_1 = get_ancestral_step(sigma_t, sigma_s, eta)
+        s_ = _t_fn(sd)
+        sd, su_2 = get_ancestral_step(sigma_t, sigma_t_next, eta)
+        return cls(t, sigma_t, sigma_s, sigma_t_next, s_, su_1, _t_fn(sd), su_2)
+
+
 @torch.no_grad()
 def sample_dpmpp_sde(
     x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext, *, noise_sampler: NoiseSampler | None = None
 ) -> torch.Tensor:
     """DPM-Solver++ (stochastic, r = 1/2): two model calls per step, Brownian noise twice."""
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     eta = _eta(ctx)
     s_noise = _extra(ctx, "s_noise", 1.0)
     r = 1 / 2
+    fac = 1 / (2 * r)
     if noise_sampler is None:
         noise_sampler = BrownianNoiseSampler.from_context(x, sigmas, ctx)
+    plan = {i: _SdeStep.between(sigmas[i], sigmas[i + 1], eta, r) for i in range(steps) if host[i + 1] != 0}
+    queried = host_values([v for p in plan.values() for v in (p.sigma_t, p.sigma_s, p.sigma_t_next)])
+    hosts = dict(zip(plan, zip(queried[::3], queried[1::3], queried[2::3], strict=True), strict=True))
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
-        if sigmas[i + 1] == 0:
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
+        if host[i + 1] == 0:
             d = to_d(x, sigmas[i], denoised)
             dt = sigmas[i + 1] - sigmas[i]
             x = x + d * dt
         else:
-            t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
-            h = t_next - t
-            s = t + h * r
-            fac = 1 / (2 * r)
-
-            sd, su = get_ancestral_step(_sigma_fn(t), _sigma_fn(s), eta)
-            s_ = _t_fn(sd)
-            x_2 = (_sigma_fn(s_) / _sigma_fn(t)) * x - (t - s_).expm1() * denoised
-            x_2 = x_2 + noise_sampler(_sigma_fn(t), _sigma_fn(s)) * s_noise * su
-            denoised_2 = _denoise(ctx, x_2, _sigma_fn(s))
-
-            sd, su = get_ancestral_step(_sigma_fn(t), _sigma_fn(t_next), eta)
-            t_next_ = _t_fn(sd)
+            p, (at_t, at_s, at_t_next) = plan[i], hosts[i]
+            x_2 = (_sigma_fn(p.s_) / p.sigma_t) * x - (p.t - p.s_).expm1() * denoised
+            x_2 = x_2 + _noise_between(noise_sampler, p.sigma_t, p.sigma_s, (at_t, at_s)) * s_noise * p.su_1
+            denoised_2 = _denoise(ctx, x_2, p.sigma_s, at_s)
             denoised_d = (1 - fac) * denoised + fac * denoised_2
-            x = (_sigma_fn(t_next_) / _sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
-            x = x + noise_sampler(_sigma_fn(t), _sigma_fn(t_next)) * s_noise * su
+            x = (_sigma_fn(p.t_next_) / p.sigma_t) * x - (p.t - p.t_next_).expm1() * denoised_d
+            x = (
+                x
+                + _noise_between(noise_sampler, p.sigma_t, p.sigma_t_next, (at_t, at_t_next))
+                * s_noise
+                * p.su_2
+            )
         ctx.step(i, steps)
     return x
 
@@ -459,8 +595,8 @@ def sample_dpmpp_2m_sde(
     A step to σ = 0 returns the denoised prediction. With η = 0 it draws no noise and
     is an ODE solver.
     """
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     solver = _solver_type(ctx, default_solver)
     eta = _eta(ctx)
     s_noise = _extra(ctx, "s_noise", 1.0)
@@ -470,8 +606,8 @@ def sample_dpmpp_2m_sde(
     h_last: torch.Tensor | None = None
     h: torch.Tensor | None = None
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
-        if sigmas[i + 1] == 0:
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
+        if host[i + 1] == 0:
             x = denoised
         else:
             t, s = -sigmas[i].log(), -sigmas[i + 1].log()
@@ -487,7 +623,7 @@ def sample_dpmpp_2m_sde(
                 else:
                     x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
             if eta:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                noise = _noise_between(noise_sampler, sigmas[i], sigmas[i + 1], (host[i], host[i + 1]))
                 x = x + noise * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
         old_denoised = denoised
         h_last = h
@@ -512,8 +648,8 @@ def sample_dpmpp_3m_sde(
     A step to σ = 0 returns the denoised prediction. k-diffusion would fail on a first
     step straight to 0 (its step size is still unset there); we carry "no step size" on.
     """
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     eta = _eta(ctx)
     s_noise = _extra(ctx, "s_noise", 1.0)
     if noise_sampler is None:
@@ -524,8 +660,8 @@ def sample_dpmpp_3m_sde(
     h_1: torch.Tensor | None = None
     h_2: torch.Tensor | None = None
     for i in range(steps):
-        denoised = _denoise(ctx, x, sigmas[i])
-        if sigmas[i + 1] == 0:
+        denoised = _denoise(ctx, x, sigmas[i], host[i])
+        if host[i + 1] == 0:
             x = denoised
         else:
             t, s = -sigmas[i].log(), -sigmas[i + 1].log()
@@ -550,7 +686,7 @@ def sample_dpmpp_3m_sde(
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * d
             if eta:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                noise = _noise_between(noise_sampler, sigmas[i], sigmas[i + 1], (host[i], host[i + 1]))
                 x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
@@ -597,9 +733,19 @@ class _PIDStepSize:
 
 _EpsCache = dict[str, torch.Tensor]
 
+_EpsCache = dict[str, torch.Tensor]
+# The host σ's of a step's model calls, in call order (None: not known on the host).
+_Levels = Sequence[float | None]
+_NO_LEVELS: _Levels = (None, None, None)
+# The intermediate points r·h of DPM-Solver-k's stages (r1, r2), by order.
+_STAGE_RATIOS = {1: (), 2: (1 / 2,), 3: (1 / 3, 2 / 3)}
+
 
 class _DPMSolver:
-    """DPM-Solver-1/2/3 single steps in eps form, with k-diffusion's per-step eps cache."""
+    """DPM-Solver-1/2/3 single steps in eps form, with k-diffusion's per-step eps cache.
+
+    Each step takes the host σ's of its model calls (``levels``: at t, then at each stage's
+    t + r·h), which are announced to the denoiser."""
 
     def __init__(self, ctx: SamplingContext) -> None:
         self.ctx = ctx
@@ -612,34 +758,54 @@ class _DPMSolver:
     def sigma(t: torch.Tensor) -> torch.Tensor:
         return t.neg().exp()
 
-    def eps(self, cache: _EpsCache, key: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def stage_sigmas(self, t: torch.Tensor, t_next: torch.Tensor, order: int) -> list[torch.Tensor]:
+        """The σ's an order-``order`` step from t to t_next calls the model at, computed as
+        the step computes them."""
+        h = t_next - t
+        return [self.sigma(t), *(self.sigma(t + r * h) for r in _STAGE_RATIOS[order])]
+
+    def eps(
+        self, cache: _EpsCache, key: str, x: torch.Tensor, t: torch.Tensor, level: float | None = None
+    ) -> torch.Tensor:
         if key in cache:
             return cache[key]
         sigma = self.sigma(t) * x.new_ones([x.shape[0]])
-        eps = (x - self._model(x, sigma)) / self.sigma(t)
+        eps = (x - self._model(x, sigma, level)) / self.sigma(t)
         cache[key] = eps
         return eps
 
-    def _model(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _model(self, x: torch.Tensor, sigma: torch.Tensor, level: float | None) -> torch.Tensor:
         if self.ctx.model is None:
             raise ValueError("SamplingContext.model is required by the k-diffusion samplers")
+        self.ctx.announce(level)
         return self.ctx.model(x, sigma)
 
     def step_1(
-        self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cache: _EpsCache
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_next: torch.Tensor,
+        cache: _EpsCache,
+        levels: _Levels = _NO_LEVELS,
     ) -> torch.Tensor:
         h = t_next - t
-        eps = self.eps(cache, "eps", x, t)
+        eps = self.eps(cache, "eps", x, t, levels[0])
         return x - self.sigma(t_next) * h.expm1() * eps
 
     def step_2(
-        self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cache: _EpsCache, r1: float = 1 / 2
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_next: torch.Tensor,
+        cache: _EpsCache,
+        r1: float = 1 / 2,
+        levels: _Levels = _NO_LEVELS,
     ) -> torch.Tensor:
         h = t_next - t
-        eps = self.eps(cache, "eps", x, t)
+        eps = self.eps(cache, "eps", x, t, levels[0])
         s1 = t + r1 * h
         u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
-        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
+        eps_r1 = self.eps(cache, "eps_r1", u1, s1, levels[1])
         return (
             x
             - self.sigma(t_next) * h.expm1() * eps
@@ -654,19 +820,20 @@ class _DPMSolver:
         cache: _EpsCache,
         r1: float = 1 / 3,
         r2: float = 2 / 3,
+        levels: _Levels = _NO_LEVELS,
     ) -> torch.Tensor:
         h = t_next - t
-        eps = self.eps(cache, "eps", x, t)
+        eps = self.eps(cache, "eps", x, t, levels[0])
         s1 = t + r1 * h
         s2 = t + r2 * h
         u1 = x - self.sigma(s1) * (r1 * h).expm1() * eps
-        eps_r1 = self.eps(cache, "eps_r1", u1, s1)
+        eps_r1 = self.eps(cache, "eps_r1", u1, s1, levels[1])
         u2 = (
             x
             - self.sigma(s2) * (r2 * h).expm1() * eps
             - self.sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
         )
-        eps_r2 = self.eps(cache, "eps_r2", u2, s2)
+        eps_r2 = self.eps(cache, "eps_r2", u2, s2, levels[2])
         return (
             x
             - self.sigma(t_next) * h.expm1() * eps
@@ -736,17 +903,21 @@ def sample_dpm_fast(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext)
     t_start, t_end = solver.t(torch.tensor(sigma_max)), solver.t(torch.tensor(sigma_min))
     orders = _fast_orders(nfe)
     ts = torch.linspace(t_start, t_end, math.floor(nfe / 3) + 2, device=x.device)
+    targets = [solver.ancestral_target(ts[i], ts[i + 1], t_end, eta) for i in range(len(orders))]
+    stages = [solver.stage_sigmas(ts[i], targets[i][0], order) for i, order in enumerate(orders)]
+    flat = iter(host_values([sigma for sigmas_of_step in stages for sigma in sigmas_of_step]))
+    levels = [[next(flat) for _ in sigmas_of_step] for sigmas_of_step in stages]
     for i, order in enumerate(orders):
         cache: _EpsCache = {}
         t, t_next = ts[i], ts[i + 1]
-        t_next_, su = solver.ancestral_target(t, t_next, t_end, eta)
-        solver.eps(cache, "eps", x, t)
+        t_next_, su = targets[i]
+        solver.eps(cache, "eps", x, t, levels[i][0])
         if order == 1:
-            x = solver.step_1(x, t, t_next_, cache)
+            x = solver.step_1(x, t, t_next_, cache, levels=levels[i])
         elif order == 2:
-            x = solver.step_2(x, t, t_next_, cache)
+            x = solver.step_2(x, t, t_next_, cache, levels=levels[i])
         else:
-            x = solver.step_3(x, t, t_next_, cache)
+            x = solver.step_3(x, t, t_next_, cache, levels=levels[i])
         x = x + su * s_noise * noise_sampler(solver.sigma(t), solver.sigma(t_next))
         ctx.step(i, len(orders))
     return x
@@ -760,6 +931,10 @@ def sample_dpm_adaptive(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingCont
     order 2. Noise (η > 0) is drawn after each accepted step. The result is left at σ_min.
     Progress reports attempt ``i`` out of an estimate: attempts so far plus the remaining
     t-range divided by the current step size.
+
+    Its step size follows each attempt's error, so every attempt reads that error back
+    from the device: the one sampler whose loop waits for the device at every step. The
+    t's it steps through are CPU tensors, as in k-diffusion.
     """
     _steps(sigmas)
     sigma_min, sigma_max = _sigma_range(sigmas, ctx)
@@ -880,30 +1055,33 @@ def sample_restart(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) 
     restart (0 below 20 steps, 1 for 20–35, 2 from 36) and is ENSD-affected (§8.5).
     Progress counts Heun steps out of ``len(plan)``.
     """
-    _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
     s_noise = _extra(ctx, "s_noise", 1.0)
-    plan = _restart_plan(sigmas)
-    last_sigma: torch.Tensor | None = None
-    for step_id, (old_sigma, new_sigma) in enumerate(plan):
-        if last_sigma is not None and last_sigma < old_sigma:
-            x = x + _randn_like(ctx) * s_noise * (old_sigma**2 - last_sigma**2) ** 0.5
-        x = _restart_heun_step(ctx, x, old_sigma, new_sigma)
-        last_sigma = new_sigma
+    plan = _restart_plan(sched.dev)
+    flat = host_values([sigma for pair in plan for sigma in pair])
+    hosts = list(zip(flat[::2], flat[1::2], strict=True))
+    last: tuple[torch.Tensor, float] | None = None
+    for step_id, ((old_sigma, new_sigma), (old_host, new_host)) in enumerate(zip(plan, hosts, strict=True)):
+        if last is not None and last[1] < old_host:
+            x = x + _randn_like(ctx) * s_noise * (old_sigma**2 - last[0] ** 2) ** 0.5
+        x = _restart_heun_step(ctx, x, (old_sigma, old_host), (new_sigma, new_host))
+        last = (new_sigma, new_host)
         ctx.step(step_id, len(plan))
     return x
 
 
 def _restart_heun_step(
-    ctx: SamplingContext, x: torch.Tensor, old_sigma: torch.Tensor, new_sigma: torch.Tensor
+    ctx: SamplingContext, x: torch.Tensor, old: tuple[torch.Tensor, float], new: tuple[torch.Tensor, float]
 ) -> torch.Tensor:
-    denoised = _denoise(ctx, x, old_sigma)
+    """One Heun step from σ to σ_next, each given as (device tensor, host value)."""
+    (old_sigma, old_host), (new_sigma, new_host) = old, new
+    denoised = _denoise(ctx, x, old_sigma, old_host)
     d = to_d(x, old_sigma, denoised)
     dt = new_sigma - old_sigma
-    if new_sigma == 0:
+    if new_host == 0:
         return x + d * dt
     x_2 = x + d * dt
-    denoised_2 = _denoise(ctx, x_2, new_sigma)
+    denoised_2 = _denoise(ctx, x_2, new_sigma, new_host)
     d_2 = to_d(x_2, new_sigma, denoised_2)
     d_prime = (d + d_2) / 2
     return x + d_prime * dt
@@ -917,12 +1095,12 @@ def sample_lcm(x: torch.Tensor, sigmas: torch.Tensor, ctx: SamplingContext) -> t
     consistency scalings (c_skip/c_out on the 50-timestep table) belong to the denoiser
     in ``ctx.model``, not to this loop.
     """
-    steps = _steps(sigmas)
-    sigmas = _on_device(x, sigmas)
+    sched = _schedule(x, sigmas)
+    steps, sigmas, host = sched.steps, sched.dev, sched.host
     noise_sampler = _ancestral_noise(ctx)
     for i in range(steps):
-        x = _denoise(ctx, x, sigmas[i])
-        if sigmas[i + 1] > 0:
+        x = _denoise(ctx, x, sigmas[i], host[i])
+        if host[i + 1] > 0:
             x = x + sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
         ctx.step(i, steps)
     return x

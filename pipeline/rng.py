@@ -138,6 +138,11 @@ class Generator:
 
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """Draw standard-normal float32 noise of exactly ``shape``, on the CPU."""
+        return self.draw(shape).cpu()
+
+    def draw(self, shape: Sequence[int]) -> torch.Tensor:
+        """:meth:`randn` left where it was drawn: "GPU" noise stays on its GPU (reading it
+        back would make the host wait for the device), the others are on the CPU."""
         dims = _shape_tuple(shape)
         if self.source == "NV":
             out = philox_randn(self.seed, self._offset, dims)
@@ -145,8 +150,19 @@ class Generator:
             return out
         assert self._torch_gen is not None
         device = self._torch_gen.device
-        out = torch.randn(dims, generator=self._torch_gen, device=device, dtype=torch.float32)
-        return out.cpu()
+        return torch.randn(dims, generator=self._torch_gen, device=device, dtype=torch.float32)
+
+
+def to_device(
+    tensor: torch.Tensor, device: str | torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without making the host wait: a CPU tensor bound for a
+    CUDA device is staged in pinned memory and copied asynchronously, since a plain copy
+    from pageable memory first waits for everything queued on the device to finish."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -200,8 +216,12 @@ class ImageRNG:
         seed_resize_from_w: int = 0,
         source: str = "GPU",
         ensd: int = 0,
+        device: str | torch.device | None = None,
     ) -> None:
+        """``device``: where :meth:`next` returns the noise (None: the CPU). Per-step "GPU"
+        noise then never leaves the GPU, and CPU noise goes up without a wait."""
         self.shape = _shape_tuple(shape)
+        self.device = None if device is None else torch.device(device)
         if len(self.shape) < 2:
             raise ValueError(f"shape must have at least 2 dimensions (C, H, W), got {self.shape}")
         self.seeds = [operator.index(s) for s in seeds]
@@ -250,13 +270,16 @@ class ImageRNG:
             return torch.zeros((0, *self.shape), dtype=torch.float32)
         return torch.stack(noises).to(torch.float32)
 
+    def _deliver(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.cpu() if self.device is None else to_device(noise, self.device)
+
     def next(self) -> torch.Tensor:
         """Initial noise on the first call, per-step sampler noise afterwards."""
         if not self.is_first:
-            return self._stack([gen.randn(self.shape) for gen in self.generators])
+            return self._deliver(self._stack([gen.draw(self.shape) for gen in self.generators]))
         self.is_first = False
         noise = self._stack([self._first_noise(i) for i in range(len(self.seeds))])
         if self.ensd != 0:
             # ENSD only shifts later draws: the initial latent above is already fixed.
             self.generators = [Generator(seed + self.ensd, self.source) for seed in self.seeds]
-        return noise
+        return self._deliver(noise)

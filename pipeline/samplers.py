@@ -29,6 +29,8 @@ import torch
 from pipeline.errors import UnknownSampler, UnknownScheduler
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -403,6 +405,9 @@ class _NoiseTable:
     def from_sigmas(cls, sigmas: torch.Tensor) -> _NoiseTable:
         return cls(sigmas=sigmas, log_sigmas=sigmas.log())
 
+    def to(self, device: str | torch.device) -> _NoiseTable:
+        return _NoiseTable(sigmas=self.sigmas.to(device), log_sigmas=self.log_sigmas.to(device))
+
     @property
     def sigma_min(self) -> float:
         return float(self.sigmas[0])
@@ -488,9 +493,18 @@ def sigma_to_timestep(sigmas: torch.Tensor, *, downcast: bool = False) -> torch.
 
     Fractional, because k-diffusion samplers visit σ's between the training timesteps.
     t(σ_max) = 999, t(σ_min) = 0, and σ's outside the table clamp to those ends (σ = 0 → 0).
-    ``downcast``: the table of "Downcast alphas_cumprod".
+    ``downcast``: the table of "Downcast alphas_cumprod". The lookup runs on σ's device.
     """
-    return _sd_table(downcast).sigma_to_t(torch.as_tensor(sigmas))
+    sigmas = torch.as_tensor(sigmas)
+    return _sd_table(downcast).to(sigmas.device).sigma_to_t(sigmas)
+
+
+def sigma_to_timestep_on(
+    device: str | torch.device, *, downcast: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`sigma_to_timestep` for σ's on ``device``, the table copied there once: every
+    lookup then stays on the device, with no copy either way (a denoiser makes one per call)."""
+    return _sd_table(downcast).to(device).sigma_to_t
 
 
 # --------------------------------------------------------------------------------------

@@ -12,11 +12,19 @@ plug in the real UNet.
   (the per-image ImageRNG stream, §8.3).
 * ``pipeline.timestep_samplers.SAMPLERS[name](x, timesteps, ctx) -> x0``: timestep
   samplers over ``ctx.eps_model`` and ``ctx.alphas_cumprod``.
+
+No loop reads a device tensor back to the host while it runs: on a GPU every such read
+(``.item()``, ``float(t)``, ``if t > 0:``, ``.cpu()``) waits for the queued kernels to
+finish, so the host could not queue the next step's work. What a loop decides on the
+host (is σ_next 0, is σ in the churn range, which σ's the Brownian tree is asked about)
+comes from host copies of its schedule, made once before the first step. Each model call
+is announced with the host value of its noise level (``ctx.announce``), so the denoiser
+can compare it (NGMS) without a read-back either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +33,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma[B])
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep[B]) -> eps
 NoiseDraw = Callable[[], torch.Tensor]  # next per-step noise, shape of x
 StepCallback = Callable[[int, int], None]  # (sampler step index, total sampler steps)
+LevelHint = Callable[[float], None]  # the host value of the next model call's noise level
 
 
 @dataclass
@@ -39,7 +48,23 @@ class SamplingContext:
     solver_type: str | None = None  # "heun" for DPM++ 2M SDE Heun
     callback: StepCallback | None = None
     extra: dict[str, object] = field(default_factory=dict)  # sampler settings (s_churn, order ...)
+    level_hint: LevelHint | None = None  # told each model call's noise level before the call
+
+    def announce(self, level: float | None) -> None:
+        """Tell ``level_hint`` the next model call's noise level as a host float: σ for the
+        k-diffusion loops, the UNet timestep for the timestep loops (None: not known on
+        the host; the model reads it from the tensor if it needs it)."""
+        if level is not None and self.level_hint is not None:
+            self.level_hint(level)
 
     def step(self, index: int, total: int) -> None:
         if self.callback is not None:
             self.callback(index, total)
+
+
+def host_values(values: Sequence[torch.Tensor]) -> list[float]:
+    """Host copies of 0-d tensors, read back together: one wait on the device for all of
+    them (made before a loop starts, so no step waits)."""
+    if not values:
+        return []
+    return torch.stack([value.reshape(()) for value in values]).tolist()

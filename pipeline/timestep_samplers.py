@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import rng
 from pipeline.sampling import SamplingContext
 
 logger = logging.getLogger(__name__)
@@ -82,14 +83,28 @@ def _eps_model(ctx: SamplingContext) -> Callable[[torch.Tensor, torch.Tensor], t
     return ctx.eps_model
 
 
-def _t_batch(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _eps_call(
+    ctx: SamplingContext,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: float,
+) -> torch.Tensor:
+    """One CFG-denoiser call at UNet timestep ``t`` (a host value, announced first)."""
+    ctx.announce(float(t))
+    return model(x, _t_batch(t, x))
+
+
+def _t_batch(t: float, x: torch.Tensor) -> torch.Tensor:
     """The UNet timestep for every image of the batch, as A1111 passes it (a float vector)."""
     return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A coefficient rounded to the latent's dtype, so the arithmetic stays in that dtype."""
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    """A coefficient rounded to the latent's dtype, so the arithmetic stays in that dtype.
+
+    Filled on the device (``torch.full``) rather than copied there from the host
+    (``torch.tensor(value, device=...)``), which would wait for the device's queue."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -106,16 +121,24 @@ class _DdimStep:
     sigma: float  # the eta-scaled stochastic σ_t, computed in float64
 
     @classmethod
-    def between(cls, alphas: torch.Tensor, t: int, t_prev: int, eta: float) -> _DdimStep:
-        a_t = alphas[t]
-        a_prev = float(alphas[t_prev])
-        variance = (1 - a_prev) / (1 - float(a_t)) * (1 - float(a_t) / a_prev)
-        return cls(
-            alpha=float(a_t),
-            alpha_prev=a_prev,
-            sqrt_one_minus_alpha=float(torch.sqrt(1 - a_t)),
-            sigma=eta * max(variance, 0.0) ** 0.5,
-        )
+    def plan(cls, alphas: torch.Tensor, ts: list[int], eta: float) -> list[_DdimStep]:
+        """The updates from ``ts[-1]`` down to ``ts[0]``, in the order the loop makes them,
+        from host copies of the table read once (√(1 − ᾱ) in float32, as the table is)."""
+        alpha = alphas.tolist()
+        root = torch.sqrt(1 - alphas).tolist()
+        steps = []
+        for i in range(len(ts) - 1, 0, -1):
+            a_t, a_prev = alpha[ts[i]], alpha[ts[i - 1]]
+            variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            steps.append(
+                cls(
+                    alpha=a_t,
+                    alpha_prev=a_prev,
+                    sqrt_one_minus_alpha=root[ts[i]],
+                    sigma=eta * max(variance, 0.0) ** 0.5,
+                )
+            )
+        return steps
 
 
 def _ddim_update(
@@ -151,8 +174,9 @@ def _ddim_loop(
     ts = _check_timesteps(timesteps, alphas.numel())
     eta = 0.0 if ctx.eta is None else float(ctx.eta)
     total = len(ts) - 1
-    for index, i in enumerate(range(total, 0, -1)):
-        step = _DdimStep.between(alphas, ts[i], ts[i - 1], eta)
+    plan = _DdimStep.plan(alphas, ts, eta)
+    for index, (i, step) in enumerate(zip(range(total, 0, -1), plan, strict=True)):
+        ctx.announce(float(ts[i]))
         eps_x0, eps_dir = eps_pair(x, _t_batch(ts[i], x))
         x = _ddim_update(x, eps_x0, eps_dir, step)
         x = x + _scalar(step.sigma, x) * _draw_noise(ctx)
@@ -222,14 +246,14 @@ def plms(x: torch.Tensor, timesteps: Sequence[int], ctx: SamplingContext) -> tor
     ts = _check_timesteps(timesteps, alphas.numel())
     total = len(ts) - 1
     previous: list[torch.Tensor] = []
-    for index, i in enumerate(range(total, 0, -1)):
-        step = _DdimStep.between(alphas, ts[i], ts[i - 1], 0.0)
-        eps = model(x, _t_batch(ts[i], x))
+    plan = _DdimStep.plan(alphas, ts, 0.0)
+    for index, (i, step) in enumerate(zip(range(total, 0, -1), plan, strict=True)):
+        eps = _eps_call(ctx, model, x, ts[i])
         if previous:
             eps_prime = _adams_bashforth(eps, previous)
         else:
             provisional = _ddim_update(x, eps, eps, step)
-            eps_next = model(provisional, _t_batch(ts[i - 1], x))
+            eps_next = _eps_call(ctx, model, provisional, ts[i - 1])
             eps_prime = (eps + eps_next) / 2
         x = _ddim_update(x, eps_prime, eps_prime, step)
         previous = [*previous, eps][-3:]
@@ -391,7 +415,7 @@ def _weighted(
     """Σ_k w_k·D_k over the stacked differences (dim 1), or 0 when there are none."""
     if weights is None or diffs is None:
         return 0
-    return torch.einsum("k,bk...->b...", weights.to(device=like.device, dtype=like.dtype), diffs)
+    return torch.einsum("k,bk...->b...", rng.to_device(weights, like.device, like.dtype), diffs)
 
 
 @dataclass(frozen=True)
@@ -399,10 +423,12 @@ class _UniPCEnv:
     vp: _VPSchedule
     variant: str
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ctx: SamplingContext
 
-    def data_prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x̂0 = (x − σ_t·ε)/α_t with ε from one CFG-denoiser call at t's UNet timestep."""
-        eps = self.model(x, _t_batch(self.vp.unet_timestep(t), x))
+    def data_prediction(self, x: torch.Tensor, t: torch.Tensor, unet_t: float) -> torch.Tensor:
+        """x̂0 = (x − σ_t·ε)/α_t with ε from one CFG-denoiser call at t's UNet timestep
+        ``unet_t`` (its host value, from :meth:`_VPSchedule.unet_timestep`)."""
+        eps = _eps_call(self.ctx, self.model, x, unet_t)
         return (x - self.vp.std(t) * eps) / self.vp.alpha(t)
 
 
@@ -425,7 +451,7 @@ def _corrector_weights(c: _UniPCCoefficients, order: int) -> torch.Tensor:
 def _unipc_update(
     x: torch.Tensor,
     history: list[tuple[torch.Tensor, torch.Tensor]],
-    t: torch.Tensor,
+    t: tuple[torch.Tensor, float],
     order: int,
     use_corrector: bool,
     env: _UniPCEnv,
@@ -433,8 +459,9 @@ def _unipc_update(
     """One UniP-p predictor step to t, then (unless last) the UniC corrector with the model at t.
 
     Returns the new latent and the data prediction evaluated on the *predicted* latent,
-    which is what the history keeps.
+    which is what the history keeps. ``t`` is the time with its UNet timestep's host value.
     """
+    t, unet_t = t
     times = [s for s, _ in history]
     c = _unipc_coefficients(env.vp, times, t, order, env.variant)
     m0 = history[-1][1]
@@ -447,7 +474,7 @@ def _unipc_update(
     if not use_corrector:
         return x_t, None
     rhos_c = _corrector_weights(c, order)
-    model_t = env.data_prediction(x_t, t)
+    model_t = env.data_prediction(x_t, t, unet_t)
     correction = _weighted(rhos_c[:-1], diffs, x) + rhos_c[-1] * (model_t - m0)
     return base - c.alpha_t * c.b_h * correction, model_t
 
@@ -473,16 +500,19 @@ def unipc(x: torch.Tensor, timesteps: Sequence[int], ctx: SamplingContext) -> to
     settings = _UniPCSettings.from_ctx(ctx)
     alphas = _alphas(ctx)
     ts = _check_timesteps(timesteps, alphas.numel())
-    env = _UniPCEnv(vp=_VPSchedule.from_alphas(alphas), variant=settings.variant, model=_eps_model(ctx))
+    env = _UniPCEnv(
+        vp=_VPSchedule.from_alphas(alphas), variant=settings.variant, model=_eps_model(ctx), ctx=ctx
+    )
     steps = len(ts)
     order = min(settings.order, steps)
     if order < settings.order:
         logger.debug("UniPC order %d lowered to the %d steps", settings.order, steps)
     times = _unipc_times(env.vp, steps, _unipc_start(ts, settings), settings.skip_type)
-    history = [(times[0], env.data_prediction(x, times[0]))]
+    unet_ts = env.vp.unet_timestep(times).tolist()  # the UNet timesteps' host values, once
+    history = [(times[0], env.data_prediction(x, times[0], unet_ts[0]))]
     for step in range(1, steps + 1):
         step_order = _unipc_step_order(step, steps, order, settings.lower_order_final)
-        x, model_x = _unipc_update(x, history, times[step], step_order, step < steps, env)
+        x, model_x = _unipc_update(x, history, (times[step], unet_ts[step]), step_order, step < steps, env)
         if model_x is not None:
             history = [*history, (times[step], model_x)][-order:]
         ctx.step(step - 1, steps)

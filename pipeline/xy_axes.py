@@ -19,8 +19,6 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 from pipeline.errors import AxisValueError
 
 logger = logging.getLogger(__name__)
@@ -332,6 +330,8 @@ def _int_count(captures: _Captures, out: _Collector) -> None:
     """``A-B [N]`` on an int axis: N evenly spaced points, truncated toward zero."""
     start, end = int(captures[0]), int(captures[1])
     count = _linspace_count(captures[2], out)
+    import numpy as np  # only ranges need numpy (the bot imports this module at start)
+
     out.extend([int(x) for x in np.linspace(start=start, stop=end, num=count).tolist()])
 
 
@@ -346,12 +346,16 @@ def _float_range(captures: _Captures, out: _Collector) -> None:
     if not math.isfinite(length):
         raise AxisTextError("axis range is too long", "too_long")
     out.reserve(max(0, math.ceil(length)))
+    import numpy as np
+
     out.extend(np.arange(start, stop, step).tolist())
 
 
 def _float_count(captures: _Captures, out: _Collector) -> None:
     start, end = float(captures[0]), float(captures[1])
     count = _linspace_count(captures[2], out)
+    import numpy as np
+
     out.extend(np.linspace(start=start, stop=end, num=count).tolist())
 
 
@@ -371,6 +375,8 @@ def _expand_numeric(kind: AxisKind, values: list[str], max_values: int) -> list[
         for shape, expand in _NUMERIC_SHAPES[kind]:
             captures = shape.match(value)
             if captures is not None:
+                import numpy as np
+
                 # Overflowing ranges give inf/nan values in A1111 too; keep them quiet here.
                 try:
                     with np.errstate(all="ignore"):

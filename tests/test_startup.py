@@ -1,0 +1,79 @@
+"""What a command loads before it does its work (issue 16): each imports the third-party
+packages it needs when it runs, so the commands that never touch the engine or a chat
+platform start without torch, diffusers, transformers, discord.py, python-telegram-bot
+or procrastinate, and ``atelier --help`` without any third-party package at all.
+
+Each check runs in a fresh interpreter and reads ``sys.modules`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ENGINE_AND_CHAT = {"torch", "diffusers", "transformers", "discord", "telegram", "procrastinate"}
+# what the CLI module itself must not pull in: everything a command may need later
+EVERY_HEAVY = ENGINE_AND_CHAT | {"pydantic", "sqlalchemy", "alembic", "pluggy", "numpy", "PIL", "aiosqlite"}
+
+REPORT = """
+import json, sys
+{body}
+print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}})))
+"""
+
+RUN_CLI = """
+from bot.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+assert code in (0, None), code
+"""
+
+
+def _loaded(body: str) -> set[str]:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}  # no ATELIER_* variables, no tokens
+    result = subprocess.run(
+        [sys.executable, "-c", REPORT.format(body=body)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def _config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[bot]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    return config
+
+
+def test_importing_the_cli_loads_no_third_party_package() -> None:
+    leaked = _loaded("import bot.cli") & EVERY_HEAVY
+    assert not leaked, leaked
+
+
+def test_help_loads_no_third_party_package() -> None:
+    leaked = _loaded(RUN_CLI.format(argv=["--help"])) & EVERY_HEAVY
+    assert not leaked, leaked
+
+
+def test_db_upgrade_loads_no_engine_or_chat_library(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path)), "db", "upgrade"]
+    loaded = _loaded(RUN_CLI.format(argv=argv))
+    assert "alembic" in loaded  # it did run the migrations
+    leaked = loaded & (ENGINE_AND_CHAT | {"numpy", "PIL"})
+    assert not leaked, leaked
+
+
+def test_listing_plugins_loads_no_engine_or_chat_library(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path)), "plugins"]
+    leaked = _loaded(RUN_CLI.format(argv=argv)) & (ENGINE_AND_CHAT | {"numpy"})
+    assert not leaked, leaked
