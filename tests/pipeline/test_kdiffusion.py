@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from pipeline import kdiffusion
+from pipeline import kdiffusion, kdiffusion_dpm, kdiffusion_restart
 from pipeline.kdiffusion import SAMPLERS, BrownianNoiseSampler, get_ancestral_step
 from pipeline.rng import ImageRNG
 from pipeline.samplers import list_samplers, sigma_schedule
@@ -282,7 +282,7 @@ def test_dpm_fast_spends_exactly_n_calls_from_sigma_max_to_sigma_min() -> None:
         ("DPM++ 2S a", lambda n: n - 1),
         ("LCM", lambda n: n - 1),
         ("DPM2 a", lambda n: n - 1),  # none on the final step to σ = 0 (σ_down = 0)
-        ("DPM fast", lambda n: len(kdiffusion._fast_orders(n))),  # after every solver step
+        ("DPM fast", lambda n: len(kdiffusion_dpm._fast_orders(n))),  # after every solver step
         ("Euler", lambda n: n),  # one at the start of every step, churn or not
         ("Heun", lambda n: n),
         ("DPM2", lambda n: n),
@@ -300,7 +300,7 @@ def test_ancestral_samplers_draw_even_at_eta_zero() -> None:
     """The draw happens whatever σ_up is, so η does not shift the noise stream."""
     assert run("Euler a", 8, eta=0.0).draws == 7
     assert run("DPM2 a", 8, "Karras", eta=0.0).draws == 7
-    assert run("DPM fast", 8, eta=0.0).draws == len(kdiffusion._fast_orders(8))
+    assert run("DPM fast", 8, eta=0.0).draws == len(kdiffusion_dpm._fast_orders(8))
 
 
 def test_euler_a_draws_on_the_last_step_when_the_schedule_ends_above_zero() -> None:
@@ -352,7 +352,7 @@ def test_progress_is_reported_once_per_sampler_step(name: str) -> None:
         assert all(total > i for i, total in result.steps)
         assert result.steps[-1][1] == attempts
     elif name == "DPM fast":
-        total = len(kdiffusion._fast_orders(steps))
+        total = len(kdiffusion_dpm._fast_orders(steps))
         assert result.steps == [(i, total) for i in range(total)]
     else:
         assert result.steps == [(i, steps) for i in range(steps)]
@@ -437,12 +437,12 @@ def test_dpmpp_2m_sde_solver_types() -> None:
 
 def test_restart_plan_matches_the_default_restart_list() -> None:
     sigmas = sigma_schedule("Restart", "Karras", 10).sigmas
-    assert [(float(a), float(b)) for a, b in kdiffusion._restart_plan(sigmas)] == [
+    assert [(float(a), float(b)) for a, b in kdiffusion_restart._restart_plan(sigmas)] == [
         (float(sigmas[i]), float(sigmas[i + 1])) for i in range(10)
     ]
     for steps, restart_steps, times in ((20, 9, 1), (36, 9, 2), (40, 10, 2)):
         sigmas = sigma_schedule("Restart", "Karras", steps).sigmas
-        plan = kdiffusion._restart_plan(sigmas)
+        plan = kdiffusion_restart._restart_plan(sigmas)
         assert len(plan) == steps
         ups = [k for k in range(1, len(plan)) if float(plan[k][0]) > float(plan[k - 1][1])]
         assert len(ups) == times
@@ -457,7 +457,7 @@ def test_restart_plan_matches_the_default_restart_list() -> None:
         # Outside the restarts: Karras rebuilt with steps − restart_steps·times steps
         # between the given schedule's sigmas[-2] and sigmas[0].
         main = plan[: ups[0]] + plan[ups[0] + restart_steps * times :]
-        rebuilt = kdiffusion._karras(
+        rebuilt = kdiffusion_restart._karras(
             steps - restart_steps * times, float(sigmas[-2]), float(sigmas[0]), torch.device("cpu")
         )
         assert [float(a) for a, _ in main] + [float(main[-1][1])] == rebuilt.tolist()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pipeline import kdiffusion, samplers, timestep_samplers
+from pipeline import kdiffusion, kdiffusion_dpm, samplers, timestep_samplers
 from pipeline.samplers import sigma_schedule
 from pipeline.sampling import SamplingContext
 from tests.pipeline.test_timestep_samplers import ALPHAS
@@ -113,7 +113,7 @@ K_EXPECTED: dict[str, tuple[Callable[[int], int], Callable[[int], int]]] = {
     # rule 4: "DPM2 a: one draw per step whose σ_down ≠ 0 ... none on the final step to 0"
     "DPM2 a": (lambda n: n - 1, lambda n: 2 * n - 1),
     # rule 4: "DPM fast: one draw after every solver step"; n model calls in all
-    "DPM fast": (lambda n: len(kdiffusion._fast_orders(n)), lambda n: n),
+    "DPM fast": (lambda n: len(kdiffusion_dpm._fast_orders(n)), lambda n: n),
     # rule 4: "LMS, DPM++ 2M ... and the four Brownian samplers: none"
     "LMS": (lambda n: 0, lambda n: n),
     "DPM++ 2M": (lambda n: 0, lambda n: n),
@@ -166,13 +166,13 @@ def test_dpm_adaptive_draws_once_per_accepted_step(
 ) -> None:
     """Rule 4: "DPM adaptive: one after every accepted step", at eta 0 too; 3 calls an attempt."""
     decisions: list[bool] = []
-    propose = kdiffusion._PIDStepSize.propose_step
+    propose = kdiffusion_dpm._PIDStepSize.propose_step
 
-    def recording(self: kdiffusion._PIDStepSize, error: torch.Tensor) -> bool:
+    def recording(self: kdiffusion_dpm._PIDStepSize, error: torch.Tensor) -> bool:
         decisions.append(propose(self, error))
         return decisions[-1]
 
-    monkeypatch.setattr(kdiffusion._PIDStepSize, "propose_step", recording)
+    monkeypatch.setattr(kdiffusion_dpm._PIDStepSize, "propose_step", recording)
     counts = run_k("DPM adaptive", 10, eta=eta)
     assert counts.draws == sum(decisions) > 0
     assert counts.calls == 3 * len(decisions)
