@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Hashable
 from typing import Any
 
 from pipeline.queue.base import Job, JobListener
@@ -15,8 +16,9 @@ class Launch:
     """Jobs handed to a device's thread ahead of time. The thread begins them unless the
     loop withdrew them first; the lock makes the two exclusive."""
 
-    def __init__(self, jobs: list[Job]) -> None:
+    def __init__(self, jobs: list[Job], key: Hashable | None = None) -> None:
         self.jobs = jobs
+        self.key = key  # the batch key its jobs share; None: not batched
         self._lock = threading.Lock()
         self._state = "handed"
 
@@ -27,6 +29,10 @@ class Launch:
     @property
     def begun(self) -> bool:
         return self._state == "begun"
+
+    @property
+    def withdrawn(self) -> bool:
+        return self._state == "withdrawn"
 
     def withdraw(self) -> bool:
         """The loop: True if the device will not run them."""

@@ -32,7 +32,8 @@ Nor does it wait on the event loop: with one device, while a job runs its worker
 next one (with its batch) to the device's thread, which begins it the moment the current
 one returns, however busy the loop is. Until the device begins it, that job still waits
 here: its position is unchanged, it is claimed (``job_started``) only once it has begun,
-and a cancel or a newcomer that ranks before it takes it back. With several devices a job
+and a cancel, a newcomer that ranks before it, or one that can join its batch takes it
+back (the batch is formed again). With several devices a job
 waits for whichever device frees first, so nothing is handed on ahead.
 """
 
@@ -46,6 +47,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
@@ -55,6 +57,20 @@ from pipeline.request import GenerationRequest
 log = logging.getLogger(__name__)
 
 End = tuple[Job, Callable[[], Awaitable[None]]]  # a job that left the device, and how it ends
+
+
+@dataclass
+class _Run:
+    """A device call in flight: its jobs, the task that runs them, and for prefetched jobs
+    their launch."""
+
+    jobs: list[Job]
+    task: asyncio.Task[list[End] | None]
+    launch: Launch | None = None
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.launch is not None and self.launch.withdrawn
 
 
 class LocalQueue:
@@ -115,8 +131,8 @@ class LocalQueue:
         self._sort_keys[job.id] = key
         bisect.insort(self._order, key)
         for launch in set(self._prefetched.values()):
-            if self._sort_keys[launch.jobs[0].id] > key:  # the newcomer goes first
-                self._withdraw(launch)
+            if self._sort_keys[launch.jobs[0].id] > key or self._joins(job, launch):
+                self._withdraw(launch)  # formed again: the newcomer goes first, or joins it
         self._notify()
         return self._position(job.id) or 1
 
@@ -349,22 +365,24 @@ class LocalQueue:
             except Exception:  # the first job will say what is wrong with it
                 log.warning("warming up %s failed", self.warm_up, exc_info=True)
         pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
-        runs: deque[tuple[list[Job], asyncio.Task[list[End] | None]]] = deque()  # device calls, oldest first
+        runs: deque[_Run] = deque()  # device calls, oldest first
         while True:
             pending = [task for task in pending if not task.done()]
-            busy = len(runs) == 1 and not runs[0][1].done()
+            live = [run for run in runs if not run.withdrawn]  # a withdrawn one only passes
+            busy = len(live) == 1 and not live[0].task.done()
             if busy and len(self.runners) == 1 and not self._stopping:  # hand the device its next job
                 if not self._has_runnable():  # one that comes meanwhile goes next
-                    await self._first_of(runs[0][1])
-                elif len(pending) + len(runs) >= self.max_finishing:  # each run in flight ends too
-                    await asyncio.wait({runs[0][1]})
+                    await self._first_of(live[0].task)
+                elif len(pending) + len(live) >= self.max_finishing:  # each run in flight ends too
+                    await asyncio.wait({live[0].task})
                 else:
                     jobs = self._prefetch(runner, batches)
-                    ahead = self._device_call(jobs, runner, executor, ahead=True)
-                    runs.append((jobs, asyncio.create_task(ahead)))
+                    launch = self._prefetched[jobs[0].id]
+                    ahead = self._device_call(jobs, runner, executor, launch=launch)
+                    runs.append(_Run(jobs, asyncio.create_task(ahead), launch))
                 continue
             if runs:
-                jobs, run = runs.popleft()
+                jobs, run = runs[0].jobs, runs.popleft().task
                 ends = await run
                 if ends is None:  # withdrawn before the device began it: the jobs wait again
                     continue
@@ -386,7 +404,7 @@ class LocalQueue:
             jobs = await self._next(runner, batches)
             if not jobs:
                 return
-            runs.append((jobs, asyncio.create_task(self._device_call(jobs, runner, executor))))
+            runs.append(_Run(jobs, asyncio.create_task(self._device_call(jobs, runner, executor))))
 
     def _prefetch(self, runner: Runner, batches: bool) -> list[Job]:
         """Hand the next job (and what joins its batch) to the device's thread while its
@@ -396,12 +414,21 @@ class LocalQueue:
         whichever device frees first)."""
         head = self._pick(runner)
         jobs = [head]
-        launch = Launch(jobs)
-        self._prefetched[head.id] = launch
         key = self._key(head) if batches and self.max_batch > 1 else None
+        launch = Launch(jobs, key)
+        self._prefetched[head.id] = launch
         if key is not None:
             self._join_batch(jobs, key, hold=lambda job: self._prefetched.__setitem__(job.id, launch))
         return jobs
+
+    def _joins(self, job: Job, launch: Launch) -> bool:
+        """Whether ``job`` could share the batch of prefetched ``launch``."""
+        if (
+            launch.key is None
+            or self._images(launch.jobs) + job.request.num_images_per_prompt > self.max_batch
+        ):
+            return False
+        return self._key(job) == launch.key
 
     def _withdraw(self, launch: Launch) -> bool:
         """Take prefetched jobs back from the device's thread; False when it began them."""
@@ -434,11 +461,10 @@ class LocalQueue:
             waiter.cancel()
 
     async def _device_call(
-        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, *, ahead: bool = False
+        self, jobs: list[Job], runner: Runner, executor: ThreadPoolExecutor, *, launch: Launch | None = None
     ) -> list[End] | None:
         """Run ``jobs`` on the device (one job, or a micro-batch); how each one ends, or
-        None when prefetched (``ahead``) jobs were withdrawn before the device began them."""
-        launch = self._prefetched.get(jobs[0].id) if ahead else None
+        None when prefetched ones (``launch``) were withdrawn before the device began them."""
         ends: list[End] = []
         try:
             if len(jobs) == 1:

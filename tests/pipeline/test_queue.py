@@ -534,6 +534,25 @@ async def test_a_batch_waits_for_its_window_only_until_it_is_full() -> None:
     assert runner.calls == [[1, 2]]
 
 
+async def test_a_job_that_comes_while_the_next_batch_is_handed_on_still_joins_it() -> None:
+    runner, recorder = BatchRunner(), ResultRecorder()
+    queue = LocalQueue([runner], recorder, max_batch=4, batch_window=0, batch_key=_compatible)
+    await queue.start()
+    try:
+        await queue.put(_batch_job("a", 1, "alone"))  # the device is busy with it
+        await asyncio.sleep(0.05)
+        await queue.put(_batch_job("b", 2))  # handed to the device's thread, alone
+        await asyncio.sleep(0.05)
+        await queue.put(_batch_job("c", 3))  # can share b2's batch: it is formed again
+        await queue.put(_batch_job("d", 4, "other"))  # cannot: it waits for the next call
+        await _drain(runner, queue, 3)
+    finally:
+        for _ in range(4):  # a call more than expected ends too, so a failure is not a hang
+            runner.gate.release()
+        await queue.stop()
+    assert runner.calls == [[1], [2, 3], [4]]
+
+
 async def test_one_bad_request_fails_alone_and_a_cancelled_member_is_stopped() -> None:
     runner, recorder = BatchRunner(), ResultRecorder()
     queue = LocalQueue([runner], recorder, max_batch=8, batch_window=0, batch_key=_compatible)
