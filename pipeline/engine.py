@@ -24,8 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,6 @@ import torch
 
 from pipeline import (
     batching,
-    clip,
     conditioning,
     edit_model,
     extra_networks,
@@ -43,7 +41,6 @@ from pipeline import (
     latents,
     memory,
     oom,
-    previews,
     rng,
     sampler_args,
     samplers,
@@ -51,24 +48,29 @@ from pipeline import (
     timestep_samplers,
     vae,
 )
-from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointInfo, CheckpointLibrary
-from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, Guidance, lcm_sigma_to_timestep, sd_alphas_cumprod
+from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointLibrary
+from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
 from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
 from pipeline.errors import EditModelNeedsImage, GenerationCancelled
 from pipeline.hashing import short_hash
+from pipeline.latents import _noised_at_timestep
+from pipeline.loaded_model import _LoadedModel, _SeparateVae, _vae_swapped
 from pipeline.networks import ActiveNetworks, NetworkLibrary
 from pipeline.passes import (
     LATENT_FACTOR,
     TIMESTEP_SAMPLERS,
     PassPlan,
     SamplingPass,
+    _guidance,
+    _note,
     eta_fields,
     plan_passes,
     schedule_fields,
     schedule_overrides,
 )
+from pipeline.progress import BatchPreviewCallback, ProgressCallback, StopCheck, _Progress
 from pipeline.request import GeneratedImage, GenerationRequest, GenerationResult
-from pipeline.sampling import SamplingContext, StepCallback
+from pipeline.sampling import SamplingContext
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -78,11 +80,7 @@ logger = logging.getLogger(__name__)
 VERSION = "v1.10.1"
 LATENT_CHANNELS = 4
 
-ProgressCallback = Callable[[int, int], None]
 PreviewCallback = Callable[[int, bytes], None]  # (user step, PNG bytes of the batch's preview)
-# a micro-batch's previews: (user step, one PNG per request, in order)
-BatchPreviewCallback = Callable[[int, list[bytes]], None]
-StopCheck = Callable[[], bool]
 SamplerLoop = Callable[..., torch.Tensor]
 
 
@@ -94,178 +92,12 @@ def sampler_loop(name: str) -> SamplerLoop:
 
 
 # --------------------------------------------------------------------------------------
-# Progress and cancellation
-
-
-class _Progress:
-    """Maps each pass's sampler steps onto the user's steps and checks for cancellation.
-
-    ``total`` is what the user asked for: the steps, plus the hires steps when the hires
-    fix runs. A pass covering user steps ``offset+1 … offset+length`` reports its sampler
-    step ``index`` of ``count`` as ``offset + (index+1)·length // count``; only increases
-    are reported.
-    """
-
-    def __init__(
-        self,
-        total: int,
-        on_progress: ProgressCallback | None,
-        should_stop: StopCheck | None,
-        on_preview: BatchPreviewCallback | None = None,
-        preview_every: int = 0,
-        sizes: Sequence[int] = (),
-    ):
-        self.total = total
-        self.sizes = list(sizes)  # images per member of a micro-batch: one preview each
-        self.on_progress = on_progress
-        self.should_stop = should_stop
-        self.reported = 0
-        # A preview every ``preview_every`` user steps (0: none), made before the progress
-        # report of that step so both can travel together; the last step gets none (the
-        # result follows at once).
-        self.on_preview = on_preview if preview_every > 0 else None
-        self.preview_every = preview_every
-        self.previewed = 0
-        self._latents: Callable[[], torch.Tensor | None] | None = None
-        self._sdxl = False
-
-    def previews_from(self, latents: Callable[[], torch.Tensor | None], *, sdxl: bool) -> None:
-        """Where the current pass's denoised latents come from (its denoiser)."""
-        self._latents, self._sdxl = latents, sdxl
-
-    def stop_requested(self) -> bool:
-        return self.should_stop is not None and bool(self.should_stop())
-
-    def check(self) -> None:
-        if self.stop_requested():
-            raise GenerationCancelled()
-
-    def report(self, step: int) -> None:
-        step = min(step, self.total)
-        if step <= self.reported:
-            return
-        first, self.reported = self.reported + 1, step
-        if self.on_preview is not None and step < self.total and step - self.previewed >= self.preview_every:
-            self._preview(step)
-        if self.on_progress is not None:
-            # A pass with fewer sampler steps than user steps (DDIM's schedule, img2img's
-            # denoising share) jumps ahead; users still see every step, up to the total.
-            for passed in range(first, step + 1):
-                self.on_progress(passed, self.total)
-
-    def _preview(self, step: int) -> None:
-        latents = self._latents() if self._latents is not None else None
-        if latents is None:
-            return
-        self.previewed = step
-        try:
-            parts = latents.split(self.sizes) if self.sizes else [latents]
-            pngs = [previews.batch_preview_png(part, sdxl=self._sdxl) for part in parts]
-        except Exception:  # a preview is a nicety: the job goes on without them
-            logger.exception("live preview failed; no more previews for this job")
-            self.on_preview = None
-            return
-        assert self.on_preview is not None
-        self.on_preview(step, pngs)
-
-    def finish(self) -> None:
-        self.report(self.total)
-
-    def span(self, offset: int, length: int) -> StepCallback:
-        def on_step(index: int, count: int) -> None:
-            self.report(offset + (index + 1) * length // max(count, 1))
-            if self.reported < self.total:
-                self.check()
-
-        return on_step
-
-
-# --------------------------------------------------------------------------------------
-# A loaded checkpoint and what the engine caches for it
+# What the engine keeps per loaded checkpoint
 
 _Member = tuple[GenerationRequest, PassPlan]  # a request of a (micro-)batch and its passes
 
-
-_CHUNK_CACHE_SIZE = 64
 # Separate VAEs kept loaded (each is ~160 MB for SD); an override is usually reused.
 _VAE_CACHE_SIZE = 2
-
-
-@dataclass(frozen=True)
-class _SeparateVae:
-    """A VAE file loaded for this engine's device, with what the infotext says about it."""
-
-    path: Path
-    model: Any  # diffusers AutoencoderKL
-    short_hash: str
-
-    @property
-    def infotext_fields(self) -> dict[str, str]:
-        return {"vae_hash": self.short_hash, "vae_name": self.path.name}
-
-
-@dataclass
-class _LoadedModel:
-    """A checkpoint prepared for this engine's device, with what is worth keeping per model:
-    the chunked token ids of recent prompts (rerolls and batches repeat prompts; encoder
-    outputs are not cached, since networks applied later may change the text encoder)."""
-
-    info: CheckpointInfo
-    pipe: StableDiffusionPipeline
-    base_scheduler_config: Any
-    embeddings: EmbeddingDatabase | None = None
-    unet: Any = None  # what the sampler calls: ``pipe.unet``, or its compiled form
-    chunks: OrderedDict[tuple[int, str], list[clip.PromptChunk]] = field(default_factory=OrderedDict)
-    _lookup: tuple[int, Any] | None = None
-
-    @property
-    def prediction_type(self) -> str:
-        return dict(self.base_scheduler_config).get("prediction_type", "epsilon")
-
-    @property
-    def is_sdxl(self) -> bool:
-        return sdxl.is_sdxl(self.pipe)
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.pipe.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-
-    def embedding_lookup(self) -> Any:
-        """Textual-inversion matching for this model's tokenizer and width (None: no embeddings)."""
-        if self.embeddings is None:
-            return None
-        version = self.embeddings.version
-        if self._lookup is None or self._lookup[0] != version:
-            width = sdxl.text_widths(self.pipe) if self.is_sdxl else self.pipe.text_encoder.config.hidden_size
-            self._lookup = (version, self.embeddings.lookup(self.tokenize, hidden_size=width))
-        return self._lookup[1]
-
-    def chunk(self, text: str) -> list[clip.PromptChunk]:
-        key = (self.embeddings.version if self.embeddings is not None else 0, text)
-        cached = self.chunks.get(key)
-        if cached is not None:
-            self.chunks.move_to_end(key)
-            return cached
-        chunks, _count = clip.chunk_prompt(text, self.tokenize, embeddings=self.embedding_lookup())
-        self.chunks[key] = chunks
-        if len(self.chunks) > _CHUNK_CACHE_SIZE:
-            self.chunks.popitem(last=False)
-        return chunks
-
-    def encode_raw(self, chunks: list[clip.PromptChunk], clip_skip: int) -> Any:
-        """``(1, 77*k, C)`` unweighted encoder output (both encoders' for SDXL, where clip skip
-        does nothing); emphasis is normalised by the caller over every text encoded together
-        (``pipeline.conditioning``)."""
-        if self.is_sdxl:
-            return sdxl.encode_raw(self.pipe, chunks)
-        return clip.encode_chunks(
-            self.pipe.text_encoder, chunks, clip_skip=clip_skip, emphasis="Ignore", pad_id=self.pad_id
-        )
-
-    @property
-    def pad_id(self) -> int | None:
-        """SD2-style tokenizers pad with their own id after the first EOS; SD1 pads with EOS."""
-        pad = self.pipe.tokenizer.pad_token_id
-        return None if pad in (None, clip.EOS_ID) else pad
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -769,43 +601,3 @@ class Engine:
             )
             texts.append(infotext.format(params))
         return texts
-
-
-def _guidance(request: GenerationRequest, total_steps: int) -> Guidance:
-    return Guidance(
-        ngms=request.s_min_uncond,
-        ngms_all_steps=request.s_min_uncond_all,
-        skip_early=request.skip_early_cond,
-        total_steps=total_steps,
-        pad_conds=request.pad_cond_uncond,
-        pad_conds_v0=request.pad_cond_uncond_v0,
-    )
-
-
-def _note(notes: list[dict[str, Any]], members: list[CFGDenoiser]) -> None:
-    """Each member's infotext fields of this pass, added to what earlier passes noted."""
-    for noted, member in zip(notes, members, strict=True):
-        noted.update(member.infotext_fields)
-
-
-@contextlib.contextmanager
-def _vae_swapped(pipe: StableDiffusionPipeline, separate: _SeparateVae | None) -> Iterator[None]:
-    """``pipe`` decodes and encodes with ``separate`` inside the block; its own VAE is put
-    back however the block ends, so the next request without an override is unaffected."""
-    if separate is None:
-        yield
-        return
-    original = pipe.vae
-    pipe.vae = separate.model
-    try:
-        yield
-    finally:
-        pipe.vae = original
-
-
-def _noised_at_timestep(
-    start: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int
-) -> torch.Tensor:
-    """The timestep samplers' equivalent of ``x0 + noise·σ``: ``√ᾱ·x0 + √(1−ᾱ)·noise``."""
-    alpha = float(alphas_cumprod[timestep])
-    return start * alpha**0.5 + noise * (1 - alpha) ** 0.5

@@ -56,6 +56,14 @@ def hires_plan(steps: int, denoise: float) -> StepPlan:
     return StepPlan(schedule_steps=int(steps / strength), run_steps=steps)
 
 
+def _noised_at_timestep(
+    start: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int
+) -> torch.Tensor:
+    """The timestep samplers' equivalent of ``x0 + noise·σ``: ``√ᾱ·x0 + √(1−ᾱ)·noise``."""
+    alpha = float(alphas_cumprod[timestep])
+    return start * alpha**0.5 + noise * (1 - alpha) ** 0.5
+
+
 def load_init_image(path: str | Path, width: int, height: int) -> Any:
     """The init image as RGB at the request size, A1111's "Just resize" (Lanczos, no crop)."""
     from PIL import Image

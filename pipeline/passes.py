@@ -1,5 +1,6 @@
 """What one request runs: its sampling passes (the first, and the hires fix) and the
-infotext fields the passes' sampler and schedule add (A1111-SEMANTICS.md §9.3, §9.6).
+infotext fields the passes' sampler and schedule add (A1111-SEMANTICS.md §9.3, §9.6);
+a pass's CFG guidance settings and the infotext fields its denoisers note.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import hires, latents, samplers
+from pipeline.denoiser import CFGDenoiser, Guidance
 from pipeline.request import GenerationRequest
 
 TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
@@ -166,3 +168,20 @@ def eta_fields(sampler: str, eta: float | None) -> dict[str, Any]:
     if sampler in _ETA_SAMPLERS and eta != 1:
         return {"Eta": eta}
     return {}
+
+
+def _guidance(request: GenerationRequest, total_steps: int) -> Guidance:
+    return Guidance(
+        ngms=request.s_min_uncond,
+        ngms_all_steps=request.s_min_uncond_all,
+        skip_early=request.skip_early_cond,
+        total_steps=total_steps,
+        pad_conds=request.pad_cond_uncond,
+        pad_conds_v0=request.pad_cond_uncond_v0,
+    )
+
+
+def _note(notes: list[dict[str, Any]], members: list[CFGDenoiser]) -> None:
+    """Each member's infotext fields of this pass, added to what earlier passes noted."""
+    for noted, member in zip(notes, members, strict=True):
+        noted.update(member.infotext_fields)
