@@ -409,9 +409,9 @@ class LocalQueue:
     def _prefetch(self, runner: Runner, batches: bool) -> list[Job]:
         """Hand the next job (and what joins its batch) to the device's thread while its
         current one runs, so the device goes on without waiting for the event loop. Until
-        the device begins them they still wait here: a cancel, or a newcomer that ranks
-        before them, withdraws them. With one device only (with several, a job waits for
-        whichever device frees first)."""
+        the device begins them they still wait here: a cancel, a newcomer that ranks before
+        them or one that can join their batch withdraws them. With one device only (with
+        several, a job waits for whichever device frees first)."""
         head = self._pick(runner)
         jobs = [head]
         key = self._key(head) if batches and self.max_batch > 1 else None
