@@ -171,6 +171,11 @@ def test_downcast_alphas_cumprod_builds_the_table_from_float16() -> None:
 
 SIZE = 64
 LONG_PROMPT = "a cat, " * 20  # two chunks with the tiny byte-level tokenizer; the negative has one
+# Padding an empty negative repeats its own chunk, which attention cannot tell from one
+# copy (only float rounding differs); a non-empty one is padded with the empty prompt's
+# chunk, which changes what the uncond attends to.
+NEGATIVE = "blurry, lowres"
+CONTEXT = ("prompt", "negative_prompt")  # what a case's plain image shares with it
 
 
 def _request(**changes) -> GenerationRequest:
@@ -187,10 +192,11 @@ def _pixels(result) -> np.ndarray:
 _PLAIN: dict[str, object] = {}
 
 
-def _plain(engine, prompt: str = "a cat"):
-    if prompt not in _PLAIN:
-        _PLAIN[prompt] = engine.generate(_request(prompt=prompt))
-    return _PLAIN[prompt]
+def _plain(engine, **context: str):
+    key = repr(sorted(context.items()))
+    if key not in _PLAIN:
+        _PLAIN[key] = engine.generate(_request(**context))
+    return _PLAIN[key]
 
 
 CASES = [
@@ -201,9 +207,15 @@ CASES = [
         id="ngms-all-steps",
     ),
     pytest.param({"skip_early_cond": 0.5}, {"Skip Early CFG": "0.5"}, id="skip-early-cfg"),
-    pytest.param({"pad_cond_uncond": True, "prompt": LONG_PROMPT}, {"Pad conds": "True"}, id="pad-conds"),
     pytest.param(
-        {"pad_cond_uncond_v0": True, "prompt": LONG_PROMPT}, {"Pad conds v0": "True"}, id="pad-conds-v0"
+        {"pad_cond_uncond": True, "prompt": LONG_PROMPT, "negative_prompt": NEGATIVE},
+        {"Pad conds": "True"},
+        id="pad-conds",
+    ),
+    pytest.param(
+        {"pad_cond_uncond_v0": True, "prompt": LONG_PROMPT, "negative_prompt": NEGATIVE},
+        {"Pad conds v0": "True"},
+        id="pad-conds-v0",
     ),
     pytest.param({"downcast_alphas_cumprod": True}, {"Downcast alphas_cumprod": "True"}, id="downcast"),
 ]
@@ -211,8 +223,8 @@ CASES = [
 
 @pytest.mark.parametrize(("changes", "fields"), CASES)
 def test_each_setting_changes_the_image_is_written_and_a_paste_reproduces_it(engine, changes, fields) -> None:
-    prompt = changes.get("prompt", "a cat")
-    plain = _plain(engine, prompt)
+    context = {key: value for key, value in changes.items() if key in CONTEXT}
+    plain = _plain(engine, **context)
     request = _request(**changes)
     changed = engine.generate(request)
     assert not np.array_equal(_pixels(plain), _pixels(changed))
@@ -220,7 +232,7 @@ def test_each_setting_changes_the_image_is_written_and_a_paste_reproduces_it(eng
     assert {key: parsed.get(key) for key in fields} == fields
     assert not set(fields) & set(infotext.parse(plain.images[0].infotext))
     _, options = options_from_infotext(changed.images[0].infotext, None, with_model=False)
-    pasted = _request(prompt=prompt).replace(
+    pasted = _request(**context).replace(
         **{field: convert(options[name]) for name, field, convert in GUIDANCE_OPTIONS if name in options}
     )
     assert pasted == request  # the same request: the same pixels (shown once below)
