@@ -175,7 +175,7 @@ LONG_PROMPT = "a cat, " * 20  # two chunks with the tiny byte-level tokenizer; t
 # copy (only float rounding differs); a non-empty one is padded with the empty prompt's
 # chunk, which changes what the uncond attends to.
 NEGATIVE = "blurry, lowres"
-CONTEXT = ("prompt", "negative_prompt")  # what a case's plain image shares with it
+CONTEXT = ("prompt", "negative_prompt", "num_inference_steps")  # what a case's plain image shares
 
 
 def _request(**changes) -> GenerationRequest:
@@ -200,10 +200,12 @@ def _plain(engine, **context: str):
 
 
 CASES = [
-    pytest.param({"s_min_uncond": 10.0}, {"NGMS": "10.0"}, id="ngms"),
+    # NGMS above every σ of 6 steps: three (or all six) calls go without the negative, so
+    # the change is well clear of any CPU's rounding (one call at σ 1.0 moved one level)
+    pytest.param({"s_min_uncond": 20.0, "num_inference_steps": 6}, {"NGMS": "20.0"}, id="ngms"),
     pytest.param(
-        {"s_min_uncond": 10.0, "s_min_uncond_all": True},
-        {"NGMS": "10.0", "NGMS all steps": "True"},
+        {"s_min_uncond": 20.0, "s_min_uncond_all": True, "num_inference_steps": 6},
+        {"NGMS": "20.0", "NGMS all steps": "True"},
         id="ngms-all-steps",
     ),
     pytest.param({"skip_early_cond": 0.5}, {"Skip Early CFG": "0.5"}, id="skip-early-cfg"),
