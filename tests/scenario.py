@@ -19,6 +19,23 @@ from pathlib import Path
 from typing import Any
 
 Event = dict[str, Any]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bare(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter from the checkout with a bare environment (no
+    ATELIER_* variables, no tokens; ``env`` adds to it); its stdout. The test fails,
+    showing stderr, if the code does."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def console_env(tmp_path: Path, config: str = "", database_url: str | None = None) -> dict[str, str]:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scenario import run_bare
 
 NAMES = {
     "pipeline.prompts": ["parse_attention", "prompt_schedules", "scheduled_at", "split_and"],
@@ -53,16 +50,7 @@ def _described(parameter: inspect.Parameter) -> tuple:
 
 def test_every_parity_name_imports_in_a_bare_environment() -> None:
     lines = [f"from {module} import {', '.join(names)}" for module, names in NAMES.items()]
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", "\n".join(lines)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    run_bare("\n".join(lines), CUDA_VISIBLE_DEVICES="")
 
 
 def test_signatures_follow_the_contract() -> None:

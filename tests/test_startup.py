@@ -9,11 +9,9 @@ Each check runs in a fresh interpreter and reads ``sys.modules`` at the end.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scenario import run_bare
 
 ENGINE_AND_CHAT = {"torch", "diffusers", "transformers", "discord", "telegram", "procrastinate"}
 # what the CLI module itself must not pull in: everything a command may need later
@@ -36,17 +34,7 @@ assert code in (0, None), code
 
 
 def _loaded(body: str) -> set[str]:
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}  # no ATELIER_* variables, no tokens
-    result = subprocess.run(
-        [sys.executable, "-c", REPORT.format(body=body)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return set(json.loads(result.stdout.splitlines()[-1]))
+    return set(json.loads(run_bare(REPORT.format(body=body)).splitlines()[-1]))
 
 
 def _config(tmp_path: Path) -> Path:
