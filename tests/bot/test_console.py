@@ -162,7 +162,7 @@ def test_sigkill_with_jobs_queued_loses_nothing_and_runs_nothing_twice(
     )
     assert proc.stdin and proc.stdout
     # one slow job occupies the device; three more wait behind it
-    proc.stdin.write("/draw slow --steps 30 --size 128x128 --seed 1\n")
+    proc.stdin.write("/draw slow --steps 30 --size 256x256 --seed 1\n")
     for seed in (2, 3, 4):
         proc.stdin.write(f"/draw a cat --steps 4 --size 64x64 --seed {seed}\n")
     proc.stdin.flush()

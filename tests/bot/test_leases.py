@@ -188,7 +188,9 @@ def test_processes_sharing_a_database_run_each_job_once(tmp_path: Path, process_
 
         # 2. Alice's process hangs past its lease while drawing: Bob's takes over her jobs.
         #    When she resumes and ends the drawing, it is no longer hers: no result, no file.
-        (hung,) = jobs_of(alice.command("/draw a windmill --steps 20 --seed 7"))
+        #    (This drawing and the one killed below are 256x256: the device runs on while the
+        #    test reads the first step, and at 64x64 it had sometimes finished all 20.)
+        (hung,) = jobs_of(alice.command("/draw a windmill --steps 30 --seed 7 --size 256x256"))
         (waiting,) = jobs_of(alice.command("/draw a mill pond --steps 2 --seed 8"))
         alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == hung)
         _hang(alice, tmp_path, process_database)
@@ -197,12 +199,12 @@ def test_processes_sharing_a_database_run_each_job_once(tmp_path: Path, process_
             bob.finished(waiting, timeout=300)
         finally:
             os.kill(alice.process.pid, signal.SIGCONT)
-        alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == hung and e["step"] == 20)
+        alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == hung and e["step"] == 30)
         bob.close()
 
         # 3. Alice's process is killed while drawing: the next start takes over and runs
         #    each of her open jobs once.
-        (killed,) = jobs_of(alice.command("/draw a tower --steps 20 --seed 9"))
+        (killed,) = jobs_of(alice.command("/draw a tower --steps 30 --seed 9 --size 256x256"))
         left = [jobs_of(alice.command(f"/draw a bridge --steps 2 --seed {n}"))[0] for n in (10, 11)]
         alice.wait_for(lambda e: e["event"] == "progress" and e["id"] == killed)
         alice.process.kill()
