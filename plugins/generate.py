@@ -130,6 +130,9 @@ def model_lists(app: Any) -> dict[str, Any]:
     return {
         "checkpoints": [info.name for info in infos],
         "checkpoint_hashes": {info.name: info.sha256 for info in infos if info.sha256},
+        # what a checkpoint that is not a plain text-to-image one does: "edit" (instruct-
+        # pix2pix: edits an attached image) or "inpainting"
+        "checkpoint_kinds": {info.name: _kind(info) for info in infos if _kind(info)},
         "default_checkpoint": default,
         "vaes": files.vaes,
         "loras": files.loras,
@@ -140,6 +143,12 @@ def model_lists(app: Any) -> dict[str, Any]:
             for f in files.unreadable
         ],
     }
+
+
+def _kind(info: Any) -> str | None:
+    if info.is_edit_model:
+        return "edit"
+    return "inpainting" if info.is_inpainting else None
 
 
 def _listed(names: list[str]) -> str:
@@ -175,12 +184,15 @@ async def refresh_models(ctx: CommandContext) -> list[Reply]:
 
 
 async def models(ctx: CommandContext) -> list[Reply]:
-    """The checkpoints (short hash when known, the default marked) and the other model files,
-    then the files that were skipped and why."""
+    """The checkpoints (short hash when known, the default marked, an edit or inpainting
+    one named so) and the other model files, then the files that were skipped and why."""
     data = await asyncio.to_thread(model_lists, ctx.app)
-    hashes, default = data["checkpoint_hashes"], data["default_checkpoint"]
+    hashes, default, kinds = data["checkpoint_hashes"], data["default_checkpoint"], data["checkpoint_kinds"]
+    translate = ctx.app.translator.t
     checkpoints = [
-        (f"{name} [{hashes[name]}]" if name in hashes else name) + (" *" if name == default else "")
+        (f"{name} [{hashes[name]}]" if name in hashes else name)
+        + (" *" if name == default else "")
+        + (translate(ctx.actor.locale, f"models.checkpoint.{kinds[name]}") if name in kinds else "")
         for name in data["checkpoints"]
     ]
     listing = Reply(

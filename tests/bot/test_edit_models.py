@@ -71,6 +71,23 @@ async def test_text_to_image_with_an_edit_checkpoint_is_refused_in_the_users_lan
         assert "edit" in text and words in text, text
 
 
+async def test_models_names_edit_and_inpainting_checkpoints_in_the_users_language(make_app, tmp_path) -> None:
+    from tests.pipeline.test_checkpoint_yaml import _inpainting_pipeline
+
+    folder = _models(tmp_path)
+    _inpainting_pipeline().save_pretrained(folder / "Stable-diffusion" / "fill")
+    app = await make_app(models_dir=folder)
+    for actor, words in (
+        (ALICE, ("edit (instruct-pix2pix: edits an attached image)", "fill (inpainting)")),
+        (LI, ("edit（图像编辑模型：", "fill（局部重绘）")),
+    ):
+        (listing,) = await app.service.handle_line("/models", actor)
+        # the built-in tiny checkpoint is a plain one
+        assert listing.data["checkpoint_kinds"] == {"edit": "edit", "fill": "inpainting"}
+        text = app.translator.t(actor.locale, listing.key, **listing.params)
+        assert all(w in text for w in words) and "tiny *," in text, text
+
+
 async def test_and_with_an_image_cfg_scale_other_than_one_is_refused(make_app, tmp_path) -> None:
     app = await make_app(models_dir=_models(tmp_path))
     line = "/draw a cat AND a dog --checkpoint edit --steps 2"
