@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue import Job, LocalQueue
@@ -57,6 +59,16 @@ def _job(owner: str, seed: int, priority: int = 0) -> Job:
     return Job(f"{owner}{seed}", owner, GenerationRequest(prompt="x", seed=seed), priority)
 
 
+@asynccontextmanager
+async def _running(queue: LocalQueue) -> AsyncIterator[LocalQueue]:
+    """The queue started, and stopped when the test's block ends, however it ends."""
+    await queue.start()
+    try:
+        yield queue
+    finally:
+        await queue.stop()
+
+
 async def _drain(runner: GatedRunner, queue: LocalQueue, n: int) -> None:
     for _ in range(n):
         runner.gate.release()
@@ -66,8 +78,7 @@ async def _drain(runner: GatedRunner, queue: LocalQueue, n: int) -> None:
 async def test_a_users_first_job_outranks_everyones_second() -> None:
     runner, recorder = GatedRunner(), Recorder()
     queue = LocalQueue([runner], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))  # starts at once and waits at the gate
         await asyncio.sleep(0.05)
         positions = [
@@ -82,15 +93,12 @@ async def test_a_users_first_job_outranks_everyones_second() -> None:
         assert runner.order == [1, 5, 4, 2, 3]
         assert all(name.startswith("atelier-device-0") for name in runner.threads)
         assert ("progress 2/2", "a1") in recorder.log
-    finally:
-        await queue.stop()
 
 
 async def test_cancel_queued_and_running() -> None:
     runner, recorder = GatedRunner(), Recorder()
     queue = LocalQueue([runner], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await queue.put(_job("a", 2))
         await asyncio.sleep(0.05)
@@ -100,8 +108,6 @@ async def test_cancel_queued_and_running() -> None:
         await _drain(runner, queue, 1)
         assert ("stopped:cancel", "a1") in recorder.log
         assert runner.order == []
-    finally:
-        await queue.stop()
 
 
 class Claims(Recorder):
@@ -129,8 +135,7 @@ async def test_the_async_api_answers_positions_and_cancels() -> None:
     assert await queue.put(_job("a", 1)) == 1  # queued before the device runs: next in line
     assert await queue.put(_job("a", 2)) == 2
     assert await queue.put(_job("b", 3)) == 2  # b's first job outranks a's second
-    await queue.start()
-    try:
+    async with _running(queue):
         await asyncio.wait_for(listener.claimed.wait(), 10)
         assert [await queue.position(i) for i in ("a1", "b3", "a2")] == [0, 1, 2]
         assert await queue.cancel("b3") == "queued"
@@ -143,16 +148,13 @@ async def test_the_async_api_answers_positions_and_cancels() -> None:
         # what the claim put on a job is carried to its progress; the queue never reads it
         assert listener.contexts == {"a1": "answer a1 here", "a2": "answer a2 here"}
         assert await queue.position("a1") is None
-    finally:
-        await queue.stop()
 
 
 async def test_a_job_the_listener_refuses_is_skipped() -> None:
     runner, recorder = GatedRunner(), Recorder()
     recorder.refuse.add("a1")
     queue = LocalQueue([runner], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await queue.put(_job("a", 2))
         # the device starts a job while it is claimed: a refused one stops at its first step
@@ -160,8 +162,6 @@ async def test_a_job_the_listener_refuses_is_skipped() -> None:
             await asyncio.sleep(0.01)
         await _drain(runner, queue, 2)
         assert runner.order == [2]
-    finally:
-        await queue.stop()
     assert [entry for entry in recorder.log if entry[1] == "a1"] == [("started", "a1")]  # no progress, no end
 
 
@@ -181,8 +181,7 @@ async def test_stop_without_wait_interrupts_the_running_job() -> None:
 async def test_two_devices_run_two_jobs_at_once() -> None:
     first, second, recorder = GatedRunner(), GatedRunner(), Recorder()
     queue = LocalQueue([first, second], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await queue.put(_job("b", 2))
         await asyncio.sleep(0.05)
@@ -191,15 +190,12 @@ async def test_two_devices_run_two_jobs_at_once() -> None:
         second.gate.release()
         await asyncio.wait_for(queue.join(), 10)
         assert sorted(first.order + second.order) == [1, 2]
-    finally:
-        await queue.stop()
 
 
 async def test_max_running_keeps_an_owners_extra_jobs_waiting_for_others() -> None:
     first, second, recorder = GatedRunner(), GatedRunner(), Recorder()
     queue = LocalQueue([first, second], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         for seed in (1, 2):
             job = _job("a", seed)
             job.max_running = 1
@@ -213,8 +209,6 @@ async def test_max_running_keeps_an_owners_extra_jobs_waiting_for_others() -> No
             runner.gate.release()
         await asyncio.wait_for(queue.join(), 10)
         assert sorted(first.order + second.order) == [1, 2, 3]
-    finally:
-        await queue.stop()
 
 
 class SlowEnds(Recorder):
@@ -287,8 +281,7 @@ async def test_the_device_goes_on_to_the_next_job_without_the_event_loop() -> No
     # begins it even while the event loop is busy (here: blocked outright).
     runner, recorder = TimedRunner(), Recorder()
     queue = LocalQueue([runner], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await _until(lambda: 1 in runner.began)
         await queue.put(_job("b", 2))
@@ -305,15 +298,12 @@ async def test_the_device_goes_on_to_the_next_job_without_the_event_loop() -> No
         # b2 is claimed (and announced) only once the device has begun it
         assert recorder.log.index(("started", "b2")) > recorder.log.index(("started", "a1"))
         assert runner.began[2] >= runner.returned[1]
-    finally:
-        await queue.stop()
 
 
 async def test_a_job_handed_on_ahead_still_yields_to_a_newcomer_and_to_a_cancel() -> None:
     runner, recorder = GatedRunner(), Recorder()
     queue = LocalQueue([runner], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await _until(lambda: ("started", "a1") in recorder.log)
         await queue.put(_job("a", 2))  # handed to the device's thread behind a1
@@ -325,8 +315,6 @@ async def test_a_job_handed_on_ahead_still_yields_to_a_newcomer_and_to_a_cancel(
         await _drain(runner, queue, 3)
         assert runner.order == [1, 4, 2]
         assert ("started", "a3") not in recorder.log
-    finally:
-        await queue.stop()
 
 
 async def test_stop_leaves_a_job_handed_on_ahead_waiting() -> None:
@@ -368,15 +356,12 @@ async def test_a_listener_error_at_the_end_keeps_the_worker_and_the_other_ends()
     runner, listener = GatedRunner(), SlowEnds()
     listener.broken.add("a1")
     queue = LocalQueue([runner], listener)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_job("a", 1))
         await queue.put(_job("a", 2))
         listener.ends.set()
         await _drain(runner, queue, 2)
         assert listener.ended == ["a2"] and runner.order == [1, 2]
-    finally:
-        await queue.stop()
 
 
 async def test_a_job_that_is_ending_does_not_hold_its_owners_running_cap() -> None:
@@ -487,8 +472,7 @@ def _batch_job(owner: str, seed: int, prompt: str = "x", images: int = 1, priori
 async def test_jobs_waiting_behind_a_busy_device_run_as_one_batch_in_fair_order() -> None:
     runner, recorder = BatchRunner(), ResultRecorder()
     queue = LocalQueue([runner], recorder, max_batch=4, batch_window=0, batch_key=_compatible)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_batch_job("a", 1, "alone"))  # the device is busy with it
         await asyncio.sleep(0.05)
         for job in (
@@ -501,8 +485,6 @@ async def test_jobs_waiting_behind_a_busy_device_run_as_one_batch_in_fair_order(
         ):
             await queue.put(job)
         await _drain(runner, queue, 4)
-    finally:
-        await queue.stop()
     # e (priority), then everyone's first job before a's second and third (a1 was running
     # when they came): b's two images count, "other" cannot join, d fills the 4 images;
     # then c's job alone, then a's two together
@@ -522,15 +504,12 @@ async def test_jobs_waiting_behind_a_busy_device_run_as_one_batch_in_fair_order(
 async def test_a_batch_waits_for_its_window_only_until_it_is_full() -> None:
     runner, recorder = BatchRunner(), ResultRecorder()
     queue = LocalQueue([runner], recorder, max_batch=2, batch_window=30, batch_key=_compatible)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_batch_job("a", 1))
         await asyncio.sleep(0.05)  # within the window: the device has not started yet
         assert runner.calls == [] and recorder.log == []
         await queue.put(_batch_job("b", 2))  # fills the batch: it starts at once
         await _drain(runner, queue, 1)
-    finally:
-        await queue.stop()
     assert runner.calls == [[1, 2]]
 
 
@@ -556,8 +535,7 @@ async def test_a_job_that_comes_while_the_next_batch_is_handed_on_still_joins_it
 async def test_one_bad_request_fails_alone_and_a_cancelled_member_is_stopped() -> None:
     runner, recorder = BatchRunner(), ResultRecorder()
     queue = LocalQueue([runner], recorder, max_batch=8, batch_window=0, batch_key=_compatible)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_batch_job("a", 1, "alone"))
         await asyncio.sleep(0.05)
         for owner, seed in (("b", 2), ("c", 13), ("d", 4)):
@@ -574,8 +552,6 @@ async def test_one_bad_request_fails_alone_and_a_cancelled_member_is_stopped() -
         await asyncio.sleep(0.05)
         assert await queue.cancel("f6") == "running"  # a member of the running batch
         await _drain(runner, queue, 1)
-    finally:
-        await queue.stop()
     assert runner.calls[:5] == [[1], [2, 13, 4], [2], [13], [4]]
     assert ("failed", "c13") in recorder.log and ("finished", "b2") in recorder.log
     assert ("finished", "d4") in recorder.log
@@ -602,8 +578,7 @@ async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fa
     holds_x, holds_y = ResidentRunner({"x"}), ResidentRunner({"y"})
     recorder = Recorder()
     queue = LocalQueue([holds_x, holds_y], recorder)
-    await queue.start()
-    try:
+    async with _running(queue):
         await queue.put(_on("a", 1, "z"))  # both devices busy
         await queue.put(_on("b", 2, "z"))
         await asyncio.sleep(0.05)
@@ -623,8 +598,6 @@ async def test_a_device_takes_a_job_whose_checkpoint_it_has_loaded_within_the_fa
         holds_y.gate.release()
         holds_x.gate.release()
         await asyncio.wait_for(queue.join(), 10)
-    finally:
-        await queue.stop()
     assert holds_x.order[1:] == [4, 3]
     assert sorted(holds_x.order[:1] + holds_y.order) == [1, 2, 5]
 
