@@ -4,11 +4,10 @@ Status changes are guarded updates (``WHERE status IN ...``) so that a job can b
 claimed, finished or failed only once, whatever races between a restart, a cancel and a
 worker; the caller learns from the return value whether it won.
 
-Several processes may share one database. An open job is held by one of them: its
-``owner`` with a lease (``lease_expires_at``) that the owner's heartbeat renews (``renew``).
-Another process takes a job over (``adopt``) only when nobody holds it, its lease ran out,
-or its owner is known to be gone; claiming, finishing and failing are guarded by the owner
-too, so a process that lost a job (it stalled past its lease) can no longer end it.
+Several processes may share one database. An open job is held by one of them, under a
+lease: claiming, finishing and failing are guarded by the owner too, so a process that lost
+a job can no longer end it. The job-ownership operations (leases, claims, taking jobs over)
+are in :mod:`models.store_leases`; how rows become records, in :mod:`models.store_rows`.
 """
 
 from __future__ import annotations
@@ -20,15 +19,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, event, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import selectinload
 
 from models.base import utcnow
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
+from models.store_leases import Lease, _JobLeases
+from models.store_rows import (
+    _LOAD,
+    _find_user,
+    _image_record,
+    _record,
+    _user_record,
+    stored_request,  # noqa: F401  (re-exported: a stored row's request, models.store.stored_request)
+)
 from models.tables import OPEN_STATUSES, Generation, Image, ImageData, User
 from pipeline.request import GenerationRequest
 
@@ -52,14 +58,6 @@ class NewJob:
     spoiler: bool = False
     thread_key: str | None = None  # the root id of the chain of variations it joins
     forever_run: str | None = None  # the forever run it continues
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A process's hold on jobs: who holds them and until when, unless it renews in time."""
-
-    owner: str
-    expires_at: datetime
 
 
 def sqlite_pragmas(dbapi_connection: Any, *, foreign_keys: bool = True, busy_timeout_ms: int = 30000) -> None:
@@ -97,7 +95,7 @@ class Transaction:
     committed: bool = False
 
 
-class Store:
+class Store(_JobLeases):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -272,40 +270,6 @@ class Store:
             )
             return [_record(row) for row in rows]
 
-    async def mark_running(self, generation_id: str, lease: Lease) -> GenerationRecord | None:
-        """Claim a queued job for ``lease.owner``; counts the attempt. Returns the job as
-        claimed (read in the same transaction: who asked and where its events go), or None
-        when it is no longer queued or another live process holds it."""
-        now = utcnow()
-        return await self._take_queued(
-            generation_id, lease, now, status="running", started_at=now, attempts=Generation.attempts + 1
-        )
-
-    async def _take_queued(
-        self, generation_id: str, lease: Lease, now: datetime, **values: Any
-    ) -> GenerationRecord | None:
-        """Put a queued job that ``lease.owner`` may take under its lease, with ``values``;
-        the job as taken (read in the same transaction), or None."""
-        async with self.session() as session:
-            row = await session.scalar(
-                update(Generation)
-                .where(
-                    Generation.id == generation_id, Generation.status == "queued", _takeable(lease.owner, now)
-                )
-                .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
-                .returning(Generation),
-                execution_options={"synchronize_session": False},
-            )
-            if row is None:
-                return None
-            user = await session.get_one(User, row.user_id)
-            return _record(row, user=user, images=())  # a queued job has no images yet
-
-    async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
-        """A running job of ``owner`` that stopped without an end (shutdown, a dead process
-        taken over) goes back to the queue; its attempt stays counted."""
-        return await self._transition(generation_id, ("running",), Generation.owner == owner, status="queued")
-
     async def mark_failed(
         self,
         generation_id: str,
@@ -383,114 +347,6 @@ class Store:
             user = await session.get_one(User, row.user_id)
             return _record(row, user=user, images=images)
 
-    # leases ---------------------------------------------------------------------------------
-
-    async def renew(self, lease: Lease) -> int:
-        """Extend every open job held by ``lease.owner`` (one statement); returns how many."""
-        async with self.session() as session:
-            result = await session.execute(
-                update(Generation)
-                .where(Generation.owner == lease.owner, Generation.status.in_(OPEN_STATUSES))
-                .values(lease_expires_at=lease.expires_at)
-            )
-            return result.rowcount
-
-    async def hold(self, generation_id: str, lease: Lease) -> GenerationRecord | None:
-        """Hold a queued job for ``lease.owner`` without starting it (a worker took it from
-        the shared queue): if that worker dies, the job is recovered when its lease runs
-        out. None when the job is no longer queued or a live process holds it."""
-        return await self._take_queued(generation_id, lease, utcnow())
-
-    async def release_job(self, generation_id: str, owner: str) -> bool:
-        """Give one queued job of ``owner`` back to the shared queue (nobody holds it)."""
-        return await self._transition(
-            generation_id, ("queued",), Generation.owner == owner, owner=None, lease_expires_at=None
-        )
-
-    async def unowned_queued(self, *, before: datetime, limit: int = 500) -> list[GenerationRecord]:
-        """Queued jobs nobody holds (the shared queue's, or released ones) stored before
-        ``before``, oldest first, at most ``limit``."""
-        async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(
-                    Generation.status == "queued", Generation.owner.is_(None), Generation.created_at < before
-                )
-                .order_by(Generation.created_at, Generation.group_index)
-                .limit(limit)
-                .options(*_LOAD)
-            )
-            return [_record(row) for row in rows]
-
-    async def release(self, owner: str) -> int:
-        """Give up every open job of ``owner`` (a graceful stop): any process may take them
-        at once, without waiting for the lease to run out. Returns how many."""
-        async with self.session() as session:
-            result = await session.execute(
-                update(Generation)
-                .where(Generation.owner == owner, Generation.status.in_(OPEN_STATUSES))
-                .values(owner=None, lease_expires_at=None)
-            )
-            return result.rowcount
-
-    async def adopt(
-        self, lease: Lease, *, gone: Callable[[str], bool] | None = None, unowned: bool = True
-    ) -> list[GenerationRecord]:
-        """Take over the open jobs nobody holds any more: no owner, a lease that ran out, or
-        an owner that ``gone`` says has exited. Jobs of a live holder are never touched.
-
-        Returns the jobs taken, oldest first, with the status they had (a "running" one was
-        interrupted). Each job is taken in its own guarded update, so of two processes
-        adopting at once exactly one gets it, and the update never waits on a second row
-        lock (no deadlock with a holder renewing its leases).
-
-        Without ``unowned``, queued jobs nobody holds are left alone: they wait in a shared
-        queue (the procrastinate backend), not in a process that is gone."""
-        now = utcnow()
-        open_ = Generation.status.in_(OPEN_STATUSES)
-        async with self.session() as session:
-            expired = or_(
-                Generation.owner.is_(None),
-                Generation.lease_expires_at.is_(None),
-                Generation.lease_expires_at < now,
-            )
-            if not unowned:
-                expired = and_(expired, or_(Generation.owner.is_not(None), Generation.status != "queued"))
-            ids = set(await session.scalars(select(Generation.id).where(open_, expired)))
-            dead: list[str] = []
-            if gone is not None:
-                owners = await session.scalars(
-                    select(Generation.owner)
-                    .where(open_, Generation.owner.is_not(None), Generation.owner != lease.owner)
-                    .distinct()
-                )
-                dead = [owner for owner in owners if owner and gone(owner)]
-                if dead:
-                    ids.update(
-                        await session.scalars(select(Generation.id).where(open_, Generation.owner.in_(dead)))
-                    )
-        takeable = or_(expired, Generation.owner.in_(dead)) if dead else expired
-        won = []
-        for generation_id in sorted(ids):
-            async with self.session() as session:
-                result = await session.execute(
-                    update(Generation)
-                    .where(Generation.id == generation_id, open_, takeable)
-                    .values(owner=lease.owner, lease_expires_at=lease.expires_at)
-                )
-                if result.rowcount == 1:
-                    won.append(generation_id)
-        if not won:
-            return []
-        async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(Generation.id.in_(won))
-                .order_by(Generation.created_at, Generation.group_index)
-                .options(*_LOAD)
-            )
-            return [_record(row) for row in rows]
-
     async def delete(self, generation_id: str) -> list[str] | None:
         """Delete an ended job and its image rows; returns the image paths (to remove the
         files), or None when there is no such job or it is still queued or running."""
@@ -563,81 +419,3 @@ class Store:
         async with self.session() as session:
             rows = await session.scalars(query.order_by(Generation.group_index).limit(limit).options(*_LOAD))
             return [_record(row) for row in rows]
-
-
-_LOAD = (selectinload(Generation.user), selectinload(Generation.images))
-
-
-def _takeable(owner: str, now: datetime) -> ColumnElement[bool]:
-    """The job is free for ``owner``: held by nobody, by ``owner`` itself, or by a process
-    whose lease ran out."""
-    return or_(
-        Generation.owner.is_(None),
-        Generation.owner == owner,
-        Generation.lease_expires_at.is_(None),
-        Generation.lease_expires_at < now,
-    )
-
-
-async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
-    return await session.scalar(
-        select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
-    )
-
-
-def _user_record(user: User) -> UserRecord:
-    return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
-
-
-def stored_request(params: dict[str, Any]) -> GenerationRequest:
-    """A row's request. Sampler names are canonical in every row /draw stores (the engine
-    takes them exactly); an older row's alias or legacy name is read here, once, as /draw
-    reads it now, so it still runs."""
-    from pipeline.samplers import with_canonical_names
-
-    return with_canonical_names(GenerationRequest.from_dict(params))
-
-
-def _record(
-    row: Generation, *, user: User | None = None, images: Sequence[ImageRecord] | None = None
-) -> GenerationRecord:
-    """The record of a row loaded with ``_LOAD``, or of one whose ``user`` and ``images``
-    the caller has at hand."""
-    return GenerationRecord(
-        id=row.id,
-        user=_user_record(user or row.user),
-        request=stored_request(row.params),
-        status=row.status,
-        group_id=row.group_id,
-        group_index=row.group_index,
-        kind=row.kind,
-        plan=row.plan,
-        label=row.label,
-        parent_id=row.parent_id,
-        chat_id=row.chat_id,
-        guild_id=row.guild_id,
-        route=dict(row.route or {}),
-        thread_key=row.thread_key,
-        forever_run=row.forever_run,
-        actor_roles=tuple(row.actor_roles or ()),
-        private=row.private,
-        spoiler=row.spoiler,
-        owner=row.owner,
-        lease_expires_at=row.lease_expires_at,
-        priority=row.priority,
-        attempts=row.attempts,
-        error_key=row.error_key,
-        error=row.error,
-        model_hash=row.model_hash,
-        device_seconds=row.device_seconds,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        images=tuple(images) if images is not None else tuple(_image_record(i) for i in row.images),
-    )
-
-
-def _image_record(i: Image) -> ImageRecord:
-    return ImageRecord(
-        i.id, i.generation_id, i.index, i.path, i.width, i.height, i.seed, i.subseed, i.infotext
-    )

@@ -1,0 +1,81 @@
+"""The store's rows as records: how a job row is loaded, and the plain records
+(:mod:`models.records`) that the repositories hand out instead of ORM rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from models.records import GenerationRecord, ImageRecord, UserRecord
+from models.tables import Generation, Image, User
+from pipeline.request import GenerationRequest
+
+_LOAD = (selectinload(Generation.user), selectinload(Generation.images))
+
+
+async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
+    return await session.scalar(
+        select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
+    )
+
+
+def _user_record(user: User) -> UserRecord:
+    return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
+
+
+def stored_request(params: dict[str, Any]) -> GenerationRequest:
+    """A row's request. Sampler names are canonical in every row /draw stores (the engine
+    takes them exactly); an older row's alias or legacy name is read here, once, as /draw
+    reads it now, so it still runs."""
+    from pipeline.samplers import with_canonical_names
+
+    return with_canonical_names(GenerationRequest.from_dict(params))
+
+
+def _record(
+    row: Generation, *, user: User | None = None, images: Sequence[ImageRecord] | None = None
+) -> GenerationRecord:
+    """The record of a row loaded with ``_LOAD``, or of one whose ``user`` and ``images``
+    the caller has at hand."""
+    return GenerationRecord(
+        id=row.id,
+        user=_user_record(user or row.user),
+        request=stored_request(row.params),
+        status=row.status,
+        group_id=row.group_id,
+        group_index=row.group_index,
+        kind=row.kind,
+        plan=row.plan,
+        label=row.label,
+        parent_id=row.parent_id,
+        chat_id=row.chat_id,
+        guild_id=row.guild_id,
+        route=dict(row.route or {}),
+        thread_key=row.thread_key,
+        forever_run=row.forever_run,
+        actor_roles=tuple(row.actor_roles or ()),
+        private=row.private,
+        spoiler=row.spoiler,
+        owner=row.owner,
+        lease_expires_at=row.lease_expires_at,
+        priority=row.priority,
+        attempts=row.attempts,
+        error_key=row.error_key,
+        error=row.error,
+        model_hash=row.model_hash,
+        device_seconds=row.device_seconds,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        images=tuple(images) if images is not None else tuple(_image_record(i) for i in row.images),
+    )
+
+
+def _image_record(i: Image) -> ImageRecord:
+    return ImageRecord(
+        i.id, i.generation_id, i.index, i.path, i.width, i.height, i.seed, i.subseed, i.infotext
+    )
