@@ -196,8 +196,16 @@ class S3Client:
         return f"{self.endpoint_url}/{self.bucket}" + (f"/{key}" if key else "")
 
     async def head_bucket(self) -> None:
-        """The bucket exists and these keys may use it, else ``S3Error``."""
+        """The bucket exists and these keys may use it, else ``S3Error`` (named by its
+        status alone: an answer to HEAD has no body)."""
         await self._request("HEAD", "", operation=f"HEAD {self.where()}")
+
+    async def check_bucket(self, prefix: str = "") -> None:
+        """Like ``head_bucket``, but by listing at most one key under ``prefix``
+        (ListObjectsV2), whose refusal names S3's error code (``NoSuchBucket``,
+        ``InvalidAccessKeyId``, ``SignatureDoesNotMatch`` ...)."""
+        query = (("list-type", "2"), ("max-keys", "1"), ("prefix", prefix))
+        await self._request("GET", "", query=query, operation=f"GET {self.where()}")
 
     async def put_object(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         await self._request(
@@ -232,17 +240,21 @@ class S3Client:
         key: str,
         *,
         operation: str,
+        query: tuple[tuple[str, str], ...] = (),
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
     ) -> bytes:
         """Send one request, signed afresh for each try; returns the answer's body."""
         path = uri_encode(f"{self.base_path}/{self.bucket}" + (f"/{key}" if key else ""), keep_slash=True)
+        target = path + (f"?{canonical_query(query)}" if query else "")
         payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         for attempt in range(1, self.attempts + 1):
-            signed = self.signer.sign(method, self.host, path, headers=headers, payload_sha256=payload)
+            signed = self.signer.sign(
+                method, self.host, path, query=query, headers=headers, payload_sha256=payload
+            )
             try:
-                status, answer = await self._send(method, path, signed, body if method == "PUT" else None)
+                status, answer = await self._send(method, target, signed, body if method == "PUT" else None)
             except (OSError, TimeoutError, _client_errors()) as exc:
                 error = S3Error(operation, None, "NoAnswer", str(exc) or type(exc).__name__)
             else:
@@ -257,7 +269,7 @@ class S3Client:
         raise AssertionError("unreachable")
 
     async def _send(
-        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+        self, method: str, target: str, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, bytes]:
         import aiohttp
         from yarl import URL
@@ -267,7 +279,7 @@ class S3Client:
                 timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=10),
                 auto_decompress=False,
             )
-        url = URL(f"{self.scheme}://{self.host}{path}", encoded=True)
+        url = URL(f"{self.scheme}://{self.host}{target}", encoded=True)
         request: dict[str, Any] = {"headers": headers}
         if body is not None:
             request["data"] = body

@@ -200,3 +200,26 @@ async def test_no_answer_is_tried_again_then_named() -> None:
     assert info.value.status is None and info.value.code == "NoAnswer"
     assert str(info.value).startswith(f"HEAD {endpoint}/atelier: NoAnswer")
     assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_checking_a_bucket_names_what_the_service_said() -> None:
+    async with FakeS3() as s3:
+        s3.objects[("atelier", "images/a.png")] = b"a"
+        good, wrong_secret, wrong_key, elsewhere = (
+            client(s3),
+            client(s3, secret="nope"),
+            S3Client(s3.endpoint_url, "atelier", Signer("UNKNOWN", SECRET_ACCESS_KEY)),
+            client(s3, bucket="elsewhere"),
+        )
+        codes = []
+        try:
+            await good.check_bucket("images/")
+            for c in (wrong_secret, wrong_key, elsewhere):
+                with pytest.raises(S3Error) as info:
+                    await c.check_bucket("images/")
+                codes.append((info.value.status, info.value.code))
+        finally:
+            for c in (good, wrong_secret, wrong_key, elsewhere):
+                await c.close()
+    assert codes == [(403, "SignatureDoesNotMatch"), (403, "InvalidAccessKeyId"), (404, "NoSuchBucket")]
+    assert [r.status for r in s3.requests] == [200, 403, 403, 404]  # a refusal is final at once

@@ -17,6 +17,7 @@ import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote, unquote
+from xml.sax.saxutils import escape
 
 from aiohttp import web
 
@@ -116,7 +117,11 @@ class FakeS3:
         if not key:
             if head:
                 return web.Response(status=200)
-            return _error(405, "MethodNotAllowed", "only HEAD is served on a bucket")
+            if request.method == "GET" and request.query.get("list-type") == "2":
+                return self._list(
+                    bucket, request.query.get("prefix", ""), int(request.query.get("max-keys", 1000))
+                )
+            return _error(405, "MethodNotAllowed", "only HEAD and ListObjectsV2 are served on a bucket")
         where = (bucket, key)
         if request.method == "PUT":
             self.objects[where] = body
@@ -135,6 +140,22 @@ class FakeS3:
                 return web.Response(status=200, headers={"Content-Length": str(len(data))})
             return web.Response(status=200, body=data, content_type=content_type)
         return _error(405, "MethodNotAllowed", f"{request.method} is not served here")
+
+    def _list(self, bucket: str, prefix: str, max_keys: int) -> web.Response:
+        """ListObjectsV2: the first ``max_keys`` keys under ``prefix``, in order."""
+        keys = sorted(k for b, k in self.objects if b == bucket and k.startswith(prefix))
+        shown = keys[:max_keys]
+        contents = "".join(
+            f"<Contents><Key>{escape(k)}</Key><Size>{len(self.objects[(bucket, k)])}</Size></Contents>"
+            for k in shown
+        )
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult>'
+            f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(shown)}</KeyCount>"
+            f"<MaxKeys>{max_keys}</MaxKeys><IsTruncated>{str(len(keys) > max_keys).lower()}</IsTruncated>"
+            f"{contents}</ListBucketResult>"
+        )
+        return web.Response(status=200, body=xml.encode(), content_type="application/xml")
 
     def _check_signature(self, request: web.Request, body: bytes) -> tuple[int, str, str] | None:
         """None when the request is signed right, else (status, code, message)."""
