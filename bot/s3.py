@@ -280,7 +280,8 @@ class S3Client:
                 auto_decompress=False,
             )
         url = URL(f"{self.scheme}://{self.host}{target}", encoded=True)
-        request: dict[str, Any] = {"headers": headers}
+        # a redirect (S3 answers a wrong region with 301) is reported, never followed unsigned
+        request: dict[str, Any] = {"headers": headers, "allow_redirects": False}
         if body is not None:
             request["data"] = body
         async with self._session.request(method, url, **request) as response:
