@@ -229,7 +229,8 @@ class JobLifecycle:
             await pending.undo()
             await self._fail(job.id, await self._audience(job), exc)
             return
-        except BaseException:
+        except Exception:  # not stored: take back what was put in place
+            # (a cancellation may come after the commit, so it leaves the files be)
             await pending.undo()
             raise
         finally:
