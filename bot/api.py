@@ -34,7 +34,14 @@ from bot.autocomplete import list_choices
 from bot.commands import QUOTES, parse_args
 from bot.draw import freeze, join_parts, options_from_request, random_seed
 from bot.drawing import default_plan
-from bot.errors import CommandSyntaxError, NotFound, OptionValueError, PermissionDenied, UserError
+from bot.errors import (
+    CommandSyntaxError,
+    ImageStoreError,
+    NotFound,
+    OptionValueError,
+    PermissionDenied,
+    UserError,
+)
 from bot.governance import (
     GLOBAL,
     GLOBAL_MODERATOR,
@@ -129,6 +136,7 @@ __all__ = [
     "GridCell",
     "GridSpec",
     "ImageRecord",
+    "ImageStoreError",
     "Msg",
     "NotFound",
     "OptionSpec",

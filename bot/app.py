@@ -16,14 +16,14 @@ from bot import config_checks, db
 from bot.autocomplete import core_sources
 from bot.events import EventBus
 from bot.i18n import Translator, default_translator
-from bot.image_store import DatabaseImageStore, ImageStore, LocalImageStore
+from bot.image_store import DatabaseImageStore, ImageStore, LocalImageStore, S3ImageStore
 from bot.leases import Heartbeat, new_owner_id
 from bot.platforms import check_commands
 from bot.plugins import Registry, available_plugin_names, build_plugin_manager, call_collect, collect
 from bot.relay import Relay
 from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
-from bot.settings import ConfigError, Settings, backend_problem
+from bot.settings import ConfigError, Settings, backend_problem, image_store_problem
 from bot.types import Command
 from models.store import Store
 
@@ -90,7 +90,9 @@ class App:
                 batch_window=queue.batch_window_ms / 1000,
                 warm_up=self.settings.engine.default_checkpoint if self.settings.engine.warm_up else None,
             )
-        if self.images is None and self.shared_queue and queue.image_store == "database":
+        if self.images is None and queue.image_store == "s3":
+            self.images = S3ImageStore.from_settings(self.settings, self.store)
+        elif self.images is None and self.shared_queue and queue.image_store == "database":
             self.images = DatabaseImageStore(self.store)
         elif self.images is None:
             self.images = LocalImageStore(self.images_dir, self.store)
@@ -114,6 +116,8 @@ class App:
         if self.settings.database.auto_upgrade:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.images, S3ImageStore):  # a bucket it cannot use stops the start
+            await self.images.check()
         models_dir = getattr(self.library, "models_dir", None)
         if models_dir is not None and not await asyncio.to_thread(Path(models_dir).is_dir):
             log.warning(
@@ -163,6 +167,8 @@ class App:
                     log.info("released %d open job(s) for another process or the next start", released)
             await call_collect(self.pm.hook.shutdown, app=self)
             self.started = False
+        if isinstance(self.images, S3ImageStore):
+            await self.images.close()
         await self.store.close()
 
     async def idle(self) -> None:
@@ -183,7 +189,7 @@ def build_app(
     ``plugins`` registers extra plugin objects (embedding, tests) beside the built-in ones;
     ``worker``: the App of ``atelier worker`` (with a shared queue the bot's own App has
     no devices: workers run its jobs)."""
-    problem = backend_problem(settings)
+    problem = backend_problem(settings) or image_store_problem(settings)
     if problem:
         raise ConfigError(problem)
     pm = build_plugin_manager(settings.plugins.disabled)

@@ -39,3 +39,8 @@ class NotFound(UserError):
 
 class PermissionDenied(UserError):
     """The actor may not do this."""
+
+
+class ImageStoreError(UserError):
+    """The image store did not take or give back an image, after its own retries (an
+    object store that cannot be reached, a full disk); trying again later may work."""

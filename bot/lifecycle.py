@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.access import Audience, is_owner, may_touch
-from bot.errors import NotFound, PermissionDenied, UserError
+from bot.errors import ImageStoreError, NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
-from bot.image_store import DatabaseImageStore
+from bot.image_store import S3ImageStore
 from bot.leases import owner_gone
-from bot.result_files import StagedImage, discard_staged, encode_images, put_in_place, stage_images
+from bot.result_files import pending_images
 from bot.types import (
     Action,
     Actor,
@@ -170,7 +169,10 @@ class JobLifecycle:
         paths = await self.app.store.delete(record.id)
         if paths is None:
             raise UserError("moderation.delete_open", id=record.id, status=record.status)
-        await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
+        if isinstance(self.app.images, S3ImageStore):
+            await self.app.images.remove(paths)
+        else:
+            await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
         if not owner:
             await self._audit_delete(actor, record, allowed=True)
         audience = Audience.of(record, actor.locale)
@@ -211,20 +213,8 @@ class JobLifecycle:
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        staged: list[StagedImage] = []
-        keep: Callable[[], Awaitable[None]] | None = None
-        data: dict[str, bytes] | None = None
-        if isinstance(self.app.images, DatabaseImageStore):  # the PNGs go in with the rows
-            encoded = await asyncio.to_thread(encode_images, job.id, result)
-            images = [image for image, _ in encoded]
-            data = {image.id: png for image, png in encoded}
-        else:  # files, put in place once the job is won
-            staged = await asyncio.to_thread(stage_images, self.app.images_dir, job.id, result)
-            images = [image.record for image in staged]
-
-            async def keep() -> None:
-                await asyncio.to_thread(put_in_place, staged)
-
+        pending = await pending_images(self.app.images, self.app.images_dir, job.id, result)
+        images = pending.records
         try:
             record = await self.app.store.finish(
                 job.id,
@@ -232,12 +222,19 @@ class JobLifecycle:
                 owner=self.app.owner,
                 model_hash=result.model_hash,
                 device_seconds=result.device_seconds,
-                keep=keep,
-                data=data,
+                keep=pending.keep,
+                data=pending.data,
             )
+        except ImageStoreError as exc:  # nothing was stored: the job fails, saying why
+            await pending.undo()
+            await self._fail(job.id, await self._audience(job), exc)
+            return
+        except Exception:  # not stored: take back what was put in place
+            # (a cancellation may come after the commit, so it leaves the files be)
+            await pending.undo()
+            raise
         finally:
-            if staged:
-                await asyncio.to_thread(discard_staged, staged)
+            await pending.discard()
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             return
         audience = await self._audience(job)

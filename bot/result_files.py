@@ -5,14 +5,20 @@ The store keeps a job's images only in the process that still holds the job
 hidden name and renamed to its final one inside that transaction, so a process that lost
 the job (another took it over) leaves no file behind, and no image row points at a file
 that was never written. Files run on a worker thread, never on the event loop.
+
+``pending_images`` prepares a result for whichever image store the App has: files (as
+above), bytes stored with the rows (the database store), or objects uploaded to a bucket
+inside that transaction (the S3 store) and deleted again if it does not commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +26,8 @@ from typing import Any
 
 from ulid import ULID
 
+from bot.errors import ImageStoreError
+from bot.image_store import DatabaseImageStore, ImageStore, S3ImageStore
 from models.records import ImageRecord
 from pipeline.request import GenerationResult
 
@@ -33,6 +41,66 @@ class StagedImage:
     record: ImageRecord
     path: Path
     staged: Path
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class PendingImages:
+    """A finished job's images, ready for ``Store.finish``: ``records`` (and ``data``, the
+    PNGs stored with them) go in its transaction; ``keep`` runs once the job is won, before
+    the commit; ``undo`` takes back what ``keep`` did when storing failed after it;
+    ``discard`` always runs last and removes what is left over."""
+
+    records: list[ImageRecord]
+    data: dict[str, bytes] | None = None
+    keep: Callable[[], Awaitable[None]] | None = None
+    undo: Callable[[], Awaitable[None]] = _nothing
+    discard: Callable[[], Awaitable[None]] = _nothing
+
+
+async def pending_images(
+    images: ImageStore, root: Path, generation_id: str, result: GenerationResult
+) -> PendingImages:
+    """``result``'s images prepared for ``images`` (files go under ``root``)."""
+    if isinstance(images, DatabaseImageStore):  # the PNGs go in with the rows
+        encoded = await asyncio.to_thread(encode_images, generation_id, result)
+        return PendingImages([image for image, _ in encoded], data={image.id: png for image, png in encoded})
+    if isinstance(images, S3ImageStore):
+        return _uploads(images, await asyncio.to_thread(encode_images, generation_id, result))
+    staged = await asyncio.to_thread(stage_images, root, generation_id, result)
+    placed: list[StagedImage] = []
+
+    async def keep() -> None:
+        try:
+            await asyncio.to_thread(put_in_place, staged, placed)
+        except OSError as exc:
+            log.error("the images of %s could not be put in place: %s", generation_id, exc)
+            raise ImageStoreError("error.image_store_write") from exc
+
+    async def undo() -> None:
+        await asyncio.to_thread(remove_placed, placed)
+
+    async def discard() -> None:
+        await asyncio.to_thread(discard_staged, staged)
+
+    return PendingImages([image.record for image in staged], keep=keep, undo=undo, discard=discard)
+
+
+def _uploads(store: S3ImageStore, encoded: list[tuple[ImageRecord, bytes]]) -> PendingImages:
+    """Upload once the job is won; what went in is deleted again (best effort) when the
+    job's rows are not stored after all."""
+    uploaded: list[str] = []
+
+    async def keep() -> None:
+        await store.upload([(image.path, png) for image, png in encoded], uploaded)
+
+    async def undo() -> None:
+        await store.delete_keys(list(uploaded))
+
+    return PendingImages([image for image, _ in encoded], keep=keep, undo=undo)
 
 
 def stage_images(root: Path, generation_id: str, result: GenerationResult) -> list[StagedImage]:
@@ -79,9 +147,18 @@ def _image_record(folder: Path, generation_id: str, index: int, image: Any) -> I
     )  # fmt: skip
 
 
-def put_in_place(images: list[StagedImage]) -> None:
+def put_in_place(images: list[StagedImage], placed: list[StagedImage] | None = None) -> None:
+    """Rename each staged file to its final name; ``placed`` collects those renamed."""
     for image in images:
         os.replace(image.staged, image.path)
+        if placed is not None:
+            placed.append(image)
+
+
+def remove_placed(images: list[StagedImage]) -> None:
+    """Remove files put in place for a job whose rows were not stored after all."""
+    for image in images:
+        image.path.unlink(missing_ok=True)
 
 
 def discard_staged(images: list[StagedImage]) -> None:

@@ -9,6 +9,7 @@ environment variables by ``load_settings`` (the only place that reads the enviro
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -135,15 +136,58 @@ class QueueSettings(_Table):
     # "local": jobs run in this process; "procrastinate": this process enqueues in
     # PostgreSQL and ``atelier worker`` processes (on any host) run the jobs
     backend: Literal["local", "procrastinate"] = "local"
-    # where a worker puts finished images: "database" (any host can read them) or
-    # "directory" ([bot] images_dir, which must then be one folder shared by all hosts)
-    image_store: Literal["database", "directory"] = "database"
+    # where a worker puts finished images: "database" (any host can read them),
+    # "directory" ([bot] images_dir, which must then be one folder shared by all hosts) or
+    # "s3" (an S3-compatible bucket, ``[s3]``; with either backend)
+    image_store: Literal["database", "directory", "s3"] = "database"
     max_attempts: int = Field(3, ge=1)
     lease_seconds: float = Field(30, ge=1)
     # micro-batching: compatible jobs of any users share one UNet batch of at most
     # ``max_batch`` images; a batch that is not full waits at most ``batch_window_ms``
     max_batch: int = Field(8, ge=1, le=64)
     batch_window_ms: float = Field(50, ge=0, le=5000)
+
+
+class S3Settings(_Table):
+    """``[s3]``: the bucket of ``[queue] image_store = "s3"``, addressed path-style
+    (``<endpoint_url>/<bucket>/<prefix><path>``), which every S3-compatible service
+    accepts. The keys come from the environment only (``ATELIER_S3_ACCESS_KEY_ID``,
+    ``ATELIER_S3_SECRET_ACCESS_KEY``)."""
+
+    endpoint_url: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    prefix: str = "images/"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        scheme, _, rest = value.partition("://")
+        host = rest.split("/", 1)[0]
+        if value and (scheme not in ("http", "https") or not host or any(c in value for c in "?# ")):
+            raise ValueError('must be an http:// or https:// URL, e.g. "http://127.0.0.1:9000"')
+        return value.rstrip("/")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", value):
+            raise ValueError("must be a bucket name: 2-255 letters, digits, dots, hyphens or underscores")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9-]+", value):
+            raise ValueError('must be a region name such as "us-east-1" (also for services without regions)')
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError('must not start with "/" or hold spaces, e.g. "images/"')
+        return value
 
 
 class PluginsSettings(BaseModel):
@@ -207,6 +251,8 @@ class Secrets(BaseModel):
     telegram_base_file_url: str | None = None
     telegram_webhook_secret: str | None = Field(None, repr=False)
     database_url: str | None = Field(None, repr=False)
+    s3_access_key_id: str | None = Field(None, repr=False)
+    s3_secret_access_key: str | None = Field(None, repr=False)
 
 
 class Settings(_Table):
@@ -219,6 +265,7 @@ class Settings(_Table):
     plugins: PluginsSettings = PluginsSettings()
     discord: DiscordSettings = DiscordSettings()
     telegram: TelegramSettings = TelegramSettings()
+    s3: S3Settings = S3Settings()
     secrets: Secrets = Field(Secrets(), exclude=True)
 
     @property
@@ -261,6 +308,8 @@ def secrets_from_env(environ: dict[str, str] | os._Environ[str]) -> Secrets:
         telegram_base_file_url=get("TELEGRAM_BASE_FILE_URL"),
         telegram_webhook_secret=get("TELEGRAM_WEBHOOK_SECRET"),
         database_url=get("DATABASE_URL"),
+        s3_access_key_id=get("S3_ACCESS_KEY_ID"),
+        s3_secret_access_key=get("S3_SECRET_ACCESS_KEY"),
     )
 
 
@@ -273,6 +322,12 @@ def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Sett
                     f"[{table}] {forbidden}: secrets are not read from the file; "
                     f"set {ENV_PREFIX}{table.upper()}_TOKEN in the environment"
                 )
+    for forbidden, variable in S3_SECRET_KEYS.items():
+        if forbidden in data.get("s3", {}):
+            raise ConfigError(
+                f"[s3] {forbidden}: secrets are not read from the file; set {ENV_PREFIX}{variable} "
+                "in the environment"
+            )
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -281,6 +336,33 @@ def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Sett
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     return settings.model_copy(update={"secrets": secrets or Secrets()})
+
+
+# keys a user may write in [s3] for the bucket's credentials, and where they belong instead
+S3_SECRET_KEYS = {
+    "access_key_id": "S3_ACCESS_KEY_ID",
+    "aws_access_key_id": "S3_ACCESS_KEY_ID",
+    "access_key": "S3_ACCESS_KEY_ID",
+    "secret_access_key": "S3_SECRET_ACCESS_KEY",
+    "aws_secret_access_key": "S3_SECRET_ACCESS_KEY",
+    "secret_key": "S3_SECRET_ACCESS_KEY",
+}
+
+
+def image_store_problem(settings: Settings) -> str | None:
+    """``[queue] image_store = "s3"`` needs its bucket and the keys to it; every missing
+    one is named."""
+    if settings.queue.image_store != "s3":
+        return None
+    missing = [f"[s3] {key}" for key in ("endpoint_url", "bucket") if not getattr(settings.s3, key)]
+    missing += [
+        f"{ENV_PREFIX}{name.upper()} in the environment"
+        for name in ("s3_access_key_id", "s3_secret_access_key")
+        if not getattr(settings.secrets, name)
+    ]
+    if not missing:
+        return None
+    return '[queue] image_store: "s3" needs ' + ", ".join(missing)
 
 
 def backend_problem(settings: Settings) -> str | None:

@@ -42,6 +42,7 @@ from bot.api import (  # noqa: F401  (re-exported: third-party axes and tests im
     GridAxis,
     GridCell,
     GridSpec,
+    ImageStoreError,
     Msg,
     NotFound,
     OptionSpec,
@@ -370,7 +371,7 @@ async def compose(app: Any, cells: list[GenerationRecord], path: Path) -> Reply:
     try:
         sources = [await _first_image(app, cell) for cell in by_index]
         png = await asyncio.to_thread(_draw, app, spec, by_index, sources, app.images_dir / path)
-    except (OSError, NotFound):  # a cell's PNG removed meanwhile, a full disk
+    except (OSError, NotFound, ImageStoreError):  # a cell's PNG removed meanwhile, a full disk, no bucket
         log.exception("grid %s could not be drawn", first.group_id)
         return unavailable
     data["grid"] = str(app.images_dir / path)

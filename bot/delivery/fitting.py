@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.adapters.base import Limits
-from bot.errors import NotFound
+from bot.errors import ImageStoreError, NotFound
 from bot.i18n import Msg
 from bot.image_store import ImageStore
 from bot.inputs import size_text
@@ -50,6 +50,9 @@ async def fit_files(
                 data = await images.read(str(file.image_id))
             except NotFound:
                 said.append(Msg("delivery.file_missing", {"name": file.name}))
+                continue
+            except ImageStoreError:  # the store did not answer: the image itself is kept
+                said.append(Msg("delivery.file_unavailable", {"name": file.name}))
                 continue
         whole = OutgoingFile(file.name, file.kind, data=data, image_id=file.image_id)
         if file.kind == "image" and not _fits(data, limits.image_bytes):

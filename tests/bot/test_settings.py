@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.settings import ConfigError, Settings, load_settings, parse_settings
+from bot.settings import ConfigError, Settings, image_store_problem, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,6 +74,12 @@ def test_every_setting_has_a_comment() -> None:
         ({"bot": {"locale": "fr"}}, "[bot] locale"),
         ({"nonsense": {"a": 1}}, "nonsense: unknown key"),
         ({"limits": {"min_steps": 10, "max_steps": 5}}, "min_steps must not exceed max_steps"),
+        ({"queue": {"image_store": "bucket"}}, "[queue] image_store"),
+        ({"s3": {"endpoint_url": "s3.amazonaws.com"}}, "[s3] endpoint_url: Value error, must be an http://"),
+        ({"s3": {"bucket": "my bucket"}}, "[s3] bucket"),
+        ({"s3": {"prefix": "/images/"}}, "[s3] prefix"),
+        ({"s3": {"region": ""}}, "[s3] region"),
+        ({"s3": {"url": "http://x"}}, "[s3] url: unknown key"),
     ],
 )
 def test_bad_values_fail_naming_table_and_key(data: dict, expected: str) -> None:
@@ -110,3 +116,61 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     path.write_text("[defaults\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(path, environ={})
+
+
+S3_KEYS = {"ATELIER_S3_ACCESS_KEY_ID": "AKIDATELIER", "ATELIER_S3_SECRET_ACCESS_KEY": "s3-secret-value"}
+
+
+def test_the_s3_store_needs_its_endpoint_bucket_and_keys_naming_each_missing_one(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[queue]\nimage_store = "s3"\n', encoding="utf-8")
+    problem = image_store_problem(load_settings(path, environ={}))
+    assert problem == (
+        '[queue] image_store: "s3" needs [s3] endpoint_url, [s3] bucket, ATELIER_S3_ACCESS_KEY_ID in the '
+        "environment, ATELIER_S3_SECRET_ACCESS_KEY in the environment"
+    )
+    path.write_text(
+        '[queue]\nimage_store = "s3"\n[s3]\nendpoint_url = "http://127.0.0.1:9000/"\nbucket = "atelier"\n',
+        encoding="utf-8",
+    )
+    env = {"ATELIER_S3_ACCESS_KEY_ID": "AKIDATELIER"}
+    assert image_store_problem(load_settings(path, environ=env)) == (
+        '[queue] image_store: "s3" needs ATELIER_S3_SECRET_ACCESS_KEY in the environment'
+    )
+    settings = load_settings(path, environ=S3_KEYS)
+    assert image_store_problem(settings) is None
+    assert settings.s3.endpoint_url == "http://127.0.0.1:9000" and settings.s3.prefix == "images/"
+    assert settings.secrets.s3_secret_access_key == "s3-secret-value"
+    assert "s3-secret-value" not in repr(settings) and "AKIDATELIER" not in repr(settings.secrets)
+    assert image_store_problem(parse_settings({})) is None  # the other stores need none of it
+
+
+@pytest.mark.parametrize(
+    ("key", "variable"),
+    [("secret_access_key", "ATELIER_S3_SECRET_ACCESS_KEY"), ("access_key_id", "ATELIER_S3_ACCESS_KEY_ID"),
+     ("aws_secret_access_key", "ATELIER_S3_SECRET_ACCESS_KEY")],
+)  # fmt: skip
+def test_s3_keys_in_the_file_are_refused_naming_the_variable(tmp_path: Path, key: str, variable: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[s3]\nbucket = "atelier"\n{key} = "written down"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ=S3_KEYS)
+    assert str(info.value) == (
+        f"[s3] {key}: secrets are not read from the file; set {variable} in the environment"
+    )
+    assert "written down" not in str(info.value)
+
+
+def test_a_missing_bucket_stops_the_start_with_exit_2_naming_it(tmp_path: Path, capsys) -> None:
+    from bot.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[bot]\ndata_dir = "{tmp_path}"\n[queue]\nimage_store = "s3"\n'
+        '[s3]\nendpoint_url = "http://127.0.0.1:9000"\n',
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "generate", "a cat", "-o", str(tmp_path / "cat.png")]) == 2
+    err = capsys.readouterr().err
+    assert '[queue] image_store: "s3" needs [s3] bucket' in err
+    assert "ATELIER_S3_ACCESS_KEY_ID" in err and "ATELIER_S3_SECRET_ACCESS_KEY" in err

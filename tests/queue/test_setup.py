@@ -10,7 +10,7 @@ import yaml
 
 from bot.app import build_app
 from bot.cli import main
-from bot.settings import ConfigError, load_settings
+from bot.settings import ConfigError, image_store_problem, load_settings
 from tests.conftest import make_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "docs" / "deploy"
@@ -42,9 +42,32 @@ def test_the_compose_set_up_runs_a_bot_and_draining_gpu_workers_on_postgres() ->
         url = services[name]["environment"]["ATELIER_DATABASE_URL"]
         assert url.startswith("postgresql+asyncpg://") and "@db:5432/" in url
         assert "./config.toml:/etc/atelier/config.toml:ro" in services[name]["volumes"]
+        for key in ("ATELIER_S3_ACCESS_KEY_ID", "ATELIER_S3_SECRET_ACCESS_KEY"):  # for an S3 image store
+            assert services[name]["environment"][key] == f"${{{key}:-}}"
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert "ATELIER_CONFIG=/etc/atelier/config.toml" in dockerfile and "torchvision" not in dockerfile
     settings = load_settings(
         DEPLOY / "config.toml", environ={"ATELIER_DATABASE_URL": "postgresql+asyncpg://a@db/atelier"}
     )
     assert (settings.queue.backend, settings.queue.image_store) == ("procrastinate", "database")
+
+
+def test_the_compose_config_turns_the_s3_image_store_on_by_its_commented_lines(tmp_path) -> None:
+    text = (DEPLOY / "config.toml").read_text(encoding="utf-8")
+    lines = text.split("# or keep them in an S3-compatible bucket", 1)[1].splitlines()[1:]
+    uncommented = text.replace('image_store = "database"', "").rstrip() + "\n"
+    uncommented += "\n".join(line.removeprefix("# ") for line in lines if line.startswith("# ")) + "\n"
+    config = tmp_path / "config.toml"
+    config.write_text(uncommented, encoding="utf-8")
+    env = {
+        "ATELIER_DATABASE_URL": "postgresql+asyncpg://a@db/atelier",
+        "ATELIER_S3_ACCESS_KEY_ID": "minio",
+        "ATELIER_S3_SECRET_ACCESS_KEY": "minio-secret",
+    }
+    settings = load_settings(config, environ=env)
+    assert (settings.queue.image_store, settings.s3.endpoint_url, settings.s3.bucket) == (
+        "s3",
+        "http://minio:9000",
+        "atelier",
+    )
+    assert image_store_problem(settings) is None
