@@ -21,6 +21,8 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from tests.fakes.serving import serve
+
 ACCESS_KEY_ID = "ATELIERTESTKEY"
 SECRET_ACCESS_KEY = "atelier/test+secret"
 SKEW_SECONDS = 15 * 60  # S3 refuses a request signed further from its clock than this
@@ -65,11 +67,7 @@ class FakeS3:
     async def __aenter__(self) -> FakeS3:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.serving import serve
+
 BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Atelier", "username": "atelier_bot"}
 LONG_POLL_CAP = 1.0  # seconds a getUpdates may wait here, so stopping is quick
 FILE_LIMIT = 50 * 1024 * 1024  # the public Bot API's upload limit for documents
@@ -97,11 +99,7 @@ class FakeTelegram:
         app = web.Application(client_max_size=100 * 1024 * 1024)
         app.router.add_post("/bot{token}/{method}", self._api)
         app.router.add_get("/file/bot{token}/{path:.+}", self._download)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
