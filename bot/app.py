@@ -21,6 +21,7 @@ from bot.leases import Heartbeat, new_owner_id
 from bot.platforms import check_commands
 from bot.plugins import Registry, available_plugin_names, build_plugin_manager, call_collect, collect
 from bot.relay import Relay
+from bot.replay import EndReplay
 from bot.schema import AutocompleteSource
 from bot.service import Service, core_commands
 from bot.settings import ConfigError, Settings, backend_problem, image_store_problem
@@ -69,6 +70,7 @@ class App:
     service: Service = field(init=False)
     heartbeat: Heartbeat = field(init=False)
     relay: Relay | None = field(init=False, default=None)
+    replay: EndReplay = field(init=False)  # ends that never reached their chat (bot/replay.py)
     feed: Any = field(init=False, default=None)  # bot.worker.WorkerFeed in a worker
     started: bool = False
 
@@ -76,6 +78,7 @@ class App:
         from pipeline.queue import LocalQueue
 
         self.service = Service(self)
+        self.replay = EndReplay(self)
         self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
         queue = self.settings.queue
         if self.queue is None and self.shared_queue:
@@ -111,7 +114,9 @@ class App:
         of processes that are gone, and keep this App's leases alive.
 
         With ``recover`` the heartbeat also takes over, while the App runs, the jobs of any
-        process that goes away later. Returns the number of jobs taken over at start.
+        process that goes away later. Then the ends of jobs that never reached their chat
+        are shown (``EndReplay``; the delivery layers subscribe before). Returns the number
+        of jobs taken over at start.
         """
         if self.settings.database.auto_upgrade:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
@@ -131,7 +136,16 @@ class App:
         await call_collect(self.pm.hook.startup, app=self)
         recovered = await self.service.recover() if recover else 0
         self.heartbeat.start(adopt=recover)
+        await self.replay_ends()
         return recovered
+
+    async def replay_ends(self) -> int:
+        """Show the ends that never reached their chat; an error is logged, never raised."""
+        try:
+            return await self.replay.sweep()
+        except Exception:
+            log.exception("could not look for job ends that never reached their chat")
+            return 0
 
     async def _start_shared(self) -> None:
         """A worker runs the shared queue's jobs on its devices and relays their events; the

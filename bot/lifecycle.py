@@ -28,6 +28,7 @@ from bot.errors import ImageStoreError, NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
 from bot.image_store import S3ImageStore
 from bot.leases import owner_gone
+from bot.replay import stored_params
 from bot.result_files import pending_images
 from bot.types import (
     Action,
@@ -296,7 +297,10 @@ class JobLifecycle:
         """Fail a job this App holds (a process that lost it leaves it to the new holder)."""
         reply = self.error_reply(error, audience.actor)
         message = self.app.translator.t("en", reply.key, **reply.params)
-        if await self.app.store.mark_failed(generation_id, reply.key, message, owner=self.app.owner):
+        stored = stored_params(reply.params)
+        if await self.app.store.mark_failed(
+            generation_id, reply.key, message, owner=self.app.owner, error_params=stored
+        ):
             self.app.bus.publish(
                 Failed(generation_id, *_fields(audience), key=reply.key, params=reply.params)
             )

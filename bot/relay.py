@@ -182,7 +182,8 @@ class Relay:
 
     def _lost(self, _connection: Any) -> None:
         """The database connection went away (a restart, the network): listen again as soon
-        as it is back. What was sent meanwhile is not heard; the rows keep how jobs ended."""
+        as it is back. What was sent meanwhile is not heard; the rows keep how jobs ended,
+        and the ends never shown are shown once it listens again (bot/replay.py)."""
         if self._tasks:
             log.warning("lost the connection the relay listens on; reconnecting")
             self._tasks.append(asyncio.create_task(self._reconnect(), name="relay-reconnect"))
@@ -198,6 +199,7 @@ class Relay:
                 log.warning("relay: the database is still away (%s)", exc)
                 continue
             log.info("relay: listening again")
+            await self.app.replay_ends()  # what ended while nobody listened
             return
 
     async def stop(self) -> None:

@@ -132,6 +132,9 @@ class LimitsSettings(_Table):
         return self
 
 
+MAX_REPLAY_HOURS = 720  # 30 days
+
+
 class QueueSettings(_Table):
     # "local": jobs run in this process; "procrastinate": this process enqueues in
     # PostgreSQL and ``atelier worker`` processes (on any host) run the jobs
@@ -146,6 +149,16 @@ class QueueSettings(_Table):
     # ``max_batch`` images; a batch that is not full waits at most ``batch_window_ms``
     max_batch: int = Field(8, ge=1, le=64)
     batch_window_ms: float = Field(50, ge=0, le=5000)
+    # at start (and when the relay listens again), the ends of jobs that ended this many
+    # hours ago at most and never reached their chat are shown; 0 turns it off
+    replay_hours: float = 24
+
+    @field_validator("replay_hours")
+    @classmethod
+    def _replay_hours(cls, value: float) -> float:
+        if not 0 <= value <= MAX_REPLAY_HOURS:
+            raise ValueError(f"must be 0-{MAX_REPLAY_HOURS} (hours; 0 turns the replay off), got {value:g}")
+        return value
 
 
 class S3Settings(_Table):

@@ -6,7 +6,9 @@
   callback data): the button carries the token, a press resolves it here, so buttons
   keep working after a restart;
 - the thread a chain of variations was posted in, per platform, so every later
-  variation of the chain joins it.
+  variation of the chain joins it;
+- whether a job's end was shown (``generations.end_delivered_at``), so an end that a
+  restart or a lost connection kept from its conversation is shown at the next start.
 
 Values are JSON (``Route.to_json()``, ``MessageRef.to_json()``): models never import bot.
 """
@@ -22,12 +24,15 @@ from sqlalchemy import String, Text, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, JSONType, UTCDateTime, utcnow
+from models.records import GenerationRecord
 from models.sql import insert_ignore
 from models.store import Store
+from models.store_rows import _LOAD, _record
 from models.tables import Generation
 
 TOKEN_PREFIX = "~"  # no command name starts with it, so a token is never taken for an action id
 TOKEN_BYTES = 17  # the prefix and 16 base32 characters (80 bits of a SHA-256)
+ENDED_STATUSES = ("finished", "failed", "cancelled")
 
 
 class ActionToken(Base):
@@ -95,3 +100,28 @@ class DeliveryStore:
             await session.execute(
                 update(Generation).where(Generation.id == generation_id).values(message_ref=ref)
             )
+
+    async def end_delivered(self, generation_id: str) -> None:
+        """The job's end reached its conversation (or was given up on): never shown again."""
+        async with self.store.session() as session:
+            await session.execute(
+                update(Generation)
+                .where(Generation.id == generation_id, Generation.end_delivered_at.is_(None))
+                .values(end_delivered_at=utcnow())
+            )
+
+    async def undelivered_ends(self, since: datetime) -> list[GenerationRecord]:
+        """Jobs that ended (finished, failed, cancelled) since ``since`` and whose end no
+        conversation was shown, oldest first."""
+        async with self.store.session() as session:
+            rows = await session.scalars(
+                select(Generation)
+                .where(
+                    Generation.status.in_(ENDED_STATUSES),
+                    Generation.end_delivered_at.is_(None),
+                    Generation.finished_at >= since,
+                )
+                .order_by(Generation.finished_at, Generation.id)
+                .options(*_LOAD)
+            )
+            return [_record(row) for row in rows]

@@ -63,6 +63,7 @@ class GenerationRecord:
     lease_expires_at: datetime | None = None
     thread_key: str | None = None  # the root id of the chain of variations it belongs to
     forever_run: str | None = None  # the forever run it belongs to (the run's first job)
+    error_params: dict[str, Any] | None = None  # the values of ``error_key``'s message
 
 
 @dataclass(frozen=True)

@@ -278,8 +278,10 @@ class Store(_JobLeases):
         device_seconds: float | None = None,
         *,
         owner: str | None = None,
+        error_params: dict[str, Any] | None = None,
     ) -> bool:
-        """Fail an open job; with ``owner``, only while that process still holds it."""
+        """Fail an open job; with ``owner``, only while that process still holds it.
+        ``error_params``: the JSON-safe values of ``error_key``'s message."""
         guard = () if owner is None else (Generation.owner == owner,)
         return await self._transition(
             generation_id,
@@ -288,6 +290,7 @@ class Store(_JobLeases):
             status="failed",
             error_key=error_key,
             error=error,
+            error_params=error_params or None,
             finished_at=utcnow(),
             device_seconds=device_seconds,
         )

@@ -66,6 +66,7 @@ def _record(
         attempts=row.attempts,
         error_key=row.error_key,
         error=row.error,
+        error_params=dict(row.error_params) if row.error_params else None,
         model_hash=row.model_hash,
         device_seconds=row.device_seconds,
         created_at=row.created_at,

@@ -97,10 +97,15 @@ class Generation(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_key: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    # the values of a failed job's message (``error_key``), JSON-safe, to say it again later
+    error_params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     device_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # when the job's end (finished, failed, cancelled) reached its conversation, or the
+    # delivery layer gave up on it; NULL on an ended job: its end is still to be shown
+    end_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The process holding an open job ("host:pid:random") and until when; NULL = nobody: any
     # process may take it. Another process takes a held job only after its lease ran out.
     owner: Mapped[str | None] = mapped_column(String(128))

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FINAL = (Finished, Failed, Cancelled)
 THROTTLE_MEMORY = 256  # throttles kept before those that have run out are dropped
+ENDS_MEMORY = 4096  # jobs whose end this layer has taken, kept to take each one once
 
 Destination = tuple[str, str | None, str | None]  # platform, chat, thread: one conversation
 
@@ -74,21 +75,27 @@ class Delivery:
         self._conversations: dict[Destination, _Conversation] = {}
         self._throttles: dict[tuple[str | None, ...], float] = {}  # -> loop time before which no progress
         self._messages: dict[str, MessageRef] = {}  # open jobs' messages; the store keeps all
+        # job -> whether its end came from a replay (bot/replay.py): a live end and a
+        # replayed one of the same job are shown once
+        self._ends: dict[str, bool] = {}
         self._unsubscribe: Any = None
 
     # what adapters call -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Take the bus's events from now on: call it before ``App.start`` so the events of
-        jobs recovered at start reach their conversations too."""
+        jobs recovered at start, and the ends that never reached their chat, reach their
+        conversations too."""
         if self._unsubscribe is None:
             self._unsubscribe = self.app.bus.subscribe(self._on_event)
+            self.app.replay.serve(self.adapter.platform)
 
     async def stop(self) -> None:
         """No more events; what is queued still goes out (waiting progress is dropped)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+            self.app.replay.leave(self.adapter.platform)
         for conversation in self._conversations.values():
             conversation.progress.clear()
             conversation.wake.set()
@@ -154,8 +161,21 @@ class Delivery:
             self._wake(conversation)
             return
         if isinstance(event, FINAL):
+            if not self._first_end(event.generation_id, replayed=self.app.replay.replaying):
+                return
             conversation.progress.pop(event.generation_id, None)
         self._enqueue(event.route, _Item(event=event))
+
+    def _first_end(self, job: str, *, replayed: bool) -> bool:
+        """Whether to show this end: not when the job's end was taken already and either
+        of the two is a replay (the same end, live and from the sweep)."""
+        seen = self._ends.get(job)
+        if seen is not None and (replayed or seen):
+            return False
+        self._ends[job] = replayed
+        if len(self._ends) > ENDS_MEMORY:
+            del self._ends[next(iter(self._ends))]
+        return True
 
     def _conversation(self, route: Route) -> _Conversation:
         """The conversation of ``route``. Its progress is throttled with the others of its
@@ -274,6 +294,8 @@ class Delivery:
                 await self._keep_thread(event.thread_key, ref.route)
         if isinstance(event, FINAL):
             self._messages.pop(job, None)  # the store has it for later notices
+            # shown, or given up after the retries: a restart does not send it again
+            await self.store.end_delivered(job)
 
     async def _send_deleted(self, conversation: _Conversation, event: Deleted) -> None:
         """The message that showed a deleted generation is replaced (the adapter may remove
