@@ -80,6 +80,8 @@ def test_every_setting_has_a_comment() -> None:
         ({"s3": {"prefix": "/images/"}}, "[s3] prefix"),
         ({"s3": {"region": ""}}, "[s3] region"),
         ({"s3": {"url": "http://x"}}, "[s3] url: unknown key"),
+        ({"queue": {"replay_hours": -1}}, "[queue] replay_hours: Value error, must be 0-720 (hours; 0 turns"),
+        ({"queue": {"replay_hours": 721}}, "got 721"),
     ],
 )
 def test_bad_values_fail_naming_table_and_key(data: dict, expected: str) -> None:
