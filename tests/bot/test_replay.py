@@ -235,6 +235,46 @@ async def test_a_local_end_never_delivered_is_posted_at_the_next_start(
             await bot.stop()
 
 
+async def test_a_telegram_end_never_delivered_is_posted_at_the_next_start(
+    tmp_path: Path, make_app: Any, database_url: str, tiny_library: Any, tiny_engine: Any
+) -> None:
+    from bot.adapters.telegram import build
+    from tests.bot.test_telegram import TOKEN, documents, secrets_for, until
+    from tests.fakes.telegram_api import FakeTelegram
+
+    chat = 301
+    li = Actor(platform="telegram", user_id="77", name="li", locale="zh-CN", chat_id=str(chat))
+    app = await make_app()
+    log = EventLog(app)
+    (reply,) = await app.service.handle_line("/draw a lantern --seed 3", li, Route("telegram", str(chat)))
+    (job,) = reply.data["jobs"]
+    await log.wait_for(lambda: bool(log.of("finished", job)))
+    await app.stop()  # it had no Telegram adapter: the result never reached the chat
+    async with FakeTelegram(tokens=(TOKEN,)) as tg:
+        settings = make_settings(tmp_path, database_url).model_copy(update={"secrets": secrets_for(tg)})
+        for start in range(2):  # the first start posts the result; the second, nothing more
+            app = build_app(settings, engines=[tiny_engine], library=tiny_library)
+            adapter = build(app, settings)
+            await adapter.start()
+            await app.start()
+            try:
+                if start == 0:
+                    (png,) = await until(lambda: documents(tg, chat))
+                    assert png.files["document"].startswith(b"\x89PNG")
+                    for _ in range(100):
+                        if (await status_of(app, job))[1] is not None:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert (await status_of(app, job))[1] is not None
+                else:
+                    assert await app.replay.sweep() == 0
+                    await asyncio.sleep(0.5)
+                    assert len(documents(tg, chat)) == 1
+            finally:
+                await adapter.stop()
+                await app.stop(wait=False)
+
+
 async def test_a_live_delivery_is_recorded_and_not_posted_again(
     tmp_path: Path, database_url: str, tiny_library: Any, tiny_engine: Any
 ) -> None:
