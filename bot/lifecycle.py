@@ -197,12 +197,18 @@ class JobLifecycle:
 
     async def job_started(self, job: Job) -> bool:
         """Claim the job; whom its events tell is read from the claimed row and kept on the job."""
-        record = await self.app.store.mark_running(job.id, self.lease())
-        if record is None:
-            return False
-        job.context = audience = Audience.of(record, self.app.settings.bot.locale)
-        self.app.bus.publish(Started(job.id, *_fields(audience)))
-        return True
+        return (await self.jobs_started([job]))[0]
+
+    async def jobs_started(self, jobs: list[Job]) -> list[bool]:
+        """Claim a micro-batch's jobs in one transaction, then announce each one claimed,
+        in order; whether each was claimed."""
+        claimed = await self.app.store.mark_running_many([job.id for job in jobs], self.lease())
+        for job in jobs:
+            record = claimed.get(job.id)
+            if record is not None:
+                job.context = audience = Audience.of(record, self.app.settings.bot.locale)
+                self.app.bus.publish(Started(job.id, *_fields(audience)))
+        return [job.id in claimed for job in jobs]
 
     def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
         """``preview``: PNG bytes of a small preview of the image so far, when the engine

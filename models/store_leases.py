@@ -57,30 +57,48 @@ class _JobLeases:
         """Claim a queued job for ``lease.owner``; counts the attempt. Returns the job as
         claimed (read in the same transaction: who asked and where its events go), or None
         when it is no longer queued or another live process holds it."""
+        return (await self.mark_running_many([generation_id], lease)).get(generation_id)
+
+    async def mark_running_many(
+        self, generation_ids: Sequence[str], lease: Lease
+    ) -> dict[str, GenerationRecord]:
+        """Claim several queued jobs (a micro-batch's) as ``mark_running`` claims one, in one
+        transaction of two statements: the jobs claimed, by id; one no longer queued, or
+        held by another live process, is not among them."""
         now = utcnow()
         return await self._take_queued(
-            generation_id, lease, now, status="running", started_at=now, attempts=Generation.attempts + 1
+            generation_ids, lease, now, status="running", started_at=now, attempts=Generation.attempts + 1
         )
 
     async def _take_queued(
-        self, generation_id: str, lease: Lease, now: datetime, **values: Any
-    ) -> GenerationRecord | None:
-        """Put a queued job that ``lease.owner`` may take under its lease, with ``values``;
-        the job as taken (read in the same transaction), or None."""
+        self, generation_ids: Sequence[str], lease: Lease, now: datetime, **values: Any
+    ) -> dict[str, GenerationRecord]:
+        """Put the queued jobs that ``lease.owner`` may take under its lease, with
+        ``values``; the jobs taken (read in the same transaction), by id."""
         async with self.session() as session:
-            row = await session.scalar(
-                update(Generation)
-                .where(
-                    Generation.id == generation_id, Generation.status == "queued", _takeable(lease.owner, now)
+            rows = list(
+                await session.scalars(
+                    update(Generation)
+                    .where(
+                        Generation.id.in_(generation_ids),
+                        Generation.status == "queued",
+                        _takeable(lease.owner, now),
+                    )
+                    .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
+                    .returning(Generation),
+                    execution_options={"synchronize_session": False},
                 )
-                .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
-                .returning(Generation),
-                execution_options={"synchronize_session": False},
             )
-            if row is None:
-                return None
-            user = await session.get_one(User, row.user_id)
-            return _record(row, user=user, images=())  # a queued job has no images yet
+            if not rows:
+                return {}
+            users = {
+                user.id: user
+                for user in await session.scalars(
+                    select(User).where(User.id.in_({row.user_id for row in rows}))
+                )
+            }
+            # a queued job has no images yet
+            return {row.id: _record(row, user=users[row.user_id], images=()) for row in rows}
 
     async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
         """A running job of ``owner`` that stopped without an end (shutdown, a dead process
@@ -101,7 +119,7 @@ class _JobLeases:
         """Hold a queued job for ``lease.owner`` without starting it (a worker took it from
         the shared queue): if that worker dies, the job is recovered when its lease runs
         out. None when the job is no longer queued or a live process holds it."""
-        return await self._take_queued(generation_id, lease, utcnow())
+        return (await self._take_queued([generation_id], lease, utcnow())).get(generation_id)
 
     async def release_job(self, generation_id: str, owner: str) -> bool:
         """Give one queued job of ``owner`` back to the shared queue (nobody holds it)."""

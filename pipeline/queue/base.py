@@ -36,7 +36,9 @@ class JobListener(Protocol):
 
     async def job_started(self, job: Job) -> bool:
         """Claim the job; False means it is no longer runnable (cancelled meanwhile) and is
-        skipped. A claim may set ``job.context`` for the calls that follow."""
+        skipped. A claim may set ``job.context`` for the calls that follow. Optional, used
+        when present: ``jobs_started(jobs) -> list[bool]`` claims a micro-batch's jobs at
+        once, as ``job_started`` would one by one."""
         ...
 
     def job_progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:

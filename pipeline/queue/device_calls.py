@@ -65,17 +65,18 @@ class Claims:
         self._waiting: list[tuple[Job, int, int, bytes | None]] = []
 
     async def settle(self, running: asyncio.Future[Any]) -> None:
-        """Claim every job; if a claim raises, the jobs stop and the device's run is
-        awaited (its outcome dropped) before the error goes on."""
-        for job in self.pending:
-            try:
-                claimed = await self.listener.job_started(job)
-            except Exception:
-                for other in self.pending:
-                    other.request_stop("unclaimed")
-                with contextlib.suppress(Exception):
-                    await running
-                raise
+        """Claim every job (all at once when the listener claims batches); if a claim
+        raises, the jobs stop and the device's run is awaited (its outcome dropped) before
+        the error goes on."""
+        try:
+            claims = await self._claim()
+        except Exception:
+            for other in self.pending:
+                other.request_stop("unclaimed")
+            with contextlib.suppress(Exception):
+                await running
+            raise
+        for job, claimed in zip(self.pending, claims, strict=True):
             if claimed:
                 self.held.append(job)
             else:
@@ -84,6 +85,12 @@ class Claims:
         for job, step, total, preview in self._waiting:
             self.progress(job, step, total, preview)
         self._waiting.clear()
+
+    async def _claim(self) -> list[bool]:
+        together = getattr(self.listener, "jobs_started", None)
+        if together is not None and len(self.pending) > 1:
+            return list(await together(self.pending))
+        return [await self.listener.job_started(job) for job in self.pending]
 
     def progress(self, job: Job, step: int, total: int, preview: bytes | None) -> None:
         if not self._settled:

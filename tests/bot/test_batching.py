@@ -66,3 +66,49 @@ async def test_two_users_draws_share_a_batch_and_each_gets_their_own_image(make_
     # billing: a batch's device time is shared by its jobs' images (1 and 2 of 3)
     fox, owl = await app.store.get(jobs[0]), await app.store.get(jobs[1])
     assert abs(owl.device_seconds - 2 * fox.device_seconds) < 1e-6
+
+
+async def test_a_batch_is_claimed_in_one_transaction_without_the_job_cancelled_meanwhile(
+    make_app, monkeypatch
+) -> None:
+    from sqlalchemy import event
+
+    app = await make_app()
+    engine = app.engines[0]
+    batches: list[list[int]] = []
+    generate_batch = engine.generate_batch
+
+    def recording(requests, **kwargs):
+        batches.append([request.seed for request in requests])
+        return generate_batch(requests, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_batch", recording)
+    await app.queue.stop()  # the device is busy: the jobs wait together
+    log = EventLog(app)
+    jobs = []
+    for actor, seed in ((ALICE, 1), (BOB, 2), (ALICE, 3), (BOB, 4)):
+        (accepted,) = await app.service.handle_line(f"/draw a lantern --steps 2 --seed {seed}", actor)
+        jobs.extend(accepted.data["jobs"])
+    (cancelled,) = await app.service.handle_line(f"/cancel {jobs[2]}", ALICE)
+    assert not cancelled.error
+    claims: list[str] = []
+
+    def statement(_conn, _cursor, sql: str, *_args) -> None:
+        if sql.startswith("UPDATE generations SET status=?") or "status=$1" in sql:
+            claims.append(sql)
+
+    event.listen(app.store.engine.sync_engine, "before_cursor_execute", statement)
+    try:
+        await app.queue.start()
+        await log.wait_for(lambda: all(log.of("finished", job) for job in (jobs[0], jobs[1], jobs[3])))
+    finally:
+        event.remove(app.store.engine.sync_engine, "before_cursor_execute", statement)
+    assert batches == [[1, 2, 4]]
+    running = [sql for sql in claims if "attempts=(" in sql]  # the claim counts an attempt
+    assert len(running) == 1, running  # one statement for the batch of three
+    started = [e.generation_id for e in log.events if e.kind == "started"]
+    assert started == [jobs[0], jobs[1], jobs[3]]  # announced in the batch's order
+    assert not log.of("started", jobs[2]) and (await app.store.get(jobs[2])).status == "cancelled"
+    for job in (jobs[0], jobs[1], jobs[3]):
+        record = await app.store.get(job)
+        assert (record.status, record.attempts, len(record.images)) == ("finished", 1, 1)
