@@ -62,6 +62,16 @@ class StandInRunner:
         return self._picture.copy()
 
 
+class BatchingStandIn(StandInRunner):
+    """The stand-in that runs compatible jobs as one micro-batch, as the engine does: one
+    call, one image per request."""
+
+    def generate_batch(
+        self, requests: list[Any], *, on_progress=None, should_stop=None, on_preview=None
+    ) -> list[Any]:
+        return [self.generate(request) for request in requests]
+
+
 @asynccontextmanager
 async def bench_app(
     tmp: Path, runner: StandInRunner, postgres_url: str | None = None, *, shared: bool = False

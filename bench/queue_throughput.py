@@ -7,12 +7,14 @@ and with the shared one (procrastinate: a bot App that enqueues and a worker App
 the jobs, here in one process; the events travel through the database). ``--clients``
 users submit ``/draw`` lines back to back, ``--jobs`` in all; the figure is jobs per
 second from the first submit to the last job finished (target 300/s or more), with the
-p50/p99 from a submit to its ``Queued`` event (target p99 under 50 ms). It also prints
+p50/p99 from a submit to its ``Queued`` event (target p99 under 50 ms). ``sqlite-batched``
+is the SQLite run with a stand-in that runs compatible jobs as one micro-batch, as the
+engine does (``[queue] max_batch`` 8): these jobs all are. It also prints
 the SQL statements and commits of one submit (counted while the device is held, so
 nothing else runs) and of one job from submit to finish.
 
 Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4]
-[--backend sqlite|postgres|procrastinate|all]``
+[--backend sqlite|sqlite-batched|postgres|procrastinate|all]``
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+BACKENDS = ("sqlite", "sqlite-batched", "postgres", "procrastinate")
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--backend", choices=("sqlite", "postgres", "procrastinate", "all"), default="all")
+    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
     return parser.parse_args(argv)
 
 
@@ -40,21 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     postgres = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
-    backends = ["sqlite", "postgres", "procrastinate"] if args.backend == "all" else [args.backend]
+    backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     print(f"jobs={args.jobs} clients={args.clients} (a no-op engine)")
     for backend in backends:
-        if backend != "sqlite" and not postgres:
+        on_postgres = not backend.startswith("sqlite")
+        if on_postgres and not postgres:
             print(f"{backend}: skipped (ATELIER_TEST_POSTGRES_URL is not set)")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(_bench(backend, Path(tmp), postgres if backend != "sqlite" else None, args))
+            asyncio.run(_bench(backend, Path(tmp), postgres if on_postgres else None, args))
     return 0
 
 
 async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.Namespace) -> None:
-    from queue_app import ACTOR, Counter, StandInRunner, bench_app, hold_device, wait_until
+    from queue_app import ACTOR, BatchingStandIn, Counter, StandInRunner, bench_app, hold_device, wait_until
 
-    runner = StandInRunner()
+    runner = BatchingStandIn() if backend.endswith("-batched") else StandInRunner()
     async with bench_app(tmp, runner, postgres, shared=backend == "procrastinate") as app:
         queued_at: dict[str, float] = {}
         finished: set[str] = set()
@@ -122,7 +127,7 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
     from report import result
 
     result(
-        f"queue_{backend}",
+        f"queue_{backend.replace('-', '_')}",
         {"jobs_per_s": total / elapsed, "queued_p50_ms": p50 * 1000, "queued_p99_ms": p99 * 1000,
          "submit_statements": per_submit[0], "submit_commits": per_submit[1]},
     )  # fmt: skip

@@ -50,6 +50,8 @@ ROWS = [
     ("device_idle", "busy_fraction", "device busy, 50 jobs of 20 ms back to back", "{:.1%}", ">= 95 %"),
     ("queue_sqlite", "jobs_per_s", "queue throughput, SQLite (no-op engine)", "{:.0f} jobs/s", ">= 300"),
     ("queue_sqlite", "queued_p99_ms", "submit -> queued p99, SQLite", "{:.0f} ms", "< 50 ms"),
+    ("queue_sqlite_batched", "jobs_per_s", "queue throughput, SQLite, compatible jobs in micro-batches",
+     "{:.0f} jobs/s", ">= 300"),
     ("queue_postgres", "jobs_per_s", "queue throughput, PostgreSQL, local queue", "{:.0f} jobs/s", ">= 300"),
     ("queue_procrastinate", "jobs_per_s", "queue throughput, PostgreSQL + procrastinate", "{:.0f} jobs/s",
      ">= 300"),

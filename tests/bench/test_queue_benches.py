@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.bench import load_bench
 
 
@@ -11,16 +13,16 @@ def test_a_short_run_reports_how_busy_the_device_was(capsys):
     assert "device busy   median" in capsys.readouterr().out
 
 
-def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys):
-    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "sqlite"]
+@pytest.mark.parametrize("backend", ["sqlite", "sqlite-batched"])
+def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys, backend):
+    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", backend]
     assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
-    assert "jobs/s" in out and "submit -> queued" in out and "one submit" in out
+    assert f"{backend}:" in out and "jobs/s" in out and "submit -> queued" in out and "one submit" in out
+    assert f"RESULT queue_{backend.replace('-', '_')} " in out
 
 
 def test_the_shared_queue_bench_runs_through_a_worker(capsys):
-    import pytest
-
     from tests.conftest import POSTGRES_URL
 
     if not POSTGRES_URL:
