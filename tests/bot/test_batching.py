@@ -14,17 +14,23 @@ ALICE = Actor(platform="console", user_id="alice", name="Alice", locale="en", ch
 BOB = Actor(platform="telegram", user_id="42", name="Bob", locale="zh-CN", chat_id="7")
 
 
-async def test_two_users_draws_share_a_batch_and_each_gets_their_own_image(make_app, monkeypatch) -> None:
-    app = await make_app()
-    engine = app.engines[0]
-    batches: list[list[str]] = []
+def _recorded_batches(engine, monkeypatch, field: str) -> list[list]:
+    """The micro-batches the engine runs from now on, each as its requests' ``field``."""
+    batches: list[list] = []
     generate_batch = engine.generate_batch
 
     def recording(requests, **kwargs):
-        batches.append([request.prompt for request in requests])
+        batches.append([getattr(request, field) for request in requests])
         return generate_batch(requests, **kwargs)
 
     monkeypatch.setattr(engine, "generate_batch", recording)
+    return batches
+
+
+async def test_two_users_draws_share_a_batch_and_each_gets_their_own_image(make_app, monkeypatch) -> None:
+    app = await make_app()
+    engine = app.engines[0]
+    batches = _recorded_batches(engine, monkeypatch, "prompt")
     await app.queue.stop()  # the device is busy: the jobs wait together
     log = EventLog(app)
     common = "--steps 3 --size 64x64 --sampler Euler"
@@ -74,15 +80,7 @@ async def test_a_batch_is_claimed_in_one_transaction_without_the_job_cancelled_m
     from sqlalchemy import event
 
     app = await make_app()
-    engine = app.engines[0]
-    batches: list[list[int]] = []
-    generate_batch = engine.generate_batch
-
-    def recording(requests, **kwargs):
-        batches.append([request.seed for request in requests])
-        return generate_batch(requests, **kwargs)
-
-    monkeypatch.setattr(engine, "generate_batch", recording)
+    batches = _recorded_batches(app.engines[0], monkeypatch, "seed")
     await app.queue.stop()  # the device is busy: the jobs wait together
     log = EventLog(app)
     jobs = []

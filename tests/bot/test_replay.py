@@ -5,6 +5,8 @@ shared queue with a worker App that ends jobs while the bot is down or not liste
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -104,11 +106,13 @@ class FailingRunner(GatedRunner):
         raise UserError("error.interrupted", attempts=7)
 
 
-@pytest.mark.parametrize("runner_class", [GatedRunner, FailingRunner])
-async def test_an_end_while_the_bot_was_down_is_posted_once_at_its_start(
-    tmp_path: Path, postgres: str, tiny_library: Any, runner_class: type
-) -> None:
-    runner = runner_class()
+@asynccontextmanager
+async def drawing_on_a_worker(
+    tmp_path: Path, postgres: str, tiny_library: Any, runner: GatedRunner
+) -> AsyncIterator[tuple[FakeDiscord, Bot, App, App, str]]:
+    """A bot on the fake Discord and a worker App on the shared queue, with one /draw from
+    the channel running on the worker and held at its gate: the fake, the bot, the bot's
+    App, the worker and the job. Everything is stopped when the block ends."""
     async with FakeDiscord() as dc:
         server(dc)
         bot = Bot(tmp_path, postgres, dc, tiny_library, backend="procrastinate", lease_seconds=3)
@@ -123,34 +127,7 @@ async def test_an_end_while_the_bot_was_down_is_posted_once_at_its_start(
                 await asyncio.sleep(0.05)
             assert runner.started, [m["content"] for m in dc.messages.values()]
             (job,) = [r.id for r in await app.store.list_open()]
-            await bot.stop()
-            runner.gate.release()
-            await wait_status(worker, job, "finished" if runner_class is GatedRunner else "failed")
-            assert (await status_of(worker, job))[1] is None  # nobody heard it
-            texts = lambda: [m["content"] or "" for m in dc.in_channel(CHANNEL)]  # noqa: E731
-            if runner_class is GatedRunner:
-                assert not results(dc, CHANNEL)
-            else:
-                assert not any("interrupted 7 times" in t for t in texts())
-            app = await bot.start()
-            if runner_class is GatedRunner:
-                await dc.wait_for(lambda: len(results(dc, CHANNEL)) == 1, timeout=60)
-                (message,) = results(dc, CHANNEL)
-                assert dc.files[message["attachments"][0]["id"]].startswith(b"\x89PNG")
-            else:
-                await dc.wait_for(lambda: any("interrupted 7 times" in t for t in texts()), timeout=60)
-            for _ in range(100):
-                if (await status_of(app, job))[1] is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await status_of(app, job))[1] is not None
-            sent = len(dc.requests)
-            await bot.stop()
-            app = await bot.start()  # a second restart posts nothing more
-            await asyncio.sleep(0.5)
-            assert await app.replay.sweep() == 0
-            new = [r for r in dc.requests[sent:] if r.method in ("POST", "PATCH") and "messages" in r.path]
-            assert not new, new
+            yield dc, bot, app, worker, job
         finally:
             runner.gate.release(10)
             await bot.stop()
@@ -158,47 +135,64 @@ async def test_an_end_while_the_bot_was_down_is_posted_once_at_its_start(
                 await worker.stop(wait=False)
             else:
                 await worker.store.close()
+
+
+@pytest.mark.parametrize("runner_class", [GatedRunner, FailingRunner])
+async def test_an_end_while_the_bot_was_down_is_posted_once_at_its_start(
+    tmp_path: Path, postgres: str, tiny_library: Any, runner_class: type
+) -> None:
+    runner = runner_class()
+    async with drawing_on_a_worker(tmp_path, postgres, tiny_library, runner) as (dc, bot, app, worker, job):
+        await bot.stop()
+        runner.gate.release()
+        await wait_status(worker, job, "finished" if runner_class is GatedRunner else "failed")
+        assert (await status_of(worker, job))[1] is None  # nobody heard it
+        texts = lambda: [m["content"] or "" for m in dc.in_channel(CHANNEL)]  # noqa: E731
+        if runner_class is GatedRunner:
+            assert not results(dc, CHANNEL)
+        else:
+            assert not any("interrupted 7 times" in t for t in texts())
+        app = await bot.start()
+        if runner_class is GatedRunner:
+            await dc.wait_for(lambda: len(results(dc, CHANNEL)) == 1, timeout=60)
+            (message,) = results(dc, CHANNEL)
+            assert dc.files[message["attachments"][0]["id"]].startswith(b"\x89PNG")
+        else:
+            await dc.wait_for(lambda: any("interrupted 7 times" in t for t in texts()), timeout=60)
+        for _ in range(100):
+            if (await status_of(app, job))[1] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert (await status_of(app, job))[1] is not None
+        sent = len(dc.requests)
+        await bot.stop()
+        app = await bot.start()  # a second restart posts nothing more
+        await asyncio.sleep(0.5)
+        assert await app.replay.sweep() == 0
+        new = [r for r in dc.requests[sent:] if r.method in ("POST", "PATCH") and "messages" in r.path]
+        assert not new, new
 
 
 async def test_an_end_heard_by_nobody_while_the_relay_reconnects_is_posted_once(
     tmp_path: Path, postgres: str, tiny_library: Any
 ) -> None:
     runner = GatedRunner()
-    async with FakeDiscord() as dc:
-        server(dc)
-        bot = Bot(tmp_path, postgres, dc, tiny_library, backend="procrastinate", lease_seconds=3)
-        worker = build_app(bot.settings("worker"), engines=[runner], library=tiny_library, worker=True)
-        try:
-            app = await bot.start()
-            await worker.start()
-            await draw(dc, option("prompt", "a lantern"))
-            for _ in range(600):
-                if runner.started:
-                    break
-                await asyncio.sleep(0.05)
-            (job,) = [r.id for r in await app.store.list_open()]
-            relay = app.relay
-            assert relay is not None
-            url, relay._url = relay._url, "postgresql://postgres@127.0.0.1:1/nothing"  # away for now
-            pid = relay._connection.get_server_pid()
-            async with app.store.session() as session:
-                await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            runner.gate.release()
-            await wait_status(worker, job, "finished")
-            await asyncio.sleep(0.3)
-            assert not results(dc, CHANNEL)
-            relay._url = url  # the database is back
-            await dc.wait_for(lambda: len(results(dc, CHANNEL)) == 1, timeout=60)
-            await asyncio.sleep(0.5)
-            assert len(results(dc, CHANNEL)) == 1
-            assert await app.replay.sweep() == 0
-        finally:
-            runner.gate.release(10)
-            await bot.stop()
-            if worker.started:
-                await worker.stop(wait=False)
-            else:
-                await worker.store.close()
+    async with drawing_on_a_worker(tmp_path, postgres, tiny_library, runner) as (dc, bot, app, worker, job):
+        relay = app.relay
+        assert relay is not None
+        url, relay._url = relay._url, "postgresql://postgres@127.0.0.1:1/nothing"  # away for now
+        pid = relay._connection.get_server_pid()
+        async with app.store.session() as session:
+            await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        runner.gate.release()
+        await wait_status(worker, job, "finished")
+        await asyncio.sleep(0.3)
+        assert not results(dc, CHANNEL)
+        relay._url = url  # the database is back
+        await dc.wait_for(lambda: len(results(dc, CHANNEL)) == 1, timeout=60)
+        await asyncio.sleep(0.5)
+        assert len(results(dc, CHANNEL)) == 1
+        assert await app.replay.sweep() == 0
 
 
 async def _end_without_delivery(make_app: Any, **queue: Any) -> tuple[App, str]:
