@@ -34,6 +34,11 @@ class ImageStore(Protocol):
         (``error.image_missing``) when the image or its file is gone (/delete)."""
         ...
 
+    async def remove(self, paths: Iterable[str]) -> None:
+        """Remove what the store keeps for images whose rows were deleted (their stored
+        paths); a failure is logged, not raised."""
+        ...
+
 
 class LocalImageStore:
     """The images folder of this machine, indexed by the ``images`` table."""
@@ -57,6 +62,9 @@ class LocalImageStore:
             raise NotFound("error.image_missing", id=image_id)
         return self.root / record.path
 
+    async def remove(self, paths: Iterable[str]) -> None:
+        await asyncio.to_thread(_unlink_under, self.root, list(paths))
+
 
 class DatabaseImageStore:
     """Images kept in the database (``image_data``), written with the finished job: any
@@ -70,6 +78,9 @@ class DatabaseImageStore:
         if data is None:
             raise NotFound("error.image_missing", id=image_id)
         return data
+
+    async def remove(self, paths: Iterable[str]) -> None:
+        """Nothing: the bytes went with the rows."""
 
 
 class S3ImageStore:
@@ -164,3 +175,11 @@ class S3ImageStore:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _unlink_under(root: Path, paths: list[str]) -> None:
+    for relative in paths:
+        try:
+            (root / relative).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("image file %s was left behind: %s", relative, exc)

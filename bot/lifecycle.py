@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from bot.access import Audience, is_owner, may_touch
 from bot.errors import ImageStoreError, NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
-from bot.image_store import S3ImageStore
 from bot.leases import owner_gone
 from bot.replay import stored_params
 from bot.result_files import pending_images
@@ -170,10 +169,7 @@ class JobLifecycle:
         paths = await self.app.store.delete(record.id)
         if paths is None:
             raise UserError("moderation.delete_open", id=record.id, status=record.status)
-        if isinstance(self.app.images, S3ImageStore):
-            await self.app.images.remove(paths)
-        else:
-            await asyncio.to_thread(_remove_files, self.app.images_dir, paths)
+        await self.app.images.remove(paths)
         if not owner:
             await self._audit_delete(actor, record, allowed=True)
         audience = Audience.of(record, actor.locale)
@@ -316,8 +312,3 @@ class JobLifecycle:
 def _fields(audience: Audience) -> tuple[Actor, Route, str | None]:
     """A JobEvent's leading fields after its id."""
     return (audience.actor, audience.route, audience.thread_key)
-
-
-def _remove_files(root: Path, paths: list[str]) -> None:
-    for relative in paths:
-        (root / relative).unlink(missing_ok=True)

@@ -328,18 +328,11 @@ def secrets_from_env(environ: dict[str, str] | os._Environ[str]) -> Secrets:
 
 def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Settings:
     """Validate a parsed TOML document; raises ConfigError naming the table and key."""
-    for forbidden in ("token", "discord_token", "telegram_token"):
-        for table in ("discord", "telegram", "bot"):
-            if forbidden in data.get(table, {}):
-                raise ConfigError(
-                    f"[{table}] {forbidden}: secrets are not read from the file; "
-                    f"set {ENV_PREFIX}{table.upper()}_TOKEN in the environment"
-                )
-    for forbidden, variable in S3_SECRET_KEYS.items():
-        if forbidden in data.get("s3", {}):
+    for (table, forbidden), variable in SECRET_KEYS.items():
+        if forbidden in data.get(table, {}):
             raise ConfigError(
-                f"[s3] {forbidden}: secrets are not read from the file; set {ENV_PREFIX}{variable} "
-                "in the environment"
+                f"[{table}] {forbidden}: secrets are not read from the file; "
+                f"set {variable} in the environment"
             )
     try:
         settings = Settings.model_validate(data)
@@ -351,14 +344,17 @@ def parse_settings(data: dict[str, Any], secrets: Secrets | None = None) -> Sett
     return settings.model_copy(update={"secrets": secrets or Secrets()})
 
 
-# keys a user may write in [s3] for the bucket's credentials, and where they belong instead
-S3_SECRET_KEYS = {
-    "access_key_id": "S3_ACCESS_KEY_ID",
-    "aws_access_key_id": "S3_ACCESS_KEY_ID",
-    "access_key": "S3_ACCESS_KEY_ID",
-    "secret_access_key": "S3_SECRET_ACCESS_KEY",
-    "aws_secret_access_key": "S3_SECRET_ACCESS_KEY",
-    "secret_key": "S3_SECRET_ACCESS_KEY",
+# secrets a user may write in the file (table, key), and the variables they belong in
+_DISCORD, _TELEGRAM = f"{ENV_PREFIX}DISCORD_TOKEN", f"{ENV_PREFIX}TELEGRAM_TOKEN"
+_S3_KEY, _S3_SECRET = f"{ENV_PREFIX}S3_ACCESS_KEY_ID", f"{ENV_PREFIX}S3_SECRET_ACCESS_KEY"
+SECRET_KEYS = {
+    ("discord", "token"): _DISCORD,
+    ("telegram", "token"): _TELEGRAM,
+    ("bot", "token"): f"{_DISCORD} or {_TELEGRAM}",
+    **{(table, "discord_token"): _DISCORD for table in ("discord", "telegram", "bot")},
+    **{(table, "telegram_token"): _TELEGRAM for table in ("discord", "telegram", "bot")},
+    **{("s3", key): _S3_KEY for key in ("access_key_id", "aws_access_key_id", "access_key")},
+    **{("s3", key): _S3_SECRET for key in ("secret_access_key", "aws_secret_access_key", "secret_key")},
 }
 
 
