@@ -33,6 +33,7 @@ from models.store_rows import (
     _image_record,
     _record,
     _user_record,
+    oldest_first,
     stored_request,  # noqa: F401  (re-exported: a stored row's request, models.store.stored_request)
 )
 from models.tables import OPEN_STATUSES, Generation, Image, ImageData, User
@@ -233,13 +234,7 @@ class Store(_JobLeases):
     async def list_open(self) -> list[GenerationRecord]:
         """Queued and running jobs, oldest first, whichever process holds them."""
         async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(Generation.status.in_(OPEN_STATUSES))
-                .order_by(Generation.created_at, Generation.group_index)
-                .options(*_LOAD)
-            )
-            return [_record(row) for row in rows]
+            return await oldest_first(session, Generation.status.in_(OPEN_STATUSES))
 
     async def image(self, image_id: str) -> ImageRecord | None:
         async with self.session() as session:
@@ -403,13 +398,7 @@ class Store(_JobLeases):
     async def children(self, generation_id: str) -> list[GenerationRecord]:
         """The jobs made from this one (rerolls, variations), oldest first."""
         async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(Generation.parent_id == generation_id)
-                .order_by(Generation.created_at, Generation.group_index)
-                .options(*_LOAD)
-            )
-            return [_record(row) for row in rows]
+            return await oldest_first(session, Generation.parent_id == generation_id)
 
     async def list_group(
         self, group_id: str, *, statuses: Sequence[str] | None = None, limit: int | None = None

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.base import utcnow
 from models.records import GenerationRecord
-from models.store_rows import _LOAD, _record
+from models.store_rows import _record, oldest_first
 from models.tables import OPEN_STATUSES, Generation, User
 
 
@@ -131,16 +131,13 @@ class _JobLeases:
         """Queued jobs nobody holds (the shared queue's, or released ones) stored before
         ``before``, oldest first, at most ``limit``."""
         async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(
-                    Generation.status == "queued", Generation.owner.is_(None), Generation.created_at < before
-                )
-                .order_by(Generation.created_at, Generation.group_index)
-                .limit(limit)
-                .options(*_LOAD)
+            return await oldest_first(
+                session,
+                Generation.status == "queued",
+                Generation.owner.is_(None),
+                Generation.created_at < before,
+                limit=limit,
             )
-            return [_record(row) for row in rows]
 
     async def release(self, owner: str) -> int:
         """Give up every open job of ``owner`` (a graceful stop): any process may take them
@@ -203,13 +200,7 @@ class _JobLeases:
         if not won:
             return []
         async with self.session() as session:
-            rows = await session.scalars(
-                select(Generation)
-                .where(Generation.id.in_(won))
-                .order_by(Generation.created_at, Generation.group_index)
-                .options(*_LOAD)
-            )
-            return [_record(row) for row in rows]
+            return await oldest_first(session, Generation.id.in_(won))
 
 
 def _takeable(owner: str, now: datetime) -> ColumnElement[bool]:

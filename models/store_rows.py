@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -15,6 +15,21 @@ from models.tables import Generation, Image, User
 from pipeline.request import GenerationRequest
 
 _LOAD = (selectinload(Generation.user), selectinload(Generation.images))
+
+
+async def oldest_first(
+    session: AsyncSession, *where: ColumnElement[bool], limit: int | None = None
+) -> list[GenerationRecord]:
+    """The jobs matching ``where`` as records, oldest first (a group's in its order), at
+    most ``limit``."""
+    query = (
+        select(Generation)
+        .where(*where)
+        .order_by(Generation.created_at, Generation.group_index)
+        .options(*_LOAD)
+    )
+    rows = await session.scalars(query if limit is None else query.limit(limit))
+    return [_record(row) for row in rows]
 
 
 async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
