@@ -21,7 +21,7 @@ from bot.errors import UserError
 from bot.types import Actor, Route
 from models.base import utcnow
 from models.tables import Generation
-from tests.bot.test_discord import CHANNEL, draw, option, results, server
+from tests.bot.discord_helpers import CHANNEL, draw, option, results, server
 from tests.conftest import (
     POSTGRES_URL,
     EventLog,
