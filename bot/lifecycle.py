@@ -230,6 +230,7 @@ class JobLifecycle:
             )
         except ImageStoreError as exc:  # nothing was stored: the job fails, saying why
             await pending.undo()
+            await pending.discard()  # no file is left once the failure is told
             await self._fail(job.id, await self._audience(job), exc)
             return
         except Exception:  # not stored: take back what was put in place
@@ -239,6 +240,7 @@ class JobLifecycle:
         finally:
             await pending.discard()
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
+            await pending.undo()  # files put in place before the job was lost are taken back
             return
         audience = await self._audience(job)
         actions = self.result_actions(record, audience.actor)

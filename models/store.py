@@ -81,7 +81,12 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
-    engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
+    if url.startswith("sqlite+aiosqlite:"):
+        from models import sqlite_inline
+
+        engine = create_async_engine(url, echo=echo, module=sqlite_inline.dbapi())
+    else:
+        engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
     return engine
@@ -310,14 +315,29 @@ class Store(_JobLeases):
         transaction, so its end needs no second look), or None when this process did not
         win it.
 
-        ``keep`` runs once the job is won, before the commit: it puts the image files in
-        place, so a process that lost the job writes none and no image row is ever stored
-        without its file (if ``keep`` fails, nothing is stored). ``data``: the PNG bytes by
-        image id, stored with the rows (the database image store)."""
+        ``keep`` runs once the job is seen held by ``owner``, before the job is written: it
+        puts the image files in place, so a process that lost the job writes none and no
+        image row is ever stored without its file (if ``keep`` fails, nothing is stored).
+        It runs before the first write of the transaction, so that on SQLite no other
+        writer waits for the files (or an upload) behind the database's one write lock; when
+        the job was lost between that look and the write, the result is None and the caller
+        takes the files back (``PendingImages.undo``). ``data``: the PNG bytes by image id,
+        stored with the rows (the database image store)."""
         for image in images:
             if image.generation_id != generation_id:
                 raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
         async with self.session() as session:
+            if keep is not None:
+                held = await session.scalar(
+                    select(Generation.id).where(
+                        Generation.id == generation_id,
+                        Generation.status == "running",
+                        Generation.owner == owner,
+                    )
+                )
+                if held is None:
+                    return None
+                await keep()
             row = await session.scalar(
                 update(Generation)
                 .where(
@@ -336,8 +356,6 @@ class Store(_JobLeases):
             )
             if row is None:
                 return None
-            if keep is not None:
-                await keep()
             session.add_all(Image(**dataclasses.asdict(image)) for image in images)
             if data:
                 await session.flush()

@@ -1,0 +1,205 @@
+"""SQLite for the async engine without a thread per connection.
+
+SQLite runs in the process: a statement of ours takes microseconds. The usual async
+driver hands every call (cursor, execute, fetch, close, commit) to the connection's own
+thread and back, which costs far more than the statement and keeps the event loop waiting
+on the interpreter lock. This driver runs each call at once, in the event loop's thread,
+and looks to SQLAlchemy's ``sqlite+aiosqlite`` dialect like the driver it expects.
+
+One thing may not run at once: a write while another connection (another task of this
+process, or another process) holds the database's write lock. Waiting for it inside
+SQLite's busy handler would block the event loop, and with it the task that holds the
+lock, so the connection's own busy timeout is 0: a busy statement is tried again after an
+``asyncio.sleep``, in short steps, until the configured timeout has passed
+(``PRAGMA busy_timeout`` sets it, as for any SQLite connection), and then fails as SQLite
+would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection, AsyncAdapt_aiosqlite_dbapi
+from sqlalchemy.util.concurrency import await_
+
+SQLITE_BUSY = 5
+# the pauses between tries of a busy statement, in seconds; the last repeats
+_BACKOFF = (0.0005, 0.001, 0.002, 0.004, 0.008)
+_BUSY_TIMEOUT = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)\s*;?\s*$", re.IGNORECASE)
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == SQLITE_BUSY
+
+
+class Connection:
+    """What the dialect's adapter calls on a driver connection, each call run at once."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection: sqlite3.Connection | None = connection
+        self._conn = connection  # the adapter sets ``isolation_level`` through this name
+        self._tx = _RunAtOnce()
+        self.busy_timeout = 5.0  # seconds; ``PRAGMA busy_timeout`` changes it
+        connection.execute("PRAGMA busy_timeout=0")
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._conn.isolation_level
+
+    def cursor(self) -> Cursor:
+        return Cursor(self, self._conn.cursor())
+
+    async def execute(self, sql: str, parameters: Any = None) -> Cursor:
+        cursor = self.cursor()
+        await cursor.execute(sql, parameters)
+        return cursor
+
+    async def commit(self) -> None:
+        await self.retry_busy(self._conn.commit)
+
+    async def rollback(self) -> None:
+        self._conn.rollback()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection = None
+            self._conn.close()
+
+    def stop(self) -> None:
+        if self._connection is not None:
+            self._connection = None
+            self._conn.close()
+
+    async def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._conn.create_function(*args, **kwargs)
+
+    async def retry_busy(self, call: Callable[[], Any]) -> Any:
+        """``call()``, tried again while the database is busy, up to the busy timeout."""
+        try:
+            return call()
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error):
+                raise
+        deadline = time.monotonic() + self.busy_timeout
+        for attempt in range(1 << 30):
+            await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+            try:
+                return call()
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() >= deadline:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Cursor:
+    def __init__(self, connection: Connection, cursor: sqlite3.Cursor) -> None:
+        self._connection = connection
+        self._cursor = cursor
+
+    async def __aenter__(self) -> Cursor:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._cursor.close()
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cursor.lastrowid
+
+    @property
+    def arraysize(self) -> int:
+        return self._cursor.arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._cursor.arraysize = value
+
+    async def execute(self, sql: str, parameters: Any = None) -> Cursor:
+        timeout = _BUSY_TIMEOUT.match(sql)
+        if timeout is not None:  # ours to keep: SQLite's own stays 0 (see the module)
+            self._connection.busy_timeout = int(timeout.group(1)) / 1000
+            return self
+        cursor = self._cursor
+        if parameters is None:
+            await self._connection.retry_busy(lambda: cursor.execute(sql))
+        else:
+            await self._connection.retry_busy(lambda: cursor.execute(sql, parameters))
+        return self
+
+    async def executemany(self, sql: str, parameters: Any) -> Cursor:
+        rows = list(parameters)
+        await self._connection.retry_busy(lambda: self._cursor.executemany(sql, rows))
+        return self
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        return self._cursor.fetchmany(size if size is not None else self._cursor.arraysize)
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    async def close(self) -> None:
+        self._cursor.close()
+
+
+class _RunAtOnce:
+    """The adapter's isolation-level setter queues ``(future, function)`` for the driver's
+    thread; here the function runs at once."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any], Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            future.set_result(function())
+        except Exception as error:  # handed to the caller through the future
+            future.set_exception(error)
+
+
+async def connect(database: str, **kwargs: Any) -> Connection:
+    kwargs["check_same_thread"] = False  # the pool may close a connection from a finalizer
+    return Connection(sqlite3.connect(database, **kwargs))
+
+
+class _Dbapi(AsyncAdapt_aiosqlite_dbapi):
+    def connect(self, *args: Any, **kwargs: Any) -> AsyncAdapt_aiosqlite_connection:
+        return AsyncAdapt_aiosqlite_connection(self, await_(connect(*args, **kwargs)))
+
+
+def dbapi() -> AsyncAdapt_aiosqlite_dbapi:
+    """The module object for ``create_async_engine(..., module=dbapi())``."""
+    import aiosqlite
+
+    driver = SimpleNamespace(
+        connect=connect,
+        Connection=Connection,
+        __version__=aiosqlite.__version__,
+        **{
+            name: getattr(sqlite3, name)
+            for name in (
+                "DatabaseError",
+                "Error",
+                "IntegrityError",
+                "NotSupportedError",
+                "OperationalError",
+                "ProgrammingError",
+                "sqlite_version",
+                "sqlite_version_info",
+            )
+        },
+    )
+    return _Dbapi(driver, sqlite3)

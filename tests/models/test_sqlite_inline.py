@@ -1,0 +1,138 @@
+"""SQLite run in the event loop's thread: what the async engine sees, and a busy database
+waited for without blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from models import sqlite_inline
+from models.store import create_engine, sqlite_pragmas
+
+
+@pytest.fixture
+async def engine(tmp_path: Path):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}")
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
+    yield engine
+    await engine.dispose()
+
+
+async def test_the_engine_uses_the_inline_driver_with_the_usual_settings(engine) -> None:
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(raw, sqlite_inline.Connection)
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 1  # NORMAL
+        assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+        # SQLite's own handler would block the loop: ours waits, up to the timeout asked for
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar() == 0
+        assert raw.busy_timeout == 30.0
+
+
+async def test_rows_round_trip_and_a_rollback_takes_a_write_back(engine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO jobs (name) VALUES (:n)"), [{"n": "a"}, {"n": "b"}])
+    with pytest.raises(RuntimeError):
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO jobs (name) VALUES ('c')"))
+            raise RuntimeError("undo")
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT id, name FROM jobs ORDER BY id"))).all()
+        inserted = await conn.execute(text("INSERT INTO jobs (name) VALUES ('d') RETURNING id"))
+        assert inserted.scalar() == 3
+        await conn.rollback()
+    assert [tuple(row) for row in rows] == [(1, "a"), (2, "b")]
+
+
+async def test_a_writer_waits_for_another_ones_lock_while_the_loop_runs_on(engine) -> None:
+    """One task holds the write lock across an await; another task's write waits (the
+    loop keeps running: a ticker ticks meanwhile) and goes through once the first commits."""
+    order: list[str] = []
+    ticks = 0
+    holding = asyncio.Event()
+
+    async def holder() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO jobs (name) VALUES ('first')"))
+            holding.set()
+            await asyncio.sleep(0.3)
+            order.append("first commits")
+
+    async def waiter() -> None:
+        await holding.wait()
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO jobs (name) VALUES ('second')"))
+            order.append("second wrote")
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while len(order) < 2:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(asyncio.gather(holder(), waiter(), ticker()), 10)
+    assert order == ["first commits", "second wrote"]
+    assert ticks >= 10  # the loop was never blocked for the 0.3 s the lock was held
+    async with engine.connect() as conn:
+        names = (await conn.execute(text("SELECT name FROM jobs ORDER BY id"))).scalars().all()
+    assert names == ["first", "second"]
+
+
+async def test_a_write_still_busy_after_the_busy_timeout_fails_as_sqlite_would(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
+        other = sqlite3.connect(path, isolation_level=None)  # another process, as it were
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("PRAGMA busy_timeout=200"))
+                started = time.monotonic()
+                with pytest.raises(OperationalError, match="database is locked"):
+                    await conn.execute(text("INSERT INTO jobs (name) VALUES ('x')"))
+                waited = time.monotonic() - started
+                assert 0.2 <= waited < 2
+        finally:
+            other.rollback()
+            other.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_busy_write_goes_through_when_the_other_process_commits(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        sqlite_pragmas(other)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO jobs (name) VALUES ('theirs')")
+        asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO jobs (name) VALUES ('ours')"))
+        other.close()
+        async with engine.connect() as conn:
+            names = (await conn.execute(text("SELECT name FROM jobs ORDER BY id"))).scalars().all()
+        assert names == ["theirs", "ours"]
+    finally:
+        await engine.dispose()
+
+
+async def test_errors_other_than_busy_are_raised_at_once(engine) -> None:
+    async with engine.connect() as conn:
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="no such table"):
+            await conn.execute(text("SELECT * FROM missing"))
+        assert time.monotonic() - started < 0.5
