@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, delete, select, update
+from sqlalchemy import String, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -67,6 +67,11 @@ def _platform(key: str) -> str:
     return key.partition(":")[0]
 
 
+# read on every request: built once
+_LINK = IdentityLink.__table__.c
+_PERSON_OF = select(_LINK.person).where(_LINK.identity == bindparam("identity"))
+
+
 class IdentityStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -74,8 +79,7 @@ class IdentityStore:
     async def person_of(self, identity: str) -> str | None:
         """The person a linked identity is one with; None when it is not linked."""
         async with self.store.session() as session:
-            row = await session.get(IdentityLink, identity)
-            return row.person if row is not None else None
+            return await session.scalar(_PERSON_OF, {"identity": identity})
 
     async def identities(self, person: str) -> list[str]:
         """Every identity linked to ``person`` (not the person's own)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import bindparam, delete, or_, select
 
 from models.base import utcnow
 from models.governance import AuditEntry, Ban, WordRule
@@ -42,6 +42,22 @@ class AuditRecord:
     created_at: datetime
 
 
+# read on every request: built once (building a statement costs more than running it)
+# (on the tables, not the mapped classes: rows, without the ORM's bookkeeping)
+_BAN = Ban.__table__.c
+_RULE = WordRule.__table__.c
+_BANS = (
+    select(*_BAN)
+    .where(
+        _BAN.scope.in_(bindparam("scopes", expanding=True)),
+        or_(_BAN.expires_at.is_(None), _BAN.expires_at > bindparam("now")),
+    )
+    .order_by(_BAN.created_at)
+)
+_USER_BANS = _BANS.where(_BAN.user_key == bindparam("user_key"))
+_RULES = select(*_RULE).where(_RULE.scope.in_(bindparam("scopes", expanding=True))).order_by(_RULE.id)
+
+
 class ModerationStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -65,13 +81,11 @@ class ModerationStore:
 
     async def bans(self, scopes: Sequence[str], user_key: str | None = None) -> list[BanRecord]:
         """Bans in force now in these scopes, the longest first (permanent ones lead)."""
-        query = select(Ban).where(
-            Ban.scope.in_(scopes), or_(Ban.expires_at.is_(None), Ban.expires_at > utcnow())
-        )
+        params: dict[str, Any] = {"scopes": list(scopes), "now": utcnow()}
         if user_key is not None:
-            query = query.where(Ban.user_key == user_key)
+            params["user_key"] = user_key
         async with self.store.session() as session:
-            rows = list(await session.scalars(query.order_by(Ban.created_at)))
+            rows = (await session.execute(_BANS if user_key is None else _USER_BANS, params)).all()
         rows.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at or utcnow()).timestamp()))
         return [BanRecord(b.user_key, b.scope, b.reason, b.expires_at, b.banned_by) for b in rows]
 
@@ -97,9 +111,7 @@ class ModerationStore:
 
     async def rules(self, scopes: Sequence[str]) -> list[WordRuleRecord]:
         async with self.store.session() as session:
-            rows = await session.scalars(
-                select(WordRule).where(WordRule.scope.in_(scopes)).order_by(WordRule.id)
-            )
+            rows = (await session.execute(_RULES, {"scopes": list(scopes)})).all()
             return [WordRuleRecord(r.scope, r.kind, r.pattern) for r in rows]
 
     # audit log --------------------------------------------------------------------------------

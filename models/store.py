@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, event, func, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from models.base import utcnow
@@ -29,6 +29,8 @@ from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.store_leases import Lease, _JobLeases
 from models.store_rows import (
     _LOAD,
+    JOBS,
+    USERS_BY_ID,
     _find_user,
     _image_record,
     _record,
@@ -99,6 +101,25 @@ class Transaction:
     session: AsyncSession
     task: asyncio.Task[Any] | None
     committed: bool = False
+
+
+# a job's end, built once: building a statement costs more than running it
+_IS_HELD = (JOBS.c.id == bindparam("job"), JOBS.c.status == "running", JOBS.c.owner == bindparam("holder"))
+_HELD = select(JOBS.c.id).where(*_IS_HELD)
+_FINISH = (
+    update(JOBS)
+    .where(*_IS_HELD)
+    .values(
+        status="finished",
+        finished_at=bindparam("at"),
+        model_hash=bindparam("hash"),
+        device_seconds=bindparam("seconds"),
+    )
+    .returning(*JOBS.c)
+)
+
+
+_ADD_JOBS = insert(JOBS)
 
 
 class Store(_JobLeases):
@@ -193,43 +214,46 @@ class Store(_JobLeases):
     ) -> None:
         """Store every job of one request in one transaction: all are queued, or none.
         With a ``lease`` the jobs are held by that process; without, any process may take them."""
-        async with self.session() as session:
-            for job in jobs:
-                req = job.request
-                session.add(
-                    Generation(
-                        id=job.id,
-                        user_id=user_id,
-                        parent_id=job.parent_id,
-                        group_id=job.group_id,
-                        group_index=job.group_index,
-                        kind=job.kind,
-                        plan=job.plan,
-                        label=job.label,
-                        status="queued",
-                        params=req.to_dict(),
-                        prompt=req.prompt,
-                        negative_prompt=req.negative_prompt,
-                        checkpoint=req.checkpoint,
-                        sampler_name=req.sampler_name,
-                        seed=req.seed,
-                        steps=req.num_inference_steps,
-                        width=req.width,
-                        height=req.height,
-                        batch_size=req.num_images_per_prompt,
-                        chat_id=chat_id,
-                        guild_id=guild_id,
-                        route=route,
-                        thread_key=job.thread_key,
-                        forever_run=job.forever_run,
-                        actor_roles=list(roles),
-                        private=job.private,
-                        priority=job.priority,
-                        spoiler=job.spoiler,
-                        owner=lease.owner if lease else None,
-                        lease_expires_at=lease.expires_at if lease else None,
-                    )
-                )
+        rows = []
+        for job in jobs:
+            req = job.request
+            rows.append(
+                {
+                    "id": job.id,
+                    "user_id": user_id,
+                    "parent_id": job.parent_id,
+                    "group_id": job.group_id,
+                    "group_index": job.group_index,
+                    "kind": job.kind,
+                    "plan": job.plan,
+                    "label": job.label,
+                    "status": "queued",
+                    "params": req.to_dict(),
+                    "prompt": req.prompt,
+                    "negative_prompt": req.negative_prompt,
+                    "checkpoint": req.checkpoint,
+                    "sampler_name": req.sampler_name,
+                    "seed": req.seed,
+                    "steps": req.num_inference_steps,
+                    "width": req.width,
+                    "height": req.height,
+                    "batch_size": req.num_images_per_prompt,
+                    "chat_id": chat_id,
+                    "guild_id": guild_id,
+                    "route": route,
+                    "thread_key": job.thread_key,
+                    "forever_run": job.forever_run,
+                    "actor_roles": list(roles),
+                    "private": job.private,
+                    "priority": job.priority,
+                    "spoiler": job.spoiler,
+                    "owner": lease.owner if lease else None,
+                    "lease_expires_at": lease.expires_at if lease else None,
+                }
+            )
+        if rows:
+            async with self.session() as session:
+                await session.execute(_ADD_JOBS, rows)
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
         async with self.session() as session:
@@ -327,40 +351,23 @@ class Store(_JobLeases):
             if image.generation_id != generation_id:
                 raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
         async with self.session() as session:
+            held = {"job": generation_id, "holder": owner}
             if keep is not None:
-                held = await session.scalar(
-                    select(Generation.id).where(
-                        Generation.id == generation_id,
-                        Generation.status == "running",
-                        Generation.owner == owner,
-                    )
-                )
-                if held is None:
+                if await session.scalar(_HELD, held) is None:
                     return None
                 await keep()
-            row = await session.scalar(
-                update(Generation)
-                .where(
-                    Generation.id == generation_id,
-                    Generation.status == "running",
-                    Generation.owner == owner,
-                )
-                .values(
-                    status="finished",
-                    finished_at=utcnow(),
-                    model_hash=model_hash,
-                    device_seconds=device_seconds,
-                )
-                .returning(Generation),
-                execution_options={"synchronize_session": False},
-            )
+            finished = {**held, "at": utcnow(), "hash": model_hash, "seconds": device_seconds}
+            row = (await session.execute(_FINISH, finished)).first()
             if row is None:
                 return None
-            session.add_all(Image(**dataclasses.asdict(image)) for image in images)
+            if images:
+                await session.execute(
+                    insert(Image.__table__), [dataclasses.asdict(image) for image in images]
+                )
             if data:
-                await session.flush()
-                session.add_all(ImageData(image_id=key, data=value) for key, value in data.items())
-            user = await session.get_one(User, row.user_id)
+                rows = [{"image_id": key, "data": value} for key, value in data.items()]
+                await session.execute(insert(ImageData.__table__), rows)
+            user = (await session.execute(USERS_BY_ID, {"ids": [row.user_id]})).one()
             return _record(row, user=user, images=images)
 
     async def delete(self, generation_id: str) -> list[str] | None:

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.base import utcnow
+from models.base import UTCDateTime, utcnow
 from models.records import GenerationRecord
-from models.store_rows import _record, oldest_first
-from models.tables import OPEN_STATUSES, Generation, User
+from models.store_rows import JOBS, USERS_BY_ID, _record, oldest_first
+from models.tables import OPEN_STATUSES, Generation
 
 
 @dataclass(frozen=True)
@@ -65,37 +65,27 @@ class _JobLeases:
         """Claim several queued jobs (a micro-batch's) as ``mark_running`` claims one, in one
         transaction of two statements: the jobs claimed, by id; one no longer queued, or
         held by another live process, is not among them."""
-        now = utcnow()
-        return await self._take_queued(
-            generation_ids, lease, now, status="running", started_at=now, attempts=Generation.attempts + 1
-        )
+        return await self._take_queued(_CLAIM, generation_ids, lease)
 
     async def _take_queued(
-        self, generation_ids: Sequence[str], lease: Lease, now: datetime, **values: Any
+        self, statement: Any, generation_ids: Sequence[str], lease: Lease
     ) -> dict[str, GenerationRecord]:
-        """Put the queued jobs that ``lease.owner`` may take under its lease, with
-        ``values``; the jobs taken (read in the same transaction), by id."""
+        """Put the queued jobs that ``lease.owner`` may take under its lease with
+        ``statement`` (``_CLAIM`` or ``_HOLD``); the jobs taken (read in the same
+        transaction), by id."""
+        params = {
+            "ids": list(generation_ids),
+            "holder": lease.owner,
+            "until": lease.expires_at,
+            "now": utcnow(),
+        }
         async with self.session() as session:
-            rows = list(
-                await session.scalars(
-                    update(Generation)
-                    .where(
-                        Generation.id.in_(generation_ids),
-                        Generation.status == "queued",
-                        _takeable(lease.owner, now),
-                    )
-                    .values(owner=lease.owner, lease_expires_at=lease.expires_at, **values)
-                    .returning(Generation),
-                    execution_options={"synchronize_session": False},
-                )
-            )
+            rows = (await session.execute(statement, params)).all()
             if not rows:
                 return {}
             users = {
                 user.id: user
-                for user in await session.scalars(
-                    select(User).where(User.id.in_({row.user_id for row in rows}))
-                )
+                for user in await session.execute(USERS_BY_ID, {"ids": list({row.user_id for row in rows})})
             }
             # a queued job has no images yet
             return {row.id: _record(row, user=users[row.user_id], images=()) for row in rows}
@@ -119,7 +109,7 @@ class _JobLeases:
         """Hold a queued job for ``lease.owner`` without starting it (a worker took it from
         the shared queue): if that worker dies, the job is recovered when its lease runs
         out. None when the job is no longer queued or a live process holds it."""
-        return (await self._take_queued([generation_id], lease, utcnow())).get(generation_id)
+        return (await self._take_queued(_HOLD, [generation_id], lease)).get(generation_id)
 
     async def release_job(self, generation_id: str, owner: str) -> bool:
         """Give one queued job of ``owner`` back to the shared queue (nobody holds it)."""
@@ -203,12 +193,32 @@ class _JobLeases:
             return await oldest_first(session, Generation.id.in_(won))
 
 
-def _takeable(owner: str, now: datetime) -> ColumnElement[bool]:
+def _takeable(owner: Any, now: Any) -> ColumnElement[bool]:
     """The job is free for ``owner``: held by nobody, by ``owner`` itself, or by a process
     whose lease ran out."""
     return or_(
-        Generation.owner.is_(None),
-        Generation.owner == owner,
-        Generation.lease_expires_at.is_(None),
-        Generation.lease_expires_at < now,
+        JOBS.c.owner.is_(None),
+        JOBS.c.owner == owner,
+        JOBS.c.lease_expires_at.is_(None),
+        JOBS.c.lease_expires_at < now,
     )
+
+
+def _taking(**values: Any) -> Any:
+    """The UPDATE that puts the queued jobs ``ids`` that ``holder`` may take under its lease
+    (``until``), with ``values``, returning them; built once (building a statement
+    costs more than running it)."""
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(bindparam("ids", expanding=True)),
+            JOBS.c.status == "queued",
+            _takeable(bindparam("holder", type_=String), bindparam("now", type_=UTCDateTime())),
+        )
+        .values(owner=bindparam("holder"), lease_expires_at=bindparam("until"), **values)
+        .returning(*JOBS.c)
+    )
+
+
+_CLAIM = _taking(status="running", started_at=bindparam("now"), attempts=JOBS.c.attempts + 1)
+_HOLD = _taking()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -32,13 +32,23 @@ async def oldest_first(
     return [_record(row) for row in rows]
 
 
+# the hot paths' statements are built once: building one costs more than running it;
+# those that write a job and read it back work on the table (``JOBS``), whose rows
+# ``_record`` reads as it reads a loaded ``Generation``, without the ORM's bookkeeping
+JOBS = Generation.__table__
+_USER = select(User).where(
+    User.platform == bindparam("platform"), User.platform_user_id == bindparam("platform_user_id")
+)
+_USERS = User.__table__.c
+USERS_BY_ID = select(*_USERS).where(_USERS.id.in_(bindparam("ids", expanding=True)))
+
+
 async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
-    return await session.scalar(
-        select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
-    )
+    return await session.scalar(_USER, {"platform": platform, "platform_user_id": platform_user_id})
 
 
-def _user_record(user: User) -> UserRecord:
+def _user_record(user: Any) -> UserRecord:
+    """The record of a ``User`` or of a row of its table."""
     return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
 
 
@@ -52,10 +62,10 @@ def stored_request(params: dict[str, Any]) -> GenerationRequest:
 
 
 def _record(
-    row: Generation, *, user: User | None = None, images: Sequence[ImageRecord] | None = None
+    row: Any, *, user: Any = None, images: Sequence[ImageRecord] | None = None
 ) -> GenerationRecord:
-    """The record of a row loaded with ``_LOAD``, or of one whose ``user`` and ``images``
-    the caller has at hand."""
+    """The record of a row loaded with ``_LOAD``, or of one (a ``Generation`` or a row of
+    ``JOBS``) whose ``user`` and ``images`` the caller has at hand."""
     return GenerationRecord(
         id=row.id,
         user=_user_record(user or row.user),
