@@ -108,6 +108,54 @@ async def test_status_changes_happen_once(store: Store) -> None:
     assert record.device_seconds == 0.5
 
 
+async def test_a_finish_holds_no_write_lock_while_its_files_are_put_in_place(store: Store) -> None:
+    """``keep`` (files renamed, or an upload) runs before the finish's first write: other
+    writers go on meanwhile (on SQLite they would otherwise wait behind its one write lock)."""
+    await _add(store, "J1", "J2")
+    assert await store.mark_running("J1", lease("A"))
+    keeping, release = asyncio.Event(), asyncio.Event()
+
+    async def keep() -> None:
+        keeping.set()
+        await release.wait()
+
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    finishing = asyncio.create_task(
+        store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5, keep=keep)
+    )
+    await keeping.wait()
+    # a claim and a new job are written while the finish is still keeping its files
+    assert await asyncio.wait_for(store.mark_running("J2", lease("A")), 5)
+    await asyncio.wait_for(_add(store, "J3"), 5)
+    release.set()
+    record = await finishing
+    assert record is not None and record.status == "finished" and [i.id for i in record.images] == ["I1"]
+    assert record.user.display_name == "Alice"
+
+
+async def test_a_job_lost_while_its_files_were_kept_is_not_finished(store: Store) -> None:
+    """Cancelled between the finish's look and its write: no row, no image, None (the
+    caller then takes its files back)."""
+    await _add(store, "J1", "J2")
+    assert await store.mark_running("J1", lease("A"))
+    kept: list[str] = []
+
+    async def keep() -> None:
+        kept.append("J1")
+        assert await store.mark_cancelled("J1")
+
+    image = ImageRecord("I1", "J1", 0, "x.png", 64, 64, 5, 0, "a cat\nSteps: 4")
+    assert (
+        await store.finish("J1", [image], owner="A", model_hash=None, device_seconds=0.5, keep=keep) is None
+    )
+    assert kept == ["J1"]
+    record = await store.get("J1")
+    assert record.status == "cancelled" and record.images == ()
+    # a job this process does not hold keeps nothing at all
+    assert await store.finish("J2", [], owner="A", model_hash=None, device_seconds=0.5, keep=keep) is None
+    assert kept == ["J1"]
+
+
 async def test_open_jobs_are_listed_for_recovery(store: Store) -> None:
     await _add(store, "J1", "J2", "J3")
     await store.mark_running("J2", lease("A"))
