@@ -40,6 +40,14 @@ SELECT count(*) AS ahead FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND status = 'todo'
   AND (priority > %(priority)s OR (priority = %(priority)s AND id < %(id)s))
 """
+_PLACE = """
+SELECT job.status, (
+  SELECT count(*) FROM procrastinate_jobs AS other
+  WHERE other.queue_name = %(queue)s AND other.status = 'todo'
+    AND (other.priority > job.priority OR (other.priority = job.priority AND other.id < job.id))
+) AS ahead
+FROM procrastinate_jobs AS job WHERE job.id = %(id)s
+"""
 _OWNER_OPEN = """
 SELECT count(*) AS open FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND task_name = %(task)s AND status IN ('todo', 'doing')
@@ -99,12 +107,16 @@ class ProcrastinateQueue:
         open_ = await self._one(_OWNER_OPEN, owner=job.owner)
         priority = queue_priority(job.priority, int(open_["open"]))
         try:
-            await self.app.configure_task(
+            deferred = await self.app.configure_task(
                 TASK, queue=QUEUE, priority=priority, queueing_lock=job.id
             ).defer_async(generation_id=job.id, owner=job.owner, max_running=job.max_running)
         except AlreadyEnqueued:  # deferred before (a restart re-offers what waits): one is enough
-            pass
-        return await self.position(job.id) or 1
+            return await self.position(job.id) or 1
+        # the new job's place, read by its procrastinate id (no search by generation)
+        found = await self.app.connector.execute_query_all_async(_PLACE, queue=QUEUE, id=deferred)
+        if not found or found[0]["status"] != "todo":  # a worker has it already (or ran it)
+            return 1
+        return int(found[0]["ahead"]) + 1
 
     async def position(self, job_id: str) -> int | None:
         found = await self._jobs(job_id)

@@ -174,8 +174,9 @@ async def test_a_users_first_job_outranks_everyones_second(cluster: Cluster) -> 
     alice, bob = user("alice"), user("bob")
     first = await cluster.draw(alice, 0)
     await cluster.wait_started(1)
-    for seed in range(1, 10):
-        await cluster.draw(alice, seed)
+    waiting = [await cluster.draw(alice, seed) for seed in range(1, 10)]
+    # each is told its place behind the ones before it (the running one is not counted)
+    assert [cluster.log.of("queued", job)[0].position for job in waiting] == list(range(1, 10))
     bobs = await cluster.draw(bob, 100)
     assert cluster.log.of("queued", bobs)[0].position == 1  # ahead of Alice's nine
     cluster.runner.gate.release(11)
