@@ -61,9 +61,7 @@ def stored_request(params: dict[str, Any]) -> GenerationRequest:
     return with_canonical_names(GenerationRequest.from_dict(params))
 
 
-def _record(
-    row: Any, *, user: Any = None, images: Sequence[ImageRecord] | None = None
-) -> GenerationRecord:
+def _record(row: Any, *, user: Any = None, images: Sequence[ImageRecord] | None = None) -> GenerationRecord:
     """The record of a row loaded with ``_LOAD``, or of one (a ``Generation`` or a row of
     ``JOBS``) whose ``user`` and ``images`` the caller has at hand."""
     return GenerationRecord(
