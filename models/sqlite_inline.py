@@ -13,11 +13,18 @@ lock, so the connection's own busy timeout is 0: a busy statement is tried again
 ``asyncio.sleep``, in short steps, until the configured timeout has passed
 (``PRAGMA busy_timeout`` sets it, as for any SQLite connection), and then fails as SQLite
 would.
+
+One thing waits for the disk: a checkpoint, which copies the write-ahead log back into
+the database file and syncs it. SQLite runs one inside whichever commit finds the log
+past 1000 pages; here that is turned off (``wal_autocheckpoint=0``), and every
+``CHECKPOINT_EVERY`` commits of a connection a checkpoint runs on a worker thread, on a
+connection of its own, one at a time per database file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import time
@@ -28,7 +35,10 @@ from typing import Any
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection, AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.util.concurrency import await_
 
+log = logging.getLogger(__name__)
+
 SQLITE_BUSY = 5
+CHECKPOINT_EVERY = 100  # commits of one connection between two checkpoints
 # the pauses between tries of a busy statement, in seconds; the last repeats
 _BACKOFF = (0.0005, 0.001, 0.002, 0.004, 0.008)
 _BUSY_TIMEOUT = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)\s*;?\s*$", re.IGNORECASE)
@@ -41,12 +51,17 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
 class Connection:
     """What the dialect's adapter calls on a driver connection, each call run at once."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, database: str | None, uri: bool = False) -> None:
         self._connection: sqlite3.Connection | None = connection
         self._conn = connection  # the adapter sets ``isolation_level`` through this name
         self._tx = _RunAtOnce()
         self.busy_timeout = 5.0  # seconds; ``PRAGMA busy_timeout`` changes it
+        self._database = database  # the file to checkpoint; None in memory
+        self._uri = uri
+        self._commits = 0
         connection.execute("PRAGMA busy_timeout=0")
+        if database is not None:
+            connection.execute("PRAGMA wal_autocheckpoint=0")
 
     @property
     def isolation_level(self) -> str | None:
@@ -62,6 +77,9 @@ class Connection:
 
     async def commit(self) -> None:
         await self.retry_busy(self._conn.commit)
+        self._commits += 1
+        if self._database is not None and self._commits % CHECKPOINT_EVERY == 0:
+            CHECKPOINTS.start(self._database, self._uri)
 
     async def rollback(self) -> None:
         self._conn.rollback()
@@ -158,6 +176,48 @@ class Cursor:
         self._cursor.close()
 
 
+class _Checkpoints:
+    """Checkpoints on worker threads, one at a time per database file."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, asyncio.Future[None]] = {}
+        self.done: dict[str, int] = {}
+
+    def start(self, database: str, uri: bool = False) -> None:
+        if database in self.running:
+            return
+        future = asyncio.get_running_loop().run_in_executor(None, _checkpoint, database, uri)
+        self.running[database] = future
+        future.add_done_callback(lambda done: self._finished(database, done))
+
+    def _finished(self, database: str, future: asyncio.Future[None]) -> None:
+        del self.running[database]
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.warning("checkpoint of %s failed: %s", database, future.exception())
+            return
+        self.done[database] = self.done.get(database, 0) + 1
+
+    async def wait(self) -> None:
+        """Until the checkpoints running now have ended."""
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+
+def _checkpoint(database: str, uri: bool) -> None:
+    # RESTART: the whole log is copied and the next commit starts it again from the top (a
+    # passive one, racing the next commits, would leave the log growing); writers wait for
+    # it as for any other writer (they back off and try again, without blocking the loop)
+    connection = sqlite3.connect(database, timeout=5, uri=uri)
+    try:
+        connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    finally:
+        connection.close()
+
+
+CHECKPOINTS = _Checkpoints()
+
+
 class _RunAtOnce:
     """The adapter's isolation-level setter queues ``(future, function)`` for the driver's
     thread; here the function runs at once."""
@@ -172,7 +232,9 @@ class _RunAtOnce:
 
 async def connect(database: str, **kwargs: Any) -> Connection:
     kwargs["check_same_thread"] = False  # the pool may close a connection from a finalizer
-    return Connection(sqlite3.connect(database, **kwargs))
+    connection = sqlite3.connect(database, **kwargs)
+    in_memory = database in ("", ":memory:") or "mode=memory" in database
+    return Connection(connection, None if in_memory else database, bool(kwargs.get("uri")))
 
 
 class _Dbapi(AsyncAdapt_aiosqlite_dbapi):

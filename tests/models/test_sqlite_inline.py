@@ -136,3 +136,29 @@ async def test_errors_other_than_busy_are_raised_at_once(engine) -> None:
         with pytest.raises(OperationalError, match="no such table"):
             await conn.execute(text("SELECT * FROM missing"))
         assert time.monotonic() - started < 0.5
+
+
+async def test_checkpoints_run_on_a_worker_thread_not_in_a_commit(tmp_path: Path) -> None:
+    """A checkpoint syncs the database file: it never runs inside a commit on the loop,
+    but every ``CHECKPOINT_EVERY`` commits on a thread, and it empties the log."""
+    path = tmp_path / "log.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
+            assert (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
+        before = sqlite_inline.CHECKPOINTS.done.get(str(path), 0)
+        for _ in range(2 * sqlite_inline.CHECKPOINT_EVERY):
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO jobs (name) VALUES (:n)"), {"n": "x" * 2000})
+        await sqlite_inline.CHECKPOINTS.wait()
+        assert sqlite_inline.CHECKPOINTS.done.get(str(path), 0) > before
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO jobs (name) VALUES ('last')"))
+        async with engine.connect() as conn:
+            busy, frames, _copied = (await conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))).one()
+            assert (await conn.execute(text("SELECT count(*) FROM jobs"))).scalar() == 201
+        # the log started again from the top: it holds the last commit's pages, not 200 commits'
+        assert busy == 0 and 0 < frames <= 4
+    finally:
+        await engine.dispose()
