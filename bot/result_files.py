@@ -84,7 +84,8 @@ async def pending_images(
         await asyncio.to_thread(remove_placed, placed)
 
     async def discard() -> None:
-        await asyncio.to_thread(discard_staged, staged)
+        if len(placed) < len(staged):  # what was put in place has no staged file left
+            await asyncio.to_thread(discard_staged, staged)
 
     return PendingImages([image.record for image in staged], keep=keep, undo=undo, discard=discard)
 

@@ -109,8 +109,9 @@ class GenerationRequest:
         return [self.subseed + i for i in range(self.num_images_per_prompt)]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe and lossless (ints stay ints, floats stay floats)."""
-        data = dataclasses.asdict(self)
+        """JSON-safe and lossless (ints stay ints, floats stay floats); containers are
+        copied, so the dict shares nothing mutable with the request."""
+        data = {name: _plain(getattr(self, name)) for name in _FIELD_NAMES}
         data["styles"] = list(self.styles)
         data["negative_presets"] = list(self.negative_presets)
         return data
@@ -125,6 +126,21 @@ class GenerationRequest:
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with its dicts, lists and tuples copied, as ``dataclasses.asdict`` copies
+    them (the values inside are plain JSON ones: nothing else needs a deep copy)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    return value
 
 
 @dataclass
