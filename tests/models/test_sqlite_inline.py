@@ -17,8 +17,13 @@ from models.store import create_engine, sqlite_pragmas
 
 
 @pytest.fixture
-async def engine(tmp_path: Path):
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}")
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "inline.db"
+
+
+@pytest.fixture
+async def engine(path: Path):
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
     async with engine.begin() as conn:
         await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
     yield engine
@@ -86,48 +91,34 @@ async def test_a_writer_waits_for_another_ones_lock_while_the_loop_runs_on(engin
     assert names == ["first", "second"]
 
 
-async def test_a_write_still_busy_after_the_busy_timeout_fails_as_sqlite_would(tmp_path: Path) -> None:
-    path = tmp_path / "busy.db"
-    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+async def test_a_write_still_busy_after_the_busy_timeout_fails_as_sqlite_would(engine, path: Path) -> None:
+    other = sqlite3.connect(path, isolation_level=None)  # another process, as it were
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
     try:
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
-        other = sqlite3.connect(path, isolation_level=None)  # another process, as it were
-        other.execute("BEGIN IMMEDIATE")  # holds the write lock
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(text("PRAGMA busy_timeout=200"))
-                started = time.monotonic()
-                with pytest.raises(OperationalError, match="database is locked"):
-                    await conn.execute(text("INSERT INTO jobs (name) VALUES ('x')"))
-                waited = time.monotonic() - started
-                assert 0.2 <= waited < 2
-        finally:
-            other.rollback()
-            other.close()
-    finally:
-        await engine.dispose()
-
-
-async def test_a_busy_write_goes_through_when_the_other_process_commits(tmp_path: Path) -> None:
-    path = tmp_path / "busy.db"
-    engine = create_engine(f"sqlite+aiosqlite:///{path}")
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
-        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        sqlite_pragmas(other)
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO jobs (name) VALUES ('theirs')")
-        asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
-        async with engine.begin() as conn:
-            await conn.execute(text("INSERT INTO jobs (name) VALUES ('ours')"))
-        other.close()
         async with engine.connect() as conn:
-            names = (await conn.execute(text("SELECT name FROM jobs ORDER BY id"))).scalars().all()
-        assert names == ["theirs", "ours"]
+            await conn.execute(text("PRAGMA busy_timeout=200"))
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="database is locked"):
+                await conn.execute(text("INSERT INTO jobs (name) VALUES ('x')"))
+            waited = time.monotonic() - started
+            assert 0.2 <= waited < 2
     finally:
-        await engine.dispose()
+        other.rollback()
+        other.close()
+
+
+async def test_a_busy_write_goes_through_when_the_other_process_commits(engine, path: Path) -> None:
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    sqlite_pragmas(other)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO jobs (name) VALUES ('theirs')")
+    asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO jobs (name) VALUES ('ours')"))
+    other.close()
+    async with engine.connect() as conn:
+        names = (await conn.execute(text("SELECT name FROM jobs ORDER BY id"))).scalars().all()
+    assert names == ["theirs", "ours"]
 
 
 async def test_errors_other_than_busy_are_raised_at_once(engine) -> None:
@@ -138,27 +129,21 @@ async def test_errors_other_than_busy_are_raised_at_once(engine) -> None:
         assert time.monotonic() - started < 0.5
 
 
-async def test_checkpoints_run_on_a_worker_thread_not_in_a_commit(tmp_path: Path) -> None:
+async def test_checkpoints_run_on_a_worker_thread_not_in_a_commit(engine, path: Path) -> None:
     """A checkpoint syncs the database file: it never runs inside a commit on the loop,
     but every ``CHECKPOINT_EVERY`` commits on a thread, and it empties the log."""
-    path = tmp_path / "log.db"
-    engine = create_engine(f"sqlite+aiosqlite:///{path}")
-    try:
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
+    before = sqlite_inline.CHECKPOINTS.done.get(str(path), 0)
+    for _ in range(2 * sqlite_inline.CHECKPOINT_EVERY):
         async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT)"))
-            assert (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
-        before = sqlite_inline.CHECKPOINTS.done.get(str(path), 0)
-        for _ in range(2 * sqlite_inline.CHECKPOINT_EVERY):
-            async with engine.begin() as conn:
-                await conn.execute(text("INSERT INTO jobs (name) VALUES (:n)"), {"n": "x" * 2000})
-        await sqlite_inline.CHECKPOINTS.wait()
-        assert sqlite_inline.CHECKPOINTS.done.get(str(path), 0) > before
-        async with engine.begin() as conn:
-            await conn.execute(text("INSERT INTO jobs (name) VALUES ('last')"))
-        async with engine.connect() as conn:
-            busy, frames, _copied = (await conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))).one()
-            assert (await conn.execute(text("SELECT count(*) FROM jobs"))).scalar() == 201
-        # the log started again from the top: it holds the last commit's pages, not 200 commits'
-        assert busy == 0 and 0 < frames <= 4
-    finally:
-        await engine.dispose()
+            await conn.execute(text("INSERT INTO jobs (name) VALUES (:n)"), {"n": "x" * 2000})
+    await sqlite_inline.CHECKPOINTS.wait()
+    assert sqlite_inline.CHECKPOINTS.done.get(str(path), 0) > before
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO jobs (name) VALUES ('last')"))
+    async with engine.connect() as conn:
+        busy, frames, _copied = (await conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))).one()
+        assert (await conn.execute(text("SELECT count(*) FROM jobs"))).scalar() == 201
+    # the log started again from the top: it holds the last commit's pages, not 200 commits'
+    assert busy == 0 and 0 < frames <= 4
