@@ -88,7 +88,7 @@ class QuotaStore:
         open job and ``reserved_images``); False when this job was already settled."""
         async with self.store.session() as session:
             inserted = await session.execute(
-                ledger_insert(session),
+                _ledger(session),
                 {
                     "generation_id": generation_id,
                     "user_key": user_key,
@@ -102,8 +102,12 @@ class QuotaStore:
             if inserted.rowcount != 1:
                 return False
             change = _SETTLE_FINISHED if outcome == "finished" else _SETTLE_ENDED
-            params = {**_key_params(user_key, scope, period), "add_images": images, "add_seconds": seconds}
-            params["reserved"] = reserved_images
+            params = {
+                **_key_params(user_key, scope, period),
+                "add_images": images,
+                "add_seconds": seconds,
+                "reserved": reserved_images,
+            }
             if (await session.execute(change, params)).rowcount != 1:  # its reservation was in another period
                 await _ensure_row(session, user_key, scope, period)
                 await session.execute(change, params)
@@ -111,16 +115,9 @@ class QuotaStore:
 
     async def release(self, user_key: str, scope: str, period: str, *, images: int, jobs: int) -> None:
         """Undo a reservation whose request was never stored (no job exists to settle)."""
-        row = QuotaUsage
+        params = {**_key_params(user_key, scope, period), "reserved": images, "jobs": jobs}
         async with self.store.session() as session:
-            await session.execute(
-                update(row)
-                .where(*_key(user_key, scope, period))
-                .values(
-                    images_reserved=_floor_zero(row.images_reserved, images),
-                    jobs_open=_floor_zero(row.jobs_open, jobs),
-                )
-            )
+            await session.execute(_RELEASE, params)
 
     async def usage(self, user_key: str, scope: str, period: str) -> Usage:
         async with self.store.session() as session:
@@ -139,20 +136,19 @@ class QuotaStore:
     async def grant(self, user_key: str, scope: str, period: str, *, images: int, seconds: float) -> None:
         async with self.store.session() as session:
             await _ensure_row(session, user_key, scope, period)
-            row = QuotaUsage
             await session.execute(
-                update(row)
-                .where(*_key(user_key, scope, period))
-                .values(bonus_images=row.bonus_images + images, bonus_seconds=row.bonus_seconds + seconds)
+                _USAGE_ROW.values(
+                    bonus_images=_USAGE.bonus_images + images, bonus_seconds=_USAGE.bonus_seconds + seconds
+                ),
+                _key_params(user_key, scope, period),
             )
 
     async def reset(self, user_key: str, scope: str, period: str) -> None:
         """Forget this period's usage and grants; reservations of open jobs stay."""
         async with self.store.session() as session:
             await session.execute(
-                update(QuotaUsage)
-                .where(*_key(user_key, scope, period))
-                .values(images_used=0, seconds_used=0.0, bonus_images=0, bonus_seconds=0.0)
+                _USAGE_ROW.values(images_used=0, seconds_used=0.0, bonus_images=0, bonus_seconds=0.0),
+                _key_params(user_key, scope, period),
             )
 
     async def set_override(
@@ -175,8 +171,8 @@ class QuotaStore:
 
 
 # The statements of every request (a reservation) and every job's end (a settlement) are
-# built once: building one costs more than running it.
-# (on the tables, not the mapped classes: rows, without the ORM's bookkeeping)
+# built once (building one costs more than running it), on the tables rather than the
+# mapped classes (rows, without the ORM's bookkeeping); the others use the same pieces.
 _USAGE = QuotaUsage.__table__.c
 _OVERRIDES = QuotaOverride.__table__.c
 _OVERRIDE = select(*_OVERRIDES).where(
@@ -187,8 +183,8 @@ _KEY = (
     _USAGE.scope == bindparam("key_scope"),
     _USAGE.period == bindparam("key_period"),
 )
-
 _READ_USAGE = select(*_USAGE).where(*_KEY)
+_USAGE_ROW = update(QuotaUsage.__table__).where(*_KEY)  # the period's row; .values() to change it
 
 
 def _key_params(user_key: str, scope: str, period: str) -> dict[str, str]:
@@ -200,7 +196,7 @@ def _reservation(images: bool, seconds: bool, jobs: bool) -> Any:
     """The admission UPDATE with the limits in force (``images``, ``seconds``, ``jobs``)."""
     row = _USAGE
     asked_images, asked_jobs = bindparam("add_images", type_=Integer), bindparam("add_jobs", type_=Integer)
-    conditions = list(_KEY)
+    conditions = []
     if images:
         limit = bindparam("limit_images", type_=Integer)
         conditions.append(row.images_used + row.images_reserved + asked_images <= limit + row.bonus_images)
@@ -208,10 +204,8 @@ def _reservation(images: bool, seconds: bool, jobs: bool) -> Any:
         conditions.append(row.seconds_used < bindparam("limit_seconds", type_=Float) + row.bonus_seconds)
     if jobs:
         conditions.append(row.jobs_open + asked_jobs <= bindparam("limit_jobs", type_=Integer))
-    return (
-        update(QuotaUsage.__table__)
-        .where(*conditions)
-        .values(images_reserved=row.images_reserved + asked_images, jobs_open=row.jobs_open + asked_jobs)
+    return _USAGE_ROW.where(*conditions).values(
+        images_reserved=row.images_reserved + asked_images, jobs_open=row.jobs_open + asked_jobs
     )
 
 
@@ -228,10 +222,10 @@ def _settlement(finished: bool) -> Any:
         images_reserved=_floor_zero(row.images_reserved, bindparam("reserved", type_=Integer)),
         jobs_open=_floor_zero(row.jobs_open, 1),
     )
-    return update(QuotaUsage.__table__).where(*_KEY).values(**values)
+    return _USAGE_ROW.values(**values)
 
 
-def ledger_insert(session: AsyncSession) -> Any:
+def _ledger(session: AsyncSession) -> Any:
     """The idempotent ledger INSERT (``ON CONFLICT DO NOTHING``) for this session's database."""
     return _ledger_insert(session.get_bind().dialect.name)
 
@@ -239,10 +233,6 @@ def ledger_insert(session: AsyncSession) -> Any:
 @functools.cache
 def _ledger_insert(dialect: str) -> Any:
     return insert_ignore_for(dialect, QuotaLedger.__table__)
-
-
-def _key(user_key: str, scope: str, period: str) -> tuple:
-    return (QuotaUsage.user_key == user_key, QuotaUsage.scope == scope, QuotaUsage.period == period)
 
 
 def _floor_zero(column: object, amount: object) -> object:
@@ -268,3 +258,7 @@ async def _ensure_row(session: AsyncSession, user_key: str, scope: str, period: 
 
 _SETTLE_FINISHED = _settlement(True)
 _SETTLE_ENDED = _settlement(False)
+_RELEASE = _USAGE_ROW.values(
+    images_reserved=_floor_zero(_USAGE.images_reserved, bindparam("reserved", type_=Integer)),
+    jobs_open=_floor_zero(_USAGE.jobs_open, bindparam("jobs", type_=Integer)),
+)

@@ -103,7 +103,8 @@ class Transaction:
     committed: bool = False
 
 
-# a job's end, built once: building a statement costs more than running it
+# the statements of every job's start and end, built once: building a statement costs
+# more than running it
 _IS_HELD = (JOBS.c.id == bindparam("job"), JOBS.c.status == "running", JOBS.c.owner == bindparam("holder"))
 _HELD = select(JOBS.c.id).where(*_IS_HELD)
 _FINISH = (
@@ -117,9 +118,9 @@ _FINISH = (
     )
     .returning(*JOBS.c)
 )
-
-
 _ADD_JOBS = insert(JOBS)
+_ADD_IMAGES = insert(Image.__table__)
+_ADD_IMAGE_DATA = insert(ImageData.__table__)
 
 
 class Store(_JobLeases):
@@ -361,12 +362,10 @@ class Store(_JobLeases):
             if row is None:
                 return None
             if images:
-                await session.execute(
-                    insert(Image.__table__), [dataclasses.asdict(image) for image in images]
-                )
+                await session.execute(_ADD_IMAGES, [dataclasses.asdict(image) for image in images])
             if data:
                 rows = [{"image_id": key, "data": value} for key, value in data.items()]
-                await session.execute(insert(ImageData.__table__), rows)
+                await session.execute(_ADD_IMAGE_DATA, rows)
             user = (await session.execute(USERS_BY_ID, {"ids": [row.user_id]})).one()
             return _record(row, user=user, images=images)
 
