@@ -10,9 +10,9 @@ One thing may not run at once: a write while another connection (another task of
 process, or another process) holds the database's write lock. Waiting for it inside
 SQLite's busy handler would block the event loop, and with it the task that holds the
 lock, so the connection's own busy timeout is 0: a busy statement is tried again after an
-``asyncio.sleep``, in short steps, until the configured timeout has passed
-(``PRAGMA busy_timeout`` sets it, as for any SQLite connection), and then fails as SQLite
-would.
+``asyncio.sleep``, in short steps, until the configured timeout has passed (``PRAGMA
+busy_timeout`` sets it, as for any SQLite connection, or ``?timeout=`` in the URL), and
+then fails as SQLite would.
 
 One thing waits for the disk: a checkpoint, which copies the write-ahead log back into
 the database file and syncs it. SQLite runs one inside whichever commit finds the log
@@ -24,6 +24,7 @@ connection of its own, one at a time per database file.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import sqlite3
@@ -55,7 +56,7 @@ class Connection:
         self._connection: sqlite3.Connection | None = connection
         self._conn = connection  # the adapter sets ``isolation_level`` through this name
         self._tx = _RunAtOnce()
-        self.busy_timeout = 5.0  # seconds; ``PRAGMA busy_timeout`` changes it
+        self.busy_timeout = 5.0  # seconds (sqlite3's default); ``PRAGMA busy_timeout`` changes it
         self._database = database  # the file to checkpoint; None in memory
         self._uri = uri
         self._commits = 0
@@ -85,9 +86,7 @@ class Connection:
         self._conn.rollback()
 
     async def close(self) -> None:
-        if self._connection is not None:
-            self._connection = None
-            self._conn.close()
+        self.stop()
 
     def stop(self) -> None:
         if self._connection is not None:
@@ -105,14 +104,13 @@ class Connection:
             if not _is_busy(error):
                 raise
         deadline = time.monotonic() + self.busy_timeout
-        for attempt in range(1 << 30):
+        for attempt in itertools.count():
             await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
             try:
                 return call()
             except sqlite3.OperationalError as error:
                 if not _is_busy(error) or time.monotonic() >= deadline:
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Cursor:
@@ -232,9 +230,12 @@ class _RunAtOnce:
 
 async def connect(database: str, **kwargs: Any) -> Connection:
     kwargs["check_same_thread"] = False  # the pool may close a connection from a finalizer
+    busy_timeout = float(kwargs.pop("timeout", 5.0))  # ours to wait (``?timeout=`` in the URL)
     connection = sqlite3.connect(database, **kwargs)
     in_memory = database in ("", ":memory:") or "mode=memory" in database
-    return Connection(connection, None if in_memory else database, bool(kwargs.get("uri")))
+    driver = Connection(connection, None if in_memory else database, bool(kwargs.get("uri")))
+    driver.busy_timeout = busy_timeout
+    return driver
 
 
 class _Dbapi(AsyncAdapt_aiosqlite_dbapi):

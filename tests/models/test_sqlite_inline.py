@@ -107,6 +107,16 @@ async def test_a_write_still_busy_after_the_busy_timeout_fails_as_sqlite_would(e
         other.close()
 
 
+async def test_a_timeout_given_to_connect_is_the_time_a_busy_write_waits(path: Path) -> None:
+    """``?timeout=`` in a URL reaches ``connect``: it becomes our wait, SQLite's stays 0."""
+    connection = await sqlite_inline.connect(str(path), timeout=7)
+    try:
+        assert connection.busy_timeout == 7.0
+        assert connection._conn.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    finally:
+        await connection.close()
+
+
 async def test_a_busy_write_goes_through_when_the_other_process_commits(engine, path: Path) -> None:
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     sqlite_pragmas(other)
