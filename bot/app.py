@@ -121,8 +121,7 @@ class App:
         if self.settings.database.auto_upgrade:
             await asyncio.to_thread(db.upgrade, self.settings.database_url)
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.images, S3ImageStore):  # a bucket it cannot use stops the start
-            await self.images.check()
+        await self.images.start()  # a store it cannot use (a bucket) stops the start
         models_dir = getattr(self.library, "models_dir", None)
         if models_dir is not None and not await asyncio.to_thread(Path(models_dir).is_dir):
             log.warning(
@@ -181,8 +180,7 @@ class App:
                     log.info("released %d open job(s) for another process or the next start", released)
             await call_collect(self.pm.hook.shutdown, app=self)
             self.started = False
-        if isinstance(self.images, S3ImageStore):
-            await self.images.close()
+        await self.images.close()
         await self.store.close()
 
     async def idle(self) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from bot.errors import ImageStoreError, NotFound
+from bot.result_files import PendingImages, rows_with_bytes, staged_files, uploads
 from models.shared_files import SharedFiles
 from models.store import Store
 
 if TYPE_CHECKING:
     from bot.s3 import S3Client
     from bot.settings import Settings
+    from pipeline.request import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,16 @@ class ImageStore(Protocol):
         """Remove what the store keeps for images whose rows were deleted (their stored
         paths); a failure is logged, not raised."""
         ...
+
+    async def prepare(self, generation_id: str, result: GenerationResult) -> PendingImages:
+        """A finished job's images made ready for ``Store.finish`` (bot/result_files.py)."""
+        ...
+
+    async def start(self) -> None:
+        """At the App's start: a store it cannot use stops the start (``ConfigError``)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class LocalImageStore:
@@ -65,6 +77,15 @@ class LocalImageStore:
     async def remove(self, paths: Iterable[str]) -> None:
         await asyncio.to_thread(_unlink_under, self.root, list(paths))
 
+    async def prepare(self, generation_id: str, result: GenerationResult) -> PendingImages:
+        return await staged_files(self.root, generation_id, result)
+
+    async def start(self) -> None:
+        pass  # the App makes its images folder
+
+    async def close(self) -> None:
+        pass
+
 
 class DatabaseImageStore:
     """Images kept in the database (``image_data``), written with the finished job: any
@@ -81,6 +102,15 @@ class DatabaseImageStore:
 
     async def remove(self, paths: Iterable[str]) -> None:
         """Nothing: the bytes went with the rows."""
+
+    async def prepare(self, generation_id: str, result: GenerationResult) -> PendingImages:
+        return await rows_with_bytes(generation_id, result)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 class S3ImageStore:
@@ -104,9 +134,12 @@ class S3ImageStore:
     def key(self, path: str) -> str:
         return self.prefix + path
 
-    async def check(self) -> None:
-        """At start: the bucket answers and takes these keys, else ``ConfigError`` naming
-        the endpoint, the bucket and what it said."""
+    async def prepare(self, generation_id: str, result: GenerationResult) -> PendingImages:
+        return await uploads(self, generation_id, result)
+
+    async def start(self) -> None:
+        """The bucket answers and takes these keys, else ``ConfigError`` naming the
+        endpoint, the bucket and what it said."""
         from bot.s3 import S3Error
         from bot.settings import ConfigError
 

@@ -28,7 +28,6 @@ from bot.errors import ImageStoreError, NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
 from bot.leases import owner_gone
 from bot.replay import stored_params
-from bot.result_files import pending_images
 from bot.types import (
     Action,
     Actor,
@@ -216,7 +215,7 @@ class JobLifecycle:
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        pending = await pending_images(self.app.images, self.app.images_dir, job.id, result)
+        pending = await self.app.images.prepare(job.id, result)
         images = pending.records
         try:
             record = await self.app.store.finish(

@@ -6,9 +6,10 @@ hidden name and renamed to its final one inside that transaction, so a process t
 the job (another took it over) leaves no file behind, and no image row points at a file
 that was never written. Files run on a worker thread, never on the event loop.
 
-``pending_images`` prepares a result for whichever image store the App has: files (as
-above), bytes stored with the rows (the database store), or objects uploaded to a bucket
-inside that transaction (the S3 store) and deleted again if it does not commit.
+Each image store prepares a result its own way (``ImageStore.prepare``) with the pieces
+here: files (as above, ``staged_files``), bytes stored with the rows (``rows_with_bytes``),
+or objects uploaded to a bucket inside that transaction and deleted again if it does not
+commit (``uploads``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ulid import ULID
 
 from bot.errors import ImageStoreError
-from bot.image_store import DatabaseImageStore, ImageStore, S3ImageStore
 from models.records import ImageRecord
 from pipeline.request import GenerationResult
+
+if TYPE_CHECKING:
+    from bot.image_store import S3ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +64,9 @@ class PendingImages:
     discard: Callable[[], Awaitable[None]] = _nothing
 
 
-async def pending_images(
-    images: ImageStore, root: Path, generation_id: str, result: GenerationResult
-) -> PendingImages:
-    """``result``'s images prepared for ``images`` (files go under ``root``)."""
-    if isinstance(images, DatabaseImageStore):  # the PNGs go in with the rows
-        encoded = await asyncio.to_thread(encode_images, generation_id, result)
-        return PendingImages([image for image, _ in encoded], data={image.id: png for image, png in encoded})
-    if isinstance(images, S3ImageStore):
-        return _uploads(images, await asyncio.to_thread(encode_images, generation_id, result))
+async def staged_files(root: Path, generation_id: str, result: GenerationResult) -> PendingImages:
+    """``result``'s images as files under ``root``: written under temporary names now, put
+    in place by ``keep`` (the images folder, ``LocalImageStore``)."""
     staged = await asyncio.to_thread(stage_images, root, generation_id, result)
     placed: list[StagedImage] = []
 
@@ -90,9 +87,16 @@ async def pending_images(
     return PendingImages([image.record for image in staged], keep=keep, undo=undo, discard=discard)
 
 
-def _uploads(store: S3ImageStore, encoded: list[tuple[ImageRecord, bytes]]) -> PendingImages:
-    """Upload once the job is won; what went in is deleted again (best effort) when the
-    job's rows are not stored after all."""
+async def rows_with_bytes(generation_id: str, result: GenerationResult) -> PendingImages:
+    """``result``'s PNGs stored with their rows (``DatabaseImageStore``)."""
+    encoded = await asyncio.to_thread(encode_images, generation_id, result)
+    return PendingImages([image for image, _ in encoded], data={image.id: png for image, png in encoded})
+
+
+async def uploads(store: S3ImageStore, generation_id: str, result: GenerationResult) -> PendingImages:
+    """``result``'s PNGs uploaded once the job is won (``S3ImageStore``); what went in is
+    deleted again (best effort) when the job's rows are not stored after all."""
+    encoded = await asyncio.to_thread(encode_images, generation_id, result)
     uploaded: list[str] = []
 
     async def keep() -> None:

@@ -86,6 +86,13 @@ async def result_of(dc: FakeDiscord, count: int = 1, **kwargs: Any) -> dict[str,
     return results(dc, **kwargs)[count - 1]
 
 
+async def submit_remix(dc: FakeDiscord, message: dict[str, Any], remix: str, prompt: str) -> None:
+    """Alice sends the Remix form (button ``remix`` of ``message``) with ``prompt``."""
+    await dc.submit_modal(
+        remix, {"prompt": prompt}, user=ALICE, guild_id=GUILD, channel_id=CHANNEL, message_id=message["id"]
+    )
+
+
 def png_of(dc: FakeDiscord, message: dict[str, Any]) -> bytes:
     return dc.files[message["attachments"][0]["id"]]
 

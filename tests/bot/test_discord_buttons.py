@@ -28,6 +28,7 @@ from tests.bot.discord_helpers import (
     results,
     running,
     server,
+    submit_remix,
 )
 from tests.fakes.discord_api import MANAGE_GUILD, FakeDiscord, user_json
 
@@ -189,14 +190,7 @@ async def test_a_click_still_works_after_the_bot_process_was_stopped_and_started
             form = await dc.click(first["id"], remix, user=ALICE)
             await dc.wait_for(lambda: form.responded)
             assert form.response["type"] == 9 and "a cat" in str(form.response["data"]["components"])
-            await dc.submit_modal(
-                remix,
-                {"prompt": "a dog"},
-                user=ALICE,
-                guild_id=GUILD,
-                channel_id=CHANNEL,
-                message_id=first["id"],
-            )
+            await submit_remix(dc, first, remix, "a dog")
             remixed = await finished(dc, 4)
             assert read_infotext(png_of(dc, remixed)).startswith("a dog\n")
             await dc.click(first["id"], button(first, "Delete"), user=ALICE)
@@ -219,14 +213,7 @@ async def test_remix_asks_for_the_prompt_in_a_form_and_draws_it(make_app) -> Non
             form = pressed.response
             assert form["type"] == 9 and form["data"]["custom_id"] == remix
             assert "a cat" in str(form["data"]["components"])
-            await dc.submit_modal(
-                remix,
-                {"prompt": "a dog"},
-                user=ALICE,
-                guild_id=GUILD,
-                channel_id=CHANNEL,
-                message_id=first["id"],
-            )
+            await submit_remix(dc, first, remix, "a dog")
             second = await result_of(dc, 2)
         assert read_infotext(png_of(dc, second)).startswith("a dog\n")
 
