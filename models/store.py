@@ -29,11 +29,12 @@ from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.store_leases import Lease, _JobLeases
 from models.store_rows import (
     _LOAD,
+    JOB_WITH_USER,
     JOBS,
-    USERS_BY_ID,
     _find_user,
     _image_record,
     _record,
+    _row_user,
     _user_record,
     oldest_first,
     stored_request,  # noqa: F401  (re-exported: a stored row's request, models.store.stored_request)
@@ -116,7 +117,7 @@ _FINISH = (
         model_hash=bindparam("hash"),
         device_seconds=bindparam("seconds"),
     )
-    .returning(*JOBS.c)
+    .returning(*JOB_WITH_USER)
 )
 _ADD_JOBS = insert(JOBS)
 _ADD_IMAGES = insert(Image.__table__)
@@ -366,8 +367,7 @@ class Store(_JobLeases):
             if data:
                 rows = [{"image_id": key, "data": value} for key, value in data.items()]
                 await session.execute(_ADD_IMAGE_DATA, rows)
-            user = (await session.execute(USERS_BY_ID, {"ids": [row.user_id]})).one()
-            return _record(row, user=user, images=images)
+            return _record(row, user=_row_user(row), images=images)
 
     async def delete(self, generation_id: str) -> list[str] | None:
         """Delete an ended job and its image rows; returns the image paths (to remove the

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.base import UTCDateTime, utcnow
 from models.records import GenerationRecord
-from models.store_rows import JOBS, USERS_BY_ID, _record, oldest_first
+from models.store_rows import JOB_WITH_USER, JOBS, _record, _row_user, oldest_first
 from models.tables import OPEN_STATUSES, Generation
 
 
@@ -63,7 +63,7 @@ class _JobLeases:
         self, generation_ids: Sequence[str], lease: Lease
     ) -> dict[str, GenerationRecord]:
         """Claim several queued jobs (a micro-batch's) as ``mark_running`` claims one, in one
-        transaction of two statements: the jobs claimed, by id; one no longer queued, or
+        statement: the jobs claimed (with their users), by id; one no longer queued, or
         held by another live process, is not among them."""
         return await self._take_queued(_CLAIM, generation_ids, lease)
 
@@ -81,14 +81,8 @@ class _JobLeases:
         }
         async with self.session() as session:
             rows = (await session.execute(statement, params)).all()
-            if not rows:
-                return {}
-            users = {
-                user.id: user
-                for user in await session.execute(USERS_BY_ID, {"ids": list({row.user_id for row in rows})})
-            }
-            # a queued job has no images yet
-            return {row.id: _record(row, user=users[row.user_id], images=()) for row in rows}
+        # a queued job has no images yet
+        return {row.id: _record(row, user=_row_user(row), images=()) for row in rows}
 
     async def requeue_interrupted(self, generation_id: str, owner: str) -> bool:
         """A running job of ``owner`` that stopped without an end (shutdown, a dead process
@@ -216,7 +210,7 @@ def _taking(**values: Any) -> Any:
             _takeable(bindparam("holder", type_=String), bindparam("now", type_=UTCDateTime())),
         )
         .values(owner=bindparam("holder"), lease_expires_at=bindparam("until"), **values)
-        .returning(*JOBS.c)
+        .returning(*JOB_WITH_USER)
     )
 
 

@@ -40,7 +40,15 @@ _USER = select(User).where(
     User.platform == bindparam("platform"), User.platform_user_id == bindparam("platform_user_id")
 )
 _USERS = User.__table__.c
-USERS_BY_ID = select(*_USERS).where(_USERS.id.in_(bindparam("ids", expanding=True)))
+# a job row with its user's columns (``user_<name>``), for statements that write jobs and
+# return them: the user comes back in the same statement (``_row_user``)
+JOB_WITH_USER = (
+    *JOBS.c,
+    *(
+        select(column).where(_USERS.id == JOBS.c.user_id).scalar_subquery().label(f"user_{column.name}")
+        for column in (_USERS.platform, _USERS.platform_user_id, _USERS.display_name, _USERS.locale)
+    ),
+)
 
 
 async def _find_user(session: AsyncSession, platform: str, platform_user_id: str) -> User | None:
@@ -50,6 +58,13 @@ async def _find_user(session: AsyncSession, platform: str, platform_user_id: str
 def _user_record(user: Any) -> UserRecord:
     """The record of a ``User`` or of a row of its table."""
     return UserRecord(user.id, user.platform, user.platform_user_id, user.display_name, user.locale)
+
+
+def _row_user(row: Any) -> UserRecord:
+    """The user of a row returned with ``JOB_WITH_USER``."""
+    return UserRecord(
+        row.user_id, row.user_platform, row.user_platform_user_id, row.user_display_name, row.user_locale
+    )
 
 
 def stored_request(params: dict[str, Any]) -> GenerationRequest:

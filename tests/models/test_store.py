@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from bot import db
 from models import Base
 from models.base import utcnow
-from models.records import ImageRecord
+from models.records import ImageRecord, UserRecord
 from models.store import Lease, NewJob, Store
 from pipeline.request import GenerationRequest
 
@@ -106,6 +106,28 @@ async def test_status_changes_happen_once(store: Store) -> None:
     assert record.attempts == 1
     assert [i.id for i in record.images] == ["I1"]
     assert record.device_seconds == 0.5
+
+
+async def test_claims_and_finishes_return_each_jobs_own_user(store: Store) -> None:
+    """The user comes back with the claimed or finished row (one statement): with several
+    users' jobs in one claim, each job has its own."""
+    alice = await _add(store, "J1")
+    bob = await store.ensure_user("telegram", "77", "Bob", "zh")
+    await store.add_jobs(
+        bob.id,
+        [NewJob(id="J2", request=_request(), group_id="G2", group_index=0)],
+        chat_id="c2",
+        guild_id=None,
+        route={"platform": "telegram", "chat_id": "c2"},
+        roles=[],
+    )
+    claimed = await store.mark_running_many(["J2", "J1"], lease("A"))
+    users = {job_id: record.user for job_id, record in claimed.items()}
+    assert users["J1"] == UserRecord(alice, "console", "alice", "Alice", "en")
+    assert users["J2"] == UserRecord(bob.id, "telegram", "77", "Bob", "zh")
+    finished = await store.finish("J2", [], owner="A", model_hash=None, device_seconds=0.1)
+    assert finished.user == UserRecord(bob.id, "telegram", "77", "Bob", "zh")
+    assert (finished.status, finished.images, finished.route["chat_id"]) == ("finished", (), "c2")
 
 
 async def test_a_finish_holds_no_write_lock_while_its_files_are_put_in_place(store: Store) -> None:
