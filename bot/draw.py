@@ -75,6 +75,20 @@ def lora_tags(names: str | None) -> list[tuple[int, str]]:
     return [(0, f"<lora:{name}>") for name in split_names(names or "")]
 
 
+def freezes_from_memory(draft: RequestDraft, library: Any) -> bool:
+    """Whether ``freeze`` reads no file and waits on no lock, so that it may run on the
+    event loop: no VAE or network to find in the models folder, and the checkpoint known
+    to the library with its hashes (``answers_from_memory``)."""
+    opts = draft.options
+    if opts.get("vae") or opts.get("lora"):
+        return False
+    texts = (draft.prompt, opts.get("hr-prompt") or "", *(text for _, text in draft.prompt_parts))
+    if any("<" in text for text in texts):
+        return False
+    answers = getattr(library, "answers_from_memory", None)
+    return answers is not None and answers(opts["checkpoint"])
+
+
 def freeze(draft: RequestDraft, actor: Actor, settings: Settings, library: Any) -> DrawRequest:
     """Validate the draft and resolve everything (seeds, sampler, checkpoint) into a request."""
     limits = settings.limits

@@ -14,7 +14,7 @@ from ulid import ULID
 
 from bot.access import Audience
 from bot.commands import parse_args
-from bot.draw import freeze, new_draft, options_from_request
+from bot.draw import freeze, freezes_from_memory, new_draft, options_from_request
 from bot.help import missing_argument
 from bot.inputs import store_input_image
 from bot.plugins import maybe_await
@@ -116,8 +116,7 @@ class Drawing:
         app = self.app
         draft = new_draft(prompt, options, app.settings, parent_id)
         app.pm.hook.modify_request(draft=draft, actor=actor, app=app)
-        # names resolve against the models folder (scans, hashes): off the event loop
-        request = await asyncio.to_thread(freeze, draft, actor, app.settings, app.library)
+        request = await self._freeze(draft, actor)
         return await self._queue_request(request, route, thread_key=thread_key, forever_run=forever_run)
 
     async def redraw(
@@ -148,11 +147,19 @@ class Drawing:
             styles=list(stored.styles),
             negative_presets=list(stored.negative_presets),
         )
-        app = self.app
-        request = await asyncio.to_thread(freeze, draft, actor, app.settings, app.library)
+        request = await self._freeze(draft, actor)
         if stored.extra:
             request = replace(request, generation=request.generation.replace(extra=dict(stored.extra)))
         return await self._queue_request(request, route, thread_key=thread_key, forever_run=forever_run)
+
+    async def _freeze(self, draft: RequestDraft, actor: Actor) -> DrawRequest:
+        """``freeze`` the draft: names that resolve against the models folder (scans,
+        hashes, a load holding the library) do it off the event loop; a draft the library
+        answers from memory is frozen here, sparing the thread's round trip."""
+        app = self.app
+        if freezes_from_memory(draft, app.library):
+            return freeze(draft, actor, app.settings, app.library)
+        return await asyncio.to_thread(freeze, draft, actor, app.settings, app.library)
 
     async def _queue_request(
         self, request: DrawRequest, route: Route, *, thread_key: str | None, forever_run: str | None

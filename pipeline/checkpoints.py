@@ -210,6 +210,19 @@ class CheckpointLibrary:
             raise UnknownCheckpoint(name, list(catalog))
         return self._with_hashes(info)
 
+    def answers_from_memory(self, name: str) -> bool:
+        """Whether ``resolve(name)`` needs neither the disk nor the lock that a load holds:
+        the folder was scanned and the checkpoint's hashes are known (an unknown name is
+        refused from memory too)."""
+        catalog = self._shared.infos
+        if catalog is None:
+            return False
+        info = catalog.get(name)
+        if info is None:
+            folded = name.casefold()
+            info = next((i for i in list(catalog.values()) if i.name.casefold() == folded), None)
+        return info is None or info.kind != "single_file" or info.path is None or info.sha256 is not None
+
     def lookup(self, text: str) -> CheckpointInfo | None:
         """A checkpoint by an infotext's ``Model`` or ``Model hash`` text (A1111 §13): an exact
         name, hash (old 8-hex, short, full sha256), file name, stem or ``name [hash]`` title
@@ -292,6 +305,9 @@ class CheckpointLibrary:
         return None
 
     def _catalog(self) -> dict[str, CheckpointInfo]:
+        infos = self._shared.infos  # once scanned, read without the lock a load may hold
+        if infos is not None:
+            return infos
         with self._lock:
             if self._shared.infos is None:
                 self._shared.refused, self._shared.unreadable = {}, []

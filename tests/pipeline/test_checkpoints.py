@@ -268,6 +268,61 @@ def test_hashes_and_lookup_aliases(a1111_dir):
     assert fresh.lookup("0123456789") is None
 
 
+def test_a_checkpoint_known_with_its_hashes_resolves_from_memory(a1111_dir):
+    """Once the folder is scanned and a checkpoint hashed, resolving it reads no file and
+    does not wait for a load holding the library (a /draw freezes on the event loop)."""
+    library = _library(a1111_dir, hash_cache=a1111_dir / "memory.json")
+    assert not library.answers_from_memory("tiny")  # the folder is not scanned yet
+    library.names()
+    assert library.answers_from_memory("tiny") and library.answers_from_memory("folder")
+    assert library.answers_from_memory("no such model")  # refused from the catalog
+    assert not library.answers_from_memory("single")  # its hashes are still to compute
+    library.resolve("single")
+    assert library.answers_from_memory("SINGLE")
+    loading, done = threading.Event(), threading.Event()
+
+    def load() -> None:  # a load holds the lock while it builds a pipeline
+        with library._lock:
+            loading.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=load)
+    holder.start()
+    loading.wait(5)
+    resolved: list[str] = []
+    resolver = threading.Thread(target=lambda: resolved.append(library.resolve("single").name))
+    resolver.start()
+    resolver.join(5)
+    done.set()
+    holder.join()
+    assert resolved == ["single"]
+
+
+def test_a_draft_is_frozen_from_memory_only_when_nothing_is_looked_up_on_disk(a1111_dir, tmp_path):
+    from bot.commands import parse_args
+    from bot.draw import freezes_from_memory, new_draft
+    from bot.options import draw_options
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    library = _library(a1111_dir, hash_cache=a1111_dir / "drafts.json")
+
+    def from_memory(line: str) -> bool:
+        parsed = parse_args(line)
+        draft = new_draft(parsed.text, draw_options().convert(parsed, settings.limits), settings)
+        return freezes_from_memory(draft, library)
+
+    library.names()
+    assert from_memory("a cat") and from_memory("a cat --checkpoint folder")
+    assert not from_memory("a cat --checkpoint single")  # hashed on the first use
+    library.resolve("single")
+    assert from_memory("a cat --checkpoint single")
+    assert not from_memory("a cat <lora:style:0.5>")  # networks are found in the folder
+    assert not from_memory("a cat --lora style")
+    assert not from_memory("a cat --vae single")
+    assert not freezes_from_memory(new_draft("a cat", {}, settings), object())  # another library
+
+
 def test_hash_cache_is_persisted_and_reused(a1111_dir, monkeypatch):
     cache = a1111_dir / "persist.json"
     first = _library(a1111_dir, hash_cache=cache).resolve("single").sha256
