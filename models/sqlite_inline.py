@@ -243,6 +243,11 @@ class _Dbapi(AsyncAdapt_aiosqlite_dbapi):
         return AsyncAdapt_aiosqlite_connection(self, await_(connect(*args, **kwargs)))
 
 
+def runs_inline(engine: Any) -> bool:
+    """Whether ``engine`` runs SQLite through this module (every call at once)."""
+    return isinstance(getattr(engine.dialect, "dbapi", None), _Dbapi)
+
+
 def dbapi() -> AsyncAdapt_aiosqlite_dbapi:
     """The module object for ``create_async_engine(..., module=dbapi())``."""
     import aiosqlite

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from models import sqlite_inline
 from models.base import utcnow
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.store_leases import Lease, _JobLeases
@@ -85,8 +86,6 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     if url.startswith("sqlite+aiosqlite:"):
-        from models import sqlite_inline
-
         engine = create_async_engine(url, echo=echo, module=sqlite_inline.dbapi())
     else:
         engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
@@ -128,6 +127,7 @@ class Store(_JobLeases):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._closes_at_once = sqlite_inline.runs_inline(engine)
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
 
     @classmethod
@@ -145,7 +145,7 @@ class Store(_JobLeases):
         if outer is not None:
             yield outer.session
             return
-        async with self.sessions() as session, session.begin():
+        async with self._opened() as session, session.begin():
             yield session
 
     @asynccontextmanager
@@ -157,7 +157,7 @@ class Store(_JobLeases):
         if outer is not None:
             yield outer
             return
-        async with self.sessions() as session:
+        async with self._opened() as session:
             unit = Transaction(session, asyncio.current_task())
             token = self._current.set(unit)
             try:
@@ -166,6 +166,22 @@ class Store(_JobLeases):
             finally:
                 self._current.reset(token)
             unit.committed = True
+
+    @asynccontextmanager
+    async def _opened(self) -> AsyncIterator[AsyncSession]:
+        """A new session, closed on the way out. SQLAlchemy closes one in a task of its own,
+        shielded from cancellation, which costs the event loop two turns; with SQLite in the
+        loop's thread a close never waits, so nothing can interrupt it, and it is closed
+        here at once."""
+        if not self._closes_at_once:
+            async with self.sessions() as session:
+                yield session
+            return
+        session = self.sessions()
+        try:
+            yield session
+        finally:
+            await session.close()
 
     def current_transaction(self) -> Transaction | None:
         """The ``transaction()`` this task is in, if any."""

@@ -93,6 +93,30 @@ async def test_a_job_keeps_every_parameter_losslessly(store: Store) -> None:
     assert record.actor_roles == ("moderator",)
 
 
+async def test_a_unit_of_work_cancelled_midway_stores_nothing_and_gives_its_connection_back(
+    store: Store,
+) -> None:
+    await _add(store, "J1")
+    inside = asyncio.Event()
+
+    async def claim_then_wait() -> None:
+        async with store.transaction():
+            assert await store.mark_running("J1", lease("A"))
+            inside.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(claim_then_wait())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await store.get("J1")).status == "queued"  # rolled back
+    assert store.engine.pool.checkedout() == 0
+    for _ in range(3):  # the pool's connections still serve
+        assert await store.mark_running("J1", lease("A"))
+        assert await store.requeue_interrupted("J1", "A")
+
+
 async def test_status_changes_happen_once(store: Store) -> None:
     await _add(store, "J1")
     assert await store.mark_running("J1", lease("A"))
