@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from models import sqlite_inline
 from models.base import utcnow
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
+from models.sql import insert_ignore
 from models.store_leases import Lease, _JobLeases
 from models.store_rows import (
     _LOAD,
@@ -118,6 +119,11 @@ _FINISH = (
     )
     .returning(*JOB_WITH_USER)
 )
+USERS = User.__table__
+_USER_ROW = select(*USERS.c).where(
+    USERS.c.platform == bindparam("platform"), USERS.c.platform_user_id == bindparam("platform_user_id")
+)
+_ADD_USER: dict[str, Any] = {}  # INSERT ... ON CONFLICT DO NOTHING, by dialect
 _ADD_JOBS = insert(JOBS)
 _ADD_IMAGES = insert(Image.__table__)
 _ADD_IMAGE_DATA = insert(ImageData.__table__)
@@ -194,28 +200,26 @@ class Store(_JobLeases):
         self, platform: str, platform_user_id: str, display_name: str, locale: str | None = None
     ) -> UserRecord:
         """Get or create; concurrent first calls for one identity are resolved by the unique key."""
+        identity = {"platform": platform, "platform_user_id": platform_user_id}
         async with self.session() as session:
-            user = await _find_user(session, platform, platform_user_id)
+            user = (await session.execute(_USER_ROW, identity)).first()
             if user is None:
-                user = User(
-                    platform=platform,
-                    platform_user_id=platform_user_id,
-                    display_name=display_name,
-                    locale=locale,
-                )
-                try:
-                    async with session.begin_nested():
-                        session.add(user)
-                except Exception:  # lost a race on the unique key: the other insert won
-                    user = await _find_user(session, platform, platform_user_id)
-                    assert user is not None
-            else:
-                if display_name and user.display_name != display_name:
-                    user.display_name = display_name
-                if locale and user.locale != locale:
-                    # later notices (a grid, a stopped run) answer in the language used last
-                    user.locale = locale
-            return _user_record(user)
+                # a first contact; of two at once, the unique key keeps one and both read it
+                dialect = session.bind.dialect.name
+                if dialect not in _ADD_USER:
+                    _ADD_USER[dialect] = insert_ignore(session, USERS)
+                add = _ADD_USER[dialect]
+                await session.execute(add, {**identity, "display_name": display_name, "locale": locale})
+                return _user_record((await session.execute(_USER_ROW, identity)).one())
+            changes: dict[str, str] = {}
+            if display_name and user.display_name != display_name:
+                changes["display_name"] = display_name
+            if locale and user.locale != locale:
+                # later notices (a grid, a stopped run) answer in the language used last
+                changes["locale"] = locale
+            if changes:
+                await session.execute(update(USERS).where(USERS.c.id == user.id).values(**changes))
+            return dataclasses.replace(_user_record(user), **changes)
 
     # generations ---------------------------------------------------------------------------
 

@@ -295,6 +295,11 @@ async def test_a_user_keeps_the_language_used_last(store: Store) -> None:
     again = await store.ensure_user("console", "li", "Li", "zh-CN")
     assert (first.locale, again.locale) == ("en", "zh-CN")
     assert (await store.ensure_user("console", "li", "Li")).locale == "zh-CN"
+    renamed = await store.ensure_user("console", "li", "Li Wei")  # a name changes; an empty one does not
+    assert (renamed.id, renamed.display_name, renamed.locale) == (first.id, "Li Wei", "zh-CN")
+    assert (await store.ensure_user("console", "li", "")).display_name == "Li Wei"
+    other = await store.ensure_user("telegram", "li", "", None)  # another platform: another user
+    assert other.id != first.id and (other.display_name, other.locale) == ("", None)
 
 
 async def test_a_sqlite_file_runs_in_wal_with_normal_sync(tmp_path) -> None:
