@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from bot.errors import ImageStoreError, NotFound
-from bot.result_files import PendingImages, rows_with_bytes, staged_files, uploads
+from bot.result_files import PendingImages, files_on_keep, rows_with_bytes, uploads
 from models.shared_files import SharedFiles
 from models.store import Store
 
@@ -78,7 +78,7 @@ class LocalImageStore:
         await asyncio.to_thread(_unlink_under, self.root, list(paths))
 
     async def prepare(self, generation_id: str, result: GenerationResult) -> PendingImages:
-        return await staged_files(self.root, generation_id, result)
+        return await files_on_keep(self.root, generation_id, result)
 
     async def start(self) -> None:
         pass  # the App makes its images folder

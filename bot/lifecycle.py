@@ -228,16 +228,13 @@ class JobLifecycle:
                 data=pending.data,
             )
         except ImageStoreError as exc:  # nothing was stored: the job fails, saying why
-            await pending.undo()
-            await pending.discard()  # no file is left once the failure is told
+            await pending.undo()  # no file is left once the failure is told
             await self._fail(job.id, await self._audience(job), exc)
             return
         except Exception:  # not stored: take back what was put in place
             # (a cancellation may come after the commit, so it leaves the files be)
             await pending.undo()
             raise
-        finally:
-            await pending.discard()
         if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             await pending.undo()  # files put in place before the job was lost are taken back
             return

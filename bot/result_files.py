@@ -1,13 +1,16 @@
-"""A finished job's PNGs: written under a temporary name, put in place once the job is won.
+"""A finished job's PNGs: written once the job is won, before its rows are stored.
 
 The store keeps a job's images only in the process that still holds the job
-(``Store.finish``); the files follow the same rule. Each PNG is first written under a
-hidden name and renamed to its final one inside that transaction, so a process that lost
-the job (another took it over) leaves no file behind, and no image row points at a file
-that was never written. Files run on a worker thread, never on the event loop.
+(``Store.finish``); the files follow the same rule. ``Store.finish`` first checks that the
+job is still held, then runs ``keep``, which writes each PNG (under a hidden name, renamed
+to its final one, so no file is ever seen half written), and only then stores the rows.
+A process that lost the job writes no file, and no image row points at a file that was
+never written; files written for a job that could not be stored after all are removed
+again (``undo``). Files are written on a worker thread, never on the event loop, in one
+trip per job.
 
 Each image store prepares a result its own way (``ImageStore.prepare``) with the pieces
-here: files (as above, ``staged_files``), bytes stored with the rows (``rows_with_bytes``),
+here: files (as above, ``files_on_keep``), bytes stored with the rows (``rows_with_bytes``),
 or objects uploaded to a bucket inside that transaction and deleted again if it does not
 commit (``uploads``).
 """
@@ -37,15 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StagedImage:
-    """An image written under ``staged`` until its job is stored as finished, then ``path``."""
-
-    record: ImageRecord
-    path: Path
-    staged: Path
-
-
 async def _nothing() -> None:
     return None
 
@@ -54,37 +48,34 @@ async def _nothing() -> None:
 class PendingImages:
     """A finished job's images, ready for ``Store.finish``: ``records`` (and ``data``, the
     PNGs stored with them) go in its transaction; ``keep`` runs once the job is won, before
-    the commit; ``undo`` takes back what ``keep`` did when storing failed after it;
-    ``discard`` always runs last and removes what is left over."""
+    the commit; ``undo`` takes back what ``keep`` did when storing failed after it."""
 
     records: list[ImageRecord]
     data: dict[str, bytes] | None = None
     keep: Callable[[], Awaitable[None]] | None = None
     undo: Callable[[], Awaitable[None]] = _nothing
-    discard: Callable[[], Awaitable[None]] = _nothing
 
 
-async def staged_files(root: Path, generation_id: str, result: GenerationResult) -> PendingImages:
-    """``result``'s images as files under ``root``: written under temporary names now, put
-    in place by ``keep`` (the images folder, ``LocalImageStore``)."""
-    staged = await asyncio.to_thread(stage_images, root, generation_id, result)
-    placed: list[StagedImage] = []
+async def files_on_keep(root: Path, generation_id: str, result: GenerationResult) -> PendingImages:
+    """``result``'s images as files under ``root`` (the images folder, ``LocalImageStore``),
+    written by ``keep`` once the job is won; ``undo`` removes them again."""
+    folder = _today()
+    records = [
+        _image_record(folder, generation_id, index, image) for index, image in enumerate(result.images)
+    ]
+    written: list[Path] = []
 
     async def keep() -> None:
         try:
-            await asyncio.to_thread(put_in_place, staged, placed)
+            await asyncio.to_thread(write_images, root, records, result, written)
         except OSError as exc:
-            log.error("the images of %s could not be put in place: %s", generation_id, exc)
+            log.error("the images of %s could not be written: %s", generation_id, exc)
             raise ImageStoreError("error.image_store_write") from exc
 
     async def undo() -> None:
-        await asyncio.to_thread(remove_placed, placed)
+        await asyncio.to_thread(remove_files, written)
 
-    async def discard() -> None:
-        if len(placed) < len(staged):  # what was put in place has no staged file left
-            await asyncio.to_thread(discard_staged, staged)
-
-    return PendingImages([image.record for image in staged], keep=keep, undo=undo, discard=discard)
+    return PendingImages(records, keep=keep, undo=undo)
 
 
 async def rows_with_bytes(generation_id: str, result: GenerationResult) -> PendingImages:
@@ -108,24 +99,28 @@ async def uploads(store: S3ImageStore, generation_id: str, result: GenerationRes
     return PendingImages([image for image, _ in encoded], keep=keep, undo=undo)
 
 
-def stage_images(root: Path, generation_id: str, result: GenerationResult) -> list[StagedImage]:
-    """Write the PNGs, named by generation id, index and seed (a re-run overwrites them),
-    into today's folder under ``root``, each under a hidden temporary name."""
+def write_images(
+    root: Path, records: list[ImageRecord], result: GenerationResult, written: list[Path]
+) -> None:
+    """Write each image as the PNG its record names (by generation id, index and seed: a
+    re-run writes over it), under a hidden name first; ``written`` collects the files in
+    place. What was being written when an error came is removed."""
     from pipeline.images import save_png
 
-    folder = _today()
-    (root / folder).mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
-    staged = []
-    for index, image in enumerate(result.images):
-        record = _image_record(folder, generation_id, index, image)
+    for record, image in zip(records, result.images, strict=True):
         path = root / record.path
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{token}.partial")
         started = time.perf_counter()
-        save_png(image.image, temporary, image.infotext)
+        try:
+            save_png(image.image, temporary, image.infotext)
+            os.replace(temporary, path)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+        written.append(path)
         log.debug("saved %s in %.3fs", record.path, time.perf_counter() - started)
-        staged.append(StagedImage(record, path, temporary))
-    return staged
 
 
 def encode_images(generation_id: str, result: GenerationResult) -> list[tuple[ImageRecord, bytes]]:
@@ -152,21 +147,7 @@ def _image_record(folder: Path, generation_id: str, index: int, image: Any) -> I
     )  # fmt: skip
 
 
-def put_in_place(images: list[StagedImage], placed: list[StagedImage] | None = None) -> None:
-    """Rename each staged file to its final name; ``placed`` collects those renamed."""
-    for image in images:
-        os.replace(image.staged, image.path)
-        if placed is not None:
-            placed.append(image)
-
-
-def remove_placed(images: list[StagedImage]) -> None:
-    """Remove files put in place for a job whose rows were not stored after all."""
-    for image in images:
-        image.path.unlink(missing_ok=True)
-
-
-def discard_staged(images: list[StagedImage]) -> None:
-    """Remove what was not put in place (the job was lost, or storing it failed)."""
-    for image in images:
-        image.staged.unlink(missing_ok=True)
+def remove_files(paths: list[Path]) -> None:
+    """Remove files written for a job whose rows were not stored after all."""
+    for path in paths:
+        path.unlink(missing_ok=True)

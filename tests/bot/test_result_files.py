@@ -1,5 +1,6 @@
-"""A finished job's images stored in the images folder (bot/result_files.py): a file that
-cannot be put in place fails the job with a message and leaves no image row."""
+"""A finished job's images stored in the images folder (bot/result_files.py): written only
+once the job is won, taken back when it is not stored; a file that cannot be written fails
+the job with a message and leaves no image row and no file."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.app import build_app
+from bot.errors import ImageStoreError
+from bot.result_files import files_on_keep
 from bot.types import Actor
+from pipeline.request import GeneratedImage, GenerationResult
 from tests.conftest import EventLog, make_settings
 from tests.queue.test_contract import GatedRunner
 
@@ -38,3 +44,39 @@ async def test_an_image_that_cannot_be_put_in_place_fails_the_job_saying_so(
     finally:
         runner.gate.release(10)
         await app.stop()
+
+
+def _result(*seeds: int) -> GenerationResult:
+    from PIL import Image
+
+    images = []
+    for seed in seeds:
+        picture = Image.new("RGB", (16, 8), (seed % 255, 40, 90))
+        images.append(GeneratedImage(picture, seed, 0, f"a lantern\nSteps: 4, Seed: {seed}"))
+    return GenerationResult(images, "tiny", None, 0.1)
+
+
+async def test_files_are_written_only_once_the_job_is_won_and_taken_back_by_undo(tmp_path: Path) -> None:
+    from PIL import Image
+
+    pending = await files_on_keep(tmp_path, "J1", _result(7, 8))
+    assert not list(tmp_path.rglob("*"))  # nothing before the job is won
+    assert [(r.index, r.seed, r.width, r.height) for r in pending.records] == [(0, 7, 16, 8), (1, 8, 16, 8)]
+    await pending.keep()
+    paths = [tmp_path / r.path for r in pending.records]
+    assert [p.name for p in paths] == ["J1-0-7.png", "J1-1-8.png"]
+    with Image.open(paths[1]) as png:
+        assert png.info["parameters"] == "a lantern\nSteps: 4, Seed: 8" and png.size == (16, 8)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["J1-0-7.png", "J1-1-8.png"]
+    await pending.undo()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+async def test_a_file_that_cannot_be_written_leaves_none_of_the_jobs_files(tmp_path: Path) -> None:
+    pending = await files_on_keep(tmp_path, "J2", _result(3, 4))
+    (tmp_path / pending.records[1].path / "taken").mkdir(parents=True)  # a folder where the file must go
+    with pytest.raises(ImageStoreError) as raised:
+        await pending.keep()
+    assert raised.value.key == "error.image_store_write"
+    await pending.undo()  # as the job's end does on this error
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == []
