@@ -72,34 +72,100 @@ class BatchingStandIn(StandInRunner):
         return [self.generate(request) for request in requests]
 
 
+def bench_settings(tmp: Path, name: str, url: str, *, shared: bool) -> Any:
+    """The settings of a bench App called ``name`` (its data folder under ``tmp``) on the
+    database ``url`` ("" for a SQLite file there); quotas on, but without limits."""
+    from bot.settings import parse_settings
+
+    return parse_settings(
+        {
+            "bot": {"data_dir": str(tmp / name)},
+            "database": {"url": url},
+            "engine": {"models_dir": str(tmp / "models"), "device": "cpu"},
+            "defaults": {"steps": 4, "width": 64, "height": 64},
+            "queue": {"backend": "procrastinate" if shared else "local"},
+            "plugins": {"quotas": {"images": 0, "max_queued": 0}},
+        }
+    )
+
+
+class WorkerProcess:
+    """A worker App in a process of its own (``bench/queue_worker.py``), the shared queue's
+    other side as a GPU host runs it, with a no-op device. Its ``gate`` holds the whole
+    process (SIGSTOP) while closed, so that what is submitted meanwhile waits."""
+
+    def __init__(self, tmp: Path, url: str) -> None:
+        import subprocess
+        import sys
+
+        script = Path(__file__).resolve().parent / "queue_worker.py"
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), "--url", url, "--data", str(tmp)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.gate = _ProcessGate(self.process)
+
+    def wait_ready(self) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the worker process did not start: {line!r}")
+
+    def stop(self) -> None:
+        import signal
+
+        self.gate.set()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+
+class _ProcessGate:
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def clear(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGSTOP)
+
+    def set(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGCONT)
+
+
 @asynccontextmanager
 async def bench_app(
-    tmp: Path, runner: StandInRunner, postgres_url: str | None = None, *, shared: bool = False
+    tmp: Path,
+    runner: StandInRunner | None,
+    postgres_url: str | None = None,
+    *,
+    shared: bool = False,
+    worker_process: bool = False,
 ) -> AsyncIterator[Any]:
-    """A started App whose only device is ``runner``; quotas on, but without limits. With
-    ``shared`` (PostgreSQL only) the App is a bot on the procrastinate queue and a worker
-    App in the same process runs the jobs on ``runner``; the bot's App is yielded."""
+    """A started App whose only device is ``runner``. With ``shared`` (PostgreSQL only) the
+    App is a bot on the procrastinate queue and a worker App in the same process runs the
+    jobs on ``runner``; with ``worker_process`` too, the worker runs in a process of its own
+    (``app.worker_process``, a ``WorkerProcess``) and ``runner`` is not used. The bot's App
+    is yielded."""
     from bot.app import build_app
-    from bot.settings import parse_settings
     from pipeline.checkpoints import CheckpointLibrary
 
     url = await _fresh_postgres_database(postgres_url) if postgres_url else ""
     library = CheckpointLibrary(None)
-
-    def settings(name: str) -> Any:
-        return parse_settings(
-            {
-                "bot": {"data_dir": str(tmp / name)},
-                "database": {"url": url},
-                "engine": {"models_dir": str(tmp / "models"), "device": "cpu"},
-                "defaults": {"steps": 4, "width": 64, "height": 64},
-                "queue": {"backend": "procrastinate" if shared else "local"},
-                "plugins": {"quotas": {"images": 0, "max_queued": 0}},
-            }
+    app = build_app(
+        bench_settings(tmp, "data", url, shared=shared), engines=[] if shared else [runner], library=library
+    )
+    worker = remote = None
+    if shared and worker_process:
+        remote = WorkerProcess(tmp, url)
+        await asyncio.to_thread(remote.wait_ready)
+    elif shared:
+        worker = build_app(
+            bench_settings(tmp, "worker", url, shared=True), engines=[runner], library=library, worker=True
         )
-
-    app = build_app(settings("data"), engines=[] if shared else [runner], library=library)
-    worker = build_app(settings("worker"), engines=[runner], library=library, worker=True) if shared else None
+    app.worker_process = remote
     await app.start()
     if worker is not None:
         await worker.start()
@@ -108,6 +174,8 @@ async def bench_app(
     finally:
         if worker is not None:
             await worker.stop()
+        if remote is not None:
+            await asyncio.to_thread(remote.stop)
         await app.stop()
         if postgres_url:
             await _drop_postgres_database(postgres_url, url)
@@ -133,11 +201,14 @@ class Counter:
         self.commits += self.counting
 
 
-async def hold_device(app: Any, runner: StandInRunner) -> None:
+async def hold_device(app: Any, runner: Any) -> None:
     """Close the runner's gate and put one job on the device, so that what is submitted
-    next waits in the queue until ``runner.gate.set()``."""
+    next waits in the queue until ``runner.gate.set()``. A worker process is held whole:
+    the job waits in the queue with the rest."""
     runner.gate.clear()
     replies = await app.service.handle_line("/draw the plug", ACTOR)
+    if isinstance(runner, WorkerProcess):
+        return
     (job_id,) = replies[0].data["jobs"]
     deadline = time.perf_counter() + 120
     while await app.queue.position(job_id) != 0:

@@ -4,7 +4,9 @@ Runs a real App (store, service, built-in plugins, LocalQueue) whose device is a
 runner that returns one 8x8 image at once, on a SQLite file and, when
 ``ATELIER_TEST_POSTGRES_URL`` is set, on a fresh PostgreSQL database, with the local queue
 and with the shared one (procrastinate: a bot App that enqueues and a worker App that runs
-the jobs, here in one process; the events travel through the database). ``--clients``
+the jobs, here in one process; the events travel through the database), and, as
+``procrastinate-worker``, with that worker in a process of its own, as a GPU host runs it
+(bench/queue_worker.py). ``--clients``
 users submit ``/draw`` lines back to back, ``--jobs`` in all; the figure is jobs per
 second from the first submit to the last job finished (target 300/s or more), with the
 p50/p99 from a submit to its ``Queued`` event (target p99 under 50 ms), and the process's
@@ -15,7 +17,7 @@ the SQL statements and commits of one submit (counted while the device is held, 
 nothing else runs) and of one job from submit to finish.
 
 Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4]
-[--backend sqlite|sqlite-batched|postgres|procrastinate|all]``
+[--backend sqlite|sqlite-batched|postgres|procrastinate|procrastinate-worker|all]``
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BACKENDS = ("sqlite", "sqlite-batched", "postgres", "procrastinate")
+BACKENDS = ("sqlite", "sqlite-batched", "postgres", "procrastinate", "procrastinate-worker")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.Namespace) -> None:
     from queue_app import ACTOR, BatchingStandIn, Counter, StandInRunner, bench_app, hold_device, wait_until
 
-    runner = BatchingStandIn() if backend.endswith("-batched") else StandInRunner()
-    async with bench_app(tmp, runner, postgres, shared=backend == "procrastinate") as app:
+    remote = backend == "procrastinate-worker"
+    runner = None if remote else BatchingStandIn() if backend.endswith("-batched") else StandInRunner()
+    shared = backend.startswith("procrastinate")
+    async with bench_app(tmp, runner, postgres, shared=shared, worker_process=remote) as app:
+        device = app.worker_process or runner
         queued_at: dict[str, float] = {}
         finished: set[str] = set()
 
@@ -86,12 +91,12 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
         await wait_until(lambda: len(finished) == args.warmup)
         await app.idle()
 
-        await hold_device(app, runner)
+        await hold_device(app, device)
         counter.counting = True
         held = [await submit(seed) for seed in range(10)]
         counter.counting = False
         per_submit = (counter.statements / len(held), counter.commits / len(held))
-        runner.gate.set()
+        device.gate.set()
         await wait_until(lambda: len(finished) == args.warmup + 1 + len(held))
         await app.idle()
 

@@ -1,4 +1,5 @@
-"""bench/device_idle.py and bench/queue_throughput.py keep working (a few jobs on SQLite)."""
+"""bench/device_idle.py and bench/queue_throughput.py keep working (a few jobs on SQLite, and
+on PostgreSQL through the shared queue)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,18 @@ def test_a_short_run_reports_jobs_per_second_and_submit_latency(capsys, backend)
     assert f"RESULT queue_{backend.replace('-', '_')} " in out
 
 
-def test_the_shared_queue_bench_runs_through_a_worker(capsys):
+@pytest.mark.parametrize("backend", ["procrastinate", "procrastinate-worker"])
+def test_the_shared_queue_bench_runs_through_a_worker(capsys, backend):
+    """In the bench's process, or in a worker process of its own (held whole, SIGSTOP, while
+    a submit's statements are counted)."""
     from tests.conftest import POSTGRES_URL
 
     if not POSTGRES_URL:
         pytest.skip("the shared queue needs PostgreSQL (ATELIER_TEST_POSTGRES_URL)")
-    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", "procrastinate"]
+    args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", backend]
     assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
-    assert "procrastinate:" in out and "jobs/s" in out
+    assert f"{backend}:" in out and "jobs/s" in out and "7.0 statements, 2.0 commits" in out
 
 
 def test_the_bench_run_collects_every_figure_into_a_table(tmp_path):
