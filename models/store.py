@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, delete, event, func, insert, select, update
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from models import sqlite_inline
@@ -85,13 +87,37 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     sqlite_pragmas(dbapi_connection)
 
 
+PING_AFTER_IDLE = 1.0  # seconds a pooled server connection may rest before it is pinged
+
+
+def _note_idle(_dbapi_connection: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """A pooled connection that rested ``PING_AFTER_IDLE`` or longer is pinged before it
+    is handed out, and replaced when the server dropped it (a restart): the first command
+    after a quiet spell never fails on a dead connection. One used a moment ago is not
+    pinged: under load a ping would add a round trip to every unit of work."""
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as exc:  # the pool takes a fresh connection instead
+        raise DisconnectionError(f"a pooled connection was dropped: {exc}") from exc
+
+
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     if url.startswith("sqlite+aiosqlite:"):
         engine = create_async_engine(url, echo=echo, module=sqlite_inline.dbapi())
     else:
-        engine = create_async_engine(url, echo=echo, pool_pre_ping=not url.startswith("sqlite"))
+        engine = create_async_engine(url, echo=echo)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
+    else:
+        event.listen(engine.sync_engine, "checkin", _note_idle)
+        event.listen(engine.sync_engine, "checkout", _ping_if_idle)
     return engine
 
 

@@ -302,6 +302,48 @@ async def test_a_user_keeps_the_language_used_last(store: Store) -> None:
     assert other.id != first.id and (other.display_name, other.locale) == ("", None)
 
 
+async def test_a_pooled_connection_the_server_dropped_while_idle_is_replaced(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database restart while the bot is quiet costs no command: a connection that
+    rested is pinged before use and replaced when it is dead. One used a moment ago is
+    handed out without a ping."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("server connections: PostgreSQL")
+    import asyncpg
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+
+    import models.store
+
+    pings: list[object] = []
+    real_ping = AsyncAdapt_asyncpg_connection.ping
+
+    def counted(connection: object) -> None:
+        pings.append(connection)
+        real_ping(connection)
+
+    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "ping", counted)
+    monkeypatch.setattr(models.store, "PING_AFTER_IDLE", 0.3)
+    await _add(store, "J1")
+    for _ in range(5):  # back to back: no pings
+        assert (await store.get("J1")).status == "queued"
+    assert pings == []
+    url = store.engine.url.render_as_string(hide_password=False).replace("+asyncpg", "")
+    killer = await asyncpg.connect(url)
+    try:
+        killed = await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await killer.close()
+    assert killed >= 1
+    await asyncio.sleep(0.5)
+    assert await store.mark_running("J1", lease("A"))  # on a fresh connection
+    assert len(pings) == 1
+    assert (await store.get("J1")).status == "running"
+
+
 async def test_a_sqlite_file_runs_in_wal_with_normal_sync(tmp_path) -> None:
     """Commits append to the write-ahead log without waiting for the disk each time."""
     from sqlalchemy import text
