@@ -40,18 +40,17 @@ SELECT count(*) AS ahead FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND status = 'todo'
   AND (priority > %(priority)s OR (priority = %(priority)s AND id < %(id)s))
 """
-_PLACE = """
-SELECT job.status, (
-  SELECT count(*) FROM procrastinate_jobs AS other
-  WHERE other.queue_name = %(queue)s AND other.status = 'todo'
-    AND (other.priority > job.priority OR (other.priority = job.priority AND other.id < job.id))
-) AS ahead
-FROM procrastinate_jobs AS job WHERE job.id = %(id)s
-"""
-_OWNER_OPEN = """
-SELECT count(*) AS open FROM procrastinate_jobs
-WHERE queue_name = %(queue)s AND task_name = %(task)s AND status IN ('todo', 'doing')
-  AND args->>'owner' = %(owner)s
+# what a new job's priority and place need, in one query before it is deferred: per
+# priority, the jobs waiting and the owner's open ones (fairness: each open job of the
+# owner puts the next one a round further back). The new job comes after every waiting
+# job of its priority or higher; two submits at the same instant may be told one place.
+_BEFORE_PUT = """
+SELECT priority,
+       count(*) FILTER (WHERE status = 'todo') AS waiting,
+       count(*) FILTER (WHERE task_name = %(task)s AND args->>'owner' = %(owner)s) AS mine
+FROM procrastinate_jobs
+WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
+GROUP BY priority
 """
 _MISSING = """
 SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
@@ -104,19 +103,17 @@ class ProcrastinateQueue:
     async def put(self, job: Job) -> int:
         from procrastinate.exceptions import AlreadyEnqueued
 
-        open_ = await self._one(_OWNER_OPEN, owner=job.owner)
-        priority = queue_priority(job.priority, int(open_["open"]))
+        counts = await self.app.connector.execute_query_all_async(
+            _BEFORE_PUT, queue=QUEUE, task=TASK, owner=job.owner
+        )
+        priority = queue_priority(job.priority, sum(int(row["mine"]) for row in counts))
         try:
-            deferred = await self.app.configure_task(
+            await self.app.configure_task(
                 TASK, queue=QUEUE, priority=priority, queueing_lock=job.id
             ).defer_async(generation_id=job.id, owner=job.owner, max_running=job.max_running)
         except AlreadyEnqueued:  # deferred before (a restart re-offers what waits): one is enough
             return await self.position(job.id) or 1
-        # the new job's place, read by its procrastinate id (no search by generation)
-        found = await self.app.connector.execute_query_all_async(_PLACE, queue=QUEUE, id=deferred)
-        if not found or found[0]["status"] != "todo":  # a worker has it already (or ran it)
-            return 1
-        return int(found[0]["ahead"]) + 1
+        return sum(int(row["waiting"]) for row in counts if row["priority"] >= priority) + 1
 
     async def position(self, job_id: str) -> int | None:
         found = await self._jobs(job_id)
