@@ -106,6 +106,17 @@ class WorkerProcess:
         )
         self.gate = _ProcessGate(self.process)
 
+    def cpu_seconds(self) -> float | None:
+        """The process's CPU time so far (user and system, all threads); None where
+        ``/proc`` does not tell."""
+        import os
+
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def wait_ready(self) -> None:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

@@ -35,6 +35,7 @@ def test_the_shared_queue_bench_runs_through_a_worker(capsys, backend):
     assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
     assert f"{backend}:" in out and "jobs/s" in out and "7.0 statements, 2.0 commits" in out
+    assert ("worker CPU per job" in out) == (backend == "procrastinate-worker")
 
 
 def test_the_bench_run_collects_every_figure_into_a_table(tmp_path):
