@@ -164,11 +164,12 @@ class CheckpointLibrary:
             return key in self._loaded
 
     def refresh(self) -> None:
-        """Rescan the models folder; pipelines already loaded stay cached."""
+        """Rescan the models folder; pipelines already loaded stay cached. Until the new
+        catalog is ready the old one answers (without waiting for the scan)."""
         self._shared.checks.clear()
         with self._lock:
-            self._shared.infos = None
-            self._catalog()
+            self._shared.refused, self._shared.unreadable = {}, []
+            self._shared.infos = self._scan()
 
     def names(self) -> list[str]:
         return list(self._catalog())

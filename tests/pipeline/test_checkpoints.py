@@ -296,6 +296,27 @@ def test_a_checkpoint_known_with_its_hashes_resolves_from_memory(a1111_dir):
     done.set()
     holder.join()
     assert resolved == ["single"]
+    # a rescan holds the lock too: the old catalog answers until the new one is ready
+    scanning, scanned = threading.Event(), threading.Event()
+    scan = library._scan
+
+    def slow_scan():
+        scanning.set()
+        scanned.wait(10)
+        return scan()
+
+    library._scan = slow_scan
+    refresher = threading.Thread(target=library.refresh)
+    refresher.start()
+    scanning.wait(5)
+    assert library.answers_from_memory("folder")
+    resolver = threading.Thread(target=lambda: resolved.append(library.resolve("folder").name))
+    resolver.start()
+    resolver.join(5)
+    scanned.set()
+    refresher.join()
+    assert resolved == ["single", "folder"]
+    assert "folder" in library.names()
 
 
 def test_a_draft_is_frozen_from_memory_only_when_nothing_is_looked_up_on_disk(a1111_dir, tmp_path):
