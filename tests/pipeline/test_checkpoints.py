@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.checkpoint_assembly as checkpoint_assembly
 import pipeline.checkpoints as checkpoints
 from pipeline import hashing, safe_load
 from pipeline.checkpoints import CheckpointInfo, CheckpointLibrary
@@ -170,7 +171,7 @@ def test_broken_folder_raises_load_error_with_reason(tmp_path):
 
 def test_empty_tokenizer_is_rejected(saved_models_dir, monkeypatch):
     # An offline load can silently produce a 2-token tokenizer (TESTING-NOTES §2.4).
-    monkeypatch.setattr(checkpoints, "_MIN_TOKENIZER_SIZE", 10**6)
+    monkeypatch.setattr(checkpoint_assembly, "_MIN_TOKENIZER_SIZE", 10**6)
     library = CheckpointLibrary(saved_models_dir)
     with pytest.raises(CheckpointLoadError, match="tokenizer"):
         library.load("foo")
