@@ -17,7 +17,7 @@ from sqlalchemy import Float, Integer, bindparam, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.governance import QuotaLedger, QuotaOverride, QuotaUsage
-from models.sql import insert_ignore, insert_ignore_for
+from models.sql import insert_ignore
 from models.store import Store
 
 
@@ -88,7 +88,7 @@ class QuotaStore:
         open job and ``reserved_images``); False when this job was already settled."""
         async with self.store.session() as session:
             inserted = await session.execute(
-                _ledger(session),
+                insert_ignore(session, QuotaLedger.__table__),
                 {
                     "generation_id": generation_id,
                     "user_key": user_key,
@@ -223,16 +223,6 @@ def _settlement(finished: bool) -> Any:
         jobs_open=_floor_zero(row.jobs_open, 1),
     )
     return _USAGE_ROW.values(**values)
-
-
-def _ledger(session: AsyncSession) -> Any:
-    """The idempotent ledger INSERT (``ON CONFLICT DO NOTHING``) for this session's database."""
-    return _ledger_insert(session.get_bind().dialect.name)
-
-
-@functools.cache
-def _ledger_insert(dialect: str) -> Any:
-    return insert_ignore_for(dialect, QuotaLedger.__table__)
 
 
 def _floor_zero(column: object, amount: object) -> object:

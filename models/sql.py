@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -9,12 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 def insert_ignore(session: AsyncSession, table: Any) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING`` on SQLite and PostgreSQL: an idempotent insert
-    whose rowcount tells the caller whether it was the one that inserted."""
-    return insert_ignore_for(session.get_bind().dialect.name, table)
+    whose rowcount tells the caller whether it was the one that inserted. Built once per
+    database and table (building a statement costs more than running it); ``.values()``
+    on it makes a new one."""
+    return _insert_ignore(session.get_bind().dialect.name, table)
 
 
-def insert_ignore_for(name: str, table: Any) -> Any:
-    """``insert_ignore`` for the database named ``name`` (a dialect's name)."""
+@functools.cache
+def _insert_ignore(name: str, table: Any) -> Any:
     if name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif name == "sqlite":

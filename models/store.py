@@ -149,7 +149,6 @@ USERS = User.__table__
 _USER_ROW = select(*USERS.c).where(
     USERS.c.platform == bindparam("platform"), USERS.c.platform_user_id == bindparam("platform_user_id")
 )
-_ADD_USER: dict[str, Any] = {}  # INSERT ... ON CONFLICT DO NOTHING, by dialect
 _ADD_JOBS = insert(JOBS)
 _ADD_IMAGES = insert(Image.__table__)
 _ADD_IMAGE_DATA = insert(ImageData.__table__)
@@ -231,10 +230,7 @@ class Store(_JobLeases):
             user = (await session.execute(_USER_ROW, identity)).first()
             if user is None:
                 # a first contact; of two at once, the unique key keeps one and both read it
-                dialect = session.bind.dialect.name
-                if dialect not in _ADD_USER:
-                    _ADD_USER[dialect] = insert_ignore(session, USERS)
-                add = _ADD_USER[dialect]
+                add = insert_ignore(session, USERS)
                 await session.execute(add, {**identity, "display_name": display_name, "locale": locale})
                 return _user_record((await session.execute(_USER_ROW, identity)).one())
             changes: dict[str, str] = {}
