@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import re
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -96,6 +97,8 @@ VAE_SUBDIR = "VAE"
 LORA_SUBDIR = "Lora"
 HYPERNETWORK_SUBDIR = "hypernetworks"
 EMBEDDINGS_SUBDIR = "embeddings"
+# how long model_files' answer stands in for a new look at the folders (recent_model_files)
+LISTING_FRESH_FOR = 2.0
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 # A real CLIP tokenizer has 49408 entries and tiny's 514; an offline load that silently
 # produced an empty tokenizer has 2 (TESTING-NOTES §2.4).
@@ -103,13 +106,33 @@ _HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$|^[0-9a-fA-F]{64}$")
 
 
 @dataclass
+class _Scan:
+    """What one scan of the checkpoints folder found."""
+
+    infos: dict[str, CheckpointInfo]
+    refused: dict[str, CheckpointLoadError] = field(default_factory=dict)
+    unreadable: list[UnreadableFile] = field(default_factory=list)
+
+
+@dataclass
 class _CatalogState:
-    """What a library's scan found; shared by its devices' views (``for_device``)."""
+    """What a library's scan found; shared by its devices' views (``for_device``). A scan
+    is put in place whole, once it is done: readers that do not take the lock (which a
+    load holds) see one scan or the other, never a part of one."""
 
     infos: dict[str, CheckpointInfo] | None = None
     refused: dict[str, CheckpointLoadError] = field(default_factory=dict)
     unreadable: list[UnreadableFile] = field(default_factory=list)
     checks: FileChecks = field(default_factory=FileChecks)
+    # model_files' last answers, by (folder, kinds): (when, what it found)
+    listings: dict[tuple[Path | None, tuple[Kind, ...]], tuple[float, ModelFiles]] = field(
+        default_factory=dict
+    )
+
+    def publish(self, scan: _Scan) -> dict[str, CheckpointInfo]:
+        self.refused, self.unreadable = scan.refused, scan.unreadable
+        self.infos = scan.infos  # last: a reader that sees it sees the rest
+        return scan.infos
 
 
 class CheckpointLibrary:
@@ -177,9 +200,9 @@ class CheckpointLibrary:
         """Rescan the models folder; pipelines already loaded stay cached. Until the new
         catalog is ready the old one answers (without waiting for the scan)."""
         self._shared.checks.clear()
+        self._shared.listings.clear()
         with self._lock:
-            self._shared.refused, self._shared.unreadable = {}, []
-            self._shared.infos = self._scan()
+            self._shared.publish(self._scan())
 
     def names(self) -> list[str]:
         return list(self._catalog())
@@ -189,19 +212,32 @@ class CheckpointLibrary:
 
     def unreadable(self) -> list[UnreadableFile]:
         """The checkpoints (and ``.yaml``/``.vae.*`` files beside them) the last scan left
-        out, with the reasons."""
-        with self._lock:
-            self._catalog()
-            return list(self._shared.unreadable)
+        out, with the reasons (once scanned, without the lock a load may hold)."""
+        self._catalog()
+        return list(self._shared.unreadable)
 
     def model_files(self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None) -> ModelFiles:
         """The usable VAEs, LoRAs, hypernetworks and embeddings, and every unreadable file of
         the ``kinds`` asked for (checkpoints from the last scan; the other folders checked
         now, each file once while it is unchanged). ``models_dir`` is checked instead of
         the library's own folder when the library has none."""
-        found = self._shared.checks.model_files(self.models_dir or models_dir, kinds)
+        folder = self.models_dir or models_dir
+        found = self._shared.checks.model_files(folder, kinds)
         skipped = [entry for entry in self.unreadable() if entry.kind in kinds]
-        return dataclasses.replace(found, unreadable=skipped + found.unreadable)
+        files = dataclasses.replace(found, unreadable=skipped + found.unreadable)
+        self._shared.listings[(folder, tuple(kinds))] = (time.monotonic(), files)
+        return files
+
+    def recent_model_files(
+        self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None
+    ) -> ModelFiles | None:
+        """What ``model_files`` found for the same ``kinds`` within the last
+        ``LISTING_FRESH_FOR`` seconds (read from memory: the event loop may ask), else None.
+        A ``refresh`` forgets it."""
+        seen = self._shared.listings.get((self.models_dir or models_dir, tuple(kinds)))
+        if seen is None or time.monotonic() - seen[0] > LISTING_FRESH_FOR:
+            return None
+        return seen[1]
 
     def resolve(self, name: str) -> CheckpointInfo:
         """The checkpoint called ``name`` (an exact match first, then a case-insensitive
@@ -321,8 +357,7 @@ class CheckpointLibrary:
             return infos
         with self._lock:
             if self._shared.infos is None:
-                self._shared.refused, self._shared.unreadable = {}, []
-                self._shared.infos = self._scan()
+                return self._shared.publish(self._scan())
             return self._shared.infos
 
     def _update(self, info: CheckpointInfo) -> CheckpointInfo:
@@ -349,13 +384,14 @@ class CheckpointLibrary:
             raise CheckpointLoadError(info.name, f"cannot read {info.path}: {exc}") from exc
         return self._update(dataclasses.replace(info, sha256=full[:10], full_sha256=full, old_hash=old))
 
-    def _scan(self) -> dict[str, CheckpointInfo]:
-        infos = {TINY_NAME: CheckpointInfo(name=TINY_NAME, path=None, kind="builtin", family="sd1",
-                                           prediction_type="epsilon", unet_inputs=4)}  # fmt: skip
+    def _scan(self) -> _Scan:
+        scan = _Scan({TINY_NAME: CheckpointInfo(name=TINY_NAME, path=None, kind="builtin", family="sd1",
+                                                prediction_type="epsilon", unet_inputs=4)})  # fmt: skip
+        infos = scan.infos
         root = self.models_dir / CHECKPOINT_SUBDIR if self.models_dir is not None else None
         if root is None or not root.is_dir():
-            return infos
-        for info in [*self._diffusers_infos(root), *self._single_file_infos(root)]:
+            return scan
+        for info in [*self._diffusers_infos(root, scan), *self._single_file_infos(root, scan)]:
             if info.name.casefold() == TINY_NAME:
                 logger.warning(
                     "ignoring %s: the name %r is reserved for the built-in model", info.path, TINY_NAME
@@ -364,9 +400,9 @@ class CheckpointLibrary:
                 logger.warning("ignoring %s: %r is already %s", info.path, info.name, infos[info.name].path)
             else:
                 infos[info.name] = info
-        return infos
+        return scan
 
-    def _diffusers_infos(self, root: Path) -> list[CheckpointInfo]:
+    def _diffusers_infos(self, root: Path, scan: _Scan) -> list[CheckpointInfo]:
         folders = sorted((index.parent for index in root.glob("*/model_index.json")), key=lambda p: p.name)
         infos = []
         for folder in folders:
@@ -374,8 +410,8 @@ class CheckpointLibrary:
                 _check_folder_weights(folder, folder.name, self.models_dir)
             except _Skipped as skipped:
                 logger.warning("skipping checkpoint folder %s: %s", folder, skipped.error)
-                self._shared.refused[folder.name] = skipped.error
-                self._shared.unreadable.extend(skipped.files)
+                scan.refused[folder.name] = skipped.error
+                scan.unreadable.extend(skipped.files)
                 continue
             infos.append(
                 CheckpointInfo(
@@ -389,7 +425,7 @@ class CheckpointLibrary:
             )
         return infos
 
-    def _single_file_infos(self, root: Path) -> list[CheckpointInfo]:
+    def _single_file_infos(self, root: Path, scan: _Scan) -> list[CheckpointInfo]:
         infos = []
         for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix().casefold()):
             if not _is_checkpoint_file(path, root):
@@ -399,8 +435,8 @@ class CheckpointLibrary:
             except _Skipped as skipped:
                 name = path.relative_to(root).with_suffix("").as_posix()
                 logger.warning("skipping checkpoint %s: %s", path, skipped.error)
-                self._shared.refused[name] = skipped.error
-                self._shared.unreadable.extend(skipped.files)
+                scan.refused[name] = skipped.error
+                scan.unreadable.extend(skipped.files)
         return infos
 
     # -- loading -------------------------------------------------------------------------

@@ -36,7 +36,13 @@ async def check_request(request: Any, actor: Any, app: Any) -> Admission | None:
         generation.hr_prompt,
         generation.hr_negative_prompt,
     ]
-    refused = await asyncio.to_thread(_refused_embeddings, app, " \n ".join(texts))
+    text = " \n ".join(texts)
+    # under load the folder's listing of a moment ago answers, without a thread's round trip
+    recent = app.library.recent_model_files(("embedding",), models_dir=_models_dir(app))
+    if recent is not None:
+        refused = _refused_embeddings(recent, text)
+    else:
+        refused = await asyncio.to_thread(_listed_refused_embeddings, app, text)
     if not refused:
         return None
     names = ", ".join(name for name, _ in refused)
@@ -44,10 +50,16 @@ async def check_request(request: Any, actor: Any, app: Any) -> Admission | None:
     return Admission(key="draw.embeddings_refused", params={"names": names, "details": details})
 
 
-def _refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
-    """(embedding name, reason) of each refused embedding file ``text`` names as a word."""
+def _listed_refused_embeddings(app: Any, text: str) -> list[tuple[str, str]]:
+    """``_refused_embeddings`` after a look at the embeddings folder (touches the disk)."""
+    return _refused_embeddings(app.library.model_files(("embedding",), models_dir=_models_dir(app)), text)
+
+
+def _refused_embeddings(files: Any, text: str) -> list[tuple[str, str]]:
+    """(embedding name, reason) of each refused embedding file of ``files`` (a
+    ``ModelFiles``) that ``text`` names as a word."""
     found = []
-    for entry in app.library.model_files(("embedding",), models_dir=_models_dir(app)).unreadable:
+    for entry in files.unreadable:
         name = Path(entry.name).stem
         if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE):
             found.append((name, entry.reason))

@@ -337,3 +337,45 @@ async def test_a_refused_embedding_is_reported_on_the_draw_reply(make_app, tmp_p
     assert listing.data["embeddings"] == ["good"]
     assert "embeddings/evil-style.pt" in _text(app, skipped)
     assert not marker.exists()
+
+
+async def test_a_draw_is_answered_while_a_load_holds_the_library(make_app, tmp_path, monkeypatch) -> None:
+    """The refused-embeddings check of a /draw neither waits for a checkpoint load (which
+    holds the library's lock) nor looks at the folder again while its listing is fresh."""
+    import asyncio
+    import threading
+
+    import pipeline.checkpoints as checkpoints
+
+    models = tmp_path / "models"
+    write(
+        models / "embeddings" / "evil-style.pt",
+        torch_bytes({"emb_params": _CreatesFile(str(tmp_path / "m"))}),
+    )
+    app = await _app_with_library(make_app, models)
+    await app.queue.stop()  # only the replies matter here
+    loading, done = threading.Event(), threading.Event()
+
+    def load() -> None:  # as a load does while it builds a pipeline
+        with app.library._lock:
+            loading.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=load)
+    holder.start()
+    try:
+        await asyncio.to_thread(loading.wait, 5)
+        first, note = await asyncio.wait_for(app.service.handle_line("/draw evil-style --steps 2", ALICE), 10)
+        assert not first.error and note.key == "draw.embeddings_refused"
+    finally:
+        done.set()
+        holder.join()
+    # within LISTING_FRESH_FOR the listing of a moment ago answers: a file added meanwhile
+    # is seen once it has passed
+    write(models / "embeddings" / "other.pt", torch_bytes({"emb_params": _CreatesFile(str(tmp_path / "m"))}))
+    monkeypatch.setattr(checkpoints, "LISTING_FRESH_FOR", 3600.0)
+    [plain] = await app.service.handle_line("/draw other --steps 2", ALICE)
+    assert plain.key == "draw.accepted"
+    monkeypatch.setattr(checkpoints, "LISTING_FRESH_FOR", 0.0)
+    _, note = await app.service.handle_line("/draw other --steps 2", ALICE)
+    assert note.key == "draw.embeddings_refused" and note.params["names"] == "other"

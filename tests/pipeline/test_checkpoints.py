@@ -71,6 +71,61 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     assert info.sha256 is None
 
 
+def test_a_rescan_is_seen_whole_and_the_skipped_files_need_no_lock(tmp_path, monkeypatch):
+    """Readers that do not wait for a load (``unreadable``, ``resolve`` of a refused name,
+    ``model_files``) see the last whole scan while a new one runs, never a part of it."""
+    _fake_folder(tmp_path, "beta")
+    (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
+    (tmp_path / "embeddings").mkdir()
+    library = CheckpointLibrary(tmp_path)
+    assert [entry.name for entry in library.unreadable()] == ["Stable-diffusion/single.safetensors"]
+    assert library.recent_model_files(("embedding",)) is None  # nothing looked at yet
+    listed = library.model_files(("embedding",))
+    assert library.recent_model_files(("embedding",)) is listed
+    assert library.recent_model_files(("lora",)) is None  # another question
+    monkeypatch.setattr(checkpoints, "LISTING_FRESH_FOR", 0.0)
+    assert library.recent_model_files(("embedding",)) is None  # too old
+    monkeypatch.undo()
+    library.model_files(("embedding",))
+    scanning, scanned = threading.Event(), threading.Event()
+    scan = library._scan
+
+    def slow_scan():
+        scanning.set()
+        scanned.wait(10)
+        return scan()
+
+    library._scan = slow_scan
+    (tmp_path / "Stable-diffusion" / "single.safetensors").unlink()
+    refresher = threading.Thread(target=library.refresh)
+    refresher.start()
+    try:
+        assert scanning.wait(5)
+        assert library.recent_model_files(("embedding",)) is None  # a refresh forgets it
+        seen: list[object] = []
+
+        def read() -> None:
+            seen.append([entry.name for entry in library.unreadable()])
+            seen.append(len(library.model_files(("checkpoint",)).unreadable))
+            try:
+                library.resolve("single")
+            except CheckpointLoadError as exc:
+                seen.append(type(exc).__name__)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(5)
+        assert seen == [
+            ["Stable-diffusion/single.safetensors"],
+            1,
+            "UnsafeCheckpoint",
+        ]  # refused, not unknown
+    finally:
+        scanned.set()
+        refresher.join()
+    assert library.unreadable() == [] and library.names() == ["tiny", "beta"]
+
+
 def test_folder_named_like_the_builtin_is_ignored(tmp_path):
     _fake_folder(tmp_path, "TINY")
     library = CheckpointLibrary(tmp_path)
