@@ -14,7 +14,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 LOCALES = ("en", "zh-CN")
 ENV_PREFIX = "ATELIER_"
@@ -280,6 +288,11 @@ class Settings(_Table):
     telegram: TelegramSettings = TelegramSettings()
     s3: S3Settings = S3Settings()
     secrets: Secrets = Field(Secrets(), exclude=True)
+    # plugin_config's answers by (name, model): the plugins table they were read from, and
+    # the config (settings never change: a copy with other plugins reads its own)
+    _plugin_configs: dict[tuple[str, type[BaseModel]], tuple[PluginsSettings, BaseModel]] = PrivateAttr(
+        default_factory=dict
+    )
 
     @property
     def database_url(self) -> str:
@@ -290,11 +303,17 @@ class Settings(_Table):
         return f"sqlite+aiosqlite:///{(self.bot.data_dir / 'atelier.db').resolve()}"
 
     def plugin_config(self, name: str, model: type[BaseModel]) -> BaseModel:
-        """Validate ``[plugins.<name>]`` with the plugin's own model (extra keys forbidden)."""
+        """Validate ``[plugins.<name>]`` with the plugin's own model (extra keys forbidden),
+        once: plugins ask on every request."""
+        known = self._plugin_configs.get((name, model))
+        if known is not None and known[0] is self.plugins:
+            return known[1]
         try:
-            return model.model_validate(self.plugins.table(name))
+            config = model.model_validate(self.plugins.table(name))
         except ValidationError as exc:
             raise ConfigError(_describe(exc, prefix=f"plugins.{name}")) from None
+        self._plugin_configs[(name, model)] = (self.plugins, config)
+        return config
 
 
 def _describe(exc: ValidationError, prefix: str = "") -> str:

@@ -118,8 +118,7 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        values = {k: v for k, v in data.items() if k in _FIELD_SET}
         values["styles"] = tuple(values.get("styles", ()))
         values["negative_presets"] = tuple(values.get("negative_presets", ()))
         return cls(**values)
@@ -129,6 +128,7 @@ class GenerationRequest:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+_FIELD_SET = frozenset(_FIELD_NAMES)
 
 
 def _plain(value: Any) -> Any:

@@ -59,6 +59,26 @@ def test_bad_plugin_values_fail_naming_table_and_key(table: dict, expected: str)
     assert expected in str(info.value)
 
 
+def test_a_plugin_config_is_validated_once_and_a_copy_reads_its_own() -> None:
+    from plugins.quotas import QuotasConfig
+
+    settings = parse_settings({"plugins": {"quotas": {"images": 7}}})
+    config = settings.plugin_config("quotas", QuotasConfig)
+    assert config.images == 7 and settings.plugin_config("quotas", QuotasConfig) is config
+    other = settings.model_copy(
+        update={"plugins": parse_settings({"plugins": {"quotas": {"images": 9}}}).plugins}
+    )
+    assert other.plugin_config("quotas", QuotasConfig).images == 9
+    assert settings.plugin_config("quotas", QuotasConfig).images == 7
+    same = settings.model_copy(update={"secrets": settings.secrets})
+    assert same.plugin_config("quotas", QuotasConfig).images == 7
+    # a bad table fails on every ask, not only the first
+    bad = parse_settings({"plugins": {"quotas": {"images": -1}}})
+    for _ in range(2):
+        with pytest.raises(ConfigError):
+            bad.plugin_config("quotas", QuotasConfig)
+
+
 def test_every_setting_has_a_comment() -> None:
     for line in (ROOT / "config.toml").read_text(encoding="utf-8").splitlines():
         if "=" in line and not line.startswith("#"):
