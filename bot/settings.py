@@ -305,14 +305,15 @@ class Settings(_Table):
     def plugin_config(self, name: str, model: type[BaseModel]) -> BaseModel:
         """Validate ``[plugins.<name>]`` with the plugin's own model (extra keys forbidden),
         once: plugins ask on every request."""
-        known = self._plugin_configs.get((name, model))
+        configs = self.__pydantic_private__["_plugin_configs"]  # (the attribute's slow path skipped)
+        known = configs.get((name, model))
         if known is not None and known[0] is self.plugins:
             return known[1]
         try:
             config = model.model_validate(self.plugins.table(name))
         except ValidationError as exc:
             raise ConfigError(_describe(exc, prefix=f"plugins.{name}")) from None
-        self._plugin_configs[(name, model)] = (self.plugins, config)
+        configs[(name, model)] = (self.plugins, config)
         return config
 
 
