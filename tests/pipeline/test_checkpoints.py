@@ -71,6 +71,21 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     assert info.sha256 is None
 
 
+def _slow_scans(library: CheckpointLibrary) -> tuple[threading.Event, threading.Event]:
+    """Make ``library``'s scans wait: the first event is set when one begins, and it goes on
+    once the second one is set."""
+    scanning, scanned = threading.Event(), threading.Event()
+    scan = library._scan
+
+    def slow_scan():
+        scanning.set()
+        scanned.wait(10)
+        return scan()
+
+    library._scan = slow_scan
+    return scanning, scanned
+
+
 def test_a_rescan_is_seen_whole_and_the_skipped_files_need_no_lock(tmp_path, monkeypatch):
     """Readers that do not wait for a load (``unreadable``, ``resolve`` of a refused name,
     ``model_files``) see the last whole scan while a new one runs, never a part of it."""
@@ -87,15 +102,7 @@ def test_a_rescan_is_seen_whole_and_the_skipped_files_need_no_lock(tmp_path, mon
     assert library.recent_model_files(("embedding",)) is None  # too old
     monkeypatch.undo()
     library.model_files(("embedding",))
-    scanning, scanned = threading.Event(), threading.Event()
-    scan = library._scan
-
-    def slow_scan():
-        scanning.set()
-        scanned.wait(10)
-        return scan()
-
-    library._scan = slow_scan
+    scanning, scanned = _slow_scans(library)
     (tmp_path / "Stable-diffusion" / "single.safetensors").unlink()
     refresher = threading.Thread(target=library.refresh)
     refresher.start()
@@ -353,15 +360,7 @@ def test_a_checkpoint_known_with_its_hashes_resolves_from_memory(a1111_dir):
     holder.join()
     assert resolved == ["single"]
     # a rescan holds the lock too: the old catalog answers until the new one is ready
-    scanning, scanned = threading.Event(), threading.Event()
-    scan = library._scan
-
-    def slow_scan():
-        scanning.set()
-        scanned.wait(10)
-        return scan()
-
-    library._scan = slow_scan
+    scanning, scanned = _slow_scans(library)
     refresher = threading.Thread(target=library.refresh)
     refresher.start()
     scanning.wait(5)
