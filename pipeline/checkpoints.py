@@ -124,6 +124,9 @@ class _CatalogState:
     refused: dict[str, CheckpointLoadError] = field(default_factory=dict)
     unreadable: list[UnreadableFile] = field(default_factory=list)
     checks: FileChecks = field(default_factory=FileChecks)
+    # one scan at a time; never held while a pipeline is built (each device's view has a
+    # lock of its own for its loads)
+    scan_lock: threading.Lock = field(default_factory=threading.Lock)
     # model_files' last answers, by (folder, kinds): (when, what it found)
     listings: dict[tuple[Path | None, tuple[Kind, ...]], tuple[float, ModelFiles]] = field(
         default_factory=dict
@@ -182,26 +185,26 @@ class CheckpointLibrary:
         """This library for one more device (multi-GPU): the same catalog (scans, hashes,
         refusals, a refresh seen by all), its own loaded pipelines, memory budget and holds."""
         other = copy.copy(self)
+        other._lock = threading.RLock()  # a load here never waits for another device's
         other._loaded = OrderedDict()
         other._in_use = Counter()
         other.residency = None
         return other
 
     def is_loaded(self, name: str) -> bool:
-        """Whether the checkpoint called ``name`` is loaded here (False for an unknown name)."""
-        try:
-            key = self.resolve(name).name
-        except Exception:
-            return False
-        with self._lock:
-            return key in self._loaded
+        """Whether the checkpoint called ``name`` is loaded here (False for an unknown name).
+        From memory, without the disk or the lock a load holds: the queue asks on the
+        event loop (nothing is loaded before the folder was scanned)."""
+        catalog = self._shared.infos
+        info = _named(catalog, name) if catalog is not None else None
+        return info is not None and info.name in self._loaded
 
     def refresh(self) -> None:
         """Rescan the models folder; pipelines already loaded stay cached. Until the new
         catalog is ready the old one answers (without waiting for the scan)."""
         self._shared.checks.clear()
         self._shared.listings.clear()
-        with self._lock:
+        with self._shared.scan_lock:
             self._shared.publish(self._scan())
 
     def names(self) -> list[str]:
@@ -243,10 +246,7 @@ class CheckpointLibrary:
         """The checkpoint called ``name`` (an exact match first, then a case-insensitive
         one), with its hashes filled in."""
         catalog = self._catalog()
-        info = catalog.get(name)
-        if info is None:
-            folded = name.casefold()
-            info = next((i for i in catalog.values() if i.name.casefold() == folded), None)
+        info = _named(catalog, name)
         if info is None:
             refused = self._shared.refused.get(name) or next(
                 (error for key, error in self._shared.refused.items() if key.casefold() == name.casefold()),
@@ -264,10 +264,7 @@ class CheckpointLibrary:
         catalog = self._shared.infos
         if catalog is None:
             return False
-        info = catalog.get(name)
-        if info is None:
-            folded = name.casefold()
-            info = next((i for i in list(catalog.values()) if i.name.casefold() == folded), None)
+        info = _named(catalog, name)
         return info is None or info.kind != "single_file" or info.path is None or info.sha256 is not None
 
     def lookup(self, text: str) -> CheckpointInfo | None:
@@ -352,19 +349,21 @@ class CheckpointLibrary:
         return None
 
     def _catalog(self) -> dict[str, CheckpointInfo]:
-        infos = self._shared.infos  # once scanned, read without the lock a load may hold
+        infos = self._shared.infos  # once scanned, read without a lock
         if infos is not None:
             return infos
-        with self._lock:
+        with self._shared.scan_lock:
             if self._shared.infos is None:
                 return self._shared.publish(self._scan())
             return self._shared.infos
 
     def _update(self, info: CheckpointInfo) -> CheckpointInfo:
-        with self._lock:
-            catalog = self._catalog()
-            if catalog.get(info.name) is not None and catalog[info.name].path == info.path:
-                catalog[info.name] = info
+        """Put what was learnt of a file (its hashes, its UNet's inputs) in the catalog, if
+        it still lists that file. Without a lock: one assignment, and an update that a
+        rescan replaces meanwhile is learnt again (the hashes come from the hash cache)."""
+        catalog = self._catalog()
+        if catalog.get(info.name) is not None and catalog[info.name].path == info.path:
+            catalog[info.name] = info
         return info
 
     def _note_unet_inputs(self, name: str, inputs: int) -> None:
@@ -513,6 +512,15 @@ class CheckpointLibrary:
         _check_tokenizer(info, tokenizer)
         _check_special_tokens(info, tokenizer, folder)
         return tokenizer
+
+
+def _named(catalog: dict[str, CheckpointInfo], name: str) -> CheckpointInfo | None:
+    """The entry called ``name``: an exact match first, then a case-insensitive one."""
+    info = catalog.get(name)
+    if info is None:
+        folded = name.casefold()
+        info = next((i for i in list(catalog.values()) if i.name.casefold() == folded), None)
+    return info
 
 
 def _again(error: CheckpointLoadError) -> CheckpointLoadError:

@@ -374,6 +374,47 @@ def test_a_checkpoint_known_with_its_hashes_resolves_from_memory(a1111_dir):
     assert "folder" in library.names()
 
 
+def test_a_device_never_waits_for_another_devices_load(a1111_dir):
+    """Each device's view of a library loads under a lock of its own, and the queue's
+    question of which device has a checkpoint (asked on the event loop) reads no file and
+    waits for no load."""
+    first = _library(a1111_dir, hash_cache=a1111_dir / "devices.json")
+    second = first.for_device()
+    first.load("tiny")
+    assert first.is_loaded("TINY") and not second.is_loaded("tiny")
+    assert not first.is_loaded("single") and not first.is_loaded("no such model")
+    assert not first.answers_from_memory("single")  # is_loaded read no file: still unhashed
+    loading, done = threading.Event(), threading.Event()
+
+    def load() -> None:  # a load on the first device holds its lock while it builds a pipeline
+        with first._lock:
+            loading.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=load)
+    holder.start()
+    try:
+        assert loading.wait(5)
+        answers: list[object] = []
+
+        def other_device() -> None:
+            answers.append(first.is_loaded("tiny"))
+            second.load("tiny")
+            with second.in_use("tiny"):
+                answers.append(second.is_loaded("tiny"))
+            second.refresh()  # a rescan does not wait for a load either
+            answers.append(second.resolve("single").name)  # nor does hashing a file
+            answers.append(first.answers_from_memory("single"))  # learnt by both views
+
+        worker = threading.Thread(target=other_device)
+        worker.start()
+        worker.join(30)
+        assert answers == [True, True, "single", True]
+    finally:
+        done.set()
+        holder.join()
+
+
 def test_a_draft_is_frozen_from_memory_only_when_nothing_is_looked_up_on_disk(a1111_dir, tmp_path):
     from bot.commands import parse_args
     from bot.draw import freezes_from_memory, new_draft
