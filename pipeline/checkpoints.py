@@ -52,7 +52,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import edit_model, safe_load
 from pipeline.checkpoint_assembly import (
@@ -102,6 +102,7 @@ LISTING_FRESH_FOR = 2.0
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 # A real CLIP tokenizer has 49408 entries and tiny's 514; an offline load that silently
 # produced an empty tokenizer has 2 (TESTING-NOTES §2.4).
+_T = TypeVar("_T")
 _HEX = re.compile(r"^[0-9a-fA-F]{8}$|^[0-9a-fA-F]{10}$|^[0-9a-fA-F]{64}$")
 
 
@@ -116,13 +117,11 @@ class _Scan:
 
 @dataclass
 class _CatalogState:
-    """What a library's scan found; shared by its devices' views (``for_device``). A scan
-    is put in place whole, once it is done: readers that do not take the lock (which a
-    load holds) see one scan or the other, never a part of one."""
+    """What a library's scans found; shared by its devices' views (``for_device``). A scan
+    is put in place whole (one assignment) once it is done: readers, which take no lock,
+    see one scan or the other, never a part of one."""
 
-    infos: dict[str, CheckpointInfo] | None = None
-    refused: dict[str, CheckpointLoadError] = field(default_factory=dict)
-    unreadable: list[UnreadableFile] = field(default_factory=list)
+    scan: _Scan | None = None  # None until the folder was scanned
     checks: FileChecks = field(default_factory=FileChecks)
     # one scan at a time; never held while a pipeline is built (each device's view has a
     # lock of its own for its loads)
@@ -131,11 +130,6 @@ class _CatalogState:
     listings: dict[tuple[Path | None, tuple[Kind, ...]], tuple[float, ModelFiles]] = field(
         default_factory=dict
     )
-
-    def publish(self, scan: _Scan) -> dict[str, CheckpointInfo]:
-        self.refused, self.unreadable = scan.refused, scan.unreadable
-        self.infos = scan.infos  # last: a reader that sees it sees the rest
-        return scan.infos
 
 
 class CheckpointLibrary:
@@ -195,8 +189,8 @@ class CheckpointLibrary:
         """Whether the checkpoint called ``name`` is loaded here (False for an unknown name).
         From memory, without the disk or the lock a load holds: the queue asks on the
         event loop (nothing is loaded before the folder was scanned)."""
-        catalog = self._shared.infos
-        info = _named(catalog, name) if catalog is not None else None
+        scan = self._shared.scan
+        info = _named(scan.infos, name) if scan is not None else None
         return info is not None and info.name in self._loaded
 
     def refresh(self) -> None:
@@ -205,7 +199,7 @@ class CheckpointLibrary:
         self._shared.checks.clear()
         self._shared.listings.clear()
         with self._shared.scan_lock:
-            self._shared.publish(self._scan())
+            self._shared.scan = self._scan()
 
     def names(self) -> list[str]:
         return list(self._catalog())
@@ -216,8 +210,7 @@ class CheckpointLibrary:
     def unreadable(self) -> list[UnreadableFile]:
         """The checkpoints (and ``.yaml``/``.vae.*`` files beside them) the last scan left
         out, with the reasons (once scanned, without the lock a load may hold)."""
-        self._catalog()
-        return list(self._shared.unreadable)
+        return list(self._scanned().unreadable)
 
     def model_files(self, kinds: tuple[Kind, ...] = KINDS, *, models_dir: Path | None = None) -> ModelFiles:
         """The usable VAEs, LoRAs, hypernetworks and embeddings, and every unreadable file of
@@ -245,13 +238,11 @@ class CheckpointLibrary:
     def resolve(self, name: str) -> CheckpointInfo:
         """The checkpoint called ``name`` (an exact match first, then a case-insensitive
         one), with its hashes filled in."""
-        catalog = self._catalog()
+        scan = self._scanned()
+        catalog = scan.infos
         info = _named(catalog, name)
         if info is None:
-            refused = self._shared.refused.get(name) or next(
-                (error for key, error in self._shared.refused.items() if key.casefold() == name.casefold()),
-                None,
-            )
+            refused = _named(scan.refused, name)
             if refused is not None:
                 raise _again(refused)
             raise UnknownCheckpoint(name, list(catalog))
@@ -261,10 +252,10 @@ class CheckpointLibrary:
         """Whether ``resolve(name)`` needs neither the disk nor the lock that a load holds:
         the folder was scanned and the checkpoint's hashes are known (an unknown name is
         refused from memory too)."""
-        catalog = self._shared.infos
-        if catalog is None:
+        scan = self._shared.scan
+        if scan is None:
             return False
-        info = _named(catalog, name)
+        info = _named(scan.infos, name)
         return info is None or info.kind != "single_file" or info.path is None or info.sha256 is not None
 
     def lookup(self, text: str) -> CheckpointInfo | None:
@@ -349,13 +340,17 @@ class CheckpointLibrary:
         return None
 
     def _catalog(self) -> dict[str, CheckpointInfo]:
-        infos = self._shared.infos  # once scanned, read without a lock
-        if infos is not None:
-            return infos
+        return self._scanned().infos
+
+    def _scanned(self) -> _Scan:
+        """The last whole scan; the first one is made here (once scanned, read without a lock)."""
+        scan = self._shared.scan
+        if scan is not None:
+            return scan
         with self._shared.scan_lock:
-            if self._shared.infos is None:
-                return self._shared.publish(self._scan())
-            return self._shared.infos
+            if self._shared.scan is None:
+                self._shared.scan = self._scan()
+            return self._shared.scan
 
     def _update(self, info: CheckpointInfo) -> CheckpointInfo:
         """Put what was learnt of a file (its hashes, its UNet's inputs) in the catalog, if
@@ -514,13 +509,13 @@ class CheckpointLibrary:
         return tokenizer
 
 
-def _named(catalog: dict[str, CheckpointInfo], name: str) -> CheckpointInfo | None:
+def _named(entries: dict[str, _T], name: str) -> _T | None:
     """The entry called ``name``: an exact match first, then a case-insensitive one."""
-    info = catalog.get(name)
-    if info is None:
+    found = entries.get(name)
+    if found is None:
         folded = name.casefold()
-        info = next((i for i in list(catalog.values()) if i.name.casefold() == folded), None)
-    return info
+        found = next((entry for key, entry in list(entries.items()) if key.casefold() == folded), None)
+    return found
 
 
 def _again(error: CheckpointLoadError) -> CheckpointLoadError:
