@@ -8,7 +8,9 @@ test time from the tiny pipeline. The mapping is generic over the number of bloc
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,3 +137,45 @@ def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
         out[new] = value
     return out
+
+
+def build_a1111_models(base: Path) -> Path:
+    """An A1111 models folder under ``base``: a diffusers folder, a ``.safetensors`` and a
+    ``.ckpt`` (in a subfolder), each single file with a ``.vae.pt`` and ``.yaml`` beside it; plus ``cfg``,
+    the tiny diffusers folder single files are assembled with."""
+    from safetensors.torch import save_file
+
+    from pipeline.tiny import build_tiny_pipeline
+
+    models = base / "models"
+    sd_dir = models / "Stable-diffusion"
+    (sd_dir / "sub").mkdir(parents=True)
+    for sub in ("VAE", "Lora", "hypernetworks", "embeddings"):
+        (models / sub).mkdir()
+    pipe = build_tiny_pipeline()
+    pipe.save_pretrained(base / "cfg")
+    pipe.save_pretrained(sd_dir / "folder")
+    state = pipeline_to_a1111(pipe)
+    vae = {"state_dict": vae_to_ldm(pipe.vae.state_dict())}
+    save_file(state, sd_dir / "single.safetensors")
+    torch.save(vae, sd_dir / "single.vae.pt")
+    (sd_dir / "single.yaml").write_text("model:\n  params:\n    parameterization: eps\n    use_ema: false\n")
+    torch.save({"state_dict": state, "global_step": 7}, sd_dir / "sub" / "pickled.ckpt")
+    torch.save(vae, sd_dir / "sub" / "pickled.vae.pt")
+    (sd_dir / "sub" / "pickled.yaml").write_text("model:\n  params:\n    use_ema: true\n")
+    return base
+
+
+def a1111_library(base: Path, **kwargs: Any) -> Any:
+    """A ``CheckpointLibrary`` over ``build_a1111_models``' folder."""
+    from pipeline.checkpoints import CheckpointLibrary
+
+    kwargs.setdefault("config_dirs", {"sd1": base / "cfg"})
+    return CheckpointLibrary(base / "models", **kwargs)
+
+
+def fake_diffusers_folder(root: Path, name: str) -> None:
+    """A checkpoint folder under ``root`` that only a scan looks at (no weights)."""
+    folder = root / "Stable-diffusion" / name
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))

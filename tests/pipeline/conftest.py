@@ -13,6 +13,14 @@ from typing import Any
 import pytest
 
 
+@pytest.fixture(scope="module")
+def a1111_dir(tmp_path_factory: Any) -> Any:
+    """``build_a1111_models`` in a folder of the module's own."""
+    from tests.pipeline.a1111_layout import build_a1111_models
+
+    return build_a1111_models(tmp_path_factory.mktemp("a1111"))
+
+
 @pytest.fixture(scope="session")
 def engine(tiny_engine: Any) -> Any:
     """The session's CPU engine over ``tiny_library``; it swaps schedulers on the shared pipeline."""

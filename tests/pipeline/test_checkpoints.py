@@ -18,14 +18,8 @@ from pipeline.errors import CheckpointLoadError, UnknownCheckpoint
 from pipeline.request import GenerationRequest
 from pipeline.safe_load import UnsafeCheckpoint
 from pipeline.tiny import build_tiny_pipeline
-from tests.pipeline.a1111_layout import pipeline_to_a1111, vae_to_ldm
+from tests.pipeline.a1111_layout import a1111_library, fake_diffusers_folder
 from tests.pipeline.crafted_files import safetensors_header, write
-
-
-def _fake_folder(root, name: str) -> None:
-    folder = root / "Stable-diffusion" / name
-    folder.mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def test_missing_models_folder_is_not_an_error(tmp_path):
 
 def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     for name in ("zeta", "Alpha", "beta"):
-        _fake_folder(tmp_path, name)
+        fake_diffusers_folder(tmp_path, name)
     (tmp_path / "Stable-diffusion" / "not-a-model").mkdir()
     (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
     library = CheckpointLibrary(tmp_path)
@@ -71,84 +65,22 @@ def test_names_tiny_first_then_diffusers_folders_sorted(tmp_path):
     assert info.sha256 is None
 
 
-def _slow_scans(library: CheckpointLibrary) -> tuple[threading.Event, threading.Event]:
-    """Make ``library``'s scans wait: the first event is set when one begins, and it goes on
-    once the second one is set."""
-    scanning, scanned = threading.Event(), threading.Event()
-    scan = library._scan
-
-    def slow_scan():
-        scanning.set()
-        scanned.wait(10)
-        return scan()
-
-    library._scan = slow_scan
-    return scanning, scanned
-
-
-def test_a_rescan_is_seen_whole_and_the_skipped_files_need_no_lock(tmp_path, monkeypatch):
-    """Readers that do not wait for a load (``unreadable``, ``resolve`` of a refused name,
-    ``model_files``) see the last whole scan while a new one runs, never a part of it."""
-    _fake_folder(tmp_path, "beta")
-    (tmp_path / "Stable-diffusion" / "single.safetensors").write_bytes(b"x")
-    (tmp_path / "embeddings").mkdir()
-    library = CheckpointLibrary(tmp_path)
-    assert [entry.name for entry in library.unreadable()] == ["Stable-diffusion/single.safetensors"]
-    assert library.recent_model_files(("embedding",)) is None  # nothing looked at yet
-    listed = library.model_files(("embedding",))
-    assert library.recent_model_files(("embedding",)) is listed
-    assert library.recent_model_files(("lora",)) is None  # another question
-    monkeypatch.setattr(checkpoints, "LISTING_FRESH_FOR", 0.0)
-    assert library.recent_model_files(("embedding",)) is None  # too old
-    monkeypatch.undo()
-    library.model_files(("embedding",))
-    scanning, scanned = _slow_scans(library)
-    (tmp_path / "Stable-diffusion" / "single.safetensors").unlink()
-    refresher = threading.Thread(target=library.refresh)
-    refresher.start()
-    try:
-        assert scanning.wait(5)
-        assert library.recent_model_files(("embedding",)) is None  # a refresh forgets it
-        seen: list[object] = []
-
-        def read() -> None:
-            seen.append([entry.name for entry in library.unreadable()])
-            seen.append(len(library.model_files(("checkpoint",)).unreadable))
-            try:
-                library.resolve("single")
-            except CheckpointLoadError as exc:
-                seen.append(type(exc).__name__)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        reader.join(5)
-        assert seen == [
-            ["Stable-diffusion/single.safetensors"],
-            1,
-            "UnsafeCheckpoint",
-        ]  # refused, not unknown
-    finally:
-        scanned.set()
-        refresher.join()
-    assert library.unreadable() == [] and library.names() == ["tiny", "beta"]
-
-
 def test_folder_named_like_the_builtin_is_ignored(tmp_path):
-    _fake_folder(tmp_path, "TINY")
+    fake_diffusers_folder(tmp_path, "TINY")
     library = CheckpointLibrary(tmp_path)
     assert library.names() == ["tiny"]
     assert library.resolve("TINY").kind == "builtin"
 
 
 def test_resolve_is_case_insensitive(tmp_path):
-    _fake_folder(tmp_path, "MyModel")
+    fake_diffusers_folder(tmp_path, "MyModel")
     library = CheckpointLibrary(tmp_path)
     assert library.resolve("mymodel").name == "MyModel"
     assert library.resolve("TINY").name == "tiny"
 
 
 def test_unknown_checkpoint_lists_available_names(tmp_path):
-    _fake_folder(tmp_path, "foo")
+    fake_diffusers_folder(tmp_path, "foo")
     library = CheckpointLibrary(tmp_path)
     with pytest.raises(UnknownCheckpoint) as info:
         library.resolve("bar")
@@ -161,7 +93,7 @@ def test_unknown_checkpoint_lists_available_names(tmp_path):
 def test_refresh_rescans(tmp_path):
     library = CheckpointLibrary(tmp_path)
     assert library.names() == ["tiny"]
-    _fake_folder(tmp_path, "later")
+    fake_diffusers_folder(tmp_path, "later")
     assert library.names() == ["tiny"]  # scanned once, until asked again
     library.refresh()
     assert library.names() == ["tiny", "later"]
@@ -221,7 +153,7 @@ def test_diffusers_folder_loads_offline_with_tiny_weights(saved_models_dir):
 
 
 def test_broken_folder_raises_load_error_with_reason(tmp_path):
-    _fake_folder(tmp_path, "broken")
+    fake_diffusers_folder(tmp_path, "broken")
     library = CheckpointLibrary(tmp_path)
     with pytest.raises(CheckpointLoadError) as info:
         library.load("broken")
@@ -243,38 +175,6 @@ def test_empty_tokenizer_is_rejected(saved_models_dir, monkeypatch):
 # A1111 layout: single files, hashes, side files
 
 
-@pytest.fixture(scope="module")
-def a1111_dir(tmp_path_factory):
-    """An A1111 models folder: a diffusers folder, a ``.safetensors`` and a ``.ckpt`` (in a
-    subfolder), each single file with a ``.vae.pt`` and ``.yaml`` beside it; plus ``cfg``,
-    the tiny diffusers folder single files are assembled with."""
-    from safetensors.torch import save_file
-
-    base = tmp_path_factory.mktemp("a1111")
-    models = base / "models"
-    sd_dir = models / "Stable-diffusion"
-    (sd_dir / "sub").mkdir(parents=True)
-    for sub in ("VAE", "Lora", "hypernetworks", "embeddings"):
-        (models / sub).mkdir()
-    pipe = build_tiny_pipeline()
-    pipe.save_pretrained(base / "cfg")
-    pipe.save_pretrained(sd_dir / "folder")
-    state = pipeline_to_a1111(pipe)
-    vae = {"state_dict": vae_to_ldm(pipe.vae.state_dict())}
-    save_file(state, sd_dir / "single.safetensors")
-    torch.save(vae, sd_dir / "single.vae.pt")
-    (sd_dir / "single.yaml").write_text("model:\n  params:\n    parameterization: eps\n    use_ema: false\n")
-    torch.save({"state_dict": state, "global_step": 7}, sd_dir / "sub" / "pickled.ckpt")
-    torch.save(vae, sd_dir / "sub" / "pickled.vae.pt")
-    (sd_dir / "sub" / "pickled.yaml").write_text("model:\n  params:\n    use_ema: true\n")
-    return base
-
-
-def _library(base, **kwargs):
-    kwargs.setdefault("config_dirs", {"sd1": base / "cfg"})
-    return CheckpointLibrary(base / "models", **kwargs)
-
-
 def _pixels(library, name):
     request = GenerationRequest(
         prompt="a cat", seed=1, num_inference_steps=2, width=64, height=64, checkpoint=name
@@ -284,7 +184,7 @@ def _pixels(library, name):
 
 
 def test_single_files_are_listed_with_side_files(a1111_dir):
-    library = _library(a1111_dir)
+    library = a1111_library(a1111_dir)
     assert library.names() == ["tiny", "folder", "single", "sub/pickled"]
     sd_dir = a1111_dir / "models" / "Stable-diffusion"
     single = library.infos()[2]
@@ -305,7 +205,7 @@ def test_single_files_are_listed_with_side_files(a1111_dir):
 
 
 def test_single_files_generate_the_same_pixels_as_tiny(a1111_dir):
-    library = _library(a1111_dir)
+    library = a1111_library(a1111_dir)
     _, want = _pixels(library, "tiny")
     for name in ("folder", "single", "sub/pickled"):
         result, got = _pixels(library, name)
@@ -318,138 +218,29 @@ def test_single_files_generate_the_same_pixels_as_tiny(a1111_dir):
 
 
 def test_hashes_and_lookup_aliases(a1111_dir):
-    library = _library(a1111_dir, hash_cache=a1111_dir / "cache.json")
+    library = a1111_library(a1111_dir, hash_cache=a1111_dir / "cache.json")
     path = a1111_dir / "models" / "Stable-diffusion" / "single.safetensors"
     full, old = hashing.sha256(path), hashing.old_model_hash(path)
     info = library.resolve("single")
     assert (info.sha256, info.full_sha256, info.old_hash) == (full[:10], full, old)
     assert info.title == f"single.safetensors [{full[:10]}]"
-    fresh = _library(a1111_dir, hash_cache=a1111_dir / "cache-2.json")
+    fresh = a1111_library(a1111_dir, hash_cache=a1111_dir / "cache-2.json")
     for text in (full[:10], full, old, "single.safetensors", "single", f"single [{full[:10]}]", info.title):
         assert fresh.lookup(text).name == "single", text
     assert fresh.lookup("pickl").name == "sub/pickled"
     assert fresh.lookup("0123456789") is None
 
 
-def test_a_checkpoint_known_with_its_hashes_resolves_from_memory(a1111_dir):
-    """Once the folder is scanned and a checkpoint hashed, resolving it reads no file and
-    does not wait for a load holding the library (a /draw freezes on the event loop)."""
-    library = _library(a1111_dir, hash_cache=a1111_dir / "memory.json")
-    assert not library.answers_from_memory("tiny")  # the folder is not scanned yet
-    library.names()
-    assert library.answers_from_memory("tiny") and library.answers_from_memory("folder")
-    assert library.answers_from_memory("no such model")  # refused from the catalog
-    assert not library.answers_from_memory("single")  # its hashes are still to compute
-    library.resolve("single")
-    assert library.answers_from_memory("SINGLE")
-    loading, done = threading.Event(), threading.Event()
-
-    def load() -> None:  # a load holds the lock while it builds a pipeline
-        with library._lock:
-            loading.set()
-            done.wait(10)
-
-    holder = threading.Thread(target=load)
-    holder.start()
-    loading.wait(5)
-    resolved: list[str] = []
-    resolver = threading.Thread(target=lambda: resolved.append(library.resolve("single").name))
-    resolver.start()
-    resolver.join(5)
-    done.set()
-    holder.join()
-    assert resolved == ["single"]
-    # a rescan holds the lock too: the old catalog answers until the new one is ready
-    scanning, scanned = _slow_scans(library)
-    refresher = threading.Thread(target=library.refresh)
-    refresher.start()
-    scanning.wait(5)
-    assert library.answers_from_memory("folder")
-    resolver = threading.Thread(target=lambda: resolved.append(library.resolve("folder").name))
-    resolver.start()
-    resolver.join(5)
-    scanned.set()
-    refresher.join()
-    assert resolved == ["single", "folder"]
-    assert "folder" in library.names()
-
-
-def test_a_device_never_waits_for_another_devices_load(a1111_dir):
-    """Each device's view of a library loads under a lock of its own, and the queue's
-    question of which device has a checkpoint (asked on the event loop) reads no file and
-    waits for no load."""
-    first = _library(a1111_dir, hash_cache=a1111_dir / "devices.json")
-    second = first.for_device()
-    first.load("tiny")
-    assert first.is_loaded("TINY") and not second.is_loaded("tiny")
-    assert not first.is_loaded("single") and not first.is_loaded("no such model")
-    assert not first.answers_from_memory("single")  # is_loaded read no file: still unhashed
-    loading, done = threading.Event(), threading.Event()
-
-    def load() -> None:  # a load on the first device holds its lock while it builds a pipeline
-        with first._lock:
-            loading.set()
-            done.wait(30)
-
-    holder = threading.Thread(target=load)
-    holder.start()
-    try:
-        assert loading.wait(5)
-        answers: list[object] = []
-
-        def other_device() -> None:
-            answers.append(first.is_loaded("tiny"))
-            second.load("tiny")
-            with second.in_use("tiny"):
-                answers.append(second.is_loaded("tiny"))
-            second.refresh()  # a rescan does not wait for a load either
-            answers.append(second.resolve("single").name)  # nor does hashing a file
-            answers.append(first.answers_from_memory("single"))  # learnt by both views
-
-        worker = threading.Thread(target=other_device)
-        worker.start()
-        worker.join(30)
-        assert answers == [True, True, "single", True]
-    finally:
-        done.set()
-        holder.join()
-
-
-def test_a_draft_is_frozen_from_memory_only_when_nothing_is_looked_up_on_disk(a1111_dir, tmp_path):
-    from bot.commands import parse_args
-    from bot.draw import freezes_from_memory, new_draft
-    from bot.options import draw_options
-    from tests.conftest import make_settings
-
-    settings = make_settings(tmp_path)
-    library = _library(a1111_dir, hash_cache=a1111_dir / "drafts.json")
-
-    def from_memory(line: str) -> bool:
-        parsed = parse_args(line)
-        draft = new_draft(parsed.text, draw_options().convert(parsed, settings.limits), settings)
-        return freezes_from_memory(draft, library)
-
-    library.names()
-    assert from_memory("a cat") and from_memory("a cat --checkpoint folder")
-    assert not from_memory("a cat --checkpoint single")  # hashed on the first use
-    library.resolve("single")
-    assert from_memory("a cat --checkpoint single")
-    assert not from_memory("a cat <lora:style:0.5>")  # networks are found in the folder
-    assert not from_memory("a cat --lora style")
-    assert not from_memory("a cat --vae single")
-    assert not freezes_from_memory(new_draft("a cat", {}, settings), object())  # another library
-
-
 def test_hash_cache_is_persisted_and_reused(a1111_dir, monkeypatch):
     cache = a1111_dir / "persist.json"
-    first = _library(a1111_dir, hash_cache=cache).resolve("single").sha256
+    first = a1111_library(a1111_dir, hash_cache=cache).resolve("single").sha256
     assert cache.is_file()
 
     def no_hashing(*args, **kwargs):
         raise AssertionError("hashed again")
 
     monkeypatch.setattr(hashing, "_full_hash", no_hashing)
-    assert _library(a1111_dir, hash_cache=cache).resolve("single").sha256 == first
+    assert a1111_library(a1111_dir, hash_cache=cache).resolve("single").sha256 == first
 
 
 def test_default_hash_cache_lives_beside_the_models_folder(tmp_path):
@@ -534,7 +325,7 @@ def test_bad_files_give_clear_errors_and_others_keep_working(a1111_dir, tmp_path
 
 
 def test_single_file_without_tokenizer_says_so(a1111_dir):
-    library = _library(a1111_dir, config_dirs={})  # the packaged SD1 configs carry no vocabulary
+    library = a1111_library(a1111_dir, config_dirs={})  # the packaged SD1 configs carry no vocabulary
     with pytest.raises(CheckpointLoadError, match="tokenizer"):
         library.load("single")
 
