@@ -69,6 +69,7 @@ def _platform(key: str) -> str:
 
 # read on every request: built once
 _LINK = IdentityLink.__table__.c
+LINKS = IdentityLink.__tablename__
 _PERSON_OF = select(_LINK.person).where(_LINK.identity == bindparam("identity"))
 
 
@@ -78,8 +79,12 @@ class IdentityStore:
 
     async def person_of(self, identity: str) -> str | None:
         """The person a linked identity is one with; None when it is not linked."""
-        async with self.store.session() as session:
-            return await session.scalar(_PERSON_OF, {"identity": identity})
+
+        async def read() -> str | None:
+            async with self.store.session() as session:
+                return await session.scalar(_PERSON_OF, {"identity": identity})
+
+        return await self.store.recent.get(LINKS, identity, read)
 
     async def identities(self, person: str) -> list[str]:
         """Every identity linked to ``person`` (not the person's own)."""
@@ -123,6 +128,7 @@ class IdentityStore:
             await session.delete(row)
             session.add(IdentityLink(identity=identity, person=person))
             moved = await _move(session, identity, person, None)
+        self.store.recent.changed(LINKS)
         return Linked(identity, person, moved)
 
     async def unlink(self, identity: str) -> list[str]:
@@ -139,6 +145,7 @@ class IdentityStore:
             for linked, person in pairs:
                 await session.execute(delete(IdentityLink).where(IdentityLink.identity == linked))
                 await _move(session, person, linked, _platform(linked))
+        self.store.recent.changed(LINKS)
         return [linked for linked, _ in pairs]
 
 

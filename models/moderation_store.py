@@ -44,6 +44,7 @@ class AuditRecord:
 
 # read on every request: built once (building a statement costs more than running it)
 # (on the tables, not the mapped classes: rows, without the ORM's bookkeeping)
+BANS, RULES = Ban.__tablename__, WordRule.__tablename__  # their recent answers (models/recent.py)
 _BAN = Ban.__table__.c
 _RULE = WordRule.__table__.c
 _BANS = (
@@ -73,21 +74,29 @@ class ModerationStore:
             session.add(
                 Ban(user_key=user_key, scope=scope, reason=reason, expires_at=expires_at, banned_by=banned_by)
             )
+        self.store.recent.changed(BANS)
 
     async def unban(self, user_key: str, scope: str) -> bool:
         async with self.store.session() as session:
             result = await session.execute(delete(Ban).where(Ban.user_key == user_key, Ban.scope == scope))
-            return result.rowcount > 0
+        self.store.recent.changed(BANS)
+        return result.rowcount > 0
 
     async def bans(self, scopes: Sequence[str], user_key: str | None = None) -> list[BanRecord]:
         """Bans in force now in these scopes, the longest first (permanent ones lead)."""
-        params: dict[str, Any] = {"scopes": list(scopes), "now": utcnow()}
-        if user_key is not None:
-            params["user_key"] = user_key
-        async with self.store.session() as session:
-            rows = (await session.execute(_BANS if user_key is None else _USER_BANS, params)).all()
-        rows.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at or utcnow()).timestamp()))
-        return [BanRecord(b.user_key, b.scope, b.reason, b.expires_at, b.banned_by) for b in rows]
+
+        async def read() -> tuple[BanRecord, ...]:
+            params: dict[str, Any] = {"scopes": list(scopes), "now": utcnow()}
+            if user_key is not None:
+                params["user_key"] = user_key
+            async with self.store.session() as session:
+                rows = (await session.execute(_BANS if user_key is None else _USER_BANS, params)).all()
+            rows.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at or utcnow()).timestamp()))
+            return tuple(BanRecord(b.user_key, b.scope, b.reason, b.expires_at, b.banned_by) for b in rows)
+
+        now = utcnow()  # one read a moment ago may hold a ban that has run out since
+        found = await self.store.recent.get(BANS, (tuple(scopes), user_key), read)
+        return [ban for ban in found if ban.expires_at is None or ban.expires_at > now]
 
     # word rules -------------------------------------------------------------------------------
 
@@ -98,7 +107,8 @@ class ModerationStore:
                     scope=scope, kind=kind, pattern=pattern, added_by=added_by, created_at=utcnow()
                 )
             )
-            return result.rowcount == 1
+        self.store.recent.changed(RULES)
+        return result.rowcount == 1
 
     async def remove_rule(self, scope: str, kind: str, pattern: str) -> bool:
         async with self.store.session() as session:
@@ -107,12 +117,17 @@ class ModerationStore:
                     WordRule.scope == scope, WordRule.kind == kind, WordRule.pattern == pattern
                 )
             )
-            return result.rowcount > 0
+        self.store.recent.changed(RULES)
+        return result.rowcount > 0
 
     async def rules(self, scopes: Sequence[str]) -> list[WordRuleRecord]:
-        async with self.store.session() as session:
-            rows = (await session.execute(_RULES, {"scopes": list(scopes)})).all()
-            return [WordRuleRecord(r.scope, r.kind, r.pattern) for r in rows]
+
+        async def read() -> tuple[WordRuleRecord, ...]:
+            async with self.store.session() as session:
+                rows = (await session.execute(_RULES, {"scopes": list(scopes)})).all()
+                return tuple(WordRuleRecord(r.scope, r.kind, r.pattern) for r in rows)
+
+        return list(await self.store.recent.get(RULES, tuple(scopes), read))
 
     # audit log --------------------------------------------------------------------------------
 

@@ -163,17 +163,23 @@ class QuotaStore:
                     user_key=user_key, scope=scope, images=images, gpu_seconds=gpu_seconds, set_by=set_by
                 )
             )
+        self.store.recent.changed(OVERRIDES)
 
     async def override(self, user_key: str, scope: str) -> Override | None:
-        async with self.store.session() as session:
-            found = (await session.execute(_OVERRIDE, {"user_key": user_key, "scope": scope})).first()
-            return Override(found.images, found.gpu_seconds, found.set_by) if found else None
+
+        async def read() -> Override | None:
+            async with self.store.session() as session:
+                found = (await session.execute(_OVERRIDE, {"user_key": user_key, "scope": scope})).first()
+                return Override(found.images, found.gpu_seconds, found.set_by) if found else None
+
+        return await self.store.recent.get(OVERRIDES, (user_key, scope), read)
 
 
 # The statements of every request (a reservation) and every job's end (a settlement) are
 # built once (building one costs more than running it), on the tables rather than the
 # mapped classes (rows, without the ORM's bookkeeping); the others use the same pieces.
 _USAGE = QuotaUsage.__table__.c
+OVERRIDES = QuotaOverride.__tablename__  # its recent answers (models/recent.py)
 _OVERRIDES = QuotaOverride.__table__.c
 _OVERRIDE = select(*_OVERRIDES).where(
     _OVERRIDES.user_key == bindparam("user_key"), _OVERRIDES.scope == bindparam("scope")

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from models import sqlite_inline
 from models.base import utcnow
+from models.recent import Recent
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.sql import insert_ignore
 from models.store_leases import Lease, _JobLeases
@@ -160,6 +161,7 @@ class Store(_JobLeases):
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._closes_at_once = sqlite_inline.runs_inline(engine)
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
+        self.recent = Recent()  # the small reads of every request (models/recent.py)
 
     @classmethod
     def from_url(cls, url: str, *, echo: bool = False) -> Store:
