@@ -1,8 +1,9 @@
 """Recent answers of the small reads every request makes.
 
 Every command asks whom its sender is linked to, and every ``/draw`` asks for the bans and
-word rules of its scope and its sender's quota override: five statements against tables
-that change a few times a day, by a moderator's command. ``Recent`` keeps such an answer
+word rules of its scope, its sender's quota override and its sender's user row: six
+statements against rows that change a few times a day (a moderator's command, a new
+display name). ``Recent`` keeps such an answer
 for ``fresh_for`` seconds. A change made through this process (the repositories call
 ``changed``) is seen by the next read at once; one made by another process sharing the
 database, within ``fresh_for`` seconds.
@@ -33,14 +34,33 @@ class Recent:
     async def get(self, table: str, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """The answer about ``key`` in ``table`` read within ``fresh_for`` seconds, else
         ``read()``'s (kept)."""
-        answers = self._answers.setdefault(table, {})
-        now = self._clock()
-        kept = answers.get(key)
-        if kept is not None and kept[0] > now:
-            return kept[1]  # type: ignore[no-any-return]
+        kept = self.kept(table, key, _NONE)
+        if kept is not _NONE:
+            return kept  # type: ignore[no-any-return]
+        return await self.read(table, key, read)
+
+    def kept(self, table: str, key: Hashable, default: Any = None) -> Any:
+        """The answer about ``key`` in ``table`` read within ``fresh_for`` seconds, else
+        ``default``."""
+        kept = self._answers.get(table, {}).get(key)
+        return kept[1] if kept is not None and kept[0] > self._clock() else default
+
+    async def read(
+        self,
+        table: str,
+        key: Hashable,
+        read: Callable[[], Awaitable[T]],
+        keep: Callable[[T], bool] | None = None,
+    ) -> T:
+        """``read()``'s answer, kept when ``keep`` (if given) says so: an answer that
+        holds what this transaction wrote must not be kept, as the transaction may yet be
+        rolled back."""
         version = self._versions.get(table, 0)
         value = await read()
-        if self.fresh_for > 0 and self._versions.get(table, 0) == version:
+        unchanged = self._versions.get(table, 0) == version
+        if self.fresh_for > 0 and unchanged and (keep is None or keep(value)):
+            answers = self._answers.setdefault(table, {})
+            now = self._clock()
             if len(answers) >= _MOST_KEPT:  # many senders: the stale ones go
                 for stale in [k for k, (until, _) in answers.items() if until <= now]:
                     del answers[stale]
@@ -59,3 +79,4 @@ class Recent:
 
 
 _MOST_KEPT = 10_000  # answers of one table past which the stale ones are dropped
+_NONE = object()

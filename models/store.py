@@ -227,23 +227,40 @@ class Store(_JobLeases):
         self, platform: str, platform_user_id: str, display_name: str, locale: str | None = None
     ) -> UserRecord:
         """Get or create; concurrent first calls for one identity are resolved by the unique key."""
-        identity = {"platform": platform, "platform_user_id": platform_user_id}
-        async with self.session() as session:
-            user = (await session.execute(_USER_ROW, identity)).first()
-            if user is None:
-                # a first contact; of two at once, the unique key keeps one and both read it
-                add = insert_ignore(session, USERS)
-                await session.execute(add, {**identity, "display_name": display_name, "locale": locale})
-                return _user_record((await session.execute(_USER_ROW, identity)).one())
-            changes: dict[str, str] = {}
-            if display_name and user.display_name != display_name:
-                changes["display_name"] = display_name
-            if locale and user.locale != locale:
-                # later notices (a grid, a stopped run) answer in the language used last
-                changes["locale"] = locale
-            if changes:
-                await session.execute(update(USERS).where(USERS.c.id == user.id).values(**changes))
-            return dataclasses.replace(_user_record(user), **changes)
+        key = (platform, platform_user_id)
+        kept: UserRecord | None = self.recent.kept(USERS.name, key)
+        if kept is not None and display_name in ("", kept.display_name) and locale in (None, "", kept.locale):
+            return kept  # as read a moment ago, and nothing to change
+
+        wrote = False
+
+        async def read() -> UserRecord:
+            nonlocal wrote
+            identity = {"platform": platform, "platform_user_id": platform_user_id}
+            async with self.session() as session:
+                user = (await session.execute(_USER_ROW, identity)).first()
+                if user is None:
+                    # a first contact; of two at once, the unique key keeps one and both read it
+                    add = insert_ignore(session, USERS)
+                    await session.execute(add, {**identity, "display_name": display_name, "locale": locale})
+                    wrote = True
+                    return _user_record((await session.execute(_USER_ROW, identity)).one())
+                changes: dict[str, str] = {}
+                if display_name and user.display_name != display_name:
+                    changes["display_name"] = display_name
+                if locale and user.locale != locale:
+                    # later notices (a grid, a stopped run) answer in the language used last
+                    changes["locale"] = locale
+                if changes:
+                    wrote = True
+                    await session.execute(update(USERS).where(USERS.c.id == user.id).values(**changes))
+                return dataclasses.replace(_user_record(user), **changes)
+
+        # kept only as read: a row this call wrote may yet be rolled back with its transaction
+        user = await self.recent.read(USERS.name, key, read, keep=lambda _: not wrote)
+        if wrote:  # what is kept of this user is read again
+            self.recent.changed(USERS.name)
+        return user
 
     # generations ---------------------------------------------------------------------------
 

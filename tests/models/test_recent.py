@@ -157,3 +157,52 @@ async def test_a_kept_ban_that_ran_out_since_no_longer_counts(database_url: str,
         assert await _bans(store) == []
     finally:
         await store.close()
+
+
+async def test_a_user_row_is_kept_as_read_and_read_again_when_the_name_or_language_changes(
+    database_url: str,
+) -> None:
+    await asyncio.to_thread(db.upgrade, database_url)
+    store = Store.from_url(database_url)
+    statements = count_statements(store)
+    try:
+        first = await store.ensure_user("discord", "1", "Ann", "en")  # created: not kept
+        assert await store.ensure_user("discord", "1", "Ann", "en") == first  # read, kept
+        before = statements[0]
+        assert await store.ensure_user("discord", "1", "Ann", "en") == first
+        assert await store.ensure_user("discord", "1", "", None) == first  # nothing to change
+        assert statements[0] == before
+        renamed = await store.ensure_user("discord", "1", "Anna", "zh-CN")
+        assert (renamed.id, renamed.display_name, renamed.locale) == (first.id, "Anna", "zh-CN")
+        assert statements[0] > before
+        assert (await store.find_user("discord", "1")).display_name == "Anna"
+        assert await store.ensure_user("discord", "1", "Anna", "zh-CN") == renamed
+    finally:
+        await store.close()
+
+
+async def test_a_user_row_created_in_a_transaction_rolled_back_is_not_kept(database_url: str) -> None:
+    await asyncio.to_thread(db.upgrade, database_url)
+    store = Store.from_url(database_url)
+    try:
+        with pytest.raises(RuntimeError):
+            async with store.transaction():
+                await store.ensure_user("discord", "2", "Bo", "en")
+                raise RuntimeError("the request failed")
+        assert await store.find_user("discord", "2") is None
+        made = await store.ensure_user("discord", "2", "Bo", "en")
+        assert await store.find_user("discord", "2") == made
+    finally:
+        await store.close()
+
+
+def count_statements(store: Store) -> list[int]:
+    from sqlalchemy import event
+
+    statements = [0]
+
+    def count(*_args: Any) -> None:
+        statements[0] += 1
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", count)
+    return statements
