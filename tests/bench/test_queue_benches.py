@@ -3,6 +3,8 @@ on PostgreSQL through the shared queue)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.bench import load_bench
@@ -34,7 +36,10 @@ def test_the_shared_queue_bench_runs_through_a_worker(capsys, backend):
     args = ["--jobs", "6", "--clients", "2", "--warmup", "2", "--backend", backend]
     assert load_bench("queue_throughput").main(args) == 0
     out = capsys.readouterr().out
-    assert f"{backend}:" in out and "jobs/s" in out and "7.0 statements, 2.0 commits" in out
+    assert f"{backend}:" in out and "jobs/s" in out
+    # a submit: the reservation and the job rows, one transaction (the small reads are kept)
+    statements, commits = re.search(r"one submit +([\d.]+) statements, ([\d.]+) commits", out).groups()
+    assert float(statements) <= 2.5 and float(commits) <= 1.2
     assert ("worker CPU per job" in out) == (backend == "procrastinate-worker")
 
 
