@@ -1,12 +1,11 @@
 """Recent answers of the small reads every request makes.
 
 Every command asks whom its sender is linked to, and every ``/draw`` asks for the bans and
-word rules of its scope, its sender's quota override and its sender's user row: six
+word rules of its scope, its sender's quota override and its sender's user row: five
 statements against rows that change a few times a day (a moderator's command, a new
-display name). ``Recent`` keeps such an answer
-for ``fresh_for`` seconds. A change made through this process (the repositories call
-``changed``) is seen by the next read at once; one made by another process sharing the
-database, within ``fresh_for`` seconds.
+display name). ``Recent`` keeps such an answer for ``fresh_for`` seconds. A change made
+through this process (the repositories call ``changed``) is seen by the next read at
+once; one made by another process sharing the database, within ``fresh_for`` seconds.
 
 An answer is kept only when its table did not change while it was read, so a read that
 raced a change is never kept past it. Answers must not be mutated by their readers (keep
@@ -71,11 +70,6 @@ class Recent:
         """This process changed ``table``: its answers are read again."""
         self._versions[table] = self._versions.get(table, 0) + 1
         self._answers.pop(table, None)
-
-    def forget(self) -> None:
-        """Read every answer again."""
-        for table in list(self._answers):
-            self.changed(table)
 
 
 _MOST_KEPT = 10_000  # answers of one table past which the stale ones are dropped
