@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Integer, bindparam, case, delete, select, update
+from sqlalchemy import Float, Integer, bindparam, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.governance import QuotaLedger, QuotaOverride, QuotaUsage
 from models.sql import insert_ignore
 from models.store import Store
+from models.tables import Generation
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,27 @@ class QuotaStore:
                 await session.execute(change, params)
             return True
 
+    async def unsettled(self, since: datetime) -> list[str]:
+        """The jobs made since ``since`` that ended (finished, failed or cancelled) with no
+        ledger row, oldest end first: their settlement was lost (the process stopped
+        between storing the end and settling it, or the settlement failed). Only jobs that
+        ended after the first settlement ever: before it, jobs ran without quotas. (By
+        creation time, which the status index orders.)"""
+        first = select(func.min(_LEDGER.created_at)).scalar_subquery()
+        settled = select(_LEDGER.generation_id).where(_LEDGER.generation_id == _JOBS.id).exists()
+        query = (
+            select(_JOBS.id)
+            .where(
+                _JOBS.status.in_(ENDED_STATUSES),
+                _JOBS.created_at >= since,
+                _JOBS.finished_at >= first,
+                ~settled,
+            )
+            .order_by(_JOBS.finished_at)
+        )
+        async with self.store.session() as session:
+            return list(await session.scalars(query))
+
     async def release(self, user_key: str, scope: str, period: str, *, images: int, jobs: int) -> None:
         """Undo a reservation whose request was never stored (no job exists to settle)."""
         params = {**_key_params(user_key, scope, period), "reserved": images, "jobs": jobs}
@@ -179,6 +202,9 @@ class QuotaStore:
 # built once (building one costs more than running it), on the tables rather than the
 # mapped classes (rows, without the ORM's bookkeeping); the others use the same pieces.
 _USAGE = QuotaUsage.__table__.c
+_LEDGER = QuotaLedger.__table__.c
+_JOBS = Generation.__table__.c
+ENDED_STATUSES = ("finished", "failed", "cancelled")
 OVERRIDES = QuotaOverride.__tablename__  # its recent answers (models/recent.py)
 _OVERRIDES = QuotaOverride.__table__.c
 _OVERRIDE = select(*_OVERRIDES).where(

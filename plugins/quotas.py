@@ -5,7 +5,9 @@ UPDATE (``models.quota_store``), so concurrent requests never admit more than th
 on SQLite or PostgreSQL. The core runs the checks and stores the jobs in one transaction:
 a request that is not stored leaves no reservation behind. A job that finishes moves its reservation to "used" (images and
 its GPU-seconds); one that fails or is cancelled releases it. Both go through a ledger
-keyed by generation id, so a job that is retried or reported twice is billed once.
+keyed by generation id, so a job that is retried or reported twice is billed once. A job
+whose end was stored but whose settlement was lost (the process stopped between the two)
+is settled when a process next starts (``settle_lost``).
 
 Ordering: ``check_request`` is ``trylast`` and the core awaits no check after the first
 Denial, so quotas reserve only when every other check (bans, word lists) admitted the
@@ -181,8 +183,31 @@ def request_cost(request: DrawRequest, app: Any) -> tuple[int, int, int]:
 
 
 @hookimpl
-def startup(app: Any) -> None:
+async def startup(app: Any) -> None:
     config(app)  # a bad [plugins.quotas] table fails at startup, naming the key
+    await settle_lost(app)
+
+
+SETTLE_LOOKBACK = timedelta(days=7)  # how far back a start looks for lost settlements
+
+
+async def settle_lost(app: Any) -> int:
+    """Settle the jobs whose end was stored but never settled (the process stopped between
+    the two, or the settlement failed): billed, or released, as ``generation_finished`` or
+    ``generation_ended`` would have. The ledger makes a job settled here and by a live
+    process at once count once. Returns how many; an error is logged, never raised."""
+    settled = 0
+    try:
+        for generation_id in await QuotaStore(app.store).unsettled(datetime.now(UTC) - SETTLE_LOOKBACK):
+            record = await app.store.get(generation_id)
+            if record is not None:
+                await _settle(record, app, record.status)
+                settled += 1
+    except Exception:
+        log.exception("could not settle the quotas of jobs whose settlement was lost")
+    if settled:
+        log.info("settled the quotas of %d job(s) whose settlement was lost", settled)
+    return settled
 
 
 @hookimpl(trylast=True)

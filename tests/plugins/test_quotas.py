@@ -212,3 +212,58 @@ async def test_the_default_cost_cap_admits_ordinary_requests_and_refuses_the_lar
     assert "at most 1073741824 is allowed" in app.translator.t("en", refused.key, **refused.params)
     assert "最多允许 1073741824" in app.translator.t("zh-CN", refused.key, **refused.params)
     assert await app.store.count_by_status() == {"queued": 1 + 1 + 4}
+
+
+async def test_a_settlement_lost_after_the_end_was_stored_is_made_at_the_next_start(
+    make_app, monkeypatch
+) -> None:
+    """The process stopped between storing a job's end and settling its quota (here each
+    settlement fails): the next start bills the finished job and releases the cancelled
+    one, once, as the hooks would have."""
+    from models.quota_store import QuotaStore
+
+    tables = {"plugins": {"quotas": {"images": 10, "max_queued": 3}}}
+    first = await make_app(**tables)
+    log = EventLog(first)
+    await draw(first, "/draw a cat --steps 2")  # settled as usual
+    await log.wait_for(lambda: len(log.of("finished")) == 1)
+    await first.idle()
+
+    async def lost(*_args, **_kwargs):
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(QuotaStore, "settle", lost)
+    await first.queue.stop()
+    (finished,) = (await draw(first, "/draw a cat --batch 2 --steps 2"))[0].data["jobs"]
+    (cancelled,) = (await draw(first, "/draw a dog --steps 2"))[0].data["jobs"]
+    assert not (await first.service.cancel(cancelled, ALICE)).error
+    await first.queue.start()
+    await log.wait_for(lambda: log.of("finished", finished))
+    await first.idle()
+    status = await quota(first)
+    assert (status.data["images_used"], status.data["images_reserved"]) == (1, 3)  # both left open
+    assert await open_jobs(first) == 2
+    monkeypatch.undo()
+    await first.stop()
+
+    second = await make_app(**tables)
+    status = await quota(second)
+    assert (status.data["images_used"], status.data["images_reserved"]) == (3, 0)
+    assert await open_jobs(second) == 0
+    await second.stop()
+    third = await make_app(**tables)  # nothing is billed twice
+    status = await quota(third)
+    assert (status.data["images_used"], status.data["images_reserved"]) == (3, 0)
+
+
+async def open_jobs(app) -> int:
+    """Alice's admitted jobs that have not ended, as the usage rows count them."""
+    from sqlalchemy import func, select
+
+    from models.governance import QuotaUsage
+
+    async with app.store.session() as session:
+        found = await session.scalar(
+            select(func.sum(QuotaUsage.jobs_open)).where(QuotaUsage.user_key == ALICE.key)
+        )
+    return int(found or 0)
