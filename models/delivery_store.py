@@ -28,11 +28,10 @@ from models.records import GenerationRecord
 from models.sql import insert_ignore
 from models.store import Store
 from models.store_rows import _LOAD, _record
-from models.tables import Generation
+from models.tables import ENDED_STATUSES, Generation
 
 TOKEN_PREFIX = "~"  # no command name starts with it, so a token is never taken for an action id
 TOKEN_BYTES = 17  # the prefix and 16 base32 characters (80 bits of a SHA-256)
-ENDED_STATUSES = ("finished", "failed", "cancelled")
 
 
 class ActionToken(Base):

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from models.governance import QuotaLedger, QuotaOverride, QuotaUsage
 from models.sql import insert_ignore
 from models.store import Store
-from models.tables import Generation
+from models.tables import ENDED_STATUSES, Generation
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,6 @@ class QuotaStore:
 _USAGE = QuotaUsage.__table__.c
 _LEDGER = QuotaLedger.__table__.c
 _JOBS = Generation.__table__.c
-ENDED_STATUSES = ("finished", "failed", "cancelled")
 OVERRIDES = QuotaOverride.__tablename__  # its recent answers (models/recent.py)
 _OVERRIDES = QuotaOverride.__table__.c
 _OVERRIDE = select(*_OVERRIDES).where(

@@ -44,20 +44,12 @@ class Recent:
         kept = self._answers.get(table, {}).get(key)
         return kept[1] if kept is not None and kept[0] > self._clock() else default
 
-    async def read(
-        self,
-        table: str,
-        key: Hashable,
-        read: Callable[[], Awaitable[T]],
-        keep: Callable[[T], bool] | None = None,
-    ) -> T:
-        """``read()``'s answer, kept when ``keep`` (if given) says so: an answer that
-        holds what this transaction wrote must not be kept, as the transaction may yet be
-        rolled back."""
+    async def read(self, table: str, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``'s answer, kept unless ``table`` changed meanwhile (a read that writes
+        calls ``changed``: what it wrote may yet be rolled back with its transaction)."""
         version = self._versions.get(table, 0)
         value = await read()
-        unchanged = self._versions.get(table, 0) == version
-        if self.fresh_for > 0 and unchanged and (keep is None or keep(value)):
+        if self.fresh_for > 0 and self._versions.get(table, 0) == version:
             answers = self._answers.setdefault(table, {})
             now = self._clock()
             if len(answers) >= _MOST_KEPT:  # many senders: the stale ones go

@@ -232,10 +232,7 @@ class Store(_JobLeases):
         if kept is not None and display_name in ("", kept.display_name) and locale in (None, "", kept.locale):
             return kept  # as read a moment ago, and nothing to change
 
-        wrote = False
-
         async def read() -> UserRecord:
-            nonlocal wrote
             identity = {"platform": platform, "platform_user_id": platform_user_id}
             async with self.session() as session:
                 user = (await session.execute(_USER_ROW, identity)).first()
@@ -243,7 +240,7 @@ class Store(_JobLeases):
                     # a first contact; of two at once, the unique key keeps one and both read it
                     add = insert_ignore(session, USERS)
                     await session.execute(add, {**identity, "display_name": display_name, "locale": locale})
-                    wrote = True
+                    self.recent.changed(USERS.name)  # not kept: it may yet be rolled back
                     return _user_record((await session.execute(_USER_ROW, identity)).one())
                 changes: dict[str, str] = {}
                 if display_name and user.display_name != display_name:
@@ -252,15 +249,11 @@ class Store(_JobLeases):
                     # later notices (a grid, a stopped run) answer in the language used last
                     changes["locale"] = locale
                 if changes:
-                    wrote = True
+                    self.recent.changed(USERS.name)  # not kept, and the old answer is gone
                     await session.execute(update(USERS).where(USERS.c.id == user.id).values(**changes))
                 return dataclasses.replace(_user_record(user), **changes)
 
-        # kept only as read: a row this call wrote may yet be rolled back with its transaction
-        user = await self.recent.read(USERS.name, key, read, keep=lambda _: not wrote)
-        if wrote:  # what is kept of this user is read again
-            self.recent.changed(USERS.name)
-        return user
+        return await self.recent.read(USERS.name, key, read)
 
     # generations ---------------------------------------------------------------------------
 

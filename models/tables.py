@@ -24,6 +24,7 @@ from models.base import Base, JSONType, UTCDateTime, utcnow
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 OPEN_STATUSES = ("queued", "running")
+ENDED_STATUSES = ("finished", "failed", "cancelled")
 
 
 class User(Base):
