@@ -81,7 +81,7 @@ class IdentityStore:
         """The person a linked identity is one with; None when it is not linked."""
 
         async def read() -> str | None:
-            async with self.store.session() as session:
+            async with self.store.unit() as session:
                 return await session.scalar(_PERSON_OF, {"identity": identity})
 
         return await self.store.recent.get(LINKS, identity, read)

@@ -89,7 +89,7 @@ class ModerationStore:
             params: dict[str, Any] = {"scopes": list(scopes), "now": utcnow()}
             if user_key is not None:
                 params["user_key"] = user_key
-            async with self.store.session() as session:
+            async with self.store.unit() as session:
                 rows = (await session.execute(_BANS if user_key is None else _USER_BANS, params)).all()
             rows.sort(key=lambda b: (b.expires_at is not None, -(b.expires_at or utcnow()).timestamp()))
             return tuple(BanRecord(b.user_key, b.scope, b.reason, b.expires_at, b.banned_by) for b in rows)
@@ -123,7 +123,7 @@ class ModerationStore:
     async def rules(self, scopes: Sequence[str]) -> list[WordRuleRecord]:
 
         async def read() -> tuple[WordRuleRecord, ...]:
-            async with self.store.session() as session:
+            async with self.store.unit() as session:
                 rows = (await session.execute(_RULES, {"scopes": list(scopes)})).all()
                 return tuple(WordRuleRecord(r.scope, r.kind, r.pattern) for r in rows)
 

@@ -68,7 +68,7 @@ class QuotaStore:
             "limit_seconds": limits.gpu_seconds,
             "limit_jobs": limits.open_jobs,
         }
-        async with self.store.session() as session:
+        async with self.store.unit() as session:
             if (await session.execute(change, params)).rowcount == 1:
                 return True
             await _ensure_row(session, user_key, scope, period)  # a new period's first job
@@ -88,7 +88,7 @@ class QuotaStore:
     ) -> bool:
         """Bill a finished job's ``images``/``seconds`` and release its reservation (one
         open job and ``reserved_images``); False when this job was already settled."""
-        async with self.store.session() as session:
+        async with self.store.unit() as session:
             inserted = await session.execute(
                 insert_ignore(session, QuotaLedger.__table__),
                 {
@@ -139,7 +139,7 @@ class QuotaStore:
     async def release(self, user_key: str, scope: str, period: str, *, images: int, jobs: int) -> None:
         """Undo a reservation whose request was never stored (no job exists to settle)."""
         params = {**_key_params(user_key, scope, period), "reserved": images, "jobs": jobs}
-        async with self.store.session() as session:
+        async with self.store.unit() as session:
             await session.execute(_RELEASE, params)
 
     async def usage(self, user_key: str, scope: str, period: str) -> Usage:
@@ -191,7 +191,7 @@ class QuotaStore:
     async def override(self, user_key: str, scope: str) -> Override | None:
 
         async def read() -> Override | None:
-            async with self.store.session() as session:
+            async with self.store.unit() as session:
                 found = (await session.execute(_OVERRIDE, {"user_key": user_key, "scope": scope})).first()
                 return Override(found.images, found.gpu_seconds, found.set_by) if found else None
 

@@ -65,6 +65,10 @@ class Connection:
             connection.execute("PRAGMA wal_autocheckpoint=0")
 
     @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    @property
     def isolation_level(self) -> str | None:
         return self._conn.isolation_level
 

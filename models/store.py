@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from models import sqlite_inline
 from models.base import utcnow
+from models.direct import Lane, direct_for
 from models.recent import Recent
 from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
 from models.sql import insert_ignore
@@ -122,13 +123,55 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     return engine
 
 
-@dataclass(eq=False)
 class Transaction:
-    """A unit of work opened by ``Store.transaction``; ``committed`` once it has been."""
+    """A unit of work opened by ``Store.transaction``; ``committed`` once it has been.
 
-    session: AsyncSession
-    task: asyncio.Task[Any] | None
-    committed: bool = False
+    On a SQLite file its statements run on a direct lane (``models.direct``); a
+    ``session()`` opened inside gets a session on that lane's connection, made when first
+    asked for, so the transaction stays one."""
+
+    def __init__(
+        self, task: asyncio.Task[Any] | None, *, session: AsyncSession | None = None, lane: Lane | None = None
+    ) -> None:
+        self.task = task
+        self.committed = False
+        self.lane = lane
+        self._session = session
+        self._joined: Any = None  # the lane connection's transaction, once a session joined it
+
+    async def session(self) -> AsyncSession:
+        if self._session is None:
+            assert self.lane is not None
+            self._joined = await self.lane.connection.begin()
+            self._session = AsyncSession(bind=self.lane.connection, expire_on_commit=False)
+        return self._session
+
+    async def unit(self) -> Any:
+        """Where the hot path's statements run: the lane (after what the session holds
+        is written, so statements keep their order), or the session."""
+        if self.lane is None:
+            assert self._session is not None
+            return self._session
+        if self._session is not None:
+            await self._session.flush()
+        return self.lane
+
+    async def end(self, *, commit: bool) -> None:
+        """End the session that joined the lane's transaction, if one did: written and
+        committed, or rolled back."""
+        session, joined = self._session, self._joined
+        if joined is None:
+            return
+        self._session = self._joined = None
+        try:
+            if commit:
+                await session.flush()  # type: ignore[union-attr]
+        finally:
+            await session.close()  # type: ignore[union-attr]
+        if commit:
+            await joined.commit()
+        else:
+            await joined.rollback()
 
 
 # the statements of every job's start and end, built once: building a statement costs
@@ -160,6 +203,7 @@ class Store(_JobLeases):
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._closes_at_once = sqlite_inline.runs_inline(engine)
+        self.direct = direct_for(engine)  # the hot statements' lanes (SQLite files only)
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
         self.recent = Recent()  # the small reads of every request (models/recent.py)
 
@@ -168,6 +212,8 @@ class Store(_JobLeases):
         return cls(create_engine(url, echo=echo))
 
     async def close(self) -> None:
+        if self.direct is not None:
+            await self.direct.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -176,22 +222,53 @@ class Store(_JobLeases):
         part of that one, committed or rolled back with it."""
         outer = self.current_transaction()
         if outer is not None:
-            yield outer.session
+            yield await outer.session()
             return
         async with self._opened() as session, session.begin():
             yield session
 
     @asynccontextmanager
+    async def unit(self) -> AsyncIterator[Any]:
+        """One unit of work for the hot path's prebuilt statements (``execute``,
+        ``scalar``, ``get_bind``, as on a session): on a SQLite file a direct lane
+        (``models.direct``), else a session; inside ``transaction()``, a part of it."""
+        outer = self.current_transaction()
+        if outer is not None:
+            yield await outer.unit()
+            return
+        if self.direct is None:
+            async with self.session() as session:
+                yield session
+            return
+        async with self.direct.unit() as lane:
+            yield lane
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        """Make every ``session()`` this task opens inside one transaction: all of it is
-        stored, or none. Tasks started inside get sessions of their own (one session is
-        never used by two tasks at once). Within an open one, joins it."""
+        """Make every ``session()`` and ``unit()`` this task opens inside one transaction:
+        all of it is stored, or none. Tasks started inside get sessions of their own (one
+        session is never used by two tasks at once). Within an open one, joins it."""
         outer = self.current_transaction()
         if outer is not None:
             yield outer
             return
+        if self.direct is not None:
+            async with self.direct.unit() as lane:
+                unit = Transaction(asyncio.current_task(), lane=lane)
+                token = self._current.set(unit)
+                try:
+                    try:
+                        yield unit
+                    except BaseException:
+                        await unit.end(commit=False)
+                        raise
+                    await unit.end(commit=True)
+                finally:
+                    self._current.reset(token)
+            unit.committed = True
+            return
         async with self._opened() as session:
-            unit = Transaction(session, asyncio.current_task())
+            unit = Transaction(asyncio.current_task(), session=session)
             token = self._current.set(unit)
             try:
                 async with session.begin():
@@ -234,7 +311,7 @@ class Store(_JobLeases):
 
         async def read() -> UserRecord:
             identity = {"platform": platform, "platform_user_id": platform_user_id}
-            async with self.session() as session:
+            async with self.unit() as session:
                 user = (await session.execute(_USER_ROW, identity)).first()
                 if user is None:
                     # a first contact; of two at once, the unique key keeps one and both read it
@@ -308,7 +385,7 @@ class Store(_JobLeases):
                 }
             )
         if rows:
-            async with self.session() as session:
+            async with self.unit() as session:
                 await session.execute(_ADD_JOBS, rows)
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
@@ -406,7 +483,7 @@ class Store(_JobLeases):
         for image in images:
             if image.generation_id != generation_id:
                 raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
-        async with self.session() as session:
+        async with self.unit() as session:
             held = {"job": generation_id, "holder": owner}
             if keep is not None:
                 if await session.scalar(_HELD, held) is None:

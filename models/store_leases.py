@@ -45,6 +45,8 @@ class _JobLeases:
 
         def session(self) -> AbstractAsyncContextManager[AsyncSession]: ...
 
+        def unit(self) -> AbstractAsyncContextManager[Any]: ...
+
         async def _transition(
             self,
             generation_id: str,
@@ -79,7 +81,7 @@ class _JobLeases:
             "until": lease.expires_at,
             "now": utcnow(),
         }
-        async with self.session() as session:
+        async with self.unit() as session:
             rows = (await session.execute(statement, params)).all()
         # a queued job has no images yet
         return {row.id: _record(row, user=_row_user(row), images=()) for row in rows}

@@ -111,7 +111,9 @@ async def test_a_unit_of_work_cancelled_midway_stores_nothing_and_gives_its_conn
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await store.get("J1")).status == "queued"  # rolled back
-    assert store.engine.pool.checkedout() == 0
+    held = 0 if store.direct is None else store.direct.held  # a SQLite file's lanes stay checked out
+    assert store.engine.pool.checkedout() == held
+    assert store.direct is None or store.direct.busy == 0
     for _ in range(3):  # the pool's connections still serve
         assert await store.mark_running("J1", lease("A"))
         assert await store.requeue_interrupted("J1", "A")
