@@ -1,32 +1,39 @@
-"""The hot path's statements on SQLite's own connection, around SQLAlchemy's layers.
+"""The hot path's statements on the driver's connection, around SQLAlchemy's layers.
 
 Every ``/draw`` and every job's start and end run a few small statements: the quota
-reservation and the job rows, the claim, the finish and its images, the settlement. In
-SQLite each takes 5-30 us; through an ``AsyncSession`` a unit of work costs about 350 us
-of Python before its statements and 60-80 us a statement (the session, the pool, the
-engine's execution context, the result objects), and through a held ``AsyncConnection``
-still about 200 us. Here the same statements run on a connection the store holds:
+reservation and the job rows, the claim, the finish and its images, the settlement, and
+the small reads a request makes. SQLite runs each in 5-30 us; through an ``AsyncSession`` a
+unit of work costs about 350 us of Python before its statements and 60-80 us a statement
+(the session, the pool, the engine's execution context, the result objects), and through a
+held ``AsyncConnection`` still about 200 us. Here the same statements run on connections
+the store holds:
 
 - ``Prepared``: a Core statement compiled once for the dialect, with SQLAlchemy's own
   pieces of an execution (its bind and result processors, its Python-side column
   defaults, the expansion of ``IN`` lists), so a value goes in and comes out as it does
   through a session.
-- ``Lane``: one pooled connection the store keeps checked out, with its driver's
-  connection (``models.sqlite_inline``) under it. A unit of work is its statements and one
-  commit on that connection. A busy database is waited for as the driver waits for it.
+- ``Lane``: one pooled connection the store keeps checked out; a unit of work is its
+  statements and one commit on it. ``SqliteLane`` runs them on ``models.sqlite_inline``'s
+  connection (a busy database is waited for as that driver waits for it);
+  ``AsyncpgLane`` on asyncpg, through SQLAlchemy's adapter of the connection (its
+  transaction and its cache of prepared statements), so that a session that joins the
+  transaction finds it as its own.
 - ``Direct``: the lanes of one store; a unit of work takes an idle lane (or checks out
-  another) and gives it back when committed or rolled back.
+  another) and gives it back when committed or rolled back. Errors are raised as a session
+  raises them (SQLAlchemy's ``IntegrityError``, ``OperationalError``, ...); a lane whose
+  server connection was lost is dropped, and one that rested is pinged before use.
 
-Only for a SQLite file: an in-memory database has one shared connection for the whole
-pool, and other databases send every statement over the network, where these layers are a
-small part of the cost. The statements and their results are those of a session; the
-store's tests run both ways.
+An in-memory SQLite database has no lanes: the pool shares its one connection. The
+statements and their results are those of a session; ``tests/models/test_direct.py``
+runs both ways on both databases.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,8 +44,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from models import sqlite_inline
 
+PING_AFTER_IDLE = 1.0  # seconds a server connection may rest before it is pinged
 PREPARED_KEPT = 256  # statements kept compiled per store (the hot ones are a dozen)
-IDLE_LANES = 4  # connections kept checked out between units of work
+IDLE_LANES = 8  # connections kept checked out between units of work
 
 
 class _Context:
@@ -57,7 +65,7 @@ class Prepared:
 
     def __init__(self, statement: Any, dialect: Dialect, keys: Sequence[str] | None, many: bool) -> None:
         compiled: Any = statement.compile(dialect=dialect, column_keys=keys, for_executemany=many)
-        if not compiled.positional:  # pragma: no cover - SQLite's paramstyle is positional
+        if not compiled.positional:  # pragma: no cover - SQLite's and asyncpg's are
             raise NotImplementedError("direct statements need a positional paramstyle")
         self.compiled = compiled
         self.sql: str = compiled.string
@@ -76,11 +84,24 @@ class Prepared:
             if not (default.is_scalar or default.is_callable):
                 raise NotImplementedError(f"column {column.key}: only scalar and callable defaults")
             self.defaults.append((column, getter(column), default.arg, bool(default.is_callable)))
-        columns = list(compiled._result_columns)
-        self.keys: tuple[str, ...] = tuple(entry.keyname for entry in columns)
+        self._columns = list(compiled._result_columns)
+        self.keys: tuple[str, ...] = tuple(entry.keyname for entry in self._columns)
         self.row = collections.namedtuple("Row", self.keys) if self.keys else None  # type: ignore[misc]
-        self.results = [entry.type._cached_result_processor(dialect, None) for entry in columns]
-        self._convert = any(self.results)
+        self._dialect = dialect
+        self._results: dict[Any, list[Any] | None] = {}
+
+    def _processors(self, types: Any) -> list[Any] | None:
+        """The result processors for the driver's column ``types`` (None: none to run)."""
+        found = self._results.get(types, False)
+        if found is False:
+            columns = self._columns
+            kinds = types if types is not None and len(types) == len(columns) else (None,) * len(columns)
+            processors = [
+                entry.type._cached_result_processor(self._dialect, kind)
+                for entry, kind in zip(columns, kinds, strict=True)
+            ]
+            found = self._results[types] = processors if any(processors) else None
+        return found  # type: ignore[return-value]
 
     def parameters(self, params: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
         """The SQL and its positional values for one set of ``params``."""
@@ -101,17 +122,19 @@ class Prepared:
             processors = {**processors, **expanded.processors}
         return sql, [processors[key](values[key]) if key in processors else values[key] for key in positions]
 
-    def rows(self, raw: list[tuple[Any, ...]]) -> list[Any]:
+    def rows(self, raw: list[Any], types: Any = None) -> list[Any]:
+        """The driver's rows as rows with the statement's column names, each value as a
+        session reads it."""
         if self.row is None:
             return []
-        if not self._convert:
+        processors = self._processors(types)
+        if processors is None:
             return [self.row(*values) for values in raw]
-        results = self.results
         return [
             self.row(
                 *(
                     convert(value) if convert else value
-                    for convert, value in zip(results, values, strict=True)
+                    for convert, value in zip(processors, values, strict=True)
                 )
             )
             for values in raw
@@ -152,12 +175,15 @@ class Result:
 class Lane:
     """A connection the store keeps checked out: its unit of work's statements run on the
     driver's connection under it, and SQLAlchemy's ``connection`` stays at hand for a
-    transaction that needs a session too (``models.store.Transaction``)."""
+    transaction that needs a session too (``models.store.Transaction``). The driver's
+    part is a subclass's: ``_run``, ``_run_many``, ``in_transaction``, ``_commit``,
+    ``rollback``."""
 
-    def __init__(self, direct: Direct, connection: AsyncConnection, driver: sqlite_inline.Connection) -> None:
+    def __init__(self, direct: Direct, connection: AsyncConnection, raw: Any) -> None:
         self.direct = direct
         self.connection = connection
-        self.driver = driver
+        self.raw = raw  # SQLAlchemy's adapter of the driver's connection
+        self.rested_since = time.monotonic()
 
     def get_bind(self) -> Any:
         """The engine (for its dialect), as a session's ``get_bind`` answers."""
@@ -178,23 +204,18 @@ class Lane:
                 sql, rows = batch[0][0], [values for _, values in batch]
                 self._announce(sql, rows, many=True)
                 try:
-                    cursor = await self.driver.cursor().executemany(sql, rows)
-                except sqlite3.Error as error:
-                    raise DBAPIError.instance(sql, rows, error, sqlite3.Error, ismulti=True) from error
-                return Result([], cursor.rowcount)
+                    return Result([], await self._run_many(sql, rows))
+                except self.direct.errors as error:  # raised as a session raises it
+                    raise self.direct.translate(self, error, sql, rows, many=True) from error
             params = params[0]
         prepared = direct.prepared(statement, params, many=False)
         sql, values = prepared.parameters(params)
         self._announce(sql, values, many=False)
-        cursor = self.driver.cursor()
         try:
-            await cursor.execute(sql, values)
-            raw = await cursor.fetchall() if prepared.row is not None else []
-        except sqlite3.Error as error:  # raised as a session raises it
-            raise DBAPIError.instance(sql, values, error, sqlite3.Error) from error
-        finally:
-            await cursor.close()
-        return Result(prepared.rows(raw), cursor.rowcount)
+            raw, rowcount, types = await self._run(sql, values, prepared.row is not None)
+        except self.direct.errors as error:
+            raise self.direct.translate(self, error, sql, values, many=False) from error
+        return Result(prepared.rows(raw, types), rowcount)
 
     async def scalar(self, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
         return (await self.execute(statement, params)).scalar()
@@ -209,25 +230,137 @@ class Lane:
     async def commit(self) -> None:
         """Commit what this unit wrote (nothing when a session's transaction on this
         connection already committed it); the engine's ``commit`` listeners hear of it."""
-        if not self.driver.in_transaction:
+        if not self.in_transaction:
             return
         listeners = self.direct.engine.sync_engine.dispatch.commit
         if listeners:
             listeners(self.connection.sync_connection)
-        await self.driver.commit()
+        try:
+            await self._commit()
+        except self.direct.errors as error:
+            raise self.direct.translate(self, error, "COMMIT", (), many=False) from error
+
+    @property
+    def in_transaction(self) -> bool:
+        raise NotImplementedError
+
+    async def _run(self, sql: str, values: list[Any], rows: bool) -> tuple[list[Any], int, Any]:
+        """The rows (when ``rows``), the rowcount, and the result's column types (the
+        driver's, for the result processors; None where they do not matter)."""
+        raise NotImplementedError
+
+    async def _run_many(self, sql: str, rows: list[list[Any]]) -> int:
+        raise NotImplementedError
+
+    async def _commit(self) -> None:
+        raise NotImplementedError
 
     async def rollback(self) -> None:
-        await self.driver.rollback()
+        raise NotImplementedError
+
+    pings = False  # whether a rested lane is pinged before use (a server's connection)
+
+    async def ping(self) -> bool:
+        """Whether the connection still answers (a server may have dropped it)."""
+        return True
+
+
+class SqliteLane(Lane):
+    """SQLite through ``models.sqlite_inline``: each call at once, in the loop's thread; a
+    busy database waited for with ``asyncio.sleep``."""
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.driver_connection.in_transaction
+
+    async def _run(self, sql: str, values: list[Any], rows: bool) -> tuple[list[Any], int, Any]:
+        cursor = self.raw.driver_connection.cursor()
+        try:
+            await cursor.execute(sql, values)
+            found = await cursor.fetchall() if rows else []
+            return found, cursor.rowcount, None
+        finally:
+            await cursor.close()
+
+    async def _run_many(self, sql: str, rows: list[list[Any]]) -> int:
+        return (await self.raw.driver_connection.cursor().executemany(sql, rows)).rowcount
+
+    async def _commit(self) -> None:
+        await self.raw.driver_connection.commit()
+
+    async def rollback(self) -> None:
+        await self.raw.driver_connection.rollback()
+
+
+_ROWCOUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")
+
+
+class AsyncpgLane(Lane):
+    """PostgreSQL through asyncpg, driven through SQLAlchemy's adapter of the connection
+    (its transaction, its cache of prepared statements), so that a session joining the
+    transaction finds it as its own."""
+
+    pings = True
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw._transaction is not None
+
+    async def _begin(self) -> None:
+        if self.raw._transaction is None:
+            await self.raw._start_transaction()
+
+    async def _run(self, sql: str, values: list[Any], rows: bool) -> tuple[list[Any], int, Any]:
+        adapter = self.raw
+        async with adapter._execute_mutex:
+            await self._begin()
+            prepared, attributes = await adapter._prepare(
+                sql, self.direct.dialect._invalidate_schema_cache_asof
+            )
+            found = await prepared.fetch(*values)
+            status = _ROWCOUNT.match(prepared.get_statusmsg() or "")
+            types = tuple(attribute.type.oid for attribute in attributes) if attributes else None
+            return found, int(status.group(1)) if status else -1, types
+
+    async def _run_many(self, sql: str, rows: list[list[Any]]) -> int:
+        adapter = self.raw
+        async with adapter._execute_mutex:
+            await self._begin()
+            await adapter._connection.executemany(sql, rows)
+        return -1
+
+    async def _commit(self) -> None:
+        adapter = self.raw
+        if adapter._transaction is not None:
+            await adapter._call_and_discard(adapter._transaction.commit)
+
+    async def rollback(self) -> None:
+        adapter = self.raw
+        if adapter._transaction is not None and not adapter._connection.is_closed():
+            await adapter._call_and_discard(adapter._transaction.rollback)
+        adapter._transaction = None
+
+    async def ping(self) -> bool:
+        try:
+            await self.raw._async_ping()
+        except Exception:
+            return False
+        return True
 
 
 class Direct:
     """The lanes of one store, and its compiled statements."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, lane: type[Lane]) -> None:
         self.engine = engine
         self.dialect = engine.sync_engine.dialect
+        self.lane_class = lane
+        self.errors: tuple[type[BaseException], ...] = (
+            (sqlite3.Error,) if lane is SqliteLane else (Exception,)
+        )
         self._idle: list[Lane] = []
         self._lanes: list[Lane] = []
+        self._broken: set[Lane] = set()
         self._prepared: collections.OrderedDict[tuple[Any, ...], Prepared] = collections.OrderedDict()
         self._closed = False
 
@@ -243,36 +376,85 @@ class Direct:
             self._prepared.move_to_end(key)
         return found
 
+    def translate(
+        self, lane: Lane, error: BaseException, sql: str, params: Any, *, many: bool
+    ) -> BaseException:
+        """The exception a session raises for the driver's ``error``: SQLAlchemy's
+        ``DBAPIError`` subclass (``IntegrityError``, ``OperationalError``, ...) with the
+        statement; a lane whose connection was lost is not used again."""
+        dialect: Any = self.dialect
+        if isinstance(lane, AsyncpgLane):
+            try:
+                lane.raw._handle_exception(error)  # raises the adapter's translation
+            except Exception as translated:
+                error = translated
+        base = dialect.loaded_dbapi.Error
+        if not isinstance(error, base):
+            return error
+        lost = dialect.is_disconnect(error, lane.raw, None)
+        if lost:
+            self._broken.add(lane)
+        return DBAPIError.instance(
+            sql, params, error, base, connection_invalidated=lost, dialect=dialect, ismulti=many
+        )
+
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[Lane]:
         """One unit of work on a lane: committed when the block ends, rolled back when it
         raises."""
-        lane = self._idle.pop() if self._idle else await self._open()
+        lane = await self._take()
         try:
             try:
                 yield lane
             except BaseException:
-                await lane.rollback()
+                await self._rollback(lane)
                 raise
             try:
                 await lane.commit()
             except BaseException:
-                await lane.rollback()
+                await self._rollback(lane)
                 raise
         finally:
             await self._give_back(lane)
 
-    async def _open(self) -> Lane:
+    async def _rollback(self, lane: Lane) -> None:
+        try:
+            await lane.rollback()
+        except Exception:  # a lost connection: the error that lost it goes on
+            self._broken.add(lane)
+
+    async def _take(self) -> Lane:
+        """An idle lane, or a new one. On a server, one that rested ``PING_AFTER_IDLE`` or
+        longer is pinged first and replaced when the server dropped it (a restart), as
+        the pool does for a pooled connection."""
+        while self._idle:
+            lane = self._idle.pop()
+            if (
+                lane.pings
+                and time.monotonic() - lane.rested_since >= PING_AFTER_IDLE
+                and not await lane.ping()
+            ):
+                self._broken.add(lane)
+                await self._give_back(lane)
+                continue
+            return lane
         connection = await self.engine.connect()
-        driver = (await connection.get_raw_connection()).driver_connection
-        lane = Lane(self, connection, driver)
+        lane = self.lane_class(self, connection, (await connection.get_raw_connection()).dbapi_connection)
         self._lanes.append(lane)
         return lane
 
     async def _give_back(self, lane: Lane) -> None:
         """Keep ``lane`` for the next unit of work, or return its connection to the pool
-        (more units ran at once than are kept, or the store is closing)."""
+        (more units ran at once than are kept, or the store is closing); a lost one is
+        dropped."""
+        if lane in self._broken:
+            self._broken.discard(lane)
+            self._lanes.remove(lane)
+            await lane.connection.invalidate()
+            await lane.connection.close()
+            return
         if not self._closed and len(self._idle) < IDLE_LANES:
+            lane.rested_since = time.monotonic()
             self._idle.append(lane)
             return
         self._lanes.remove(lane)
@@ -299,10 +481,13 @@ class Direct:
 
 
 def direct_for(engine: AsyncEngine) -> Direct | None:
-    """The direct lanes of ``engine``: a SQLite file run in the loop's thread; else None."""
+    """The direct lanes of ``engine``: a SQLite file run in the loop's thread, or
+    PostgreSQL through asyncpg; else None (sessions only)."""
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "asyncpg":
+        return Direct(engine, AsyncpgLane)
     if not sqlite_inline.runs_inline(engine):
         return None
     database = engine.url.database or ""
     if database in ("", ":memory:") or "mode=memory" in str(engine.url):
-        return None
-    return Direct(engine)
+        return None  # one connection shared by the whole pool
+    return Direct(engine, SqliteLane)

@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, bindparam, delete, event, func, insert, se
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from models import sqlite_inline
+from models import direct, sqlite_inline
 from models.base import utcnow
 from models.direct import Lane, direct_for
 from models.recent import Recent
@@ -89,20 +89,17 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     sqlite_pragmas(dbapi_connection)
 
 
-PING_AFTER_IDLE = 1.0  # seconds a pooled server connection may rest before it is pinged
-
-
 def _note_idle(_dbapi_connection: Any, record: Any) -> None:
     record.info["idle_since"] = time.monotonic()
 
 
 def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """A pooled connection that rested ``PING_AFTER_IDLE`` or longer is pinged before it
+    """A pooled connection that rested ``direct.PING_AFTER_IDLE`` or longer is pinged before it
     is handed out, and replaced when the server dropped it (a restart): the first command
     after a quiet spell never fails on a dead connection. One used a moment ago is not
     pinged: under load a ping would add a round trip to every unit of work."""
     idle_since = record.info.get("idle_since")
-    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+    if idle_since is None or time.monotonic() - idle_since < direct.PING_AFTER_IDLE:
         return
     try:
         dbapi_connection.ping()

@@ -1,12 +1,13 @@
-"""The hot path's statements on direct lanes (a SQLite file) give what a session gives,
-keep their transactions whole, wait for a busy database without blocking the loop, and
-give their connections back."""
+"""The hot path's statements on direct lanes (a SQLite file, PostgreSQL) give what a
+session gives, keep their transactions whole, raise what a session raises, wait for a busy
+SQLite database without blocking the loop, and give their connections back."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -24,19 +25,32 @@ from models.records import ImageRecord
 from models.store import Lease, NewJob, Store
 from models.tables import User
 from pipeline.request import GenerationRequest
+from tests.conftest import _drop_postgres_database, _fresh_postgres_database
 
 _USERS = select(func.count()).select_from(User)
 
 
-async def _store(path: Path, *, direct: bool) -> Store:
-    url = f"sqlite+aiosqlite:///{path}"
+async def _store(url: str, *, direct: bool = True) -> Store:
     await asyncio.to_thread(db.upgrade, url)
     store = Store.from_url(url)
-    assert store.direct is not None  # a SQLite file
+    assert store.direct is not None  # a SQLite file, or PostgreSQL
     if not direct:
         await store.direct.close()
-        store.direct = None  # every unit of work through a session, as on other databases
+        store.direct = None  # every unit of work through a session
     return store
+
+
+@pytest.fixture
+async def second_url(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
+    """Another empty database on the same backend as ``database_url``."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite+aiosqlite:///{tmp_path / 'second.db'}"
+        return
+    url = await _fresh_postgres_database()
+    try:
+        yield url
+    finally:
+        await _drop_postgres_database(url)
 
 
 async def _day_of_work(store: Store, lease: Lease) -> dict[str, object]:
@@ -81,9 +95,9 @@ def _timeless(record: object) -> object:
     return dataclasses.replace(record, created_at=None, started_at=None, finished_at=None)  # type: ignore[type-var]
 
 
-async def test_lanes_store_and_read_back_what_sessions_do(tmp_path: Path) -> None:
-    lanes = await _store(tmp_path / "direct.db", direct=True)
-    sessions = await _store(tmp_path / "sessions.db", direct=False)
+async def test_lanes_store_and_read_back_what_sessions_do(database_url: str, second_url: str) -> None:
+    lanes = await _store(database_url)
+    sessions = await _store(second_url, direct=False)
     try:
         lease = Lease("proc-A", utcnow().replace(microsecond=123456) + timedelta(seconds=30))
         fast, slow = await _day_of_work(lanes, lease), await _day_of_work(sessions, lease)
@@ -110,9 +124,9 @@ async def test_lanes_store_and_read_back_what_sessions_do(tmp_path: Path) -> Non
     assert [i.path for i in stored.images] == ["2026/J1-0.png"]
 
 
-async def test_a_lane_raises_what_a_session_raises(tmp_path: Path) -> None:
-    for direct in (True, False):
-        store = await _store(tmp_path / f"errors-{direct}.db", direct=direct)
+async def test_a_lane_raises_what_a_session_raises(database_url: str, second_url: str) -> None:
+    for url, direct in ((database_url, True), (second_url, False)):
+        store = await _store(url, direct=direct)
         user = await store.ensure_user("console", "a", "A", "en")
         job = NewJob(id="J1", request=GenerationRequest(prompt="x", seed=1), group_id="G", group_index=0)
         other = dataclasses.replace(job, id="J2")
@@ -127,8 +141,8 @@ async def test_a_lane_raises_what_a_session_raises(tmp_path: Path) -> None:
             await store.close()
 
 
-async def test_a_transaction_that_needs_a_session_midway_stays_one(tmp_path: Path) -> None:
-    store = await _store(tmp_path / "a.db", direct=True)
+async def test_a_transaction_that_needs_a_session_midway_stays_one(database_url: str) -> None:
+    store = await _store(database_url)
     quotas = QuotaStore(store)
     try:
 
@@ -160,7 +174,7 @@ async def test_a_transaction_that_needs_a_session_midway_stays_one(tmp_path: Pat
 
 async def test_a_lane_waits_for_a_busy_database_without_blocking_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "busy.db"
-    store = await _store(path, direct=True)
+    store = await _store(f"sqlite+aiosqlite:///{path}")
     quotas = QuotaStore(store)
     other = sqlite3.connect(path, isolation_level=None)
     try:
@@ -180,8 +194,8 @@ async def test_a_lane_waits_for_a_busy_database_without_blocking_the_loop(tmp_pa
         await store.close()
 
 
-async def test_lanes_are_given_back_and_kept_few(tmp_path: Path) -> None:
-    store = await _store(tmp_path / "lanes.db", direct=True)
+async def test_lanes_are_given_back_and_kept_few(database_url: str) -> None:
+    store = await _store(database_url)
     moderation = ModerationStore(store)
     assert store.direct is not None
     try:
@@ -194,7 +208,10 @@ async def test_lanes_are_given_back_and_kept_few(tmp_path: Path) -> None:
                 return (await lane.execute(_USERS)).scalar()
 
         tasks = [asyncio.create_task(unit()) for _ in range(IDLE_LANES + 3)]
-        await asyncio.sleep(0.01)
+        for _ in range(1000):  # a server's connections take a moment to open
+            if store.direct.busy == IDLE_LANES + 3:
+                break
+            await asyncio.sleep(0.005)
         assert store.direct.busy == IDLE_LANES + 3
         gate.set()
         assert await asyncio.gather(*tasks) == [1] * (IDLE_LANES + 3)
@@ -206,16 +223,9 @@ async def test_lanes_are_given_back_and_kept_few(tmp_path: Path) -> None:
     assert store.engine.pool.checkedout() == 0
 
 
-@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "postgres"])
-async def test_only_a_sqlite_file_gets_lanes(url: str) -> None:
-    from tests.conftest import POSTGRES_URL
-
-    if url == "postgres":
-        if not POSTGRES_URL:
-            pytest.skip("PostgreSQL not configured (ATELIER_TEST_POSTGRES_URL)")
-        url = POSTGRES_URL
-    store = Store.from_url(url)
+async def test_an_in_memory_database_has_no_lanes() -> None:
+    store = Store.from_url("sqlite+aiosqlite:///:memory:")
     try:
-        assert store.direct is None  # an in-memory database shares one connection; a server's
-    finally:  # round trips dwarf the layers the lanes skip
+        assert store.direct is None  # its one connection is shared by the whole pool
+    finally:
         await store.close()

@@ -315,17 +315,17 @@ async def test_a_pooled_connection_the_server_dropped_while_idle_is_replaced(
     import asyncpg
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 
-    import models.store
+    import models.direct
 
     pings: list[object] = []
-    real_ping = AsyncAdapt_asyncpg_connection.ping
+    real_ping = AsyncAdapt_asyncpg_connection._async_ping
 
-    def counted(connection: object) -> None:
+    async def counted(connection: object) -> None:  # the pool's pings and the lanes'
         pings.append(connection)
-        real_ping(connection)
+        await real_ping(connection)
 
-    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "ping", counted)
-    monkeypatch.setattr(models.store, "PING_AFTER_IDLE", 0.3)
+    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "_async_ping", counted)
+    monkeypatch.setattr(models.direct, "PING_AFTER_IDLE", 0.3)
     await _add(store, "J1")
     for _ in range(5):  # back to back: no pings
         assert (await store.get("J1")).status == "queued"
@@ -342,7 +342,7 @@ async def test_a_pooled_connection_the_server_dropped_while_idle_is_replaced(
     assert killed >= 1
     await asyncio.sleep(0.5)
     assert await store.mark_running("J1", lease("A"))  # on a fresh connection
-    assert len(pings) == 1
+    assert len(pings) == 2  # the lane's connection, then the pooled one that replaced it
     assert (await store.get("J1")).status == "running"
 
 
