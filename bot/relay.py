@@ -26,7 +26,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import String, bindparam, delete, func, insert, select
 
 from bot.types import (
     Action,
@@ -57,6 +57,16 @@ log = logging.getLogger(__name__)
 CHANNEL = "atelier_events"
 INLINE_LIMIT = 7000  # bytes of JSON sent in the notification itself
 PAYLOAD_TTL = timedelta(minutes=10)
+# the statements of every relayed event, built once (building one costs more than running it)
+_PAYLOADS = RelayPayload.__table__
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=String), bindparam("payload", type_=String)))
+_ADD_PAYLOAD = (
+    insert(_PAYLOADS)
+    .values(payload=bindparam("payload"), created_at=bindparam("at"))
+    .returning(_PAYLOADS.c.id)
+)
+_FORGET_PAYLOADS = delete(_PAYLOADS).where(_PAYLOADS.c.created_at < bindparam("before"))
+_PAYLOAD = select(_PAYLOADS.c.payload).where(_PAYLOADS.c.id == bindparam("ref"))
 SEND_BATCH = 200  # most events sent in one transaction
 
 _TYPES: dict[str, type] = {
@@ -243,22 +253,16 @@ class Relay:
                               events[0].kind, events[0].generation_id)  # fmt: skip
 
     async def _send(self, events: list[JobEvent]) -> None:
-        async with self.app.store.session() as session:
+        async with self.app.store.unit() as unit:
             for event in events:
                 text = encode_event(event)
                 if len(text.encode()) > INLINE_LIMIT:
-                    row = await session.scalar(
-                        insert(RelayPayload)
-                        .values(payload=text, created_at=utcnow())
-                        .returning(RelayPayload.id)
-                    )
+                    row = await unit.scalar(_ADD_PAYLOAD, {"payload": text, "at": utcnow()})
                     text = json.dumps({"ref": row})
                     self._sent_payloads += 1
                     if self._sent_payloads % 100 == 1:
-                        await session.execute(
-                            delete(RelayPayload).where(RelayPayload.created_at < utcnow() - PAYLOAD_TTL)
-                        )
-                await session.execute(select(func.pg_notify(CHANNEL, text)))
+                        await unit.execute(_FORGET_PAYLOADS, {"before": utcnow() - PAYLOAD_TTL})
+                await unit.execute(_NOTIFY, {"channel": CHANNEL, "payload": text})
 
     # listening ----------------------------------------------------------------------------------
 
@@ -279,8 +283,8 @@ class Relay:
     async def _read(self, payload: str) -> JobEvent | None:
         if payload.startswith('{"ref"'):
             ref = json.loads(payload)["ref"]
-            async with self.app.store.session() as session:
-                text = await session.scalar(select(RelayPayload.payload).where(RelayPayload.id == ref))
+            async with self.app.store.unit() as unit:
+                text = await unit.scalar(_PAYLOAD, {"ref": ref})
             if text is None:
                 log.warning("a relayed event (payload %s) was removed before it was read", ref)
                 return None

@@ -73,3 +73,53 @@ def test_only_known_types_are_built() -> None:
         decode_event(forged)
     with pytest.raises(ValueError, match="not a job event"):
         decode_event(json.dumps({"$t": "Actor", "v": {"platform": "x", "user_id": "1", "name": "n"}}))
+
+
+async def test_events_cross_between_processes_through_postgresql_small_and_large() -> None:
+    """Two Apps on one database: what one publishes, the other's bus gets, in order; an
+    event past ``INLINE_LIMIT`` (a preview) travels as a stored payload named in the
+    notification."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sqlalchemy import func, select
+
+    from bot import db
+    from bot.events import EventBus
+    from bot.relay import INLINE_LIMIT, Relay
+    from models.store import Store
+    from models.tables import RelayPayload
+    from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
+
+    if not POSTGRES_URL:
+        pytest.skip("PostgreSQL not configured (ATELIER_TEST_POSTGRES_URL)")
+    url = await _fresh_postgres_database()
+    await asyncio.to_thread(db.upgrade, url)
+    apps = [
+        SimpleNamespace(store=Store.from_url(url), bus=EventBus(), settings=SimpleNamespace(database_url=url))
+        for _ in range(2)
+    ]
+    sender, listener = Relay(apps[0]), Relay(apps[1])
+    heard: list[object] = []
+    apps[1].bus.subscribe(heard.append)
+    big = Progress("g", ACTOR, ROUTE, step=3, total=20, preview=bytes(range(256)) * (INLINE_LIMIT // 100))
+    sent = [EVENTS[0], big, *EVENTS[1:]]
+    try:
+        await listener.listen()
+        await sender.forward()
+        for event in sent:
+            apps[0].bus.publish(event)
+        for _ in range(400):
+            if len(heard) >= len(sent):
+                break
+            await asyncio.sleep(0.01)
+        assert len(encode_event(big)) > INLINE_LIMIT
+        assert heard == sent
+        async with apps[0].store.session() as session:  # the large one went through its row
+            assert await session.scalar(select(func.count()).select_from(RelayPayload)) == 1
+    finally:
+        await sender.stop()
+        await listener.stop()
+        for app in apps:
+            await app.store.close()
+        await _drop_postgres_database(url)
