@@ -36,7 +36,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -206,7 +206,7 @@ class Lane:
                 try:
                     return Result([], await self._run_many(sql, rows))
                 except self.direct.errors as error:  # raised as a session raises it
-                    raise self.direct.translate(self, error, sql, rows, many=True) from error
+                    self._failed(error, sql, rows, many=True)
             params = params[0]
         prepared = direct.prepared(statement, params, many=False)
         sql, values = prepared.parameters(params)
@@ -214,11 +214,18 @@ class Lane:
         try:
             raw, rowcount, types = await self._run(sql, values, prepared.row is not None)
         except self.direct.errors as error:
-            raise self.direct.translate(self, error, sql, values, many=False) from error
+            self._failed(error, sql, values, many=False)
         return Result(prepared.rows(raw, types), rowcount)
 
     async def scalar(self, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
         return (await self.execute(statement, params)).scalar()
+
+    def _failed(self, error: BaseException, sql: str, params: Any, *, many: bool) -> NoReturn:
+        """Raise the driver's ``error`` as a session raises it (``Direct.translate``)."""
+        translated = self.direct.translate(self, error, sql, params, many=many)
+        if translated is error:
+            raise error
+        raise translated from error
 
     def _announce(self, sql: str, values: Any, *, many: bool) -> None:
         """The engine's ``before_cursor_execute`` listeners hear of the statement, as of
@@ -238,7 +245,7 @@ class Lane:
         try:
             await self._commit()
         except self.direct.errors as error:
-            raise self.direct.translate(self, error, "COMMIT", (), many=False) from error
+            self._failed(error, "COMMIT", (), many=False)
 
     @property
     def in_transaction(self) -> bool:

@@ -123,9 +123,9 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
 class Transaction:
     """A unit of work opened by ``Store.transaction``; ``committed`` once it has been.
 
-    On a SQLite file its statements run on a direct lane (``models.direct``); a
-    ``session()`` opened inside gets a session on that lane's connection, made when first
-    asked for, so the transaction stays one."""
+    Where the store has direct lanes (a SQLite file, PostgreSQL) its statements run on one
+    (``models.direct``); a ``session()`` opened inside gets a session on that lane's
+    connection, made when first asked for, so the transaction stays one."""
 
     def __init__(
         self, task: asyncio.Task[Any] | None, *, session: AsyncSession | None = None, lane: Lane | None = None
@@ -200,7 +200,7 @@ class Store(_JobLeases):
         self.engine = engine
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._closes_at_once = sqlite_inline.runs_inline(engine)
-        self.direct = direct_for(engine)  # the hot statements' lanes (SQLite files only)
+        self.direct = direct_for(engine)  # the hot statements' lanes (None: sessions only)
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-{id(self)}", default=None)
         self.recent = Recent()  # the small reads of every request (models/recent.py)
 
@@ -227,8 +227,8 @@ class Store(_JobLeases):
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[Any]:
         """One unit of work for the hot path's prebuilt statements (``execute``,
-        ``scalar``, ``get_bind``, as on a session): on a SQLite file a direct lane
-        (``models.direct``), else a session; inside ``transaction()``, a part of it."""
+        ``scalar``, ``get_bind``, as on a session): a direct lane (``models.direct``), or a
+        session where the store has none; inside ``transaction()``, a part of it."""
         outer = self.current_transaction()
         if outer is not None:
             yield await outer.unit()
