@@ -54,8 +54,8 @@ class _Context:
 
     __slots__ = ("current_column", "current_parameters")
 
-    def __init__(self) -> None:
-        self.current_parameters: dict[str, Any] = {}
+    def __init__(self, parameters: dict[str, Any]) -> None:
+        self.current_parameters = parameters
         self.current_column: Any = None
 
 
@@ -107,8 +107,7 @@ class Prepared:
         """The SQL and its positional values for one set of ``params``."""
         values = self.compiled.construct_params(params, escape_names=False)
         if self.defaults:
-            context = _Context()
-            context.current_parameters = values
+            context = _Context(values)
             for column, key, arg, is_callable in self.defaults:
                 if is_callable:
                     context.current_column = column
@@ -165,12 +164,6 @@ class Result:
     def scalar(self) -> Any:
         return self._rows[0][0] if self._rows else None
 
-    def scalars(self) -> list[Any]:
-        return [row[0] for row in self._rows]
-
-    def __iter__(self) -> Any:
-        return iter(self._rows)
-
 
 class Lane:
     """A connection the store keeps checked out: its unit of work's statements run on the
@@ -184,6 +177,7 @@ class Lane:
         self.connection = connection
         self.raw = raw  # SQLAlchemy's adapter of the driver's connection
         self.rested_since = time.monotonic()
+        self.lost = False  # its server connection was lost: not used again
 
     def get_bind(self) -> Any:
         """The engine (for its dialect), as a session's ``get_bind`` answers."""
@@ -205,7 +199,7 @@ class Lane:
                 self._announce(sql, rows, many=True)
                 try:
                     return Result([], await self._run_many(sql, rows))
-                except self.direct.errors as error:  # raised as a session raises it
+                except self.errors as error:  # raised as a session raises it
                     self._failed(error, sql, rows, many=True)
             params = params[0]
         prepared = direct.prepared(statement, params, many=False)
@@ -213,7 +207,7 @@ class Lane:
         self._announce(sql, values, many=False)
         try:
             raw, rowcount, types = await self._run(sql, values, prepared.row is not None)
-        except self.direct.errors as error:
+        except self.errors as error:
             self._failed(error, sql, values, many=False)
         return Result(prepared.rows(raw, types), rowcount)
 
@@ -221,11 +215,23 @@ class Lane:
         return (await self.execute(statement, params)).scalar()
 
     def _failed(self, error: BaseException, sql: str, params: Any, *, many: bool) -> NoReturn:
-        """Raise the driver's ``error`` as a session raises it (``Direct.translate``)."""
-        translated = self.direct.translate(self, error, sql, params, many=many)
-        if translated is error:
+        """Raise the driver's ``error`` as a session raises it: SQLAlchemy's
+        ``DBAPIError`` subclass (``IntegrityError``, ``OperationalError``, ...) with the
+        statement; one that is no database error as it is. A lost connection's lane is
+        not used again."""
+        dialect: Any = self.direct.dialect
+        base = dialect.loaded_dbapi.Error
+        adapted = self._adapted(error)
+        if not isinstance(adapted, base):
             raise error
-        raise translated from error
+        self.lost = dialect.is_disconnect(adapted, self.raw, None)
+        raise DBAPIError.instance(
+            sql, params, adapted, base, connection_invalidated=self.lost, dialect=dialect, ismulti=many
+        ) from error
+
+    def _adapted(self, error: BaseException) -> BaseException:
+        """The driver's ``error`` as SQLAlchemy's adapter of the driver raises it."""
+        return error
 
     def _announce(self, sql: str, values: Any, *, many: bool) -> None:
         """The engine's ``before_cursor_execute`` listeners hear of the statement, as of
@@ -244,7 +250,7 @@ class Lane:
             listeners(self.connection.sync_connection)
         try:
             await self._commit()
-        except self.direct.errors as error:
+        except self.errors as error:
             self._failed(error, "COMMIT", (), many=False)
 
     @property
@@ -265,6 +271,7 @@ class Lane:
     async def rollback(self) -> None:
         raise NotImplementedError
 
+    errors: tuple[type[BaseException], ...] = (Exception,)  # what the driver raises
     pings = False  # whether a rested lane is pinged before use (a server's connection)
 
     async def ping(self) -> bool:
@@ -275,6 +282,8 @@ class Lane:
 class SqliteLane(Lane):
     """SQLite through ``models.sqlite_inline``: each call at once, in the loop's thread; a
     busy database waited for with ``asyncio.sleep``."""
+
+    errors = (sqlite3.Error,)
 
     @property
     def in_transaction(self) -> bool:
@@ -308,6 +317,13 @@ class AsyncpgLane(Lane):
     transaction finds it as its own."""
 
     pings = True
+
+    def _adapted(self, error: BaseException) -> BaseException:
+        try:
+            self.raw._handle_exception(error)  # raises the adapter's translation
+        except Exception as translated:
+            return translated
+        return error  # pragma: no cover - it always raises
 
     @property
     def in_transaction(self) -> bool:
@@ -362,12 +378,8 @@ class Direct:
         self.engine = engine
         self.dialect = engine.sync_engine.dialect
         self.lane_class = lane
-        self.errors: tuple[type[BaseException], ...] = (
-            (sqlite3.Error,) if lane is SqliteLane else (Exception,)
-        )
         self._idle: list[Lane] = []
         self._lanes: list[Lane] = []
-        self._broken: set[Lane] = set()
         self._prepared: collections.OrderedDict[tuple[Any, ...], Prepared] = collections.OrderedDict()
         self._closed = False
 
@@ -382,28 +394,6 @@ class Direct:
         else:
             self._prepared.move_to_end(key)
         return found
-
-    def translate(
-        self, lane: Lane, error: BaseException, sql: str, params: Any, *, many: bool
-    ) -> BaseException:
-        """The exception a session raises for the driver's ``error``: SQLAlchemy's
-        ``DBAPIError`` subclass (``IntegrityError``, ``OperationalError``, ...) with the
-        statement; a lane whose connection was lost is not used again."""
-        dialect: Any = self.dialect
-        if isinstance(lane, AsyncpgLane):
-            try:
-                lane.raw._handle_exception(error)  # raises the adapter's translation
-            except Exception as translated:
-                error = translated
-        base = dialect.loaded_dbapi.Error
-        if not isinstance(error, base):
-            return error
-        lost = dialect.is_disconnect(error, lane.raw, None)
-        if lost:
-            self._broken.add(lane)
-        return DBAPIError.instance(
-            sql, params, error, base, connection_invalidated=lost, dialect=dialect, ismulti=many
-        )
 
     @asynccontextmanager
     async def unit(self) -> AsyncIterator[Lane]:
@@ -428,7 +418,7 @@ class Direct:
         try:
             await lane.rollback()
         except Exception:  # a lost connection: the error that lost it goes on
-            self._broken.add(lane)
+            lane.lost = True
 
     async def _take(self) -> Lane:
         """An idle lane, or a new one. On a server, one that rested ``PING_AFTER_IDLE`` or
@@ -441,7 +431,7 @@ class Direct:
                 and time.monotonic() - lane.rested_since >= PING_AFTER_IDLE
                 and not await lane.ping()
             ):
-                self._broken.add(lane)
+                lane.lost = True
                 await self._give_back(lane)
                 continue
             return lane
@@ -454,8 +444,7 @@ class Direct:
         """Keep ``lane`` for the next unit of work, or return its connection to the pool
         (more units ran at once than are kept, or the store is closing); a lost one is
         dropped."""
-        if lane in self._broken:
-            self._broken.discard(lane)
+        if lane.lost:
             self._lanes.remove(lane)
             await lane.connection.invalidate()
             await lane.connection.close()

@@ -249,30 +249,31 @@ class Store(_JobLeases):
         if outer is not None:
             yield outer
             return
-        if self.direct is not None:
-            async with self.direct.unit() as lane:
-                unit = Transaction(asyncio.current_task(), lane=lane)
-                token = self._current.set(unit)
-                try:
-                    try:
-                        yield unit
-                    except BaseException:
-                        await unit.end(commit=False)
-                        raise
-                    await unit.end(commit=True)
-                finally:
-                    self._current.reset(token)
-            unit.committed = True
-            return
-        async with self._opened() as session:
-            unit = Transaction(asyncio.current_task(), session=session)
+        async with self._begun() as unit:
             token = self._current.set(unit)
             try:
-                async with session.begin():
-                    yield unit
+                yield unit
             finally:
                 self._current.reset(token)
-            unit.committed = True
+        unit.committed = True
+
+    @asynccontextmanager
+    async def _begun(self) -> AsyncIterator[Transaction]:
+        """A transaction on a direct lane, or on a session where the store has none:
+        committed when the block ends, rolled back when it raises."""
+        task = asyncio.current_task()
+        if self.direct is None:
+            async with self._opened() as session, session.begin():
+                yield Transaction(task, session=session)
+            return
+        async with self.direct.unit() as lane:
+            unit = Transaction(task, lane=lane)
+            try:
+                yield unit
+            except BaseException:
+                await unit.end(commit=False)
+                raise
+            await unit.end(commit=True)
 
     @asynccontextmanager
     async def _opened(self) -> AsyncIterator[AsyncSession]:
