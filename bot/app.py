@@ -82,9 +82,10 @@ class App:
         self.heartbeat = Heartbeat(self.service, self.settings.queue.lease_seconds)
         queue = self.settings.queue
         if self.queue is None and self.shared_queue:
+            from models.direct import PING_AFTER_IDLE
             from pipeline.queue.procrastinate import ProcrastinateQueue
 
-            self.queue = ProcrastinateQueue(self.settings.database_url)
+            self.queue = ProcrastinateQueue(self.settings.database_url, ping_after_idle=PING_AFTER_IDLE)
         elif self.queue is None:
             self.queue = LocalQueue(
                 self.engines,

@@ -16,7 +16,10 @@ so a user's first job outranks everyone's second; equal ones run in arrival orde
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,17 +43,22 @@ SELECT count(*) AS ahead FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND status = 'todo'
   AND (priority > %(priority)s OR (priority = %(priority)s AND id < %(id)s))
 """
-# what a new job's priority and place need, in one query before it is deferred: per
-# priority, the jobs waiting and the owner's open ones (fairness: each open job of the
-# owner puts the next one a round further back). The new job comes after every waiting
-# job of its priority or higher; two submits at the same instant may be told one place.
+# a new job's priority and place, in one query before it is deferred: each open job of its
+# owner puts it a round further back (fairness), and it comes after every waiting job of
+# its priority or higher; two submits at the same instant may be told one place. One row,
+# however long the queue.
 _BEFORE_PUT = """
-SELECT priority,
-       count(*) FILTER (WHERE status = 'todo') AS waiting,
-       count(*) FILTER (WHERE task_name = %(task)s AND args->>'owner' = %(owner)s) AS mine
-FROM procrastinate_jobs
-WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
-GROUP BY priority
+WITH open_jobs AS (
+  SELECT priority, status, task_name = %(task)s AND args->>'owner' = %(owner)s AS mine
+  FROM procrastinate_jobs
+  WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
+), placed AS (
+  SELECT %(base)s - LEAST(count(*) FILTER (WHERE mine), %(last_round)s) AS priority FROM open_jobs
+)
+SELECT placed.priority,
+       (SELECT count(*) FROM open_jobs
+        WHERE open_jobs.status = 'todo' AND open_jobs.priority >= placed.priority) AS waiting
+FROM placed
 """
 _MISSING = """
 SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
@@ -77,17 +85,45 @@ def queue_priority(priority: int, round_: int) -> int:
     return priority * ROUNDS - min(round_, ROUNDS - 1)
 
 
+def _pool(ping_after_idle: float, **options: Any) -> Any:
+    """procrastinate's connection pool, with two round trips fewer per query:
+
+    - its connections run in autocommit (each of procrastinate's queries is one statement,
+      and a function call at that: atomic without a BEGIN before and a COMMIT after);
+    - a connection is pinged before use only when it may have rested ``ping_after_idle``
+      seconds or longer (taken out that long ago), and replaced when the server dropped
+      it, instead of before every query."""
+    import psycopg_pool
+
+    taken: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    async def configure(connection: Any) -> None:
+        await connection.set_autocommit(True)
+
+    async def check(connection: Any) -> None:
+        now, before = time.monotonic(), taken.get(connection)
+        taken[connection] = now
+        if before is None or now - before >= ping_after_idle:
+            await psycopg_pool.AsyncConnectionPool.check_connection(connection)
+
+    return psycopg_pool.AsyncConnectionPool(**{**options, "check": check, "configure": configure})
+
+
 class ProcrastinateQueue:
     """``JobQueue`` on PostgreSQL. Jobs are not held by this process (``holds_jobs`` is
     False): whichever worker takes one holds it."""
 
     holds_jobs = False
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, ping_after_idle: float = 1.0) -> None:
         import procrastinate
 
         self.conninfo = libpq_url(url)
-        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=self.conninfo))
+        self.app = procrastinate.App(
+            connector=procrastinate.PsycopgConnector(
+                conninfo=self.conninfo, pool_factory=functools.partial(_pool, ping_after_idle)
+            )
+        )
         self._open = False
 
     async def start(self) -> None:
@@ -103,17 +139,17 @@ class ProcrastinateQueue:
     async def put(self, job: Job) -> int:
         from procrastinate.exceptions import AlreadyEnqueued
 
-        counts = await self.app.connector.execute_query_all_async(
-            _BEFORE_PUT, queue=QUEUE, task=TASK, owner=job.owner
+        placed = await self._one(
+            _BEFORE_PUT, owner=job.owner, base=queue_priority(job.priority, 0), last_round=ROUNDS - 1
         )
-        priority = queue_priority(job.priority, sum(int(row["mine"]) for row in counts))
+        priority = int(placed["priority"])
         try:
             await self.app.configure_task(
                 TASK, queue=QUEUE, priority=priority, queueing_lock=job.id
             ).defer_async(generation_id=job.id, owner=job.owner, max_running=job.max_running)
         except AlreadyEnqueued:  # deferred before (a restart re-offers what waits): one is enough
             return await self.position(job.id) or 1
-        return sum(int(row["waiting"]) for row in counts if row["priority"] >= priority) + 1
+        return int(placed["waiting"]) + 1
 
     async def position(self, job_id: str) -> int | None:
         found = await self._jobs(job_id)
