@@ -253,9 +253,13 @@ class Relay:
                               events[0].kind, events[0].generation_id)  # fmt: skip
 
     async def _send(self, events: list[JobEvent]) -> None:
+        texts = [encode_event(event) for event in events]
+        if len(texts) == 1 and len(texts[0].encode()) <= INLINE_LIMIT:
+            # the common case, one small event: one statement, atomic on its own
+            await self.app.store.one(_NOTIFY, {"channel": CHANNEL, "payload": texts[0]})
+            return
         async with self.app.store.unit() as unit:
-            for event in events:
-                text = encode_event(event)
+            for text in texts:
                 if len(text.encode()) > INLINE_LIMIT:
                     row = await unit.scalar(_ADD_PAYLOAD, {"payload": text, "at": utcnow()})
                     text = json.dumps({"ref": row})

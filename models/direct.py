@@ -245,13 +245,27 @@ class Lane:
         connection already committed it); the engine's ``commit`` listeners hear of it."""
         if not self.in_transaction:
             return
-        listeners = self.direct.engine.sync_engine.dispatch.commit
-        if listeners:
-            listeners(self.connection.sync_connection)
+        self._announce_commit()
         try:
             await self._commit()
         except self.errors as error:
             self._failed(error, "COMMIT", (), many=False)
+
+    async def alone(self, statement: Any, params: Mapping[str, Any] | None = None) -> Result:
+        """Run one statement as a unit of work of its own: committed, or undone when it
+        raises (``Direct.one``)."""
+        try:
+            result = await self.execute(statement, params)
+            await self.commit()
+        except BaseException:
+            await self.direct._rollback(self)
+            raise
+        return result
+
+    def _announce_commit(self) -> None:
+        listeners = self.direct.engine.sync_engine.dispatch.commit
+        if listeners:
+            listeners(self.connection.sync_connection)
 
     @property
     def in_transaction(self) -> bool:
@@ -318,6 +332,22 @@ class AsyncpgLane(Lane):
 
     pings = True
 
+    def __init__(self, direct: Direct, connection: AsyncConnection, raw: Any) -> None:
+        super().__init__(direct, connection, raw)
+        self._alone = False  # a statement runs on its own (autocommit)
+
+    async def alone(self, statement: Any, params: Mapping[str, Any] | None = None) -> Result:
+        """One statement is atomic on its own: it runs without a transaction around it,
+        two round trips (BEGIN, COMMIT) fewer; the engine's ``commit`` listeners still hear
+        of its commit."""
+        self._alone = True
+        try:
+            result = await self.execute(statement, params)
+        finally:
+            self._alone = False
+        self._announce_commit()
+        return result
+
     def _adapted(self, error: BaseException) -> BaseException:
         try:
             self.raw._handle_exception(error)  # raises the adapter's translation
@@ -330,7 +360,7 @@ class AsyncpgLane(Lane):
         return self.raw._transaction is not None
 
     async def _begin(self) -> None:
-        if self.raw._transaction is None:
+        if self.raw._transaction is None and not self._alone:
             await self.raw._start_transaction()
 
     async def _run(self, sql: str, values: list[Any], rows: bool) -> tuple[list[Any], int, Any]:
@@ -411,6 +441,14 @@ class Direct:
             except BaseException:
                 await self._rollback(lane)
                 raise
+        finally:
+            await self._give_back(lane)
+
+    async def one(self, statement: Any, params: Mapping[str, Any] | None = None) -> Result:
+        """Run one statement on a lane as a unit of work of its own."""
+        lane = await self._take()
+        try:
+            return await lane.alone(statement, params)
         finally:
             await self._give_back(lane)
 

@@ -240,6 +240,21 @@ class Store(_JobLeases):
         async with self.direct.unit() as lane:
             yield lane
 
+    async def one(self, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Run one prebuilt statement as a unit of work of its own and return its result
+        (``all``, ``first``, ``one``, ``scalar``, ``rowcount``): on PostgreSQL's lanes
+        without BEGIN and COMMIT around it (one statement is atomic on its own); inside
+        ``transaction()``, a part of it."""
+        if self.direct is not None and self.current_transaction() is None:
+            return await self.direct.one(statement, params)
+        async with self.unit() as unit:
+            result = await unit.execute(statement, params)
+            if isinstance(result, direct.Result):
+                return result
+            rows = result.all() if getattr(result, "returns_rows", True) else []  # a DML's may not
+            # an ORM result with rows has no rowcount: as many rows as it returned
+            return direct.Result(rows, getattr(result, "rowcount", len(rows)))
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         """Make every ``session()`` and ``unit()`` this task opens inside one transaction:

@@ -12,7 +12,7 @@ These operations are methods of :class:`models.store.Store`, which inherits them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +46,8 @@ class _JobLeases:
         def session(self) -> AbstractAsyncContextManager[AsyncSession]: ...
 
         def unit(self) -> AbstractAsyncContextManager[Any]: ...
+
+        async def one(self, statement: Any, params: Mapping[str, Any] | None = None) -> Any: ...
 
         async def _transition(
             self,
@@ -81,8 +83,7 @@ class _JobLeases:
             "until": lease.expires_at,
             "now": utcnow(),
         }
-        async with self.unit() as session:
-            rows = (await session.execute(statement, params)).all()
+        rows = (await self.one(statement, params)).all()  # one statement: atomic on its own
         # a queued job has no images yet
         return {row.id: _record(row, user=_row_user(row), images=()) for row in rows}
 

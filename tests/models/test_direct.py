@@ -12,7 +12,7 @@ from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from bot import db
@@ -170,6 +170,57 @@ async def test_a_transaction_that_needs_a_session_midway_stays_one(database_url:
         assert store.direct is not None and store.direct.busy == 0
     finally:
         await store.close()
+
+
+async def test_one_statement_runs_as_a_unit_of_its_own(
+    database_url: str, second_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Store.one``: its rows and rowcount, one commit heard by the engine's listeners,
+    nothing kept when it raises, a part of an open transaction (undone with it); on
+    PostgreSQL no transaction is opened around it (its statement is the transaction)."""
+    from sqlalchemy import event, insert, update
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
+
+    begun: list[object] = []
+    start = AsyncAdapt_asyncpg_connection._start_transaction
+
+    async def counted(adapter: object) -> None:
+        begun.append(adapter)
+        await start(adapter)
+
+    monkeypatch.setattr(AsyncAdapt_asyncpg_connection, "_start_transaction", counted)
+    rename = update(User).where(User.id == bindparam("who")).values(display_name=bindparam("new"))
+    for url, direct in ((database_url, True), (second_url, False)):
+        store = await _store(url, direct=direct)
+        commits: list[object] = []
+        event.listen(store.engine.sync_engine, "commit", commits.append)
+        try:
+            user = await store.ensure_user("console", "a", "A", "en")
+            commits.clear()
+            renamed = await store.one(rename.returning(User.display_name), {"who": user.id, "new": "B"})
+            assert renamed.all() == [("B",)] and renamed.rowcount == 1
+            assert len(commits) == 1
+            assert (await store.one(_USERS)).scalar() == 1
+            twin = insert(User).values(platform="console", platform_user_id="a", display_name="C")
+            with pytest.raises(IntegrityError):  # the same platform user twice
+                await store.one(twin)
+            assert (await store.one(_USERS)).scalar() == 1
+            with pytest.raises(RuntimeError):
+                async with store.transaction():
+                    await store.one(rename, {"who": user.id, "new": "D"})
+                    raise RuntimeError("undo it")
+            assert (await store.find_user("console", "a")).display_name == "B"
+            if direct and url.startswith("postgresql"):
+                begun.clear()
+                assert (await store.one(_USERS)).scalar() == 1
+                assert begun == []  # no BEGIN (nor COMMIT): the statement is its transaction
+                async with store.unit() as unit:
+                    await unit.execute(_USERS)
+                assert len(begun) == 1  # a unit of work opens one
+            if store.direct is not None:
+                assert store.direct.busy == 0
+        finally:
+            await store.close()
 
 
 async def test_a_lane_waits_for_a_busy_database_without_blocking_the_loop(tmp_path: Path) -> None:
