@@ -6,8 +6,9 @@ runner that returns one 8x8 image at once, on a SQLite file and, when
 and with the shared one (procrastinate: a bot App that enqueues and a worker App that runs
 the jobs, here in one process; the events travel through the database), and, as
 ``procrastinate-worker``, with that worker in a process of its own, as a GPU host runs it
-(bench/queue_worker.py). ``--clients``
-users submit ``/draw`` lines back to back, ``--jobs`` in all; the figure is jobs per
+(bench/queue_worker.py). ``--clients`` clients submit ``/draw`` lines back to back,
+``--jobs`` in all, as one user (every submit and settlement updates one quota row) or, with
+``--users``, as that many; the figure is jobs per
 second from the first submit to the last job finished (target 300/s or more), with the
 p50/p99 from a submit to its ``Queued`` event (target p99 under 50 ms), and the process's
 CPU time per job (all threads: steadier than the rate on a busy machine). ``sqlite-batched``
@@ -16,7 +17,7 @@ engine does (``[queue] max_batch`` 8): these jobs all are. It also prints
 the SQL statements and commits of one submit (counted while the device is held, so
 nothing else runs) and of one job from submit to finish.
 
-Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4]
+Usage: ``python bench/queue_throughput.py [--jobs 500] [--clients 4] [--users 1]
 [--backend sqlite|sqlite-batched|postgres|procrastinate|procrastinate-worker|all]``
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -38,6 +40,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--users", type=int, default=1, help="client i submits as user i %% users")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
     return parser.parse_args(argv)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     postgres = os.environ.get("ATELIER_TEST_POSTGRES_URL", "")
     backends = list(BACKENDS) if args.backend == "all" else [args.backend]
-    print(f"jobs={args.jobs} clients={args.clients} (a no-op engine)")
+    print(f"jobs={args.jobs} clients={args.clients} users={args.users} (a no-op engine)")
     for backend in backends:
         on_postgres = not backend.startswith("sqlite")
         if on_postgres and not postgres:
@@ -80,9 +83,10 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
         app.bus.subscribe(on_event)
         counter = Counter(app)
 
-        async def submit(seed: int) -> tuple[float, str]:
+        async def submit(seed: int, user: int = 0) -> tuple[float, str]:
             started = time.perf_counter()
-            replies = await app.service.handle_line(f"/draw a lighthouse --seed {seed}", ACTOR)
+            actor = dataclasses.replace(ACTOR, user_id=f"{ACTOR.user_id}-{user}") if user else ACTOR
+            replies = await app.service.handle_line(f"/draw a lighthouse --seed {seed}", actor)
             (job_id,) = replies[0].data["jobs"]
             return started, job_id
 
@@ -108,7 +112,7 @@ async def _bench(backend: str, tmp: Path, postgres: str | None, args: argparse.N
 
         async def client(index: int) -> None:
             for k in range(per_client):
-                submitted.append(await submit(10_000 * (index + 1) + k))
+                submitted.append(await submit(10_000 * (index + 1) + k, index % args.users))
 
         worker = app.worker_process
         began, began_cpu = time.perf_counter(), time.process_time()
