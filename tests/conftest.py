@@ -66,6 +66,21 @@ async def _fresh_postgres_database() -> str:
     return POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
 
 
+async def terminate_other_connections(url: str) -> int:
+    """Drop every other connection to ``url``'s PostgreSQL database, as a restart of the
+    server would; returns how many were dropped."""
+    import asyncpg
+
+    killer = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await killer.close()
+
+
 async def _drop_postgres_database(url: str) -> None:
     import asyncpg
 

@@ -14,6 +14,7 @@ from models.base import utcnow
 from models.records import ImageRecord, UserRecord
 from models.store import Lease, NewJob, Store
 from pipeline.request import GenerationRequest
+from tests.conftest import terminate_other_connections
 
 
 @pytest.fixture
@@ -312,7 +313,6 @@ async def test_a_pooled_connection_the_server_dropped_while_idle_is_replaced(
     handed out without a ping."""
     if store.engine.dialect.name != "postgresql":
         pytest.skip("server connections: PostgreSQL")
-    import asyncpg
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 
     import models.direct
@@ -330,15 +330,7 @@ async def test_a_pooled_connection_the_server_dropped_while_idle_is_replaced(
     for _ in range(5):  # back to back: no pings
         assert (await store.get("J1")).status == "queued"
     assert pings == []
-    url = store.engine.url.render_as_string(hide_password=False).replace("+asyncpg", "")
-    killer = await asyncpg.connect(url)
-    try:
-        killed = await killer.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-    finally:
-        await killer.close()
+    killed = await terminate_other_connections(store.engine.url.render_as_string(hide_password=False))
     assert killed >= 1
     await asyncio.sleep(0.5)
     assert await store.mark_running("J1", lease("A"))  # on a fresh connection

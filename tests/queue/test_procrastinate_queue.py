@@ -8,14 +8,18 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-import asyncpg
 import psycopg_pool
 import pytest
 
 from pipeline.queue.base import Job
 from pipeline.queue.procrastinate import ProcrastinateQueue
 from pipeline.request import GenerationRequest
-from tests.conftest import POSTGRES_URL, _drop_postgres_database, _fresh_postgres_database
+from tests.conftest import (
+    POSTGRES_URL,
+    _drop_postgres_database,
+    _fresh_postgres_database,
+    terminate_other_connections,
+)
 
 REST = 0.3  # seconds a connection rests before it is pinged, in these tests
 
@@ -71,14 +75,7 @@ async def test_its_connections_skip_the_ping_under_load_and_survive_a_restart(
     async with queue.app.connector.pool.connection() as connection:
         assert connection.autocommit  # each query is its own transaction: no BEGIN, no COMMIT
 
-    killer = await asyncpg.connect(queue.conninfo)
-    try:
-        killed = await killer.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-    finally:
-        await killer.close()
+    killed = await terminate_other_connections(queue.conninfo)
     assert killed >= 1
     await asyncio.sleep(REST + 0.2)
     assert await queue.put(_job("J1", "ann")) == 2  # on a fresh connection
