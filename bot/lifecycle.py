@@ -28,6 +28,7 @@ from bot.errors import ImageStoreError, NotFound, PermissionDenied, UserError
 from bot.governance import scope_of
 from bot.leases import owner_gone
 from bot.replay import stored_params
+from bot.result_files import PendingImages
 from bot.types import (
     Action,
     Actor,
@@ -48,7 +49,7 @@ from models.delivery_store import DeliveryStore
 from models.moderation_store import ModerationStore
 from models.records import GenerationRecord
 from models.shared_files import SharedFiles
-from models.store import Lease
+from models.store import Finishing, Lease
 from pipeline.queue import Job
 from pipeline.request import GenerationResult
 
@@ -215,36 +216,62 @@ class JobLifecycle:
             )
 
     async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        pending = await self.app.images.prepare(job.id, result)
-        images = pending.records
+        await self.jobs_finished([(job, result)])
+
+    async def jobs_finished(self, finished: list[tuple[Job, GenerationResult]]) -> None:
+        """End finished jobs of one device, in order: their images made ready together,
+        their rows stored in one transaction (``Store.finish_many``), then each one's end
+        told (``Finished``, the ``generation_finished`` hooks) one after another. A job
+        whose images cannot be made ready stays running here (its lease recovers it)."""
+        made = await asyncio.gather(
+            *(self.app.images.prepare(job.id, result) for job, result in finished), return_exceptions=True
+        )
+        ready: list[tuple[Job, PendingImages]] = []
+        endings: list[Finishing] = []
+        for (job, result), pending in zip(finished, made, strict=True):
+            if isinstance(pending, asyncio.CancelledError):
+                raise pending
+            if isinstance(pending, BaseException):
+                log.error("job %s: its images could not be made ready", job.id, exc_info=pending)
+                continue
+            ready.append((job, pending))
+            endings.append(
+                Finishing(job.id, pending.records, result.model_hash, result.device_seconds,
+                          keep=pending.keep, data=pending.data)
+            )  # fmt: skip
         try:
-            record = await self.app.store.finish(
-                job.id,
-                images,
-                owner=self.app.owner,
-                model_hash=result.model_hash,
-                device_seconds=result.device_seconds,
-                keep=pending.keep,
-                data=pending.data,
-            )
-        except ImageStoreError as exc:  # nothing was stored: the job fails, saying why
-            await pending.undo()  # no file is left once the failure is told
-            await self._fail(job.id, await self._audience(job), exc)
-            return
+            outcomes = await self.app.store.finish_many(endings, owner=self.app.owner)
         except Exception:  # not stored: take back what was put in place
             # (a cancellation may come after the commit, so it leaves the files be)
-            await pending.undo()
+            for _, pending in ready:
+                await pending.undo()
             raise
-        if record is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
+        for (job, pending), outcome in zip(ready, outcomes, strict=True):
+            try:
+                await self._finished(job, pending, outcome)
+            except Exception:  # one job's error must not lose the others' ends
+                log.exception("job %s: unexpected error while ending it", job.id)
+
+    async def _finished(
+        self, job: Job, pending: PendingImages, outcome: GenerationRecord | Exception | None
+    ) -> None:
+        """Tell a finished job's end, once ``Store.finish_many`` said how it went."""
+        if isinstance(outcome, Exception):  # its images could not be kept: nothing was stored
+            await pending.undo()  # no file is left once the failure is told
+            if not isinstance(outcome, ImageStoreError):
+                raise outcome
+            await self._fail(job.id, await self._audience(job), outcome)
+            return
+        if outcome is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             await pending.undo()  # files put in place before the job was lost are taken back
             return
         audience = await self._audience(job)
-        actions = self.result_actions(record, audience.actor)
-        out = tuple(ImageOut(i.id, i.seed, i.width, i.height, i.infotext) for i in images)
+        actions = self.result_actions(outcome, audience.actor)
+        out = tuple(ImageOut(i.id, i.seed, i.width, i.height, i.infotext) for i in outcome.images)
         self.app.bus.publish(
-            Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=record.spoiler)
+            Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=outcome.spoiler)
         )
-        await self._notify("generation_finished", record)
+        await self._notify("generation_finished", outcome)
 
     def result_actions(self, record: GenerationRecord, actor: Actor) -> list[Action]:
         """The buttons plugins offer on a finished job (``result_actions``), in hook order;

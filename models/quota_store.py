@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Integer, bindparam, case, delete, func, select, update
+from sqlalchemy import Float, Integer, String, bindparam, case, delete, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from models.base import utcnow
 from models.governance import QuotaLedger, QuotaOverride, QuotaUsage
 from models.sql import insert_ignore
 from models.store import Store
@@ -88,28 +89,32 @@ class QuotaStore:
     ) -> bool:
         """Bill a finished job's ``images``/``seconds`` and release its reservation (one
         open job and ``reserved_images``); False when this job was already settled."""
+        entry = {
+            "generation_id": generation_id,
+            "user_key": user_key,
+            "scope": scope,
+            "period": period,
+            "outcome": outcome,
+            "images": images,
+            "seconds": seconds,
+        }
+        params = {
+            **_key_params(user_key, scope, period),
+            "add_images": images,
+            "add_seconds": seconds,
+            "reserved": reserved_images,
+        }
+        finished = outcome == "finished"
+        if self.store.engine.dialect.name == "postgresql":
+            # one statement, atomic on its own: the usage row is locked only while it runs
+            row = {"job": generation_id, "outcome_of_job": outcome, "images_of_job": images,
+                   "seconds_of_job": seconds, "at": utcnow()}  # fmt: skip
+            return (await self.store.one(_settled_at_once(finished), {**params, **row})).first() is not None
         async with self.store.unit() as session:
-            inserted = await session.execute(
-                insert_ignore(session, QuotaLedger.__table__),
-                {
-                    "generation_id": generation_id,
-                    "user_key": user_key,
-                    "scope": scope,
-                    "period": period,
-                    "outcome": outcome,
-                    "images": images,
-                    "seconds": seconds,
-                },
-            )
+            inserted = await session.execute(insert_ignore(session, QuotaLedger.__table__), entry)
             if inserted.rowcount != 1:
                 return False
-            change = _SETTLE_FINISHED if outcome == "finished" else _SETTLE_ENDED
-            params = {
-                **_key_params(user_key, scope, period),
-                "add_images": images,
-                "add_seconds": seconds,
-                "reserved": reserved_images,
-            }
+            change = _SETTLE_FINISHED if finished else _SETTLE_ENDED
             if (await session.execute(change, params)).rowcount != 1:  # its reservation was in another period
                 await _ensure_row(session, user_key, scope, period)
                 await session.execute(change, params)
@@ -242,6 +247,11 @@ def _reservation(images: bool, seconds: bool, jobs: bool) -> Any:
 
 def _settlement(finished: bool) -> Any:
     """Bill a finished job's images and seconds (``finished``) and release its reservation."""
+    return _USAGE_ROW.values(**_settlement_values(finished))
+
+
+def _settlement_values(finished: bool) -> dict[str, object]:
+    """What a settlement changes in the usage row (``_settlement``)."""
     row = _USAGE
     values: dict[str, object] = {}
     if finished:
@@ -253,7 +263,7 @@ def _settlement(finished: bool) -> Any:
         images_reserved=_floor_zero(row.images_reserved, bindparam("reserved", type_=Integer)),
         jobs_open=_floor_zero(row.jobs_open, 1),
     )
-    return _USAGE_ROW.values(**values)
+    return values
 
 
 def _floor_zero(column: object, amount: object) -> object:
@@ -274,6 +284,56 @@ async def _ensure_row(session: AsyncSession, user_key: str, scope: str, period: 
             bonus_images=0,
             bonus_seconds=0.0,
         )
+    )
+
+
+@functools.cache
+def _settled_at_once(finished: bool) -> Any:
+    """PostgreSQL's settlement in one statement: the ledger row is inserted unless the job
+    was settled before, and only then is the usage row changed as ``_settlement`` changes
+    it, or made (the reservation was in another period). Returns the usage row's id when
+    this statement settled the job; no row when it had been settled."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    billed = (
+        insert(QuotaLedger.__table__)
+        .values(
+            generation_id=bindparam("job"),
+            user_key=bindparam("key_user"),
+            scope=bindparam("key_scope"),
+            period=bindparam("key_period"),
+            outcome=bindparam("outcome_of_job"),
+            images=bindparam("images_of_job", type_=Integer),
+            seconds=bindparam("seconds_of_job", type_=Float),
+            created_at=bindparam("at"),
+        )
+        .on_conflict_do_nothing()
+        .returning(_LEDGER.generation_id)
+        .cte("billed")
+    )
+    zero, none = literal(0, Integer), literal(0.0, Float)
+    fresh = select(  # the period's row as the settlement leaves a new one
+        bindparam("key_user", type_=String),
+        bindparam("key_scope", type_=String),
+        bindparam("key_period", type_=String),
+        bindparam("add_images", type_=Integer) if finished else zero,
+        bindparam("add_seconds", type_=Float) if finished else none,
+        zero,
+        zero,
+        zero,
+        none,
+    ).where(select(billed.c.generation_id).exists())
+    columns = ("user_key", "scope", "period", "images_used", "seconds_used", "images_reserved", "jobs_open",
+               "bonus_images", "bonus_seconds")  # fmt: skip
+    return (
+        insert(QuotaUsage.__table__)
+        .from_select(list(columns), fresh)
+        .on_conflict_do_update(
+            index_elements=[_USAGE.user_key, _USAGE.scope, _USAGE.period],
+            set_=_settlement_values(finished),
+        )
+        .returning(_USAGE.id)
+        .add_cte(billed)
     )
 
 

@@ -195,6 +195,18 @@ _ADD_IMAGES = insert(Image.__table__)
 _ADD_IMAGE_DATA = insert(ImageData.__table__)
 
 
+@dataclass(frozen=True)
+class Finishing:
+    """One job's part of ``Store.finish_many``, as ``Store.finish`` takes it."""
+
+    generation_id: str
+    images: Sequence[ImageRecord]
+    model_hash: str | None
+    device_seconds: float
+    keep: Callable[[], Awaitable[None]] | None = None
+    data: Mapping[str, bytes] | None = None
+
+
 class Store(_JobLeases):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -487,31 +499,63 @@ class Store(_JobLeases):
 
         ``keep`` runs once the job is seen held by ``owner``, before the job is written: it
         puts the image files in place, so a process that lost the job writes none and no
-        image row is ever stored without its file (if ``keep`` fails, nothing is stored).
-        It runs before the first write of the transaction, so that on SQLite no other
-        writer waits for the files (or an upload) behind the database's one write lock; when
-        the job was lost between that look and the write, the result is None and the caller
-        takes the files back (``PendingImages.undo``). ``data``: the PNG bytes by image id,
-        stored with the rows (the database image store)."""
-        for image in images:
-            if image.generation_id != generation_id:
-                raise ValueError(f"image {image.id} belongs to {image.generation_id}, not {generation_id}")
-        async with self.unit() as session:
-            held = {"job": generation_id, "holder": owner}
-            if keep is not None:
-                if await session.scalar(_HELD, held) is None:
-                    return None
-                await keep()
-            finished = {**held, "at": utcnow(), "hash": model_hash, "seconds": device_seconds}
-            row = (await session.execute(_FINISH, finished)).first()
-            if row is None:
-                return None
+        image row is ever stored without its file (if ``keep`` fails, nothing is stored and
+        its error is raised). It runs before the transaction's first write, so that on
+        SQLite no other writer waits for the files (or an upload) behind the database's one
+        write lock; when the job was lost between that look and the write, the result is
+        None and the caller takes the files back (``PendingImages.undo``). ``data``: the PNG
+        bytes by image id, stored with the rows (the database image store)."""
+        finishing = Finishing(generation_id, images, model_hash, device_seconds, keep, data)
+        (outcome,) = await self.finish_many([finishing], owner=owner)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def finish_many(
+        self, jobs: Sequence[Finishing], *, owner: str
+    ) -> list[GenerationRecord | None | Exception]:
+        """``finish`` for several jobs, all their writes in one transaction (a worker's
+        ends that waited, stored at once): each job's ``keep`` runs first, then every row
+        is written. Each job's outcome, in order: its finished record, None when this
+        process did not win it, or the error its ``keep`` raised (nothing of it stored)."""
+        for job in jobs:
+            for image in job.images:
+                if image.generation_id != job.generation_id:
+                    raise ValueError(
+                        f"image {image.id} belongs to {image.generation_id}, not {job.generation_id}"
+                    )
+        outcomes: list[GenerationRecord | None | Exception] = [None] * len(jobs)
+        writing: list[int] = []
+        for index, job in enumerate(jobs):
+            if job.keep is not None:
+                if (await self.one(_HELD, {"job": job.generation_id, "holder": owner})).first() is None:
+                    continue  # not held here: nothing kept
+                try:
+                    await job.keep()
+                except Exception as exc:
+                    outcomes[index] = exc
+                    continue
+            writing.append(index)
+        if not writing:
+            return outcomes
+        async with self.unit() as unit:
+            images: list[dict[str, Any]] = []
+            data: list[dict[str, Any]] = []
+            for index in writing:
+                job = jobs[index]
+                finished = {"job": job.generation_id, "holder": owner, "at": utcnow(),
+                            "hash": job.model_hash, "seconds": job.device_seconds}  # fmt: skip
+                row = (await unit.execute(_FINISH, finished)).first()
+                if row is None:  # cancelled, failed or taken over meanwhile
+                    continue
+                outcomes[index] = _record(row, user=_row_user(row), images=job.images)
+                images.extend(dataclasses.asdict(image) for image in job.images)
+                data.extend({"image_id": key, "data": value} for key, value in (job.data or {}).items())
             if images:
-                await session.execute(_ADD_IMAGES, [dataclasses.asdict(image) for image in images])
+                await unit.execute(_ADD_IMAGES, images)
             if data:
-                rows = [{"image_id": key, "data": value} for key, value in data.items()]
-                await session.execute(_ADD_IMAGE_DATA, rows)
-            return _record(row, user=_row_user(row), images=images)
+                await unit.execute(_ADD_IMAGE_DATA, data)
+        return outcomes
 
     async def delete(self, generation_id: str) -> list[str] | None:
         """Delete an ended job and its image rows; returns the image paths (to remove the

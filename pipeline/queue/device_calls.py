@@ -1,12 +1,15 @@
 """What a local queue's worker keeps for each device call: the claims of its jobs
-(``Claims``), and jobs handed to the device's thread ahead of time (``Launch``)."""
+(``Claims``), jobs handed to the device's thread ahead of time (``Launch``), and how each
+job that left the device ends (``End``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
-from collections.abc import Hashable
+from collections import deque
+from collections.abc import Awaitable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.queue.base import Job, JobListener
@@ -97,3 +100,36 @@ class Claims:
             self._waiting.append((job, step, total, preview))
         elif job in self.held or job not in self.pending:
             self.listener.job_progress(job, step, total, preview)
+
+
+@dataclass(eq=False)
+class End:
+    """A job that left the device, and how it ends: ``finished`` (``value``: its result),
+    ``failed`` (``value``: the error) or ``stopped``. ``grouped``: it was ended together
+    with an earlier end of its worker (``JobListener.jobs_finished``)."""
+
+    job: Job
+    how: str
+    value: Any = None
+    grouped: bool = False
+
+    def run(self, listener: JobListener) -> Awaitable[None]:
+        if self.how == "finished":
+            return listener.job_finished(self.job, self.value)
+        if self.how == "failed":
+            return listener.job_failed(self.job, self.value)
+        return listener.job_stopped(self.job)
+
+
+def group_of(end: End, unbegun: deque[End], most: int) -> list[End]:
+    """``end``, beginning now, and the finished ends right after it that wait in
+    ``unbegun`` (its worker's ends not begun yet, oldest first), at most ``most`` in all,
+    when ``end`` finished too; the others are taken out of ``unbegun``, marked grouped."""
+    group = [end]
+    if end.how != "finished":
+        return group
+    while unbegun and unbegun[0].how == "finished" and len(group) < most:
+        later = unbegun.popleft()
+        later.grouped = True
+        group.append(later)
+    return group

@@ -23,7 +23,10 @@ The device never waits on bookkeeping: once the engine call returns, the jobs' e
 (``job_finished``, ``job_failed`` or ``job_stopped``: saving images, storing, settling)
 run as tasks of their own and the worker takes its next job at once. A worker's ends run
 one after another in the order its jobs ran, as they did on the device's path, so hooks
-that look at a group of jobs see them end one at a time. A finishing job no longer
+that look at a group of jobs see them end one at a time. When ends pile up (they are
+slower than the device), the finished jobs that wait go to the listener's
+``jobs_finished`` together, which stores them at once and then tells each end in order,
+so a busy worker's bookkeeping is shared among its jobs. A finishing job no longer
 counts against its owner's ``max_running`` (it holds no device); ``join`` and ``stop``
 wait for the ends too. At most ``max_finishing`` ends per worker are pending: beyond
 that the worker waits, so images that are slow to save cannot pile up without bound.
@@ -41,22 +44,19 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pipeline.errors import GenerationCancelled
 from pipeline.queue.base import Job, JobListener, Runner
-from pipeline.queue.device_calls import Claims, Launch, resolve
+from pipeline.queue.device_calls import Claims, End, Launch, group_of, resolve
 from pipeline.request import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-End = tuple[Job, Callable[[], Awaitable[None]]]  # a job that left the device, and how it ends
 
 
 @dataclass
@@ -365,6 +365,7 @@ class LocalQueue:
             except Exception:  # the first job will say what is wrong with it
                 log.warning("warming up %s failed", self.warm_up, exc_info=True)
         pending: list[asyncio.Task[None]] = []  # this worker's ends, oldest first
+        unbegun: deque[End] = deque()  # the ends of ``pending`` not begun yet, oldest first
         runs: deque[_Run] = deque()  # device calls, oldest first
         while True:
             pending = [task for task in pending if not task.done()]
@@ -386,10 +387,11 @@ class LocalQueue:
                 ends = await run
                 if ends is None:  # withdrawn before the device began it: the jobs wait again
                     continue
-                for job, end in ends:
+                for end in ends:
                     after = pending[-1] if pending else None
-                    task = asyncio.create_task(self._finish(job, end, after), name=f"finish-{job.id}")
-                    self._finishing[job.id] = task
+                    unbegun.append(end)
+                    task = asyncio.create_task(self._finish(end, after, unbegun), name=f"finish-{end.job.id}")
+                    self._finishing[end.job.id] = task
                     pending.append(task)
                 for job in jobs:
                     self._running.pop(job.id, None)
@@ -524,7 +526,7 @@ class LocalQueue:
         try:
             results = await running
         except GenerationCancelled:
-            ends.extend((job, functools.partial(self.listener.job_stopped, job)) for job in claims.held)
+            ends.extend(End(job, "stopped") for job in claims.held)
         except Exception:
             log.warning("a batch of %d jobs failed; running each alone", len(jobs), exc_info=True)
             for job in claims.held:
@@ -534,9 +536,9 @@ class LocalQueue:
                 if job not in claims.held:
                     continue
                 if job.stop.is_set():
-                    ends.append((job, functools.partial(self.listener.job_stopped, job)))
+                    ends.append(End(job, "stopped"))
                 else:
-                    ends.append((job, functools.partial(self.listener.job_finished, job, result)))
+                    ends.append(End(job, "finished", result))
         return True
 
     async def _run(
@@ -582,25 +584,36 @@ class LocalQueue:
         try:
             result = await running
         except GenerationCancelled:
-            end = functools.partial(self.listener.job_stopped, job)
+            end = End(job, "stopped")
         except Exception as exc:
-            end = functools.partial(self.listener.job_failed, job, exc)
+            end = End(job, "failed", exc)
         else:
-            end = functools.partial(self.listener.job_finished, job, result)  # type: ignore[arg-type]
+            end = End(job, "finished", result)
         if claimed or job in claims.held:
-            ends.append((job, end))
+            ends.append(end)
         return True
 
-    async def _finish(
-        self, job: Job, end: Callable[[], Awaitable[None]], after: asyncio.Task[None] | None
-    ) -> None:
-        """End ``job`` off the device's path, after the worker's previous job has ended."""
+    async def _finish(self, end: End, after: asyncio.Task[None] | None, unbegun: deque[End]) -> None:
+        """End a job off the device's path, after the worker's previous job has ended; with
+        the finished jobs that wait right after it, in one call, when the listener ends
+        several at once (``jobs_finished``)."""
+        job = end.job
         try:
             if after is not None:
                 await asyncio.wait({after})
-            await end()
+            if end.grouped:  # ended with an earlier one
+                return
+            unbegun.remove(end)
+            together = getattr(self.listener, "jobs_finished", None)
+            group = group_of(end, unbegun, self.max_finishing if together is not None else 1)
+            if len(group) > 1:
+                await together([(each.job, each.value) for each in group])  # type: ignore[misc]
+            else:
+                await end.run(self.listener)
         except Exception:  # a listener bug must not lose the other jobs' ends
             log.exception("job %s: unexpected error while ending it", job.id)
         finally:
+            if not end.grouped and end in unbegun:  # cancelled before it began
+                unbegun.remove(end)
             self._finishing.pop(job.id, None)
             await self._notify_async()

@@ -4,6 +4,7 @@ the job with a message and leaves no image row and no file."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from bot.app import build_app
 from bot.errors import ImageStoreError
+from bot.hookspecs import hookimpl
 from bot.result_files import files_on_keep
 from bot.types import Actor
 from pipeline.request import GeneratedImage, GenerationResult
@@ -80,3 +82,63 @@ async def test_a_file_that_cannot_be_written_leaves_none_of_the_jobs_files(tmp_p
     assert raised.value.key == "error.image_store_write"
     await pending.undo()  # as the job's end does on this error
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+class _HeldEnd:
+    """Holds the first finished job's ``generation_finished`` until the test opens it, and
+    records the jobs it is told of, in order."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.told: list[str] = []
+
+    @hookimpl
+    async def generation_finished(self, record: Any, app: Any) -> None:
+        self.told.append(record.id)
+        await self.open.wait()
+
+
+async def test_finished_jobs_that_waited_to_end_are_stored_at_once_and_told_in_order(
+    tmp_path: Path, tiny_library: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, held = GatedRunner(), _HeldEnd()
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}")
+    app = build_app(settings, engines=[runner], library=tiny_library, plugins=(held,))
+    log = EventLog(app)
+    groups: list[list[str]] = []
+    finish_many = app.store.finish_many
+
+    async def spied(jobs: Any, *, owner: str) -> Any:
+        groups.append([job.generation_id for job in jobs])
+        return await finish_many(jobs, owner=owner)
+
+    monkeypatch.setattr(app.store, "finish_many", spied)
+    await app.start()
+    try:
+        actor = Actor(platform="console", user_id="alice", name="Alice", chat_id="c")
+        jobs = []
+        for seed in (1, 2, 3, 4):
+            (reply,) = await app.service.handle_line(f"/draw a lantern --seed {seed}", actor)
+            jobs.extend(reply.data["jobs"])
+        runner.gate.release()
+        await log.wait_for(lambda: held.told == jobs[:1])  # the first job's end is held
+        runner.gate.release(3)  # the others run, and wait to end
+        for _ in range(200):
+            if app.queue.finishing == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert app.queue.finishing == 4 and groups == [jobs[:1]]
+        held.open.set()
+        await log.wait_for(lambda: len(log.of("finished")) == 4)
+        await app.idle()
+        assert groups == [jobs[:1], jobs[1:]]  # the three that waited: one transaction
+        assert [event.generation_id for event in log.of("finished")] == jobs  # told in order
+        assert held.told == jobs
+        for job_id, seed in zip(jobs, (1, 2, 3, 4), strict=True):
+            record = await app.store.get(job_id)
+            assert record.status == "finished" and [i.seed for i in record.images] == [seed]
+            assert (app.images_dir / record.images[0].path).is_file()
+    finally:
+        held.open.set()
+        runner.gate.release(10)
+        await app.stop()

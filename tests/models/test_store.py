@@ -7,12 +7,14 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from bot import db
 from models import Base
 from models.base import utcnow
 from models.records import ImageRecord, UserRecord
-from models.store import Lease, NewJob, Store
+from models.shared_files import SharedFiles
+from models.store import Finishing, Lease, NewJob, Store
 from pipeline.request import GenerationRequest
 from tests.conftest import terminate_other_connections
 
@@ -203,6 +205,54 @@ async def test_a_job_lost_while_its_files_were_kept_is_not_finished(store: Store
     # a job this process does not hold keeps nothing at all
     assert await store.finish("J2", [], owner="A", model_hash=None, device_seconds=0.5, keep=keep) is None
     assert kept == ["J1"]
+
+
+async def test_several_jobs_finish_at_once_each_as_one_would(store: Store) -> None:
+    """``finish_many``: each job's outcome as ``finish`` gives it (its record; None when it
+    was lost after its files were kept; the error its ``keep`` raised, nothing stored), and
+    the writes of all of them are one transaction."""
+    await _add(store, "J1", "J2", "J3", "J4", "J5", "J6")
+    for job_id in ("J1", "J2", "J3", "J4", "J5", "J6"):
+        assert await store.mark_running(job_id, lease("A"))
+    kept: list[str] = []
+
+    async def keep() -> None:
+        kept.append("J1")
+
+    async def broken() -> None:
+        raise OSError("the disk is full")
+
+    async def lost() -> None:
+        kept.append("J3")
+        assert await store.mark_cancelled("J3")
+
+    def image(job_id: str, image_id: str | None = None) -> list[ImageRecord]:
+        return [ImageRecord(image_id or f"I{job_id}", job_id, 0, f"{job_id}.png", 64, 64, 5, 0, "a cat")]
+
+    outcomes = await store.finish_many(
+        [
+            Finishing("J1", image("J1"), "h1", 0.5, keep=keep),
+            Finishing("J2", image("J2"), None, 0.5, keep=broken),
+            Finishing("J3", image("J3"), None, 0.5, keep=lost),
+            Finishing("J4", image("J4"), None, 0.75, data={"IJ4": b"png bytes"}),
+        ],
+        owner="A",
+    )
+    first, second, third, fourth = outcomes
+    assert first.status == "finished" and first.model_hash == "h1" and [i.id for i in first.images] == ["IJ1"]
+    assert isinstance(second, OSError) and third is None
+    assert fourth.status == "finished" and fourth.device_seconds == 0.75
+    assert kept == ["J1", "J3"]
+    assert [(r.status, len(r.images)) for r in [await store.get(j) for j in ("J1", "J2", "J3", "J4")]] == [
+        ("finished", 1), ("running", 0), ("cancelled", 0), ("finished", 1),
+    ]  # fmt: skip
+    assert await SharedFiles(store).image("IJ4") == b"png bytes"
+    with pytest.raises(IntegrityError):  # J6's image takes an id in use: nothing of the two is stored
+        await store.finish_many(
+            [Finishing("J5", image("J5"), None, 0.5), Finishing("J6", image("J6", "IJ1"), None, 0.5)],
+            owner="A",
+        )
+    assert [(await store.get(j)).status for j in ("J5", "J6")] == ["running", "running"]
 
 
 async def test_open_jobs_are_listed_for_recovery(store: Store) -> None:

@@ -386,6 +386,48 @@ async def test_a_job_that_is_ending_does_not_hold_its_owners_running_cap() -> No
         await queue.stop()
 
 
+class GroupedEnds(SlowEnds):
+    """Ends several finished jobs at once when they wait to end (``jobs_finished``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[list[str]] = []
+
+    async def jobs_finished(self, finished) -> None:
+        self.groups.append([job.id for job, _ in finished])
+        await self.ends.wait()
+        self.ended.extend(job.id for job, _ in finished)
+
+
+async def test_finished_jobs_that_wait_to_end_end_together_in_order() -> None:
+    runner, listener = GatedRunner(), GroupedEnds()
+    queue = LocalQueue([runner], listener)
+    await queue.start()
+    try:
+        for seed in (1, 2, 3, 4, 5):
+            await queue.put(_job("a", seed))
+        runner.gate.release()
+        await _until(lambda: runner.order == [1] and queue.finishing == 1)  # a1 ends alone: held
+        runner.gate.release()
+        runner.gate.release()
+        await _until(lambda: runner.order == [1, 2, 3] and queue.running == 1)  # a4 on the device
+        assert await queue.cancel("a4") == "running"
+        runner.gate.release()  # a4 stops
+        runner.gate.release()  # a5 runs
+        await _until(lambda: runner.order == [1, 2, 3, 5] and queue.finishing == 5)
+        listener.ends.set()
+        await asyncio.wait_for(queue.ended("a3"), 10)
+        await asyncio.wait_for(queue.join(), 10)
+        # a2 and a3 waited behind a1's end: one call; a4's stop ends the group; a5 alone
+        assert listener.groups == [["a2", "a3"]]
+        assert listener.ended == ["a1", "a2", "a3", "a5"]
+        assert ("stopped:cancel", "a4") in listener.log
+        assert queue.finishing == 0 and await queue.position("a3") is None
+    finally:
+        listener.ends.set()
+        await queue.stop()
+
+
 async def test_pending_ends_beyond_the_limit_hold_the_device() -> None:
     runner, listener = GatedRunner(), SlowEnds()
     queue = LocalQueue([runner], listener, max_finishing=2)

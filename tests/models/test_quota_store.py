@@ -1,0 +1,78 @@
+"""Settling a job's quota: billed once, its reservation released, a new period's row made
+when the reservation was in another one; the same on SQLite and on PostgreSQL (where the
+settlement is one statement)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import func, select
+
+from bot import db
+from models.governance import QuotaLedger
+from models.quota_store import Limits, QuotaStore, Usage
+from models.store import Store
+
+
+async def _quotas(url: str) -> QuotaStore:
+    await asyncio.to_thread(db.upgrade, url)
+    return QuotaStore(Store.from_url(url))
+
+
+async def _ledger(quotas: QuotaStore) -> list[tuple[str, str, int, float]]:
+    ledger = QuotaLedger.__table__.c
+    async with quotas.store.session() as session:
+        rows = await session.execute(
+            select(ledger.generation_id, ledger.outcome, ledger.images, ledger.seconds).order_by(
+                ledger.generation_id
+            )
+        )
+        return [tuple(row) for row in rows]
+
+
+async def test_a_settlement_bills_once_and_releases_the_reservation(database_url: str) -> None:
+    quotas = await _quotas(database_url)
+    try:
+        for _ in range(3):
+            assert await quotas.reserve("u", "g", "day:1", images=2, jobs=1, limits=Limits(images=10))
+        settle = quotas.settle
+        assert await settle(
+            "J1", "u", "g", "day:1", outcome="finished", images=2, seconds=1.5, reserved_images=2
+        )
+        assert await quotas.usage("u", "g", "day:1") == Usage(2, 4, 2, 1.5)
+        assert not await settle(
+            "J1", "u", "g", "day:1", outcome="finished", images=2, seconds=1.5, reserved_images=2
+        )
+        assert await quotas.usage("u", "g", "day:1") == Usage(2, 4, 2, 1.5)  # billed once
+        # a failed job bills nothing and releases what it held
+        assert await settle(
+            "J2", "u", "g", "day:1", outcome="failed", images=0, seconds=0.7, reserved_images=2
+        )
+        assert await quotas.usage("u", "g", "day:1") == Usage(2, 2, 1, 1.5)
+        # two settlements of one job at once (a worker's end and a recovery): one bills
+        both = await asyncio.gather(
+            *(
+                settle("J3", "u", "g", "day:1", outcome="finished", images=2, seconds=0.5, reserved_images=2)
+                for _ in range(2)
+            )
+        )
+        assert sorted(both) == [False, True]
+        assert await quotas.usage("u", "g", "day:1") == Usage(4, 0, 0, 2.0)
+        assert await _ledger(quotas) == [
+            ("J1", "finished", 2, 1.5),
+            ("J2", "failed", 0, 0.7),
+            ("J3", "finished", 2, 0.5),
+        ]
+        # reserved yesterday, ended today: today's row is made and billed, nothing held
+        assert await settle(
+            "J4", "u", "g", "day:2", outcome="finished", images=1, seconds=0.25, reserved_images=1
+        )
+        assert await quotas.usage("u", "g", "day:2") == Usage(1, 0, 0, 0.25)
+        assert await settle(
+            "J5", "u", "g", "day:3", outcome="cancelled", images=0, seconds=0, reserved_images=1
+        )
+        assert await quotas.usage("u", "g", "day:3") == Usage(0, 0, 0, 0.0)
+        async with quotas.store.session() as session:
+            assert await session.scalar(select(func.count()).select_from(QuotaLedger)) == 5
+    finally:
+        await quotas.store.close()
