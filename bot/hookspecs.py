@@ -121,6 +121,15 @@ def generation_finished(record: GenerationRecord, app: App) -> None | Awaitable[
 
 
 @hookspec
+def generations_finished(records: list[GenerationRecord], app: App) -> None | Awaitable[None]:
+    """Called once for the jobs of one device whose ends were stored together (one or
+    more, in the order they ran), before ``generation_finished`` is called for each of
+    them: a plugin may do its per-job work here for all of them at once (quotas settle
+    them in one round trip). May be async. Errors are logged and never reach the user or
+    other plugins."""
+
+
+@hookspec
 def generation_ended(record: GenerationRecord, app: App) -> None | Awaitable[None]:
     """Called once per job that ended without finishing (status "failed" or "cancelled"),
     after the status is stored, with its ``GenerationRecord``. Never called for a job that

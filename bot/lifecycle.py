@@ -220,8 +220,9 @@ class JobLifecycle:
 
     async def jobs_finished(self, finished: list[tuple[Job, GenerationResult]]) -> None:
         """End finished jobs of one device, in order: their images made ready together,
-        their rows stored in one transaction (``Store.finish_many``), then each one's end
-        told (``Finished``, the ``generation_finished`` hooks) one after another. A job
+        their rows stored in one transaction (``Store.finish_many``), the
+        ``generations_finished`` hooks told of them all, then each one's ``Finished``, then
+        each one's ``generation_finished`` hooks, one job after another. A job
         whose images cannot be made ready stays running here (its lease recovers it)."""
         made = await asyncio.gather(
             *(self.app.images.prepare(job.id, result) for job, result in finished), return_exceptions=True
@@ -246,32 +247,40 @@ class JobLifecycle:
             for _, pending in ready:
                 await pending.undo()
             raise
+        stored = [outcome for outcome in outcomes if isinstance(outcome, GenerationRecord)]
+        if stored:
+            await self._notify("generations_finished", records=stored)
+        told: list[GenerationRecord] = []
         for (job, pending), outcome in zip(ready, outcomes, strict=True):
             try:
-                await self._finished(job, pending, outcome)
+                if await self._finished(job, pending, outcome):
+                    told.append(outcome)  # type: ignore[arg-type]
             except Exception:  # one job's error must not lose the others' ends
                 log.exception("job %s: unexpected error while ending it", job.id)
+        for record in told:  # after every result is out: a hook that looks at a group sees them all
+            await self._notify("generation_finished", record=record)
 
     async def _finished(
         self, job: Job, pending: PendingImages, outcome: GenerationRecord | Exception | None
-    ) -> None:
-        """Tell a finished job's end, once ``Store.finish_many`` said how it went."""
+    ) -> bool:
+        """Tell a finished job's end, once ``Store.finish_many`` said how it went; whether it
+        finished (its ``generation_finished`` hooks are due)."""
         if isinstance(outcome, Exception):  # its images could not be kept: nothing was stored
             await pending.undo()  # no file is left once the failure is told
             if not isinstance(outcome, ImageStoreError):
                 raise outcome
             await self._fail(job.id, await self._audience(job), outcome)
-            return
+            return False
         if outcome is None:  # cancelled, failed or taken over meanwhile: the row says how it ended
             await pending.undo()  # files put in place before the job was lost are taken back
-            return
+            return False
         audience = await self._audience(job)
         actions = self.result_actions(outcome, audience.actor)
         out = tuple(ImageOut(i.id, i.seed, i.width, i.height, i.infotext) for i in outcome.images)
         self.app.bus.publish(
             Finished(job.id, *_fields(audience), images=out, actions=tuple(actions), spoiler=outcome.spoiler)
         )
-        await self._notify("generation_finished", outcome)
+        return True
 
     def result_actions(self, record: GenerationRecord, actor: Actor) -> list[Action]:
         """The buttons plugins offer on a finished job (``result_actions``), in hook order;
@@ -287,13 +296,14 @@ class JobLifecycle:
         """A job failed or was cancelled (its status is stored): tell ``generation_ended``."""
         record = await self.app.store.get(generation_id)
         if record is not None:
-            await self._notify("generation_ended", record)
+            await self._notify("generation_ended", record=record)
 
-    async def _notify(self, hook_name: str, record: GenerationRecord) -> None:
-        """Call a per-job hook plugin by plugin: one plugin's error never stops the others."""
+    async def _notify(self, hook_name: str, **arguments: Any) -> None:
+        """Call a job's hook (``arguments`` and the App) plugin by plugin: one plugin's error
+        never stops the others."""
         for impl in getattr(self.app.pm.hook, hook_name).get_hookimpls():
             try:
-                result = impl.function(record=record, app=self.app)
+                result = impl.function(**arguments, app=self.app)
                 if asyncio.iscoroutine(result):
                     await result
             except Exception:

@@ -10,6 +10,7 @@ touches the usage, so a job is billed (or released) exactly once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,6 +49,39 @@ class Override:
     images: int | None
     gpu_seconds: float | None
     set_by: str
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one job's reservation ends (``QuotaStore.settle``): billed ``images`` and
+    ``seconds`` (a finished job), and its ``reserved_images`` released."""
+
+    generation_id: str
+    user_key: str
+    scope: str
+    period: str
+    outcome: str  # finished, failed or cancelled
+    images: int
+    seconds: float
+    reserved_images: int
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome == "finished"
+
+    def params(self) -> dict[str, Any]:
+        """The parameters of its statements (``_settled_at_once``, ``_settlement``)."""
+        return {
+            **_key_params(self.user_key, self.scope, self.period),
+            "add_images": self.images,
+            "add_seconds": self.seconds,
+            "reserved": self.reserved_images,
+            "job": self.generation_id,
+            "outcome_of_job": self.outcome,
+            "images_of_job": self.images,
+            "seconds_of_job": self.seconds,
+            "at": utcnow(),
+        }
 
 
 class QuotaStore:
@@ -89,36 +123,26 @@ class QuotaStore:
     ) -> bool:
         """Bill a finished job's ``images``/``seconds`` and release its reservation (one
         open job and ``reserved_images``); False when this job was already settled."""
-        entry = {
-            "generation_id": generation_id,
-            "user_key": user_key,
-            "scope": scope,
-            "period": period,
-            "outcome": outcome,
-            "images": images,
-            "seconds": seconds,
-        }
-        params = {
-            **_key_params(user_key, scope, period),
-            "add_images": images,
-            "add_seconds": seconds,
-            "reserved": reserved_images,
-        }
-        finished = outcome == "finished"
+        job = Settlement(generation_id, user_key, scope, period, outcome, images, seconds, reserved_images)
         if self.store.engine.dialect.name == "postgresql":
             # one statement, atomic on its own: the usage row is locked only while it runs
-            row = {"job": generation_id, "outcome_of_job": outcome, "images_of_job": images,
-                   "seconds_of_job": seconds, "at": utcnow()}  # fmt: skip
-            return (await self.store.one(_settled_at_once(finished), {**params, **row})).first() is not None
+            return (await self.store.one(_settled_at_once(job.finished), job.params())).first() is not None
         async with self.store.unit() as session:
-            inserted = await session.execute(insert_ignore(session, QuotaLedger.__table__), entry)
-            if inserted.rowcount != 1:
-                return False
-            change = _SETTLE_FINISHED if finished else _SETTLE_ENDED
-            if (await session.execute(change, params)).rowcount != 1:  # its reservation was in another period
-                await _ensure_row(session, user_key, scope, period)
-                await session.execute(change, params)
-            return True
+            return await _settle_in(session, job)
+
+    async def settle_many(self, jobs: Sequence[Settlement]) -> None:
+        """``settle`` each of ``jobs`` (a device's finished jobs, stored together), all or
+        none: on PostgreSQL in one round trip (an atomic ``executemany`` of the one-statement
+        settlement), on SQLite in one transaction."""
+        if self.store.engine.dialect.name == "postgresql":
+            for finished in (True, False):
+                rows = [job.params() for job in jobs if job.finished == finished]
+                if rows:
+                    await self.store.one(_settled_at_once(finished), rows)
+            return
+        async with self.store.unit() as session:
+            for job in jobs:
+                await _settle_in(session, job)
 
     async def unsettled(self, since: datetime) -> list[str]:
         """The jobs made since ``since`` that ended (finished, failed or cancelled) with no
@@ -285,6 +309,27 @@ async def _ensure_row(session: AsyncSession, user_key: str, scope: str, period: 
             bonus_seconds=0.0,
         )
     )
+
+
+async def _settle_in(session: Any, job: Settlement) -> bool:
+    """Settle ``job`` in ``session``'s unit of work (SQLite): its ledger row first, then its
+    usage row (made when its reservation was in another period); False when it was settled."""
+    ledger = {
+        "generation_id": job.generation_id,
+        "user_key": job.user_key,
+        "scope": job.scope,
+        "period": job.period,
+        "outcome": job.outcome,
+        "images": job.images,
+        "seconds": job.seconds,
+    }
+    if (await session.execute(insert_ignore(session, QuotaLedger.__table__), ledger)).rowcount != 1:
+        return False
+    change, params = _SETTLE_FINISHED if job.finished else _SETTLE_ENDED, job.params()
+    if (await session.execute(change, params)).rowcount != 1:  # its reservation was in another period
+        await _ensure_row(session, job.user_key, job.scope, job.period)
+        await session.execute(change, params)
+    return True
 
 
 @functools.cache

@@ -174,7 +174,9 @@ class Transaction:
 # the statements of every job's start and end, built once: building a statement costs
 # more than running it
 _IS_HELD = (JOBS.c.id == bindparam("job"), JOBS.c.status == "running", JOBS.c.owner == bindparam("holder"))
-_HELD = select(JOBS.c.id).where(*_IS_HELD)
+_HELD_ANY = select(JOBS.c.id).where(
+    JOBS.c.id.in_(bindparam("jobs", expanding=True)), *_IS_HELD[1:]
+)  # which of ``jobs`` are held by ``holder``
 _FINISH = (
     update(JOBS)
     .where(*_IS_HELD)
@@ -525,17 +527,21 @@ class Store(_JobLeases):
                         f"image {image.id} belongs to {image.generation_id}, not {job.generation_id}"
                     )
         outcomes: list[GenerationRecord | None | Exception] = [None] * len(jobs)
-        writing: list[int] = []
-        for index, job in enumerate(jobs):
-            if job.keep is not None:
-                if (await self.one(_HELD, {"job": job.generation_id, "holder": owner})).first() is None:
-                    continue  # not held here: nothing kept
-                try:
-                    await job.keep()
-                except Exception as exc:
-                    outcomes[index] = exc
-                    continue
-            writing.append(index)
+        won = set(range(len(jobs)))  # not lost so far
+        keeping = [index for index, job in enumerate(jobs) if job.keep is not None]
+        if keeping:  # one look for all, then every keep at once (files, uploads)
+            ids = [jobs[index].generation_id for index in keeping]
+            held = {row.id for row in (await self.one(_HELD_ANY, {"jobs": ids, "holder": owner})).all()}
+            won -= {index for index in keeping if jobs[index].generation_id not in held}
+            keeping = [index for index in keeping if index in won]
+            kept = await asyncio.gather(*(jobs[index].keep() for index in keeping), return_exceptions=True)  # type: ignore[misc]
+            for index, error in zip(keeping, kept, strict=True):
+                if isinstance(error, BaseException):
+                    if not isinstance(error, Exception):
+                        raise error  # a cancellation
+                    outcomes[index] = error
+                    won.discard(index)
+        writing = sorted(won)
         if not writing:
             return outcomes
         async with self.unit() as unit:

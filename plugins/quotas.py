@@ -18,6 +18,7 @@ reservation, so a plan that fails reserves nothing.
 from __future__ import annotations
 
 import logging
+import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ from bot.api import (
     user_key,
 )
 from bot.types import Admission, Argument, Command, CommandContext, Denial, DrawRequest, Reply, Route
-from models.quota_store import Limits, QuotaStore, Usage
+from models.quota_store import Limits, QuotaStore, Settlement, Usage
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,19 @@ async def request_dropped(request: Any, app: Any) -> None:
 
 
 @hookimpl
+async def generations_finished(records: list[Any], app: Any) -> None:
+    """Settle a device's finished jobs that were stored together, in one round trip; their
+    ``generation_finished`` then finds them settled."""
+    await QuotaStore(app.store).settle_many([_settlement(record, app, "finished") for record in records])
+    _settled_together.setdefault(app.store, set()).update(record.id for record in records)
+
+
+@hookimpl
 async def generation_finished(record: Any, app: Any) -> None:
+    together = _settled_together.get(app.store)
+    if together is not None and record.id in together:
+        together.discard(record.id)
+        return
     await _settle(record, app, "finished")
 
 
@@ -291,8 +304,28 @@ async def generation_ended(record: Any, app: Any) -> None:
     await _settle(record, app, record.status)
 
 
+# per App's store, the finished jobs ``generations_finished`` settled, until their own
+# ``generation_finished`` comes (right after it, one by one)
+_settled_together: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
 async def _settle(record: Any, app: Any, outcome: str) -> None:
     """Bill or release the job's reservation in the period and scope it was admitted in."""
+    job = _settlement(record, app, outcome)
+    await QuotaStore(app.store).settle(
+        job.generation_id,
+        job.user_key,
+        job.scope,
+        job.period,
+        outcome=job.outcome,
+        images=job.images,
+        seconds=job.seconds,
+        reserved_images=job.reserved_images,
+    )
+
+
+def _settlement(record: Any, app: Any, outcome: str) -> Settlement:
+    """How the job's reservation ends, in the period and scope it was admitted in."""
     cfg = config(app)
     # where it was asked: a linked person's user row may be on another platform
     platform = json_platform(record.route) or record.user.platform
@@ -302,15 +335,15 @@ async def _settle(record: Any, app: Any, outcome: str) -> None:
     period, _ = period_of(budget.period, record.created_at)
     images = record.request.num_images_per_prompt
     relaxed = record.priority <= cfg.relaxed_priority
-    await QuotaStore(app.store).settle(
+    return Settlement(
         record.id,
         who,
         usage_scope(cfg, scope),
         period,
-        outcome=outcome,
-        images=images if outcome == "finished" else 0,
-        seconds=float(record.device_seconds or 0.0) if outcome == "finished" else 0.0,
-        reserved_images=0 if relaxed else images,
+        outcome,
+        images if outcome == "finished" else 0,
+        float(record.device_seconds or 0.0) if outcome == "finished" else 0.0,
+        0 if relaxed else images,
     )
 
 

@@ -33,7 +33,7 @@ def test_every_hook_has_a_test() -> None:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     hooks = _hook_names()
-    assert len(hooks) == 17
+    assert len(hooks) == 18
     missing = [name for name in hooks if not any(t.startswith(f"test_hook_{name}") for t in tests)]
     assert not missing, f"hooks without a test: {missing}"
 
@@ -280,6 +280,35 @@ async def test_hook_generation_finished_errors_are_logged(make_app, caplog) -> N
         await app.idle()
     assert seen == [(job_id, "finished", 2)]
     assert "generation_finished of plugin" in caplog.text
+
+
+async def test_hook_generations_finished_comes_first_once_for_the_jobs_stored_together(
+    make_app, caplog
+) -> None:
+    calls = []
+
+    class Together:
+        @hookimpl
+        async def generations_finished(self, records, app):
+            calls.append(("together", [(r.id, r.status, len(r.images)) for r in records]))
+
+        @hookimpl
+        async def generation_finished(self, record, app):
+            calls.append(("one", record.id))
+
+    class Broken:
+        @hookimpl
+        def generations_finished(self, records, app):
+            raise RuntimeError("plugin bug")
+
+    app = await make_app(extra_plugins=(Together(), Broken()))
+    log = EventLog(app)
+    with caplog.at_level(logging.ERROR):
+        (job_id,) = (await _draw(app, "/draw a cat --batch 2"))[0].data["jobs"]
+        await log.wait_for(lambda: log.of("finished", job_id))
+        await app.idle()
+    assert calls == [("together", [(job_id, "finished", 2)]), ("one", job_id)]
+    assert "generations_finished of plugin" in caplog.text
 
 
 async def test_hook_generation_ended_once_for_failed_and_cancelled_jobs(make_app, caplog) -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from bot.app import build_app
 from bot.errors import ImageStoreError
 from bot.hookspecs import hookimpl
 from bot.result_files import files_on_keep
 from bot.types import Actor
+from models.governance import QuotaLedger, QuotaUsage
 from pipeline.request import GeneratedImage, GenerationResult
 from tests.conftest import EventLog, make_settings
 from tests.queue.test_contract import GatedRunner
@@ -91,6 +93,11 @@ class _HeldEnd:
     def __init__(self) -> None:
         self.open = asyncio.Event()
         self.told: list[str] = []
+        self.together: list[list[str]] = []
+
+    @hookimpl
+    def generations_finished(self, records: list[Any], app: Any) -> None:
+        self.together.append([record.id for record in records])
 
     @hookimpl
     async def generation_finished(self, record: Any, app: Any) -> None:
@@ -102,7 +109,9 @@ async def test_finished_jobs_that_waited_to_end_are_stored_at_once_and_told_in_o
     tmp_path: Path, tiny_library: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner, held = GatedRunner(), _HeldEnd()
-    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}")
+    settings = make_settings(
+        tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'atelier.db'}", plugins={"quotas": {"images": 10}}
+    )
     app = build_app(settings, engines=[runner], library=tiny_library, plugins=(held,))
     log = EventLog(app)
     groups: list[list[str]] = []
@@ -123,7 +132,7 @@ async def test_finished_jobs_that_waited_to_end_are_stored_at_once_and_told_in_o
         runner.gate.release()
         await log.wait_for(lambda: held.told == jobs[:1])  # the first job's end is held
         runner.gate.release(3)  # the others run, and wait to end
-        for _ in range(200):
+        for _ in range(2000):  # at most 20 s
             if app.queue.finishing == 4:
                 break
             await asyncio.sleep(0.01)
@@ -134,6 +143,12 @@ async def test_finished_jobs_that_waited_to_end_are_stored_at_once_and_told_in_o
         assert groups == [jobs[:1], jobs[1:]]  # the three that waited: one transaction
         assert [event.generation_id for event in log.of("finished")] == jobs  # told in order
         assert held.told == jobs
+        assert held.together == [jobs[:1], jobs[1:]]  # each stored group, before its jobs' own hooks
+        async with app.store.session() as session:  # billed once each, nothing left reserved
+            billed = (await session.execute(select(QuotaLedger.generation_id, QuotaLedger.images))).all()
+            usage = (await session.execute(select(func.sum(QuotaUsage.images_used),
+                     func.sum(QuotaUsage.images_reserved), func.sum(QuotaUsage.jobs_open)))).one()  # fmt: skip
+        assert sorted(billed) == sorted((job_id, 1) for job_id in jobs) and tuple(usage) == (4, 0, 0)
         for job_id, seed in zip(jobs, (1, 2, 3, 4), strict=True):
             record = await app.store.get(job_id)
             assert record.status == "finished" and [i.seed for i in record.images] == [seed]

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from bot import db
 from models.governance import QuotaLedger
-from models.quota_store import Limits, QuotaStore, Usage
+from models.quota_store import Limits, QuotaStore, Settlement, Usage
 from models.store import Store
 
 
@@ -74,5 +74,37 @@ async def test_a_settlement_bills_once_and_releases_the_reservation(database_url
         assert await quotas.usage("u", "g", "day:3") == Usage(0, 0, 0, 0.0)
         async with quotas.store.session() as session:
             assert await session.scalar(select(func.count()).select_from(QuotaLedger)) == 5
+    finally:
+        await quotas.store.close()
+
+
+async def test_settling_several_at_once_bills_each_as_one_by_one(database_url: str) -> None:
+    quotas = await _quotas(database_url)
+    try:
+        for _ in range(3):
+            assert await quotas.reserve("u", "g", "day:1", images=2, jobs=1, limits=Limits(images=10))
+        assert await quotas.reserve("v", "g", "day:1", images=1, jobs=1, limits=Limits())
+        assert await quotas.settle(
+            "J1", "u", "g", "day:1", outcome="finished", images=2, seconds=1.0, reserved_images=2
+        )
+        await quotas.settle_many(
+            [
+                Settlement("J1", "u", "g", "day:1", "finished", 2, 1.0, 2),  # settled before: not again
+                Settlement("J2", "u", "g", "day:1", "finished", 2, 0.5, 2),
+                Settlement("J3", "u", "g", "day:1", "failed", 0, 0.0, 2),
+                Settlement("J4", "v", "g", "day:1", "finished", 1, 0.25, 1),
+                Settlement("J5", "v", "g", "day:2", "finished", 1, 0.25, 1),  # reserved the day before
+            ]
+        )
+        assert await quotas.usage("u", "g", "day:1") == Usage(4, 0, 0, 1.5)
+        assert await quotas.usage("v", "g", "day:1") == Usage(1, 0, 0, 0.25)
+        assert await quotas.usage("v", "g", "day:2") == Usage(1, 0, 0, 0.25)
+        assert [row[:2] for row in await _ledger(quotas)] == [
+            ("J1", "finished"), ("J2", "finished"), ("J3", "failed"), ("J4", "finished"), ("J5", "finished"),
+        ]  # fmt: skip
+        await quotas.settle_many(
+            [Settlement("J2", "u", "g", "day:1", "finished", 2, 0.5, 2)]
+        )  # again: nothing
+        assert await quotas.usage("u", "g", "day:1") == Usage(4, 0, 0, 1.5)
     finally:
         await quotas.store.close()

@@ -233,6 +233,7 @@ async def test_a_settlement_lost_after_the_end_was_stored_is_made_at_the_next_st
         raise ConnectionError("the database went away")
 
     monkeypatch.setattr(QuotaStore, "settle", lost)
+    monkeypatch.setattr(QuotaStore, "settle_many", lost)
     await first.queue.stop()
     (finished,) = (await draw(first, "/draw a cat --batch 2 --steps 2"))[0].data["jobs"]
     (cancelled,) = (await draw(first, "/draw a dog --steps 2"))[0].data["jobs"]
