@@ -132,8 +132,8 @@ def test_plugins_and_db_upgrade_commands(tmp_path: Path) -> None:
     assert "generate: check_request, plan_generation, register_commands, result_actions" in listing.stdout
     assert "pnginfo: register_commands" in listing.stdout
     assert (
-        "quotas: check_request, generation_ended, generation_finished, register_commands, request_dropped, startup"
-        in listing.stdout
+        "quotas: check_request, generation_ended, generation_finished, generations_finished, register_commands,"
+        " request_dropped, startup" in listing.stdout
     )
     assert "moderation: actor_roles, check_request, register_commands, startup" in listing.stdout
 
