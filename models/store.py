@@ -170,10 +170,6 @@ class Transaction:
             await joined.rollback()
 
 
-# the statements of every job's start and end, built once: building a statement costs
-# more than running it
-
-
 # the statements of every request, built once: building a statement costs more than
 # running it
 USERS = User.__table__

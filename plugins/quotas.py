@@ -311,17 +311,7 @@ _settled_together: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDic
 
 async def _settle(record: Any, app: Any, outcome: str) -> None:
     """Bill or release the job's reservation in the period and scope it was admitted in."""
-    job = _settlement(record, app, outcome)
-    await QuotaStore(app.store).settle(
-        job.generation_id,
-        job.user_key,
-        job.scope,
-        job.period,
-        outcome=job.outcome,
-        images=job.images,
-        seconds=job.seconds,
-        reserved_images=job.reserved_images,
-    )
+    await QuotaStore(app.store).settle_many([_settlement(record, app, outcome)])
 
 
 def _settlement(record: Any, app: Any, outcome: str) -> Settlement:
