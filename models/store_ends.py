@@ -123,7 +123,7 @@ class _JobEnds:
                         raise error  # a cancellation
                     outcomes[index] = error
                     won.discard(index)
-        writing = sorted(won)
+        writing = sorted(won, key=lambda index: jobs[index].generation_id)  # rows locked in id order
         if not writing:
             return outcomes
         async with self.unit() as unit:

@@ -97,7 +97,7 @@ class _JobLeases:
         async with self.session() as session:
             result = await session.execute(
                 update(Generation)
-                .where(Generation.owner == lease.owner, Generation.status.in_(OPEN_STATUSES))
+                .where(_in_id_order(Generation.owner == lease.owner, Generation.status.in_(OPEN_STATUSES)))
                 .values(lease_expires_at=lease.expires_at)
             )
             return result.rowcount
@@ -132,7 +132,7 @@ class _JobLeases:
         async with self.session() as session:
             result = await session.execute(
                 update(Generation)
-                .where(Generation.owner == owner, Generation.status.in_(OPEN_STATUSES))
+                .where(_in_id_order(Generation.owner == owner, Generation.status.in_(OPEN_STATUSES)))
                 .values(owner=None, lease_expires_at=None)
             )
             return result.rowcount
@@ -190,6 +190,17 @@ class _JobLeases:
             return await oldest_first(session, Generation.id.in_(won))
 
 
+def _in_id_order(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The rows ``conditions`` pick, locked in id order before a statement changes them
+    (on PostgreSQL; SQLite has one writer at a time). Every statement or transaction that
+    writes several jobs takes their rows in that order (claims and holds, renewals,
+    releases, ``finish_many``), so two of them never wait for each other's rows: that
+    would be a deadlock, which PostgreSQL breaks after a second by failing one of them (a
+    worker's group of ends, its claim or its lease's heartbeat)."""
+    locked = select(JOBS.c.id).where(*conditions).order_by(JOBS.c.id).with_for_update()
+    return JOBS.c.id.in_(locked.scalar_subquery())
+
+
 def _takeable(owner: Any, now: Any) -> ColumnElement[bool]:
     """The job is free for ``owner``: held by nobody, by ``owner`` itself, or by a process
     whose lease ran out."""
@@ -208,7 +219,7 @@ def _taking(**values: Any) -> Any:
     return (
         update(JOBS)
         .where(
-            JOBS.c.id.in_(bindparam("ids", expanding=True)),
+            _in_id_order(JOBS.c.id.in_(bindparam("ids", expanding=True))),
             JOBS.c.status == "queued",
             _takeable(bindparam("holder", type_=String), bindparam("now", type_=UTCDateTime())),
         )

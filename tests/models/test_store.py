@@ -255,6 +255,41 @@ async def test_several_jobs_finish_at_once_each_as_one_would(store: Store) -> No
     assert [(await store.get(j)).status for j in ("J5", "J6")] == ["running", "running"]
 
 
+async def test_writers_of_several_jobs_take_their_rows_in_one_order(store: Store, database_url: str) -> None:
+    """A worker's group of ends (given in any order), its lease's heartbeat and another
+    transaction that takes the same rows in id order wait for each other, never deadlock
+    (PostgreSQL would fail one of them after a second: the ends, or the heartbeat)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time")
+    import asyncpg
+
+    await _add(store, "J2", "J1")
+    for job_id in ("J2", "J1"):  # J2's row first: a scan meets it before J1's
+        assert await store.mark_running(job_id, lease("A"))
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    other, watcher = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        async with other.transaction():
+            await other.execute("UPDATE generations SET attempts = attempts WHERE id = 'J1'")
+            ending = asyncio.create_task(
+                store.finish_many([Finishing("J2", [], None, 0.5), Finishing("J1", [], None, 0.5)], owner="A")
+            )
+            renewing = asyncio.create_task(store.renew(lease("A", 60)))
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            for _ in range(200):
+                if await watcher.fetchval(waiting) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert await watcher.fetchval(waiting) == 2
+            await other.execute("UPDATE generations SET attempts = attempts WHERE id = 'J2'")
+        outcomes = await asyncio.wait_for(ending, 10)
+        assert [record.status for record in outcomes] == ["finished", "finished"]
+        assert await asyncio.wait_for(renewing, 10) in (0, 2)  # before the ends, or after them
+    finally:
+        await other.close()
+        await watcher.close()
+
+
 async def test_open_jobs_are_listed_for_recovery(store: Store) -> None:
     await _add(store, "J1", "J2", "J3")
     await store.mark_running("J2", lease("A"))
