@@ -11,7 +11,10 @@ arrives on its own bus, where the delivery layer shows it exactly as a local eve
 An event is JSON (``encode_event``/``decode_event``: only the event types and the values
 they carry, never arbitrary classes). PostgreSQL limits a notification to 8000 bytes: a
 larger event (a preview, a grid) is stored in ``relay_payloads`` and the notification
-names its row; rows older than ``PAYLOAD_TTL`` are removed as new ones come.
+names its row; rows older than ``PAYLOAD_TTL`` are removed as new ones come. Small events
+that pile up while a send runs travel together, as one notification holding a JSON array
+of them (``pack_events``): each notification wakes every listener, so a worker's burst of
+events (one job's start, progress and end) costs the database one.
 """
 
 from __future__ import annotations
@@ -88,6 +91,45 @@ def decode_event(text: str) -> JobEvent:
     if not isinstance(event, JobEvent):
         raise ValueError("not a job event")
     return event
+
+
+def decode_events(text: str) -> list[JobEvent]:
+    """The events of one notification: one event, or a packed array of them."""
+    values = json.loads(text)
+    events = [_decode(value) for value in values] if isinstance(values, list) else [_decode(values)]
+    if not all(isinstance(event, JobEvent) for event in events):
+        raise ValueError("not a job event")
+    return events
+
+
+def pack_events(texts: list[str], limit: int = INLINE_LIMIT) -> list[str | list[str]]:
+    """Encoded events in sending order as notifications: a run of small ones becomes one
+    payload (a JSON array, or the event itself when it is alone) of at most ``limit``
+    bytes; an event over ``limit`` stays apart as a list of its one text, to be stored
+    and named."""
+    notifications: list[str | list[str]] = []
+    run: list[str] = []
+    size = 1
+
+    def close() -> None:
+        nonlocal size
+        if run:
+            notifications.append(run[0] if len(run) == 1 else "[" + ",".join(run) + "]")
+            run.clear()
+            size = 1
+
+    for text in texts:
+        length = len(text.encode())
+        if length > limit:
+            close()
+            notifications.append([text])
+            continue
+        if size + length + 1 > limit:
+            close()
+        run.append(text)
+        size += length + 1
+    close()
+    return notifications
 
 
 def _encode(value: Any) -> Any:
@@ -253,20 +295,20 @@ class Relay:
                               events[0].kind, events[0].generation_id)  # fmt: skip
 
     async def _send(self, events: list[JobEvent]) -> None:
-        texts = [encode_event(event) for event in events]
-        if len(texts) == 1 and len(texts[0].encode()) <= INLINE_LIMIT:
-            # the common case, one small event: one statement, atomic on its own
-            await self.app.store.one(_NOTIFY, {"channel": CHANNEL, "payload": texts[0]})
+        notifications = pack_events([encode_event(event) for event in events])
+        if len(notifications) == 1 and isinstance(notifications[0], str):
+            # the common case, small events: one statement, atomic on its own
+            await self.app.store.one(_NOTIFY, {"channel": CHANNEL, "payload": notifications[0]})
             return
         async with self.app.store.unit() as unit:
-            for text in texts:
-                if len(text.encode()) > INLINE_LIMIT:
-                    row = await unit.scalar(_ADD_PAYLOAD, {"payload": text, "at": utcnow()})
-                    text = json.dumps({"ref": row})
+            for payload in notifications:
+                if isinstance(payload, list):  # one event too large to inline: stored, named
+                    row = await unit.scalar(_ADD_PAYLOAD, {"payload": payload[0], "at": utcnow()})
+                    payload = json.dumps({"ref": row})
                     self._sent_payloads += 1
                     if self._sent_payloads % 100 == 1:
                         await unit.execute(_FORGET_PAYLOADS, {"before": utcnow() - PAYLOAD_TTL})
-                await unit.execute(_NOTIFY, {"channel": CHANNEL, "payload": text})
+                await unit.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload})
 
     # listening ----------------------------------------------------------------------------------
 
@@ -277,20 +319,20 @@ class Relay:
         while True:  # one at a time: a job's events are published in the order they were sent
             payload = await self._inbox.get()
             try:
-                event = await self._read(payload)
+                events = await self._read(payload)
             except Exception:
                 log.exception("could not read a relayed event")
                 continue
-            if event is not None:
+            for event in events:
                 self.app.bus.publish(event)
 
-    async def _read(self, payload: str) -> JobEvent | None:
+    async def _read(self, payload: str) -> list[JobEvent]:
         if payload.startswith('{"ref"'):
             ref = json.loads(payload)["ref"]
             async with self.app.store.unit() as unit:
                 text = await unit.scalar(_PAYLOAD, {"ref": ref})
             if text is None:
                 log.warning("a relayed event (payload %s) was removed before it was read", ref)
-                return None
+                return []
             payload = text
-        return decode_event(payload)
+        return decode_events(payload)

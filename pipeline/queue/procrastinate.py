@@ -43,22 +43,27 @@ SELECT count(*) AS ahead FROM procrastinate_jobs
 WHERE queue_name = %(queue)s AND status = 'todo'
   AND (priority > %(priority)s OR (priority = %(priority)s AND id < %(id)s))
 """
-# a new job's priority and place, in one query before it is deferred: each open job of its
-# owner puts it a round further back (fairness), and it comes after every waiting job of
-# its priority or higher; two submits at the same instant may be told one place. One row,
-# however long the queue.
-_BEFORE_PUT = """
+# a new job placed and deferred in one statement: each open job of its owner puts it a
+# round further back (fairness), and it comes after every waiting job of its priority or
+# higher; two submits at the same instant may be told one place. One row, however long the
+# queue. The job is made by procrastinate's own defer function, its triggers and all.
+_PUT = """
 WITH open_jobs AS (
   SELECT priority, status, task_name = %(task)s AND args->>'owner' = %(owner)s AS mine
   FROM procrastinate_jobs
   WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
 ), placed AS (
   SELECT %(base)s - LEAST(count(*) FILTER (WHERE mine), %(last_round)s) AS priority FROM open_jobs
+), deferred AS (
+  SELECT procrastinate_defer_jobs_v1(ARRAY[
+    ROW(%(queue)s, %(task)s, placed.priority, NULL, %(queueing_lock)s, %(args)s, NULL)::procrastinate_job_to_defer_v1
+  ]) AS ids
+  FROM placed
 )
-SELECT placed.priority,
+SELECT deferred.ids[1] AS id,
        (SELECT count(*) FROM open_jobs
         WHERE open_jobs.status = 'todo' AND open_jobs.priority >= placed.priority) AS waiting
-FROM placed
+FROM placed, deferred
 """
 _MISSING = """
 SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
@@ -137,17 +142,22 @@ class ProcrastinateQueue:
             await self.app.close_async()
 
     async def put(self, job: Job) -> int:
-        from procrastinate.exceptions import AlreadyEnqueued
+        from procrastinate.exceptions import UniqueViolation
+        from procrastinate.manager import QUEUEING_LOCK_CONSTRAINT
 
-        placed = await self._one(
-            _BEFORE_PUT, owner=job.owner, base=queue_priority(job.priority, 0), last_round=ROUNDS - 1
-        )
-        priority = int(placed["priority"])
+        args = {"generation_id": job.id, "owner": job.owner, "max_running": job.max_running}
         try:
-            await self.app.configure_task(
-                TASK, queue=QUEUE, priority=priority, queueing_lock=job.id
-            ).defer_async(generation_id=job.id, owner=job.owner, max_running=job.max_running)
-        except AlreadyEnqueued:  # deferred before (a restart re-offers what waits): one is enough
+            placed = await self._one(
+                _PUT,
+                owner=job.owner,
+                base=queue_priority(job.priority, 0),
+                last_round=ROUNDS - 1,
+                queueing_lock=job.id,
+                args=args,
+            )
+        except UniqueViolation as exc:  # deferred before (a restart re-offers what waits): one is enough
+            if exc.constraint_name != QUEUEING_LOCK_CONSTRAINT:
+                raise
             return await self.position(job.id) or 1
         return int(placed["waiting"]) + 1
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bot.relay import decode_event, encode_event
+from bot.relay import decode_event, decode_events, encode_event, pack_events
 from bot.types import (
     Action,
     Actor,
@@ -75,10 +75,34 @@ def test_only_known_types_are_built() -> None:
         decode_event(json.dumps({"$t": "Actor", "v": {"platform": "x", "user_id": "1", "name": "n"}}))
 
 
+def test_small_events_are_packed_into_notifications_in_order() -> None:
+    """Runs of small events become one notification each, never over the limit in bytes
+    (Chinese text counts three a character); a large one stays apart, to be stored."""
+    chinese = Failed(
+        "g", ACTOR, ROUTE, key="error.x", params={"detail": "灯塔" * 200}
+    )  # 1,200 bytes, 400 characters
+    sent = [*EVENTS, chinese, *EVENTS, chinese, *EVENTS]
+    texts = [encode_event(event) for event in sent]
+    limit = 2000  # each event fits, two or three together do
+    texts.insert(5, "x" * (limit + 1))  # apart, where it came
+    notifications = pack_events(texts, limit=limit)
+    big = notifications.index(["x" * (limit + 1)])
+    small = [n for n in notifications if isinstance(n, str)]
+    assert 1 < len(small) < len(texts) - 1
+    assert all(len(n.encode()) <= limit for n in small)
+    events = [event for n in notifications[:big] for event in decode_events(n)]
+    events += [event for n in notifications[big + 1 :] for event in decode_events(n)]
+    assert events == sent
+    assert pack_events([texts[0]]) == [texts[0]]  # alone: the event itself
+    assert decode_events(texts[0]) == [EVENTS[0]]
+    with pytest.raises(ValueError, match="not a job event"):
+        decode_events(json.dumps([json.loads(texts[0]), 5]))
+
+
 async def test_events_cross_between_processes_through_postgresql_small_and_large() -> None:
     """Two Apps on one database: what one publishes, the other's bus gets, in order; an
     event past ``INLINE_LIMIT`` (a preview) travels as a stored payload named in the
-    notification."""
+    notification, and the small ones published together share notifications."""
     import asyncio
     from types import SimpleNamespace
 
@@ -104,10 +128,17 @@ async def test_events_cross_between_processes_through_postgresql_small_and_large
     apps[1].bus.subscribe(heard.append)
     big = Progress("g", ACTOR, ROUTE, step=3, total=20, preview=bytes(range(256)) * (INLINE_LIMIT // 100))
     sent = [EVENTS[0], big, *EVENTS[1:]]
+    import asyncpg
+
+    from bot.relay import CHANNEL
+
+    notified: list[str] = []
+    raw = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    await raw.add_listener(CHANNEL, lambda *args: notified.append(args[-1]))
     try:
         await listener.listen()
         await sender.forward()
-        for event in sent:
+        for event in sent:  # all at once: they wait in the outbox together
             apps[0].bus.publish(event)
         for _ in range(400):
             if len(heard) >= len(sent):
@@ -115,9 +146,13 @@ async def test_events_cross_between_processes_through_postgresql_small_and_large
             await asyncio.sleep(0.01)
         assert len(encode_event(big)) > INLINE_LIMIT
         assert heard == sent
+        # the first small one, the large one by reference, the other small ones together
+        assert len(notified) == 3 and notified[1].startswith('{"ref"')
+        assert decode_events(notified[0]) == sent[:1] and decode_events(notified[2]) == sent[2:]
         async with apps[0].store.session() as session:  # the large one went through its row
             assert await session.scalar(select(func.count()).select_from(RelayPayload)) == 1
     finally:
+        await raw.close()
         await sender.stop()
         await listener.stop()
         for app in apps:
