@@ -132,15 +132,31 @@ def pack_events(texts: list[str], limit: int = INLINE_LIMIT) -> list[str | list[
     return notifications
 
 
+_SCALARS = (str, int, float, bool, type(None))
+# each event type's fields, read once (dataclasses.fields costs more than the encoding)
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.init) for cls in _TYPES.values()
+}
+
+
 def _encode(value: Any) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    fields = _FIELDS.get(kind)
+    if fields is not None:
+        return {"$t": kind.__name__, "v": {name: _encode(getattr(value, name)) for name in fields}}
+    if kind is tuple:
+        return {"$l": [_encode(item) for item in value]}
+    if kind is list:
+        return [_encode(item) for item in value]
+    if kind is dict:
+        return {"$d": {str(key): _encode(item) for key, item in value.items()}}
     if isinstance(value, bytes):
         return {"$b": base64.b64encode(value).decode("ascii")}
-    name = type(value).__name__
+    name = kind.__name__
     if name in _JSON_TYPES and isinstance(value, _JSON_TYPES[name]):
         return {"$t": name, "v": value.to_json()}  # type: ignore[attr-defined]
-    if name in _TYPES and isinstance(value, _TYPES[name]):
-        fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-        return {"$t": name, "v": fields}
     if isinstance(value, frozenset | set):
         return {"$s": [_encode(item) for item in sorted(value, key=repr)]}
     if isinstance(value, tuple):
@@ -149,29 +165,31 @@ def _encode(value: Any) -> Any:
         return [_encode(item) for item in value]
     if isinstance(value, dict):
         return {"$d": {str(key): _encode(item) for key, item in value.items()}}
-    if value is None or isinstance(value, str | int | float | bool):
+    if isinstance(value, str | int | float | bool):
         return value
     return str(value)  # a value only shown as text (a path, a number type of a plugin's own)
 
 
 def _decode(value: Any) -> Any:
-    if isinstance(value, list):
+    kind = type(value)
+    if kind is list:
         return [_decode(item) for item in value]
-    if not isinstance(value, dict):
+    if kind is not dict:
         return value
-    if "$b" in value:
-        return base64.b64decode(value["$b"])
-    if "$s" in value:
-        return frozenset(_decode(item) for item in value["$s"])
-    if "$l" in value:
-        return tuple(_decode(item) for item in value["$l"])
-    if "$d" in value:
-        return {key: _decode(item) for key, item in value["$d"].items()}
     name = value.get("$t")
-    if name in _JSON_TYPES:
-        return _JSON_TYPES[name].from_json(value["v"])  # type: ignore[attr-defined]
-    if name in _TYPES:
-        return _TYPES[name](**{key: _decode(item) for key, item in value["v"].items()})
+    if name is not None:
+        if name in _TYPES:
+            return _TYPES[name](**{key: _decode(item) for key, item in value["v"].items()})
+        if name in _JSON_TYPES:
+            return _JSON_TYPES[name].from_json(value["v"])  # type: ignore[attr-defined]
+    elif "$d" in value:
+        return {key: _decode(item) for key, item in value["$d"].items()}
+    elif "$l" in value:
+        return tuple(_decode(item) for item in value["$l"])
+    elif "$b" in value:
+        return base64.b64decode(value["$b"])
+    elif "$s" in value:
+        return frozenset(_decode(item) for item in value["$s"])
     raise ValueError(f"unknown value in a relayed event: {value!r:.80}")
 
 
