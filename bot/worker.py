@@ -52,7 +52,8 @@ class WorkerFeed:
             batch_window=settings.queue.batch_window_ms / 1000,
             warm_up=settings.engine.default_checkpoint if settings.engine.warm_up else None,
         )
-        # enough jobs taken at once for each device to form a full micro-batch
+        # enough jobs taken at once for each device to form a full micro-batch; a job's
+        # place is free again once it leaves the device (``_run``)
         self.concurrency = max(1, len(app.engines)) * settings.queue.max_batch
         self._worker: asyncio.Task[None] | None = None
         self._draining = False
@@ -88,7 +89,12 @@ class WorkerFeed:
                 await worker
 
     async def _run(self, generation_id: str, owner: str, max_running: int | None) -> None:
-        """One procrastinate job: hold the generation, run it here, return once it ended."""
+        """One procrastinate job: hold the generation, run it here, return once it left
+        the device. Its end (images kept, the row stored, quotas settled) goes on here
+        without holding one of the worker's places, so ends that fall behind never keep
+        the next jobs off the device, and they are stored together. Should this process
+        die before the end is stored, the row, still running under this worker's lease, is
+        recovered as any interrupted job is."""
         service = self.app.service
         if self._draining:  # taken while stopping: offer it again, untouched
             record = await self.app.store.get(generation_id)
@@ -102,7 +108,7 @@ class WorkerFeed:
         job = Job(record.id, owner, request, record.priority, max_running)
         await self.local.put(job)
         try:
-            await self.local.ended(job.id)
+            await self.local.off_device(job.id)
         except asyncio.CancelledError:  # the bot asked to cancel it (procrastinate's abort)
             outcome = await self.local.cancel(job.id)
             if outcome == "queued" and await self.app.store.mark_cancelled(job.id):

@@ -208,6 +208,13 @@ class LocalQueue:
                 lambda: not self._waiting and not self._running and not self._finishing
             )
 
+    async def off_device(self, job_id: str) -> None:
+        """Wait until the job neither waits nor runs here: it left the device (or the
+        queue), though its end may still be under way."""
+        assert self._changed is not None, "start() the queue first"
+        async with self._changed:
+            await self._changed.wait_for(lambda: job_id not in self._waiting and job_id not in self._running)
+
     async def ended(self, job_id: str) -> None:
         """Wait until the job is neither waiting, running nor ending here."""
         assert self._changed is not None, "start() the queue first"

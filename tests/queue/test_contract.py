@@ -250,6 +250,47 @@ async def test_results_reach_the_bot_with_progress_in_order(cluster: Cluster) ->
     assert any(action.id.startswith("delete:") for action in finished.actions)
 
 
+class SlowEnds:
+    """A plugin whose ``generation_finished`` waits until the test lets it go: ends that
+    fall behind the device (slow saving or bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.finishing: list[str] = []
+
+    @hookimpl
+    async def generation_finished(self, record: Any, app: Any) -> None:
+        self.finishing.append(record.id)
+        await self.go.wait()
+
+
+async def test_ends_that_fall_behind_never_keep_the_next_job_off_the_device(cluster: Cluster) -> None:
+    """While a finished job's end is under way, the next jobs run (a worker takes one job
+    at a time here: a job's place is free once it leaves the device); their ends follow,
+    in order, once the first lets go."""
+    slow = SlowEnds()
+    cluster.runner_app.pm.register(slow)
+    try:
+        first = await cluster.draw(user("alice"), 1)
+        cluster.runner.gate.release(1)
+        for _ in range(3000):
+            if slow.finishing:
+                break
+            await asyncio.sleep(0.01)
+        assert slow.finishing == [first]
+        later = [await cluster.draw(user("bob"), 2), await cluster.draw(user("carol"), 3)]
+        cluster.runner.gate.release(2)
+        await cluster.wait_started(3)
+        assert cluster.runner.started == [1, 2, 3]
+        assert not any(cluster.log.of("finished", job) for job in later)  # their ends wait for the first's
+        slow.go.set()
+        await cluster.ended(first, *later)
+        assert slow.finishing == [first, *later]
+        assert all(cluster.log.of("finished", job) for job in (first, *later))
+    finally:
+        slow.go.set()  # a failed test leaves no end waiting
+
+
 async def test_a_stored_job_the_shared_queue_lost_is_offered_again(cluster: Cluster) -> None:
     if cluster.backend != "procrastinate":
         pytest.skip("the local queue is rebuilt from the rows at start (tests/bot/test_service.py)")
