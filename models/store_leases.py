@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.base import UTCDateTime, utcnow
 from models.records import GenerationRecord
-from models.store_rows import JOB_WITH_USER, JOBS, _record, _row_user, oldest_first
+from models.store_rows import JOB_WITH_USER, JOBS, _in_id_order, _record, _row_user, oldest_first
 from models.tables import OPEN_STATUSES, Generation
 
 
@@ -188,17 +188,6 @@ class _JobLeases:
             return []
         async with self.session() as session:
             return await oldest_first(session, Generation.id.in_(won))
-
-
-def _in_id_order(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
-    """The rows ``conditions`` pick, locked in id order before a statement changes them
-    (on PostgreSQL; SQLite has one writer at a time). Every statement or transaction that
-    writes several jobs takes their rows in that order (claims and holds, renewals,
-    releases, ``finish_many``), so two of them never wait for each other's rows: that
-    would be a deadlock, which PostgreSQL breaks after a second by failing one of them (a
-    worker's group of ends, its claim or its lease's heartbeat)."""
-    locked = select(JOBS.c.id).where(*conditions).order_by(JOBS.c.id).with_for_update()
-    return JOBS.c.id.in_(locked.scalar_subquery())
 
 
 def _takeable(owner: Any, now: Any) -> ColumnElement[bool]:
