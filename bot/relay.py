@@ -87,10 +87,10 @@ def encode_event(event: JobEvent) -> str:
 
 
 def decode_event(text: str) -> JobEvent:
-    event = _decode(json.loads(text))
-    if not isinstance(event, JobEvent):
-        raise ValueError("not a job event")
-    return event
+    events = decode_events(text)
+    if len(events) != 1:
+        raise ValueError("not one job event")
+    return events[0]
 
 
 def decode_events(text: str) -> list[JobEvent]:

@@ -133,10 +133,12 @@ class QuotaStore:
     async def settle_many(self, jobs: Sequence[Settlement]) -> None:
         """``settle`` each of ``jobs`` (a device's finished jobs, stored together), all or
         none: on PostgreSQL in one round trip (an atomic ``executemany`` of the one-statement
-        settlement), on SQLite in one transaction."""
+        settlement), on SQLite in one transaction. Usage rows are locked in key order, so
+        two workers settling the same users at once wait for each other, never deadlock."""
         if self.store.engine.dialect.name == "postgresql":
+            in_order = sorted(jobs, key=lambda job: (job.user_key, job.scope, job.period))
             for finished in (True, False):
-                rows = [job.params() for job in jobs if job.finished == finished]
+                rows = [job.params() for job in in_order if job.finished == finished]
                 if rows:
                     await self.store.one(_settled_at_once(finished), rows)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import func, select
 
 from bot import db
@@ -107,4 +108,45 @@ async def test_settling_several_at_once_bills_each_as_one_by_one(database_url: s
         )  # again: nothing
         assert await quotas.usage("u", "g", "day:1") == Usage(4, 0, 0, 1.5)
     finally:
+        await quotas.store.close()
+
+
+async def test_settlements_lock_usage_rows_in_one_order(database_url: str) -> None:
+    """A group's settlements take the users' usage rows in key order, as any other writer
+    that takes them in that order: they wait for each other, never deadlock (PostgreSQL
+    would fail one of them after a second)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time")
+    import asyncpg
+
+    quotas = await _quotas(database_url)
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    other, watcher = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        for user_key in ("a", "b"):
+            assert await quotas.reserve(user_key, "g", "day:1", images=1, jobs=1, limits=Limits())
+        touch = "UPDATE quota_usage SET jobs_open = jobs_open WHERE user_key = $1"
+        async with other.transaction():
+            await other.execute(touch, "a")
+            settling = asyncio.create_task(
+                quotas.settle_many(
+                    [
+                        Settlement("J1", "b", "g", "day:1", "finished", 1, 0.5, 1),
+                        Settlement("J2", "a", "g", "day:1", "finished", 1, 0.5, 1),
+                    ]
+                )
+            )
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            for _ in range(200):
+                if await watcher.fetchval(waiting) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert await watcher.fetchval(waiting) == 1
+            await other.execute(touch, "b")
+        await asyncio.wait_for(settling, 10)
+        assert await quotas.usage("a", "g", "day:1") == Usage(1, 0, 0, 0.5)
+        assert await quotas.usage("b", "g", "day:1") == Usage(1, 0, 0, 0.5)
+    finally:
+        await other.close()
+        await watcher.close()
         await quotas.store.close()
