@@ -8,7 +8,7 @@ What is here:
 - the hook marker (``hookimpl``), messages (``Msg``), errors and the option types;
 - drawing: ``draw`` (the /draw path for an actor), ``redraw`` (a child of a stored
   request: reroll, variation, refine), ``options_from_request`` (the options that rebuild
-  a stored request), ``default_plan``;
+  a stored request), ``default_plan``, ``plan_of`` (a request's plan, made once);
 - records and visibility: ``visible`` (a generation the actor may see, else "not found",
   the core's one rule), ``is_owner``/``may_see``, ``group_jobs``, ``pick_image``,
   ``lineage``/``thread_key_of`` (the chain a result grew from);
@@ -33,7 +33,7 @@ from bot.app import PresetEntry, StyleEntry
 from bot.autocomplete import list_choices
 from bot.commands import QUOTES, parse_args
 from bot.draw import freeze, join_parts, options_from_request, random_seed
-from bot.drawing import default_plan
+from bot.drawing import default_plan, plan_of
 from bot.errors import (
     CommandSyntaxError,
     ImageStoreError,
@@ -189,6 +189,7 @@ __all__ = [
     "parse_duration",
     "parse_int",
     "pick_image",
+    "plan_of",
     "plugin_state",
     "post_notice",
     "random_seed",

@@ -57,6 +57,19 @@ def default_plan(request: DrawRequest) -> Plan:
     return Plan(tuple(jobs))
 
 
+_PLANNED = "drawing.plan"  # DrawRequest.options: the request's plan, made once
+
+
+def plan_of(request: DrawRequest, app: Any) -> Plan:
+    """The jobs ``request`` makes (``plan_generation``, else ``default_plan``), planned
+    once per request: the checks that price it (quotas) and the store see the same plan."""
+    if _PLANNED not in request.options:
+        request.options[_PLANNED] = app.pm.hook.plan_generation(request=request, app=app) or default_plan(
+            request
+        )
+    return request.options[_PLANNED]
+
+
 class Drawing:
     """The /draw path of the service; its jobs are queued by the service's job lifecycle."""
 
@@ -175,7 +188,7 @@ class Drawing:
                 if isinstance(checked, Denial):
                     return [Reply(checked.key, checked.params, error=True)]
                 admitted = True
-                plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
+                plan = plan_of(request, app)
                 max_running = min((a.max_running for a in checked if a.max_running), default=None)
                 jobs = await self._store(
                     plan,

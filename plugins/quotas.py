@@ -30,9 +30,9 @@ from bot.api import (
     OptionSpec,
     UserError,
     audit,
-    default_plan,
     format_time,
     hookimpl,
+    plan_of,
     require_moderator,
     scope_key,
     scope_of,
@@ -168,7 +168,7 @@ async def effective_budget(app: Any, who: str, scope: str, roles: Any) -> Budget
 
 def request_cost(request: DrawRequest, app: Any) -> tuple[int, int, int]:
     """(images, jobs, width x height x steps x images) of what the plan will run."""
-    plan = app.pm.hook.plan_generation(request=request, app=app) or default_plan(request)
+    plan = plan_of(request, app)
     images = sum(job.request.num_images_per_prompt for job in plan.jobs)
     cost = sum(
         job.request.width

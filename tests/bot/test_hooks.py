@@ -214,9 +214,15 @@ async def test_hook_check_request_admission_lowers_priority_and_adds_a_note(make
 
 
 async def test_hook_plan_generation(make_app) -> None:
+    """A plugin's plan makes the jobs; it is asked once per request, though the quotas
+    price the same plan before it is stored."""
+
     class Sweep:
+        calls = 0
+
         @hookimpl
         def plan_generation(self, request, app):
+            Sweep.calls += 1
             base = request.generation
             jobs = tuple(PlannedJob(base.replace(guidance_scale=c), label=f"CFG {c}") for c in (3, 9))
             return Plan(jobs, kind="sweep")
@@ -224,7 +230,7 @@ async def test_hook_plan_generation(make_app) -> None:
     app = await make_app(extra_plugins=(Sweep(),))
     log = EventLog(app)
     ids = (await _draw(app, "/draw a cat --count 5"))[0].data["jobs"]
-    assert len(ids) == 2
+    assert len(ids) == 2 and Sweep.calls == 1
     records = [await app.store.get(i) for i in ids]
     assert [r.request.guidance_scale for r in records] == [3, 9]
     assert [r.label for r in records] == ["CFG 3", "CFG 9"]
