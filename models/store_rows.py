@@ -123,7 +123,7 @@ def _image_record(i: Image) -> ImageRecord:
 def _in_id_order(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
     """The rows ``conditions`` pick, locked in id order before a statement changes them
     (on PostgreSQL; SQLite has one writer at a time). Every statement or transaction that
-    writes several jobs takes their rows in that order (claims and holds, renewals,
+    writes several jobs takes their rows in that order (claims of several, renewals,
     releases, ``finish_many``), so two of them never wait for each other's rows: that
     would be a deadlock, which PostgreSQL breaks after a second by failing one of them (a
     worker's group of ends, its claim or its lease's heartbeat)."""

@@ -81,6 +81,26 @@ async def terminate_other_connections(url: str) -> int:
         await killer.close()
 
 
+async def wait_for_lock_waiters(url: str, count: int) -> None:
+    """Wait until ``count`` connections to ``url``'s PostgreSQL database wait for a lock
+    (another transaction's rows), at most two seconds."""
+    import asyncpg
+
+    watcher = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    try:
+        for _ in range(200):
+            if await watcher.fetchval(waiting) == count:
+                return
+            await asyncio.sleep(0.01)
+        assert await watcher.fetchval(waiting) == count
+    finally:
+        await watcher.close()
+
+
 async def _drop_postgres_database(url: str) -> None:
     import asyncpg
 

@@ -13,6 +13,7 @@ from bot import db
 from models.governance import QuotaLedger
 from models.quota_store import Limits, QuotaStore, Settlement, Usage
 from models.store import Store
+from tests.conftest import wait_for_lock_waiters
 
 
 async def _quotas(url: str) -> QuotaStore:
@@ -121,7 +122,7 @@ async def test_settlements_lock_usage_rows_in_one_order(database_url: str) -> No
 
     quotas = await _quotas(database_url)
     url = database_url.replace("postgresql+asyncpg://", "postgresql://")
-    other, watcher = await asyncpg.connect(url), await asyncpg.connect(url)
+    other = await asyncpg.connect(url)
     try:
         for user_key in ("a", "b"):
             assert await quotas.reserve(user_key, "g", "day:1", images=1, jobs=1, limits=Limits())
@@ -136,17 +137,11 @@ async def test_settlements_lock_usage_rows_in_one_order(database_url: str) -> No
                     ]
                 )
             )
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            for _ in range(200):
-                if await watcher.fetchval(waiting) == 1:
-                    break
-                await asyncio.sleep(0.01)
-            assert await watcher.fetchval(waiting) == 1
+            await wait_for_lock_waiters(database_url, 1)
             await other.execute(touch, "b")
         await asyncio.wait_for(settling, 10)
         assert await quotas.usage("a", "g", "day:1") == Usage(1, 0, 0, 0.5)
         assert await quotas.usage("b", "g", "day:1") == Usage(1, 0, 0, 0.5)
     finally:
         await other.close()
-        await watcher.close()
         await quotas.store.close()

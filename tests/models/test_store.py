@@ -16,7 +16,7 @@ from models.records import ImageRecord, UserRecord
 from models.shared_files import SharedFiles
 from models.store import Finishing, Lease, NewJob, Store
 from pipeline.request import GenerationRequest
-from tests.conftest import terminate_other_connections
+from tests.conftest import terminate_other_connections, wait_for_lock_waiters
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ async def test_writers_of_several_jobs_take_their_rows_in_one_order(store: Store
     for job_id in ("J2", "J1"):  # J2's row first: a scan meets it before J1's
         assert await store.mark_running(job_id, lease("A"))
     url = database_url.replace("postgresql+asyncpg://", "postgresql://")
-    other, watcher = await asyncpg.connect(url), await asyncpg.connect(url)
+    other = await asyncpg.connect(url)
     try:
         async with other.transaction():
             await other.execute("UPDATE generations SET attempts = attempts WHERE id = 'J1'")
@@ -275,19 +275,13 @@ async def test_writers_of_several_jobs_take_their_rows_in_one_order(store: Store
                 store.finish_many([Finishing("J2", [], None, 0.5), Finishing("J1", [], None, 0.5)], owner="A")
             )
             renewing = asyncio.create_task(store.renew(lease("A", 60)))
-            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            for _ in range(200):
-                if await watcher.fetchval(waiting) == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert await watcher.fetchval(waiting) == 2
+            await wait_for_lock_waiters(database_url, 2)
             await other.execute("UPDATE generations SET attempts = attempts WHERE id = 'J2'")
         outcomes = await asyncio.wait_for(ending, 10)
         assert [record.status for record in outcomes] == ["finished", "finished"]
         assert await asyncio.wait_for(renewing, 10) in (0, 2)  # before the ends, or after them
     finally:
         await other.close()
-        await watcher.close()
 
 
 async def test_open_jobs_are_listed_for_recovery(store: Store) -> None:
