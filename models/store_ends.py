@@ -159,7 +159,7 @@ class _JobEnds:
             images: list[dict[str, Any]] = []
             data: list[dict[str, Any]] = []
             for index, row in await self._finish_rows(
-                unit, [jobs[index] for index in writing], writing, owner
+                unit, [(index, jobs[index]) for index in writing], owner
             ):
                 if row is None:  # cancelled, failed or taken over meanwhile
                     continue
@@ -174,22 +174,23 @@ class _JobEnds:
         return outcomes
 
     async def _finish_rows(
-        self, unit: Any, jobs: list[Finishing], indexes: list[int], owner: str
+        self, unit: Any, jobs: list[tuple[int, Finishing]], owner: str
     ) -> list[tuple[int, Any]]:
-        """Mark ``jobs`` (in id order) finished where ``owner`` holds them: each one's
-        index with its row, None for one it does not hold. On PostgreSQL one statement
-        for them all; on SQLite (in process, no round trips) one each."""
+        """Mark ``jobs`` (indexed, in id order) finished where ``owner`` holds them: each
+        one's index with its row, None for one it does not hold. On PostgreSQL one
+        statement for them all; on SQLite (in process, no round trips) one each."""
         at = utcnow()
         if len(jobs) > 1 and self.engine.dialect.name == "postgresql":
+            ending = [job for _, job in jobs]
             rows = await unit.execute(
                 _FINISH_ALL,
-                {"jobs": [job.generation_id for job in jobs], "hashes": [job.model_hash for job in jobs],
-                 "seconds": [job.device_seconds for job in jobs], "holder": owner, "at": at},
+                {"jobs": [job.generation_id for job in ending], "hashes": [job.model_hash for job in ending],
+                 "seconds": [job.device_seconds for job in ending], "holder": owner, "at": at},
             )  # fmt: skip
             by_id = {row.id: row for row in rows.all()}
-            return [(index, by_id.get(job.generation_id)) for index, job in zip(indexes, jobs, strict=True)]
+            return [(index, by_id.get(job.generation_id)) for index, job in jobs]
         found = []
-        for index, job in zip(indexes, jobs, strict=True):
+        for index, job in jobs:
             finished = {"job": job.generation_id, "holder": owner, "at": at,
                         "hash": job.model_hash, "seconds": job.device_seconds}  # fmt: skip
             found.append((index, (await unit.execute(_FINISH, finished)).first()))
