@@ -70,17 +70,23 @@ class _JobLeases:
         """Claim several queued jobs (a micro-batch's) as ``mark_running`` claims one, in one
         statement: the jobs claimed (with their users), by id; one no longer queued, or
         held by another live process, is not among them."""
-        several = len(generation_ids) > 1 and self.engine.dialect.name == "postgresql"
-        return await self._take_queued(_CLAIM_IN_ORDER if several else _CLAIM, generation_ids, lease)
+        if not generation_ids:
+            return {}
+        if len(generation_ids) == 1:
+            statement = _CLAIM
+        else:
+            statement = _CLAIM_IN_ORDER if self.engine.dialect.name == "postgresql" else _CLAIM_SOME
+        return await self._take_queued(statement, generation_ids, lease)
 
     async def _take_queued(
         self, statement: Any, generation_ids: Sequence[str], lease: Lease
     ) -> dict[str, GenerationRecord]:
         """Put the queued jobs that ``lease.owner`` may take under its lease with
-        ``statement`` (``_CLAIM`` or ``_HOLD``); the jobs taken (read in the same
-        transaction), by id."""
+        ``statement`` (a claim, or ``_HOLD``; of one job, or of several); the jobs taken
+        (read in the same transaction), by id."""
+        picked = {"id": generation_ids[0]} if len(generation_ids) == 1 else {"ids": list(generation_ids)}
         params = {
-            "ids": list(generation_ids),
+            **picked,
             "holder": lease.owner,
             "until": lease.expires_at,
             "now": utcnow(),
@@ -203,17 +209,14 @@ def _takeable(owner: Any, now: Any) -> ColumnElement[bool]:
     )
 
 
-def _taking(*, in_order: bool = False, **values: Any) -> Any:
-    """The UPDATE that puts the queued jobs ``ids`` that ``holder`` may take under its lease
-    (``until``), with ``values``, returning them, ``in_order``: their rows locked in id
-    order first (several jobs on PostgreSQL; SQLite has one writer at a time, and the
-    subquery costs it a tenth of its claims); built once (building a statement costs more
-    than running it)."""
-    picked = JOBS.c.id.in_(bindparam("ids", expanding=True))
+def _taking(picked: ColumnElement[bool], **values: Any) -> Any:
+    """The UPDATE that puts the queued jobs ``picked`` (the one job ``id``, or the jobs
+    ``ids``) that ``holder`` may take under its lease (``until``), with ``values``,
+    returning them; built once (building a statement costs more than running it)."""
     return (
         update(JOBS)
         .where(
-            _in_id_order(picked) if in_order else picked,
+            picked,
             JOBS.c.status == "queued",
             _takeable(bindparam("holder", type_=String), bindparam("now", type_=UTCDateTime())),
         )
@@ -222,7 +225,12 @@ def _taking(*, in_order: bool = False, **values: Any) -> Any:
     )
 
 
+# one job by its id: the common case, with no list for the statement to be expanded by
+_ONE = JOBS.c.id == bindparam("id", type_=String)
+_SOME = JOBS.c.id.in_(bindparam("ids", expanding=True))
 _CLAIMED = {"status": "running", "started_at": bindparam("now"), "attempts": JOBS.c.attempts + 1}
-_CLAIM = _taking(**_CLAIMED)
-_CLAIM_IN_ORDER = _taking(in_order=True, **_CLAIMED)
-_HOLD = _taking()  # one job at a time
+_CLAIM = _taking(_ONE, **_CLAIMED)
+_CLAIM_SOME = _taking(_SOME, **_CLAIMED)  # SQLite: one writer at a time, and the order
+# subquery costs it a tenth of its claims
+_CLAIM_IN_ORDER = _taking(_in_id_order(_SOME), **_CLAIMED)  # rows locked in id order first
+_HOLD = _taking(_ONE)
