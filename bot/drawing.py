@@ -57,6 +57,12 @@ def default_plan(request: DrawRequest) -> Plan:
     return Plan(tuple(jobs))
 
 
+def _queue_jobs(jobs: list[NewJob], request: DrawRequest, max_running: int | None) -> list[Job]:
+    """The stored jobs as the queue takes them (fairness by the person who asked)."""
+    key = request.actor.key
+    return [Job(job.id, key, job.request, job.priority, max_running) for job in jobs]
+
+
 _PLANNED = "drawing.plan"  # DrawRequest.options: the request's plan, made once
 
 
@@ -199,11 +205,13 @@ class Drawing:
                     thread_key=thread_key,
                     forever_run=forever_run,
                 )
+                queued = _queue_jobs(jobs, request, max_running)
+                positions = await self._defer_within(queued)
         except Exception:
             if admitted:
                 await self._drop(request)
             raise
-        ids = await self._enqueue_all(jobs, request, route, thread_key, max_running)
+        ids = await self._enqueue_all(queued, Audience(request.actor, route, thread_key), positions)
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
@@ -246,7 +254,8 @@ class Drawing:
         thread_key: str | None = None,
         forever_run: str | None = None,
     ) -> list[str]:
-        """Store every job (one transaction), then queue them; a job is a row before it runs."""
+        """Store every job (one transaction), then queue them; a job is a row before it
+        runs. A shared queue on the store's database defers them in the same transaction."""
         async with self.app.store.transaction():
             jobs = await self._store(
                 plan,
@@ -257,7 +266,9 @@ class Drawing:
                 thread_key=thread_key,
                 forever_run=forever_run,
             )
-        return await self._enqueue_all(jobs, request, route, thread_key, max_running)
+            queued = _queue_jobs(jobs, request, max_running)
+            positions = await self._defer_within(queued)
+        return await self._enqueue_all(queued, Audience(request.actor, route, thread_key), positions)
 
     async def _store(
         self,
@@ -307,15 +318,10 @@ class Drawing:
         return jobs
 
     async def _enqueue_all(
-        self,
-        jobs: list[NewJob],
-        request: DrawRequest,
-        route: Route,
-        thread_key: str | None,
-        max_running: int | None,
+        self, jobs: list[Job], audience: Audience, positions: list[int] | None
     ) -> list[str]:
-        actor = request.actor
-        audience = Audience(actor, route, thread_key)
-        for job in jobs:
-            await self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
+        """Queue the stored ``jobs`` (or, deferred with their rows at ``positions``, only
+        tell where they wait)."""
+        for job, position in zip(jobs, positions or [None] * len(jobs), strict=True):
+            await self._enqueue(job, audience, position)
         return [job.id for job in jobs]
