@@ -57,12 +57,6 @@ def default_plan(request: DrawRequest) -> Plan:
     return Plan(tuple(jobs))
 
 
-def _queue_jobs(jobs: list[NewJob], request: DrawRequest, max_running: int | None) -> list[Job]:
-    """The stored jobs as the queue takes them (fairness by the person who asked)."""
-    key = request.actor.key
-    return [Job(job.id, key, job.request, job.priority, max_running) for job in jobs]
-
-
 _PLANNED = "drawing.plan"  # DrawRequest.options: the request's plan, made once
 
 
@@ -205,13 +199,11 @@ class Drawing:
                     thread_key=thread_key,
                     forever_run=forever_run,
                 )
-                queued = _queue_jobs(jobs, request, max_running)
-                positions = await self._defer_within(queued)
         except Exception:
             if admitted:
                 await self._drop(request)
             raise
-        ids = await self._enqueue_all(queued, Audience(request.actor, route, thread_key), positions)
+        ids = await self._enqueue_all(jobs, request, route, thread_key, max_running)
         accepted = Reply("draw.accepted", {"count": len(ids), "ids": ", ".join(ids)}, data={"jobs": ids})
         return [accepted, *(Reply(a.key, a.params) for a in checked if a.key)]
 
@@ -254,8 +246,7 @@ class Drawing:
         thread_key: str | None = None,
         forever_run: str | None = None,
     ) -> list[str]:
-        """Store every job (one transaction), then queue them; a job is a row before it
-        runs. A shared queue on the store's database defers them in the same transaction."""
+        """Store every job (one transaction), then queue them; a job is a row before it runs."""
         async with self.app.store.transaction():
             jobs = await self._store(
                 plan,
@@ -266,9 +257,7 @@ class Drawing:
                 thread_key=thread_key,
                 forever_run=forever_run,
             )
-            queued = _queue_jobs(jobs, request, max_running)
-            positions = await self._defer_within(queued)
-        return await self._enqueue_all(queued, Audience(request.actor, route, thread_key), positions)
+        return await self._enqueue_all(jobs, request, route, thread_key, max_running)
 
     async def _store(
         self,
@@ -318,10 +307,15 @@ class Drawing:
         return jobs
 
     async def _enqueue_all(
-        self, jobs: list[Job], audience: Audience, positions: list[int] | None
+        self,
+        jobs: list[NewJob],
+        request: DrawRequest,
+        route: Route,
+        thread_key: str | None,
+        max_running: int | None,
     ) -> list[str]:
-        """Queue the stored ``jobs`` (or, deferred with their rows at ``positions``, only
-        tell where they wait)."""
-        for job, position in zip(jobs, positions or [None] * len(jobs), strict=True):
-            await self._enqueue(job, audience, position)
+        actor = request.actor
+        audience = Audience(actor, route, thread_key)
+        for job in jobs:
+            await self._enqueue(Job(job.id, actor.key, job.request, job.priority, max_running), audience)
         return [job.id for job in jobs]

@@ -64,31 +64,12 @@ class JobLifecycle:
 
     app: App
 
-    async def _enqueue(self, job: Job, audience: Audience, position: int | None = None) -> None:
-        """Queue a stored job, unless it was deferred with its row (``position``: where
-        ``_defer_within`` put it); ``audience`` is only whom the ``Queued`` event tells."""
-        if position is None:
-            if job.request.init_image and not getattr(self.app.queue, "holds_jobs", True):
-                await self._share_input(job.request.init_image)
-            position = await self.app.queue.put(job)
+    async def _enqueue(self, job: Job, audience: Audience) -> None:
+        """Queue a stored job; ``audience`` is only whom the ``Queued`` event tells."""
+        if job.request.init_image and not getattr(self.app.queue, "holds_jobs", True):
+            await self._share_input(job.request.init_image)
+        position = await self.app.queue.put(job)
         self.app.bus.publish(Queued(job.id, *_fields(audience), position=position))
-
-    async def _defer_within(self, jobs: list[Job]) -> list[int] | None:
-        """Inside the store's open transaction, where the queue is a shared one on the
-        store's database (``put_within``): defer the new ``jobs`` as a part of it, so they
-        are stored and deferred together or not at all; returns their positions. None
-        elsewhere (a local queue would run a job before its row is committed): each is
-        ``_enqueue``-d once the transaction is."""
-        put_within = getattr(self.app.queue, "put_within", None)
-        transaction = self.app.store.current_transaction()
-        if put_within is None or transaction is None:
-            return None
-        positions = []
-        for job in jobs:
-            if job.request.init_image:
-                await self._share_input(job.request.init_image)
-            positions.append(await put_within(await transaction.unit(), job))
-        return positions
 
     async def _share_input(self, path: str) -> None:
         """An init image read by a worker on another host: kept in the database by name."""

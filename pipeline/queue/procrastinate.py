@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
-import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-from sqlalchemy import BigInteger, text
 
 from pipeline.queue.base import Job
 
@@ -51,20 +47,16 @@ WHERE queue_name = %(queue)s AND status = 'todo'
 # round further back (fairness), and it comes after every waiting job of its priority or
 # higher; two submits at the same instant may be told one place. One row, however long the
 # queue. The job is made by procrastinate's own defer function, its triggers and all.
-# Written with SQLAlchemy's named parameters, for the store's connection (``put_within``);
-# ``_PUT`` is the same statement for procrastinate's connector.
-_PUT_WITHIN = """
+_PUT = """
 WITH open_jobs AS (
-  SELECT priority, status, task_name = :task AND args->>'owner' = :owner AS mine
+  SELECT priority, status, task_name = %(task)s AND args->>'owner' = %(owner)s AS mine
   FROM procrastinate_jobs
-  WHERE queue_name = :queue AND status IN ('todo', 'doing')
+  WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
 ), placed AS (
-  SELECT CAST(:base AS integer) - LEAST(count(*) FILTER (WHERE mine), :last_round) AS priority
-  FROM open_jobs
+  SELECT %(base)s - LEAST(count(*) FILTER (WHERE mine), %(last_round)s) AS priority FROM open_jobs
 ), deferred AS (
   SELECT procrastinate_defer_jobs_v1(ARRAY[
-    CAST(ROW(:queue, :task, placed.priority, NULL, :queueing_lock, CAST(:args AS jsonb), NULL)
-         AS procrastinate_job_to_defer_v1)
+    ROW(%(queue)s, %(task)s, placed.priority, NULL, %(queueing_lock)s, %(args)s, NULL)::procrastinate_job_to_defer_v1
   ]) AS ids
   FROM placed
 )
@@ -73,8 +65,6 @@ SELECT deferred.ids[1] AS id,
         WHERE open_jobs.status = 'todo' AND open_jobs.priority >= placed.priority) AS waiting
 FROM placed, deferred
 """
-_PUT_WITHIN_SQL = text(_PUT_WITHIN).columns(id=BigInteger, waiting=BigInteger)
-_PUT = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", _PUT_WITHIN)
 _MISSING = """
 SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
 WHERE NOT EXISTS (
@@ -98,20 +88,6 @@ def libpq_url(url: str) -> str:
 
 def queue_priority(priority: int, round_: int) -> int:
     return priority * ROUNDS - min(round_, ROUNDS - 1)
-
-
-def _args(job: Job) -> dict[str, Any]:
-    return {"generation_id": job.id, "owner": job.owner, "max_running": job.max_running}
-
-
-def _put_params(job: Job, *, args: Any) -> dict[str, Any]:
-    return {
-        "owner": job.owner,
-        "base": queue_priority(job.priority, 0),
-        "last_round": ROUNDS - 1,
-        "queueing_lock": job.id,
-        "args": args,
-    }
 
 
 def _pool(ping_after_idle: float, **options: Any) -> Any:
@@ -169,23 +145,21 @@ class ProcrastinateQueue:
         from procrastinate.exceptions import UniqueViolation
         from procrastinate.manager import QUEUEING_LOCK_CONSTRAINT
 
+        args = {"generation_id": job.id, "owner": job.owner, "max_running": job.max_running}
         try:
-            placed = await self._one(_PUT, **_put_params(job, args=_args(job)))
+            placed = await self._one(
+                _PUT,
+                owner=job.owner,
+                base=queue_priority(job.priority, 0),
+                last_round=ROUNDS - 1,
+                queueing_lock=job.id,
+                args=args,
+            )
         except UniqueViolation as exc:  # deferred before (a restart re-offers what waits): one is enough
             if exc.constraint_name != QUEUEING_LOCK_CONSTRAINT:
                 raise
             return await self.position(job.id) or 1
         return int(placed["waiting"]) + 1
-
-    async def put_within(self, unit: Any, job: Job) -> int:
-        """``put`` as a part of the store's open unit of work (``unit``: a lane or a
-        session of ``models.store.Store`` on this database): the job is deferred when the
-        unit commits, and not at all when it rolls back, so a job is never stored without
-        being deferred, nor deferred without being stored. A new job only: one deferred
-        before makes the unit fail."""
-        params = _put_params(job, args=json.dumps(_args(job)))
-        placed = (await unit.execute(_PUT_WITHIN_SQL, {"queue": QUEUE, "task": TASK, **params})).one()
-        return int(placed.waiting) + 1
 
     async def position(self, job_id: str) -> int | None:
         found = await self._jobs(job_id)

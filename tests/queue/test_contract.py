@@ -291,40 +291,6 @@ async def test_ends_that_fall_behind_never_keep_the_next_job_off_the_device(clus
         slow.go.set()  # a failed test leaves no end waiting
 
 
-async def test_a_draw_is_stored_and_deferred_together_or_not_at_all(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if cluster.backend != "procrastinate":
-        pytest.skip("the local queue takes a job once its row is committed")
-    queue, deferred = cluster.bot.queue, []
-    put_within = queue.put_within
-
-    async def the_second_fails(unit: Any, job: Any) -> int:
-        deferred.append(job.id)
-        if len(deferred) == 2:
-            raise ConnectionError("the database went away")
-        return await put_within(unit, job)
-
-    monkeypatch.setattr(queue, "put_within", the_second_fails)
-    alice = user("alice")
-    (reply,) = await cluster.bot.service.handle_line("/draw a lantern --seed 1 --count 2", alice)
-    assert reply.error and len(deferred) == 2
-    assert await queue.position(deferred[0]) is None  # the first one's deferral was undone
-    assert (
-        await cluster.bot.store.get(deferred[0]) is None and await cluster.bot.store.get(deferred[1]) is None
-    )
-    period = period_of("daily", datetime.now(UTC))[0]
-    used = await QuotaStore(cluster.bot.store).usage("console:alice", "global", period)
-    assert (used.images_reserved, used.jobs_open) == (0, 0)
-
-    monkeypatch.setattr(queue, "put_within", put_within)
-    job = await cluster.draw(alice, 2)
-    assert cluster.log.of("queued", job)[0].position == 1
-    cluster.runner.gate.release(1)
-    await cluster.ended(job)
-    assert len(cluster.log.of("finished", job)) == 1
-
-
 async def test_a_stored_job_the_shared_queue_lost_is_offered_again(cluster: Cluster) -> None:
     if cluster.backend != "procrastinate":
         pytest.skip("the local queue is rebuilt from the rows at start (tests/bot/test_service.py)")
@@ -364,8 +330,8 @@ async def test_a_worker_reads_an_upload_made_on_another_host_from_the_database(c
     assert Path(local.init_image).parent == cluster.runner_app.images_dir / "inputs"
     assert Path(local.init_image).read_bytes() == b"\x89PNG bytes"
 
-    # an upload to the bot, drawn from: kept in the database with the job, read from there
-    # by the worker (the bot's copy is gone by the time the busy worker takes the job)
+    # an upload to the bot, drawn from: kept in the database before the job is queued, read
+    # from there by the worker (the bot's copy is gone by the time the busy worker takes it)
     busy = await cluster.draw(user("bob"), 1)
     await cluster.wait_started(1)
     upload = cluster.bot.images_dir / "inputs" / "lamp.png"

@@ -1,7 +1,6 @@
 """The shared queue's own calls on PostgreSQL: a job's place as ``put`` tells it (fairness
-rounds, priorities), a job deferred as a part of the store's transaction (``put_within``),
-and procrastinate's connections (autocommit; pinged only after a rest, so a restarted
-database costs no command)."""
+rounds, priorities) and procrastinate's connections (autocommit; pinged only after a rest,
+so a restarted database costs no command)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from collections.abc import AsyncIterator
 import psycopg_pool
 import pytest
 
-from models.store import Store
 from pipeline.queue.base import Job
 from pipeline.queue.procrastinate import ProcrastinateQueue
 from pipeline.request import GenerationRequest
@@ -42,11 +40,6 @@ async def queue() -> AsyncIterator[ProcrastinateQueue]:
         await _drop_postgres_database(url)
 
 
-def queue_url(queue: ProcrastinateQueue) -> str:
-    """The queue's database as the store names it."""
-    return queue.conninfo.replace("postgresql://", "postgresql+asyncpg://", 1)
-
-
 def _job(job_id: str, owner: str, priority: int = 0) -> Job:
     return Job(job_id, owner, GenerationRequest(prompt="x", seed=1), priority)
 
@@ -59,31 +52,6 @@ async def test_put_tells_each_job_its_place_by_rounds_and_priority(queue: Procra
     assert await queue.put(_job("A0", "ann")) == 2  # deferred before: its place now
     places = {job_id: await queue.position(job_id) for job_id in ("M0", "A0", "B0", "A1", "B1", "A2")}
     assert places == {"M0": 1, "A0": 2, "B0": 3, "A1": 4, "B1": 5, "A2": 6}
-
-
-async def test_put_within_defers_with_the_store_s_transaction_or_not_at_all(
-    queue: ProcrastinateQueue,
-) -> None:
-    store = Store.from_url(queue_url(queue))
-    try:
-        assert await queue.put(_job("A0", "ann")) == 1
-        async with store.transaction() as transaction:  # committed: deferred, placed as put places
-            unit = await transaction.unit()
-            assert await queue.put_within(unit, _job("A1", "ann")) == 2
-            assert await queue.put_within(unit, _job("B0", "bob")) == 2  # bob's first before ann's second
-        with pytest.raises(RuntimeError):
-            async with store.transaction() as transaction:  # rolled back: never deferred
-                assert await queue.put_within(await transaction.unit(), _job("C0", "cat")) == 3
-                raise RuntimeError("the job's rows could not be stored")
-        assert await queue.position("C0") is None
-        assert await queue.missing(["A1", "B0", "C0"]) == ["C0"]
-        assert {job_id: await queue.position(job_id) for job_id in ("A0", "B0", "A1")} == {
-            "A0": 1,
-            "B0": 2,
-            "A1": 3,
-        }
-    finally:
-        await store.close()
 
 
 async def test_its_connections_skip_the_ping_under_load_and_survive_a_restart(
