@@ -10,7 +10,8 @@ and prints images/s for each, Atelier's batch-8 rate over diffusers' batch-1 rat
 and the VAE decoder's floating-point operations, counted by torch's FLOP counter on one
 guided step and one decode (about 1.6 TFLOP per guided step at 512x512), over the
 card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then the memory
-modes' table of bench/gpu_memory.py (peak memory in normal, medvram and lowvram).
+modes' tables of bench/gpu_memory.py (peak memory in normal, medvram and lowvram, and
+against diffusers' own offloading and tiled VAE decode).
 
 Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989]``. Without CUDA
 it says so and exits 0; ``--tiny`` runs the same code on the CPU with the built-in tiny
@@ -28,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_memory import PROMPT, _library, _sync  # noqa: E402
+from gpu_memory import PROMPT, _library, _sync, against_diffusers  # noqa: E402
 from gpu_memory import run as memory_run  # noqa: E402
 from gpu_memory import table as memory_table  # noqa: E402
 from report import result  # noqa: E402
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tiny:  # the memory modes' own dry run is bench/gpu_memory.py --tiny
         print()
         print(memory_table(memory_run(False, device, steps, size), f"memory modes on {where}"))
+        print()
+        print(against_diffusers(False, device, steps, size, where))
     result("gpu", figures)
     return 0
 

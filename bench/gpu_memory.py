@@ -7,9 +7,22 @@ CLIP text encoder, and runs Atelier's engine on them: one 512x512, 20-step Euler
 resets ``torch.cuda.max_memory_allocated`` after a warm-up and prints a markdown table:
 mode, precision, peak GiB, seconds, and whether the pixels equal the normal run's.
 
+Then the same against diffusers' own ways to save memory, on the same modules:
+
+- the whole generation through a plain ``StableDiffusionPipeline`` call (Euler, same
+  steps and size, fp16) with the pipeline on the device, with
+  ``enable_model_cpu_offload`` (its counterpart of medvram) and with
+  ``enable_sequential_cpu_offload`` (of lowvram); each offload's pixels against the
+  pipeline on the device. A mode that fails says how, and the table goes on.
+- one large VAE decode (1024x1024 from 128x128 latents): whole and tiled (64-latent
+  tiles), by ours (``pipeline.vae.tiled_decode``) and by diffusers'
+  ``AutoencoderKL.enable_tiling``; each tiled decode's largest difference from the whole
+  one, in the [-1, 1] range.
+
 Usage: ``python bench/gpu_memory.py [--device cuda] [--steps 20] [--size 512]``.
 Without CUDA it says so and exits 0. ``--tiny`` runs the same code with the built-in
-``tiny`` modules on the CPU (64x64, 2 steps; there is no peak figure on a CPU).
+``tiny`` modules on the CPU (64x64, 2 steps; a 128x128 decode in 8-latent tiles; there
+is no peak figure on a CPU).
 """
 
 from __future__ import annotations
@@ -210,7 +223,196 @@ def main(argv: list[str] | None = None) -> int:
             f"{model}, {size}x{size}, {steps} steps Euler, batch 1, on {where}, torch {torch.__version__}",
         )
     )
+    print()
+    print(against_diffusers(args.tiny, device, steps, size, where))
     return 0
+
+
+def against_diffusers(tiny: bool, device: str, steps: int, size: int, where: str) -> str:
+    """The tables of diffusers' own offloading and of both tiled VAE decodes."""
+    latents = 16 if tiny else 128
+    return "\n\n".join(
+        (
+            diffusers_table(
+                run_diffusers(tiny, device, steps, size),
+                f"diffusers' offloading, {size}x{size}, {steps} steps Euler, batch 1, on {where}",
+            ),
+            vae_table(
+                run_vae(tiny, device, latents),
+                f"VAE decode of {latents * 8}x{latents * 8}, whole and tiled, on {where}",
+            ),
+        )
+    )
+
+
+DIFFUSERS_MODES = ("on the device", "enable_model_cpu_offload", "enable_sequential_cpu_offload")
+VAE_WAYS = (("Atelier", False), ("Atelier", True), ("diffusers", False), ("diffusers", True))
+
+
+def _pipeline(tiny: bool, dtype: Any) -> Any:
+    """A fresh pipeline of the benchmark's modules, with diffusers' Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipeline import tiny as tiny_models
+
+    pipe = tiny_models.build_tiny_pipeline() if tiny else build_sd15_random()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # not its note on casting modules it keeps in float32 (none here)
+    try:
+        return pipe.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _place(pipe: Any, mode: str, device: str) -> None:
+    if mode == "on the device":
+        pipe.to(device)
+    elif mode == "enable_model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+def run_diffusers(tiny: bool, device_name: str, steps: int, size: int) -> list[dict[str, Any]]:
+    """One row per diffusers placement: peak GiB (None on a CPU), seconds, and the largest
+    pixel difference from the pipeline on the device (0-255); ``error`` when it failed."""
+    import numpy as np
+    import torch
+
+    device = torch.device(device_name)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for mode in DIFFUSERS_MODES:
+        row: dict[str, Any] = {
+            "mode": mode,
+            "peak_gib": None,
+            "seconds": None,
+            "max_diff": None,
+            "error": None,
+        }
+        pipe = None
+        try:
+            pipe = _pipeline(tiny, dtype)
+            _place(pipe, mode, device_name)
+
+            def draw(steps_: int, size_: int, pipe: Any = pipe) -> Any:
+                generator = torch.Generator("cpu").manual_seed(1234)
+                return pipe(
+                    PROMPT,
+                    num_inference_steps=steps_,
+                    height=size_,
+                    width=size_,
+                    generator=generator,
+                    output_type="np",
+                ).images[0]
+
+            if device.type == "cuda":
+                draw(1, 64)  # warms the kernels, as the engine's rows do
+            _reset(device)
+            _sync(device)
+            started = time.perf_counter()
+            pixels = np.round(draw(steps, size) * 255)
+            _sync(device)
+            row["seconds"] = time.perf_counter() - started
+            row["peak_gib"] = _peak_gib(device)
+            reference = pixels if reference is None else reference
+            row["max_diff"] = float(np.abs(pixels - reference).max())
+        except Exception as exc:  # a table row, not the end of the run
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        finally:
+            del pipe
+            _reset(device)
+        rows.append(row)
+    return rows
+
+
+def run_vae(tiny: bool, device_name: str, latent_side: int) -> list[dict[str, Any]]:
+    """One row per (implementation, tiled): peak GiB, seconds, and a tiled decode's largest
+    difference from the same implementation's whole decode."""
+    import torch
+
+    from pipeline import latents as latents_module
+    from pipeline import vae as vae_module
+
+    device = torch.device(device_name)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    tile = 8 if tiny else vae_module.TILE_LATENTS
+    vae = _pipeline(tiny, dtype).vae.to(device)
+    vae.tile_latent_min_size, vae.tile_sample_min_size = tile, tile * 8  # the same tiles as ours
+    generator = torch.Generator("cpu").manual_seed(7)
+    latents = torch.randn((1, 4, latent_side, latent_side), generator=generator).to(device)
+    whole: dict[str, Any] = {}
+    rows = []
+    for implementation, tiled in VAE_WAYS:
+        vae.use_tiling = implementation == "diffusers" and tiled
+
+        def decode(implementation: str = implementation, tiled: bool = tiled) -> Any:
+            with torch.no_grad():
+                if implementation == "Atelier":
+                    return vae_module.decode_batch(
+                        vae, latents, latents_module.decode, tile=tile if tiled else None
+                    ).float()
+                return vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample.float()
+
+        if device.type == "cuda":
+            decode()
+        _reset(device)
+        _sync(device)
+        started = time.perf_counter()
+        images = decode()
+        _sync(device)
+        seconds = time.perf_counter() - started
+        whole.setdefault(implementation, images)
+        rows.append(
+            {
+                "implementation": implementation,
+                "tiled": tiled,
+                "peak_gib": _peak_gib(device),
+                "seconds": seconds,
+                "max_diff": float((images - whole[implementation]).abs().max()),
+            }
+        )
+    return rows
+
+
+def _peak(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def diffusers_table(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| diffusers placement | peak GiB | seconds | largest pixel difference from on the device |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"| {row['mode']} | failed | failed | {row['error']} |")
+        else:
+            lines.append(
+                f"| {row['mode']} | {_peak(row['peak_gib'])} | {row['seconds']:.2f} | {row['max_diff']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def vae_table(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| decode | tiled | peak GiB | seconds | largest difference from the whole decode |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        tiled = "yes" if row["tiled"] else "no"
+        lines.append(
+            f"| {row['implementation']} | {tiled} | {_peak(row['peak_gib'])} | {row['seconds']:.3f} | "
+            f"{row['max_diff']:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

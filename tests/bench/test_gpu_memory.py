@@ -1,4 +1,5 @@
-"""bench/gpu_memory.py keeps working: its --tiny run goes through the same code on the CPU."""
+"""bench/gpu_memory.py keeps working: its --tiny run goes through the same code on the CPU
+(our memory modes, diffusers' offloading, whole and tiled VAE decodes)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,41 @@ def bench():
     return load_bench("gpu_memory")
 
 
-def test_tiny_run_prints_a_row_per_mode_and_precision(bench, capsys):
+def test_tiny_run_prints_our_modes_and_diffusers_offloading_and_tiled_decodes(bench, capsys):
     assert bench.main(["--tiny"]) == 0
     out = capsys.readouterr().out
-    rows = [
-        line
-        for line in out.splitlines()
-        if line.startswith("| ") and not line.startswith(("| mode", "| ---"))
-    ]
-    assert [tuple(cell.strip() for cell in row.strip("|").split("|"))[:2] for row in rows] == [
+    ours = _rows(out.split("### ")[1])
+    assert [tuple(row[:2]) for row in ours] == [
         (mode, precision) for precision in bench.PRECISIONS for mode in bench.MODES
     ]
-    for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[2] == "n/a" and float(cells[3]) > 0 and cells[4] == "yes", row
+    ours, offloading, vae = (_rows(part) for part in out.split("### ")[1:])
+    for row in ours:
+        assert row[2] == "n/a" and float(row[3]) > 0 and row[4] == "yes", row
     assert "tiny, 64x64, 2 steps Euler" in out
+    # diffusers' own placements of the same modules: the same pixels, or how one failed
+    assert [row[0] for row in offloading] == list(bench.DIFFUSERS_MODES)
+    for row in offloading:
+        assert row[1:3] == ["failed", "failed"] and row[3] or float(row[2]) > 0 and row[3] == "0", row
+    assert offloading[0][3] == "0" and offloading[1][3] == "0"  # on the device, model offload: ran
+    # whole and tiled decodes, ours and diffusers': a tiled one differs a little at its seams
+    assert [(row[0], row[1]) for row in vae] == [
+        ("Atelier", "no"),
+        ("Atelier", "yes"),
+        ("diffusers", "no"),
+        ("diffusers", "yes"),
+    ]
+    for row in vae:
+        assert float(row[3]) > 0 and (float(row[4]) == 0) == (row[1] == "no"), row
+
+
+def _rows(table: str) -> list[list[str]]:
+    """A markdown table's body rows, cell by cell."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ")
+        and not line.startswith(("| mode", "| diffusers placement", "| decode", "| ---"))
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
