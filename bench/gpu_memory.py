@@ -190,18 +190,29 @@ def run(tiny: bool, device_name: str, steps: int, size: int) -> list[dict[str, A
     return rows
 
 
-def table(rows: list[dict[str, Any]], title: str) -> str:
+def markdown(title: str, columns: list[tuple[str, str]], cells: list[list[str]]) -> str:
+    """A titled markdown table: ``columns`` as (heading, alignment row cell), then ``cells``."""
     lines = [
         f"### {title}",
         "",
-        "| mode | precision | peak GiB | seconds | same pixels as normal |",
-        "| --- | --- | ---: | ---: | --- |",
+        "| " + " | ".join(heading for heading, _ in columns) + " |",
+        "| " + " | ".join(align for _, align in columns) + " |",
     ]
-    for row in rows:
-        peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-        same = "yes" if row["same_pixels"] else "no"
-        lines.append(f"| {row['mode']} | {row['precision']} | {peak} | {row['seconds']:.2f} | {same} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in cells)])
+
+
+def _peak(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def table(rows: list[dict[str, Any]], title: str) -> str:
+    columns = [("mode", "---"), ("precision", "---"), ("peak GiB", "---:"), ("seconds", "---:")]
+    cells = [
+        [row["mode"], row["precision"], _peak(row["peak_gib"]), f"{row['seconds']:.2f}"]
+        + ["yes" if row["same_pixels"] else "no"]
+        for row in rows
+    ]
+    return markdown(title, [*columns, ("same pixels as normal", "---")], cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,41 +389,25 @@ def run_vae(tiny: bool, device_name: str, latent_side: int) -> list[dict[str, An
     return rows
 
 
-def _peak(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def diffusers_table(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [
-        f"### {title}",
-        "",
-        "| diffusers placement | peak GiB | seconds | largest pixel difference from on the device |",
-        "| --- | ---: | ---: | ---: |",
+    columns = [("diffusers placement", "---"), ("peak GiB", "---:"), ("seconds", "---:")]
+    cells = [
+        [row["mode"], "failed", "failed", row["error"]]
+        if row["error"]
+        else [row["mode"], _peak(row["peak_gib"]), f"{row['seconds']:.2f}", f"{row['max_diff']:.0f}"]
+        for row in rows
     ]
-    for row in rows:
-        if row["error"]:
-            lines.append(f"| {row['mode']} | failed | failed | {row['error']} |")
-        else:
-            lines.append(
-                f"| {row['mode']} | {_peak(row['peak_gib'])} | {row['seconds']:.2f} | {row['max_diff']:.0f} |"
-            )
-    return "\n".join(lines)
+    return markdown(title, [*columns, ("largest pixel difference from on the device", "---:")], cells)
 
 
 def vae_table(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [
-        f"### {title}",
-        "",
-        "| decode | tiled | peak GiB | seconds | largest difference from the whole decode |",
-        "| --- | --- | ---: | ---: | ---: |",
+    columns = [("decode", "---"), ("tiled", "---"), ("peak GiB", "---:"), ("seconds", "---:")]
+    cells = [
+        [row["implementation"], "yes" if row["tiled"] else "no", _peak(row["peak_gib"])]
+        + [f"{row['seconds']:.3f}", f"{row['max_diff']:.4f}"]
+        for row in rows
     ]
-    for row in rows:
-        tiled = "yes" if row["tiled"] else "no"
-        lines.append(
-            f"| {row['implementation']} | {tiled} | {_peak(row['peak_gib'])} | {row['seconds']:.3f} | "
-            f"{row['max_diff']:.4f} |"
-        )
-    return "\n".join(lines)
+    return markdown(title, [*columns, ("largest difference from the whole decode", "---:")], cells)
 
 
 if __name__ == "__main__":
