@@ -6,7 +6,8 @@ prompt editing, ``AND``; ``pipeline.conditioning``), A1111's per-image noise
 (``pipeline.rng``), its σ schedules and timesteps (``pipeline.samplers``), its sampling
 loops (``pipeline.kdiffusion``, ``pipeline.timestep_samplers``) driven through its CFG
 denoiser (``pipeline.denoiser``), img2img and the hires fix with A1111's step arithmetic
-(``pipeline.latents``, ``pipeline.hires``) and the infotext (``pipeline.infotext``).
+(``pipeline.latents``, ``pipeline.hires``) and the infotext (``pipeline.image_infotext``,
+``pipeline.infotext``).
 
 Guarantees: the same request always gives the same pixels, and image ``i`` of a batch
 equals a solo run with that image's seed (every image's conds are evaluated alike; only
@@ -34,9 +35,7 @@ from pipeline import (
     batching,
     conditioning,
     edit_model,
-    extra_networks,
     hires,
-    infotext,
     kdiffusion,
     latents,
     memory,
@@ -50,9 +49,10 @@ from pipeline import (
 )
 from pipeline.checkpoints import EMBEDDINGS_SUBDIR, CheckpointLibrary
 from pipeline.denoiser import BatchedDenoiser, CFGDenoiser, lcm_sigma_to_timestep, sd_alphas_cumprod
-from pipeline.embeddings import EmbeddingDatabase, ti_hashes_field
+from pipeline.embeddings import EmbeddingDatabase
 from pipeline.errors import EditModelNeedsImage, GenerationCancelled
 from pipeline.hashing import short_hash
+from pipeline.image_infotext import image_infotexts
 from pipeline.latents import _noised_at_timestep
 from pipeline.loaded_model import _LoadedModel, _SeparateVae, _vae_swapped
 from pipeline.networks import ActiveNetworks, NetworkLibrary
@@ -63,9 +63,7 @@ from pipeline.passes import (
     SamplingPass,
     _guidance,
     _note,
-    eta_fields,
     plan_passes,
-    schedule_fields,
     schedule_overrides,
 )
 from pipeline.progress import BatchPreviewCallback, ProgressCallback, StopCheck, _Progress
@@ -77,7 +75,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VERSION = "v1.10.1"
 LATENT_CHANNELS = 4
 
 PreviewCallback = Callable[[int, bytes], None]  # (user step, PNG bytes of the batch's preview)
@@ -217,7 +214,7 @@ class Engine:
         results = []
         for request, job, size, noted in zip(requests, jobs, sizes, notes, strict=True):
             own, images = images[:size], images[size:]
-            texts = self._infotexts(request, model, job, active, separate, noted)
+            texts = image_infotexts(request, model, job, active, self.embeddings, separate, noted)
             seeds, subseeds = request.image_seeds(), request.image_subseeds()
             results.append(
                 GenerationResult(
@@ -545,59 +542,3 @@ class Engine:
             zero_empty_negative=model.is_sdxl,
             with_empty=request.pad_cond_uncond and not request.pad_cond_uncond_v0,
         )
-
-    # -- infotext ------------------------------------------------------------------------
-
-    def _infotexts(
-        self, request: GenerationRequest, model: _LoadedModel, job: PassPlan, active: ActiveNetworks,
-        separate: _SeparateVae | None = None, noted: dict[str, Any] | None = None,
-    ) -> list[str]:  # fmt: skip
-        info = model.info
-        sampler = job.first.selection
-        extra = schedule_fields(
-            sampler.name, sampler.schedule, request.num_inference_steps, **schedule_overrides(request)
-        )
-        used = self.embeddings.used(
-            [*model.chunk(extra_networks.parse(request.prompt)[0]), *model.chunk(request.negative_prompt)]
-        )
-        extra.update(job.fields)
-        extra.update(active.infotext_fields())  # A1111 order: Hires *, Lora hashes, TI hashes
-        if used:
-            extra["TI hashes"] = ti_hashes_field(used)
-        extra.update(sampler_args.noise_fields(request))
-        extra.update(eta_fields(sampler.name, request.eta))
-        extra.update(sampler_args.sigma_fields(sampler.name, request))
-        extra.update(sampler_args.unipc_fields(sampler.name, request))
-        extra.update(sampler_args.downcast_fields(request))
-        extra.update(noted or {})
-        extra.update(request.extra)
-        vae_fields = separate.infotext_fields if separate is not None else {}
-        texts = []
-        for seed, subseed in zip(request.image_seeds(), request.image_subseeds(), strict=True):
-            params = infotext.InfotextParams(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                steps=request.num_inference_steps,
-                sampler=sampler.name,
-                schedule_type=sampler.schedule,
-                cfg_scale=request.guidance_scale,
-                image_cfg_scale=request.image_cfg_scale if edit_model.is_edit_unet(model.pipe.unet) else None,
-                seed=seed,
-                subseed=subseed,
-                subseed_strength=request.subseed_strength,
-                seed_resize_from_w=request.seed_resize_from_w,
-                seed_resize_from_h=request.seed_resize_from_h,
-                width=request.width,
-                height=request.height,
-                model_hash=info.sha256,
-                model_name=info.model_name,
-                clip_skip=request.clip_skip,
-                ensd=request.ensd,
-                eta=request.eta,
-                rng=request.rng,
-                extra=extra,
-                version=VERSION,
-                **vae_fields,
-            )
-            texts.append(infotext.format(params))
-        return texts
