@@ -277,6 +277,21 @@ def _pipeline(tiny: bool, dtype: Any) -> Any:
         diffusers_logging.set_verbosity(level)
 
 
+def _vae(tiny: bool) -> Any:
+    """The benchmark's VAE alone (the SD VAE with seeded random weights, or tiny's)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pipeline import tiny as tiny_models
+    from pipeline.vae import SD_VAE_CONFIG
+
+    if tiny:
+        return tiny_models.build_tiny_pipeline().vae
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoencoderKL(**SD_VAE_CONFIG).eval()
+
+
 def _place(pipe: Any, mode: str, device: str) -> None:
     if mode == "on the device":
         pipe.to(device)
@@ -351,7 +366,7 @@ def run_vae(tiny: bool, device_name: str, latent_side: int) -> list[dict[str, An
     device = torch.device(device_name)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tile = 8 if tiny else vae_module.TILE_LATENTS
-    vae = _pipeline(tiny, dtype).vae.to(device)
+    vae = _vae(tiny).to(device, dtype)
     vae.tile_latent_min_size, vae.tile_sample_min_size = tile, tile * 8  # the same tiles as ours
     generator = torch.Generator("cpu").manual_seed(7)
     latents = torch.randn((1, 4, latent_side, latent_side), generator=generator).to(device)

@@ -230,7 +230,8 @@ _ONE = JOBS.c.id == bindparam("id", type_=String)
 _SOME = JOBS.c.id.in_(bindparam("ids", expanding=True))
 _CLAIMED = {"status": "running", "started_at": bindparam("now"), "attempts": JOBS.c.attempts + 1}
 _CLAIM = _taking(_ONE, **_CLAIMED)
-_CLAIM_SOME = _taking(_SOME, **_CLAIMED)  # SQLite: one writer at a time, and the order
-# subquery costs it a tenth of its claims
-_CLAIM_IN_ORDER = _taking(_in_id_order(_SOME), **_CLAIMED)  # rows locked in id order first
+# several jobs: on PostgreSQL their rows locked in id order first; SQLite has one writer at
+# a time, and the ordering subquery would cost it a tenth of its claims
+_CLAIM_IN_ORDER = _taking(_in_id_order(_SOME), **_CLAIMED)
+_CLAIM_SOME = _taking(_SOME, **_CLAIMED)
 _HOLD = _taking(_ONE)
