@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import re
 from typing import Any
 
 import pytest
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import infotext
-from pipeline.infotext import StyleExtractor, parse
+from pipeline.infotext import _PARAM_RE, StyleExtractor, parse
 from tests.conftest import fuzz_examples
 from tests.pipeline.test_infotext import SPEC_EXAMPLE, assert_same
 
@@ -492,9 +492,29 @@ def test_linear_parameter_scan_equals_findall(text: str) -> None:
     assert infotext._find_params(line) == infotext._PARAM_RE.findall(line)
 
 
-def test_parse_is_fast_on_long_lines() -> None:
-    # A plain findall is quadratic here: well over a minute for this input.
-    started = time.perf_counter()
-    res = parse("p\n" + "word " * 20_000 + "\t-/x" * 5_000 + ", Steps: 1, Seed: 2, Size: 3x4")
-    assert res["Steps"] == "1"
-    assert time.perf_counter() - started < 5
+class _Attempts:
+    """``_PARAM_RE`` recording where each match is attempted."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+
+    def match(self, line: str, pos: int) -> re.Match[str] | None:
+        self.starts.append(pos)
+        return _PARAM_RE.match(line, pos)
+
+
+def test_parse_scans_a_long_line_in_linear_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt scans from its start to the end of the key run there (or of its match),
+    so the attempts' spans add up to a multiple of the line's length. A plain findall
+    attempts at every position and scans to the run's end each time: quadratic, well over
+    a minute for this line."""
+    line = "word " * 20_000 + "\t-/x" * 5_000 + ", Steps: 1, Seed: 2, Size: 3x4"
+    attempts = _Attempts()
+    monkeypatch.setattr(infotext, "_PARAM_RE", attempts)
+    res = parse("p\n" + line)
+    assert res["Steps"] == "1" and res["Size-2"] == "4"
+    scanned = 0
+    for start in attempts.starts:
+        found = _PARAM_RE.match(line, start)
+        scanned += (found or infotext._KEY_RUN_RE.match(line, start)).end() - start + 1
+    assert len(line) <= scanned <= 3 * len(line)

@@ -6,12 +6,11 @@ corner cases, from running the §3.1 grammar under lark (recorded here as litera
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import prompt_editing, prompt_editing_grammar
 from pipeline.errors import PromptSyntaxError
 from pipeline.prompts import parse_attention, prompt_schedules, scheduled_at, split_and
 from tests.conftest import fuzz_examples
@@ -256,15 +255,33 @@ class TestPromptSchedules:
         assert _one(prompt, steps) == expected
 
     @pytest.mark.parametrize("repeat", [3, 60])  # replayed, and past the replay's length limit
-    def test_long_ambiguous_prompt(self, repeat: int) -> None:
+    def test_long_ambiguous_prompt(self, repeat: int, monkeypatch: pytest.MonkeyPatch) -> None:
         prompt = "(masterpiece:1.2), [cat:dog:0.5], " * repeat + "[a:b:5]]]"
         tail = "[a:b:5]]]"
-        started = time.perf_counter()
+        replayed: list[str] = []
+
+        def replay(text: str) -> list[tuple[str, int, int]] | None:
+            replayed.append(text)
+            return prompt_editing_grammar._replay(text)
+
+        monkeypatch.setattr(prompt_editing, "_replay", replay)
         assert _one(prompt, 10) == [
             (5, "(masterpiece:1.2), cat, " * repeat + tail),
             (10, "(masterpiece:1.2), dog, " * repeat + tail),
         ]
-        assert time.perf_counter() - started < 1.0
+        assert replayed == ([prompt] if len(prompt) <= prompt_editing_grammar._REPLAY_LIMIT else [])
+
+    def test_the_replay_grows_at_most_quadratically(self) -> None:
+        """The replay's work, counted in Earley items, at most quadruples when an ambiguous
+        prompt doubles, up to the length limit past which it is not run."""
+        items = []
+        for repeat in (3, 6, 12, 24):
+            prompt = "(masterpiece:1.2), [cat:dog:0.5], " * repeat + "[a:b:5]]]"
+            assert len(prompt) <= prompt_editing_grammar._REPLAY_LIMIT
+            replay = prompt_editing_grammar._Replay(prompt)
+            assert replay.run()
+            items.append(sum(len(column) for column in replay.columns))
+        assert all(0 < a < b <= a * 4 for a, b in zip(items, items[1:], strict=False))
 
     def test_ambiguous_emphasis_around_editing(self) -> None:
         prompt = "(x [cat:dog:0.5]) " * 3 + "(y [a:b:5]))"
