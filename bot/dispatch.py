@@ -36,7 +36,7 @@ async def run_command(app: Any, command: Command, invocation: Invocation) -> Any
     leaf = levels[-1]
     ctx = CommandContext(invocation, app, command=leaf, path=tuple(level.name for level in levels), rest=rest)
     if any(level.moderator for level in levels):
-        await require_moderator(ctx, ".".join(ctx.path), _target(leaf, rest, ctx))
+        await require_moderator(ctx, ".".join(ctx.path), _target(leaf, rest, ctx), command=" ".join(ctx.path))
     if leaf.subcommands:
         allowed = ", ".join(sub.name for sub in leaf.subcommands if not sub.hidden)
         value = shown(rest.split(maxsplit=1)[0]) if rest else ""

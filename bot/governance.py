@@ -114,12 +114,15 @@ async def audit(
     )
 
 
-async def require_moderator(ctx: CommandContext, action: str, target: str | None = None) -> None:
-    """Refuse a non-moderator, after writing the attempt to the audit log."""
+async def require_moderator(
+    ctx: CommandContext, action: str, target: str | None = None, *, command: str | None = None
+) -> None:
+    """Refuse a non-moderator, after writing the attempt to the audit log. The refusal
+    names ``command`` (a subcommand's path, ``quota set``), by default the command typed."""
     if ctx.actor.is_moderator:
         return
     await audit(ctx, action, allowed=False, target=target)
-    raise PermissionDenied("error.moderators_only", command=ctx.invocation.command)
+    raise PermissionDenied("error.moderators_only", command=command or ctx.invocation.command)
 
 
 def asks_global(text: str) -> bool:

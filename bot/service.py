@@ -23,6 +23,7 @@ from bot.identity import link_command, unlink_command
 from bot.inputs import check_uploads
 from bot.lifecycle import JobLifecycle
 from bot.options import draw_options
+from bot.queue_view import queue_command
 from bot.schema import DRAW_OPTIONS
 from bot.types import (
     Actor,
@@ -179,7 +180,7 @@ async def delete_command(ctx: CommandContext) -> Reply:
 
 
 def core_commands(service: Service) -> list[Command]:
-    """/draw, /cancel, /delete and /help: the commands that work with every plugin disabled."""
+    """/draw, /cancel, /queue, /delete and /help: the commands that work with every plugin disabled."""
     return [
         Command(
             "draw",
@@ -190,6 +191,7 @@ def core_commands(service: Service) -> list[Command]:
             attachment=FileInput("file.draw"),
         ),
         Command("cancel", cancel_command, "cmd.cancel", arguments=(Argument("id", "id", "arg.generation"),)),
+        queue_command(),
         Command(
             "link",
             link_command,

@@ -74,3 +74,13 @@ class JobSummary:
     status: str
     batch_size: int
     forever_run: str | None
+
+
+@dataclass(frozen=True)
+class OpenJobs:
+    """One user's jobs that wait or run (``Store.open_by_user``)."""
+
+    user: str  # the user key, platform:id
+    name: str
+    queued: int
+    running: int

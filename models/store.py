@@ -30,7 +30,7 @@ from models import direct, sqlite_inline
 from models.base import utcnow
 from models.direct import Lane, direct_for
 from models.recent import Recent
-from models.records import GenerationRecord, ImageRecord, JobSummary, UserRecord
+from models.records import GenerationRecord, ImageRecord, JobSummary, OpenJobs, UserRecord
 from models.sql import insert_ignore
 from models.store_ends import Finishing, _JobEnds  # noqa: F401  (re-exported: models.store.Finishing)
 from models.store_leases import Lease, _JobLeases
@@ -390,10 +390,33 @@ class Store(_JobLeases, _JobEnds):
             row = await session.get(Generation, generation_id, options=_LOAD)
             return _record(row) if row else None
 
-    async def list_open(self) -> list[GenerationRecord]:
-        """Queued and running jobs, oldest first, whichever process holds them."""
+    async def list_open(
+        self, *, user_id: int | None = None, limit: int | None = None
+    ) -> list[GenerationRecord]:
+        """Queued and running jobs, oldest first, whichever process holds them; with
+        ``user_id``, that user's only; at most ``limit``."""
+        where = [Generation.status.in_(OPEN_STATUSES)]
+        if user_id is not None:
+            where.append(Generation.user_id == user_id)
         async with self.session() as session:
-            return await oldest_first(session, Generation.status.in_(OPEN_STATUSES))
+            return await oldest_first(session, *where, limit=limit)
+
+    async def open_by_user(self) -> list[OpenJobs]:
+        """Who has jobs queued or running, and how many of each: most open jobs first."""
+        open_ = Generation.status.in_(OPEN_STATUSES)
+        running = func.count().filter(Generation.status == "running")
+        query = (
+            select(User.platform, User.platform_user_id, User.display_name, func.count() - running, running)
+            .join(Generation, Generation.user_id == User.id)
+            .where(open_)
+            .group_by(User.id, User.platform, User.platform_user_id, User.display_name)
+            .order_by(func.count().desc(), func.min(Generation.created_at))
+        )
+        async with self.session() as session:
+            return [
+                OpenJobs(f"{platform}:{uid}", name, queued, busy)
+                for platform, uid, name, queued, busy in await session.execute(query)
+            ]
 
     async def image(self, image_id: str) -> ImageRecord | None:
         async with self.session() as session:

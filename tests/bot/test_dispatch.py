@@ -90,6 +90,7 @@ async def test_a_moderator_subcommand_is_refused_and_audited_before_its_text_is_
     app = await make_app(extra_plugins=(Notes(),), plugins=MODERATION)
     refused = await one(app, '/note purge --bogus "unclosed', BOB)
     assert refused.key == "error.moderators_only"
+    assert text(app, refused).startswith("/note purge is for moderators only.")
     log = await one(app, "/audit", MOD)
     assert [(e["actor"], e["action"], e["allowed"]) for e in log.data["entries"]] == [
         ("console:bob", "note.purge", False)

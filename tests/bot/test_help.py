@@ -68,7 +68,7 @@ async def test_help_lists_every_visible_command_with_its_description(app, locale
     text = await page(app, "/help", locale)
     lines = text.splitlines()[1:]
     commands = visible_commands(app)
-    assert len(lines) == len(commands) == 29
+    assert len(lines) == len(commands) == 30
     for line, command in zip(lines, commands, strict=True):
         assert line.startswith(f"/{command.name} — {localized(command.description, app.translator, locale)}")
     assert "/rerun" not in text and "/grid-again" not in text  # buttons' targets

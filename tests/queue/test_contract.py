@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,56 @@ async def test_cancel_a_queued_and_a_running_job(cluster: Cluster) -> None:
     assert cluster.runner.started == [1, 3]  # the queued one never reached the device
     statuses = {job: (await cluster.bot.store.get(job)).status for job in (running, queued, after)}
     assert statuses == {running: "cancelled", queued: "cancelled", after: "finished"}
+
+
+async def test_queue_shows_each_users_places_and_moderators_everyone(cluster: Cluster) -> None:
+    alice, bob, mod = user("alice"), user("bob"), user("mod", moderator=True)
+    running = await cluster.draw(alice, 1)
+    await cluster.wait_started(1)
+    second, third = await cluster.draw(alice, 2), await cluster.draw(alice, 3)
+    bobs = await cluster.draw(bob, 4)
+
+    (mine,) = await cluster.bot.service.handle_line("/queue", alice)
+    assert mine.key == "queue.mine" and (mine.params["waiting"], mine.params["running"]) == (3, 1)
+    places = [(job["id"], job["status"], job["position"]) for job in mine.data["jobs"]]
+    # Bob's first job comes before Alice's second: she is told places 2 and 3
+    assert places == [(running, "running", 0), (second, "queued", 2), (third, "queued", 3)]
+    lines = mine.params["list"].splitlines()
+    assert lines[0].startswith(f"{running} · running · a lantern · ")
+    assert lines[1].startswith(f"{second} · #2 in the queue · a lantern · ")
+    assert [action.id for action in mine.actions] == [f"cancel:{job}" for job in (running, second, third)]
+    (theirs,) = await cluster.bot.service.handle_line("/queue show", bob)
+    assert [(job["id"], job["position"]) for job in theirs.data["jobs"]] == [(bobs, 1)]
+
+    (everyone,) = await cluster.bot.service.handle_line("/queue all", mod)
+    assert everyone.key == "queue.everyone"
+    counts = [(u["user"], u["queued"], u["running"]) for u in everyone.data["users"]]
+    assert counts == [("console:alice", 2, 1), ("console:bob", 1, 0)]
+    (refused,) = await cluster.bot.service.handle_line("/queue all", bob)
+    assert refused.key == "error.moderators_only" and "users" not in refused.data
+    translator = cluster.bot.translator
+    assert translator.t("en", refused.key, **refused.params).startswith("/queue all is for moderators only.")
+    assert translator.t("en", everyone.key, **everyone.params).splitlines() == [
+        "3 job(s) waiting and 1 running, of 2 user(s):",
+        "Alice (console:alice): 2 waiting, 1 running",
+        "Bob (console:bob): 1 waiting, 0 running",
+    ]
+    (in_chinese,) = await cluster.bot.service.handle_line("/queue", replace(alice, locale="zh-CN"))
+    chinese = translator.t("zh-CN", in_chinese.key, **in_chinese.params).splitlines()
+    assert chinese[0] == "你在队列中的 3 个任务（全部：3 个排队中，1 个运行中）："
+    assert chinese[1].startswith(f"{running} · 运行中 · a lantern · 64x64 · 已等待 ")
+    assert chinese[2].startswith(f"{second} · 队列第 2 位 · a lantern · 64x64 · 已等待 ")
+
+    (cancelled,) = await cluster.bot.service.run_action(mine.actions[1].id, alice)  # its Cancel button
+    assert cancelled.key == "cancel.done"
+    (after,) = await cluster.bot.service.handle_line("/queue", alice)
+    assert [(job["id"], job["position"]) for job in after.data["jobs"]] == [(running, 0), (third, 2)]
+    cluster.runner.gate.release(3)
+    await cluster.ended(running, second, third, bobs)
+    (empty,) = await cluster.bot.service.handle_line("/queue", alice)
+    assert empty.key == "queue.none" and (empty.params["waiting"], empty.params["running"]) == (0, 0)
+    (nothing,) = await cluster.bot.service.handle_line("/queue all", mod)
+    assert nothing.key == "queue.empty"
 
 
 async def test_jobs_survive_a_restart_and_run_and_bill_once(cluster: Cluster) -> None:
