@@ -246,6 +246,8 @@ async def test_hook_plan_generation_core_fallback_with_every_builtin_disabled(ma
     log = EventLog(app)
     ids = (await _draw(app, "/draw a cat --count 2 --seed 1"))[0].data["jobs"]
     await log.wait_for(lambda: len(log.of("finished")) == 2)
+    (queue,) = await _draw(app, "/queue")  # the core's /queue works without plugins too
+    assert (queue.key, queue.data) == ("queue.none", {"waiting": 0, "running": 0, "jobs": []})
     # only the core's own action is left: Delete
     assert all([a.id for a in e.actions] == [f"delete:{e.generation_id}"] for e in log.of("finished"))
     assert [(await app.store.get(i)).request.seed for i in ids] == [1, 2]
