@@ -38,16 +38,17 @@ async def show_queue(ctx: CommandContext) -> Reply:
     app, actor = ctx.app, ctx.actor
     platform, _, platform_user_id = actor.key.partition(":")
     user = await app.store.find_user(platform, platform_user_id)
-    mine = await app.store.list_open(user_id=user.id) if user is not None else []
-    totals = _totals(await app.store.open_by_user())
-    if not mine:
+    shown = await app.store.list_open(user_id=user.id, limit=SHOWN) if user is not None else []
+    people = await app.store.open_by_user()
+    totals = _totals(people)
+    if not shown:
         return Reply("queue.none", totals, data={**totals, "jobs": []})
-    shown = mine[:SHOWN]
+    count = max(len(shown), sum(e.queued + e.running for e in people if e.user == actor.key))
     places = [await _place(app, record) for record in shown]
     now = utcnow()
     lines = [_line(ctx, record, place, now) for record, place in zip(shown, places, strict=True)]
-    if len(mine) > SHOWN:
-        lines.append(ctx.app.translator.t(actor.locale, "queue.more", count=len(mine) - SHOWN))
+    if count > SHOWN:
+        lines.append(ctx.app.translator.t(actor.locale, "queue.more", count=count - SHOWN))
     jobs = [
         {"id": record.id, "status": record.status, "position": place, "prompt": record.request.prompt}
         for record, place in zip(shown, places, strict=True)
@@ -55,7 +56,7 @@ async def show_queue(ctx: CommandContext) -> Reply:
     actions = [
         Action(f"cancel:{record.id}", "action.cancel_job", {"n": n}) for n, record in enumerate(shown, 1)
     ]
-    params = {**totals, "count": len(mine), "list": "\n".join(lines)}
+    params = {**totals, "count": count, "list": "\n".join(lines)}
     return Reply("queue.mine", params, actions=actions, data={**totals, "jobs": jobs})
 
 
