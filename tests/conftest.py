@@ -31,6 +31,17 @@ def fuzz_examples(full: int) -> int:
 BACKENDS = ["sqlite", "postgres"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Where pytest-xdist runs the tests in several processes (``scripts/test``), each has
+    one torch thread, and so have the processes its tests start: two workers with two
+    threads each would fight over two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def make_settings(tmp_path: Path, database_url: str = "", **tables: dict[str, Any]) -> Settings:
     data: dict[str, Any] = {
         "bot": {"data_dir": str(tmp_path / "data")},
