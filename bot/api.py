@@ -75,7 +75,7 @@ from bot.grid_axes import (
 )
 from bot.help import missing_argument, usage_of
 from bot.hookspecs import hookimpl
-from bot.i18n import Msg
+from bot.i18n import Msg, clipped
 from bot.inputs import store_input_image
 from bot.lineage import IMAGE, MAX_LINEAGE, lineage, pick_image, thread_key_of
 from bot.options import OptionSpec, convert_value, parse_int, shown
@@ -156,6 +156,7 @@ __all__ = [
     "by_scope",
     "check_length",
     "check_name",
+    "clipped",
     "convert_value",
     "default_plan",
     "draw",

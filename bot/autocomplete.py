@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bot.i18n import clipped
 from bot.schema import MAX_CHOICES, AutocompleteContext, AutocompleteSource, Choice
 from bot.types import Actor
 
@@ -29,7 +30,7 @@ MAX_CHOICE_CHARS = 100  # Discord's limit on a choice's name and value
 
 
 def _fit(text: str) -> str:
-    return text if len(text) <= MAX_CHOICE_CHARS else text[: MAX_CHOICE_CHARS - 1] + "…"
+    return clipped(text, MAX_CHOICE_CHARS)
 
 
 def matching(names: Iterable[str], partial: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from bot.commands import ParsedArgs
 from bot.errors import CommandSyntaxError, OptionValueError
-from bot.i18n import Msg
+from bot.i18n import Msg, clipped
 from bot.settings import LimitsSettings
 from pipeline.request import HIRES_UPSCALERS
 
@@ -142,7 +142,7 @@ def convert_value(spec: OptionSpec, raw: str | None, limits: LimitsSettings) -> 
 def shown(raw: str) -> str:
     """A user's value as an error message repeats it: stripped, and cut when long."""
     text = raw.strip()
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+    return clipped(text, SHOWN_CHARS)
 
 
 def parse_int(raw: str) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from bot.i18n import Msg
+from bot.i18n import Msg, clipped
 from bot.types import Action, Command, CommandContext, Reply
 from models.base import utcnow
 from models.records import GenerationRecord, OpenJobs
@@ -99,9 +99,7 @@ def _line(ctx: CommandContext, record: GenerationRecord, place: int | None, now:
         where = Msg("queue.queued")
     else:
         where = Msg("queue.place", {"position": place})
-    prompt = " ".join(record.request.prompt.split())
-    if len(prompt) > PROMPT_CHARS:
-        prompt = prompt[: PROMPT_CHARS - 1].rstrip() + "…"
+    prompt = clipped(" ".join(record.request.prompt.split()), PROMPT_CHARS)
     return ctx.app.translator.t(
         ctx.actor.locale,
         "queue.line",

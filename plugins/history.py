@@ -32,6 +32,7 @@ from bot.api import (
     OptionSpec,
     UserError,
     audit,
+    clipped,
     format_time,
     hookimpl,
     may_see,
@@ -159,8 +160,7 @@ def _summary(record: GenerationRecord) -> dict[str, Any]:
 
 
 def _short(text: str, limit: int = PROMPT_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    return clipped(" ".join(text.split()), limit)
 
 
 def _line(ctx: CommandContext, record: GenerationRecord) -> str:

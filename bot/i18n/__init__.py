@@ -21,6 +21,11 @@ FALLBACK = "en"
 _DIR = Path(__file__).parent
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text`` as it fits in ``limit`` characters: cut where longer, an ellipsis last."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def normalize_locale(locale: str | None) -> str:
     """Map platform locales ("zh-cn", "zh_CN", "zh-TW", "en-US") onto a catalog name."""
     if not locale:

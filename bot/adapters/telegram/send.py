@@ -40,6 +40,7 @@ from telegram.error import RetryAfter as TelegramRetryAfter
 
 from bot.adapters.base import DeliveryFailed, Outgoing, RetryAfter
 from bot.delivery.fitting import shrink
+from bot.i18n import clipped
 from bot.types import Finished, MessageRef, OutgoingFile, Route
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,6 @@ def too_large(exc: Exception) -> bool:
     return "too large" in text or "413" in text
 
 
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def result_caption(message: Outgoing) -> str:
     """The message's text, then the effective parameters of a result, within a caption."""
     text = message.text
@@ -78,8 +75,8 @@ def result_caption(message: Outgoing) -> str:
         infotext = message.source.images[0].infotext
         room = CAPTION_LIMIT - len(text) - 1
         if infotext and room > 20:
-            text = f"{text}\n{clip(infotext, room)}"
-    return clip(text, CAPTION_LIMIT)
+            text = f"{text}\n{clipped(infotext, room)}"
+    return clipped(text, CAPTION_LIMIT)
 
 
 def keyboard(message: Outgoing) -> InlineKeyboardMarkup | None:
@@ -142,7 +139,7 @@ class Sender:
         sent = await self._call(
             lambda: self.bot.send_message(
                 int(where.chat_id or 0),
-                clip(message.text, TEXT_LIMIT),
+                clipped(message.text, TEXT_LIMIT),
                 reply_markup=keyboard(message),
                 **self._placement(where, answer),
             ),
@@ -186,7 +183,7 @@ class Sender:
             )
         else:
             call = lambda: self.bot.edit_message_text(  # noqa: E731
-                clip(message.text, TEXT_LIMIT),
+                clipped(message.text, TEXT_LIMIT),
                 chat_id=chat,
                 message_id=int(target),
                 reply_markup=keyboard(message),
