@@ -3,7 +3,7 @@
 tiny engine. A user's session: /draw with options, the deferred answer, throttled
 progress with previews, the result with its PNG, embed and buttons, errors, expired
 tokens, rate limits, where and who may draw, autocomplete, registering the slash
-commands, the token, /pnginfo and /link. Presses on the buttons are in
+commands, the token, /pnginfo, /link and /queue. Presses on the buttons are in
 test_discord_buttons.py."""
 
 from __future__ import annotations
@@ -442,3 +442,34 @@ async def test_link_from_telegram_and_discord_joins_the_histories(make_app) -> N
                 assert "a telegram cat" in history["text"] and "a discord cat" in history["text"]
             finally:
                 await telegram.stop()
+
+
+async def test_queue_shows_places_and_a_cancel_button_for_each_job(make_app) -> None:
+    async with FakeDiscord() as dc:
+        server(dc)
+        async with running(make_app, dc) as (app, _):
+            await app.queue.stop()  # nothing runs: the jobs wait
+            for prompt in ("a kite", "a boat"):
+                await draw(dc, option("prompt", prompt))
+            for _ in range(3000):
+                if (await app.store.count_by_status()).get("queued") == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await dc.slash("queue", [{"name": "show", "type": 1, "options": []}], user=ALICE, guild_id=GUILD, channel_id=CHANNEL, locale="zh-CN")  # fmt: skip
+            shown = await dc.wait_for(
+                lambda: next((m for m in dc.messages.values() if "队列中的 2 个任务" in m["content"]), None)
+            )
+            first, second = await app.store.list_open()  # the two interactions may race
+            lines = shown["content"].splitlines()
+            assert lines[1].startswith(f"{first.id} · 队列第 1 位 · {first.request.prompt} · 64x64 · 已等待 ")
+            assert lines[2].startswith(
+                f"{second.id} · 队列第 2 位 · {second.request.prompt} · 64x64 · 已等待 "
+            )
+            assert [b["label"] for b in buttons(shown)] == ["取消 1", "取消 2"]
+            await dc.click(shown["id"], button(shown, "取消 2"), user=ALICE, locale="zh-CN")
+            for _ in range(3000):
+                if (await app.store.get(second.id)).status == "cancelled":
+                    break
+                await asyncio.sleep(0.01)
+            assert (await app.store.get(second.id)).status == "cancelled"
+            assert (await app.store.get(first.id)).status == "queued"
