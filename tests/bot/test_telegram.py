@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -524,3 +525,42 @@ async def test_a_batch_is_a_media_group_and_a_png_with_pnginfo_in_its_caption_is
     tg.send_text(chat, grace, "/draw the moons redrawn --steps 2", caption_file=("photo", png, "moons.png"))
     (*_, redrawn) = await result_of(tg, chat, before + 1)
     assert "Denoising strength" in read_infotext(redrawn.files["document"])
+
+
+async def test_queue_lists_places_with_a_cancel_button_for_each_job(
+    bot: Bot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tg, chat = bot.tg, 109
+    gate = threading.Event()  # the device holds its first job until the test ends
+    engine = bot.app.engines[0]
+    for name in ("generate", "generate_batch"):
+
+        def held(*args: Any, _run: Any = getattr(engine, name), **kwargs: Any) -> Any:
+            gate.wait(60)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(engine, name, held)
+    zhao = user_json(109, "Zhao")
+    try:
+        jobs = []
+        for prompt, steps in (("a kite", 2), ("a boat", 3)):  # not one batch: their steps differ
+            command = tg.send_text(chat, zhao, f"/draw {prompt} --steps {steps}")
+            jobs += await until(lambda command=command: queued_jobs(tg, chat, command["message_id"]))
+        for _ in range(3000):  # until the kite is on the device
+            if await bot.app.queue.position(jobs[0]) == 0:
+                break
+            await asyncio.sleep(0.01)
+        command = tg.send_text(chat, zhao, "/queue")
+        (answer,) = await until(lambda: replies_to(tg, chat, command["message_id"]))
+        lines = answer["text"].splitlines()
+        assert lines[0] == "Your 2 job(s) in the queue (in all: 1 waiting, 1 running):"
+        assert lines[1].startswith(f"{jobs[0]} · running · a kite · 64x64 · waited ")
+        assert lines[2].startswith(f"{jobs[1]} · #1 in the queue · a boat · 64x64 · waited ")
+        tg.press(chat, answer["message_id"], zhao, button(answer, "Cancel 2"))
+        done = await until(lambda: [m for m in tg.messages.values() if text_of(m) == f"Cancelled {jobs[1]}."])
+        assert done[0]["chat"]["id"] == chat
+        assert (await bot.app.store.get(jobs[1])).status == "cancelled"
+    finally:
+        gate.set()
+    await result_of(tg, chat)  # the kite ends as drawn
+    assert (await bot.app.store.get(jobs[0])).status == "finished"
