@@ -531,6 +531,11 @@ async def test_queue_lists_places_with_a_cancel_button_for_each_job(
     bot: Bot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tg, chat = bot.tg, 109
+    for _ in range(6000):  # what earlier tests queued has ended: the device is free
+        counts = await bot.app.store.count_by_status()
+        if not counts.get("queued") and not counts.get("running"):
+            break
+        await asyncio.sleep(0.01)
     gate = threading.Event()  # the device holds its first job until the test ends
     engine = bot.app.engines[0]
     for name in ("generate", "generate_batch"):
@@ -541,11 +546,6 @@ async def test_queue_lists_places_with_a_cancel_button_for_each_job(
 
         monkeypatch.setattr(engine, name, held)
     zhao = user_json(109, "Zhao")
-    for _ in range(6000):  # what earlier tests queued has ended: the device is free
-        counts = await bot.app.store.count_by_status()
-        if not counts.get("queued") and not counts.get("running"):
-            break
-        await asyncio.sleep(0.01)
     try:
         jobs = []
         for prompt, steps in (("a kite", 2), ("a boat", 3)):  # not one batch: their steps differ
