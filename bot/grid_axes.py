@@ -219,14 +219,29 @@ def loop_order(costs: tuple[float, float, float]) -> tuple[int, int, int]:
 
 
 def read_axis(app: Any, option: str, raw: str | None) -> AxisChoice:
-    """``--x "steps: 1-5"`` -> the Steps axis and its values; no option -> Nothing."""
+    """``--x "steps: 1-5"`` -> the Steps axis and its values; no option -> Nothing. The axis
+    ends at the first colon, a full-width one (``steps：1-5`` typed with a Chinese keyboard)
+    too, or, where there is none, at an ``=`` (``steps=1-5``); numbers may be listed with
+    full-width commas (``cfg：5，7``)."""
     if raw is None:
         return AxisChoice(find_axis(app, "Nothing"), "", [""])
-    name, colon, text = raw.partition(":")
+    name, colon, text = _axis_parts(raw)
     if not colon and normalize(name) not in ("nothing", "none"):
         raise UserError("error.grid.bad_axis_option", option=option, value=raw)
     axis = find_axis(app, name)
-    return AxisChoice(axis, text.strip(), read_values(app, axis, text.strip()))
+    text = text.strip()
+    if axis.kind in ("int", "float"):  # numbers listed with a Chinese keyboard's commas
+        text = text.replace("\uff0c", ",")
+    return AxisChoice(axis, text, read_values(app, axis, text))
+
+
+def _axis_parts(raw: str) -> tuple[str, str, str]:
+    """``raw`` cut into the axis name, its separator ("" when none) and the values."""
+    colons = [index for index in (raw.find(":"), raw.find("\uff1a")) if index >= 0]
+    at = min(colons) if colons else raw.find("=")
+    if at < 0:
+        return raw, "", ""
+    return raw[:at], raw[at], raw[at + 1 :]
 
 
 def read_grid(app: Any, texts: dict[str, str | None]) -> GridSpec:

@@ -408,6 +408,26 @@ async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
         assert find_axis(app, name).name == expected
 
 
+async def test_an_axis_typed_with_a_chinese_keyboard_or_an_equals_sign_reads_as_with_a_colon(make_app) -> None:
+    app = await make_app(start=False)
+    from bot.errors import UserError
+    from bot.grid_axes import read_axis
+
+    for raw, name, values in [
+        ("steps: 1-3", "Steps", [1, 2, 3]),
+        ("steps：1-3", "Steps", [1, 2, 3]),  # full-width colon
+        ("steps=1-3", "Steps", [1, 2, 3]),
+        ("cfg：5，7, 9", "CFG Scale", [5.0, 7.0, 9.0]),  # full-width commas between numbers
+        ("prompt s/r: cat, a=b", "Prompt S/R", ["cat", "a=b"]),  # the colon comes first
+        ("prompt s/r=cat，dog, fox", "Prompt S/R", ["cat，dog", "fox"]),  # a prompt's own comma stays
+    ]:
+        choice = read_axis(app, "x", raw)
+        assert (choice.axis.name, choice.values) == (name, values), raw
+    with pytest.raises(UserError) as refused:
+        read_axis(app, "x", "steps 1-3")
+    assert refused.value.key == "error.grid.bad_axis_option"
+
+
 async def test_a_grid_over_sigma_churn_renders_and_each_cell_keeps_its_churn(make_app) -> None:
     app = await make_app(plugins=QUOTAS)
     log = EventLog(app)
