@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.sql.expression import false as sa_false
@@ -54,7 +55,14 @@ class Generation(Base):
     __table_args__ = (
         Index("ix_generations_status_created", "status", "created_at"),
         Index("ix_generations_user_created", "user_id", "created_at"),
-        Index("ix_generations_parent_id", "parent_id"),  # /show's children, lineage walks
+        # /show's children, lineage walks; only results that have a parent are in it (most
+        # have none), so a job's status changes write one index entry fewer
+        Index(
+            "ix_generations_parent_id",
+            "parent_id",
+            postgresql_where=text("parent_id IS NOT NULL"),
+            sqlite_where=text("parent_id IS NOT NULL"),
+        ),
         # a heartbeat renews one owner's open jobs; recovery looks for open jobs whose lease ran out
         Index("ix_generations_owner_status", "owner", "status"),
         Index("ix_generations_status_lease", "status", "lease_expires_at"),
@@ -86,8 +94,9 @@ class Generation(Base):
     # reply to, interaction token. ``thread_key`` is the root id of a chain of variations
     # (posted in one thread), ``forever_run`` the run a forever job belongs to.
     route: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    thread_key: Mapped[str | None] = mapped_column(String(64), index=True)
-    forever_run: Mapped[str | None] = mapped_column(String(64), index=True)
+    # (No index: nothing looks jobs up by either, and each index costs every status change.)
+    thread_key: Mapped[str | None] = mapped_column(String(64))
+    forever_run: Mapped[str | None] = mapped_column(String(64))
     # The platform message that shows the job (bot.types.MessageRef as JSON), once sent:
     # later events edit it and notices answer it, also after a restart.
     message_ref: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

@@ -260,3 +260,49 @@ def test_an_upgrade_killed_half_way_on_sqlite_leaves_a_database_that_upgrades(tm
         assert done.returncode == 0, done.stderr
         assert asyncio.run(_schema(url)) == (ALL_TABLES, HEAD)
     assert None in seen  # at least one kill landed before the upgrade committed
+
+
+async def test_job_rows_carry_only_the_indexes_their_lookups_use(database_url: str) -> None:
+    """Each status change of a job writes an entry in every index of ``generations``:
+    thread_key and forever_run, never looked up, have none, and parent_id's holds only
+    the rows that have a parent (revision 0012; downgraded, the old ones come back)."""
+
+    async def indexes() -> dict[str, tuple[list[str], str | None]]:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as connection:
+                found = await connection.run_sync(lambda c: inspect(c).get_indexes("generations"))
+        finally:
+            await engine.dispose()
+        where = {"postgresql": "postgresql_where", "sqlite": "sqlite_where"}
+        return {
+            index["name"]: (
+                index["column_names"],
+                next(
+                    (str(v) for k, v in index.get("dialect_options", {}).items() if k in where.values()), None
+                ),
+            )
+            for index in found
+        }
+
+    await asyncio.to_thread(db.upgrade, database_url)
+    now = await indexes()
+    assert "ix_generations_thread_key" not in now and "ix_generations_forever_run" not in now
+    columns, predicate = now["ix_generations_parent_id"]
+    assert columns == ["parent_id"] and predicate is not None
+    assert "parent_id is not null" in predicate.lower()
+    assert now["ix_generations_status_created"] == (["status", "created_at"], None)
+
+    await asyncio.to_thread(_downgrade_to, database_url, "0011")
+    before = await indexes()
+    assert before["ix_generations_thread_key"] == (["thread_key"], None)
+    assert before["ix_generations_forever_run"] == (["forever_run"], None)
+    assert before["ix_generations_parent_id"] == (["parent_id"], None)
+    await asyncio.to_thread(db.upgrade, database_url)
+    assert await indexes() == now
+
+
+def _downgrade_to(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(db.alembic_config(url), revision)
