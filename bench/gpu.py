@@ -4,18 +4,22 @@ SD 1.5-sized random-weight UNet, VAE and CLIP text encoder (bench/gpu_memory.py 
 them; nothing is downloaded), fp16, 512x512, 20 steps of Euler a, CFG 7. For batch 1, 4
 and 8 it interleaves rounds of a plain ``StableDiffusionPipeline`` call and Atelier's
 ``Engine.generate`` doing the same work (SDPA attention, the CFG pair in one UNet call,
-channels-last weights on CUDA, ``--compile`` for torch.compile),
+channels-last weights on CUDA, ``--compile`` for torch.compile; the two share the modules,
+so diffusers runs on the channels-last weights too, which can only flatter it),
 and prints images/s for each, Atelier's batch-8 rate over diffusers' batch-1 rate
 (target 1.5x or more), and the fraction of the FLOP floor Atelier reaches: the UNet's
 and the VAE decoder's floating-point operations, counted by torch's FLOP counter on one
 guided step and one decode (about 1.6 TFLOP per guided step at 512x512), over the
-card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then the memory
-modes' tables of bench/gpu_memory.py (peak memory in normal, medvram and lowvram, and
-against diffusers' own offloading and tiled VAE decode).
+card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then the same for an
+SDXL base-sized model (its shipped configurations, random weights made on the GPU) at
+1024x1024, batch 1, against ``StableDiffusionXLPipeline``. Then the memory modes' tables
+of bench/gpu_memory.py (peak memory in normal, medvram and lowvram, and against diffusers'
+own offloading and tiled VAE decode).
 
-Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989]``. Without CUDA
+Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989] [--compile]``. Without CUDA
 it says so and exits 0; ``--tiny`` runs the same code on the CPU with the built-in tiny
-modules (64x64, 2 steps) as a dry run.
+modules (64x64, 2 steps; tiny's SDXL for the SDXL table) as a dry run. On a machine
+without a package index, docs/benchmarks.md says how to bring what it needs.
 """
 
 from __future__ import annotations
@@ -51,20 +55,39 @@ def guided_step_flops(pipe: Any, size: int, device: Any, dtype: Any) -> tuple[fl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    unet = pipe.unet.config
     latent = torch.zeros(2, 4, size // 8, size // 8, device=device, dtype=dtype)
-    context = torch.zeros(2, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
+    context = torch.zeros(2, 77, unet.cross_attention_dim, device=device, dtype=dtype)
+    extra: dict[str, Any] = {}
+    if unet.addition_embed_type == "text_time":  # SDXL: the pooled text and the size conditioning
+        pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(2, pooled, device=device, dtype=dtype),
+            "time_ids": torch.zeros(2, 6, device=device, dtype=dtype),
+        }
     with torch.no_grad():
         with FlopCounterMode(display=False) as unet_count:
-            pipe.unet(latent, torch.tensor([500.0], device=device), encoder_hidden_states=context)
+            pipe.unet(latent, torch.tensor([500.0], device=device), encoder_hidden_states=context, **extra)
         with FlopCounterMode(display=False) as vae_count:
             pipe.vae.decode(latent[:1])
     return float(unet_count.get_total_flops()), float(vae_count.get_total_flops())
 
 
 def throughput(
-    tiny: bool, device_name: str, steps: int, size: int, rounds: int, compile: bool = False
+    tiny: bool,
+    device_name: str,
+    steps: int,
+    size: int,
+    rounds: int,
+    compile: bool = False,
+    *,
+    sdxl: bool = False,
+    batches: tuple[int, ...] = BATCHES,
 ) -> dict[int, dict[str, float]]:
-    """images/s of diffusers and of Atelier per batch size (medians of interleaved rounds)."""
+    """images/s of diffusers and of Atelier per batch size (medians of interleaved rounds);
+    ``sdxl``: the SDXL base-sized model instead of the SD 1.5-sized one. Atelier's engine
+    runs as ``[engine]`` runs it on this device: SDPA attention, channels-last UNet weights
+    on CUDA, torch.compile with ``compile``."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -74,15 +97,16 @@ def throughput(
 
     device = torch.device(device_name)
     dtype = torch.float32 if tiny else torch.float16
-    library = _library(tiny)
+    library = _library(tiny, sdxl=sdxl, device=device_name)
     engine = Engine(
-        library, device=device_name, dtype=dtype, memory_settings=MemorySettings(attention="sdpa")
-    )
+        library, device=device_name, dtype=dtype, memory_settings=MemorySettings(attention="sdpa"),
+        compile=compile, channels_last=device.type == "cuda",
+    )  # fmt: skip
     engine.generate(GenerationRequest(prompt=PROMPT, seed=1, num_inference_steps=1, width=64, height=64))
     pipe = library.load("tiny")  # the modules the engine placed on the device
     plain_scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     rates: dict[int, dict[str, float]] = {}
-    for batch in BATCHES:
+    for batch in batches:
         request = GenerationRequest(
             prompt=PROMPT, seed=1234, num_inference_steps=steps, width=size, height=size,
             guidance_scale=7, sampler_name="Euler a", num_images_per_prompt=batch,
@@ -137,31 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
     rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile)
-    flops = rates.pop(0)
-    per_image = steps * flops["unet_flops_per_guided_step"] + flops["vae_decode_flops"]
-    print(
-        f"### {model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}\n"
-    )
-    print("| batch | diffusers images/s | Atelier images/s | Atelier / diffusers | of the FLOP floor |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    figures: dict[str, Any] = {
-        "device": where,
-        "size": size,
-        "steps": steps,
-        "tflop_per_image": per_image / 1e12,
-    }
-    for batch, rate in rates.items():
-        floor = rate["atelier_images_per_s"] * per_image / (args.peak_tflops * 1e12)
-        print(
-            f"| {batch} | {rate['diffusers_images_per_s']:.2f} | {rate['atelier_images_per_s']:.2f} | "
-            f"{rate['ratio']:.2f} | {floor:.1%} |"
-        )
-        figures[f"batch{batch}"] = {**rate, "floor_fraction": floor}
-    gain = rates[8]["atelier_images_per_s"] / rates[1]["diffusers_images_per_s"]
+    figures: dict[str, Any] = {"device": where, "size": size, "steps": steps}
+    title = f"{model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}"
+    figures.update(_table(title, rates, steps, args.peak_tflops))
+    gain = figures["batch8"]["atelier_images_per_s"] / figures["batch1"]["diffusers_images_per_s"]
     figures["batch8_over_diffusers_batch1"] = gain
-    print(f"\nAtelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
-    print(f"FLOPs per image: {per_image / 1e12:.2f} TFLOP ({flops['unet_flops_per_guided_step'] / 1e12:.2f} per "
-          f"guided step, {flops['vae_decode_flops'] / 1e12:.2f} per decode); peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
+    print(f"Atelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
+
+    print()
+    xl_size = 64 if args.tiny else 1024
+    xl_model = "tiny SDXL" if args.tiny else "SDXL base-sized random weights, fp16"
+    xl_rates = throughput(
+        args.tiny, device, steps, xl_size, args.rounds, args.compile, sdxl=True, batches=(1,)
+    )
+    xl_title = f"{xl_model}, {xl_size}x{xl_size}, {steps} steps Euler a, CFG 7, on {where}"
+    figures["sdxl"] = {"size": xl_size, **_table(xl_title, xl_rates, steps, args.peak_tflops)}
     if not args.tiny:  # the memory modes' own dry run is bench/gpu_memory.py --tiny
         print()
         print(memory_table(memory_run(False, device, steps, size), f"memory modes on {where}"))
@@ -169,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
         print(against_diffusers(False, device, steps, size, where))
     result("gpu", figures)
     return 0
+
+
+def _table(title: str, rates: dict[int, dict[str, float]], steps: int, peak_tflops: float) -> dict[str, Any]:
+    """Print one model's table (images/s per batch, the FLOP floor fraction); its figures."""
+    flops = rates.pop(0)
+    per_image = steps * flops["unet_flops_per_guided_step"] + flops["vae_decode_flops"]
+    print(f"### {title}\n")
+    print("| batch | diffusers images/s | Atelier images/s | Atelier / diffusers | of the FLOP floor |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    figures: dict[str, Any] = {"tflop_per_image": per_image / 1e12}
+    for batch, rate in rates.items():
+        floor = rate["atelier_images_per_s"] * per_image / (peak_tflops * 1e12)
+        print(
+            f"| {batch} | {rate['diffusers_images_per_s']:.2f} | {rate['atelier_images_per_s']:.2f} | "
+            f"{rate['ratio']:.2f} | {floor:.1%} |"
+        )
+        figures[f"batch{batch}"] = {**rate, "floor_fraction": floor}
+    print(f"\nFLOPs per image: {per_image / 1e12:.2f} TFLOP ({flops['unet_flops_per_guided_step'] / 1e12:.2f} per "
+          f"guided step, {flops['vae_decode_flops'] / 1e12:.2f} per decode); peak {peak_tflops:g} TFLOP/s")  # fmt: skip
+    return figures
 
 
 if __name__ == "__main__":

@@ -113,15 +113,77 @@ def build_sd15_random() -> Any:
     return pipe
 
 
-def _library(tiny: bool) -> Any:
-    """A library whose built-in checkpoint is the SD 1.5-sized pipeline (or tiny itself)."""
+def build_sdxl_random(device: str = "cpu") -> Any:
+    """An SDXL base-sized pipeline (UNet, VAE and both text encoders from the configurations
+    Atelier ships, ``pipeline/configs/sdxl``) with seeded random weights, in float32, its
+    weights made on ``device`` (initialising 3.5 billion of them on a CPU takes minutes)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipeline import tiny
+
+    folder = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "sdxl"
+
+    def config(part: str, name: str = "config.json") -> dict[str, Any]:
+        return json.loads((folder / part / name).read_text())
+
+    def text(part: str) -> Any:
+        return CLIPTextConfig.from_dict(
+            {**config(part), "vocab_size": tiny.VOCAB_SIZE, "bos_token_id": tiny.BOS_ID,
+             "eos_token_id": tiny.EOS_ID, "pad_token_id": tiny.EOS_ID}
+        )  # fmt: skip
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        if device.startswith("cuda"):
+            torch.cuda.manual_seed_all(0)
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        vae = AutoencoderKL.from_config(config("vae"))
+        text_encoder = CLIPTextModel(text("text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(text("text_encoder_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny.build_tiny_tokenizer(),
+        tokenizer_2=tiny.build_tiny_tokenizer(pad_token=tiny.OPEN_CLIP_PAD_TOKEN),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(config("scheduler", "scheduler_config.json")),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return pipe
+
+
+def _library(tiny: bool, *, sdxl: bool = False, device: str = "cpu") -> Any:
+    """A library whose built-in checkpoint is the SD 1.5-sized pipeline, or with ``sdxl``
+    the SDXL base-sized one (built on ``device``); with ``tiny``, tiny itself, or tiny's
+    SDXL."""
     from pipeline.checkpoints import CheckpointLibrary
+    from pipeline.tiny import build_tiny_sdxl
+
+    def build() -> Any:
+        if sdxl:
+            return build_tiny_sdxl() if tiny else build_sdxl_random(device)
+        return build_sd15_random()
 
     class SizedLibrary(CheckpointLibrary):
         def _load_uncached(self, info: Any) -> Any:
-            return build_sd15_random() if info.kind == "builtin" else super()._load_uncached(info)
+            return build() if info.kind == "builtin" else super()._load_uncached(info)
 
-    return CheckpointLibrary(None) if tiny else SizedLibrary(None)
+    return CheckpointLibrary(None) if tiny and not sdxl else SizedLibrary(None)
 
 
 def _sync(device: Any) -> None:
