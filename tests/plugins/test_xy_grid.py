@@ -408,7 +408,9 @@ async def test_axis_names_match_in_any_case_and_by_alias(make_app) -> None:
         assert find_axis(app, name).name == expected
 
 
-async def test_an_axis_typed_with_a_chinese_keyboard_or_an_equals_sign_reads_as_with_a_colon(make_app) -> None:
+async def test_an_axis_typed_with_a_chinese_keyboard_or_an_equals_sign_reads_as_with_a_colon(
+    make_app,
+) -> None:
     app = await make_app(start=False)
     from bot.errors import UserError
     from bot.grid_axes import read_axis
