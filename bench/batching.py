@@ -35,7 +35,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Collector:
+class Collector:
     """The queue's listener: keeps each job's result and says when all are in."""
 
     def __init__(self) -> None:
@@ -73,7 +73,7 @@ class _Collector:
             self.done.set()
 
 
-async def _round(queue, collector: _Collector, jobs: list) -> float:
+async def timed_round(queue, collector: Collector, jobs: list) -> float:
     collector.expect(len(jobs))
     started = time.perf_counter()
     for job in jobs:
@@ -112,7 +112,7 @@ async def _main(args: argparse.Namespace) -> int:
     ]
     engine.generate(requests[0])  # warm up at this shape
     engine.generate_batch(requests)
-    batched_collector, solo_collector = _Collector(), _Collector()
+    batched_collector, solo_collector = Collector(), Collector()
     batched = LocalQueue([engine], batched_collector, max_batch=args.users, batch_window=0.5)
     solo = LocalQueue([engine], solo_collector, max_batch=1)
     await batched.start()
@@ -123,11 +123,11 @@ async def _main(args: argparse.Namespace) -> int:
             jobs = [Job(f"b{number}-{i}", f"user{i}", r) for i, r in enumerate(requests)]
             solo_jobs = [Job(f"s{number}-{i}", f"user{i}", r) for i, r in enumerate(requests)]
             if number % 2:  # alternate which goes first
-                t_solo = await _round(solo, solo_collector, solo_jobs)
-                t_batched = await _round(batched, batched_collector, jobs)
+                t_solo = await timed_round(solo, solo_collector, solo_jobs)
+                t_batched = await timed_round(batched, batched_collector, jobs)
             else:
-                t_batched = await _round(batched, batched_collector, jobs)
-                t_solo = await _round(solo, solo_collector, solo_jobs)
+                t_batched = await timed_round(batched, batched_collector, jobs)
+                t_solo = await timed_round(solo, solo_collector, solo_jobs)
             batched_times.append(t_batched)
             solo_times.append(t_solo)
             ratios.append(t_solo / t_batched)

@@ -10,7 +10,9 @@ and prints images/s for each, Atelier's batch-8 rate over diffusers' batch-1 rat
 (target 1.5x or more), and the fraction of the FLOP floor Atelier reaches: the UNet's
 and the VAE decoder's floating-point operations, counted by torch's FLOP counter on one
 guided step and one decode (about 1.6 TFLOP per guided step at 512x512), over the
-card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then the same for an
+card's dense fp16 peak (``--peak-tflops``; H100 SXM 989 by default). Then images/s
+through the bot's queue: 8 users' one-image requests at once (each its own prompt, seed
+and CFG scale), micro-batched with ``[queue] max_batch`` 1, 4 and 8. Then the same for an
 SDXL base-sized model (its shipped configurations, random weights made on the GPU) at
 1024x1024, batch 1, against ``StableDiffusionXLPipeline``. Then the memory modes' tables
 of bench/gpu_memory.py (peak memory in normal, medvram and lowvram, and against diffusers'
@@ -25,6 +27,7 @@ without a package index, docs/benchmarks.md says how to bring what it needs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
@@ -39,6 +42,7 @@ from gpu_memory import table as memory_table  # noqa: E402
 from report import result  # noqa: E402
 
 BATCHES = (1, 4, 8)
+QUEUE_USERS = 8  # one-image requests put on the queue at once
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,11 +87,13 @@ def throughput(
     *,
     sdxl: bool = False,
     batches: tuple[int, ...] = BATCHES,
+    queue_batches: tuple[int, ...] = (),
 ) -> dict[int, dict[str, float]]:
     """images/s of diffusers and of Atelier per batch size (medians of interleaved rounds);
     ``sdxl``: the SDXL base-sized model instead of the SD 1.5-sized one. Atelier's engine
     runs as ``[engine]`` runs it on this device: SDPA attention, channels-last UNet weights
-    on CUDA, torch.compile with ``compile``."""
+    on CUDA, torch.compile with ``compile``. With ``queue_batches``, ``rates[-1]`` is the
+    images/s through the queue at each of those ``max_batch`` values (``_through_queue``)."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler
 
@@ -146,6 +152,48 @@ def throughput(
         }
     unet_flops, vae_flops = guided_step_flops(pipe, size, device, dtype)
     rates[0] = {"unet_flops_per_guided_step": unet_flops, "vae_decode_flops": vae_flops}
+    if queue_batches:
+        rates[-1] = asyncio.run(_through_queue(engine, steps, size, rounds, queue_batches))
+    return rates
+
+
+async def _through_queue(
+    engine: Any, steps: int, size: int, rounds: int, batches: tuple[int, ...]
+) -> dict[str, float]:
+    """images/s of 8 one-image requests from 8 users (each their own prompt, seed and CFG
+    scale) put on the bot's queue at once, with ``[queue] max_batch`` at each of
+    ``batches``: the micro-batches it forms across users, timed from the first put to the
+    last result (the median of ``rounds``, after one warm round)."""
+    from batching import Collector, timed_round
+
+    from pipeline.queue import Job, LocalQueue
+    from pipeline.request import GenerationRequest
+
+    requests = [
+        GenerationRequest(
+            prompt=f"user {user}: {PROMPT}",
+            seed=1000 + user,
+            guidance_scale=5 + user % 4,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            sampler_name="Euler a",
+        )  # fmt: skip
+        for user in range(QUEUE_USERS)
+    ]
+    rates: dict[str, float] = {}
+    for batch in batches:
+        collector = Collector()
+        queue = LocalQueue([engine], collector, max_batch=batch, batch_window=0.5)
+        await queue.start()
+        try:
+            times = []
+            for number in range(rounds + 1):
+                jobs = [Job(f"{batch}-{number}-{i}", f"user{i}", r) for i, r in enumerate(requests)]
+                times.append(await timed_round(queue, collector, jobs))
+        finally:
+            await queue.stop()
+        rates[f"max_batch{batch}"] = len(requests) / statistics.median(times[1:])
     return rates
 
 
@@ -160,13 +208,23 @@ def main(argv: list[str] | None = None) -> int:
     steps, size = (2, 64) if args.tiny else (20, 512)
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
-    rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile)
+    rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile, queue_batches=BATCHES)
+    queued = rates.pop(-1)
     figures: dict[str, Any] = {"device": where, "size": size, "steps": steps}
     title = f"{model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}"
     figures.update(_table(title, rates, steps, args.peak_tflops))
     gain = figures["batch8"]["atelier_images_per_s"] / figures["batch1"]["diffusers_images_per_s"]
     figures["batch8_over_diffusers_batch1"] = gain
     print(f"Atelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
+    print(
+        f"\nThrough the queue: {QUEUE_USERS} users' one-image requests at once, micro-batched up to max_batch\n"
+    )
+    print("| max_batch | images/s | over max_batch 1 |")
+    print("| ---: | ---: | ---: |")
+    for batch in BATCHES:
+        rate = queued[f"max_batch{batch}"]
+        print(f"| {batch} | {rate:.2f} | {rate / queued['max_batch1']:.2f}x |")
+    figures["queue"] = queued
 
     print()
     xl_size = 64 if args.tiny else 1024

@@ -1,5 +1,5 @@
 """bench/gpu.py dry-runs on the CPU: the same code, the tiny modules, a row per batch size,
-and the SDXL table; the full-size models it builds on a GPU have the real models' shapes
+the queue's table and the SDXL table; the full-size models it builds on a GPU have the real models' shapes
 and FLOPs (counted on the meta device: no weights are made)."""
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ def test_the_dry_run_measures_every_batch_size_and_counts_the_flops(capsys):
     assert module.main(["--tiny", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split("|")[1].strip() for row in rows] == ["1", "4", "8", "1"]  # SD 1.5, then SDXL
+    # SD 1.5 against diffusers, SD 1.5 through the queue at max_batch 1, 4, 8, then SDXL
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "4", "8", "1", "4", "8", "1"]
     assert "### tiny SDXL, 64x64, 2 steps Euler a" in out
     (line,) = [line for line in out.splitlines() if line.startswith("RESULT gpu ")]
     figures = json.loads(line.removeprefix("RESULT gpu "))
     assert figures["tflop_per_image"] > 0
     assert all(figures[f"batch{b}"]["atelier_images_per_s"] > 0 for b in (1, 4, 8))
     assert figures["sdxl"]["batch1"]["atelier_images_per_s"] > 0 and figures["sdxl"]["tflop_per_image"] > 0
+    assert all(figures["queue"][f"max_batch{b}"] > 0 for b in (1, 4, 8))
 
 
 @pytest.mark.parametrize(
