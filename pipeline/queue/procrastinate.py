@@ -44,16 +44,17 @@ WHERE queue_name = %(queue)s AND status = 'todo'
   AND (priority > %(priority)s OR (priority = %(priority)s AND id < %(id)s))
 """
 # a new job placed and deferred in one statement: each open job of its owner puts it a
-# round further back (fairness), and it comes after every waiting job of its priority or
-# higher; two submits at the same instant may be told one place. One row, however long the
-# queue. The job is made by procrastinate's own defer function, its triggers and all.
+# round further back (fairness; counted through OWNER_INDEX, so however long the queue, a
+# submit reads its owner's jobs, not everyone's), and it comes after every waiting job of
+# its priority or higher; two submits at the same instant may be told one place. The job is
+# made by procrastinate's own defer function, its triggers and all.
 _PUT = """
-WITH open_jobs AS (
-  SELECT priority, status, task_name = %(task)s AND args->>'owner' = %(owner)s AS mine
-  FROM procrastinate_jobs
-  WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
-), placed AS (
-  SELECT %(base)s - LEAST(count(*) FILTER (WHERE mine), %(last_round)s) AS priority FROM open_jobs
+WITH placed AS (
+  SELECT %(base)s - LEAST((
+    SELECT count(*) FROM procrastinate_jobs
+    WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
+      AND task_name = %(task)s AND args->>'owner' = %(owner)s
+  ), %(last_round)s) AS priority
 ), deferred AS (
   SELECT procrastinate_defer_jobs_v1(ARRAY[
     ROW(%(queue)s, %(task)s, placed.priority, NULL, %(queueing_lock)s, %(args)s, NULL)::procrastinate_job_to_defer_v1
@@ -61,9 +62,15 @@ WITH open_jobs AS (
   FROM placed
 )
 SELECT deferred.ids[1] AS id,
-       (SELECT count(*) FROM open_jobs
-        WHERE open_jobs.status = 'todo' AND open_jobs.priority >= placed.priority) AS waiting
+       (SELECT count(*) FROM procrastinate_jobs
+        WHERE queue_name = %(queue)s AND status = 'todo' AND priority >= placed.priority) AS waiting
 FROM placed, deferred
+"""
+# the open jobs of one owner, beside procrastinate's own indexes (made at every start if
+# missing: a database from before it gets it too)
+OWNER_INDEX = """
+CREATE INDEX IF NOT EXISTS atelier_procrastinate_jobs_owner
+ON procrastinate_jobs ((args->>'owner')) WHERE status IN ('todo', 'doing')
 """
 _MISSING = """
 SELECT candidate.generation_id FROM unnest(%(ids)s::text[]) AS candidate(generation_id)
@@ -248,8 +255,8 @@ class ProcrastinateQueue:
         return await self.app.connector.execute_query_one_async(query, queue=QUEUE, task=TASK, **params)
 
     async def _install_schema(self) -> None:
-        """Install procrastinate's tables once per database, under a lock: processes that
-        start together do not race to create them."""
+        """Install procrastinate's tables (and ``OWNER_INDEX``) once per database, under a
+        lock: processes that start together do not race to create them."""
         import psycopg
         from procrastinate.schema import SchemaManager
 
@@ -262,5 +269,6 @@ class ProcrastinateQueue:
                 if found is None or not found[0]:
                     await conn.execute(SchemaManager.get_schema())  # type: ignore[arg-type]
                     log.info("installed procrastinate's schema")
+                await conn.execute(OWNER_INDEX)  # type: ignore[arg-type]
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))

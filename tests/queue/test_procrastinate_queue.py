@@ -81,3 +81,30 @@ async def test_its_connections_skip_the_ping_under_load_and_survive_a_restart(
     assert await queue.put(_job("J1", "ann")) == 2  # on a fresh connection
     assert checks  # the rested connections were pinged, and the dead ones replaced
     assert await queue.position("J1") == 2
+
+
+async def test_a_submit_counts_its_owners_jobs_through_their_own_index(queue: ProcrastinateQueue) -> None:
+    """The fairness round reads the owner's open jobs through ``OWNER_INDEX``, not every
+    open job; a database whose procrastinate tables predate the index gets it at start."""
+    from pipeline.queue.procrastinate import QUEUE, TASK
+
+    for i in range(300):  # a long queue of many owners
+        await queue.put(_job(f"J{i}", f"user{i % 30}"))
+    plan_of = """EXPLAIN (FORMAT JSON) SELECT count(*) FROM procrastinate_jobs
+        WHERE queue_name = %(queue)s AND status IN ('todo', 'doing')
+          AND task_name = %(task)s AND args->>'owner' = %(owner)s"""
+    await queue.app.connector.execute_query_async("ANALYZE procrastinate_jobs")
+    (row,) = await queue.app.connector.execute_query_all_async(plan_of, queue=QUEUE, task=TASK, owner="user7")
+    assert "atelier_procrastinate_jobs_owner" in str(row)
+    assert await queue.put(_job("late", "user7")) == 301 and await queue.position("late") == 301
+
+    await queue.app.connector.execute_query_async("DROP INDEX atelier_procrastinate_jobs_owner")
+    again = ProcrastinateQueue(queue.conninfo.replace("postgresql://", "postgresql+asyncpg://", 1))
+    await again.start()
+    try:
+        found = await again.app.connector.execute_query_all_async(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'atelier_procrastinate_jobs_owner'"
+        )
+        assert len(found) == 1 and "status = ANY" in found[0]["indexdef"]
+    finally:
+        await again.stop()
