@@ -220,9 +220,9 @@ def loop_order(costs: tuple[float, float, float]) -> tuple[int, int, int]:
 
 def read_axis(app: Any, option: str, raw: str | None) -> AxisChoice:
     """``--x "steps: 1-5"`` -> the Steps axis and its values; no option -> Nothing. The axis
-    ends at the first colon, a full-width one (``steps：1-5`` typed with a Chinese keyboard)
-    too, or, where there is none, at an ``=`` (``steps=1-5``); numbers may be listed with
-    full-width commas (``cfg：5，7``)."""
+    name ends at the first colon, full-width colon (``steps：1-5``, typed with a Chinese
+    keyboard) or ``=`` (``steps=1-5``); numbers may be listed with full-width commas
+    (``cfg：5，7``)."""
     if raw is None:
         return AxisChoice(find_axis(app, "Nothing"), "", [""])
     name, colon, text = _axis_parts(raw)
@@ -236,11 +236,12 @@ def read_axis(app: Any, option: str, raw: str | None) -> AxisChoice:
 
 
 def _axis_parts(raw: str) -> tuple[str, str, str]:
-    """``raw`` cut into the axis name, its separator ("" when none) and the values."""
-    colons = [index for index in (raw.find(":"), raw.find("\uff1a")) if index >= 0]
-    at = min(colons) if colons else raw.find("=")
-    if at < 0:
+    """``raw`` cut at its first separator (no axis name has one) into the axis name, the
+    separator ("" when there is none) and the values."""
+    found = [index for index in (raw.find(":"), raw.find("\uff1a"), raw.find("=")) if index >= 0]
+    if not found:
         return raw, "", ""
+    at = min(found)
     return raw[:at], raw[at], raw[at + 1 :]
 
 

@@ -422,6 +422,7 @@ async def test_an_axis_typed_with_a_chinese_keyboard_or_an_equals_sign_reads_as_
         ("cfg：5，7, 9", "CFG Scale", [5.0, 7.0, 9.0]),  # full-width commas between numbers
         ("prompt s/r: cat, a=b", "Prompt S/R", ["cat", "a=b"]),  # the colon comes first
         ("prompt s/r=cat，dog, fox", "Prompt S/R", ["cat，dog", "fox"]),  # a prompt's own comma stays
+        ("prompt s/r=(cat:1.2), dog", "Prompt S/R", ["(cat:1.2)", "dog"]),  # the first separator counts
     ]:
         choice = read_axis(app, "x", raw)
         assert (choice.axis.name, choice.values) == (name, values), raw
