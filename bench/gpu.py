@@ -18,7 +18,9 @@ SDXL base-sized model (its shipped configurations, random weights made on the GP
 of bench/gpu_memory.py (peak memory in normal, medvram and lowvram, and against diffusers'
 own offloading and tiled VAE decode).
 
-Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989] [--compile]``. Without CUDA
+Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989] [--compile]``. Each part prints
+how long it took; one that fails prints its error and the rest still run (exit status 1).
+Without CUDA
 it says so and exits 0; ``--tiny`` runs the same code on the CPU with the built-in tiny
 modules (64x64, 2 steps; tiny's SDXL for the SDXL table) as a dry run. On a machine
 without a package index, docs/benchmarks.md says how to bring what it needs.
@@ -207,40 +209,62 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps, size = (2, 64) if args.tiny else (20, 512)
     where = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
-    rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile, queue_batches=BATCHES)
-    queued = rates.pop(-1)
     figures: dict[str, Any] = {"device": where, "size": size, "steps": steps}
-    title = f"{model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}"
-    figures.update(_table(title, rates, steps, args.peak_tflops))
-    gain = figures["batch8"]["atelier_images_per_s"] / figures["batch1"]["diffusers_images_per_s"]
-    figures["batch8_over_diffusers_batch1"] = gain
-    print(f"Atelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
-    print(
-        f"\nThrough the queue: {QUEUE_USERS} users' one-image requests at once, micro-batched up to max_batch\n"
-    )
-    print("| max_batch | images/s | over max_batch 1 |")
-    print("| ---: | ---: | ---: |")
-    for batch in BATCHES:
-        rate = queued[f"max_batch{batch}"]
-        print(f"| {batch} | {rate:.2f} | {rate / queued['max_batch1']:.2f}x |")
-    figures["queue"] = queued
 
-    print()
-    xl_size = 64 if args.tiny else 1024
-    xl_model = "tiny SDXL" if args.tiny else "SDXL base-sized random weights, fp16"
-    xl_rates = throughput(
-        args.tiny, device, steps, xl_size, args.rounds, args.compile, sdxl=True, batches=(1,)
-    )
-    xl_title = f"{xl_model}, {xl_size}x{xl_size}, {steps} steps Euler a, CFG 7, on {where}"
-    figures["sdxl"] = {"size": xl_size, **_table(xl_title, xl_rates, steps, args.peak_tflops)}
+    def sd15() -> None:
+        model = "tiny" if args.tiny else "SD 1.5-sized random weights, fp16"
+        rates = throughput(args.tiny, device, steps, size, args.rounds, args.compile, queue_batches=BATCHES)
+        queued = rates.pop(-1)
+        title = f"{model}, {size}x{size}, {steps} steps Euler a, CFG 7, on {where}, torch {torch.__version__}"
+        figures.update(_table(title, rates, steps, args.peak_tflops))
+        gain = figures["batch8"]["atelier_images_per_s"] / figures["batch1"]["diffusers_images_per_s"]
+        figures["batch8_over_diffusers_batch1"] = gain
+        print(f"Atelier at batch 8 / diffusers at batch 1: {gain:.2f}x (target >= 1.5x)")
+        print(
+            f"\nThrough the queue: {QUEUE_USERS} users' one-image requests at once, micro-batched up to max_batch\n"
+        )
+        print("| max_batch | images/s | over max_batch 1 |")
+        print("| ---: | ---: | ---: |")
+        for batch in BATCHES:
+            rate = queued[f"max_batch{batch}"]
+            print(f"| {batch} | {rate:.2f} | {rate / queued['max_batch1']:.2f}x |")
+        figures["queue"] = queued
+
+    def sdxl() -> None:
+        xl_size = 64 if args.tiny else 1024
+        xl_model = "tiny SDXL" if args.tiny else "SDXL base-sized random weights, fp16"
+        xl_rates = throughput(
+            args.tiny, device, steps, xl_size, args.rounds, args.compile, sdxl=True, batches=(1,)
+        )
+        xl_title = f"{xl_model}, {xl_size}x{xl_size}, {steps} steps Euler a, CFG 7, on {where}"
+        figures["sdxl"] = {"size": xl_size, **_table(xl_title, xl_rates, steps, args.peak_tflops)}
+
+    sections = [("SD 1.5", sd15), ("SDXL", sdxl)]
     if not args.tiny:  # the memory modes' own dry run is bench/gpu_memory.py --tiny
-        print()
-        print(memory_table(memory_run(False, device, steps, size), f"memory modes on {where}"))
-        print()
-        print(against_diffusers(False, device, steps, size, where))
+        sections += [
+            ("memory modes", lambda: print(memory_table(memory_run(False, device, steps, size), f"memory modes on {where}"))),
+            ("diffusers' offloading", lambda: print(against_diffusers(False, device, steps, size, where))),
+        ]  # fmt: skip
+    failed = [name for name, run in sections if not _section(name, run)]
+    figures["failed"] = failed
     result("gpu", figures)
-    return 0
+    return 1 if failed else 0
+
+
+def _section(name: str, run: Any) -> bool:
+    """Run one part of the benchmark and say how long it took; a part that fails prints its
+    error and the others still run (a GPU machine may be lent for minutes only)."""
+    import traceback
+
+    started = time.perf_counter()
+    try:
+        run()
+    except Exception:
+        traceback.print_exc()
+        print(f"\n[{name}: failed after {time.perf_counter() - started:.0f} s]\n", flush=True)
+        return False
+    print(f"\n[{name}: {time.perf_counter() - started:.0f} s]\n", flush=True)
+    return True
 
 
 def _table(title: str, rates: dict[int, dict[str, float]], steps: int, peak_tflops: float) -> dict[str, Any]:

@@ -46,3 +46,21 @@ def test_the_full_size_models_have_the_real_ones_shapes_and_flops(
     assert sum(p.numel() for p in pipe.unet.parameters()) / 1e9 == pytest.approx(unet_billions, rel=0.01)
     unet, _decode = gpu.guided_step_flops(pipe, size, torch.device("meta"), torch.float32)
     assert unet / 1e12 == pytest.approx(tflop_per_guided_step, rel=0.01)
+
+
+def test_a_part_that_fails_is_reported_and_the_others_still_run(capsys, monkeypatch):
+    module = load_bench("gpu")
+    measured = module.throughput
+
+    def throughput(*args, sdxl=False, **kwargs):
+        if sdxl:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(module, "throughput", throughput)
+    assert module.main(["--tiny", "--rounds", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "### tiny, 64x64" in captured.out and "[SD 1.5: " in captured.out
+    assert "[SDXL: failed after" in captured.out and "CUDA out of memory (a stand-in)" in captured.err
+    (line,) = [line for line in captured.out.splitlines() if line.startswith("RESULT gpu ")]
+    assert json.loads(line.removeprefix("RESULT gpu "))["failed"] == ["SDXL"]
