@@ -20,10 +20,9 @@ own offloading and tiled VAE decode).
 
 Usage: ``python bench/gpu.py [--rounds 3] [--peak-tflops 989] [--compile]``. Each part prints
 how long it took; one that fails prints its error and the rest still run (exit status 1).
-Without CUDA
-it says so and exits 0; ``--tiny`` runs the same code on the CPU with the built-in tiny
-modules (64x64, 2 steps; tiny's SDXL for the SDXL table) as a dry run. On a machine
-without a package index, docs/benchmarks.md says how to bring what it needs.
+Without CUDA it says so and exits 0; ``--tiny`` runs the same code on the CPU with the
+built-in tiny modules (64x64, 2 steps; tiny's SDXL for the SDXL table) as a dry run. On a
+machine without a package index, docs/benchmarks.md says how to bring what it needs.
 """
 
 from __future__ import annotations
