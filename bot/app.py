@@ -5,7 +5,9 @@ queue and service. Nothing is built at import time; nothing global is shared bet
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,8 +226,9 @@ def build_app(
         engines = []
     if engines is None:
         devices = settings.engine.devices or (settings.engine.device,)
+        made = DeferredEngine if not worker and all(deferrable(settings, d) for d in devices) else make_engine
         engines = [
-            make_engine(settings, library if index == 0 else library.for_device(), device=device)
+            made(settings, library if index == 0 else library.for_device(), device=device)
             for index, device in enumerate(devices)
         ]
     app = App(
@@ -264,6 +267,59 @@ def register_plugin_options(app: App) -> None:
         for name in (spec.name, *spec.aliases):
             taken.add(name, spec, owner)
         app.service.options.add(spec)
+
+
+def deferrable(settings: Settings, device: str) -> bool:
+    """Whether ``make_engine`` cannot refuse these settings on any machine, so that the
+    engine may be built where it is first used: a CPU, or the best device there is, and no
+    attention backend that must be installed."""
+    return device in ("cpu", "auto") and settings.engine.attention != "xformers"
+
+
+class DeferredEngine:
+    """A device's engine, built where it is first used: on its device's thread, by the
+    warm-up at start or by the first job. Meanwhile the process answers its first commands,
+    before torch and the engine's stack are loaded (more than a second of the start). Only
+    for settings ``deferrable`` says nothing can refuse: a worker's engines, and any whose
+    settings this machine might not honour, are built at once, so a bad one stops the start."""
+
+    def __init__(self, settings: Settings, library: Any, *, device: str) -> None:
+        self.library = library
+        self._configured = device
+        self._build = functools.partial(make_engine, settings, library, device=device)
+        self._engine: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Any:
+        """The engine, built now if it is not yet (once, by whichever thread asks first)."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._build()
+        return self._engine
+
+    @property
+    def device(self) -> Any:
+        return self._configured if self._engine is None else self._engine.device
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine.generate(*args, **kwargs)
+
+    def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine.generate_batch(*args, **kwargs)
+
+    def warm_up(self, checkpoint: str) -> float:
+        return self.engine.warm_up(checkpoint)
+
+    def resident(self, checkpoint: str) -> bool:
+        """Asked on the event loop: an engine not built yet holds no checkpoint."""
+        return self._engine is not None and self._engine.resident(checkpoint)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 def make_engine(settings: Settings, library: Any, *, device: str | None = None) -> Any:

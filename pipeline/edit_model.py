@@ -29,9 +29,10 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TXT2IMG_INPUTS = 4
 EDIT_INPUTS = 8
@@ -83,6 +84,8 @@ def image_conditioning(encoded_mode: torch.Tensor, batch: int) -> torch.Tensor:
 
 def blank_rows(x: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
     """Latents ``x`` with zeros in place of the image channels (the third row of guidance)."""
+    import torch
+
     zeros = x.new_zeros((x.shape[0], image_cond.shape[1], *x.shape[2:]))
     return torch.cat([x, zeros], dim=1)
 

@@ -24,14 +24,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline import extra_networks
 from pipeline.errors import EngineError
 from pipeline.hashing import HashCache
-from pipeline.hypernetwork import Hypernetwork, apply_hypernetworks
+
+if TYPE_CHECKING:  # torch and the hypernetwork modules load when a network is applied
+    import torch
+
+    from pipeline.hypernetwork import Hypernetwork
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +221,8 @@ class LoraPair:
         the down projection. The sizes are compared before the product is formed, so a file
         cannot make this allocate more than the weight it patches.
         """
+        import torch
+
         if self.up.dim() == 4 and self.up.shape[2:] != (1, 1):
             return None
         rank = self.down.shape[0]
@@ -257,6 +261,8 @@ def lora_pairs(state: Mapping[Any, Any]) -> dict[str, LoraPair]:
 
 
 def _check_factors(module: str, down: Any, up: Any) -> None:
+    import torch
+
     for what, factor in (("down", down), ("up", up)):
         if (
             not isinstance(factor, torch.Tensor)
@@ -269,6 +275,8 @@ def _check_factors(module: str, down: Any, up: Any) -> None:
 
 
 def _alpha(module: str, alpha: Any) -> float | None:
+    import torch
+
     if alpha is None:
         return None
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.is_complex():
@@ -307,6 +315,8 @@ def kohya_targets(pipe: Any) -> dict[str, tuple[torch.nn.Module, str]]:
     kohya names a module by its diffusers path with ``.`` → ``_``; text-encoder paths are
     written under ``text_model.``, which newer transformers no longer has, so it is added.
     """
+    import torch
+
     targets: dict[str, tuple[torch.nn.Module, str]] = {}
     encoders = [("lora_te_", getattr(pipe, "text_encoder", None))]
     if getattr(pipe, "text_encoder_2", None) is not None:
@@ -328,6 +338,7 @@ def lora_deltas(
     pipe: Any, loras: list[tuple[LoraTag, dict[str, LoraPair]]]
 ) -> dict[torch.nn.Module, torch.Tensor]:
     """The summed float32 weight change per module for all ``loras`` at their multipliers."""
+
     targets = kohya_targets(pipe)
     layers = int(getattr(pipe.unet.config, "layers_per_block", 2))
     totals: dict[torch.nn.Module, torch.Tensor] = {}
@@ -358,6 +369,8 @@ def lora_deltas(
 @contextmanager
 def patched_weights(deltas: Mapping[torch.nn.Module, torch.Tensor]) -> Iterator[None]:
     """Add each delta to its module's weight; copy the saved originals back on exit."""
+    import torch
+
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
@@ -383,6 +396,8 @@ def hypernetwork_hooks(unet: torch.nn.Module, hypernets: list[Hypernetwork]) -> 
     diffusers calls ``to_k`` then ``to_v`` on the same context tensor, so the k hook
     computes both chains once and the v hook reuses the v result for that tensor.
     """
+    import torch
+
     if not hypernets:
         yield
         return
@@ -401,6 +416,8 @@ def hypernetwork_hooks(unet: torch.nn.Module, hypernets: list[Hypernetwork]) -> 
 
 
 def _k_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    from pipeline.hypernetwork import apply_hypernetworks
+
     def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         context_k, context_v = apply_hypernetworks(hypernets, args[0])
         pending["for"], pending["v"] = args[0], context_v
@@ -410,6 +427,8 @@ def _k_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
 
 
 def _v_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    from pipeline.hypernetwork import apply_hypernetworks
+
     def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if pending.get("for") is args[0]:
             context_v = pending.pop("v")
@@ -566,6 +585,8 @@ class NetworkLibrary:
         return pairs
 
     def _hypernet(self, path: Path) -> Hypernetwork:
+        from pipeline.hypernetwork import Hypernetwork
+
         stamp = _stamp(path)
         cached = self._hypernets.get(path)
         if cached is not None and cached[0] == stamp:

@@ -1,7 +1,7 @@
 """The one unpickler every ``.ckpt``/``.pt``/``.bin`` file goes through (A1111-SEMANTICS.md §15).
 
 Unpickling runs whatever callables a file names, so a name is resolved only through
-:data:`_ALLOWED`, which maps each name a state-dict pickle legitimately uses to a
+:func:`_allowed`, which maps each name a state-dict pickle legitimately uses to a
 function written here. None of them is torch's or numpy's own reconstruction code:
 each checks its arguments (types, sizes, bounds) before it builds anything, so a file
 cannot reach torch internals with arguments torch never expected. Storages are
@@ -15,13 +15,16 @@ short reason.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import pickle
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MAX_DIMS", "PickleRefused", "StorageSource", "describe", "unpickle"]
 
@@ -32,7 +35,7 @@ _MAX_NUMEL = 1 << 48
 _TEXT_LIMIT = 120
 
 # (key, dtype, element count) -> the storage as a 1-D tensor of that dtype and length.
-StorageSource = Callable[[str, torch.dtype, int], torch.Tensor]
+StorageSource = Callable[[str, "torch.dtype", int], "torch.Tensor"]
 
 
 class PickleRefused(ValueError):
@@ -91,7 +94,7 @@ class _Unpickler(pickle.Unpickler):
         self._loaded: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _ALLOWED.get((module, name))
+        found = _allowed().get((module, name))
         if found is None:
             raise PickleRefused(
                 f"it references the global {describe(module)[1:-1]}.{describe(name)[1:-1]}, which is not allowed"
@@ -248,12 +251,16 @@ def _empty_mapping(value: Any) -> bool:
 
 def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> torch.Tensor:
     """A parameter is kept as its tensor: nothing here trains."""
+    import torch
+
     if not isinstance(data, torch.Tensor):
         raise PickleRefused("a parameter is built from something other than a tensor")
     return data
 
 
 def _rebuild_device_tensor_from_numpy(data: Any, dtype: Any, device: Any, requires_grad: Any) -> torch.Tensor:
+    import torch
+
     if not isinstance(data, _SafeArray) or not isinstance(dtype, torch.dtype):
         raise PickleRefused("a tensor is built from something other than a numeric array")
     return torch.from_numpy(np.array(data, copy=True).view(np.ndarray)).to(dtype)
@@ -359,6 +366,8 @@ class _ParameterDict(dict):  # type: ignore[type-arg]
             state = state[0]
         parameters = state.get("_parameters") if isinstance(state, Mapping) else None
         if isinstance(parameters, Mapping):
+            import torch
+
             self.update(
                 (k, v) for k, v in parameters.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
             )
@@ -375,17 +384,18 @@ class _Inert:
         self.state = state
 
 
+# storage record names and the dtype (torch's attribute) each holds
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "DoubleStorage": torch.float64,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
 _TORCH_DTYPES = (
     "float32",
@@ -401,7 +411,11 @@ _TORCH_DTYPES = (
 )
 
 
+@functools.cache
 def _allowed() -> dict[tuple[str, str], Any]:
+    """Made when the first pickle is read (torch is loaded then, not with this module)."""
+    import torch
+
     # Classes are allowed only where pickles instantiate them with NEWOBJ; each defines
     # __setstate__, so BUILD on the class itself fails instead of setting class attributes.
     allowed: dict[tuple[str, str], Any] = {
@@ -424,10 +438,7 @@ def _allowed() -> dict[tuple[str, str], Any]:
         allowed[(module, "scalar")] = _Call(_numpy_scalar)
         allowed[(module, "_reconstruct")] = _Call(_numpy_reconstruct)
     for name, dtype in _STORAGE_DTYPES.items():
-        allowed[("torch", name)] = _StorageType(dtype)
+        allowed[("torch", name)] = _StorageType(getattr(torch, dtype))
     for name in _TORCH_DTYPES:
         allowed[("torch", name)] = getattr(torch, name)
     return allowed
-
-
-_ALLOWED = _allowed()

@@ -23,29 +23,31 @@ import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from pipeline.errors import UnknownSampler, UnknownScheduler
-from pipeline.noise_schedules import (  # noqa: F401  (re-exported: the denoiser and tests call samplers.sd_alphas_cumprod)
-    _BETA_DIST_ALPHA,
-    _BETA_DIST_BETA,
-    _SCHEDULE_FUNCTIONS,
-    _TRAIN_TIMESTEPS,
-    _lcm_table,
-    _NoiseTable,
-    _ScheduleInput,
-    _sd_table,
-    sd_alphas_cumprod,
-)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import torch
+
+    from pipeline.noise_schedules import _NoiseTable
     from pipeline.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "DPM++ 2M"
+
+
+def __getattr__(name: str) -> Any:
+    """``sd_alphas_cumprod`` of :mod:`pipeline.noise_schedules`, imported when first asked
+    for: the tables and name resolution here need no torch, so a bot answers its first
+    commands before torch is loaded."""
+    if name == "sd_alphas_cumprod":
+        from pipeline.noise_schedules import sd_alphas_cumprod
+
+        return sd_alphas_cumprod
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Samplers that A1111 drives with integer UNet timesteps instead of a σ schedule (§9.4).
 _TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS", "UniPC")
@@ -389,6 +391,8 @@ def _default_eta(info: SamplerInfo) -> float:
 
 
 def _table_for(info: SamplerInfo, downcast: bool = False) -> _NoiseTable:
+    from pipeline.noise_schedules import _lcm_table, _sd_table
+
     return _lcm_table(downcast) if info.name == "LCM" else _sd_table(downcast)
 
 
@@ -406,6 +410,10 @@ def sigma_to_timestep(sigmas: torch.Tensor, *, downcast: bool = False) -> torch.
     t(σ_max) = 999, t(σ_min) = 0, and σ's outside the table clamp to those ends (σ = 0 → 0).
     ``downcast``: the table of "Downcast alphas_cumprod". The lookup runs on σ's device.
     """
+    import torch
+
+    from pipeline.noise_schedules import _sd_table
+
     sigmas = torch.as_tensor(sigmas)
     return _sd_table(downcast).to(sigmas.device).sigma_to_t(sigmas)
 
@@ -415,6 +423,8 @@ def sigma_to_timestep_on(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """:func:`sigma_to_timestep` for σ's on ``device``, the table copied there once: every
     lookup then stays on the device, with no copy either way (a denoiser makes one per call)."""
+    from pipeline.noise_schedules import _sd_table
+
     return _sd_table(downcast).to(device).sigma_to_t
 
 
@@ -463,6 +473,15 @@ def sigma_schedule(
     never ask A1111 for σ's; for them this is the schedule of a sampler with no default.
     Raises ``ValueError`` for ``steps < 1`` (``TypeError`` if it is not an integer).
     """
+    import torch
+
+    from pipeline.noise_schedules import (
+        _BETA_DIST_ALPHA,
+        _BETA_DIST_BETA,
+        _SCHEDULE_FUNCTIONS,
+        _ScheduleInput,
+    )
+
     steps = _check_steps(steps)
     info, requested = _resolve_infos(sampler, scheduler)
     chosen = _expand_automatic(info, requested)
@@ -509,6 +528,8 @@ def timesteps(sampler: str, steps: int) -> list[int]:
     Raises ``ValueError`` for other samplers and for ``steps`` outside 1 … 1000 (A1111's
     spacing is 0 above 1000).
     """
+    from pipeline.noise_schedules import _TRAIN_TIMESTEPS
+
     _timestep_sampler(sampler, _TIMESTEP_SAMPLERS)
     steps = _check_steps(steps)
     stride = _TRAIN_TIMESTEPS // steps

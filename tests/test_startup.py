@@ -65,3 +65,38 @@ def test_listing_plugins_loads_no_engine_or_chat_library(tmp_path: Path) -> None
     argv = ["--config", str(_config(tmp_path)), "plugins"]
     leaked = _loaded(RUN_CLI.format(argv=argv)) & (ENGINE_AND_CHAT | {"numpy"})
     assert not leaked, leaked
+
+
+FIRST_ANSWERS = """
+import asyncio
+from bot.app import DeferredEngine, build_app
+from bot.settings import load_settings
+from bot.types import Actor
+
+settings = load_settings({config!r})
+settings = settings.model_copy(update={{"engine": settings.engine.model_copy(update={{"warm_up": False}})}})
+app = build_app(settings)
+assert type(app.engines[0]) is DeferredEngine and app.engines[0].device == "auto"
+actor = Actor(platform="console", user_id="alice", name="Alice", locale="en", chat_id="c")
+
+async def answer() -> None:
+    await app.start()
+    try:
+        for line in ("/help", "/samplers", "/queue", "/history"):
+            (reply,) = await app.service.handle_line(line, actor)
+            assert not reply.error, reply
+    finally:
+        await app.stop(wait=False)
+
+asyncio.run(answer())
+"""
+
+
+def test_the_bots_first_answers_load_no_engine_library(tmp_path: Path) -> None:
+    """A bot answers before torch is loaded: its engine is built where it is first used
+    (the device's thread: the warm-up or the first job), so /help and the other commands
+    that need no engine answer more than a second sooner after a start."""
+    loaded = _loaded(FIRST_ANSWERS.format(config=str(_config(tmp_path))))
+    assert "sqlalchemy" in loaded and "pluggy" in loaded  # it did start and answer
+    leaked = loaded & {"torch", "diffusers", "transformers"}
+    assert not leaked, leaked

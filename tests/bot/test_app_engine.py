@@ -1,4 +1,5 @@
-"""``make_engine``: [engine] settings to the engine, its startup line, and OOM retry through the bot."""
+"""``make_engine``: [engine] settings to the engine, its startup line, when it is built, and
+OOM retry through the bot."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bot.app import build_app, make_engine
+from bot.app import DeferredEngine, build_app, make_engine
 from bot.settings import ConfigError
 from bot.types import Actor
 from pipeline.checkpoints import CheckpointLibrary
@@ -175,6 +176,32 @@ async def test_a_second_oom_in_the_retry_fails_cleanly(app_with_engine):
     assert finished.kind == "finished"
 
 
+async def test_the_engine_is_built_on_its_device_thread_unless_a_setting_may_be_refused(
+    tmp_path, database_url, caplog
+):
+    """A CPU (or "auto") engine is built where it is first used, on the device's thread, so
+    the bot answers before torch loads; settings this machine may refuse (a CUDA device, a
+    worker's engines) are built at once, and a bad one stops the start."""
+    settings = make_settings(tmp_path, database_url)
+    app = build_app(settings, library=CheckpointLibrary(None))
+    (engine,) = app.engines
+    assert type(engine) is DeferredEngine and engine.device == "cpu" and not engine.resident("tiny")
+    with caplog.at_level(logging.INFO, logger="bot.app"):
+        await app.start()
+        try:
+            assert not [r for r in caplog.records if r.getMessage().startswith("engine: ")]  # not built yet
+            job_id, event = await _draw(app, EventLog(app), DRAW)
+            assert event.kind == "finished"
+        finally:
+            await app.stop(wait=False)
+    assert _startup_line(caplog).startswith("engine: device cpu, precision fp32")  # built by the job
+    assert engine.device == torch.device("cpu") and engine.resident("tiny")
+    with pytest.raises(ConfigError, match="CUDA device"):
+        build_app(make_settings(tmp_path, database_url, engine={"device": "cuda:3"}))
+    worker = build_app(settings, library=CheckpointLibrary(None), worker=True)
+    assert type(worker.engines[0]) is not DeferredEngine and worker.engines[0].device == torch.device("cpu")
+
+
 # -- several devices ------------------------------------------------------------------------------
 
 
@@ -185,14 +212,18 @@ async def test_several_devices_each_load_their_own_checkpoints_and_run_jobs_at_o
     assert second.library.names() == first.library.names()  # one catalog
     log = EventLog(app)
     seen: dict[str, set[str]] = {"first": set(), "second": set()}
-    for name, engine in (("first", first), ("second", second)):
-        generate_batch = engine.generate_batch
+    for name, engine in (("first", first), ("second", second)):  # a job alone, or a batch
+        generate, generate_batch = engine.generate, engine.generate_batch
 
-        def recording(requests, _generate=generate_batch, _name=name, **kwargs):
+        def recording(request, _generate=generate, _name=name, **kwargs):
+            seen[_name].add(request.prompt)
+            return _generate(request, **kwargs)
+
+        def recording_batch(requests, _generate=generate_batch, _name=name, **kwargs):
             seen[_name].update(request.prompt for request in requests)
             return _generate(requests, **kwargs)
 
-        engine.generate_batch = recording
+        engine.generate, engine.generate_batch = recording, recording_batch
     await app.queue.stop()  # the jobs wait together; both devices are free when it starts again
     jobs = []
     for prompt, steps in (("a cat", 30), ("a dog", 31)):
