@@ -189,7 +189,8 @@ async def test_draw_answers_queued_then_throttled_previews_then_a_photo_and_the_
         again = await fresh.deliver(step)
     finally:
         await fresh.application.shutdown()
-    assert [c.method for c in tg.calls[calls:]] == ["editMessageMedia"]
+    # (the running bot's own long polls may come in between)
+    assert [c.method for c in tg.calls[calls:] if c.method != "getUpdates"] == ["editMessageMedia"]
     assert again == ref
 
 
