@@ -3,7 +3,7 @@
 A1111 files are pickled dicts whose module layout must be rebuilt from metadata before the
 weights load (the Sequential indices depend on which optional layers exist), and whose
 defaults differ from those of a freshly created network (A1111-SEMANTICS.md §11). This module
-rebuilds them; wiring into diffusers' attention is the engine's attention processor's job.
+rebuilds them, and ``hypernetwork_hooks`` wires them into a diffusers UNet's attention.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,3 +414,52 @@ def apply_hypernetworks(
             context_k = pair[0](context_k)
             context_v = pair[1](context_v)
     return context_k, context_v
+
+
+# --------------------------------------------------------------------------------------
+# Hooks on a UNet's attention
+
+
+@contextmanager
+def hypernetwork_hooks(unet: torch.nn.Module, hypernets: list[Hypernetwork]) -> Iterator[None]:
+    """Feed ``hn_k(context)`` to every attention's ``to_k`` and ``hn_v(context)`` to ``to_v``.
+
+    diffusers calls ``to_k`` then ``to_v`` on the same context tensor, so the k hook
+    computes both chains once and the v hook reuses the v result for that tensor.
+    """
+    if not hypernets:
+        yield
+        return
+    handles = []
+    for module in unet.modules():
+        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
+        if isinstance(to_k, torch.nn.Linear) and isinstance(to_v, torch.nn.Linear):
+            pending: dict[str, Any] = {}
+            handles.append(to_k.register_forward_pre_hook(_k_hook(hypernets, pending)))
+            handles.append(to_v.register_forward_pre_hook(_v_hook(hypernets, pending)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _k_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        context_k, context_v = apply_hypernetworks(hypernets, args[0])
+        pending["for"], pending["v"] = args[0], context_v
+        return (context_k, *args[1:])
+
+    return hook
+
+
+def _v_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if pending.get("for") is args[0]:
+            context_v = pending.pop("v")
+        else:
+            context_v = apply_hypernetworks(hypernets, args[0])[1]
+        pending.clear()
+        return (context_v, *args[1:])
+
+    return hook

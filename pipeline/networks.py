@@ -8,7 +8,8 @@ touches a weight). This avoids ``peft`` and works the same for Linear and Conv2d
 
 Hypernetworks transform the context that enters the k and v projections of every UNet
 attention block (self- and cross-attention, §11, §16.12) through forward pre-hooks on
-``to_k``/``to_v``; the hooks are removed when the call ends.
+``to_k``/``to_v`` (``pipeline.hypernetwork.hypernetwork_hooks``); the hooks are removed when
+the call ends.
 
 Files: ``<models_dir>/Lora/**/*.safetensors|.pt|.ckpt`` and
 ``<models_dir>/hypernetworks/**/*.pt``, named by their file stem, read through
@@ -386,61 +387,6 @@ def patched_weights(deltas: Mapping[torch.nn.Module, torch.Tensor]) -> Iterator[
 
 
 # --------------------------------------------------------------------------------------
-# Hypernetwork hooks
-
-
-@contextmanager
-def hypernetwork_hooks(unet: torch.nn.Module, hypernets: list[Hypernetwork]) -> Iterator[None]:
-    """Feed ``hn_k(context)`` to every attention's ``to_k`` and ``hn_v(context)`` to ``to_v``.
-
-    diffusers calls ``to_k`` then ``to_v`` on the same context tensor, so the k hook
-    computes both chains once and the v hook reuses the v result for that tensor.
-    """
-    import torch
-
-    if not hypernets:
-        yield
-        return
-    handles = []
-    for module in unet.modules():
-        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
-        if isinstance(to_k, torch.nn.Linear) and isinstance(to_v, torch.nn.Linear):
-            pending: dict[str, Any] = {}
-            handles.append(to_k.register_forward_pre_hook(_k_hook(hypernets, pending)))
-            handles.append(to_v.register_forward_pre_hook(_v_hook(hypernets, pending)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _k_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
-    from pipeline.hypernetwork import apply_hypernetworks
-
-    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        context_k, context_v = apply_hypernetworks(hypernets, args[0])
-        pending["for"], pending["v"] = args[0], context_v
-        return (context_k, *args[1:])
-
-    return hook
-
-
-def _v_hook(hypernets: list[Hypernetwork], pending: dict[str, Any]) -> Any:
-    from pipeline.hypernetwork import apply_hypernetworks
-
-    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        if pending.get("for") is args[0]:
-            context_v = pending.pop("v")
-        else:
-            context_v = apply_hypernetworks(hypernets, args[0])[1]
-        pending.clear()
-        return (context_v, *args[1:])
-
-    return hook
-
-
-# --------------------------------------------------------------------------------------
 # One request's networks
 
 
@@ -476,6 +422,8 @@ class ActiveNetworks:
         unet = pipe.unet
         for network in self.hypernets:
             network.to(device if device is not None else unet.device, unet.dtype)
+        from pipeline.hypernetwork import hypernetwork_hooks
+
         with patched_weights(lora_deltas(pipe, self.loras)), hypernetwork_hooks(unet, self.hypernets):
             yield
 

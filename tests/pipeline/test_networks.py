@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from pipeline import hashing, infotext
 from pipeline.checkpoints import CheckpointLibrary
 from pipeline.engine import Engine
-from pipeline.hypernetwork import HypernetworkModule, ModuleLayout
+from pipeline.hypernetwork import HypernetworkModule, ModuleLayout, hypernetwork_hooks
 from pipeline.networks import (
     LoraPair,
     LoraTag,
@@ -20,7 +20,6 @@ from pipeline.networks import (
     NetworkLoadError,
     UnknownNetwork,
     _ldm_unet_name,
-    hypernetwork_hooks,
     kohya_targets,
     lora_deltas,
     lora_pairs,
