@@ -238,21 +238,27 @@ async def wait_until(predicate: Callable[[], bool], seconds: float = 120) -> Non
 
 async def _fresh_postgres_database(base_url: str) -> str:
     import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from pipeline.queue.procrastinate import libpq_url
 
     name = f"atelier_bench_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(base_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_url(base_url))
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return base_url.rsplit("/", 1)[0] + "/" + name
+    return make_url(base_url).set(database=name).render_as_string(hide_password=False)
 
 
 async def _drop_postgres_database(base_url: str, url: str) -> None:
     import asyncpg
+    from sqlalchemy.engine import make_url
 
-    conn = await asyncpg.connect(base_url.replace("postgresql+asyncpg://", "postgresql://"))
+    from pipeline.queue.procrastinate import libpq_url
+
+    conn = await asyncpg.connect(libpq_url(base_url))
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
     finally:
         await conn.close()
