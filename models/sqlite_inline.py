@@ -17,19 +17,22 @@ then fails as SQLite would.
 One thing waits for the disk: a checkpoint, which copies the write-ahead log back into
 the database file and syncs it. SQLite runs one inside whichever commit finds the log
 past 1000 pages; here that is turned off (``wal_autocheckpoint=0``), and every
-``CHECKPOINT_EVERY`` commits of a connection a checkpoint runs on a worker thread, on a
-connection of its own, one at a time per database file.
+``CHECKPOINT_EVERY`` commits to the file a checkpoint runs on a worker thread, on a
+connection of its own, one at a time per database file, without keeping writers waiting
+(``_checkpoint``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import re
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -39,7 +42,12 @@ from sqlalchemy.util.concurrency import await_
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY = 5
-CHECKPOINT_EVERY = 100  # commits of one connection between two checkpoints
+CHECKPOINT_EVERY = 100  # commits to one database file between two checkpoints
+IDLE_SECONDS = 0.5  # a database with no commit for this long has its log started again
+# a log this many pages long (4 KiB each) is started again even while writes go on
+LOG_PAGES_BOUND = 10_000
+# the pauses between tries to start the log again, none of which keeps a writer waiting
+_RESTART_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.02)
 # the pauses between tries of a busy statement, in seconds; the last repeats
 _BACKOFF = (0.0005, 0.001, 0.002, 0.004, 0.008)
 _BUSY_TIMEOUT = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)\s*;?\s*$", re.IGNORECASE)
@@ -59,7 +67,6 @@ class Connection:
         self.busy_timeout = 5.0  # seconds (sqlite3's default); ``PRAGMA busy_timeout`` changes it
         self._database = database  # the file to checkpoint; None in memory
         self._uri = uri
-        self._commits = 0
         connection.execute("PRAGMA busy_timeout=0")
         if database is not None:
             connection.execute("PRAGMA wal_autocheckpoint=0")
@@ -82,9 +89,8 @@ class Connection:
 
     async def commit(self) -> None:
         await self.retry_busy(self._conn.commit)
-        self._commits += 1
-        if self._database is not None and self._commits % CHECKPOINT_EVERY == 0:
-            CHECKPOINTS.start(self._database, self._uri)
+        if self._database is not None:
+            CHECKPOINTS.committed(self._database, self._uri)
 
     async def rollback(self) -> None:
         self._conn.rollback()
@@ -179,21 +185,55 @@ class Cursor:
 
 
 class _Checkpoints:
-    """Checkpoints on worker threads, one at a time per database file."""
+    """Checkpoints on threads of their own, one at a time per database file: one after
+    every ``CHECKPOINT_EVERY`` commits to it (all of this process's connections counted:
+    a commit made while one runs counts towards the next), and one that also starts the
+    log again once no commit came for ``IDLE_SECONDS``."""
 
     def __init__(self) -> None:
-        self.running: dict[str, asyncio.Future[None]] = {}
+        self.running: dict[str, concurrent.futures.Future[None]] = {}
         self.done: dict[str, int] = {}
+        self.commits: dict[str, int] = {}  # since the last checkpoint began
+        self._last: dict[str, float] = {}  # the loop's time of the last commit
+        self._idle: dict[str, asyncio.AbstractEventLoop] = {}  # where a look for quiet is due
+        # threads of their own: a checkpoint never waits behind the default executor's work
+        # (files being written, say), and its end is known without the event loop's help
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def start(self, database: str, uri: bool = False) -> None:
+    def committed(self, database: str, uri: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._last[database] = loop.time()
+        if self._idle.get(database) is not loop:  # none, or one on a loop that has ended
+            self._idle[database] = loop
+            loop.call_later(IDLE_SECONDS, self._look, database, uri, loop)
+        commits = self.commits.get(database, 0) + 1
+        self.commits[database] = commits
+        if commits >= CHECKPOINT_EVERY and database not in self.running:
+            self.start(database, uri)
+
+    def _look(self, database: str, uri: bool, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the log again if no commit came for ``IDLE_SECONDS``, else look again then."""
+        quiet = loop.time() - self._last.get(database, 0.0)
+        if quiet < IDLE_SECONDS or database in self.running:
+            loop.call_later(max(IDLE_SECONDS - quiet, 0.05), self._look, database, uri, loop)
+            return
+        if self._idle.get(database) is loop:
+            del self._idle[database]
+        self.start(database, uri, restart=True)
+
+    def start(self, database: str, uri: bool = False, *, restart: bool = False) -> None:
         if database in self.running:
             return
-        future = asyncio.get_running_loop().run_in_executor(None, _checkpoint, database, uri)
+        self.commits[database] = 0
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sqlite-checkpoint")
+        future = self._threads.submit(_checkpoint, database, uri, restart)
         self.running[database] = future
         future.add_done_callback(lambda done: self._finished(database, done))
 
-    def _finished(self, database: str, future: asyncio.Future[None]) -> None:
-        del self.running[database]
+    def _finished(self, database: str, future: concurrent.futures.Future[None]) -> None:
+        """On the checkpoint's thread (or at once, if it had ended already)."""
+        self.running.pop(database, None)
         if future.cancelled():
             return
         if future.exception() is not None:
@@ -203,16 +243,36 @@ class _Checkpoints:
 
     async def wait(self) -> None:
         """Until the checkpoints running now have ended."""
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        running = [asyncio.wrap_future(future) for future in list(self.running.values())]
+        await asyncio.gather(*running, return_exceptions=True)
 
 
-def _checkpoint(database: str, uri: bool) -> None:
-    # RESTART: the whole log is copied and the next commit starts it again from the top (a
-    # passive one, racing the next commits, would leave the log growing); writers wait for
-    # it as for any other writer (they back off and try again, without blocking the loop)
-    connection = sqlite3.connect(database, timeout=5, uri=uri)
+def _checkpoint(database: str, uri: bool, restart: bool = False) -> None:
+    """Copy the log into the database file, keeping no writer waiting; with ``restart``
+    (the database was quiet), or once the log is ``LOG_PAGES_BOUND`` pages long, also
+    start it again from the top.
+
+    A passive checkpoint copies what was committed so far while writers go on. Starting
+    the log again (RESTART) takes the writer lock to copy the pages committed since and
+    sync, then needs every reader of the log gone: while writes go on, every write waits
+    for it (on an ordinary disk a short job's acknowledgement waits tens of milliseconds),
+    so it is left for a quiet moment, or for a log grown long. It is tried without a busy
+    handler, so a busy database ends it at once, and again after a short pause, a few
+    times; if readers never left, the next checkpoint tries again."""
+    if not uri:  # a file that is gone (removed while idle) is not made again
+        if not Path(database).exists():
+            return
+        database, uri = Path(database).absolute().as_uri() + "?mode=rw", True
+    connection = sqlite3.connect(database, timeout=0, uri=uri)  # no busy handler: never wait
     try:
-        connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        _busy, pages, _copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not restart and pages < LOG_PAGES_BOUND:
+            return
+        for pause in (*_RESTART_PAUSES, None):
+            busy, _pages, _copied = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if not busy or pause is None:
+                return
+            time.sleep(pause)
     finally:
         connection.close()
 
