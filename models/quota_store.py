@@ -91,7 +91,12 @@ class QuotaStore:
     async def reserve(
         self, user_key: str, scope: str, period: str, *, images: int, jobs: int, limits: Limits
     ) -> bool:
-        """Add ``images``/``jobs`` to the open reservations if every limit still holds."""
+        """Add ``images``/``jobs`` to the open reservations if every limit still holds.
+
+        Without limits nothing can be refused: inside a ``Store.transaction`` the usage row
+        is then updated as the transaction's last statement (``Transaction.at_end``), so
+        its lock is held for the commit alone, while one user's other requests and their
+        jobs' settlements wait for it."""
         change = _reservation(
             limits.images is not None, limits.gpu_seconds is not None, limits.open_jobs is not None
         )
@@ -103,10 +108,18 @@ class QuotaStore:
             "limit_seconds": limits.gpu_seconds,
             "limit_jobs": limits.open_jobs,
         }
+        outer = self.store.current_transaction()
+        key = (user_key, scope, period)
+        if outer is not None and limits == Limits():
+            outer.at_end(lambda: self._reserve(change, params, key))
+            return True
+        return await self._reserve(change, params, key)
+
+    async def _reserve(self, change: Any, params: dict[str, Any], key: tuple[str, str, str]) -> bool:
         async with self.store.unit() as session:
             if (await session.execute(change, params)).rowcount == 1:
                 return True
-            await _ensure_row(session, user_key, scope, period)  # a new period's first job
+            await _ensure_row(session, *key)  # a new period's first job
             return (await session.execute(change, params)).rowcount == 1
 
     async def settle(

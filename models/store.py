@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -134,6 +134,18 @@ class Transaction:
         self.lane = lane
         self._session = session
         self._joined: Any = None  # the lane connection's transaction, once a session joined it
+        self._last: list[Callable[[], Awaitable[Any]]] = []
+
+    def at_end(self, step: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``step`` (its statements part of this transaction) once the block that
+        opened it is done, just before it commits; never if it rolls back. An update of a
+        row that many transactions write (a usage counter) made there holds the row's lock
+        for the commit alone, not for the rest of the transaction."""
+        self._last.append(step)
+
+    async def run_last(self) -> None:
+        while self._last:
+            await self._last.pop(0)()
 
     async def session(self) -> AsyncSession:
         if self._session is None:
@@ -252,6 +264,7 @@ class Store(_JobLeases, _JobEnds):
             token = self._current.set(unit)
             try:
                 yield unit
+                await unit.run_last()
             finally:
                 self._current.reset(token)
         unit.committed = True

@@ -145,3 +145,42 @@ async def test_settlements_lock_usage_rows_in_one_order(database_url: str) -> No
     finally:
         await other.close()
         await quotas.store.close()
+
+
+async def test_an_unlimited_reservation_in_a_transaction_is_written_as_it_commits(database_url: str) -> None:
+    """Nothing can refuse a reservation without limits, so inside a transaction it is the
+    last statement before the commit: until then the usage row is neither written nor
+    locked (another writer of it goes on at once), and a rollback leaves no trace. One with
+    a limit decides, and so writes, at once."""
+    quotas = await _quotas(database_url)
+    store = quotas.store
+    other = None
+    try:
+        assert await quotas.reserve("u", "g", "day:1", images=1, jobs=1, limits=Limits())  # the row exists
+        assert await quotas.usage("u", "g", "day:1") == Usage(0, 1, 1, 0.0)
+        if database_url.startswith("postgresql"):
+            import asyncpg
+
+            other = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+            await other.execute("SET lock_timeout = '2s'")
+        async with store.transaction():
+            assert await quotas.reserve("u", "g", "day:1", images=2, jobs=1, limits=Limits())
+            assert await quotas.usage("u", "g", "day:1") == Usage(0, 1, 1, 0.0)  # not yet
+            if other is not None:  # the row is not locked: this does not wait for the commit
+                await other.execute("UPDATE quota_usage SET bonus_images = 5 WHERE user_key = 'u'")
+        assert await quotas.usage("u", "g", "day:1") == Usage(0, 3, 2, 0.0, 5 if other else 0)
+
+        with pytest.raises(RuntimeError):
+            async with store.transaction():
+                assert await quotas.reserve("u", "g", "day:1", images=4, jobs=1, limits=Limits())
+                raise RuntimeError("not stored")
+        assert (await quotas.usage("u", "g", "day:1")).images_reserved == 3
+
+        async with store.transaction():
+            assert await quotas.reserve("u", "g", "day:1", images=1, jobs=1, limits=Limits(images=10))
+            assert (await quotas.usage("u", "g", "day:1")).images_reserved == 4  # at once
+        assert (await quotas.usage("u", "g", "day:1")).images_reserved == 4
+    finally:
+        if other is not None:
+            await other.close()
+        await store.close()
