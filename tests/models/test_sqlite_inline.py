@@ -4,6 +4,7 @@ waited for without blocking the loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -213,7 +214,8 @@ async def test_a_checkpoint_under_writes_keeps_no_writer_waiting(engine, path: P
     finally:
         reader.close()
         writer.close()
-    copied = sqlite3.connect(path).execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    with contextlib.closing(sqlite3.connect(path)) as look:
+        copied = look.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert copied[0] == 0 and copied[1] > 25  # the log was not started again: a reader was there
 
 
